@@ -1,0 +1,58 @@
+"""IR clean-up: remove what only gets in the way of analysis, without changing the function.
+
+Removed: `_assert_tensor_metadata` checks, dtype/device casts whose input already has the
+target dtype (`x.to(float32)` on a float32 `x`), `alias`/`lift_fresh_copy`/`contiguous` identities
+and `dropout` with `train=False`, then dead code. Casts that change the dtype stay: they matter in
+half precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from fxslice import Pass, PassResult, Program
+from fxslice.graph import aten, erase_unused
+
+__all__ = ["CleanupIR"]
+
+_ASSERTS = {aten._assert_tensor_metadata.default}
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
+_IDENTITIES = {aten.alias.default, aten.lift_fresh_copy.default, aten.contiguous.default, aten.clone.default}
+
+
+def _identity_input(node: fx.Node) -> fx.Node | None:
+    """The input `node` merely passes on (same dtype, shape and device), or None."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src = node.args[0]
+    if node.target in _IDENTITIES:
+        return src
+    if node.target == aten.dropout.default and (len(node.args) < 3 or node.args[2] is False):
+        return src
+    if node.target in _CASTS:
+        a, b = src.meta.get("val"), node.meta.get("val")
+        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device
+        return src if same and not node.kwargs.get("memory_format") else None
+    return None
+
+
+class CleanupIR(Pass):
+    name = "cleanup_ir"
+    exact = True
+
+    def call(self, program: Program) -> PassResult:
+        graph = program.graph
+        removed = 0
+        for node in list(graph.nodes):
+            if node.op == "call_function" and node.target in _ASSERTS:
+                graph.erase_node(node)
+                removed += 1
+                continue
+            src = _identity_input(node)
+            if src is not None:
+                node.replace_all_uses_with(src)
+                graph.erase_node(node)
+                removed += 1
+        removed += erase_unused(program.gm)
+        return PassResult(removed > 0, {"removed": removed})

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from torch import nn
+
+from fxslice import CaptureError, capture
+from fxslice.graph import tensor_of
+
+FAMILIES = ["llama", "qwen2", "gemma3", "opt", "gpt2", "gpt_neox", "phi", "falcon", "bloom", "mixtral"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_exported_logits_equal_eager(tiny, name):
+    model, program = tiny(name)
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))  # not the export's shape
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits
+        graph = program(ids)
+    diff = (graph - eager).abs().max().item()
+    print(f"{name}: max abs diff exported vs eager = {diff:.3g}")
+    assert graph.shape == eager.shape
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "llama-tied"])
+def test_weights_keep_their_qualified_names(tiny, name):
+    model, program = tiny(name)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    weights = [n for n in program.graph.nodes if n.op == "get_attr" and n.users and "rotary" not in n.target]
+    assert weights
+    for node in weights:
+        if node.target in state:
+            assert torch.equal(tensor_of(program.gm, node), state[node.target].detach())
+    assert {n.target for n in weights} <= set(dict(model.named_parameters(remove_duplicate=False))) | set(
+        dict(model.named_buffers())
+    )
+    assert any(t.endswith("layers.1.self_attn.q_proj.weight") or t.endswith("h.1.attn.c_attn.weight") for t in state)
+
+
+def test_program_computes_in_float64_including_internal_casts(tiny):
+    model, program = tiny("llama")
+    p64 = program.to(torch.float64)
+    assert p64.dtype == torch.float64
+    casts = [n for n in p64.graph.nodes if n.kwargs.get("dtype") == torch.float32 or torch.float32 in n.args]
+    assert not casts
+    ids = program.probe_input()
+    assert p64(ids).dtype == torch.float64
+    assert torch.allclose(p64(ids).float(), program(ids), atol=1e-4)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        if h.sum() > 0:  # data-dependent Python control flow: torch.export cannot trace it
+            return h * 2
+        return h
+
+
+def test_untraceable_model_gives_one_clear_error():
+    with pytest.raises(CaptureError) as info:
+        capture(DataDependent())
+    message = str(info.value)
+    assert "DataDependent" in message and "what to try" in message
+
+
+def test_missing_model_path_is_a_capture_error(tmp_path):
+    with pytest.raises(CaptureError, match="not found"):
+        capture(tmp_path / "nothing.gguf")
+
+
+@pytest.mark.slow
+def test_smollm2_capture_equals_eager(smollm2):
+    model, program = smollm2
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 2]])
+    with torch.no_grad():
+        diff = (program(ids) - model(ids, use_cache=False).logits).abs().max().item()
+    print(f"SmolLM2-135M: max abs diff exported vs eager = {diff:.3g}")
+    assert diff <= 1e-5
+    assert program.num_parameters() == sum(p.numel() for p in model.parameters())

@@ -1,0 +1,42 @@
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_custom_pass_example_runs_and_folds_the_scale(capsys):
+    runpy.run_path(str(ROOT / "examples" / "custom_pass.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "fold_scale_into_linear" in out and "-1 nodes" in out and "weight values" in out
+
+
+@pytest.mark.parametrize("command", [[], ["inspect"], ["diff"]])
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "fxslice.cli", *command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+def test_cli_inspect_and_diff_on_a_local_model(tmp_path):
+    from fxslice.testing import tiny_causal_lm
+
+    tiny_causal_lm("gpt2").save_pretrained(tmp_path / "gpt2")
+    run = [sys.executable, "-m", "fxslice.cli"]
+    inspect = subprocess.run([*run, "inspect", str(tmp_path / "gpt2")], capture_output=True, text=True)
+    assert inspect.returncode == 0, inspect.stderr
+    assert "GPT2LMHeadModel" in inspect.stdout and "addmm" in inspect.stdout and "GPT2Block" in inspect.stdout
+    page = tmp_path / "diff.html"
+    diff = subprocess.run([*run, "diff", str(tmp_path / "gpt2"), "--html", str(page)], capture_output=True, text=True)
+    assert diff.returncode == 0, diff.stderr
+    assert "cleanup_ir" in diff.stdout and page.read_text().startswith("<!doctype html>")
+
+
+def test_cli_error_is_one_message_with_its_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fxslice.cli", "inspect", str(tmp_path / "missing.gguf")],
+                            capture_output=True, text=True)
+    assert result.returncode == 3
+    assert "CaptureError" in result.stderr and "Traceback" not in result.stderr
