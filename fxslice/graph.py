@@ -82,18 +82,55 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
                 if t is not None and t.is_floating_point():
                     converted = t.detach().to(dtype)
                     store[name] = nn.Parameter(converted, requires_grad=False) if isinstance(t, nn.Parameter) else converted
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         if node.op != "call_function":
+            continue
+        if node.target == aten._assert_tensor_metadata.default:  # would assert the old dtype
+            gm.graph.erase_node(node)
             continue
         if node.target in _CAST_OPS:
             node.args = tuple(dtype if _is_float_dtype(a) else a for a in node.args)
         if _is_float_dtype(node.kwargs.get("dtype")):
             node.kwargs = {**node.kwargs, "dtype": dtype}
+    refresh_vals(gm)
     gm.recompile()
+
+
+def refresh_vals(gm: fx.GraphModule) -> None:
+    """Recompute every node's fake `val` (after weights changed dtype or shape)."""
+    import logging
+
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        _refresh_vals(gm)
+    finally:
+        quiet.setLevel(level)
+
+
+def _refresh_vals(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = tensor_of(gm, node)
+            old = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor):
+                mode = getattr(old, "fake_mode", None)
+                node.meta["val"] = mode.from_tensor(value) if mode is not None else value
+        elif node.op == "call_function" and _has_tensor(node.meta.get("val")):
+            try:
+                infer_val(node)
+            except Exception:  # noqa: BLE001 - some meta kernels reject symbolic sizes; keep the old value
+                pass
 
 
 def _is_float_dtype(value: Any) -> bool:
     return isinstance(value, torch.dtype) and value.is_floating_point
+
+
+def _has_tensor(val: Any) -> bool:
+    if isinstance(val, (list, tuple)):
+        return any(isinstance(v, torch.Tensor) for v in val)
+    return isinstance(val, torch.Tensor)
 
 
 def users_of(nodes: Iterable[fx.Node]) -> list[fx.Node]:
@@ -105,3 +142,53 @@ def erase_unused(gm: fx.GraphModule) -> int:
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
     return before - len(gm.graph.nodes)
+
+
+def infer_val(node: fx.Node) -> None:
+    """Fill `node.meta["val"]` by running its op on the fake values of its inputs (symbolic shapes kept)."""
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta.get("val") for n in node.all_input_nodes]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None:
+        return
+
+    def fake(n: fx.Node) -> Any:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor):
+            v = mode.from_tensor(v)
+        return v
+
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
+    with mode:
+        node.meta["val"] = node.target(*args, **kwargs)
+
+
+def insert_op(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None, *, like: fx.Node | None = None) -> fx.Node:
+    """Create a call_function node (at the current insertion point) with inferred `val` and `like`'s module stack."""
+    node = graph.call_function(target, args, kwargs or {})
+    if like is not None:
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    infer_val(node)
+    return node
+
+
+def emit_rms_norm(graph: fx.Graph, x: fx.Node, eps: float, width: int, *, like: fx.Node | None = None) -> fx.Node:
+    """A weightless RMSNorm dividing by the original `width` (not the current one): x * rsqrt(sum(x²)/width + eps).
+
+    Half-precision inputs are normalised in float32 and cast back, as HF norms do.
+    """
+    val = x.meta.get("val")
+    dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+    src = insert_op(graph, aten._to_copy.default, (x,), {"dtype": torch.float32}, like=like) if dtype in (torch.float16, torch.bfloat16) else x
+    square = insert_op(graph, aten.mul.Tensor, (src, src), like=like)
+    total = insert_op(graph, aten.sum.dim_IntList, (square, [-1], True), like=like)
+    mean = insert_op(graph, aten.div.Tensor, (total, float(width)), like=like)
+    shifted = insert_op(graph, aten.add.Tensor, (mean, float(eps)), like=like)
+    scale = insert_op(graph, aten.rsqrt.default, (shifted,), like=like)
+    out = insert_op(graph, aten.mul.Tensor, (src, scale), like=like)
+    if src is not x:
+        out = insert_op(graph, aten._to_copy.default, (out,), {"dtype": dtype}, like=like)
+    return out

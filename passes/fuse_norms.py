@@ -1,0 +1,119 @@
+"""LayerNorm -> RMSNorm fusion (design.md §1): fold every stream norm's scale and shift into the
+linears that read it, make the stream mean-free where the norms centre, and leave weightless
+RMSNorms that divide by the original width. Exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from fxslice import Pass, PassResult, Program, UnsupportedStructure
+from fxslice.errors import node_location
+from fxslice.graph import aten, emit_rms_norm, tensor_of
+from fxslice.matchers import NormMatch
+from fxslice.stream import Stream, stream_analysis
+from fxslice.weights import add_input_shift, transform_input, transform_output, transform_table
+
+__all__ = ["FuseNorms", "is_fused"]
+
+
+def is_fused(norm: NormMatch) -> bool:
+    """A weightless, non-centring RMSNorm in decomposed form."""
+    return norm.kind == "rms" and not norm.centres and not norm.has_affine
+
+
+class FuseNorms(Pass):
+    name = "fuse_norms"
+    exact = True
+
+    def requires(self, program: Program) -> None:
+        stream = program.analysis(stream_analysis)
+        stream.check()
+        if any(w.kind == "norm" for w in stream.writers):
+            raise UnsupportedStructure("fuse_norms: a norm writes into the stream; run ProjectNormWriters first")
+        centring = {n.centres for n in stream.norms}
+        if len(centring) > 1:
+            mixed = next(n for n in stream.norms if not n.centres)
+            raise UnsupportedStructure(
+                "fuse_norms: the stream is read by both centring (LayerNorm) and non-centring (RMSNorm) norms\n"
+                f"  at {node_location(mixed.normalized)}\n  what to do: such a model cannot be made mean-free exactly"
+            )
+        if True in centring:
+            direct = [r for r in stream.readers if r.norm is None]
+            if direct:
+                raise UnsupportedStructure(
+                    "fuse_norms: a linear reads the stream directly, but the LayerNorms need a mean-free stream\n"
+                    f"  at {node_location(direct[0].linear.node)}"
+                )
+
+    def call(self, program: Program) -> PassResult:
+        gm, graph = program.gm, program.graph
+        stream = program.analysis(stream_analysis)
+        todo = [n for n in stream.norms if not is_fused(n)]
+        centre = any(n.centres for n in todo)
+        if centre:
+            _centre_writers(gm, stream)
+        for seg in stream.segments:
+            for norm in seg.norms:
+                if is_fused(norm):
+                    continue
+                scale = _scale(gm, norm, stream.width)
+                shift = tensor_of(gm, norm.bias).to(torch.float64) if norm.bias is not None else None
+                for reader in (r for r in seg.readers if r.norm is norm):
+                    if shift is not None:
+                        add_input_shift(gm, reader.linear, shift)
+                    if scale is not None:
+                        transform_input(gm, reader.linear, torch.diag(scale))
+                _strip(graph, norm)
+        graph.eliminate_dead_code()
+        return PassResult(bool(todo), {"fused": len(todo), "centred": centre})
+
+    def ensures(self, program: Program) -> None:
+        stream = program.analysis(stream_analysis)
+        stream.check()
+        assert all(is_fused(n) for n in stream.norms), "a stream norm is still affine or centring"
+
+
+def _scale(gm: torch.fx.GraphModule, norm: NormMatch, width: int) -> torch.Tensor | None:
+    if norm.weight is None:
+        return None
+    return tensor_of(gm, norm.weight).to(torch.float64) + norm.weight_offset
+
+
+def _centre_writers(gm: torch.fx.GraphModule, stream: Stream) -> None:
+    """Apply M = I - 11ᵀ/D on the output side of every writer: the stream becomes mean-free."""
+    d = stream.width
+    m = torch.eye(d, dtype=torch.float64) - torch.full((d, d), 1.0 / d, dtype=torch.float64)
+    for writer in stream.writers:
+        if writer.kind == "embedding":
+            transform_table(gm, writer.output, m)
+        else:
+            transform_output(gm, writer.linear, m)
+
+
+def _strip(graph: fx.Graph, norm: NormMatch) -> None:
+    """Drop the affine part and replace a LayerNorm / aten.rms_norm with a weightless decomposed RMSNorm."""
+    for node in norm.nodes:  # the affine ops: `* w` (or `* (1 + w)`) and `+ b` on the normalised value
+        if node.target in (aten.mul.Tensor, aten.add.Tensor) and _is_affine_op(node, norm):
+            keep = next(a for a in node.args if isinstance(a, fx.Node) and a not in (norm.weight, norm.bias)
+                        and not _is_scale_expr(a, norm))
+            node.replace_all_uses_with(keep)
+    if norm.kind in ("layer_norm", "rms_norm"):
+        with graph.inserting_before(norm.normalized.next):
+            bare = emit_rms_norm(graph, norm.input, norm.eps, norm.width, like=norm.normalized)
+        norm.normalized.replace_all_uses_with(bare)
+
+
+def _is_scale_expr(node: fx.Node, norm: NormMatch) -> bool:
+    """The weight as the norm multiplies by it: the parameter, possibly cast or with Gemma's `1 +`."""
+    while node is not norm.weight and node in norm.nodes and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node is norm.weight
+
+
+def _is_affine_op(node: fx.Node, norm: NormMatch) -> bool:
+    operands = [a for a in node.args if isinstance(a, fx.Node)]
+    if node.target == aten.add.Tensor:
+        return norm.bias is not None and norm.bias in operands
+    return norm.weight is not None and any(_is_scale_expr(a, norm) for a in operands)

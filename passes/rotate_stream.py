@@ -1,0 +1,81 @@
+"""Rotate the residual stream, one orthogonal matrix per segment (design.md §1). Exact.
+
+Every writer's output and every reader's input is rotated by its segment's Q; a residual edge from
+segment a into segment b gets a shortcut matmul by Q_aᵀ Q_b, and no node at all where Q_a == Q_b.
+Matrices come from any source (`fxslice.rotations`: random, identity; PCA in calibration).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from fxslice import InvalidOption, Pass, PassResult, Program, UnsupportedStructure
+from fxslice.graph import add_parameter, aten, insert_op, tensor_of
+from fxslice.rotations import orthogonality_error
+from fxslice.stream import SHORTCUT_ROLE, Segment, stream_analysis
+from fxslice.weights import transform_input, transform_output, transform_table
+from passes.fuse_norms import is_fused
+
+__all__ = ["RotateStream"]
+
+
+class RotateStream(Pass):
+    name = "rotate_stream"
+    exact = True
+
+    def __init__(self, rotations: Callable[[Segment, int], torch.Tensor] | Sequence[torch.Tensor], *, tol: float = 1e-8):
+        if not callable(rotations) and not isinstance(rotations, Sequence):
+            raise InvalidOption("rotations must be a callable (segment, width) -> Q or a sequence of matrices")
+        self.rotations, self.tol = rotations, tol
+
+    def requires(self, program: Program) -> None:
+        stream = program.analysis(stream_analysis)
+        stream.check()
+        if not all(is_fused(n) for n in stream.norms) or any(w.kind == "norm" for w in stream.writers):
+            raise UnsupportedStructure("rotate_stream: the stream still has affine or centring norms; run FuseNorms first")
+
+    def _matrices(self, program: Program) -> list[torch.Tensor]:
+        stream = program.analysis(stream_analysis)
+        qs = []
+        for seg in stream.segments:
+            q = self.rotations(seg, stream.width) if callable(self.rotations) else self.rotations[seg.index]
+            q = torch.as_tensor(q, dtype=torch.float64)
+            if q.shape != (stream.width, stream.width) or orthogonality_error(q) > self.tol:
+                raise InvalidOption(f"rotation for segment {seg.index} is not an orthogonal "
+                                    f"{stream.width}x{stream.width} matrix (shape {tuple(q.shape)})")
+            qs.append(q)
+        if not callable(self.rotations) and len(self.rotations) != len(qs):
+            raise InvalidOption(f"got {len(self.rotations)} rotations for {len(qs)} segments")
+        return qs
+
+    def call(self, program: Program) -> PassResult:
+        gm, graph = program.gm, program.graph
+        stream = program.analysis(stream_analysis)
+        qs = self._matrices(program)
+        for seg, q in zip(stream.segments, qs):
+            for writer in seg.writers:
+                if writer.kind == "embedding":
+                    transform_table(gm, writer.output, q)
+                else:
+                    transform_output(gm, writer.linear, q)
+            for reader in seg.readers:
+                transform_input(gm, reader.linear, q)
+        inserted = 0
+        for sc in stream.shortcuts:
+            qa, qb = qs[sc.src], qs[sc.dst]
+            if sc.linear is not None:  # an existing shortcut matrix: it reads segment a and writes segment b
+                transform_input(gm, sc.linear, qa)
+                transform_output(gm, sc.linear, qb)
+            elif not torch.equal(qa, qb):
+                dtype = sc.source.meta["val"].dtype
+                target = add_parameter(gm, "shortcut", (qb.T @ qa).to(dtype))  # linear computes x Wᵀ = x Qaᵀ Qb
+                with graph.inserting_before(sc.add):
+                    weight = graph.get_attr(target)
+                    weight.meta["val"] = tensor_of(gm, target)
+                    node = insert_op(graph, aten.linear.default, (sc.source, weight), like=sc.add)
+                node.meta["fxslice_role"] = SHORTCUT_ROLE
+                sc.add.replace_input_with(sc.source, node)
+                inserted += 1
+        return PassResult(True, {"segments": len(qs), "shortcuts": inserted})
