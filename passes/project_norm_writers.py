@@ -37,7 +37,8 @@ class ProjectNormWriters(Pass):
                 weight.meta["val"] = tensor_of(gm, target)
             with graph.inserting_after(weight):
                 projected = insert_op(graph, aten.linear.default, (out, weight), like=out)
-            out.replace_all_uses_with(projected, delete_user_cb=lambda user: user is not projected)
+            for user in [u for u in out.users if u is not projected]:
+                user.replace_input_with(out, projected)
         return PassResult(bool(writers), {"projections": len(writers)})
 
     def ensures(self, program: Program) -> None:

@@ -54,7 +54,7 @@ class RotateStream(Pass):
         gm, graph = program.gm, program.graph
         stream = program.analysis(stream_analysis)
         qs = self._matrices(program)
-        for seg, q in zip(stream.segments, qs):
+        for seg, q in zip(stream.segments, qs, strict=True):
             for writer in seg.writers:
                 if writer.kind == "embedding":
                     transform_table(gm, writer.output, q)
