@@ -38,8 +38,14 @@ def _capture(model: str) -> Program:
 
 def _builtin_passes() -> dict[str, Callable[[], Pass]]:
     import passes
+    from fxslice.rotations import random_orthogonal
 
-    return {"cleanup": passes.CleanupIR}
+    return {
+        "cleanup": passes.CleanupIR,
+        "project_norm_writers": passes.ProjectNormWriters,
+        "fuse_norms": passes.FuseNorms,
+        "rotate_random": lambda: passes.RotateStream(random_orthogonal(0)),
+    }
 
 
 def _load_pass(spec: str) -> Pass:
@@ -67,11 +73,21 @@ def _load_pass(spec: str) -> Pass:
 
 
 @app.command()
-def inspect(model: ModelArg = DEFAULT_MODEL) -> None:
+def inspect(
+    model: ModelArg = DEFAULT_MODEL,
+    stream: Annotated[bool, typer.Option("--stream", help="also print the residual stream: segments, norms, readers, writers")] = False,
+) -> None:
     """Capture MODEL and print a summary: parameters, op counts, the module tree the graph came from."""
     from fxslice.summary import summarize
 
-    out.print(summarize(_capture(model)), highlight=False)
+    program = _capture(model)
+    out.print(summarize(program), highlight=False, markup=False)
+    if stream:
+        import passes
+        from fxslice.stream import stream_analysis
+
+        PassManager([passes.CleanupIR()]).run(program)
+        out.print(program.analysis(stream_analysis).describe(), highlight=False, markup=False)
 
 
 @app.command()

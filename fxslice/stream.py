@@ -55,7 +55,7 @@ class Reader:
 @dataclass(frozen=True)
 class Shortcut:
     source: fx.Node  # the value leaving segment `src`
-    add: fx.Node  # the sum in segment `dst` it enters
+    add: fx.Node  # where it enters segment `dst`: the sum, or the shortcut matmul once one was inserted
     src: int
     dst: int
     linear: LinearUse | None = None  # the shortcut matrix, once one has been inserted
@@ -261,12 +261,12 @@ def stream_analysis(program: Program) -> Stream:
 
     # segments: the stream's own edges, minus shortcut edges and inserted shortcut matmuls
     segs = _UnionFind()
+    shortcut_outputs = {out for out, use in linears.items() if use.node.meta.get("fxslice_role") == SHORTCUT_ROLE}
     shortcut_edges: list[tuple[fx.Node, fx.Node, LinearUse | None]] = []
     for node in stream:
-        if node in linears and linears[node].node.meta.get("fxslice_role") == SHORTCUT_ROLE:
-            use = linears[node]
-            consumer = next(iter(node.users))
-            shortcut_edges.append((use.input, consumer, use))
+        if node in shortcut_outputs:  # an inserted shortcut matmul lives in the segment it writes into
+            shortcut_edges.append((linears[node].input, node, linears[node]))
+            segs.find(node)
             continue
         if node not in joined:
             segs.find(node)
@@ -274,7 +274,7 @@ def stream_analysis(program: Program) -> Stream:
         for x in links[node]:
             if x not in in_stream:
                 continue
-            if node.target in _SUM and _branches(x, in_stream):
+            if node.target in _SUM and x not in shortcut_outputs and _branches(x, in_stream):
                 shortcut_edges.append((x, node, None))
             else:
                 segs.union(node, x)
@@ -321,7 +321,7 @@ def stream_analysis(program: Program) -> Stream:
             if groups.find(norm.normalized) == root:
                 violations.append(Violation(norm.normalized, "a norm reads the stream and writes it back (post-norm)"))
                 continue
-            readers[i] += _norm_readers(gm, norm, groups, members[groups.find(norm.normalized)], violations)
+            readers[i] += _norm_readers(gm, norm, members[groups.find(norm.normalized)], norm_internal, violations)
 
     segments = tuple(
         Segment(i, tuple(g), tuple(writers[i]), tuple(seg_norms[i]), tuple(readers[i])) for i, g in enumerate(ordered)
@@ -349,7 +349,7 @@ def _branches(x: fx.Node, in_stream: set[fx.Node]) -> bool:
         node = ins[0]
 
 
-def _norm_readers(gm: fx.GraphModule, norm: NormMatch, groups: _UnionFind, group: list[fx.Node],
+def _norm_readers(gm: fx.GraphModule, norm: NormMatch, group: list[fx.Node], norm_internal: set[fx.Node],
                   violations: list[Violation]) -> list[Reader]:
     """The linears reading a norm's output group; anything else reading it is a violation."""
     found = []
@@ -363,6 +363,9 @@ def _norm_readers(gm: fx.GraphModule, norm: NormMatch, groups: _UnionFind, group
             use = match_linear(gm, user)
             if use is not None and use.input is node:
                 found.append(Reader(use, norm))
+            elif user in norm_internal:
+                violations.append(Violation(user, f"the output of norm '{module_path(norm.normalized)}' feeds another "
+                                                  "norm: a post-norm architecture, where the stream itself is normalised"))
             else:
                 violations.append(Violation(user, f"the output of norm '{module_path(norm.normalized)}' is read "
                                                   "by an op that is not a linear"))

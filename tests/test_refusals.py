@@ -1,0 +1,64 @@
+"""Structures that break invariance are refused with the node, the module and the source line."""
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from fxslice import PassManager, UnsupportedStructure, capture
+from fxslice.rotations import random_orthogonal
+from passes import exact_pipeline
+
+
+class TinyLM(nn.Module):
+    """embed -> h + mlp(norm(h)) -> [something on the stream] -> norm -> head."""
+
+    def __init__(self, on_stream):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 16)
+        self.norm, self.final = nn.LayerNorm(16), nn.LayerNorm(16)
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.scale = nn.Parameter(torch.rand(16) + 0.5)
+        self.other = nn.Linear(16, 4)
+        self.head = nn.Linear(16, 32)
+        self.on_stream = on_stream
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        h = h + self.down(torch.relu(self.up(self.norm(h))))
+        if self.on_stream == "gelu":
+            h = torch.nn.functional.gelu(h)
+        elif self.on_stream == "scale":
+            h = h * self.scale
+        elif self.on_stream == "centre":
+            h = h - h.mean(-1, keepdim=True)
+        elif self.on_stream == "concat":
+            h = torch.cat([h[..., :12], self.other(h)], dim=-1)
+        return self.head(self.final(h))
+
+
+@pytest.mark.parametrize("on_stream,op", [("gelu", "gelu"), ("scale", "mul"), ("centre", "sub"), ("concat", "slice")])
+def test_non_linear_stream_ops_are_refused_by_name(on_stream, op):
+    program = capture(TinyLM(on_stream)).to(torch.float64)
+    with pytest.raises(UnsupportedStructure) as info:
+        PassManager(exact_pipeline(random_orthogonal(0))).run(program)
+    message = str(info.value)
+    assert f"{op}" in message and "source:" in message and "test_refusals.py" in message
+    print(message)
+
+
+def test_the_same_model_without_the_op_is_accepted_and_exact():
+    program = capture(TinyLM("none")).to(torch.float64)
+    ids = program.probe_input()
+    before = program(ids)
+    PassManager(exact_pipeline(random_orthogonal(0)), check_numerics=True).run(program)
+    assert float((program(ids) - before).abs().max() / before.abs().max()) < 1e-9
+
+
+def test_post_norm_model_is_refused():
+    config = transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=2,
+                                    vocab_size=64, do_layer_norm_before=False, word_embed_proj_dim=32)
+    program = capture(transformers.OPTForCausalLM(config).eval())
+    with pytest.raises(UnsupportedStructure, match="post-norm"):
+        PassManager(exact_pipeline(random_orthogonal(0))).run(program)
