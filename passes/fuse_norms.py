@@ -10,7 +10,7 @@ from torch import fx
 
 from fxslice import Pass, PassResult, Program, UnsupportedStructure
 from fxslice.errors import node_location
-from fxslice.graph import aten, emit_rms_norm, tensor_of
+from fxslice.graph import aten, emit_rms_norm, insert_op, tensor_of
 from fxslice.matchers import NormMatch
 from fxslice.stream import Stream, stream_analysis
 from fxslice.weights import add_input_shift, transform_input, transform_output, transform_table
@@ -19,8 +19,9 @@ __all__ = ["FuseNorms", "is_fused"]
 
 
 def is_fused(norm: NormMatch) -> bool:
-    """A weightless, non-centring RMSNorm in decomposed form."""
-    return norm.kind == "rms" and not norm.centres and not norm.has_affine
+    """A weightless, non-centring RMSNorm in decomposed form that divides by an explicit width."""
+    return (norm.kind == "rms" and not norm.centres and not norm.has_affine
+            and not any(n.target == aten.mean.dim for n in norm.nodes))
 
 
 class FuseNorms(Pass):
@@ -99,6 +100,12 @@ def _strip(graph: fx.Graph, norm: NormMatch) -> None:
             keep = next(a for a in node.args if isinstance(a, fx.Node) and a not in (norm.weight, norm.bias)
                         and not _is_scale_expr(a, norm))
             node.replace_all_uses_with(keep)
+    for node in norm.nodes:  # mean over the last dim -> sum / original width: slicing must not change it
+        if node.target == aten.mean.dim:
+            with graph.inserting_before(node):
+                total = insert_op(graph, aten.sum.dim_IntList, (node.args[0], [-1], True), like=node)
+                mean = insert_op(graph, aten.div.Tensor, (total, float(norm.width)), like=node)
+            node.replace_all_uses_with(mean)
     if norm.kind in ("layer_norm", "rms_norm"):
         with graph.inserting_before(norm.normalized.next):
             bare = emit_rms_norm(graph, norm.input, norm.eps, norm.width, like=norm.normalized)

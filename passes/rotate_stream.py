@@ -12,10 +12,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fxslice import InvalidOption, Pass, PassResult, Program, UnsupportedStructure
+from fxslice.basis import change_basis
 from fxslice.graph import add_parameter, aten, insert_op, tensor_of
 from fxslice.rotations import orthogonality_error
 from fxslice.stream import SHORTCUT_ROLE, Segment, stream_analysis
-from fxslice.weights import transform_input, transform_output, transform_table
+from fxslice.weights import transform_input, transform_output
 from passes.fuse_norms import is_fused
 
 __all__ = ["RotateStream"]
@@ -55,13 +56,7 @@ class RotateStream(Pass):
         stream = program.analysis(stream_analysis)
         qs = self._matrices(program)
         for seg, q in zip(stream.segments, qs, strict=True):
-            for writer in seg.writers:
-                if writer.kind == "embedding":
-                    transform_table(gm, writer.output, q)
-                else:
-                    transform_output(gm, writer.linear, q)
-            for reader in seg.readers:
-                transform_input(gm, reader.linear, q)
+            change_basis(gm, seg, q)
         inserted = 0
         for sc in stream.shortcuts:
             qa, qb = qs[sc.src], qs[sc.dst]

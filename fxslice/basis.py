@@ -1,0 +1,27 @@
+"""Change the basis of one stream segment: the building block of rotation and slicing.
+
+`change_basis(gm, segment, m)` with m of shape D_old x D_new (orthogonal columns) makes every writer
+of the segment produce `y @ m` and every reader consume it; with D_new < D_old that slices the
+segment (design.md §1). Shortcut edges are the caller's business: their matrices depend on two
+segments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from fxslice.stream import Segment
+from fxslice.weights import transform_input, transform_output, transform_table
+
+__all__ = ["change_basis"]
+
+
+def change_basis(gm: fx.GraphModule, segment: Segment, m: torch.Tensor) -> None:
+    for writer in segment.writers:
+        if writer.kind == "embedding":
+            transform_table(gm, writer.output, m)
+        else:
+            transform_output(gm, writer.linear, m)
+    for reader in segment.readers:
+        transform_input(gm, reader.linear, m)

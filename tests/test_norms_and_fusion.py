@@ -1,0 +1,142 @@
+"""Norm matchers over a product of variants, and FuseNorms: numerics, idempotence, no-op."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from fxslice import PassManager, capture
+from fxslice.matchers import match_norms
+from fxslice.rotations import identity, random_orthogonal
+from fxslice.stream import SHORTCUT_ROLE, stream_analysis
+from passes import CleanupIR, FuseNorms, ProjectNormWriters, RotateStream, exact_pipeline
+
+
+class RMSVariant(nn.Module):
+    """An HF-style decomposed RMSNorm in one of its spellings."""
+
+    def __init__(self, width, *, square, weight, upcast):
+        super().__init__()
+        self.square, self.weight_kind, self.upcast, self.eps = square, weight, upcast, 1e-5
+        self.weight = nn.Parameter(torch.rand(width) + 0.5) if weight != "none" else None
+
+    def forward(self, x):
+        h = x.to(torch.float32) if self.upcast else x
+        sq = h.pow(2) if self.square == "pow" else h * h
+        h = h * torch.rsqrt(sq.mean(-1, keepdim=True) + self.eps)
+        h = h.to(x.dtype) if self.upcast else h
+        if self.weight_kind == "right":
+            h = h * self.weight
+        elif self.weight_kind == "left":
+            h = self.weight * h
+        elif self.weight_kind == "gemma":
+            h = h * (1.0 + self.weight)
+        return h
+
+
+class Norms(nn.Module):
+    def __init__(self, make_norm, width=16, vocab=40):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, width)
+        self.n1, self.n2 = make_norm(width), make_norm(width)
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        h = h + self.down(torch.relu(self.up(self.n1(h))))
+        return self.head(self.n2(h))
+
+
+RMS_VARIANTS = list(itertools.product(["pow", "mul"], ["right", "left", "gemma", "none"], [False, True]))
+
+
+@pytest.mark.parametrize("square,weight,upcast", RMS_VARIANTS)
+def test_decomposed_rms_variants_are_matched_and_fused_exactly(square, weight, upcast):
+    program = capture(Norms(lambda d: RMSVariant(d, square=square, weight=weight, upcast=upcast))).to(torch.float64)
+    PassManager([CleanupIR()]).run(program)
+    norms = match_norms(program.gm)
+    assert len(norms) == 2
+    for norm in norms:
+        assert norm.kind == "rms" and not norm.centres and norm.eps == 1e-5 and norm.width == 16
+        assert (norm.weight is not None) == (weight != "none")
+        assert norm.weight_offset == (1.0 if weight == "gemma" else 0.0)
+    ids = program.probe_input()
+    before = program(ids)
+    result = PassManager(exact_pipeline(random_orthogonal(1)), check_numerics=True).run(program)
+    assert float((program(ids) - before).abs().max() / before.abs().max()) < 1e-9
+    fuse = next(r for r in result.records if r.name == "fuse_norms")
+    assert fuse.modified  # every variant divides by the current width (mean), which fusion makes explicit
+    assert torch.ops.aten.mean.dim not in {n.target for n in program.graph.nodes}
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+def test_layer_norm_variants_are_fused_to_weightless_rms(affine, bias):
+    program = capture(Norms(lambda d: nn.LayerNorm(d, elementwise_affine=affine, bias=bias))).to(torch.float64)
+    ids = program.probe_input()
+    before = program(ids)
+    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms()], check_numerics=True).run(program)
+    targets = {n.target for n in program.graph.nodes}
+    assert torch.ops.aten.layer_norm.default not in targets
+    norms = program.analysis(stream_analysis).norms
+    assert len(norms) == 2 and all(n.kind == "rms" and not n.has_affine and n.width == 16 for n in norms)
+    assert float((program(ids) - before).abs().max() / before.abs().max()) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3"])
+def test_fusion_is_idempotent(tiny, name):
+    _, program = tiny(name)
+    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms()]).run(program)
+    again = PassManager([ProjectNormWriters(), FuseNorms()]).run(program)
+    assert not again.modified
+
+
+def test_passes_leave_a_model_without_stream_norms_alone():
+    class NoNorms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.mlp, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20)
+
+        def forward(self, input_ids, use_cache=False):
+            h = self.embed(input_ids)
+            return self.head(h + self.mlp(h))
+
+    program = capture(NoNorms())
+    result = PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms()]).run(program)
+    assert not any(r.modified for r in result.records[1:])
+
+
+def test_identity_rotation_inserts_no_shortcuts(tiny):
+    _, program = tiny("llama")
+    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(), RotateStream(identity())]).run(program)
+    assert not [n for n in program.graph.nodes if n.meta.get("fxslice_role") == SHORTCUT_ROLE]
+
+
+def test_shared_rotation_inserts_no_shortcuts_between_equal_bases(tiny):
+    _, program = tiny("llama")
+    q = random_orthogonal(5)
+    same = [q(program.analysis(stream_analysis).segments[0], 64)] * 5
+    ids = program.probe_input()
+    before = program(ids)
+    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(), RotateStream(same)]).run(program)
+    assert not [n for n in program.graph.nodes if n.meta.get("fxslice_role") == SHORTCUT_ROLE]
+    assert torch.allclose(program(ids), before, atol=1e-4, rtol=1e-4)
+
+
+def test_rotation_rejects_a_matrix_that_is_not_orthogonal(tiny):
+    from fxslice import InvalidOption
+
+    _, program = tiny("llama")
+    with pytest.raises(InvalidOption, match="not an orthogonal"):
+        PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(),
+                     RotateStream(lambda seg, d: torch.ones(d, d, dtype=torch.float64))]).run(program)
+
+
+def test_rotate_requires_fused_norms(tiny):
+    from fxslice import UnsupportedStructure
+
+    _, program = tiny("gpt2")
+    with pytest.raises(UnsupportedStructure, match="run FuseNorms first"):
+        PassManager([CleanupIR(), RotateStream(identity())]).run(program)
