@@ -115,8 +115,8 @@ def _refresh_vals(gm: fx.GraphModule) -> None:
             old = node.meta.get("val")
             if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor):
                 mode = getattr(old, "fake_mode", None)
-                node.meta["val"] = mode.from_tensor(value) if mode is not None else value
-        elif node.op == "call_function" and _has_tensor(node.meta.get("val")):
+                node.meta["val"] = mode.from_tensor(value, static_shapes=True) if mode is not None else value
+        elif node.op == "call_function" and (_has_tensor(node.meta.get("val")) or "val" not in node.meta):
             try:
                 infer_val(node)
             except Exception:  # noqa: BLE001 - some meta kernels reject symbolic sizes; keep the old value
@@ -150,13 +150,16 @@ def infer_val(node: fx.Node) -> None:
 
     vals = [n.meta.get("val") for n in node.all_input_nodes]
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None:  # inputs are weights with real values: use the graph's own fake mode
+        inputs = [n for n in node.graph.nodes if n.op == "placeholder"]
+        mode = detect_fake_mode([n.meta.get("val") for n in inputs if isinstance(n.meta.get("val"), torch.Tensor)])
     if mode is None:
         return
 
     def fake(n: fx.Node) -> Any:
         v = n.meta.get("val")
         if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor):
-            v = mode.from_tensor(v)
+            v = mode.from_tensor(v, static_shapes=True)
         return v
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
@@ -171,7 +174,10 @@ def insert_op(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = N
         for key in ("nn_module_stack", "stack_trace"):
             if key in like.meta:
                 node.meta[key] = like.meta[key]
-    infer_val(node)
+    try:
+        infer_val(node)
+    except Exception:  # noqa: BLE001 - inputs not refreshed yet; refresh_vals fills it in
+        pass
     return node
 
 

@@ -68,6 +68,12 @@ class Segment:
     writers: tuple[Writer, ...]
     norms: tuple[NormMatch, ...]
     readers: tuple[Reader, ...]
+    normed: tuple[fx.Node, ...] = ()  # values in this segment's basis downstream of its norms
+
+    @property
+    def values(self) -> tuple[fx.Node, ...]:
+        """Every value whose last dimension is in this segment's basis."""
+        return self.nodes + self.normed
 
     @property
     def module(self) -> str:
@@ -288,6 +294,7 @@ def stream_analysis(program: Program) -> Stream:
     writers: dict[int, list[Writer]] = defaultdict(list)
     seg_norms: dict[int, list[NormMatch]] = defaultdict(list)
     readers: dict[int, list[Reader]] = defaultdict(list)
+    normed: dict[int, list[fx.Node]] = defaultdict(list)
     for node in stream:
         i = seg_index[node]
         if node not in joined:  # a source: where values enter the stream
@@ -321,10 +328,13 @@ def stream_analysis(program: Program) -> Stream:
             if groups.find(norm.normalized) == root:
                 violations.append(Violation(norm.normalized, "a norm reads the stream and writes it back (post-norm)"))
                 continue
-            readers[i] += _norm_readers(gm, norm, members[groups.find(norm.normalized)], norm_internal, violations)
+            group = members[groups.find(norm.normalized)]
+            readers[i] += _norm_readers(gm, norm, group, norm_internal, violations)
+            normed[i] += [n for n in group if n not in norm.nodes or n is norm.output]
 
     segments = tuple(
-        Segment(i, tuple(g), tuple(writers[i]), tuple(seg_norms[i]), tuple(readers[i])) for i, g in enumerate(ordered)
+        Segment(i, tuple(g), tuple(writers[i]), tuple(seg_norms[i]), tuple(readers[i]), tuple(normed[i]))
+        for i, g in enumerate(ordered)
     )
     shortcuts = tuple(
         Shortcut(src, add, seg_index[src], seg_index[add], use)
