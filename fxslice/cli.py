@@ -109,6 +109,108 @@ def diff(
         err.print(f"wrote {html}")
 
 
+@app.command(name="slice")
+def slice_(
+    model: ModelArg = DEFAULT_MODEL,
+    sparsity: Annotated[float, typer.Option(help="fraction of the stream width to remove, in (0, 1)")] = 0.25,
+    out_dir: Annotated[Path, typer.Option("--out", help="new directory for the sliced model")] = Path("sliced"),
+    calibration: Annotated[str, typer.Option(help="calibration text: wikitext2:validation, a file, a dir, hf:NAME:SPLIT")] = "wikitext2:validation",
+    calib_windows: Annotated[int, typer.Option(help="number of calibration windows")] = 32,
+    calib_length: Annotated[int, typer.Option(help="tokens per calibration window")] = 2048,
+    evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
+    eval_windows: Annotated[int | None, typer.Option(help="evaluate on the first N windows (default: all)")] = None,
+    eval_length: Annotated[int, typer.Option(help="tokens per evaluation window")] = 2048,
+    multiple: Annotated[int, typer.Option(help="round widths down to a multiple of this (fast GEMMs)")] = 8,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
+    seed: Annotated[int, typer.Option(help="seed for sampling calibration windows")] = 0,
+) -> None:
+    """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out."""
+    import time
+
+    from fxslice.data import load_text, token_windows
+    from fxslice.evaluate import perplexity
+    from fxslice.io import save
+    from passes.slice_stream import constant_widths
+    from passes.slicegpt import slicegpt
+
+    if not 0.0 < sparsity < 1.0:
+        raise InvalidOption(f"--sparsity must be in (0, 1), got {sparsity}")
+    if out_dir.exists():
+        raise InvalidOption(f"output directory {out_dir} already exists; choose another --out or remove it")
+    widths = constant_widths(sparsity, multiple=multiple)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    program = _capture(model)
+    seconds["capture"] = time.perf_counter() - start
+    context = (program.config or {}).get("max_position_embeddings")
+    calib = token_windows(program.tokenizer, load_text(calibration), calib_length, count=calib_windows, seed=seed,
+                          max_length=context)
+    test = None
+    if evaluation != "none":
+        test = token_windows(program.tokenizer, load_text(evaluation), eval_length, max_length=context)
+        test = test[:eval_windows] if eval_windows else test
+    ppl: dict[str, float] = {}
+    if test is not None:
+        start = time.perf_counter()
+        ppl["dense"] = perplexity(program, test, batch_size=batch_size, progress=True)
+        seconds["evaluate_dense"] = time.perf_counter() - start
+    result = slicegpt(program, calib, widths, batch_size=batch_size, progress=True)
+    seconds.update(result.seconds)
+    if test is not None:
+        start = time.perf_counter()
+        ppl["sliced"] = perplexity(program, test, batch_size=batch_size, progress=True)
+        seconds["evaluate_sliced"] = time.perf_counter() - start
+    record = {
+        "passes": ["cleanup_ir", "project_norm_writers", "fuse_norms", "slice_stream"],
+        "sparsity": sparsity,
+        "width_multiple": multiple,
+        "widths": [r.kept for r in result.segments],
+        "variance_kept": [round(r.variance_kept, 5) for r in result.segments],
+        "calibration": {"source": calibration, "windows": calib_windows, "length": calib_length, "seed": seed},
+        "evaluation": {"source": evaluation, "windows": 0 if test is None else len(test), "length": eval_length},
+        "dense_parameters": result.dense_parameters,
+        "sliced_parameters": result.sliced_parameters,
+        "perplexity": ppl,
+    }
+    start = time.perf_counter()
+    with err.status(f"saving to {out_dir} ..."):
+        save(program, out_dir, record)
+    seconds["save"] = time.perf_counter() - start
+    lines = [
+        f"parameters   dense {result.dense_parameters:,}   sliced {result.sliced_parameters:,} "
+        f"({result.sliced_parameters / result.dense_parameters:.1%}, shortcuts and any untied head included)",
+        f"widths       {sorted(set(record['widths']))} of {result.segments[0].width}",
+    ]
+    if ppl:
+        lines.append(f"perplexity   dense {ppl['dense']:.3f}   sliced {ppl.get('sliced', float('nan')):.3f}   "
+                     f"({len(test)} windows of {eval_length} tokens, {evaluation})")
+    lines.append("seconds      " + "  ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    lines.append(f"saved        {out_dir}")
+    out.print("\n".join(lines), highlight=False, markup=False)
+
+
+@app.command(name="eval")
+def eval_(
+    model_dir: Annotated[Path, typer.Argument(help="a directory written by `fxslice slice`")],
+    evaluation: Annotated[str, typer.Option("--eval", help="text source")] = "wikitext2:test",
+    eval_windows: Annotated[int | None, typer.Option(help="first N windows only (default: all)")] = None,
+    eval_length: Annotated[int, typer.Option(help="tokens per window")] = 2048,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
+) -> None:
+    """Measure the perplexity of a saved model."""
+    from fxslice.data import load_text, token_windows
+    from fxslice.evaluate import perplexity
+    from fxslice.io import load
+
+    with err.status(f"loading {model_dir} ..."):
+        program = load(model_dir)
+    test = token_windows(program.tokenizer, load_text(evaluation), eval_length)
+    test = test[:eval_windows] if eval_windows else test
+    value = perplexity(program, test, batch_size=batch_size, progress=True)
+    out.print(f"perplexity {value:.3f}  ({len(test)} windows of {eval_length} tokens, {evaluation}; "
+              f"{program.num_parameters():,} parameters)", highlight=False, markup=False)
+
+
 def run() -> None:
     """Entry point: FxsliceError -> message and its exit code, no traceback unless --debug."""
     try:

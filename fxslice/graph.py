@@ -96,20 +96,21 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
     gm.recompile()
 
 
-def refresh_vals(gm: fx.GraphModule) -> None:
-    """Recompute every node's fake `val` (after weights changed dtype or shape)."""
+def refresh_vals(gm: fx.GraphModule, only: Iterable[fx.Node] | None = None) -> None:
+    """Recompute the fake `val` of every node, or of the nodes in `only` (after weights changed dtype or shape)."""
     import logging
 
     quiet = logging.getLogger("torch._subclasses.fake_tensor")
     level, quiet.level = quiet.level, logging.CRITICAL
+    subset = None if only is None else set(only)
     try:
-        _refresh_vals(gm)
+        _refresh_vals(gm, [n for n in gm.graph.nodes if subset is None or n in subset])
     finally:
         quiet.setLevel(level)
 
 
-def _refresh_vals(gm: fx.GraphModule) -> None:
-    for node in gm.graph.nodes:
+def _refresh_vals(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    for node in nodes:
         if node.op == "get_attr":
             value = tensor_of(gm, node)
             old = node.meta.get("val")

@@ -31,6 +31,7 @@ class Program:
     config: dict[str, Any] | None = None
     tokenizer: Any = None
     source: str = ""
+    record: dict[str, Any] = field(default_factory=dict)  # what fxslice did to it (see fxslice.io)
     version: int = 0
     _analyses: dict[Callable, tuple[int, Any]] = field(default_factory=dict, repr=False)
 
@@ -79,7 +80,8 @@ class Program:
 
     def clone(self) -> Program:
         """An independent copy (graph and weights)."""
-        return Program(copy.deepcopy(self.gm), self.model_class, self.config, self.tokenizer, self.source)
+        return Program(copy.deepcopy(self.gm), self.model_class, self.config, self.tokenizer, self.source,
+                       dict(self.record))
 
     def to(self, dtype: torch.dtype) -> Program:
         """A copy computing in `dtype`: weights converted and every float cast in the graph retargeted.

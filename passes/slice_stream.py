@@ -28,6 +28,7 @@ from passes.fuse_norms import is_fused
 __all__ = ["SliceStream", "SegmentReport", "constant_widths"]
 
 _SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+_WEIGHT_VIEWS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
 
 
 def constant_widths(sparsity: float, *, multiple: int = 8) -> Callable[[Segment, int], int]:
@@ -140,7 +141,10 @@ class SliceStream(Pass):
                 sc.add.replace_input_with(sc.source, node)
         _set_literal_widths(seg.values, int(q.shape[0]), int(q.shape[1]))
         runner.transform(seg.values, lambda v: (v.to(torch.float64) @ q).to(v.dtype))
-        refresh_vals(gm)
+        weights = [n for n in graph.nodes if n.op == "get_attr"]
+        weight_views = [u for w in weights for u in w.users if u.target in _WEIGHT_VIEWS]
+        shortcuts = [n for n in graph.nodes if n.meta.get("fxslice_role") == SHORTCUT_ROLE]
+        refresh_vals(gm, [*weights, *weight_views, *seg.values, *shortcuts])
         gm.recompile()
         program.mark_changed()
 
