@@ -8,6 +8,8 @@ segments.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import fx
 
@@ -17,8 +19,11 @@ from fxslice.weights import transform_input, transform_output, transform_table
 __all__ = ["change_basis"]
 
 
-def change_basis(gm: fx.GraphModule, segment: Segment, m: torch.Tensor) -> None:
+def change_basis(gm: fx.GraphModule, segment: Segment, m: torch.Tensor, *, done: Collection[fx.Node] = ()) -> None:
+    """`done`: outputs of writers the caller already changed (a table shared with a tied head)."""
     for writer in segment.writers:
+        if writer.output in done:
+            continue
         if writer.kind == "embedding":
             transform_table(gm, writer.output, m)
         else:

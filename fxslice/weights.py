@@ -35,7 +35,7 @@ def _set_param(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
 def private_weight(gm: fx.GraphModule, weight: fx.Node, consumer: fx.Node) -> fx.Node:
     """The get_attr node `consumer` reads its weight through, copied first if anything else shares it."""
     tensor = tensor_of(gm, weight)
-    sharing = [n for n in gm.graph.nodes if n.op == "get_attr" and n.users and tensor_of(gm, n) is tensor]
+    sharing = [n for n in gm.graph.find_nodes(op="get_attr") if n.users and tensor_of(gm, n) is tensor]
     if sum(len(n.users) for n in sharing) <= 1:
         return weight
     stem = module_path(consumer).replace(".", "_") + "_" + str(weight.target).rpartition(".")[2]

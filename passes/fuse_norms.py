@@ -10,12 +10,14 @@ from torch import fx
 
 from fxslice import Pass, PassResult, Program, UnsupportedStructure
 from fxslice.errors import node_location
-from fxslice.graph import aten, emit_rms_norm, insert_op, tensor_of
-from fxslice.matchers import NormMatch
+from fxslice.graph import add_parameter, aten, emit_rms_norm, insert_op, tensor_of
+from fxslice.matchers import LinearUse, NormMatch, match_linear
 from fxslice.stream import Stream, stream_analysis
 from fxslice.weights import add_input_shift, transform_input, transform_output, transform_table
 
-__all__ = ["FuseNorms", "is_fused"]
+__all__ = ["FuseNorms", "is_fused", "TIE_ROLE"]
+
+TIE_ROLE = "tied_head_projection"  # node.meta["fxslice_role"] of the D x D matrix in front of a tied head
 
 
 def is_fused(norm: NormMatch) -> bool:
@@ -25,8 +27,16 @@ def is_fused(norm: NormMatch) -> bool:
 
 
 class FuseNorms(Pass):
+    """With `keep_ties` (default), a head that shares its table with the embedding gets a small D x D
+    projection in front of it that takes the final norm's scale, instead of an untied copy of the
+    table (V x D): design.md §1, "keep the tie". Centring models untie regardless (M changes the table).
+    """
+
     name = "fuse_norms"
     exact = True
+
+    def __init__(self, *, keep_ties: bool = True):
+        self.keep_ties = keep_ties
 
     def requires(self, program: Program) -> None:
         stream = program.analysis(stream_analysis)
@@ -55,6 +65,7 @@ class FuseNorms(Pass):
         centre = any(n.centres for n in todo)
         if centre:
             _centre_writers(gm, stream)
+        tables = {id(tensor_of(gm, w.table)) for w in stream.writers if w.kind == "embedding"}
         for seg in stream.segments:
             for norm in seg.norms:
                 if is_fused(norm):
@@ -62,10 +73,13 @@ class FuseNorms(Pass):
                 scale = _scale(gm, norm, stream.width)
                 shift = tensor_of(gm, norm.bias).to(torch.float64) if norm.bias is not None else None
                 for reader in (r for r in seg.readers if r.norm is norm):
+                    use = reader.linear
+                    if self.keep_ties and not centre and id(tensor_of(gm, use.weight)) in tables:
+                        use = _project_in_front(gm, use, stream.width)
                     if shift is not None:
-                        add_input_shift(gm, reader.linear, shift)
+                        add_input_shift(gm, use, shift)
                     if scale is not None:
-                        transform_input(gm, reader.linear, torch.diag(scale))
+                        transform_input(gm, use, torch.diag(scale))
                 _strip(graph, norm)
         graph.eliminate_dead_code()
         return PassResult(bool(todo), {"fused": len(todo), "centred": centre})
@@ -74,6 +88,20 @@ class FuseNorms(Pass):
         stream = program.analysis(stream_analysis)
         stream.check()
         assert all(is_fused(n) for n in stream.norms), "a stream norm is still affine or centring"
+
+
+def _project_in_front(gm: fx.GraphModule, use: LinearUse, width: int) -> LinearUse:
+    """Insert `x -> x @ I` in front of `use` (a tied head) and return the new linear, now the reader."""
+    graph = gm.graph
+    dtype = use.input.meta["val"].dtype
+    target = add_parameter(gm, "tied_head_projection", torch.eye(width, dtype=dtype))
+    with graph.inserting_before(use.node):
+        weight = graph.get_attr(target)
+        weight.meta["val"] = tensor_of(gm, target)
+        node = insert_op(graph, aten.linear.default, (use.input, weight), like=use.node)
+    node.meta["fxslice_role"] = TIE_ROLE
+    use.node.replace_input_with(use.input, node)
+    return match_linear(gm, node)
 
 
 def _scale(gm: torch.fx.GraphModule, norm: NormMatch, width: int) -> torch.Tensor | None:

@@ -19,16 +19,16 @@ from torch import fx
 from fxslice import InvalidOption, Pass, PassResult, Program, UnsupportedStructure
 from fxslice.basis import change_basis
 from fxslice.calibrate import StagedRunner
-from fxslice.graph import add_parameter, aten, insert_op, refresh_vals, tensor_of
+from fxslice.graph import add_parameter, aten, insert_op, refresh_vals, set_tensor, tensor_of
+from fxslice.matchers import LinearUse, match_linear
 from fxslice.progress import progress_bar
 from fxslice.stream import SHORTCUT_ROLE, Segment, Stream, stream_analysis
-from fxslice.weights import transform_output
-from passes.fuse_norms import is_fused
+from fxslice.weights import contract, transform_output
+from passes.fuse_norms import TIE_ROLE, is_fused
 
 __all__ = ["SliceStream", "SegmentReport", "constant_widths"]
 
 _SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
-_WEIGHT_VIEWS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
 
 
 def constant_widths(sparsity: float, *, multiple: int = 8) -> Callable[[Segment, int], int]:
@@ -97,15 +97,16 @@ class SliceStream(Pass):
         return d
 
     def call(self, program: Program) -> PassResult:
+        gm = program.gm
+        stream = program.analysis(stream_analysis)  # node identities stay valid: slicing only adds shortcuts
         runner = StagedRunner(program, list(self.windows.split(self.batch_size)))
-        count = len(program.analysis(stream_analysis).segments)
+        order = {n: i for i, n in enumerate(program.graph.nodes)}
+        incoming: dict[int, LinearUse] = {}  # segment -> the shortcut matmul inserted into it
         self.reports = []
+        count = len(stream.segments)
         for k in progress_bar(range(count), "calibrating segments", enabled=self.progress):
-            stream = stream_analysis(program)
             seg = stream.segments[k]
             probe = _probe(stream, seg)
-            order = {n: i for i, n in enumerate(program.graph.nodes)}
-            stop = max(seg.nodes, key=order.__getitem__)
             full = int(probe.meta["val"].shape[-1])
             cov = torch.zeros(full, full, dtype=torch.float64)
 
@@ -113,40 +114,61 @@ class SliceStream(Pass):
                 x = env[probe].reshape(-1, full).to(torch.float64)
                 cov.addmm_(x.T, x)
 
-            runner.run_through(stop, accumulate)
+            runner.run_through(max(seg.nodes, key=order.__getitem__), accumulate)
             eigenvalues, vectors = torch.linalg.eigh(cov)
             eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
             d = self._width(seg, full, last=k == count - 1)
             q = vectors[:, :d].contiguous()
-            self._change_segment(program, stream, seg, q, runner)
+            change_basis(gm, seg, q, done=_change_tied_tables(gm, seg, q))
+            if k in incoming:  # from the previous, already sliced segment
+                transform_output(gm, incoming.pop(k), q)
+            for sc in stream.shortcuts:
+                if sc.src == k:  # back to the original basis until segment sc.dst is done
+                    incoming[sc.dst] = _insert_shortcut(gm, sc.source, sc.add, q)
+            _set_literal_widths(seg.values, int(q.shape[0]), int(q.shape[1]))
+            runner.transform(seg.values, lambda v, q=q: (v.to(torch.float64) @ q).to(v.dtype))
             total = float(eigenvalues.clamp_min(0).sum())
-            self.reports.append(SegmentReport(k, seg.module, full, d, float(eigenvalues[:d].clamp_min(0).sum()) / total
-                                              if total > 0 else 0.0, float(eigenvalues[-1])))
+            kept = float(eigenvalues[:d].clamp_min(0).sum()) / total if total > 0 else 0.0
+            self.reports.append(SegmentReport(k, seg.module, full, d, kept, float(eigenvalues[-1])))
+        weights = list(gm.graph.find_nodes(op="get_attr"))
+        changed = [*weights, *(u for w in weights for u in w.users if len(u.all_input_nodes) == 1),  # weight views
+                   *(v for seg in stream.segments for v in seg.values), *gm.graph.find_nodes(op="call_function",
+                   target=aten.linear.default)]  # every shape that slicing changed, not the whole graph
+        refresh_vals(gm, changed)
         return PassResult(True, {"widths": [r.kept for r in self.reports]})
 
-    def _change_segment(self, program: Program, stream: Stream, seg: Segment, q: torch.Tensor,
-                        runner: StagedRunner) -> None:
-        gm, graph = program.gm, program.graph
-        change_basis(gm, seg, q)
-        for sc in stream.shortcuts:
-            if sc.dst == seg.index and sc.linear is not None:  # comes from the previous, already sliced segment
-                transform_output(gm, sc.linear, q)
-            elif sc.src == seg.index and sc.linear is None:  # back to the original basis for now
-                target = add_parameter(gm, "shortcut", q.to(sc.source.meta["val"].dtype))
-                with graph.inserting_before(sc.add):
-                    weight = graph.get_attr(target)
-                    weight.meta["val"] = tensor_of(gm, target)
-                    node = insert_op(graph, aten.linear.default, (sc.source, weight), like=sc.add)
-                node.meta["fxslice_role"] = SHORTCUT_ROLE
-                sc.add.replace_input_with(sc.source, node)
-        _set_literal_widths(seg.values, int(q.shape[0]), int(q.shape[1]))
-        runner.transform(seg.values, lambda v: (v.to(torch.float64) @ q).to(v.dtype))
-        weights = [n for n in graph.nodes if n.op == "get_attr"]
-        weight_views = [u for w in weights for u in w.users if u.target in _WEIGHT_VIEWS]
-        shortcuts = [n for n in graph.nodes if n.meta.get("fxslice_role") == SHORTCUT_ROLE]
-        refresh_vals(gm, [*weights, *weight_views, *seg.values, *shortcuts])
-        gm.recompile()
-        program.mark_changed()
+
+def _insert_shortcut(gm: fx.GraphModule, source: fx.Node, add: fx.Node, q: torch.Tensor) -> LinearUse:
+    graph = gm.graph
+    target = add_parameter(gm, "shortcut", q.to(source.meta["val"].dtype))
+    with graph.inserting_before(add):
+        weight = graph.get_attr(target)
+        weight.meta["val"] = tensor_of(gm, target)
+        node = insert_op(graph, aten.linear.default, (source, weight), like=add)
+    node.meta["fxslice_role"] = SHORTCUT_ROLE
+    add.replace_input_with(source, node)
+    return match_linear(gm, node)
+
+
+def _change_tied_tables(gm: fx.GraphModule, seg: Segment, q: torch.Tensor) -> list[fx.Node]:
+    """A table shared by an embedding of `seg` and a head behind a projection (FuseNorms(keep_ties=True)):
+    change the table once, for both, and the projection's output with it, so the tie survives slicing.
+    Returns the embedding outputs handled here."""
+    done = []
+    for writer in seg.writers:
+        if writer.kind != "embedding":
+            continue
+        table = tensor_of(gm, writer.table)
+        heads = [u for n in gm.graph.nodes if (u := match_linear(gm, n)) is not None and u.node.op == "call_function"
+                 and tensor_of(gm, u.weight) is table]
+        projections = [match_linear(gm, h.input) for h in heads]
+        if not heads or any(p is None or p.node.meta.get("fxslice_role") != TIE_ROLE for p in projections):
+            continue
+        set_tensor(gm, str(writer.table.target), contract(table, -1, q))
+        for projection in projections:
+            transform_output(gm, projection, q)
+        done.append(writer.output)
+    return done
 
 
 def _probe(stream: Stream, seg: Segment) -> fx.Node:
