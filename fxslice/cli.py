@@ -219,14 +219,12 @@ def run() -> None:
         if _debug:
             raise
         err.print(f"[bold red]error:[/] {type(exc).__name__}: ", end="")
-        err.print(str(exc), markup=False, highlight=False)
+        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # usage errors (typer's vendored click) carry their own message and exit code
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int) and not _debug:
             exc.show()
             sys.exit(exc.exit_code)
         raise

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -98,15 +100,8 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
 
 def refresh_vals(gm: fx.GraphModule, only: Iterable[fx.Node] | None = None) -> None:
     """Recompute the fake `val` of every node, or of the nodes in `only` (after weights changed dtype or shape)."""
-    import logging
-
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")
-    level, quiet.level = quiet.level, logging.CRITICAL
     subset = None if only is None else set(only)
-    try:
-        _refresh_vals(gm, [n for n in gm.graph.nodes if subset is None or n in subset])
-    finally:
-        quiet.setLevel(level)
+    _refresh_vals(gm, [n for n in gm.graph.nodes if subset is None or n in subset])
 
 
 def _refresh_vals(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
@@ -164,8 +159,20 @@ def infer_val(node: fx.Node) -> None:
         return v
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
-    with mode:
+    with mode, _quiet_fake_tensor_log():
         node.meta["val"] = node.target(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """Failed fake-tensor runs are expected here (callers fall back); keep torch from logging them."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def insert_op(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None, *, like: fx.Node | None = None) -> fx.Node:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 __all__ = ["progress_bar"]
@@ -18,7 +19,7 @@ def progress_bar(items: Iterable[T], description: str, *, enabled: bool = True, 
         yield from items
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as bar:
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as bar:
         total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)  # type: ignore[arg-type]
         task = bar.add_task(description, total=total)
         for item in items:

@@ -33,7 +33,7 @@ _SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default
 
 def constant_widths(sparsity: float, *, multiple: int = 8) -> Callable[[Segment, int], int]:
     """Every segment keeps (1 - sparsity) of its width, rounded down to a multiple of `multiple`."""
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise InvalidOption(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if not isinstance(multiple, int) or multiple < 1:
         raise InvalidOption(f"the width multiple must be a positive integer, got {multiple!r}")

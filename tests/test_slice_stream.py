@@ -1,0 +1,197 @@
+"""Sequential PCA slicing: exact without slicing, expected sizes, save/reload, perplexity bounds."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fxslice import BadInput, CorruptModel, InvalidOption, PassManager
+from fxslice.data import load_text, token_windows
+from fxslice.evaluate import perplexity
+from fxslice.graph import tensor_of
+from fxslice.io import load, save
+from passes import CleanupIR, FuseNorms, ProjectNormWriters
+from passes.slice_stream import SliceStream, constant_widths
+from passes.slicegpt import slicegpt
+
+CALIBRATION = torch.randint(0, 128, (12, 24), generator=torch.Generator().manual_seed(0))
+
+
+def fused(program):
+    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms()]).run(program)
+    return program
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "gpt2", "phi", "mixtral", "gemma3", "opt-project", "bloom"])
+def test_pca_rotation_without_slicing_is_exact(tiny, name):
+    _, program = tiny(name)
+    program = program.to(torch.float64)
+    ids = program.probe_input()
+    before = program(ids)
+    fused(program)
+    slicer = SliceStream(CALIBRATION, constant_widths(0.0, multiple=1), batch_size=5)
+    PassManager([slicer]).run(program)
+    err = float((program(ids) - before).abs().max() / before.abs().max())
+    print(f"{name}: PCA-rotated, unsliced: max relative error {err:.2e}")
+    assert err < 1e-9
+    assert all(r.kept == r.width == 64 for r in slicer.reports)
+    assert all(abs(r.variance_kept - 1.0) < 1e-12 for r in slicer.reports)
+
+
+def expected_llama_parameters(d, *, vocab=128, hidden=64, inter=128, heads=4, kv=2, layers=2, tied=False, keep_tie=True):
+    """Independent count for a sliced Llama: every segment width d, shortcuts d x d, no norm weights."""
+    head_dim = hidden // heads
+    per_layer = (heads * head_dim + 2 * kv * head_dim) * d + d * heads * head_dim + 2 * inter * d + d * inter
+    shortcuts = 2 * layers * d * d
+    head = (d * d if keep_tie else vocab * d) if tied else vocab * d
+    return vocab * d + layers * per_layer + shortcuts + head
+
+
+@pytest.mark.parametrize("name,tied", [("llama", False), ("llama-tied", True)])
+@pytest.mark.parametrize("sparsity,width", [(0.25, 48), (0.5, 32)])
+def test_slicing_removes_the_expected_parameters(tiny, name, tied, sparsity, width):
+    _, program = tiny(name)
+    result = slicegpt(program, CALIBRATION, constant_widths(sparsity), batch_size=6)
+    assert [r.kept for r in result.segments] == [width] * 5
+    assert result.sliced_parameters == program.num_parameters() == expected_llama_parameters(width, tied=tied)
+    assert program(program.probe_input()).shape == (2, 12, 128)
+
+
+def test_untying_costs_a_table(tiny):
+    _, program = tiny("llama-tied")
+    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(keep_ties=False)]).run(program)
+    PassManager([SliceStream(CALIBRATION, constant_widths(0.25), batch_size=6)]).run(program)
+    assert program.num_parameters() == expected_llama_parameters(48, tied=True, keep_tie=False)
+
+
+def test_per_segment_widths(tiny):
+    _, program = tiny("gpt2")
+    fused(program)
+    PassManager([SliceStream(CALIBRATION, [56, 48, 40, 32, 64], batch_size=4)]).run(program)
+    lookups = [n for n in program.graph.nodes if n.target == torch.ops.aten.embedding.default]
+    assert [tuple(tensor_of(program.gm, n.args[0]).shape) for n in lookups] == [(128, 56), (256, 56)]
+    assert program(program.probe_input()).shape == (2, 12, 128)
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "gpt2", "mixtral"])
+def test_saved_model_reloads_with_identical_logits(tiny, tmp_path, name):
+    _, program = tiny(name)
+    slicegpt(program, CALIBRATION, constant_widths(0.25), batch_size=6)
+    save(program, tmp_path / "m", {"note": "test"})
+    loaded = load(tmp_path / "m")
+    ids = torch.randint(0, 128, (3, 17))
+    assert torch.equal(loaded(ids), program(ids))
+    assert loaded.num_parameters() == program.num_parameters()
+    assert json.loads((tmp_path / "m" / "fxslice.json").read_text())["note"] == "test"
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.2", True])
+def test_bad_sparsity_is_refused(bad):
+    with pytest.raises(InvalidOption, match="sparsity"):
+        constant_widths(bad)  # 0 is allowed here: PCA rotation without slicing
+
+
+@pytest.mark.parametrize("bad", ["0", "1", "-0.5", "abc"])
+def test_cli_refuses_bad_sparsity_before_doing_anything(tmp_path, bad):
+    out = tmp_path / "never"
+    result = subprocess.run([sys.executable, "-m", "fxslice.cli", "slice", "--sparsity", bad, "--out", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "sparsity" in result.stderr.lower() and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_bad_calibration_inputs(tmp_path, smollm2_tokenizer):
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words", encoding="utf-8")
+    with pytest.raises(BadInput, match="fewer than one window"):
+        token_windows(smollm2_tokenizer, load_text(short), 512)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n", encoding="utf-8")
+    with pytest.raises(BadInput, match="empty"):
+        load_text(empty)
+    binary = tmp_path / "latin1.txt"
+    binary.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    with pytest.raises(BadInput, match="not UTF-8"):
+        load_text(binary)
+    with pytest.raises(InvalidOption, match="exceeds the model's context"):
+        token_windows(smollm2_tokenizer, "text", 4096, max_length=2048)
+
+
+def test_save_refuses_an_existing_directory_and_leaves_nothing_on_failure(tiny, tmp_path, monkeypatch):
+    _, program = tiny("llama")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(InvalidOption, match="already exists"):
+        save(program, tmp_path / "exists")
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch.export, "save", broken_save)
+    with pytest.raises(OSError, match="simulated"):
+        save(program, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
+def test_corrupt_saved_models_are_refused(tiny, tmp_path):
+    _, program = tiny("llama")
+    save(program, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptModel, match="checksum"):
+        load(tmp_path / "m")
+    weights.write_bytes(data)
+    record = json.loads((tmp_path / "m" / "fxslice.json").read_text())
+    record["weights"]["lm_head.weight"] = [128, 32]
+    (tmp_path / "m" / "fxslice.json").write_text(json.dumps(record))
+    with pytest.raises(CorruptModel, match="disagree"):
+        load(tmp_path / "m")
+    (tmp_path / "m" / "graph.pt2").unlink()
+    with pytest.raises(CorruptModel, match="missing graph.pt2"):
+        load(tmp_path / "m")
+
+
+@pytest.fixture
+def smollm2_tokenizer(smollm2):
+    return smollm2[1].tokenizer
+
+
+@pytest.mark.slow
+def test_smollm2_at_10_percent_stays_within_2x_dense_and_more_slicing_is_worse(smollm2):
+    _, dense = smollm2
+    tok = dense.tokenizer
+    calib = token_windows(tok, load_text("wikitext2:validation"), 1024, count=16, seed=0)
+    test = token_windows(tok, load_text("wikitext2:test"), 256)[:6]
+    base = perplexity(dense, test, batch_size=3)
+    results = {}
+    for sparsity in (0.1, 0.3):
+        program = dense.clone()
+        slicegpt(program, calib, constant_widths(sparsity), batch_size=4)
+        results[sparsity] = perplexity(program, test, batch_size=3)
+    print(f"SmolLM2 perplexity (6 x 256 test tokens): dense {base:.2f}, 10% {results[0.1]:.2f}, 30% {results[0.3]:.2f}")
+    assert results[0.1] < 2 * base
+    assert results[0.3] >= results[0.1]
+
+
+@pytest.mark.slow
+def test_cli_slice_then_eval_end_to_end(tmp_path):
+    out = tmp_path / "sliced"
+    cmd = [sys.executable, "-m", "fxslice.cli", "slice", "--sparsity", "0.3", "--out", str(out),
+           "--calib-windows", "4", "--calib-length", "128", "--eval-windows", "2", "--eval-length", "128"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "perplexity   dense" in result.stdout and "saved" in result.stdout
+    record = json.loads((out / "fxslice.json").read_text())
+    assert record["sliced_parameters"] < record["dense_parameters"]  # at 30%, shortcuts included
+    assert record["widths"] == [400] * 61 and record["calibration"]["windows"] == 4
+    assert math.isfinite(record["perplexity"]["sliced"]) and record["perplexity"]["dense"] > 1
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    evaluated = subprocess.run([sys.executable, "-m", "fxslice.cli", "eval", str(out), "--eval-windows", "2",
+                                "--eval-length", "128"], capture_output=True, text=True)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    value = float(evaluated.stdout.split()[1])
+    assert abs(value - record["perplexity"]["sliced"]) < 1e-3 * value
