@@ -16,11 +16,13 @@ __all__ = [
     "set_tensor",
     "add_parameter",
     "module_path",
-    "float_dtype_of",
     "retarget_float_casts",
     "erase_unused",
-    "users_of",
     "is_param",
+    "infer_val",
+    "refresh_vals",
+    "insert_op",
+    "emit_rms_norm",
 ]
 
 aten = torch.ops.aten
@@ -69,11 +71,6 @@ def module_path(node: fx.Node) -> str:
     """The innermost module path recorded by torch.export ('' at the top level)."""
     stack = node.meta.get("nn_module_stack") or {}
     return next(reversed(stack.values()))[0] if stack else ""
-
-
-def float_dtype_of(node: fx.Node) -> torch.dtype | None:
-    val = node.meta.get("val")
-    return val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else None
 
 
 def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
@@ -127,10 +124,6 @@ def _has_tensor(val: Any) -> bool:
     if isinstance(val, (list, tuple)):
         return any(isinstance(v, torch.Tensor) for v in val)
     return isinstance(val, torch.Tensor)
-
-
-def users_of(nodes: Iterable[fx.Node]) -> list[fx.Node]:
-    return [u for n in nodes for u in n.users]
 
 
 def erase_unused(gm: fx.GraphModule) -> int:

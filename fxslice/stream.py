@@ -15,7 +15,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import fx
 
 from fxslice.errors import UnsupportedStructure, node_location
@@ -382,7 +381,3 @@ def _norm_readers(gm: fx.GraphModule, norm: NormMatch, group: list[fx.Node], nor
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(found, key=lambda r: order[r.linear.node])
 
-
-def is_float(node: Any) -> bool:
-    val = value_of(node)
-    return isinstance(val, torch.Tensor) and val.is_floating_point()

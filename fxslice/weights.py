@@ -100,3 +100,24 @@ def add_input_shift(gm: fx.GraphModule, use: LinearUse, shift: torch.Tensor) -> 
     with gm.graph.inserting_after(use.output):  # a matmul without a bias slot: add one after it
         biased = insert_op(gm.graph, aten.add.Tensor, (use.output, bias_node), like=use.output)
     use.output.replace_all_uses_with(biased, delete_user_cb=lambda user: user is not biased)
+
+
+def insert_linear(gm: fx.GraphModule, source: fx.Node, weight: torch.Tensor, *, stem: str,
+                  users: list[fx.Node] | None = None, role: str | None = None) -> LinearUse:
+    """Insert `source @ weightᵀ` (a new parameter `fxslice.<stem>_N`) and feed it to `users` (all by default)
+    instead of `source`. `role` goes to `node.meta["fxslice_role"]` (shortcut, tied-head projection, ...)."""
+    from fxslice.matchers import match_linear
+
+    graph = gm.graph
+    users = list(source.users) if users is None else users
+    target = add_parameter(gm, stem, weight.to(source.meta["val"].dtype))
+    with graph.inserting_after(source):
+        param = graph.get_attr(target)
+    param.meta["val"] = tensor_of(gm, target)
+    with graph.inserting_after(param):
+        node = insert_op(graph, aten.linear.default, (source, param), like=users[0] if users else source)
+    if role is not None:
+        node.meta["fxslice_role"] = role
+    for user in users:
+        user.replace_input_with(source, node)
+    return match_linear(gm, node)

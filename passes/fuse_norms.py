@@ -10,10 +10,10 @@ from torch import fx
 
 from fxslice import Pass, PassResult, Program, UnsupportedStructure
 from fxslice.errors import node_location
-from fxslice.graph import add_parameter, aten, emit_rms_norm, insert_op, tensor_of
-from fxslice.matchers import LinearUse, NormMatch, match_linear
+from fxslice.graph import aten, emit_rms_norm, insert_op, tensor_of
+from fxslice.matchers import LinearUse, NormMatch
 from fxslice.stream import Stream, stream_analysis
-from fxslice.weights import add_input_shift, transform_input, transform_output, transform_table
+from fxslice.weights import add_input_shift, insert_linear, transform_input, transform_output, transform_table
 
 __all__ = ["FuseNorms", "is_fused", "TIE_ROLE"]
 
@@ -92,16 +92,7 @@ class FuseNorms(Pass):
 
 def _project_in_front(gm: fx.GraphModule, use: LinearUse, width: int) -> LinearUse:
     """Insert `x -> x @ I` in front of `use` (a tied head) and return the new linear, now the reader."""
-    graph = gm.graph
-    dtype = use.input.meta["val"].dtype
-    target = add_parameter(gm, "tied_head_projection", torch.eye(width, dtype=dtype))
-    with graph.inserting_before(use.node):
-        weight = graph.get_attr(target)
-        weight.meta["val"] = tensor_of(gm, target)
-        node = insert_op(graph, aten.linear.default, (use.input, weight), like=use.node)
-    node.meta["fxslice_role"] = TIE_ROLE
-    use.node.replace_input_with(use.input, node)
-    return match_linear(gm, node)
+    return insert_linear(gm, use.input, torch.eye(width), stem="tied_head_projection", users=[use.node], role=TIE_ROLE)
 
 
 def _scale(gm: torch.fx.GraphModule, norm: NormMatch, width: int) -> torch.Tensor | None:

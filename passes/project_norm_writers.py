@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from fxslice import Pass, PassResult, Program
-from fxslice.graph import add_parameter, aten, insert_op, tensor_of
 from fxslice.stream import stream_analysis
+from fxslice.weights import insert_linear
 
 __all__ = ["ProjectNormWriters"]
 
@@ -25,20 +25,11 @@ class ProjectNormWriters(Pass):
         program.analysis(stream_analysis).check()
 
     def call(self, program: Program) -> PassResult:
-        gm, graph = program.gm, program.graph
+        gm = program.gm
         stream = program.analysis(stream_analysis)
         writers = [w for w in stream.writers if w.kind == "norm"]
         for writer in writers:
-            out = writer.norm.output
-            dtype = out.meta["val"].dtype
-            target = add_parameter(gm, "projection", torch.eye(stream.width, dtype=dtype))
-            with graph.inserting_after(out):
-                weight = graph.get_attr(target)
-                weight.meta["val"] = tensor_of(gm, target)
-            with graph.inserting_after(weight):
-                projected = insert_op(graph, aten.linear.default, (out, weight), like=out)
-            for user in [u for u in out.users if u is not projected]:
-                user.replace_input_with(out, projected)
+            insert_linear(gm, writer.norm.output, torch.eye(stream.width), stem="projection")
         return PassResult(bool(writers), {"projections": len(writers)})
 
     def ensures(self, program: Program) -> None:

@@ -13,10 +13,9 @@ import torch
 
 from fxslice import InvalidOption, Pass, PassResult, Program, UnsupportedStructure
 from fxslice.basis import change_basis
-from fxslice.graph import add_parameter, aten, insert_op, tensor_of
 from fxslice.rotations import orthogonality_error
 from fxslice.stream import SHORTCUT_ROLE, Segment, stream_analysis
-from fxslice.weights import transform_input, transform_output
+from fxslice.weights import insert_linear, transform_input, transform_output
 from passes.fuse_norms import is_fused
 
 __all__ = ["RotateStream"]
@@ -52,7 +51,7 @@ class RotateStream(Pass):
         return qs
 
     def call(self, program: Program) -> PassResult:
-        gm, graph = program.gm, program.graph
+        gm = program.gm
         stream = program.analysis(stream_analysis)
         qs = self._matrices(program)
         for seg, q in zip(stream.segments, qs, strict=True):
@@ -63,14 +62,7 @@ class RotateStream(Pass):
             if sc.linear is not None:  # an existing shortcut matrix: it reads segment a and writes segment b
                 transform_input(gm, sc.linear, qa)
                 transform_output(gm, sc.linear, qb)
-            elif not torch.equal(qa, qb):
-                dtype = sc.source.meta["val"].dtype
-                target = add_parameter(gm, "shortcut", (qb.T @ qa).to(dtype))  # linear computes x Wᵀ = x Qaᵀ Qb
-                with graph.inserting_before(sc.add):
-                    weight = graph.get_attr(target)
-                    weight.meta["val"] = tensor_of(gm, target)
-                    node = insert_op(graph, aten.linear.default, (sc.source, weight), like=sc.add)
-                node.meta["fxslice_role"] = SHORTCUT_ROLE
-                sc.add.replace_input_with(sc.source, node)
+            elif not torch.equal(qa, qb):  # a linear computes x Wᵀ: W = Qbᵀ Qa gives x Qaᵀ Qb
+                insert_linear(gm, sc.source, qb.T @ qa, stem="shortcut", users=[sc.add], role=SHORTCUT_ROLE)
                 inserted += 1
         return PassResult(True, {"segments": len(qs), "shortcuts": inserted})

@@ -19,11 +19,11 @@ from torch import fx
 from fxslice import InvalidOption, Pass, PassResult, Program, UnsupportedStructure
 from fxslice.basis import change_basis
 from fxslice.calibrate import StagedRunner
-from fxslice.graph import add_parameter, aten, insert_op, refresh_vals, set_tensor, tensor_of
+from fxslice.graph import aten, refresh_vals, set_tensor, tensor_of
 from fxslice.matchers import LinearUse, match_linear
 from fxslice.progress import progress_bar
 from fxslice.stream import SHORTCUT_ROLE, Segment, Stream, stream_analysis
-from fxslice.weights import contract, transform_output
+from fxslice.weights import contract, insert_linear, transform_output
 from passes.fuse_norms import TIE_ROLE, is_fused
 
 __all__ = ["SliceStream", "SegmentReport", "constant_widths"]
@@ -124,7 +124,8 @@ class SliceStream(Pass):
                 transform_output(gm, incoming.pop(k), q)
             for sc in stream.shortcuts:
                 if sc.src == k:  # back to the original basis until segment sc.dst is done
-                    incoming[sc.dst] = _insert_shortcut(gm, sc.source, sc.add, q)
+                    incoming[sc.dst] = insert_linear(gm, sc.source, q, stem="shortcut", users=[sc.add],
+                                                     role=SHORTCUT_ROLE)
             _set_literal_widths(seg.values, int(q.shape[0]), int(q.shape[1]))
             runner.transform(seg.values, lambda v, q=q: (v.to(torch.float64) @ q).to(v.dtype))
             total = float(eigenvalues.clamp_min(0).sum())
@@ -136,18 +137,6 @@ class SliceStream(Pass):
                    target=aten.linear.default)]  # every shape that slicing changed, not the whole graph
         refresh_vals(gm, changed)
         return PassResult(True, {"widths": [r.kept for r in self.reports]})
-
-
-def _insert_shortcut(gm: fx.GraphModule, source: fx.Node, add: fx.Node, q: torch.Tensor) -> LinearUse:
-    graph = gm.graph
-    target = add_parameter(gm, "shortcut", q.to(source.meta["val"].dtype))
-    with graph.inserting_before(add):
-        weight = graph.get_attr(target)
-        weight.meta["val"] = tensor_of(gm, target)
-        node = insert_op(graph, aten.linear.default, (source, weight), like=add)
-    node.meta["fxslice_role"] = SHORTCUT_ROLE
-    add.replace_input_with(source, node)
-    return match_linear(gm, node)
 
 
 def _change_tied_tables(gm: fx.GraphModule, seg: Segment, q: torch.Tensor) -> list[fx.Node]:

@@ -1,0 +1,71 @@
+"""Perplexity of SmolLM2-135M sliced at several sparsities; one JSON object.
+
+    python benchmarks/quality.py [--calib-windows 32] [--calib-length 2048] [--eval-windows N] [--untie]
+
+Calibration: WikiText-2 *validation* windows (the train split used by the SliceGPT paper is not
+available offline). Evaluation: WikiText-2 test, joined with "\\n\\n", non-overlapping windows,
+the first N windows (all by default). Parameters include shortcut matrices and any untied head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from fxslice import PassManager, capture
+from fxslice.capture import load_model
+from fxslice.data import load_text, token_windows
+from fxslice.evaluate import perplexity
+from passes import CleanupIR, FuseNorms, ProjectNormWriters
+from passes.slice_stream import SliceStream, constant_widths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sparsities", default="0,0.1,0.2,0.25,0.3")
+    parser.add_argument("--calib-windows", type=int, default=32)
+    parser.add_argument("--calib-length", type=int, default=2048)
+    parser.add_argument("--eval-windows", type=int, default=None)
+    parser.add_argument("--eval-length", type=int, default=2048)
+    parser.add_argument("--untie", action="store_true", help="untie the head instead of keeping the tie")
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args()
+    model, tokenizer = load_model("smollm2")
+    dense = capture(model)
+    calib = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length, count=args.calib_windows, seed=0)
+    test = token_windows(tokenizer, load_text("wikitext2:test"), args.eval_length)
+    test = test[: args.eval_windows] if args.eval_windows else test
+    start = time.perf_counter()
+    rows = [{"sparsity": "dense", "width": 576, "parameters": dense.num_parameters(),
+             "perplexity": perplexity(dense, test, batch_size=args.batch_size)}]
+    rows[0]["seconds"] = round(time.perf_counter() - start, 1)
+    for sparsity in (float(s) for s in args.sparsities.split(",")):
+        start = time.perf_counter()
+        program = dense.clone()
+        PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(keep_ties=not args.untie)]).run(program)
+        slicer = SliceStream(calib, constant_widths(sparsity), batch_size=args.batch_size)
+        PassManager([slicer]).run(program)
+        rows.append({
+            "sparsity": sparsity,
+            "width": slicer.reports[0].kept,
+            "parameters": program.num_parameters(),
+            "perplexity": perplexity(program, test, batch_size=args.batch_size),
+            "min_variance_kept": round(min(r.variance_kept for r in slicer.reports), 4),
+            "seconds": round(time.perf_counter() - start, 1),
+        })
+        print(json.dumps(rows[-1]), flush=True, file=__import__("sys").stderr)
+    print(json.dumps({
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
+        "head": "untied" if args.untie else "tied (kept)",
+        "calibration": {"text": "wikitext2:validation", "windows": args.calib_windows, "length": args.calib_length, "seed": 0},
+        "evaluation": {"text": "wikitext2:test", "windows": len(test), "length": args.eval_length},
+        "threads": torch.get_num_threads(),
+        "results": rows,
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
