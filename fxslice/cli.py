@@ -123,6 +123,7 @@ def slice_(
     multiple: Annotated[int, typer.Option(help="round widths down to a multiple of this (fast GEMMs)")] = 8,
     batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
     seed: Annotated[int, typer.Option(help="seed for sampling calibration windows")] = 0,
+    untie: Annotated[bool, typer.Option("--untie", help="untie a tied head: better perplexity, V x d more parameters")] = False,
 ) -> None:
     """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out."""
     import time
@@ -154,7 +155,7 @@ def slice_(
         start = time.perf_counter()
         ppl["dense"] = perplexity(program, test, batch_size=batch_size, progress=True)
         seconds["evaluate_dense"] = time.perf_counter() - start
-    result = slicegpt(program, calib, widths, batch_size=batch_size, progress=True)
+    result = slicegpt(program, calib, widths, batch_size=batch_size, keep_ties=not untie, progress=True)
     seconds.update(result.seconds)
     if test is not None:
         start = time.perf_counter()
@@ -164,6 +165,7 @@ def slice_(
         "passes": ["cleanup_ir", "project_norm_writers", "fuse_norms", "slice_stream"],
         "sparsity": sparsity,
         "width_multiple": multiple,
+        "head": "untied" if untie else "tied where the model ties it",
         "widths": [r.kept for r in result.segments],
         "variance_kept": [round(r.variance_kept, 5) for r in result.segments],
         "calibration": {"source": calibration, "windows": calib_windows, "length": calib_length, "seed": seed},

@@ -33,12 +33,15 @@ def slicegpt(
     *,
     batch_size: int = 8,
     slice_head: bool = True,
+    keep_ties: bool = True,
     progress: bool = False,
 ) -> SliceResult:
-    """Slice `program` in place; `windows` are the calibration token windows [n, length]."""
+    """Slice `program` in place; `windows` are the calibration token windows [n, length].
+
+    `keep_ties=False` unties a tied head (better perplexity, a V x d table more; see README)."""
     dense = program.num_parameters()
     start = time.perf_counter()
-    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms()]).run(program)
+    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(keep_ties=keep_ties)]).run(program)
     fused = time.perf_counter()
     slicer = SliceStream(windows, widths, batch_size=batch_size, slice_head=slice_head, progress=progress)
     PassManager([slicer]).run(program)
