@@ -224,6 +224,7 @@ def stream_analysis(program: Program) -> Stream:
     """Find the residual stream of `program` (cache it with `program.analysis(stream_analysis)`)."""
     gm = program.gm
     nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
     norms = {m.normalized: m for n in nodes if (m := match_norm(gm, n)) is not None}
     norm_internal = {x for m in norms.values() for x in m.nodes}
     linears = {u.output: u for n in nodes if (u := match_linear(gm, n)) is not None}
@@ -239,7 +240,7 @@ def stream_analysis(program: Program) -> Stream:
             links[node] = inputs
     for m in norms.values():  # the affine tail belongs to the norm's output group
         for x in m.nodes:
-            if x is not m.normalized and not _before(x, m.normalized, nodes):
+            if order[x] > order[m.normalized]:
                 links[x] = [m.normalized]
     joined = set(links)  # everything else in a group is a source
     groups = _UnionFind()
@@ -284,7 +285,6 @@ def stream_analysis(program: Program) -> Stream:
                 shortcut_edges.append((x, node, None))
             else:
                 segs.union(node, x)
-    order = {n: i for i, n in enumerate(nodes)}
     seg_members: dict[fx.Node, list[fx.Node]] = defaultdict(list)
     for node in stream:
         seg_members[segs.find(node)].append(node)
@@ -341,10 +341,6 @@ def stream_analysis(program: Program) -> Stream:
         for src, add, use in sorted(shortcut_edges, key=lambda e: order[e[1]])
     )
     return Stream(width, segments, shortcuts, tuple(violations))
-
-
-def _before(x: fx.Node, anchor: fx.Node, nodes: list[fx.Node]) -> bool:
-    return nodes.index(x) < nodes.index(anchor)
 
 
 def _branches(x: fx.Node, in_stream: set[fx.Node]) -> bool:
