@@ -12,6 +12,7 @@ from torch import fx, nn
 
 __all__ = [
     "aten",
+    "CAST_OPS",
     "tensor_of",
     "set_tensor",
     "add_parameter",
@@ -27,7 +28,7 @@ __all__ = [
 
 aten = torch.ops.aten
 
-_CAST_OPS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
+CAST_OPS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
 
 
 def tensor_of(gm: fx.GraphModule, node: Any) -> Any:
@@ -87,7 +88,7 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
         if node.target == aten._assert_tensor_metadata.default:  # would assert the old dtype
             gm.graph.erase_node(node)
             continue
-        if node.target in _CAST_OPS:
+        if node.target in CAST_OPS:
             node.args = tuple(dtype if _is_float_dtype(a) else a for a in node.args)
         if _is_float_dtype(node.kwargs.get("dtype")):
             node.kwargs = {**node.kwargs, "dtype": dtype}

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxslice.graph import aten, is_param
+from fxslice.graph import CAST_OPS, aten, is_param
 
 __all__ = [
     "LinearUse",
@@ -24,7 +24,6 @@ __all__ = [
     "value_of",
 ]
 
-CAST_OPS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
 _WEIGHT_VIEWS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
 _MATMULS = {aten.mm.default, aten.matmul.default}
 

@@ -13,8 +13,8 @@ import torch
 from torch import fx
 
 from fxslice.errors import UnsupportedStructure, node_location
-from fxslice.graph import add_parameter, aten, insert_op, module_path, tensor_of
-from fxslice.matchers import LinearUse
+from fxslice.graph import add_parameter, aten, insert_op, module_path, set_tensor, tensor_of
+from fxslice.matchers import LinearUse, match_linear
 
 __all__ = ["contract", "transform_input", "transform_output", "transform_table", "add_input_shift", "private_weight"]
 
@@ -26,8 +26,6 @@ def contract(t: torch.Tensor, axis: int, m: torch.Tensor) -> torch.Tensor:
 
 
 def _set_param(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
-    from fxslice.graph import set_tensor
-
     set_tensor(gm, str(node.target), value)
     node.meta["val"] = value.detach()
 
@@ -106,8 +104,6 @@ def insert_linear(gm: fx.GraphModule, source: fx.Node, weight: torch.Tensor, *, 
                   users: list[fx.Node] | None = None, role: str | None = None) -> LinearUse:
     """Insert `source @ weightᵀ` (a new parameter `fxslice.<stem>_N`) and feed it to `users` (all by default)
     instead of `source`. `role` goes to `node.meta["fxslice_role"]` (shortcut, tied-head projection, ...)."""
-    from fxslice.matchers import match_linear
-
     graph = gm.graph
     users = list(source.users) if users is None else users
     target = add_parameter(gm, stem, weight.to(source.meta["val"].dtype))

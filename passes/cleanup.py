@@ -12,12 +12,11 @@ import torch
 from torch import fx
 
 from fxslice import Pass, PassResult, Program
-from fxslice.graph import aten, erase_unused
+from fxslice.graph import CAST_OPS, aten, erase_unused
 
 __all__ = ["CleanupIR"]
 
 _ASSERTS = {aten._assert_tensor_metadata.default}
-_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
 _IDENTITIES = {aten.alias.default, aten.lift_fresh_copy.default, aten.contiguous.default, aten.clone.default}
 
 
@@ -30,7 +29,7 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
         return src
     if node.target == aten.dropout.default and (len(node.args) < 3 or node.args[2] is False):
         return src
-    if node.target in _CASTS:
+    if node.target in CAST_OPS:
         a, b = src.meta.get("val"), node.meta.get("val")
         same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device
         return src if same and not node.kwargs.get("memory_format") else None
