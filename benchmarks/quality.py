@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -56,7 +57,7 @@ def main() -> None:
             "min_variance_kept": round(min(r.variance_kept for r in slicer.reports), 4),
             "seconds": round(time.perf_counter() - start, 1),
         })
-        print(json.dumps(rows[-1]), flush=True, file=__import__("sys").stderr)
+        print(json.dumps(rows[-1]), flush=True, file=sys.stderr)
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
         "head": "untied" if args.untie else "tied (kept)",
