@@ -110,8 +110,11 @@ def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
     )
 
 
-def _plain_graph_module(unlifted: fx.GraphModule) -> fx.GraphModule:
-    """Drop pytree plumbing, guards and `use_cache`: one input `input_ids`, one output, the logits."""
+def _plain_graph_module(unlifted: fx.GraphModule, *, inputs: list[str] | None = None, root: str = "") -> fx.GraphModule:
+    """Drop pytree plumbing, guards and `use_cache`: the given inputs (`input_ids` alone by default), one
+    output, the logits. `root` names a wrapper's submodule holding the model, whose prefix is dropped from
+    weight names and module paths so that they match a capture of the bare model."""
+    inputs = inputs or ["input_ids"]
     graph = unlifted.graph
     graph._codegen = fx.graph.CodeGen()
     for node in list(graph.nodes):
@@ -122,14 +125,30 @@ def _plain_graph_module(unlifted: fx.GraphModule) -> fx.GraphModule:
     logits = flat[0] if isinstance(flat, (list, tuple)) else flat
     output.args = (logits,)
     for node in list(graph.nodes):
-        if node.op == "placeholder" and node.target != "input_ids" and not node.users:
+        if node.op == "placeholder" and node.target not in inputs and not node.users:
             graph.erase_node(node)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if [n.target for n in placeholders] != ["input_ids"]:
-        raise CaptureError(f"captured graph takes {[n.target for n in placeholders]}, expected only input_ids")
+    if [n.target for n in placeholders] != inputs:
+        raise CaptureError(f"captured graph takes {[n.target for n in placeholders]}, expected {inputs}")
     if hasattr(unlifted, "_guards_fn"):
         delattr(unlifted, "_guards_fn")
-    gm = fx.GraphModule(unlifted, graph, class_name="CapturedLM")
+    owner: torch.nn.Module = unlifted
+    if root:
+        owner = unlifted.get_submodule(root)
+        _drop_prefix(graph, root + ".")
+    gm = fx.GraphModule(owner, graph, class_name="CapturedLM")
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _drop_prefix(graph: fx.Graph, prefix: str) -> None:
+    for node in graph.nodes:
+        if node.op == "get_attr" and str(node.target).startswith(prefix):
+            node.target = str(node.target)[len(prefix):]
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: (path[len(prefix):] if path.startswith(prefix) else path, kind)
+                for key, (path, kind) in stack.items() if path != prefix[:-1]
+            }

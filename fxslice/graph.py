@@ -127,6 +127,13 @@ def _has_tensor(val: Any) -> bool:
     return isinstance(val, torch.Tensor)
 
 
+def mutates(node: fx.Node) -> bool:
+    """Whether `node` writes into one of its inputs (`add_`, `index_copy_`, `copy_` ...)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and any(
+        a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
 def erase_unused(gm: fx.GraphModule) -> int:
     """Dead-code elimination (placeholders and in-place ops stay); returns how many nodes went."""
     before = len(gm.graph.nodes)

@@ -22,7 +22,7 @@ from fxslice.errors import FxsliceError, PassCheckFailed
 from fxslice.program import Program
 from fxslice.progress import progress_bar
 
-__all__ = ["Pass", "PassResult", "PassManager", "PipelineResult", "as_pass", "check_program", "TOLERANCE"]
+__all__ = ["Pass", "PassResult", "PassManager", "PipelineResult", "as_pass", "check_program", "replay", "TOLERANCE"]
 
 #: relative tolerance of the numeric check of an exact pass, by the dtype the program computes in
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -48,6 +48,11 @@ class Pass:
 
     def call(self, program: Program) -> PassResult:
         raise NotImplementedError
+
+    def replay(self) -> Pass:
+        """This pass with every data-dependent choice fixed, to repeat it on another capture of the
+        same model (see `replay`). Deterministic passes return themselves; calibrating ones override."""
+        return self
 
     def __call__(self, program: Program) -> PassResult:
         self.requires(program)
@@ -85,7 +90,8 @@ def check_program(program: Program) -> None:
     gm = program.gm
     gm.graph.lint()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    assert [p.target for p in placeholders] == ["input_ids"], f"inputs are {[p.target for p in placeholders]}"
+    expected = ["input_ids"] + ([] if program.cache is None else ["past_length", *(f"kv_{i}" for i in range(len(program.cache.shapes)))])
+    assert [p.target for p in placeholders] == expected, f"inputs are {[p.target for p in placeholders]}"
     assert placeholders[0].users, "input_ids is no longer used"
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -100,6 +106,7 @@ def check_program(program: Program) -> None:
 class PipelineResult:
     program: Program
     records: list[PassRecord]
+    passes: list[Pass] = field(default_factory=list)
 
     @property
     def modified(self) -> bool:
@@ -166,7 +173,7 @@ class PassManager:
                             f"({program.dtype}); the pass is wrong for this graph or should be marked lossy"
                         )
                 reference = logits
-        return PipelineResult(program, records)
+        return PipelineResult(program, records, self.passes)
 
     @staticmethod
     def _logits(program: Program, probe: torch.Tensor) -> torch.Tensor:
@@ -179,3 +186,27 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
         return float("inf")
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
+
+
+def replay(passes: Sequence[Pass], target: Program, reference: Program) -> PipelineResult:
+    """Repeat `passes`, already run on `reference`, on `target`: another capture of the same model
+    (with a KV cache, say). Both must end with the same weights under the same names; `target` then
+    shares `reference`'s tensors. Raises PassCheckFailed naming the first weight that differs."""
+    result = PassManager([p.replay() for p in passes]).run(target)
+    for node in target.graph.find_nodes(op="get_attr"):
+        name = str(node.target)
+        mine = G.tensor_of(target.gm, node)
+        try:
+            theirs = G.tensor_of(reference.gm, node)
+        except AttributeError:
+            raise PassCheckFailed(f"replay: weight '{name}' exists only in the replayed graph; "
+                                  "the two captures are not of the same model") from None
+        if mine.shape != theirs.shape or not torch.equal(mine, theirs):
+            raise PassCheckFailed(f"replay: weight '{name}' differs from the compiled program's "
+                                  f"({tuple(mine.shape)} vs {tuple(theirs.shape)}); the captures diverge")
+        owner_path, _, attr = name.rpartition(".")
+        owner = target.gm.get_submodule(owner_path) if owner_path else target.gm
+        (owner._parameters if attr in owner._parameters else owner._buffers if attr in owner._buffers
+         else owner.__dict__)[attr] = theirs  # the very same object: a tie stays one tensor
+    target.mark_changed()
+    return result

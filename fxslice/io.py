@@ -1,7 +1,8 @@
 """Save and load compiled programs as self-describing directories.
 
     DIR/model.safetensors   the weights the graph uses, by their qualified names
-    DIR/graph.pt2           the graph (torch.export.save, with its weights left out)
+    DIR/graph.pt2           the graph (torch.export.save, with its weights left out); with a KV cache
+                            when the program has one (`Program.cache`, recorded as "kv_cache")
     DIR/tokenizer/          the tokenizer, when the program has one
     DIR/fxslice.json        what was done: version, passes, widths, calibration, parameter counts, metrics
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from fxslice.errors import CorruptModel, InvalidOption
 from fxslice.graph import set_tensor, tensor_of
+from fxslice.kvcache import CacheLayout
 from fxslice.program import Program
 
 __all__ = ["save", "load", "RECORD", "WEIGHTS", "GRAPH"]
@@ -42,6 +44,21 @@ def _used_weights(program: Program) -> dict[str, torch.Tensor]:
     return out
 
 
+def _input_names(layout: CacheLayout | None) -> list[str]:
+    return ["input_ids"] + ([] if layout is None else ["past_length", *(f"kv_{i}" for i in range(len(layout.shapes)))])
+
+
+def _example_inputs(program: Program) -> tuple[tuple, tuple]:
+    """Inputs to re-export the graph with, and their dynamic dimensions (batch, length, cache length)."""
+    from torch.export import Dim
+
+    probe = program.probe_input()
+    if program.cache is None:
+        return (probe,), ({0: Dim.AUTO, 1: Dim.AUTO},)
+    kv = program.cache.allocate(probe.shape[0], probe.shape[1] + 4, program.dtype)
+    return (probe, torch.tensor(0), *kv), ({0: Dim.AUTO, 1: Dim.AUTO}, None, *({0: Dim.AUTO, 2: Dim.AUTO} for _ in kv))
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -53,7 +70,6 @@ def _sha256(path: Path) -> str:
 def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | None = None) -> Path:
     """Write `program` to the new directory `out_dir`, atomically; returns its path."""
     from safetensors.torch import save_file
-    from torch.export import Dim
 
     out = Path(out_dir)
     if out.exists():
@@ -68,9 +84,9 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
     try:
         weights = _used_weights(program)
         save_file(weights, str(tmp / WEIGHTS))
-        probe = program.probe_input()
+        args, shapes = _example_inputs(program)
         with torch.no_grad():
-            exported = torch.export.export(program.gm, (probe,), dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},), strict=False)
+            exported = torch.export.export(program.gm, args, dynamic_shapes=shapes, strict=False)
         for name, value in list(exported.state_dict.items()):  # the weights live in the safetensors file
             empty = torch.zeros(0, dtype=value.dtype)
             exported.state_dict[name] = nn.Parameter(empty, requires_grad=False) if isinstance(value, nn.Parameter) else empty
@@ -91,6 +107,7 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
             "weights": {k: list(v.shape) for k, v in weights.items()},
             "weights_sha256": _sha256(tmp / WEIGHTS),
             "config": program.config,
+            "kv_cache": program.cache.to_json() if program.cache is not None else None,
             **(record or {}),
         }
         (tmp / RECORD).write_text(json.dumps(full, indent=1, default=str), encoding="utf-8")
@@ -131,10 +148,11 @@ def load(path: str | os.PathLike) -> Program:
         exported = torch.export.load(str(root / GRAPH))
     except Exception as exc:  # noqa: BLE001 - any deserialisation failure means a bad file
         raise CorruptModel(f"cannot read the graph {root / GRAPH}: {exc}") from None
-    gm = _plain_graph_module(exported.module())
+    layout = CacheLayout.from_json(record["kv_cache"]) if record.get("kv_cache") else None
+    gm = _plain_graph_module(exported.module(), inputs=_input_names(layout))
     for name, value in weights.items():
         set_tensor(gm, name, value)
-    program = Program(gm, record.get("model_class", "nn.Module"), record.get("config"), None, str(root))
+    program = Program(gm, record.get("model_class", "nn.Module"), record.get("config"), None, str(root), cache=layout)
     if program.num_parameters() != record.get("parameters"):
         raise CorruptModel(f"{root} holds {program.num_parameters()} parameters but its record says {record.get('parameters')}")
     if (root / TOKENIZER).is_dir():

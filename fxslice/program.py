@@ -32,11 +32,22 @@ class Program:
     tokenizer: Any = None
     source: str = ""
     record: dict[str, Any] = field(default_factory=dict)  # what fxslice did to it (see fxslice.io)
+    cache: Any = None  # a fxslice.kvcache.CacheLayout when the graph reads and writes a KV cache
     version: int = 0
     _analyses: dict[Callable, tuple[int, Any]] = field(default_factory=dict, repr=False)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.gm(input_ids)
+        """Logits for whole sequences (a cached graph starts from an empty cache)."""
+        if self.cache is None:
+            return self.gm(input_ids)
+        kv = self.cache.allocate(input_ids.shape[0], input_ids.shape[1], self.dtype, input_ids.device)
+        return self.step(input_ids, 0, kv)
+
+    def step(self, input_ids: torch.Tensor, past_length: int, kv: list[torch.Tensor]) -> torch.Tensor:
+        """Logits of `input_ids` following `past_length` tokens already in `kv`, which is updated in place."""
+        if self.cache is None:
+            raise TypeError("this program has no KV cache; capture it with fxslice.kvcache.capture_cached")
+        return self.gm(input_ids, torch.tensor(past_length, device=input_ids.device), *kv)
 
     @property
     def graph(self) -> fx.Graph:
@@ -81,7 +92,7 @@ class Program:
     def clone(self) -> Program:
         """An independent copy (graph and weights)."""
         return Program(copy.deepcopy(self.gm), self.model_class, self.config, self.tokenizer, self.source,
-                       dict(self.record))
+                       dict(self.record), cache=self.cache)
 
     def to(self, dtype: torch.dtype) -> Program:
         """A copy computing in `dtype`: weights converted and every float cast in the graph retargeted.

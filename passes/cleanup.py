@@ -2,7 +2,8 @@
 
 Removed: `_assert_tensor_metadata` checks, dtype/device casts whose input already has the
 target dtype (`x.to(float32)` on a float32 `x`), `alias`/`lift_fresh_copy`/`contiguous` identities
-and `dropout` with `train=False`, then dead code. Casts that change the dtype stay: they matter in
+and `dropout` with `train=False`, then dead code. A copy that is written in place (or whose source
+is) is kept: removing it would let the write reach the original. Casts that change the dtype stay: they matter in
 half precision.
 """
 
@@ -12,7 +13,7 @@ import torch
 from torch import fx
 
 from fxslice import Pass, PassResult, Program
-from fxslice.graph import CAST_OPS, aten, erase_unused
+from fxslice.graph import CAST_OPS, aten, erase_unused, mutates
 
 __all__ = ["CleanupIR"]
 
@@ -25,6 +26,8 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     src = node.args[0]
+    if any(mutates(u) for u in (*node.users, *src.users)):
+        return None  # a copy that is written to, or whose source is, is not an identity
     if node.target in _IDENTITIES:
         return src
     if node.target == aten.dropout.default and (len(node.args) < 3 or node.args[2] is False):

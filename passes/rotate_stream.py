@@ -29,6 +29,11 @@ class RotateStream(Pass):
         if not callable(rotations) and not isinstance(rotations, Sequence):
             raise InvalidOption("rotations must be a callable (segment, width) -> Q or a sequence of matrices")
         self.rotations, self.tol = rotations, tol
+        self.matrices: list[torch.Tensor] = []  # what the last run used, per segment
+
+    def replay(self) -> RotateStream:
+        """The matrices of the last run, fixed (a rotation source may be random or data-dependent)."""
+        return RotateStream(list(self.matrices), tol=self.tol) if self.matrices else self
 
     def requires(self, program: Program) -> None:
         stream = program.analysis(stream_analysis)
@@ -53,7 +58,7 @@ class RotateStream(Pass):
     def call(self, program: Program) -> PassResult:
         gm = program.gm
         stream = program.analysis(stream_analysis)
-        qs = self._matrices(program)
+        qs = self.matrices = self._matrices(program)
         for seg, q in zip(stream.segments, qs, strict=True):
             change_basis(gm, seg, q)
         inserted = 0

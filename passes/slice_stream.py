@@ -10,6 +10,7 @@ cached stream values, and the literal widths in its views. Design.md §1 and §4
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -77,6 +78,16 @@ class SliceStream(Pass):
         self.windows, self.widths, self.batch_size = windows, widths, batch_size
         self.slice_head, self.progress = slice_head, progress
         self.reports: list[SegmentReport] = []
+        self.bases: list[torch.Tensor] = []  # per segment, [full, kept]: what calibration chose
+        self._given: list[torch.Tensor] | None = None
+
+    def replay(self) -> SliceStream:
+        """The same slicing with the bases already chosen, for another capture of the model (no calibration)."""
+        if not self.bases:
+            raise InvalidOption("slice_stream: run the pass before replaying it")
+        again = copy.copy(self)
+        again._given, again.reports, again.progress = list(self.bases), [], False
+        return again
 
     def requires(self, program: Program) -> None:
         stream = program.analysis(stream_analysis)
@@ -99,26 +110,35 @@ class SliceStream(Pass):
     def call(self, program: Program) -> PassResult:
         gm = program.gm
         stream = program.analysis(stream_analysis)  # node identities stay valid: slicing only adds shortcuts
-        runner = StagedRunner(program, list(self.windows.split(self.batch_size)))
+        runner = None if self._given else StagedRunner(program, list(self.windows.split(self.batch_size)))
         order = {n: i for i, n in enumerate(program.graph.nodes)}
         incoming: dict[int, LinearUse] = {}  # segment -> the shortcut matmul inserted into it
         self.reports = []
         count = len(stream.segments)
+        if self._given is not None and len(self._given) != count:
+            raise UnsupportedStructure(f"slice_stream: replaying {len(self._given)} bases on a stream of {count} segments")
         for k in progress_bar(range(count), "calibrating segments", enabled=self.progress):
             seg = stream.segments[k]
             probe = _probe(stream, seg)
             full = int(probe.meta["val"].shape[-1])
-            cov = torch.zeros(full, full, dtype=torch.float64)
+            if runner is None:
+                q = self._given[k]
+            else:
+                cov = torch.zeros(full, full, dtype=torch.float64)
 
-            def accumulate(env, probe=probe, cov=cov, full=full):
-                x = env[probe].reshape(-1, full).to(torch.float64)
-                cov.addmm_(x.T, x)
+                def accumulate(env, probe=probe, cov=cov, full=full):
+                    x = env[probe].reshape(-1, full).to(torch.float64)
+                    cov.addmm_(x.T, x)
 
-            runner.run_through(max(seg.nodes, key=order.__getitem__), accumulate)
-            eigenvalues, vectors = torch.linalg.eigh(cov)
-            eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
-            d = self._width(seg, full, last=k == count - 1)
-            q = vectors[:, :d].contiguous()
+                runner.run_through(max(seg.nodes, key=order.__getitem__), accumulate)
+                eigenvalues, vectors = torch.linalg.eigh(cov)
+                eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
+                d = self._width(seg, full, last=k == count - 1)
+                q = vectors[:, :d].contiguous()
+                self.bases.append(q)
+                total = float(eigenvalues.clamp_min(0).sum())
+                kept = float(eigenvalues[:d].clamp_min(0).sum()) / total if total > 0 else 0.0
+                self.reports.append(SegmentReport(k, seg.module, full, d, kept, float(eigenvalues[-1])))
             change_basis(gm, seg, q, done=_change_tied_tables(gm, seg, q))
             if k in incoming:  # from the previous, already sliced segment
                 transform_output(gm, incoming.pop(k), q)
@@ -127,16 +147,14 @@ class SliceStream(Pass):
                     incoming[sc.dst] = insert_linear(gm, sc.source, q, stem="shortcut", users=[sc.add],
                                                      role=SHORTCUT_ROLE)
             _set_literal_widths(seg.values, int(q.shape[0]), int(q.shape[1]))
-            runner.transform(seg.values, lambda v, q=q: (v.to(torch.float64) @ q).to(v.dtype))
-            total = float(eigenvalues.clamp_min(0).sum())
-            kept = float(eigenvalues[:d].clamp_min(0).sum()) / total if total > 0 else 0.0
-            self.reports.append(SegmentReport(k, seg.module, full, d, kept, float(eigenvalues[-1])))
+            if runner is not None:
+                runner.transform(seg.values, lambda v, q=q: (v.to(torch.float64) @ q).to(v.dtype))
         weights = list(gm.graph.find_nodes(op="get_attr"))
         changed = [*weights, *(u for w in weights for u in w.users if len(u.all_input_nodes) == 1),  # weight views
                    *(v for seg in stream.segments for v in seg.values), *gm.graph.find_nodes(op="call_function",
                    target=aten.linear.default)]  # every shape that slicing changed, not the whole graph
         refresh_vals(gm, changed)
-        return PassResult(True, {"widths": [r.kept for r in self.reports]})
+        return PassResult(True, {"widths": [int(q.shape[1]) for q in (self._given or self.bases)]})
 
 
 def _change_tied_tables(gm: fx.GraphModule, seg: Segment, q: torch.Tensor) -> list[fx.Node]:

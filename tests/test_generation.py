@@ -1,0 +1,106 @@
+"""KV-cache capture, replaying a compiled pipeline on it, and generation."""
+
+import pytest
+import torch
+
+from fxslice import CaptureError, PassCheckFailed, PassManager, capture_module
+from fxslice.generate import generate
+from fxslice.infra import replay
+from fxslice.io import load, save
+from fxslice.kvcache import capture_cached
+from fxslice.rotations import random_orthogonal
+from fxslice.testing import tiny_causal_lm
+from passes import CleanupIR, FuseNorms, ProjectNormWriters, RotateStream
+from passes.slice_stream import SliceStream, constant_widths
+
+CALIBRATION = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(1))
+PROMPT = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+FAMILIES = ["llama", "llama-tied", "gpt2", "falcon", "gemma2", "mixtral", "bloom", "phi3"]
+
+
+def _compiled(name: str, last_pass):
+    model = tiny_causal_lm(name)
+    program, cached = capture_module(model), capture_cached(model)
+    result = PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(), last_pass]).run(program)
+    replay(result.passes, cached, program)
+    return model, program, cached
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cached_capture_decodes_like_the_whole_sequence(name):
+    model = tiny_causal_lm(name)
+    cached = capture_cached(model)
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False).logits
+        kv = cached.cache.allocate(3, 12, torch.float32)
+        pieces = [cached.step(ids[:, :5], 0, kv)] + [cached.step(ids[:, j : j + 1], j, kv) for j in range(5, 10)]
+    torch.testing.assert_close(torch.cat(pieces, 1), reference, rtol=1e-4, atol=1e-5)
+    assert [p.target for p in cached.graph.find_nodes(op="placeholder")][:2] == ["input_ids", "past_length"]
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "gpt2", "falcon", "gemma2"])
+def test_rotated_model_generates_the_original_greedy_tokens(name):
+    model, _, cached = _compiled(name, RotateStream(random_orthogonal(seed=5)))
+    ours = generate(cached, PROMPT, max_new_tokens=12)
+    theirs = model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=12, do_sample=False,
+                            min_new_tokens=12, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_replay_gives_the_cached_graph_the_sliced_weights_and_shares_them(tmp_path):
+    _, program, cached = _compiled("llama-tied", SliceStream(CALIBRATION, constant_widths(0.25), batch_size=4))
+    assert cached.num_parameters() == program.num_parameters() < capture_module(tiny_causal_lm("llama-tied")).num_parameters()
+    shared = {id(p) for p in program.gm.parameters()}
+    assert all(id(p) in shared for p in cached.gm.parameters() if p.numel())
+    ids = program.probe_input()
+    torch.testing.assert_close(cached(ids), program(ids), rtol=0, atol=0)
+
+
+def test_sliced_model_reloads_and_generates_the_same_with_and_without_cache(tmp_path):
+    _, program, cached = _compiled("gemma2", SliceStream(CALIBRATION, constant_widths(0.25), batch_size=4))
+    back = load(save(cached, tmp_path / "sliced"))
+    assert back.cache == cached.cache
+    with_cache = generate(back, PROMPT, max_new_tokens=10)
+    without = generate(program, PROMPT, max_new_tokens=10)  # recomputes the whole sequence each step
+    assert torch.equal(with_cache, without)
+
+
+def test_replay_refuses_a_capture_of_another_model():
+    model, other = tiny_causal_lm("llama"), tiny_causal_lm("llama")
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight.add_(0.5)
+    program = capture_module(model)
+    result = PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms()]).run(program)
+    with pytest.raises(PassCheckFailed, match="up_proj"):
+        replay(result.passes, capture_cached(other), program)
+
+
+def test_sampling_is_seeded_and_top_1_is_greedy():
+    cached = capture_cached(tiny_causal_lm("llama"))
+    a = generate(cached, PROMPT, max_new_tokens=8, temperature=1.0, seed=7)
+    b = generate(cached, PROMPT, max_new_tokens=8, temperature=1.0, seed=7)
+    assert torch.equal(a, b)
+    greedy = generate(cached, PROMPT, max_new_tokens=8)
+    assert torch.equal(generate(cached, PROMPT, max_new_tokens=8, temperature=0.7, top_k=1, seed=1), greedy)
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows():
+    cached = capture_cached(tiny_causal_lm("llama"))
+    greedy = generate(cached, PROMPT, max_new_tokens=8)
+    eos = int(greedy[0, PROMPT.shape[1] + 2])  # row 0's third new token
+    out = generate(cached, PROMPT, max_new_tokens=8, eos_token_id=eos)
+    new = out[0, PROMPT.shape[1]:]
+    first = int((new == eos).nonzero()[0])
+    assert first <= 2 and bool((new[first:] == eos).all())
+
+
+def test_a_model_whose_cache_cannot_be_captured_says_so():
+    class NoCache(torch.nn.Module):
+        config = tiny_causal_lm("llama").config
+
+        def forward(self, input_ids, **kwargs):
+            return torch.zeros(*input_ids.shape, 128)
+
+    with pytest.raises(CaptureError, match="NoCache"):
+        capture_cached(NoCache())
