@@ -1,6 +1,7 @@
 """Perplexity of SmolLM2-135M sliced at several sparsities; one JSON object.
 
     python benchmarks/quality.py [--calib-windows 32] [--calib-length 2048] [--eval-windows N] [--untie]
+                                 [--shared-basis] [--multiple 8]
 
 Calibration: WikiText-2 *validation* windows (the train split used by the SliceGPT paper is not
 available offline). Evaluation: WikiText-2 test, joined with "\\n\\n", non-overlapping windows,
@@ -21,7 +22,7 @@ from fxslice.capture import load_model
 from fxslice.data import load_text, token_windows
 from fxslice.evaluate import perplexity
 from passes import CleanupIR, FuseNorms, ProjectNormWriters
-from passes.slice_stream import SliceStream, constant_widths
+from passes.slice_stream import SliceStream, constant_widths, per_block
 
 
 def main() -> None:
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=None)
     parser.add_argument("--eval-length", type=int, default=2048)
     parser.add_argument("--untie", action="store_true", help="untie the head instead of keeping the tie")
+    parser.add_argument("--shared-basis", action="store_true", help="one basis per block (half the shortcuts)")
+    parser.add_argument("--multiple", type=int, default=8, help="round widths down to a multiple of this")
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2")
@@ -47,7 +50,8 @@ def main() -> None:
         start = time.perf_counter()
         program = dense.clone()
         PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(keep_ties=not args.untie)]).run(program)
-        slicer = SliceStream(calib, constant_widths(sparsity), batch_size=args.batch_size)
+        slicer = SliceStream(calib, constant_widths(sparsity, multiple=args.multiple), batch_size=args.batch_size,
+                             share=per_block if args.shared_basis else None)
         PassManager([slicer]).run(program)
         rows.append({
             "sparsity": sparsity,
@@ -61,6 +65,8 @@ def main() -> None:
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
         "head": "untied" if args.untie else "tied (kept)",
+        "shared_basis": args.shared_basis,
+        "width_multiple": args.multiple,
         "calibration": {"text": "wikitext2:validation", "windows": args.calib_windows, "length": args.calib_length, "seed": 0},
         "evaluation": {"text": "wikitext2:test", "windows": len(test), "length": args.eval_length},
         "threads": torch.get_num_threads(),

@@ -36,6 +36,26 @@ def _capture(model: str) -> Program:
         return capture(model)
 
 
+def _capture_with_cache(model: str) -> tuple[Program, Program | None]:
+    """The plain capture (for calibration) and, where the model allows it, one with a KV cache (for generation)."""
+    from fxslice.capture import capture_module, load_model
+    from fxslice.errors import CaptureError
+    from fxslice.kvcache import capture_cached
+
+    with err.status(f"loading and capturing {model} ..."):
+        module, tokenizer = load_model(model)
+        program = capture_module(module)
+        try:
+            cached = capture_cached(module)
+        except CaptureError as exc:
+            err.print(f"[yellow]note:[/] {exc}; the saved model will generate without a KV cache", highlight=False)
+            cached = None
+    for p in (program, cached):
+        if p is not None:
+            p.tokenizer, p.source = tokenizer, str(model)
+    return program, cached
+
+
 def _builtin_passes() -> dict[str, Callable[[], Pass]]:
     import passes
     from fxslice.rotations import random_orthogonal
@@ -124,14 +144,17 @@ def slice_(
     batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
     seed: Annotated[int, typer.Option(help="seed for sampling calibration windows")] = 0,
     untie: Annotated[bool, typer.Option("--untie", help="untie a tied head: better perplexity, V x d more parameters")] = False,
+    shared_basis: Annotated[bool, typer.Option("--shared-basis", help="one basis per block (attention and MLP halves): "
+                                               "half the shortcut matrices, faster, somewhat worse perplexity")] = False,
 ) -> None:
     """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out."""
     import time
 
     from fxslice.data import load_text, token_windows
     from fxslice.evaluate import perplexity
+    from fxslice.infra import replay
     from fxslice.io import save
-    from passes.slice_stream import constant_widths
+    from passes.slice_stream import constant_widths, per_block
     from passes.slicegpt import slicegpt
 
     if not 0.0 < sparsity < 1.0:
@@ -141,7 +164,7 @@ def slice_(
     widths = constant_widths(sparsity, multiple=multiple)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    program = _capture(model)
+    program, cached = _capture_with_cache(model)
     seconds["capture"] = time.perf_counter() - start
     context = (program.config or {}).get("max_position_embeddings")
     calib = token_windows(program.tokenizer, load_text(calibration), calib_length, count=calib_windows, seed=seed,
@@ -155,7 +178,8 @@ def slice_(
         start = time.perf_counter()
         ppl["dense"] = perplexity(program, test, batch_size=batch_size, progress=True)
         seconds["evaluate_dense"] = time.perf_counter() - start
-    result = slicegpt(program, calib, widths, batch_size=batch_size, keep_ties=not untie, progress=True)
+    result = slicegpt(program, calib, widths, batch_size=batch_size, keep_ties=not untie,
+                      share=per_block if shared_basis else None, progress=True)
     seconds.update(result.seconds)
     if test is not None:
         start = time.perf_counter()
@@ -166,6 +190,7 @@ def slice_(
         "sparsity": sparsity,
         "width_multiple": multiple,
         "head": "untied" if untie else "tied where the model ties it",
+        "shared_basis": shared_basis,
         "widths": [r.kept for r in result.segments],
         "variance_kept": [round(r.variance_kept, 5) for r in result.segments],
         "calibration": {"source": calibration, "windows": calib_windows, "length": calib_length, "seed": seed},
@@ -176,7 +201,9 @@ def slice_(
     }
     start = time.perf_counter()
     with err.status(f"saving to {out_dir} ..."):
-        save(program, out_dir, record)
+        if cached is not None:  # the same passes, the same bases: generation gets the sliced weights and a cache
+            replay(result.passes, cached, program)
+        save(cached or program, out_dir, record)
     seconds["save"] = time.perf_counter() - start
     lines = [
         f"parameters   dense {result.dense_parameters:,}   sliced {result.sliced_parameters:,} "
@@ -211,6 +238,65 @@ def eval_(
     value = perplexity(program, test, batch_size=batch_size, progress=True)
     out.print(f"perplexity {value:.3f}  ({len(test)} windows of {eval_length} tokens, {evaluation}; "
               f"{program.num_parameters():,} parameters)", highlight=False, markup=False)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="a directory written by `fxslice slice`, or a model as for `slice`")],
+    prompt: Annotated[str, typer.Argument(help="text to continue")],
+    max_new_tokens: Annotated[int, typer.Option(help="stop after this many new tokens")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; above 0 samples")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="sample from the k most likely tokens only (0: all)")] = 0,
+    seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the tokenizer's chat template")] = False,
+) -> None:
+    """Continue PROMPT with MODEL, streaming tokens as they come (KV cache when the model has one)."""
+    import time
+
+    import torch
+
+    from fxslice.generate import generate as run_generation
+
+    program = _load_for_generation(model)
+    tokenizer = program.tokenizer
+    if tokenizer is None:
+        raise InvalidOption(f"{model} has no tokenizer; generation needs one to read the prompt")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidOption("--chat: this tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=not chat)])
+    new: list[int] = []
+    shown = ""
+
+    def show(tokens: torch.Tensor) -> None:
+        nonlocal shown
+        new.append(int(tokens[0]))
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.print(text[len(shown):], end="", highlight=False, markup=False, soft_wrap=True)
+            shown = text
+
+    out.print(prompt if not chat else "", end="", highlight=False, markup=False, soft_wrap=True)
+    start = time.perf_counter()
+    run_generation(program, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                   eos_token_id=tokenizer.eos_token_id, on_tokens=show)
+    elapsed = time.perf_counter() - start
+    out.print()
+    err.print(f"{len(new)} tokens in {elapsed:.1f} s ({len(new) / elapsed:.1f} tokens/s, "
+              f"{'KV cache' if program.cache is not None else 'no KV cache: recomputing'})", highlight=False)
+
+
+def _load_for_generation(model: str) -> Program:
+    from fxslice.io import RECORD, load
+
+    if (Path(model) / RECORD).is_file():
+        with err.status(f"loading {model} ..."):
+            return load(model)
+    program, cached = _capture_with_cache(model)
+    return cached or program
 
 
 def run() -> None:

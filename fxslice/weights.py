@@ -16,7 +16,8 @@ from fxslice.errors import UnsupportedStructure, node_location
 from fxslice.graph import add_parameter, aten, insert_op, module_path, set_tensor, tensor_of
 from fxslice.matchers import LinearUse, match_linear
 
-__all__ = ["contract", "transform_input", "transform_output", "transform_table", "add_input_shift", "private_weight"]
+__all__ = ["contract", "transform_input", "transform_output", "transform_table", "add_input_shift", "private_weight",
+           "insert_linear", "remove_linear"]
 
 
 def contract(t: torch.Tensor, axis: int, m: torch.Tensor) -> torch.Tensor:
@@ -117,3 +118,16 @@ def insert_linear(gm: fx.GraphModule, source: fx.Node, weight: torch.Tensor, *, 
     for user in users:
         user.replace_input_with(source, node)
     return match_linear(gm, node)
+
+
+def remove_linear(gm: fx.GraphModule, use: LinearUse) -> None:
+    """Undo `insert_linear` (its matrix turned out to be the identity): users read the input again."""
+    use.output.replace_all_uses_with(use.input)
+    target = str(use.weight.target)
+    for node in dict.fromkeys((use.output, use.node, use.weight)):
+        if not node.users:
+            gm.graph.erase_node(node)
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if not any(n.target == target for n in gm.graph.find_nodes(op="get_attr")):
+        owner._parameters.pop(name, None)

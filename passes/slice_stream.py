@@ -24,10 +24,10 @@ from fxslice.graph import aten, refresh_vals, set_tensor, tensor_of
 from fxslice.matchers import LinearUse, match_linear
 from fxslice.progress import progress_bar
 from fxslice.stream import SHORTCUT_ROLE, Segment, Stream, stream_analysis
-from fxslice.weights import contract, insert_linear, transform_output
+from fxslice.weights import contract, insert_linear, remove_linear, transform_output
 from passes.fuse_norms import TIE_ROLE, is_fused
 
-__all__ = ["SliceStream", "SegmentReport", "constant_widths"]
+__all__ = ["SliceStream", "SegmentReport", "constant_widths", "per_block"]
 
 _SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 
@@ -44,6 +44,12 @@ def constant_widths(sparsity: float, *, multiple: int = 8) -> Callable[[Segment,
         return max(multiple, kept - kept % multiple) if kept >= multiple else max(1, kept)
 
     return width
+
+
+def per_block(segment: Segment) -> str:
+    """`share` key: the module holding the segment's norm (a decoder layer), so that the attention and MLP
+    halves of a block use one basis and one shortcut per block is left instead of two."""
+    return segment.module.rpartition(".")[0]
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,7 @@ class SliceStream(Pass):
         *,
         batch_size: int = 8,
         slice_head: bool = True,
+        share: Callable[[Segment], str] | None = None,
         progress: bool = False,
     ):
         if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
@@ -76,7 +83,7 @@ class SliceStream(Pass):
         if batch_size < 1:
             raise InvalidOption(f"batch size must be positive, got {batch_size}")
         self.windows, self.widths, self.batch_size = windows, widths, batch_size
-        self.slice_head, self.progress = slice_head, progress
+        self.slice_head, self.progress, self.share = slice_head, progress, share
         self.reports: list[SegmentReport] = []
         self.bases: list[torch.Tensor] = []  # per segment, [full, kept]: what calibration chose
         self._given: list[torch.Tensor] | None = None
@@ -99,6 +106,15 @@ class SliceStream(Pass):
         if not callable(self.widths) and len(self.widths) != len(stream.segments):
             raise InvalidOption(f"got {len(self.widths)} widths for {len(stream.segments)} segments")
 
+    def _shares_previous(self, stream: Stream, k: int) -> bool:
+        """Whether segment k takes segment k-1's basis: same `share` key, joined by a shortcut."""
+        if self._given is not None:
+            return k > 0 and self._given[k] is self._given[k - 1]
+        if self.share is None or k == 0:
+            return False
+        joined = any(sc.src == k - 1 and sc.dst == k for sc in stream.shortcuts)
+        return joined and self.share(stream.segments[k]) == self.share(stream.segments[k - 1])
+
     def _width(self, seg: Segment, full: int, last: bool) -> int:
         if last and not self.slice_head:
             return full
@@ -114,6 +130,8 @@ class SliceStream(Pass):
         order = {n: i for i, n in enumerate(program.graph.nodes)}
         incoming: dict[int, LinearUse] = {}  # segment -> the shortcut matmul inserted into it
         self.reports = []
+        if runner is not None:
+            self.bases = []
         count = len(stream.segments)
         if self._given is not None and len(self._given) != count:
             raise UnsupportedStructure(f"slice_stream: replaying {len(self._given)} bases on a stream of {count} segments")
@@ -121,6 +139,7 @@ class SliceStream(Pass):
             seg = stream.segments[k]
             probe = _probe(stream, seg)
             full = int(probe.meta["val"].shape[-1])
+            shared = self._shares_previous(stream, k)
             if runner is None:
                 q = self._given[k]
             else:
@@ -133,14 +152,20 @@ class SliceStream(Pass):
                 runner.run_through(max(seg.nodes, key=order.__getitem__), accumulate)
                 eigenvalues, vectors = torch.linalg.eigh(cov)
                 eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
-                d = self._width(seg, full, last=k == count - 1)
-                q = vectors[:, :d].contiguous()
+                if shared:  # the previous segment's basis: the shortcut between them is the identity
+                    q = self.bases[-1]
+                    kept_variance = float(torch.einsum("ij,ik,kj->", q, cov, q))
+                else:
+                    q = vectors[:, : self._width(seg, full, last=k == count - 1)].contiguous()
+                    kept_variance = float(eigenvalues[: q.shape[1]].clamp_min(0).sum())
                 self.bases.append(q)
                 total = float(eigenvalues.clamp_min(0).sum())
-                kept = float(eigenvalues[:d].clamp_min(0).sum()) / total if total > 0 else 0.0
-                self.reports.append(SegmentReport(k, seg.module, full, d, kept, float(eigenvalues[-1])))
+                kept = kept_variance / total if total > 0 else 0.0
+                self.reports.append(SegmentReport(k, seg.module, full, int(q.shape[1]), kept, float(eigenvalues[-1])))
             change_basis(gm, seg, q, done=_change_tied_tables(gm, seg, q))
-            if k in incoming:  # from the previous, already sliced segment
+            if k in incoming and shared:
+                remove_linear(gm, incoming.pop(k))
+            elif k in incoming:  # from the previous, already sliced segment
                 transform_output(gm, incoming.pop(k), q)
             for sc in stream.shortcuts:
                 if sc.src == k:  # back to the original basis until segment sc.dst is done

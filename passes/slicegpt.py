@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxslice import PassManager, Program
+from fxslice import Pass, PassManager, Program
 from fxslice.stream import Segment
 from passes.cleanup import CleanupIR
 from passes.fuse_norms import FuseNorms
@@ -24,6 +24,7 @@ class SliceResult:
     sliced_parameters: int
     segments: list[SegmentReport]
     seconds: dict[str, float] = field(default_factory=dict)
+    passes: list[Pass] = field(default_factory=list)  # to `fxslice.replay` on another capture (a KV-cache one)
 
 
 def slicegpt(
@@ -34,17 +35,21 @@ def slicegpt(
     batch_size: int = 8,
     slice_head: bool = True,
     keep_ties: bool = True,
+    share: Callable[[Segment], str] | None = None,
     progress: bool = False,
 ) -> SliceResult:
     """Slice `program` in place; `windows` are the calibration token windows [n, length].
 
-    `keep_ties=False` unties a tied head (better perplexity, a V x d table more; see README)."""
+    `keep_ties=False` unties a tied head (better perplexity, a V x d table more; see README).
+    `share=per_block` gives both halves of a block one basis: half the shortcut matrices, some quality."""
     dense = program.num_parameters()
     start = time.perf_counter()
-    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(keep_ties=keep_ties)]).run(program)
+    exact = [CleanupIR(), ProjectNormWriters(), FuseNorms(keep_ties=keep_ties)]
+    PassManager(exact).run(program)
     fused = time.perf_counter()
-    slicer = SliceStream(windows, widths, batch_size=batch_size, slice_head=slice_head, progress=progress)
+    slicer = SliceStream(windows, widths, batch_size=batch_size, slice_head=slice_head, share=share,
+                         progress=progress)
     PassManager([slicer]).run(program)
     done = time.perf_counter()
     return SliceResult(dense, program.num_parameters(), slicer.reports,
-                       {"fuse": round(fused - start, 2), "calibrate_and_slice": round(done - fused, 2)})
+                       {"fuse": round(fused - start, 2), "calibrate_and_slice": round(done - fused, 2)}, [*exact, slicer])
