@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from fxslice.errors import CaptureError
+from fxslice.graph import drop_unused_weights
 from fxslice.program import Program
 
 __all__ = ["capture", "capture_module", "load_model", "default_model_path", "DEFAULT_MODEL"]
@@ -138,6 +139,7 @@ def _plain_graph_module(unlifted: fx.GraphModule, *, inputs: list[str] | None = 
         _drop_prefix(graph, root + ".")
     gm = fx.GraphModule(owner, graph, class_name="CapturedLM")
     graph.eliminate_dead_code()
+    drop_unused_weights(gm)
     gm.recompile()
     return gm
 

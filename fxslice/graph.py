@@ -134,6 +134,21 @@ def mutates(node: fx.Node) -> bool:
         a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
 
 
+def drop_unused_weights(gm: fx.GraphModule) -> int:
+    """Unregister parameters and buffers no `get_attr` reads any more (a replaced table's old value, say),
+    so that a compiled program does not keep dead weights in memory. Returns how many went."""
+    used = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
+    dropped = 0
+    for name in [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [n for n, _ in gm.named_buffers(remove_duplicate=False)]:
+        if name not in used:
+            owner_path, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            owner._parameters.pop(attr, None)
+            owner._buffers.pop(attr, None)
+            dropped += 1
+    return dropped
+
+
 def erase_unused(gm: fx.GraphModule) -> int:
     """Dead-code elimination (placeholders and in-place ops stay); returns how many nodes went."""
     before = len(gm.graph.nodes)

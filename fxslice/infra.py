@@ -154,6 +154,8 @@ class PassManager:
             except Exception as exc:
                 raise PassCheckFailed(f"pass '{name}' raised {type(exc).__name__}: {exc}") from exc
             elapsed = time.perf_counter() - start
+            if result.modified:
+                G.drop_unused_weights(program.gm)
             try:
                 check_program(program)
             except AssertionError as exc:

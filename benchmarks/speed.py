@@ -1,0 +1,184 @@
+"""Dense vs sliced SmolLM2-135M, prefill and KV-cache decode throughput, in one run; one JSON object.
+
+    python benchmarks/speed.py [--sparsities 0.25,0.5] [--repeats 5] [--shared-basis] [--multiple 8]
+                               [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--prefill 1x512,8x512,1x2048]
+                               [--decode 1,8]
+
+Every repetition runs every case on every model in turn (interleaved, after one warm-up round), so that
+a noisy shared machine slows all models alike; figures are medians. Speed-ups are sliced / dense
+throughput, next to the ideal speed-up from the graph's FLOP counts (fxslice.flops) and their ratio
+(efficiency). Decode: a 128-token prompt, then 128 new tokens one at a time with the cache (greedy).
+Memory: weight bytes, and the peak resident memory a case adds on top of what was resident before it
+(CPU: Linux VmHWM; CUDA: max_memory_allocated). Calibration uses a few windows only: speed does not
+depend on the quality of the bases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fxslice.capture import capture_module, load_model
+from fxslice.data import load_text, token_windows
+from fxslice.flops import count_flops
+from fxslice.infra import replay
+from fxslice.kvcache import capture_cached
+from fxslice.program import Program
+from passes.slice_stream import constant_widths, per_block
+from passes.slicegpt import slicegpt
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _resident_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _prefill(program: Program, batch: int, length: int, device: str):
+    ids = torch.randint(0, program.vocab_size, (batch, length), device=device)
+
+    def run() -> int:
+        program(ids)
+        return batch * length
+
+    return run
+
+
+def _decode(program: Program, batch: int, device: str, prompt: int = 128, new: int = 128):
+    ids = torch.randint(0, program.vocab_size, (batch, prompt), device=device)
+
+    def run() -> tuple[int, float]:
+        kv = program.cache.allocate(batch, prompt + new, program.dtype, device)
+        token = program.step(ids, 0, kv)[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(new):
+            token = program.step(token, prompt + i, kv)[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        return batch * new, time.perf_counter() - start
+
+    return run
+
+
+def _time(case, device: str) -> tuple[float, int]:
+    """(tokens per second, peak bytes added) of one run of `case`."""
+    before = _resident_bytes(device)
+    _reset_peak(device)
+    _sync(device)
+    start = time.perf_counter()
+    out = case()
+    _sync(device)
+    tokens, seconds = out if isinstance(out, tuple) else (out, time.perf_counter() - start)
+    return tokens / seconds, max(0, _peak_bytes(device) - before)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sparsities", default="0.25,0.5")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--multiple", type=int, default=8)
+    parser.add_argument("--shared-basis", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prefill", default="1x512,8x512,1x2048", help="batch x length, comma-separated")
+    parser.add_argument("--decode", default="1,8", help="batch sizes for decoding")
+    parser.add_argument("--calib-windows", type=int, default=8)
+    parser.add_argument("--calib-length", type=int, default=512)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    module, tokenizer = load_model("smollm2")
+    calib = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length, count=args.calib_windows, seed=0)
+    dense, dense_cached = capture_module(module), capture_cached(module)
+    models: dict[str, tuple[Program, Program]] = {"dense": (dense, dense_cached)}
+    widths: dict[str, list[int]] = {"dense": [576]}
+    for sparsity in (float(s) for s in args.sparsities.split(",")):
+        program, cached = dense.clone(), dense_cached.clone()
+        result = slicegpt(program, calib, constant_widths(sparsity, multiple=args.multiple), batch_size=4,
+                          share=per_block if args.shared_basis else None)
+        replay(result.passes, cached, program)
+        models[f"sliced_{sparsity:g}"] = (program, cached)
+        widths[f"sliced_{sparsity:g}"] = sorted({r.kept for r in result.segments})
+    for name, (program, cached) in list(models.items()):
+        if dtype != program.dtype:
+            models[name] = (program.to(dtype), cached.to(dtype))
+        for p in models[name]:
+            p.gm.to(args.device)
+
+    prefill = [tuple(int(x) for x in spec.split("x")) for spec in args.prefill.split(",")]
+    decode = [int(b) for b in args.decode.split(",")]
+    cases = {f"prefill_{b}x{n}": (lambda m, b=b, n=n: _prefill(m[0], b, n, args.device)) for b, n in prefill}
+    cases |= {f"decode_{b}x128": (lambda m, b=b: _decode(m[1], b, args.device)) for b in decode}
+    runs = {(model, case): make(models[model]) for model in models for case, make in cases.items()}
+    samples: dict[tuple[str, str], list[tuple[float, int]]] = {key: [] for key in runs}
+    with torch.no_grad():
+        for rep in range(args.repeats + 1):  # round 0 warms up
+            for case in cases:
+                for model in models:
+                    measured = _time(runs[(model, case)], args.device)
+                    if rep:
+                        samples[(model, case)].append(measured)
+
+    flops = {}
+    for model, (program, cached) in models.items():
+        flops[model] = {f"prefill_{b}x{n}": count_flops(program, b, n).total for b, n in prefill}
+        flops[model] |= {f"decode_{b}x128": count_flops(cached, b, 1).total for b in decode}
+    results = {}
+    for model, (program, _) in models.items():
+        row = {"widths": widths[model], "parameters": program.num_parameters(),
+               "weight_mib": round(sum(p.numel() * p.element_size() for p in program.gm.parameters()) / 2**20, 1)}
+        for case in cases:
+            speed = statistics.median(s for s, _ in samples[(model, case)])
+            row[case] = {"tokens_per_s": round(speed, 1),
+                         "peak_added_mib": round(max(m for _, m in samples[(model, case)]) / 2**20, 1),
+                         "gflops_per_token": round(flops[model][case] / 2**30 / _tokens(case), 4)}
+            if model != "dense":
+                dense_speed = statistics.median(s for s, _ in samples[("dense", case)])
+                ideal = flops["dense"][case] / flops[model][case]
+                row[case] |= {"speedup": round(speed / dense_speed, 3), "ideal_speedup": round(ideal, 3),
+                              "efficiency": round(speed / dense_speed / ideal, 3)}
+        results[model] = row
+    print(json.dumps({
+        "model": "SmolLM2-135M-Instruct", "device": args.device, "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "repeats": args.repeats, "width_multiple": args.multiple,
+        "shared_basis": args.shared_basis, "results": results,
+    }, indent=1))
+
+
+def _tokens(case: str) -> int:
+    kind, shape = case.split("_")
+    batch, length = (int(x) for x in shape.split("x"))
+    return batch * (length if kind == "prefill" else 1)
+
+
+if __name__ == "__main__":
+    main()
