@@ -150,8 +150,11 @@ def slice_(
     """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out."""
     import time
 
+    import torch
+
     from fxslice.data import load_text, token_windows
     from fxslice.evaluate import perplexity
+    from fxslice.health import check_finite, check_tokens
     from fxslice.infra import replay
     from fxslice.io import save
     from passes.slice_stream import constant_widths, per_block
@@ -166,6 +169,10 @@ def slice_(
     start = time.perf_counter()
     program, cached = _capture_with_cache(model)
     seconds["capture"] = time.perf_counter() - start
+    check_finite(program)
+    if program.tokenizer is None:
+        raise InvalidOption(f"{model} comes without a tokenizer; slicing needs one to read the calibration text")
+    check_tokens(program, torch.zeros(0, dtype=torch.long), program.tokenizer)
     context = (program.config or {}).get("max_position_embeddings")
     calib = token_windows(program.tokenizer, load_text(calibration), calib_length, count=calib_windows, seed=seed,
                           max_length=context)
@@ -213,6 +220,7 @@ def slice_(
     if ppl:
         lines.append(f"perplexity   dense {ppl['dense']:.3f}   sliced {ppl.get('sliced', float('nan')):.3f}   "
                      f"({len(test)} windows of {eval_length} tokens, {evaluation})")
+    lines += [f"warning      segment {r.index} ({r.module}): {r.warning}" for r in result.segments if r.warning]
     lines.append("seconds      " + "  ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     lines.append(f"saved        {out_dir}")
     out.print("\n".join(lines), highlight=False, markup=False)

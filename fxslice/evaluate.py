@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from fxslice.health import check_tokens
 from fxslice.program import Program
 from fxslice.progress import progress_bar
 
@@ -14,6 +15,7 @@ __all__ = ["perplexity"]
 
 @torch.no_grad()
 def perplexity(program: Program, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = False) -> float:
+    check_tokens(program, windows)
     total, count = 0.0, 0
     batches = list(windows.split(batch_size))
     for batch in progress_bar(batches, "perplexity", enabled=progress):

@@ -74,13 +74,17 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
     out = Path(out_dir)
     if out.exists():
         raise InvalidOption(f"output directory {out} already exists; choose another path or remove it first")
-    if not out.parent.exists():
-        raise InvalidOption(f"the parent of the output directory does not exist: {out.parent}")
+    if not out.parent.is_dir():
+        raise InvalidOption(f"the parent of the output directory is {'not a directory' if out.parent.exists() else 'missing'}: "
+                            f"{out.parent}")
     if not os.access(out.parent, os.W_OK):
         raise InvalidOption(f"cannot write to {out.parent}: permission denied")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise InvalidOption(f"cannot create a directory in {out.parent}: {exc.strerror}") from None
     try:
         weights = _used_weights(program)
         save_file(weights, str(tmp / WEIGHTS))

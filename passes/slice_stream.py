@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxslice import InvalidOption, Pass, PassResult, Program, UnsupportedStructure
+from fxslice import BadInput, InvalidOption, Pass, PassResult, Program, UnsupportedStructure
 from fxslice.basis import change_basis
 from fxslice.calibrate import StagedRunner
 from fxslice.graph import aten, refresh_vals, set_tensor, tensor_of
+from fxslice.health import check_finite, check_tokens
 from fxslice.matchers import LinearUse, match_linear
 from fxslice.progress import progress_bar
 from fxslice.stream import SHORTCUT_ROLE, Segment, Stream, stream_analysis
@@ -62,6 +63,19 @@ class SegmentReport:
     kept: int
     variance_kept: float
     min_eigenvalue: float
+    warning: str = ""  # numerical trouble seen in this segment's covariance, if any
+
+
+def _health(eigenvalues: torch.Tensor, kept: int, windows: int) -> str:
+    """Warn where XᵀX is not what a healthy covariance looks like: XᵀX is PSD, so eigenvalues below
+    -1e-9·λ_max are numerical trouble; and a basis wider than the signal's rank keeps noise."""
+    top = float(eigenvalues[0])
+    if float(eigenvalues[-1]) < -1e-9 * top:
+        return f"negative eigenvalue {float(eigenvalues[-1]):.3g} (λ_max {top:.3g}): accumulate in float64 / check the activations"
+    rank = int((eigenvalues > 1e-12 * top).sum())
+    if rank < kept:
+        return f"covariance has rank {rank} < kept width {kept}: more calibration data ({windows} windows now)"
+    return ""
 
 
 class SliceStream(Pass):
@@ -97,6 +111,9 @@ class SliceStream(Pass):
         return again
 
     def requires(self, program: Program) -> None:
+        if self._given is None:
+            check_finite(program)
+            check_tokens(program, self.windows)
         stream = program.analysis(stream_analysis)
         stream.check()
         if not all(is_fused(n) for n in stream.norms) or any(w.kind == "norm" for w in stream.writers):
@@ -150,6 +167,10 @@ class SliceStream(Pass):
                     cov.addmm_(x.T, x)
 
                 runner.run_through(max(seg.nodes, key=order.__getitem__), accumulate)
+                if not bool(torch.isfinite(cov).all()) or float(cov.trace()) <= 0:
+                    raise BadInput(f"segment {k} ({seg.module}): the calibration activations are "
+                                   f"{'not finite' if not bool(torch.isfinite(cov).all()) else 'all zero'}; "
+                                   "the model or the calibration text is broken there")
                 eigenvalues, vectors = torch.linalg.eigh(cov)
                 eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
                 if shared:  # the previous segment's basis: the shortcut between them is the identity
@@ -161,7 +182,8 @@ class SliceStream(Pass):
                 self.bases.append(q)
                 total = float(eigenvalues.clamp_min(0).sum())
                 kept = kept_variance / total if total > 0 else 0.0
-                self.reports.append(SegmentReport(k, seg.module, full, int(q.shape[1]), kept, float(eigenvalues[-1])))
+                self.reports.append(SegmentReport(k, seg.module, full, int(q.shape[1]), kept, float(eigenvalues[-1]),
+                                                  _health(eigenvalues, int(q.shape[1]), len(self.windows))))
             change_basis(gm, seg, q, done=_change_tied_tables(gm, seg, q))
             if k in incoming and shared:
                 remove_linear(gm, incoming.pop(k))

@@ -39,3 +39,8 @@ def _smollm2() -> tuple[torch.nn.Module, Program]:
 @pytest.fixture
 def smollm2():
     return _smollm2()
+
+
+@pytest.fixture
+def smollm2_tokenizer(smollm2):
+    return smollm2[1].tokenizer

@@ -154,11 +154,6 @@ def test_corrupt_saved_models_are_refused(tiny, tmp_path):
         load(tmp_path / "m")
 
 
-@pytest.fixture
-def smollm2_tokenizer(smollm2):
-    return smollm2[1].tokenizer
-
-
 @pytest.mark.slow
 def test_smollm2_at_10_percent_stays_within_2x_dense_and_more_slicing_is_worse(smollm2):
     _, dense = smollm2
