@@ -23,12 +23,14 @@ from pathlib import Path
 
 import torch
 
+from fxslice import PassManager
 from fxslice.capture import capture_module, load_model
 from fxslice.data import load_text, token_windows
 from fxslice.flops import count_flops
 from fxslice.infra import replay
 from fxslice.kvcache import capture_cached
 from fxslice.program import Program
+from passes import CleanupIR
 from passes.slice_stream import constant_widths, per_block
 from passes.slicegpt import slicegpt
 
@@ -119,6 +121,8 @@ def main() -> None:
     module, tokenizer = load_model("smollm2")
     calib = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length, count=args.calib_windows, seed=0)
     dense, dense_cached = capture_module(module), capture_cached(module)
+    for program in (dense, dense_cached):  # the same clean-up the sliced models get (asserts, no-op casts)
+        PassManager([CleanupIR()]).run(program)
     models: dict[str, tuple[Program, Program]] = {"dense": (dense, dense_cached)}
     widths: dict[str, list[int]] = {"dense": [576]}
     for sparsity in (float(s) for s in args.sparsities.split(",")):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,10 @@ def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
             "  what to try: set model.config._attn_implementation = 'eager' or 'sdpa', disable custom kernels, "
             "or make data-dependent control flow static; run with --debug for the full trace"
         ) from errors[-1]
+    if errors:  # the dynamic attempt failed, the static one worked: say so now, not at the first other shape
+        warnings.warn(f"{type(model).__name__} exported only with static shapes {tuple(example.shape)} "
+                      f"({type(errors[0]).__name__}: {str(errors[0]).strip().splitlines()[0][:200]}); the program "
+                      "accepts only inputs of exactly that shape", stacklevel=2)
     gm = _plain_graph_module(exported.module())
     return Program(
         gm,
