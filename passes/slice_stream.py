@@ -145,7 +145,7 @@ class SliceStream(Pass):
         stream = program.analysis(stream_analysis)  # node identities stay valid: slicing only adds shortcuts
         runner = None if self._given else StagedRunner(program, list(self.windows.split(self.batch_size)))
         order = {n: i for i, n in enumerate(program.graph.nodes)}
-        incoming: dict[int, LinearUse] = {}  # segment -> the shortcut matmul inserted into it
+        incoming: dict[int, tuple[int, LinearUse]] = {}  # segment -> (source segment, the shortcut matmul into it)
         self.reports = []
         if runner is not None:
             self.bases = []
@@ -185,13 +185,15 @@ class SliceStream(Pass):
                 self.reports.append(SegmentReport(k, seg.module, full, int(q.shape[1]), kept, float(eigenvalues[-1]),
                                                   _health(eigenvalues, int(q.shape[1]), len(self.windows))))
             change_basis(gm, seg, q, done=_change_tied_tables(gm, seg, q))
-            if k in incoming and shared:
-                remove_linear(gm, incoming.pop(k))
-            elif k in incoming:  # from the previous, already sliced segment
-                transform_output(gm, incoming.pop(k), q)
+            if k in incoming:  # from an earlier, already sliced segment
+                src, shortcut = incoming.pop(k)
+                if shared and src == k - 1:  # Q_k = Q_(k-1): the shortcut is the identity
+                    remove_linear(gm, shortcut)
+                else:
+                    transform_output(gm, shortcut, q)
             for sc in stream.shortcuts:
                 if sc.src == k:  # back to the original basis until segment sc.dst is done
-                    incoming[sc.dst] = insert_linear(gm, sc.source, q, stem="shortcut", users=[sc.add],
+                    incoming[sc.dst] = k, insert_linear(gm, sc.source, q, stem="shortcut", users=[sc.add],
                                                      role=SHORTCUT_ROLE)
             _set_literal_widths(seg.values, int(q.shape[0]), int(q.shape[1]))
             if runner is not None:

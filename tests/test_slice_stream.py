@@ -190,3 +190,37 @@ def test_cli_slice_then_eval_end_to_end(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     value = float(evaluated.stdout.split()[1])
     assert abs(value - record["perplexity"]["sliced"]) < 1e-3 * value
+    assert record["kv_cache"] is not None  # the saved graph carries a KV cache
+    generated = subprocess.run([sys.executable, "-m", "fxslice.cli", "generate", str(out), "The capital of France is",
+                                "--max-new-tokens", "8"], capture_output=True, text=True)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    assert generated.stdout.startswith("The capital of France is") and len(generated.stdout) > 30
+    assert "KV cache" in generated.stderr and "tokens/s" in generated.stderr
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2", "phi"])
+def test_shared_basis_per_block_halves_the_shortcuts_and_stays_exact_unsliced(tiny, name):
+    from fxslice.stream import SHORTCUT_ROLE
+    from passes.slice_stream import per_block
+
+    def shortcuts(program):
+        return sum(n.meta.get("fxslice_role") == SHORTCUT_ROLE for n in program.graph.nodes)
+
+    _, program = tiny(name)
+    program = fused(program.to(torch.float64))
+    ids = program.probe_input()
+    before = program(ids)
+    separate, shared = program.clone(), program.clone()
+    PassManager([SliceStream(CALIBRATION, constant_widths(0.0, multiple=1), batch_size=6)]).run(separate)
+    PassManager([SliceStream(CALIBRATION, constant_widths(0.0, multiple=1), batch_size=6, share=per_block)]).run(shared)
+    assert float((shared(ids) - before).abs().max() / before.abs().max()) < 1e-9
+    layers = 2
+    sequential = name != "phi"  # phi's attention and MLP already read one norm: one segment per block
+    assert shortcuts(separate) == (2 * layers if sequential else layers)
+    assert shortcuts(shared) == layers
+    sliced = program.clone()
+    PassManager([SliceStream(CALIBRATION, constant_widths(0.25), batch_size=6, share=per_block)]).run(sliced)
+    unshared = program.clone()
+    PassManager([SliceStream(CALIBRATION, constant_widths(0.25), batch_size=6)]).run(unshared)
+    saved = (layers if sequential else 0) * 48 * 48
+    assert unshared.num_parameters() - sliced.num_parameters() == saved
