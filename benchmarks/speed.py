@@ -103,6 +103,26 @@ def _time(case, device: str) -> tuple[float, int]:
     return tokens / seconds, max(0, _peak_bytes(device) - before)
 
 
+def _shortcut_fusion(width: int, hidden: int, tokens: int, repeats: int, device: str) -> dict:
+    """Is `x Sᵀ + h Wᵀ` (a shortcut and a writer into one add) faster as one GEMM on concatenated operands?"""
+    x, h = torch.randn(tokens, width, device=device), torch.randn(tokens, hidden, device=device)
+    s, w = torch.randn(width, width, device=device), torch.randn(width, hidden, device=device)
+    sw = torch.cat([s, w], 1)
+    ways = {"separate": lambda: torch.nn.functional.linear(x, s) + torch.nn.functional.linear(h, w),
+            "fused_with_cat": lambda: torch.nn.functional.linear(torch.cat([x, h], 1), sw)}
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(repeats + 1):
+        for name, fn in ways.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    sep, fused = (statistics.median(times[k][1:]) for k in ways)
+    return {"shape": f"{tokens} tokens, shortcut {width}x{width}, writer {width}x{hidden}",
+            "separate_ms": round(sep * 1e3, 3), "fused_ms": round(fused * 1e3, 3), "fused_over_separate": round(fused / sep, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsities", default="0.25,0.5")
@@ -175,6 +195,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct", "device": args.device, "dtype": args.dtype,
         "threads": torch.get_num_threads(), "repeats": args.repeats, "width_multiple": args.multiple,
         "shared_basis": args.shared_basis, "results": results,
+        "shortcut_fusion": _shortcut_fusion(432, 1536, 4096, 20, args.device),
     }, indent=1))
 
 

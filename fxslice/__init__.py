@@ -15,7 +15,7 @@ from fxslice.errors import (
     PassCheckFailed,
     UnsupportedStructure,
 )
-from fxslice.infra import Pass, PassManager, PassResult, PipelineResult, as_pass, check_program
+from fxslice.infra import Pass, PassManager, PassResult, PipelineResult, as_pass, check_program, replay
 from fxslice.program import Program
 
 __version__ = "0.1.0"
@@ -38,4 +38,5 @@ __all__ = [
     "capture",
     "capture_module",
     "check_program",
+    "replay",
 ]
