@@ -112,6 +112,9 @@ class SliceStream(Pass):
 
     def requires(self, program: Program) -> None:
         if self._given is None:
+            if program.cache is not None:
+                raise InvalidOption("slice_stream: calibrate on the plain capture, then `fxslice.replay` the passes "
+                                    "on the KV-cache capture")
             check_finite(program)
             check_tokens(program, self.windows)
         stream = program.analysis(stream_analysis)
