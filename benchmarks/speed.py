@@ -1,6 +1,6 @@
 """Dense vs sliced SmolLM2-135M, prefill and KV-cache decode throughput, in one run; one JSON object.
 
-    python benchmarks/speed.py [--sparsities 0.25,0.5] [--repeats 5] [--shared-basis] [--multiple 8]
+    python benchmarks/speed.py [--sparsities 0.25,0.5] [--repeats 5] [--shared-basis 0.25] [--multiple 8]
                                [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--prefill 1x512,8x512,1x2048]
                                [--decode 1,8]
 
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.25,0.5")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--multiple", type=int, default=8)
-    parser.add_argument("--shared-basis", action="store_true")
+    parser.add_argument("--shared-basis", default="", help="also slice at these sparsities with one basis per block")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--prefill", default="1x512,8x512,1x2048", help="batch x length, comma-separated")
@@ -145,13 +145,16 @@ def main() -> None:
         PassManager([CleanupIR()]).run(program)
     models: dict[str, tuple[Program, Program]] = {"dense": (dense, dense_cached)}
     widths: dict[str, list[int]] = {"dense": [576]}
-    for sparsity in (float(s) for s in args.sparsities.split(",")):
+    plans = [(float(x), False) for x in args.sparsities.split(",")]
+    plans += [(float(x), True) for x in args.shared_basis.split(",") if x]
+    for sparsity, shared in plans:
         program, cached = dense.clone(), dense_cached.clone()
         result = slicegpt(program, calib, constant_widths(sparsity, multiple=args.multiple), batch_size=4,
-                          share=per_block if args.shared_basis else None)
+                          share=per_block if shared else None)
         replay(result.passes, cached, program)
-        models[f"sliced_{sparsity:g}"] = (program, cached)
-        widths[f"sliced_{sparsity:g}"] = sorted({r.kept for r in result.segments})
+        name = f"{'shared' if shared else 'sliced'}_{sparsity:g}"
+        models[name] = (program, cached)
+        widths[name] = sorted({r.kept for r in result.segments})
     for name, (program, cached) in list(models.items()):
         if dtype != program.dtype:
             models[name] = (program.to(dtype), cached.to(dtype))
@@ -194,7 +197,7 @@ def main() -> None:
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct", "device": args.device, "dtype": args.dtype,
         "threads": torch.get_num_threads(), "repeats": args.repeats, "width_multiple": args.multiple,
-        "shared_basis": args.shared_basis, "results": results,
+        "results": results,
         "shortcut_fusion": _shortcut_fusion(432, 1536, 4096, 20, args.device),
     }, indent=1))
 
