@@ -40,13 +40,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _resident_bytes(device: str) -> int:
-    if device == "cuda":
-        return torch.cuda.memory_allocated()
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _resident_bytes(device: str) -> int:
+    return torch.cuda.memory_allocated() if device == "cuda" else _status_bytes("VmRSS")
 
 
 def _reset_peak(device: str) -> None:
@@ -57,12 +60,7 @@ def _reset_peak(device: str) -> None:
 
 
 def _peak_bytes(device: str) -> int:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return torch.cuda.max_memory_allocated() if device == "cuda" else _status_bytes("VmHWM")
 
 
 def _prefill(program: Program, batch: int, length: int, device: str):
