@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxslice.graph import tensor_of
+from fxslice.errors import UnsupportedStructure
+from fxslice.graph import mutates, tensor_of
 from fxslice.program import Program
 
 __all__ = ["StagedRunner"]
@@ -29,27 +30,47 @@ class StagedRunner:
         self.envs: list[Env] = [{placeholder: batch} for batch in batches]
         self.done: set[fx.Node] = {placeholder}
 
+    def _todo(self, stop: fx.Node) -> list[fx.Node]:
+        order = list(self.program.graph.nodes)
+        return [n for n in order[: order.index(stop) + 1] if n not in self.done and n.op == "call_function"]
+
+    def _execute(self, env: Env, nodes: Sequence[fx.Node]) -> None:
+        gm = self.program.gm
+
+        def value(n: fx.Node) -> Any:  # weights are read when used: they change between stages
+            return tensor_of(gm, n) if n.op == "get_attr" else env[n]
+
+        for node in nodes:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+            env[node] = node.target(*args, **kwargs)
+
     @torch.no_grad()
     def run_through(self, stop: fx.Node, observe: Callable[[Env], None] | None = None) -> None:
         """Execute every not-yet-run node up to and including `stop`, batch by batch; `observe(env)` after each."""
-        gm = self.program.gm
-        order = list(gm.graph.nodes)
-        todo = [n for n in order[: order.index(stop) + 1] if n not in self.done and n.op == "call_function"]
+        todo = self._todo(stop)
         self.done.update(todo)
         live = {n for n in self.done if any(u not in self.done for u in n.users)}
         for env in self.envs:
-
-            def value(n: fx.Node, env: Env = env) -> Any:  # weights are read when used: they change between stages
-                return tensor_of(gm, n) if n.op == "get_attr" else env[n]
-
-            for node in todo:
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-                env[node] = node.target(*args, **kwargs)
+            self._execute(env, todo)
             if observe is not None:
                 observe(env)
             for node in list(env):
                 if node not in live:
                     del env[node]
+
+    @torch.no_grad()
+    def peek(self, stop: fx.Node, observe: Callable[[Env], None]) -> None:
+        """Run ahead to `stop` and `observe(env)` for every batch, keeping nothing: a look at a later cut
+        (a basis shared with a later segment) that leaves the runner where it was."""
+        todo = self._todo(stop)
+        writers = [n for n in todo if mutates(n)]
+        if writers:
+            raise UnsupportedStructure(f"cannot look ahead past {writers[0].name} ({writers[0].target}): it writes in "
+                                       "place into values the runner keeps")
+        for env in self.envs:
+            ahead = dict(env)
+            self._execute(ahead, todo)
+            observe(ahead)
 
     def transform(self, nodes: Sequence[fx.Node], fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace the cached values of `nodes` (where cached) by fn(value)."""

@@ -64,6 +64,7 @@ def _builtin_passes() -> dict[str, Callable[[], Pass]]:
         "cleanup": passes.CleanupIR,
         "project_norm_writers": passes.ProjectNormWriters,
         "fuse_norms": passes.FuseNorms,
+        "fuse_repeat_kv": passes.FuseRepeatKV,
         "rotate_random": lambda: passes.RotateStream(random_orthogonal(0)),
     }
 
@@ -141,7 +142,7 @@ def slice_(
     eval_windows: Annotated[int | None, typer.Option(help="evaluate on the first N windows (default: all)")] = None,
     eval_length: Annotated[int, typer.Option(help="tokens per evaluation window")] = 2048,
     multiple: Annotated[int, typer.Option(help="round widths down to a multiple of this (fast GEMMs)")] = 8,
-    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass (1 is fastest on a CPU)")] = 1,
     seed: Annotated[int, typer.Option(help="seed for sampling calibration windows")] = 0,
     untie: Annotated[bool, typer.Option("--untie", help="untie a tied head: better perplexity, V x d more parameters")] = False,
     shared_basis: Annotated[bool, typer.Option("--shared-basis", help="one basis per block (attention and MLP halves): "
@@ -193,7 +194,7 @@ def slice_(
         ppl["sliced"] = perplexity(program, test, batch_size=batch_size, progress=True)
         seconds["evaluate_sliced"] = time.perf_counter() - start
     record = {
-        "passes": ["cleanup_ir", "project_norm_writers", "fuse_norms", "slice_stream"],
+        "passes": [p.name for p in result.passes],
         "sparsity": sparsity,
         "width_multiple": multiple,
         "head": "untied" if untie else "tied where the model ties it",
@@ -232,7 +233,7 @@ def eval_(
     evaluation: Annotated[str, typer.Option("--eval", help="text source")] = "wikitext2:test",
     eval_windows: Annotated[int | None, typer.Option(help="first N windows only (default: all)")] = None,
     eval_length: Annotated[int, typer.Option(help="tokens per window")] = 2048,
-    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass (1 is fastest on a CPU)")] = 1,
 ) -> None:
     """Measure the perplexity of a saved model."""
     from fxslice.data import load_text, token_windows

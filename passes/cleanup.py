@@ -1,8 +1,9 @@
 """IR clean-up: remove what only gets in the way of analysis, without changing the function.
 
 Removed: `_assert_tensor_metadata` checks, dtype/device casts whose input already has the
-target dtype (`x.to(float32)` on a float32 `x`), `alias`/`lift_fresh_copy`/`contiguous` identities
-and `dropout` with `train=False`, then dead code. A copy that is written in place (or whose source
+target dtype (`x.to(float32)` on a float32 `x`), `alias`/`lift_fresh_copy`/`contiguous` identities,
+`dropout` with `train=False` and whole-dimension slices (`x[:, :]`, start 0, open end, step 1: every
+KV-cache read has a few, ~240 nodes a decoding step runs for nothing on a 30-layer model), then dead code. A copy that is written in place (or whose source
 is) is kept: removing it would let the write reach the original. Casts that change the dtype stay: they matter in
 half precision.
 """
@@ -19,6 +20,17 @@ __all__ = ["CleanupIR"]
 
 _ASSERTS = {aten._assert_tensor_metadata.default}
 _IDENTITIES = {aten.alias.default, aten.lift_fresh_copy.default, aten.contiguous.default, aten.clone.default}
+_OPEN_END = 2**62  # torch.export writes `x[a:]` as slice(x, dim, a, 2**63 - 1)
+
+
+def _whole_slice(node: fx.Node) -> bool:
+    """`slice(x, dim, 0, <open end>, 1)`: a view of all of `x` whatever its width (slicing may change widths
+    later, so only the open-ended spelling counts, not an end equal to today's size)."""
+    if node.target != aten.slice.Tensor:
+        return False
+    given = {**dict(zip(("dim", "start", "end", "step"), node.args[1:], strict=False)), **node.kwargs}
+    start, end, step = given.get("start"), given.get("end"), given.get("step", 1)
+    return start in (0, None) and (end is None or (isinstance(end, int) and end >= _OPEN_END)) and step == 1
 
 
 def _identity_input(node: fx.Node) -> fx.Node | None:
@@ -28,7 +40,7 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
     src = node.args[0]
     if any(mutates(u) for u in (*node.users, *src.users)):
         return None  # a copy that is written to, or whose source is, is not an identity
-    if node.target in _IDENTITIES:
+    if node.target in _IDENTITIES or _whole_slice(node):
         return src
     if node.target == aten.dropout.default and (len(node.args) < 3 or node.args[2] is False):
         return src

@@ -163,25 +163,18 @@ class SliceStream(Pass):
             if runner is None:
                 q = self._given[k]
             else:
-                cov = torch.zeros(full, full, dtype=torch.float64)
-
-                def accumulate(env, probe=probe, cov=cov, full=full):
-                    x = env[probe].reshape(-1, full).to(torch.float64)
-                    cov.addmm_(x.T, x)
-
-                runner.run_through(max(seg.nodes, key=order.__getitem__), accumulate)
-                if not bool(torch.isfinite(cov).all()) or float(cov.trace()) <= 0:
-                    raise BadInput(f"segment {k} ({seg.module}): the calibration activations are "
-                                   f"{'not finite' if not bool(torch.isfinite(cov).all()) else 'all zero'}; "
-                                   "the model or the calibration text is broken there")
-                eigenvalues, vectors = torch.linalg.eigh(cov)
-                eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
+                cov = _covariance(runner, seg, probe, order, k)
                 if shared:  # the previous segment's basis: the shortcut between them is the identity
                     q = self.bases[-1]
-                    kept_variance = float(torch.einsum("ij,ik,kj->", q, cov, q))
                 else:
+                    joint = cov
+                    if k + 1 < count and self._shares_previous(stream, k + 1):  # the next half takes this basis too
+                        after = stream.segments[k + 1]
+                        joint = cov + _covariance(runner, after, _probe(stream, after), order, k + 1, ahead=True)
+                    vectors = torch.linalg.eigh(joint)[1].flip(1)
                     q = vectors[:, : self._width(seg, full, last=k == count - 1)].contiguous()
-                    kept_variance = float(eigenvalues[: q.shape[1]].clamp_min(0).sum())
+                eigenvalues = torch.linalg.eigvalsh(cov).flip(0)
+                kept_variance = float(torch.einsum("ij,ik,kj->", q, cov, q))
                 self.bases.append(q)
                 total = float(eigenvalues.clamp_min(0).sum())
                 kept = kept_variance / total if total > 0 else 0.0
@@ -207,6 +200,24 @@ class SliceStream(Pass):
                    target=aten.linear.default)]  # every shape that slicing changed, not the whole graph
         refresh_vals(gm, changed)
         return PassResult(True, {"widths": [int(q.shape[1]) for q in (self._given or self.bases)]})
+
+
+def _covariance(runner: StagedRunner, seg: Segment, probe: fx.Node, order: dict[fx.Node, int], k: int,
+                *, ahead: bool = False) -> torch.Tensor:
+    """ΣXᵀX (float64) of the stream at `probe` over all calibration batches; `ahead`: without moving the runner."""
+    full = int(probe.meta["val"].shape[-1])
+    cov = torch.zeros(full, full, dtype=torch.float64)
+
+    def accumulate(env: dict) -> None:
+        x = env[probe].reshape(-1, full).to(torch.float64)
+        cov.addmm_(x.T, x)
+
+    (runner.peek if ahead else runner.run_through)(max(seg.nodes, key=order.__getitem__), accumulate)
+    if not bool(torch.isfinite(cov).all()) or float(cov.trace()) <= 0:
+        raise BadInput(f"segment {k} ({seg.module}): the calibration activations are "
+                       f"{'not finite' if not bool(torch.isfinite(cov).all()) else 'all zero'}; "
+                       "the model or the calibration text is broken there")
+    return cov
 
 
 def _change_tied_tables(gm: fx.GraphModule, seg: Segment, q: torch.Tensor) -> list[fx.Node]:

@@ -27,3 +27,29 @@ def test_cleanup_keeps_casts_that_change_dtype(tiny):
     PassManager([CleanupIR()]).run(half)
     casts = [n for n in half.graph.nodes if n.target in (aten.to.dtype, aten._to_copy.default)]
     assert casts, "the norm's float32 up-casts matter in bfloat16 and must stay"
+
+
+class _Slices(torch.nn.Module):
+    """Two whole-dimension slices (dropped) and two partial ones (kept)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+
+    def forward(self, input_ids, use_cache=None):
+        x = self.embed(input_ids)
+        return x[:, :] * 2 + x[..., 1:].sum(-1, keepdim=True) + x[:, :, :3].sum(-1, keepdim=True) + x[:, :, :]
+
+
+def test_cleanup_drops_whole_slices_only():
+    from fxslice import capture_module
+
+    program = capture_module(_Slices())
+    ids = torch.randint(0, 16, (2, 5))
+    before = program(ids)
+    slices = lambda: program.graph.find_nodes(op="call_function", target=aten.slice.Tensor)  # noqa: E731
+    assert len(slices()) >= 4
+    PassManager([CleanupIR()]).run(program)
+    kept = [(n.args[2], n.args[3]) for n in slices()]
+    assert sorted(kept) == [(0, 3), (1, 9223372036854775807)]
+    assert torch.equal(program(ids), before)

@@ -224,3 +224,47 @@ def test_shared_basis_per_block_halves_the_shortcuts_and_stays_exact_unsliced(ti
     PassManager([SliceStream(CALIBRATION, constant_widths(0.25), batch_size=6)]).run(unshared)
     saved = (layers if sequential else 0) * 48 * 48
     assert unshared.num_parameters() - sliced.num_parameters() == saved
+
+
+def test_a_shared_basis_keeps_both_halves_of_the_block():
+    """The basis of a block's shared pair spans the top eigenvectors of ΣXᵀX over *both* halves' inputs
+    (embedding output and attention's residual sum for the first block, read off the eager model)."""
+    from fxslice import capture
+    from fxslice.testing import tiny_causal_lm
+    from passes.slice_stream import per_block
+
+    model = tiny_causal_lm("llama")
+    program = fused(capture(model).to(torch.float64))
+    model = model.double()  # (its norms compute in float32 whatever the model's dtype: hence the tolerance)
+    layer = model.model.layers[0]
+    seen: dict[str, list[torch.Tensor]] = {"attention": [], "mlp": []}
+    hooks = [layer.input_layernorm.register_forward_pre_hook(lambda m, a: seen["attention"].append(a[0])),
+             layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen["mlp"].append(a[0]))]
+    with torch.no_grad():
+        model(CALIBRATION, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    covariance = sum(x.reshape(-1, 64).T @ x.reshape(-1, 64) for xs in seen.values() for x in xs)
+    expected = torch.linalg.eigh(covariance)[1][:, -40:]
+    slicer = SliceStream(CALIBRATION, [40] * 5, batch_size=4, share=per_block)  # 2 blocks x 2 halves + head
+    PassManager([slicer]).run(program)
+    q = slicer.bases[0]
+    assert slicer.bases[1] is q
+    torch.testing.assert_close(q @ q.T, expected @ expected.T, rtol=0, atol=1e-4)
+    attention_only = torch.linalg.eigh(sum(x.reshape(-1, 64).T @ x.reshape(-1, 64) for x in seen["attention"]))[1][:, -40:]
+    assert float((q @ q.T - attention_only @ attention_only.T).abs().max()) > 1e-2  # the test can tell them apart
+
+
+def test_looking_ahead_leaves_the_staged_runner_where_it_was(tiny):
+    from fxslice.calibrate import StagedRunner
+
+    _, program = tiny("llama")
+    nodes = [n for n in program.graph.nodes if n.op == "call_function"]
+    middle, late = nodes[len(nodes) // 3], nodes[2 * len(nodes) // 3]
+    ahead, after = [], []
+    runner = StagedRunner(program, list(CALIBRATION.split(4)))
+    runner.run_through(middle)
+    runner.peek(late, lambda env: ahead.append(env[late].clone()))
+    runner.run_through(late, lambda env: after.append(env[late].clone()))
+    assert len(ahead) == len(after) == 3
+    assert all(torch.equal(a, b) for a, b in zip(ahead, after, strict=True))
