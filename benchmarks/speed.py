@@ -178,8 +178,9 @@ def main() -> None:
         flops[model] = {f"prefill_{b}x{n}": count_flops(program, b, n).total for b, n in prefill}
         flops[model] |= {f"decode_{b}x128": count_flops(cached, b, 1).total for b in decode}
     results = {}
-    for model, (program, _) in models.items():
+    for model, (program, cached) in models.items():
         row = {"widths": widths[model], "parameters": program.num_parameters(),
+               "decode_graph_ops": sum(n.op == "call_function" for n in cached.graph.nodes),
                "weight_mib": round(sum(p.numel() * p.element_size() for p in program.gm.parameters()) / 2**20, 1)}
         for case in cases:
             speed = statistics.median(s for s, _ in samples[(model, case)])
