@@ -104,3 +104,31 @@ def test_a_model_whose_cache_cannot_be_captured_says_so():
 
     with pytest.raises(CaptureError, match="NoCache"):
         capture_cached(NoCache())
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "gpt2"])
+def test_hf_generate_on_a_rotated_program_matches_the_original_model(name):
+    from fxslice.hf import as_hf_model
+
+    model, program, _ = _compiled(name, RotateStream(random_orthogonal(seed=5)))
+    ours = as_hf_model(program)
+    for strategy in ({"do_sample": False}, {"do_sample": False, "num_beams": 3}):
+        kwargs = {"max_new_tokens": 8, "min_new_tokens": 8, "pad_token_id": 0, **strategy}
+        theirs = model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), **kwargs)
+        assert torch.equal(ours.generate(PROMPT, **kwargs), theirs), strategy
+
+
+def test_hf_generate_on_a_reloaded_sliced_model_matches_fxslice_generate(tmp_path):
+    from fxslice import InvalidOption
+    from fxslice.hf import as_hf_model
+
+    _, _, cached = _compiled("llama", SliceStream(CALIBRATION, constant_widths(0.25), batch_size=4))
+    back = load(save(cached, tmp_path / "sliced"))
+    hf = as_hf_model(back)
+    assert hf.num_parameters() == back.num_parameters()
+    greedy = hf.generate(PROMPT, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(greedy, generate(back, PROMPT, max_new_tokens=6))
+    padded = torch.ones_like(PROMPT)
+    padded[0, 0] = 0
+    with pytest.raises(InvalidOption, match="padded"):
+        hf.generate(PROMPT, attention_mask=padded, max_new_tokens=2)
