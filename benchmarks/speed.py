@@ -30,7 +30,7 @@ from fxslice.flops import count_flops
 from fxslice.infra import replay
 from fxslice.kvcache import capture_cached
 from fxslice.program import Program
-from passes import CleanupIR, FuseRepeatKV
+from passes import CausalAttention, CleanupIR, FuseRepeatKV
 from passes.slice_stream import constant_widths, per_block
 from passes.slicegpt import slicegpt
 
@@ -140,7 +140,7 @@ def main() -> None:
     calib = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length, count=args.calib_windows, seed=0)
     dense, dense_cached = capture_module(module), capture_cached(module)
     for program in (dense, dense_cached):  # the same clean-up and attention rewrite the sliced models get
-        PassManager([CleanupIR(), FuseRepeatKV()]).run(program)
+        PassManager([CleanupIR(), CausalAttention(), FuseRepeatKV()]).run(program)
     models: dict[str, tuple[Program, Program]] = {"dense": (dense, dense_cached)}
     widths: dict[str, list[int]] = {"dense": [576]}
     plans = [(float(x), False) for x in args.sparsities.split(",")]

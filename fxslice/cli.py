@@ -65,6 +65,7 @@ def _builtin_passes() -> dict[str, Callable[[], Pass]]:
         "project_norm_writers": passes.ProjectNormWriters,
         "fuse_norms": passes.FuseNorms,
         "fuse_repeat_kv": passes.FuseRepeatKV,
+        "causal_attention": passes.CausalAttention,
         "rotate_random": lambda: passes.RotateStream(random_orthogonal(0)),
     }
 
@@ -146,7 +147,7 @@ def slice_(
     seed: Annotated[int, typer.Option(help="seed for sampling calibration windows")] = 0,
     untie: Annotated[bool, typer.Option("--untie", help="untie a tied head: better perplexity, V x d more parameters")] = False,
     shared_basis: Annotated[bool, typer.Option("--shared-basis", help="one basis per block (attention and MLP halves): "
-                                               "half the shortcut matrices, faster; EXPERIMENTAL: far worse perplexity on SmolLM2 (README)")] = False,
+                                               "half the shortcut matrices, faster decoding, slightly worse perplexity (README)")] = False,
 ) -> None:
     """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out."""
     import time

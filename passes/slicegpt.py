@@ -10,6 +10,7 @@ import torch
 
 from fxslice import Pass, PassManager, Program
 from fxslice.stream import Segment
+from passes.causal_attention import CausalAttention
 from passes.cleanup import CleanupIR
 from passes.fuse_norms import FuseNorms
 from passes.fuse_repeat_kv import FuseRepeatKV
@@ -45,7 +46,7 @@ def slicegpt(
     `share=per_block` gives both halves of a block one basis: half the shortcut matrices, some quality."""
     dense = program.num_parameters()
     start = time.perf_counter()
-    exact = [CleanupIR(), ProjectNormWriters(), FuseNorms(keep_ties=keep_ties)]
+    exact = [CleanupIR(), CausalAttention(), ProjectNormWriters(), FuseNorms(keep_ties=keep_ties)]  # causal: faster calibration
     PassManager(exact).run(program)
     fused = time.perf_counter()
     slicer = SliceStream(windows, widths, batch_size=batch_size, slice_head=slice_head, share=share,
