@@ -169,7 +169,7 @@ def main() -> None:
     from fxslice.capture import load_model
     from fxslice.data import load_text, token_windows
     from fxslice.evaluate import perplexity as program_perplexity
-    from passes import CleanupIR, FuseNorms, ProjectNormWriters
+    from passes import CausalAttention, CleanupIR, FuseNorms, ProjectNormWriters
     from passes.slice_stream import SliceStream, constant_widths
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -188,7 +188,7 @@ def main() -> None:
 
     start = time.perf_counter()
     program = capture(model)
-    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(keep_ties=False)]).run(program)
+    PassManager([CleanupIR(), CausalAttention(), ProjectNormWriters(), FuseNorms(keep_ties=False)]).run(program)
     fx_prepare = time.perf_counter() - start
     start = time.perf_counter()
     PassManager([SliceStream(calib, widths, batch_size=args.batch_size)]).run(program)

@@ -21,7 +21,7 @@ from fxslice import PassManager, capture
 from fxslice.capture import load_model
 from fxslice.data import load_text, token_windows
 from fxslice.evaluate import perplexity
-from passes import CleanupIR, FuseNorms, ProjectNormWriters
+from passes import CausalAttention, CleanupIR, FuseNorms, ProjectNormWriters
 from passes.slice_stream import SliceStream, constant_widths, per_block
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     for sparsity in (float(s) for s in args.sparsities.split(",")):
         start = time.perf_counter()
         program = dense.clone()
-        PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(keep_ties=not args.untie)]).run(program)
+        PassManager([CleanupIR(), CausalAttention(), ProjectNormWriters(), FuseNorms(keep_ties=not args.untie)]).run(program)
         slicer = SliceStream(calib, constant_widths(sparsity, multiple=args.multiple), batch_size=args.batch_size,
                              share=per_block if args.shared_basis else None)
         PassManager([slicer]).run(program)

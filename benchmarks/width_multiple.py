@@ -25,7 +25,7 @@ from fxslice.data import load_text, token_windows
 from fxslice.flops import count_flops
 from fxslice.infra import replay
 from fxslice.kvcache import capture_cached
-from passes import CleanupIR, FuseNorms, ProjectNormWriters
+from passes import CausalAttention, CleanupIR, FuseNorms, ProjectNormWriters
 from passes.slice_stream import SliceStream
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     module, tokenizer = load_model("smollm2")
     calib = token_windows(tokenizer, load_text("wikitext2:validation"), 256, count=4, seed=0)
     fused = capture_module(module)
-    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms()]).run(fused)
+    PassManager([CleanupIR(), CausalAttention(), ProjectNormWriters(), FuseNorms()]).run(fused)
     cached_dense = capture_cached(module)
     widths = [int(w) for w in args.widths.split(",")]
     models = {}
@@ -52,7 +52,7 @@ def main() -> None:
         program, cached = fused.clone(), cached_dense.clone()
         slicer = SliceStream(calib, lambda seg, full, w=width: w, batch_size=4)
         PassManager([slicer]).run(program)
-        replay([CleanupIR(), ProjectNormWriters(), FuseNorms(), slicer], cached, program)
+        replay([CleanupIR(), CausalAttention(), ProjectNormWriters(), FuseNorms(), slicer], cached, program)
         if dtype != program.dtype:
             program, cached = program.to(dtype), cached.to(dtype)
         program.gm.to(args.device)
