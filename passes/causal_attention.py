@@ -12,7 +12,8 @@ Which masks qualify is decided from the graph, not from the model's family:
   KV-cache graph, where keys are longer, never qualifies);
 - evaluated at several lengths, up to the model's context (capped at `probe_limit`) and one past any sliding
   window the config declares, it equals the lower-triangular pattern. A sliding-window or padding mask fails this
-  and stays explicit. Exact: the same products, the masked ones skipped instead of zeroed.
+  and stays explicit; a declared window longer than `probe_limit` leaves the whole graph alone. (A window that
+  the config does not declare and that is longer than `probe_limit` would go unseen.) Exact: the same products, the masked ones skipped instead of zeroed.
 """
 
 from __future__ import annotations
@@ -84,13 +85,16 @@ def _is_causal(mask: torch.Tensor, batch: int, length: int) -> bool:
     return bool(torch.all(mask[keep] == 0)) and bool(torch.equal(blocked, ~keep))
 
 
-def _probe_lengths(program: Program, limit: int) -> list[int]:
+def _probe_lengths(program: Program, limit: int) -> list[int] | None:
+    """Lengths to check the mask at; None if the config declares a sliding window too long to probe."""
     config = program.config or {}
     context = int(config.get("max_position_embeddings") or limit)
     lengths = {1, 2, 3, 17, 64, min(context, limit)}
     window = config.get("sliding_window")
     if isinstance(window, int) and 0 < window < context:
-        lengths.add(min(window + 1, limit))
+        if window + 1 > limit:
+            return None  # a mask may slide past `limit` tokens: unverifiable, leave it explicit
+        lengths.add(window + 1)
     return sorted(lengths)
 
 
@@ -111,6 +115,8 @@ class CausalAttention(Pass):
     def call(self, program: Program) -> PassResult:
         graph, verdicts, rewritten = program.graph, {}, 0
         lengths = _probe_lengths(program, self.probe_limit)
+        if lengths is None:
+            return PassResult(False, {"rewritten": 0, "removed": 0, "skipped": "sliding window beyond probe_limit"})
         for node in list(graph.find_nodes(op="call_function", target=_SDPA)):
             given = {**dict(zip(_SDPA_ARGS, node.args, strict=False)), **node.kwargs}
             mask = given.pop("attn_mask", None)

@@ -77,3 +77,11 @@ def test_only_a_mask_that_is_causal_at_every_probed_length_is_rewritten(window, 
     modified = PassManager([CausalAttention(probe_limit=512)]).run(program).modified
     assert modified is (window is None)
     torch.testing.assert_close(program(ids), before, rtol=1e-6, atol=1e-6)
+
+
+def test_a_declared_window_longer_than_the_probes_leaves_the_graph_alone():
+    program = capture_module(_SizeMask(None))
+    program.config = {"max_position_embeddings": 8192, "sliding_window": 4096}
+    assert not PassManager([CausalAttention(probe_limit=512)]).run(program).modified
+    program.config = {"max_position_embeddings": 8192, "sliding_window": 100}  # probed at 101: causal there
+    assert PassManager([CausalAttention(probe_limit=512)]).run(program).modified
