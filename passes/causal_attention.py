@@ -13,7 +13,9 @@ Which masks qualify is decided from the graph, not from the model's family:
 - evaluated at several lengths, up to the model's context (capped at `probe_limit`) and one past any sliding
   window the config declares, it equals the lower-triangular pattern. A sliding-window or padding mask fails this
   and stays explicit; a declared window longer than `probe_limit` leaves the whole graph alone. (A window that
-  the config does not declare and that is longer than `probe_limit` would go unseen.) Exact: the same products, the masked ones skipped instead of zeroed.
+  the config does not declare and that is longer than `probe_limit` would go unseen.)
+
+Exact: the same products, the masked ones skipped instead of zeroed.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ def _evaluate(cone: MaskCone, batch: int, length: int) -> torch.Tensor:
     return fx.GraphModule(torch.nn.Module(), graph)(torch.zeros(batch, length, dtype=torch.long))
 
 
+def _causal_at(cone: MaskCone, length: int) -> bool:
+    """Does the mask evaluate to the causal pattern at `length` (two sequences where that is cheap)?"""
+    batch = 2 if length < 512 else 1
+    return _is_causal(_evaluate(cone, batch, length), batch, length)
+
+
 def _is_causal(mask: torch.Tensor, batch: int, length: int) -> bool:
     try:
         mask = mask.expand(batch, 1, length, length)
@@ -126,8 +134,7 @@ class CausalAttention(Pass):
                 continue
             if mask not in verdicts:
                 cone = causal_mask_cone(mask)
-                verdicts[mask] = cone is not None and all(
-                    _is_causal(_evaluate(cone, 2 if t < 512 else 1, t), 2 if t < 512 else 1, t) for t in lengths)
+                verdicts[mask] = cone is not None and all(_causal_at(cone, t) for t in lengths)
             if not verdicts[mask]:
                 continue
             qkv = tuple(given.pop(k) for k in ("query", "key", "value"))
