@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from fxslice import PassManager, capture
-from fxslice.capture import load_model
+from fxslice import capture
 from fxslice.data import load_text, token_windows
-from passes import CausalAttention, CleanupIR, FuseNorms, ProjectNormWriters
-from passes.slice_stream import SliceStream, constant_widths
+from fxslice.models.capture import load_model
+from fxslice.passes.rewrite.stages import Cleanup
+from fxslice.passes.slicegpt.stages import SliceGPT
+from fxslice.recipes import Recipe
 
 
 def _reset_peak() -> None:
@@ -58,11 +59,14 @@ def main() -> None:
             for batch in calib.split(args.batch_size):
                 program(batch)
 
-    stage("clean_up", lambda: PassManager([CleanupIR(), CausalAttention()]).run(program), stages)
+    stage("clean_up", lambda: Recipe((Cleanup(),)).run(program), stages)
     stage("dense_forward_over_calibration", forward, stages)  # on the cleaned-up graph, as calibration runs it
-    stage("fuse", lambda: PassManager([ProjectNormWriters(), FuseNorms()]).run(program), stages)
-    slicer = SliceStream(calib, constant_widths(0.25), batch_size=args.batch_size)
-    stage("calibrate_and_slice", lambda: PassManager([slicer]).run(program), stages)
+    recipe = Recipe((SliceGPT(sparsity=0.25, batch_size=args.batch_size),), name="slicegpt after clean-up")
+    result = stage("fuse_calibrate_and_slice", lambda: recipe.run(program, calibration=calib), stages)
+    passes = {r.name: r.seconds for _, s in result.stages for r in s.records}
+    stages["fuse"] = {"seconds": round(passes["project_norm_writers"] + passes["fuse_norms"], 2)}
+    stages["calibrate_and_slice"] = {"seconds": round(passes["slice_stream"], 2),
+                                     "peak_rss_gib": stages["fuse_calibrate_and_slice"]["peak_rss_gib"]}
     ratio = stages["calibrate_and_slice"]["seconds"] / stages["dense_forward_over_calibration"]["seconds"]
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct", "sparsity": 0.25, "threads": torch.get_num_threads(),

@@ -165,12 +165,12 @@ def perplexity(forward, windows: torch.Tensor, batch_size: int) -> float:
 
 
 def main() -> None:
-    from fxslice import PassManager, capture
-    from fxslice.capture import load_model
+    from fxslice import capture
     from fxslice.data import load_text, token_windows
-    from fxslice.evaluate import perplexity as program_perplexity
-    from passes import CausalAttention, CleanupIR, FuseNorms, ProjectNormWriters
-    from passes.slice_stream import SliceStream, constant_widths
+    from fxslice.evaluation.perplexity import perplexity as program_perplexity
+    from fxslice.models.capture import load_model
+    from fxslice.passes.slicegpt import constant_widths
+    from fxslice.passes.slicegpt.pipeline import slicegpt
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sparsity", type=float, default=0.25)
@@ -188,11 +188,11 @@ def main() -> None:
 
     start = time.perf_counter()
     program = capture(model)
-    PassManager([CleanupIR(), CausalAttention(), ProjectNormWriters(), FuseNorms(keep_ties=False)]).run(program)
-    fx_prepare = time.perf_counter() - start
-    start = time.perf_counter()
-    PassManager([SliceStream(calib, widths, batch_size=args.batch_size)]).run(program)
-    fx_calibrate = time.perf_counter() - start
+    captured = time.perf_counter() - start
+    result = slicegpt(program, calib, widths, batch_size=args.batch_size, keep_ties=False)
+    passes = {r.name: r.seconds for _, s in result.result.stages for r in s.records}
+    fx_calibrate = passes["slice_stream"]
+    fx_prepare = captured + sum(passes.values()) - fx_calibrate
 
     start = time.perf_counter()
     baseline = slice_llama(model, calib, width, batch_size=args.batch_size)

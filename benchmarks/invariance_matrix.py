@@ -15,10 +15,11 @@ import time
 import torch
 
 from fxslice import FxsliceError, PassManager, UnsupportedStructure, capture
-from fxslice.capture import load_model
-from fxslice.rotations import random_orthogonal
+from fxslice.core import relative_error
+from fxslice.models.capture import load_model
+from fxslice.passes import exact_pipeline
+from fxslice.passes.slicegpt.rotations import random_orthogonal
 from fxslice.testing import TINY_CONFIGS, tiny_causal_lm
-from passes import exact_pipeline
 
 
 def max_relative_error(program, dtype) -> float:
@@ -28,7 +29,7 @@ def max_relative_error(program, dtype) -> float:
         before = program(ids).double()
         PassManager(exact_pipeline(random_orthogonal(7))).run(program)
         after = program(ids).double()
-    return float((after - before).abs().max() / before.abs().max())
+    return relative_error(after, before)
 
 
 def check(name: str, model: torch.nn.Module) -> dict:

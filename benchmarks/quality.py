@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from fxslice import PassManager, capture
-from fxslice.capture import load_model
+from fxslice import capture
 from fxslice.data import load_text, token_windows
-from fxslice.evaluate import perplexity
-from passes import CausalAttention, CleanupIR, FuseNorms, ProjectNormWriters
-from passes.slice_stream import SliceStream, constant_widths, per_block
+from fxslice.evaluation.perplexity import perplexity
+from fxslice.models.capture import load_model
+from fxslice.passes.slicegpt import constant_widths, per_block
+from fxslice.passes.slicegpt.pipeline import slicegpt
 
 
 def main() -> None:
@@ -50,16 +50,14 @@ def main() -> None:
     for sparsity in (float(s) for s in args.sparsities.split(",")):
         start = time.perf_counter()
         program = dense.clone()
-        PassManager([CleanupIR(), CausalAttention(), ProjectNormWriters(), FuseNorms(keep_ties=not args.untie)]).run(program)
-        slicer = SliceStream(calib, constant_widths(sparsity, multiple=args.multiple), batch_size=args.batch_size,
-                             share=per_block if args.shared_basis else None)
-        PassManager([slicer]).run(program)
+        result = slicegpt(program, calib, constant_widths(sparsity, multiple=args.multiple), batch_size=args.batch_size,
+                          keep_ties=not args.untie, share=per_block if args.shared_basis else None)
         rows.append({
             "sparsity": sparsity,
-            "width": slicer.reports[0].kept,
+            "width": result.segments[0].kept,
             "parameters": program.num_parameters(),
             "perplexity": perplexity(program, test, batch_size=args.batch_size),
-            "min_variance_kept": round(min(r.variance_kept for r in slicer.reports), 4),
+            "min_variance_kept": round(min(r.variance_kept for r in result.segments), 4),
             "seconds": round(time.perf_counter() - start, 1),
         })
         print(json.dumps(rows[-1]), flush=True, file=sys.stderr)

@@ -6,7 +6,7 @@
 
 Every repetition runs every case on every model in turn (interleaved, after one warm-up round), so that
 a noisy shared machine slows all models alike; figures are medians. Speed-ups are sliced / dense
-throughput, next to the ideal speed-up from the graph's FLOP counts (fxslice.flops) and their ratio
+throughput, next to the ideal speed-up from the graph's FLOP counts (fxslice.analysis.flops) and their ratio
 (efficiency). Decode: a 128-token prompt, then 128 new tokens one at a time with the cache (greedy).
 Memory: weight bytes, and the peak resident memory a case adds on top of what was resident before it
 (CPU: Linux VmHWM; CUDA: max_memory_allocated). Calibration uses a few windows only: speed does not
@@ -23,16 +23,16 @@ from pathlib import Path
 
 import torch
 
-from fxslice import PassManager
-from fxslice.capture import capture_module, load_model
+from fxslice.analysis.flops import count_flops
+from fxslice.core.pass_manager import replay
+from fxslice.core.program import Program
 from fxslice.data import load_text, token_windows
-from fxslice.flops import count_flops
-from fxslice.infra import replay
-from fxslice.kvcache import capture_cached
-from fxslice.program import Program
-from passes import CausalAttention, CleanupIR, FuseRepeatKV
-from passes.slice_stream import constant_widths, per_block
-from passes.slicegpt import slicegpt
+from fxslice.models.capture import capture_module, load_model
+from fxslice.models.kvcache import capture_cached
+from fxslice.passes.rewrite.stages import Cleanup, FuseGQA
+from fxslice.passes.slicegpt.pipeline import slicegpt
+from fxslice.passes.slicegpt.slice_stream import constant_widths, per_block
+from fxslice.recipes import Recipe
 
 
 def _sync(device: str) -> None:
@@ -140,7 +140,7 @@ def main() -> None:
     calib = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length, count=args.calib_windows, seed=0)
     dense, dense_cached = capture_module(module), capture_cached(module)
     for program in (dense, dense_cached):  # the same clean-up and attention rewrite the sliced models get
-        PassManager([CleanupIR(), CausalAttention(), FuseRepeatKV()]).run(program)
+        Recipe((Cleanup(), FuseGQA())).run(program)
     models: dict[str, tuple[Program, Program]] = {"dense": (dense, dense_cached)}
     widths: dict[str, list[int]] = {"dense": [576]}
     plans = [(float(x), False) for x in args.sparsities.split(",")]

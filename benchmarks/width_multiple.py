@@ -6,7 +6,7 @@
 At 25% sparsity the widths rounded down to multiples of 8 / 32 / 64 / 128 are 432 / 416 / 384 / 384.
 If GEMM kernels favoured aligned widths, 384, 416 and 448 would run more FLOP/s than their neighbours;
 if not, rounding to coarse multiples only throws width (quality) away. Every repetition runs every
-width in turn (interleaved); figures are medians: prefill tokens/s, GFLOP/s (fxslice.flops), and
+width in turn (interleaved); figures are medians: prefill tokens/s, GFLOP/s (fxslice.analysis.flops), and
 batch-1 decode tokens/s (with the KV cache, 32 tokens after a 128-token prompt).
 """
 
@@ -19,14 +19,12 @@ import time
 
 import torch
 
-from fxslice import PassManager
-from fxslice.capture import capture_module, load_model
+from fxslice.analysis.flops import count_flops
+from fxslice.core.pass_manager import replay
 from fxslice.data import load_text, token_windows
-from fxslice.flops import count_flops
-from fxslice.infra import replay
-from fxslice.kvcache import capture_cached
-from passes import CausalAttention, CleanupIR, FuseNorms, ProjectNormWriters
-from passes.slice_stream import SliceStream
+from fxslice.models.capture import capture_module, load_model
+from fxslice.models.kvcache import capture_cached
+from fxslice.passes.slicegpt.pipeline import slicegpt
 
 
 def main() -> None:
@@ -43,16 +41,14 @@ def main() -> None:
 
     module, tokenizer = load_model("smollm2")
     calib = token_windows(tokenizer, load_text("wikitext2:validation"), 256, count=4, seed=0)
-    fused = capture_module(module)
-    PassManager([CleanupIR(), CausalAttention(), ProjectNormWriters(), FuseNorms()]).run(fused)
+    dense = capture_module(module)
     cached_dense = capture_cached(module)
     widths = [int(w) for w in args.widths.split(",")]
     models = {}
     for width in widths:
-        program, cached = fused.clone(), cached_dense.clone()
-        slicer = SliceStream(calib, lambda seg, full, w=width: w, batch_size=4)
-        PassManager([slicer]).run(program)
-        replay([CleanupIR(), CausalAttention(), ProjectNormWriters(), FuseNorms(), slicer], cached, program)
+        program, cached = dense.clone(), cached_dense.clone()
+        result = slicegpt(program, calib, lambda seg, full, w=width: w, batch_size=4)
+        replay(result.passes, cached, program)
         if dtype != program.dtype:
             program, cached = program.to(dtype), cached.to(dtype)
         program.gm.to(args.device)

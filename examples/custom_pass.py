@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fxslice import Pass, PassManager, PassResult, capture
-from fxslice.graph import aten, set_tensor, tensor_of
+from fxslice.core.graph import aten, set_tensor, tensor_of
 
 
 class FoldScaleIntoLinear(Pass):

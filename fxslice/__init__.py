@@ -1,12 +1,11 @@
 """fxslice: SliceGPT as a graph-transform compiler over torch.fx.
 
 Public API: capture a model as a `Program`, write passes on `Pass`/`PassManager`, inspect what
-they changed with `fxslice.diff`. The built-in passes live in the separate `passes` package and
+they changed with `fxslice.core.diff`. The built-in passes live in the separate `passes` package and
 use nothing but this API.
 """
 
-from fxslice.capture import DEFAULT_MODEL, capture, capture_module
-from fxslice.errors import (
+from fxslice.core.errors import (
     BadInput,
     CaptureError,
     CorruptModel,
@@ -15,8 +14,9 @@ from fxslice.errors import (
     PassCheckFailed,
     UnsupportedStructure,
 )
-from fxslice.infra import Pass, PassManager, PassResult, PipelineResult, as_pass, check_program, replay
-from fxslice.program import Program
+from fxslice.core.pass_manager import Pass, PassManager, PassResult, PipelineResult, as_pass, check_program, replay
+from fxslice.core.program import Program
+from fxslice.models.capture import DEFAULT_MODEL, capture, capture_module
 
 __version__ = "0.1.0"
 

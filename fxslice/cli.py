@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import dataclasses
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from fxslice.capture import DEFAULT_MODEL, capture
-from fxslice.errors import FxsliceError, InvalidOption
-from fxslice.infra import Pass, PassManager
-from fxslice.program import Program
+from fxslice.core.errors import FxsliceError, InvalidOption
+from fxslice.core.pass_manager import PassManager
+from fxslice.core.program import Program
+from fxslice.models.capture import DEFAULT_MODEL, capture
+from fxslice.recipes import Recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SliceGPT as a graph-transform compiler over torch.fx.")
 err = Console(stderr=True)
@@ -38,9 +37,9 @@ def _capture(model: str) -> Program:
 
 def _capture_with_cache(model: str) -> tuple[Program, Program | None]:
     """The plain capture (for calibration) and, where the model allows it, one with a KV cache (for generation)."""
-    from fxslice.capture import capture_module, load_model
-    from fxslice.errors import CaptureError
-    from fxslice.kvcache import capture_cached
+    from fxslice.core.errors import CaptureError
+    from fxslice.models.capture import capture_module, load_model
+    from fxslice.models.kvcache import capture_cached
 
     with err.status(f"loading and capturing {model} ..."):
         module, tokenizer = load_model(model)
@@ -56,57 +55,19 @@ def _capture_with_cache(model: str) -> tuple[Program, Program | None]:
     return program, cached
 
 
-def _builtin_passes() -> dict[str, Callable[[], Pass]]:
-    import passes
-    from fxslice.rotations import random_orthogonal
-
-    return {
-        "cleanup": passes.CleanupIR,
-        "project_norm_writers": passes.ProjectNormWriters,
-        "fuse_norms": passes.FuseNorms,
-        "fuse_repeat_kv": passes.FuseRepeatKV,
-        "causal_attention": passes.CausalAttention,
-        "rotate_random": lambda: passes.RotateStream(random_orthogonal(0)),
-    }
-
-
-def _load_pass(spec: str) -> Pass:
-    """A built-in pass name, or `module.path:Name` / `file.py:Name` naming a Pass class, instance or function."""
-    builtins = _builtin_passes()
-    if spec in builtins:
-        return builtins[spec]()
-    source, _, attr = spec.partition(":")
-    if not attr:
-        raise InvalidOption(f"unknown pass '{spec}'; built-in: {', '.join(builtins)}; or give module:Name / file.py:Name")
-    if source.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location(Path(source).stem, source)
-        if module_spec is None or not Path(source).is_file():
-            raise InvalidOption(f"pass file not found: {source}")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-    else:
-        module = importlib.import_module(source)
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise InvalidOption(f"'{source}' has no attribute '{attr}'")
-    if isinstance(obj, type) and issubclass(obj, Pass):
-        return obj()
-    return obj if isinstance(obj, Pass) else PassManager([obj]).passes[0]
-
-
 @app.command()
 def inspect(
     model: ModelArg = DEFAULT_MODEL,
     stream: Annotated[bool, typer.Option("--stream", help="also print the residual stream: segments, norms, readers, writers")] = False,
 ) -> None:
     """Capture MODEL and print a summary: parameters, op counts, the module tree the graph came from."""
-    from fxslice.summary import summarize
+    from fxslice.analysis.summary import summarize
 
     program = _capture(model)
     out.print(summarize(program), highlight=False, markup=False)
     if stream:
-        import passes
-        from fxslice.stream import stream_analysis
+        import fxslice.passes as passes
+        from fxslice.analysis.stream import stream_analysis
 
         PassManager([passes.CleanupIR()]).run(program)
         out.print(program.analysis(stream_analysis).describe(), highlight=False, markup=False)
@@ -120,7 +81,9 @@ def diff(
     check: Annotated[bool, typer.Option(help="check numerically that exact passes keep the logits")] = True,
 ) -> None:
     """Run a pipeline on MODEL and show what each pass changed (nodes added/removed/rewired, parameters)."""
-    pipeline = [_load_pass(s) for s in pass_]
+    from fxslice.passes import load_pass
+
+    pipeline = [load_pass(s) for s in pass_]
     program = _capture(model)
     result = PassManager(pipeline, check_numerics=check, progress=True).run(program)
     out.print(result.text(), highlight=False, markup=False)
@@ -148,38 +111,72 @@ def slice_(
     untie: Annotated[bool, typer.Option("--untie", help="untie a tied head: better perplexity, V x d more parameters")] = False,
     shared_basis: Annotated[bool, typer.Option("--shared-basis", help="one basis per block (attention and MLP halves): "
                                                "half the shortcut matrices, faster decoding, slightly worse perplexity (README)")] = False,
+    save_recipe: Annotated[Path | None, typer.Option(help="also write the recipe this runs (YAML or JSON) here")] = None,
 ) -> None:
-    """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out."""
+    """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out.
+
+    A preset of `fxslice compress`: the recipe cleanup -> slicegpt -> fuse_gqa."""
+    from fxslice.passes import slicegpt_recipe
+    from fxslice.recipes import Calibration
+
+    if not 0.0 < sparsity < 1.0:
+        raise InvalidOption(f"--sparsity must be in (0, 1), got {sparsity}")
+    recipe = slicegpt_recipe(sparsity=sparsity, multiple=multiple, keep_ties=not untie, shared_basis=shared_basis,
+                             batch_size=batch_size, calibration=Calibration(
+                                 source=calibration, windows=calib_windows, length=calib_length, seed=seed,
+                                 batch_size=batch_size))
+    if save_recipe is not None:
+        recipe.save(save_recipe)
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {
+        "sparsity": sparsity, "width_multiple": multiple, "shared_basis": shared_basis,
+        "head": "untied" if untie else "tied where the model ties it"})
+
+
+@app.command()
+def compress(
+    model: ModelArg = DEFAULT_MODEL,
+    recipe_file: Annotated[Path, typer.Option("--recipe", help="a recipe (YAML or JSON): calibration and stages")] = Path("recipe.yaml"),
+    out_dir: Annotated[Path, typer.Option("--out", help="new directory for the compressed model")] = Path("compressed"),
+    evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
+    eval_windows: Annotated[int | None, typer.Option(help="evaluate on the first N windows (default: all)")] = None,
+    eval_length: Annotated[int, typer.Option(help="tokens per evaluation window")] = 2048,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass for evaluation")] = 1,
+) -> None:
+    """Run a recipe on MODEL, measure perplexity before and after, and save the result to --out."""
+    from fxslice.passes import load_recipe
+
+    recipe = load_recipe(recipe_file)  # validated before anything is loaded
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {})
+
+
+def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_windows: int | None, eval_length: int,
+              batch_size: int, extra: dict) -> None:
+    """Capture, evaluate, run the recipe, evaluate, replay on the KV-cache capture, save: `slice` and `compress`."""
     import time
 
     import torch
 
+    from fxslice.core.health import check_finite, check_tokens
+    from fxslice.core.pass_manager import replay
     from fxslice.data import load_text, token_windows
-    from fxslice.evaluate import perplexity
-    from fxslice.health import check_finite, check_tokens
-    from fxslice.infra import replay
-    from fxslice.io import save
-    from passes.slice_stream import constant_widths, per_block
-    from passes.slicegpt import slicegpt
+    from fxslice.evaluation.perplexity import perplexity
+    from fxslice.models.io import save
+    from fxslice.passes.slicegpt import SliceStream
 
-    if not 0.0 < sparsity < 1.0:
-        raise InvalidOption(f"--sparsity must be in (0, 1), got {sparsity}")
     if out_dir.exists():
         raise InvalidOption(f"output directory {out_dir} already exists; choose another --out or remove it")
-    widths = constant_widths(sparsity, multiple=multiple)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     program, cached = _capture_with_cache(model)
     seconds["capture"] = time.perf_counter() - start
     check_finite(program)
     if program.tokenizer is None:
-        raise InvalidOption(f"{model} comes without a tokenizer; slicing needs one to read the calibration text")
+        raise InvalidOption(f"{model} comes without a tokenizer; compression needs one to read text")
     check_tokens(program, torch.zeros(0, dtype=torch.long), program.tokenizer)
-    context = (program.config or {}).get("max_position_embeddings")
-    calib = token_windows(program.tokenizer, load_text(calibration), calib_length, count=calib_windows, seed=seed,
-                          max_length=context)
+    calib = recipe.calibration.load(program) if recipe.calibration is not None else None
     test = None
     if evaluation != "none":
+        context = (program.config or {}).get("max_position_embeddings")
         test = token_windows(program.tokenizer, load_text(evaluation), eval_length, max_length=context)
         test = test[:eval_windows] if eval_windows else test
     ppl: dict[str, float] = {}
@@ -187,42 +184,42 @@ def slice_(
         start = time.perf_counter()
         ppl["dense"] = perplexity(program, test, batch_size=batch_size, progress=True)
         seconds["evaluate_dense"] = time.perf_counter() - start
-    result = slicegpt(program, calib, widths, batch_size=batch_size, keep_ties=not untie,
-                      share=per_block if shared_basis else None, progress=True)
-    seconds.update(result.seconds)
+    result = recipe.run(program, calibration=calib, progress=True)
+    seconds.update({stage.kind: r.seconds for stage, r in result.stages})
     if test is not None:
         start = time.perf_counter()
-        ppl["sliced"] = perplexity(program, test, batch_size=batch_size, progress=True)
-        seconds["evaluate_sliced"] = time.perf_counter() - start
+        ppl["compressed"] = perplexity(program, test, batch_size=batch_size, progress=True)
+        seconds["evaluate_compressed"] = time.perf_counter() - start
+    segments = [r for p in result.passes if isinstance(p, SliceStream) for r in p.reports]
     record = {
         "passes": [p.name for p in result.passes],
-        "sparsity": sparsity,
-        "width_multiple": multiple,
-        "head": "untied" if untie else "tied where the model ties it",
-        "shared_basis": shared_basis,
-        "widths": [r.kept for r in result.segments],
-        "variance_kept": [round(r.variance_kept, 5) for r in result.segments],
-        "calibration": {"source": calibration, "windows": calib_windows, "length": calib_length, "seed": seed},
+        **extra,
+        "widths": [r.kept for r in segments],
+        "variance_kept": [round(r.variance_kept, 5) for r in segments],
+        "calibration": None if recipe.calibration is None else dataclasses.asdict(recipe.calibration),
         "evaluation": {"source": evaluation, "windows": 0 if test is None else len(test), "length": eval_length},
         "dense_parameters": result.dense_parameters,
-        "sliced_parameters": result.sliced_parameters,
+        "sliced_parameters": result.parameters,
         "perplexity": ppl,
+        "recipe": recipe.to_dict(),
+        **result.record(),
     }
     start = time.perf_counter()
     with err.status(f"saving to {out_dir} ..."):
-        if cached is not None:  # the same passes, the same bases: generation gets the sliced weights and a cache
+        if cached is not None:  # the same passes, the same bases: generation gets the new weights and a cache
             replay(result.passes, cached, program)
         save(cached or program, out_dir, record)
     seconds["save"] = time.perf_counter() - start
     lines = [
-        f"parameters   dense {result.dense_parameters:,}   sliced {result.sliced_parameters:,} "
-        f"({result.sliced_parameters / result.dense_parameters:.1%}, shortcuts and any untied head included)",
-        f"widths       {sorted(set(record['widths']))} of {result.segments[0].width}",
+        f"parameters   dense {result.dense_parameters:,}   compressed {result.parameters:,} "
+        f"({result.parameters / result.dense_parameters:.1%}, shortcuts and any untied head included)",
     ]
+    if segments:
+        lines.append(f"widths       {sorted(set(record['widths']))} of {segments[0].width}")
     if ppl:
-        lines.append(f"perplexity   dense {ppl['dense']:.3f}   sliced {ppl.get('sliced', float('nan')):.3f}   "
+        lines.append(f"perplexity   dense {ppl['dense']:.3f}   compressed {ppl.get('compressed', float('nan')):.3f}   "
                      f"({len(test)} windows of {eval_length} tokens, {evaluation})")
-    lines += [f"warning      segment {r.index} ({r.module}): {r.warning}" for r in result.segments if r.warning]
+    lines += [f"warning      segment {r.index} ({r.module}): {r.warning}" for r in segments if r.warning]
     lines.append("seconds      " + "  ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     lines.append(f"saved        {out_dir}")
     out.print("\n".join(lines), highlight=False, markup=False)
@@ -238,8 +235,8 @@ def eval_(
 ) -> None:
     """Measure the perplexity of a saved model."""
     from fxslice.data import load_text, token_windows
-    from fxslice.evaluate import perplexity
-    from fxslice.io import load
+    from fxslice.evaluation.perplexity import perplexity
+    from fxslice.models.io import load
 
     with err.status(f"loading {model_dir} ..."):
         program = load(model_dir)
@@ -265,7 +262,7 @@ def generate(
 
     import torch
 
-    from fxslice.generate import generate as run_generation
+    from fxslice.evaluation.generate import generate as run_generation
 
     program = _load_for_generation(model)
     tokenizer = program.tokenizer
@@ -300,7 +297,7 @@ def generate(
 
 
 def _load_for_generation(model: str) -> Program:
-    from fxslice.io import RECORD, load
+    from fxslice.models.io import RECORD, load
 
     if (Path(model) / RECORD).is_file():
         with err.status(f"loading {model} ..."):

@@ -1,18 +1,14 @@
-"""fxslice's built-in passes, written only against fxslice's public API.
+"""fxslice's built-in passes, installed as `fxslice.passes` and written only against fxslice's public API.
 
-The exact SliceGPT pipeline is `[CleanupIR(), ProjectNormWriters(), FuseNorms(), RotateStream(source)]`.
+`rewrite/` holds method-free rewrites (clean-up, causal attention, grouped-query attention);
+each compression method has its own sub-package (`slicegpt/`). `catalogue` names the built-in passes and
+stages for the CLI and recipe files; `presets` holds ready-made recipes.
 """
 
-from passes.causal_attention import CausalAttention
-from passes.cleanup import CleanupIR
-from passes.fuse_norms import FuseNorms
-from passes.fuse_repeat_kv import FuseRepeatKV
-from passes.project_norm_writers import ProjectNormWriters
-from passes.rotate_stream import RotateStream
+from fxslice.passes.catalogue import PASSES, STAGES, RunPasses, load_pass, load_recipe
+from fxslice.passes.presets import slicegpt_recipe
+from fxslice.passes.rewrite import CausalAttention, CleanupIR, FuseRepeatKV
+from fxslice.passes.slicegpt import FuseNorms, ProjectNormWriters, RotateStream, exact_pipeline
 
-__all__ = ["CausalAttention", "CleanupIR", "FuseNorms", "FuseRepeatKV", "ProjectNormWriters", "RotateStream", "exact_pipeline"]
-
-
-def exact_pipeline(rotations) -> list:
-    """The passes that make the model rotation-ready and rotate it; none changes the function."""
-    return [CleanupIR(), ProjectNormWriters(), FuseNorms(), RotateStream(rotations)]
+__all__ = ["PASSES", "STAGES", "CausalAttention", "CleanupIR", "FuseNorms", "FuseRepeatKV", "ProjectNormWriters",
+           "RotateStream", "RunPasses", "exact_pipeline", "load_pass", "load_recipe", "slicegpt_recipe"]

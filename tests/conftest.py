@@ -28,7 +28,7 @@ def tiny():
 
 @functools.cache
 def _smollm2() -> tuple[torch.nn.Module, Program]:
-    from fxslice.capture import load_model
+    from fxslice.models.capture import load_model
 
     model, tokenizer = load_model("smollm2")
     program = capture(model)

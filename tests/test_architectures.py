@@ -4,17 +4,13 @@ import pytest
 import torch
 
 from fxslice import PassManager
-from fxslice.rotations import random_orthogonal
-from fxslice.stream import SHORTCUT_ROLE, stream_analysis
+from fxslice.analysis.roles import SHORTCUT
+from fxslice.analysis.stream import stream_analysis
+from fxslice.core import TOLERANCE, relative_error
+from fxslice.core.graph import role_of
+from fxslice.passes import exact_pipeline
+from fxslice.passes.slicegpt.rotations import random_orthogonal
 from fxslice.testing import TINY_CONFIGS
-from passes import exact_pipeline
-from passes.fuse_norms import is_fused
-
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
 def run_exact(program, seed=3):
@@ -33,11 +29,11 @@ def test_fuse_and_rotate_keep_the_logits(tiny, name, dtype):
     program = program.to(dtype)
     err = run_exact(program)
     stream = program.analysis(stream_analysis)
-    shortcuts = [n for n in program.graph.nodes if n.meta.get("fxslice_role") == SHORTCUT_ROLE]
+    shortcuts = [n for n in program.graph.nodes if role_of(n) == SHORTCUT]
     print(f"{type(model).__name__:<22} {name:<12} {str(dtype)[6:]:<8} exact  max rel. error {err:.2e}  "
           f"segments {len(stream.segments)}  shortcuts {len(shortcuts)}")
     assert err <= TOLERANCE[dtype]
-    assert all(is_fused(n) for n in stream.norms)
+    assert all(n.is_plain_rms for n in stream.norms)
     assert len(shortcuts) == len(stream.shortcuts) > 0  # every residual edge crossed bases: all Q differ
 
 

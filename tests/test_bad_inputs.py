@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from fxslice import BadInput, CorruptModel, InvalidOption
-from fxslice.graph import set_tensor, tensor_of
-from fxslice.health import check_tokens
-from fxslice.io import load, save
+from fxslice.core.graph import set_tensor, tensor_of
+from fxslice.core.health import check_tokens
+from fxslice.models.io import load, save
+from fxslice.passes.slicegpt.pipeline import slicegpt
+from fxslice.passes.slicegpt.slice_stream import constant_widths
 from fxslice.testing import tiny_causal_lm
-from passes.slice_stream import constant_widths
-from passes.slicegpt import slicegpt
 
 CALIBRATION = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from fxslice import CaptureError, capture
-from fxslice.graph import tensor_of
+from fxslice.core.graph import tensor_of
 
 FAMILIES = ["llama", "qwen2", "gemma3", "opt", "gpt2", "gpt_neox", "phi", "falcon", "bloom", "mixtral"]
 

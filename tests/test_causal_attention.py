@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxslice import PassManager, capture_module
-from fxslice.graph import aten
-from fxslice.kvcache import capture_cached
+from fxslice.core.graph import aten
+from fxslice.models.kvcache import capture_cached
+from fxslice.passes import CausalAttention, CleanupIR
 from fxslice.testing import tiny_causal_lm
-from passes import CausalAttention, CleanupIR
 
 SDPA = aten.scaled_dot_product_attention.default
 FAMILIES = ["llama", "gpt2", "opt", "phi", "falcon", "gpt_neox", "mixtral", "olmo2", "qwen3"]

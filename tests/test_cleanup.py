@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from fxslice import PassManager
-from fxslice.graph import aten
-from passes import CleanupIR
+from fxslice.core.graph import aten
+from fxslice.passes import CleanupIR
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "phi3", "falcon"])

@@ -1,7 +1,7 @@
 import torch
 
 from fxslice import PassManager, PassResult, as_pass
-from fxslice.graph import aten
+from fxslice.core.graph import aten
 
 
 @as_pass(name="double_logits")

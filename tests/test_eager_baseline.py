@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fxslice import PassManager, capture
+from fxslice.passes import CleanupIR, FuseNorms, ProjectNormWriters
+from fxslice.passes.slicegpt.slice_stream import SliceStream, constant_widths
 from fxslice.testing import tiny_causal_lm
-from passes import CleanupIR, FuseNorms, ProjectNormWriters
-from passes.slice_stream import SliceStream, constant_widths
 
 _SPEC = importlib.util.spec_from_file_location(
     "eager_slicegpt", Path(__file__).parents[1] / "benchmarks" / "eager_slicegpt.py")

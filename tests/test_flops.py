@@ -3,11 +3,11 @@
 import torch
 
 from fxslice import PassManager, capture_module
-from fxslice.flops import count_flops
-from fxslice.kvcache import capture_cached
+from fxslice.analysis.flops import count_flops
+from fxslice.models.kvcache import capture_cached
+from fxslice.passes import CleanupIR, FuseNorms, ProjectNormWriters
+from fxslice.passes.slicegpt.slice_stream import SliceStream, constant_widths
 from fxslice.testing import tiny_causal_lm
-from passes import CleanupIR, FuseNorms, ProjectNormWriters
-from passes.slice_stream import SliceStream, constant_widths
 
 
 def _llama_flops(c, tokens: int, batch: int, length: int, d: int, shortcuts: int) -> int:

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from fxslice import PassManager, capture_module
-from fxslice.graph import aten
-from fxslice.kvcache import capture_cached
+from fxslice.core.graph import aten
+from fxslice.models.kvcache import capture_cached
+from fxslice.passes import CleanupIR, FuseRepeatKV
 from fxslice.testing import tiny_causal_lm
-from passes import CleanupIR, FuseRepeatKV
 
 SDPA = aten.scaled_dot_product_attention.default
 GQA_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]  # (gemma2 soft-caps: eager attention, no SDPA)

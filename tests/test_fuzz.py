@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fxslice.random_models import ModelSpec, build, compile_and_compare, specs
-from fxslice.rotations import random_orthogonal
-from passes import exact_pipeline
+from fxslice.passes import exact_pipeline
+from fxslice.passes.slicegpt.rotations import random_orthogonal
+from fxslice.testing.random_models import ModelSpec, build, compile_and_compare, specs
 
 EXAMPLES = int(os.environ.get("FXSLICE_FUZZ_EXAMPLES", "25"))
 SEEN: Counter[str] = Counter()

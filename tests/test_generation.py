@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from fxslice import CaptureError, PassCheckFailed, PassManager, capture_module
-from fxslice.generate import generate
-from fxslice.infra import replay
-from fxslice.io import load, save
-from fxslice.kvcache import capture_cached
-from fxslice.rotations import random_orthogonal
+from fxslice.core.pass_manager import replay
+from fxslice.evaluation.generate import generate
+from fxslice.models.io import load, save
+from fxslice.models.kvcache import capture_cached
+from fxslice.passes import CleanupIR, FuseNorms, ProjectNormWriters, RotateStream
+from fxslice.passes.slicegpt.rotations import random_orthogonal
+from fxslice.passes.slicegpt.slice_stream import SliceStream, constant_widths
 from fxslice.testing import tiny_causal_lm
-from passes import CleanupIR, FuseNorms, ProjectNormWriters, RotateStream
-from passes.slice_stream import SliceStream, constant_widths
 
 CALIBRATION = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(1))
 PROMPT = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(2))
@@ -108,7 +108,7 @@ def test_a_model_whose_cache_cannot_be_captured_says_so():
 
 @pytest.mark.parametrize("name", ["llama-tied", "gpt2"])
 def test_hf_generate_on_a_rotated_program_matches_the_original_model(name):
-    from fxslice.hf import as_hf_model
+    from fxslice.models.hf import as_hf_model
 
     model, program, _ = _compiled(name, RotateStream(random_orthogonal(seed=5)))
     ours = as_hf_model(program)
@@ -120,7 +120,7 @@ def test_hf_generate_on_a_rotated_program_matches_the_original_model(name):
 
 def test_hf_generate_on_a_reloaded_sliced_model_matches_fxslice_generate(tmp_path):
     from fxslice import InvalidOption
-    from fxslice.hf import as_hf_model
+    from fxslice.models.hf import as_hf_model
 
     _, _, cached = _compiled("llama", SliceStream(CALIBRATION, constant_widths(0.25), batch_size=4))
     back = load(save(cached, tmp_path / "sliced"))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fxslice import Pass, PassCheckFailed, PassManager, PassResult, as_pass
-from fxslice.graph import set_tensor, tensor_of
+from fxslice.core.graph import set_tensor, tensor_of
 
 
 class CorruptAWeight(Pass):

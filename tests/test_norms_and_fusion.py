@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from fxslice import PassManager, capture
-from fxslice.matchers import match_norms
-from fxslice.rotations import identity, random_orthogonal
-from fxslice.stream import SHORTCUT_ROLE, stream_analysis
-from passes import CleanupIR, FuseNorms, ProjectNormWriters, RotateStream, exact_pipeline
+from fxslice.analysis.matchers import match_norms
+from fxslice.analysis.roles import SHORTCUT
+from fxslice.analysis.stream import stream_analysis
+from fxslice.core.graph import role_of
+from fxslice.passes import CleanupIR, FuseNorms, ProjectNormWriters, RotateStream, exact_pipeline
+from fxslice.passes.slicegpt.rotations import identity, random_orthogonal
 
 
 class RMSVariant(nn.Module):
@@ -111,7 +113,7 @@ def test_passes_leave_a_model_without_stream_norms_alone():
 def test_identity_rotation_inserts_no_shortcuts(tiny):
     _, program = tiny("llama")
     PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(), RotateStream(identity())]).run(program)
-    assert not [n for n in program.graph.nodes if n.meta.get("fxslice_role") == SHORTCUT_ROLE]
+    assert not [n for n in program.graph.nodes if role_of(n) == SHORTCUT]
 
 
 def test_shared_rotation_inserts_no_shortcuts_between_equal_bases(tiny):
@@ -121,7 +123,7 @@ def test_shared_rotation_inserts_no_shortcuts_between_equal_bases(tiny):
     ids = program.probe_input()
     before = program(ids)
     PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(), RotateStream(same)]).run(program)
-    assert not [n for n in program.graph.nodes if n.meta.get("fxslice_role") == SHORTCUT_ROLE]
+    assert not [n for n in program.graph.nodes if role_of(n) == SHORTCUT]
     assert torch.allclose(program(ids), before, atol=1e-4, rtol=1e-4)
 
 

@@ -6,8 +6,8 @@ import transformers
 from torch import nn
 
 from fxslice import PassManager, UnsupportedStructure, capture
-from fxslice.rotations import random_orthogonal
-from passes import exact_pipeline
+from fxslice.passes import exact_pipeline
+from fxslice.passes.slicegpt.rotations import random_orthogonal
 
 
 class TinyLM(nn.Module):

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from fxslice import BadInput, CorruptModel, InvalidOption, PassManager
+from fxslice.core.graph import tensor_of
 from fxslice.data import load_text, token_windows
-from fxslice.evaluate import perplexity
-from fxslice.graph import tensor_of
-from fxslice.io import load, save
-from passes import CleanupIR, FuseNorms, ProjectNormWriters
-from passes.slice_stream import SliceStream, constant_widths
-from passes.slicegpt import slicegpt
+from fxslice.evaluation.perplexity import perplexity
+from fxslice.models.io import load, save
+from fxslice.passes import CleanupIR, FuseNorms, ProjectNormWriters
+from fxslice.passes.slicegpt.pipeline import slicegpt
+from fxslice.passes.slicegpt.slice_stream import SliceStream, constant_widths
 
 CALIBRATION = torch.randint(0, 128, (12, 24), generator=torch.Generator().manual_seed(0))
 
@@ -182,14 +182,14 @@ def test_cli_slice_then_eval_end_to_end(tmp_path):
     record = json.loads((out / "fxslice.json").read_text())
     assert record["sliced_parameters"] < record["dense_parameters"]  # at 30%, shortcuts included
     assert record["widths"] == [400] * 61 and record["calibration"]["windows"] == 4
-    assert math.isfinite(record["perplexity"]["sliced"]) and record["perplexity"]["dense"] > 1
+    assert math.isfinite(record["perplexity"]["compressed"]) and record["perplexity"]["dense"] > 1
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
     evaluated = subprocess.run([sys.executable, "-m", "fxslice.cli", "eval", str(out), "--eval-windows", "2",
                                 "--eval-length", "128"], capture_output=True, text=True)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     value = float(evaluated.stdout.split()[1])
-    assert abs(value - record["perplexity"]["sliced"]) < 1e-3 * value
+    assert abs(value - record["perplexity"]["compressed"]) < 1e-3 * value
     assert record["kv_cache"] is not None  # the saved graph carries a KV cache
     generated = subprocess.run([sys.executable, "-m", "fxslice.cli", "generate", str(out), "The capital of France is",
                                 "--max-new-tokens", "8"], capture_output=True, text=True)
@@ -200,11 +200,12 @@ def test_cli_slice_then_eval_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2", "phi"])
 def test_shared_basis_per_block_halves_the_shortcuts_and_stays_exact_unsliced(tiny, name):
-    from fxslice.stream import SHORTCUT_ROLE
-    from passes.slice_stream import per_block
+    from fxslice.analysis.roles import SHORTCUT
+    from fxslice.core.graph import role_of
+    from fxslice.passes.slicegpt.slice_stream import per_block
 
     def shortcuts(program):
-        return sum(n.meta.get("fxslice_role") == SHORTCUT_ROLE for n in program.graph.nodes)
+        return sum(role_of(n) == SHORTCUT for n in program.graph.nodes)
 
     _, program = tiny(name)
     program = fused(program.to(torch.float64))
@@ -230,8 +231,8 @@ def test_a_shared_basis_keeps_both_halves_of_the_block():
     """The basis of a block's shared pair spans the top eigenvectors of ΣXᵀX over *both* halves' inputs
     (embedding output and attention's residual sum for the first block, read off the eager model)."""
     from fxslice import capture
+    from fxslice.passes.slicegpt.slice_stream import per_block
     from fxslice.testing import tiny_causal_lm
-    from passes.slice_stream import per_block
 
     model = tiny_causal_lm("llama")
     program = fused(capture(model).to(torch.float64))
@@ -256,15 +257,16 @@ def test_a_shared_basis_keeps_both_halves_of_the_block():
 
 
 def test_looking_ahead_leaves_the_staged_runner_where_it_was(tiny):
-    from fxslice.calibrate import StagedRunner
+    from fxslice.calibration.observers import Recorder
+    from fxslice.calibration.runner import StagedRunner
 
     _, program = tiny("llama")
     nodes = [n for n in program.graph.nodes if n.op == "call_function"]
     middle, late = nodes[len(nodes) // 3], nodes[2 * len(nodes) // 3]
-    ahead, after = [], []
+    ahead, after = Recorder(), Recorder()
     runner = StagedRunner(program, list(CALIBRATION.split(4)))
     runner.run_through(middle)
-    runner.peek(late, lambda env: ahead.append(env[late].clone()))
-    runner.run_through(late, lambda env: after.append(env[late].clone()))
-    assert len(ahead) == len(after) == 3
-    assert all(torch.equal(a, b) for a, b in zip(ahead, after, strict=True))
+    runner.peek(late, {late: ahead})
+    runner.run_through(late, {late: after})
+    assert len(ahead.values) == len(after.values) == 3
+    assert all(torch.equal(a, b) for a, b in zip(ahead.values, after.values, strict=True))

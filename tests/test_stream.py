@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from fxslice import PassManager
-from fxslice.stream import stream_analysis
-from passes import CleanupIR
+from fxslice.analysis.stream import stream_analysis
+from fxslice.passes import CleanupIR
 
 LAYERS = 2
 

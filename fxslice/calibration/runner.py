@@ -1,0 +1,95 @@
+"""Staged execution of a program over many batches, for sequential calibration (design.md §4).
+
+`StagedRunner` runs the graph up to a node for every batch, keeps only the values a later node
+still needs (the stream at the cut and side inputs such as masks and rotary tables), and lets the
+caller edit weights, insert nodes downstream, and transform the cached values between stages.
+Observers (`fxslice.calibration.observers`) attached to nodes see each batch's value as it is
+computed. Running all stages costs one forward pass over the batches in total.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxslice.calibration.observers import Observer
+from fxslice.core.errors import UnsupportedStructure
+from fxslice.core.graph import mutates, tensor_of
+from fxslice.core.program import Program
+
+__all__ = ["StagedRunner", "Observers", "notify", "run_nodes"]
+
+Env = dict[fx.Node, Any]
+#: which observers watch which node's value
+Observers = Mapping[fx.Node, Observer | Sequence[Observer]]
+
+
+def notify(env: Env, observers: Observers) -> None:
+    """Give each observer its node's value in `env`."""
+    for node, watching in observers.items():
+        if node not in env:
+            raise UnsupportedStructure(f"observer on {node.name}: the node has not run by the end of this stage")
+        for observer in (watching if isinstance(watching, Sequence) else (watching,)):
+            observer.update(env[node])
+
+
+def run_nodes(gm: fx.GraphModule, env: Env, nodes: Sequence[fx.Node]) -> None:
+    """Evaluate `nodes` in order into `env`; weights are read when used (they change between stages)."""
+
+    def value(n: fx.Node) -> Any:
+        return tensor_of(gm, n) if n.op == "get_attr" else env[n]
+
+    for node in nodes:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+        env[node] = node.target(*args, **kwargs)
+
+
+class StagedRunner:
+    def __init__(self, program: Program, batches: Sequence[torch.Tensor]):
+        self.program = program
+        placeholder = next(iter(program.graph.find_nodes(op="placeholder")))
+        self.envs: list[Env] = [{placeholder: batch} for batch in batches]
+        self.done: set[fx.Node] = {placeholder}
+
+    def _todo(self, stop: fx.Node) -> list[fx.Node]:
+        order = list(self.program.graph.nodes)
+        return [n for n in order[: order.index(stop) + 1] if n not in self.done and n.op == "call_function"]
+
+    @torch.no_grad()
+    def run_through(self, stop: fx.Node, observers: Observers | None = None) -> None:
+        """Execute every not-yet-run node up to and including `stop`, batch by batch; each batch's values of
+        the observed nodes go to their observers before anything is dropped."""
+        todo = self._todo(stop)
+        self.done.update(todo)
+        live = {n for n in self.done if any(u not in self.done for u in n.users)}
+        for env in self.envs:
+            run_nodes(self.program.gm, env, todo)
+            if observers:
+                notify(env, observers)
+            for node in list(env):
+                if node not in live:
+                    del env[node]
+
+    @torch.no_grad()
+    def peek(self, stop: fx.Node, observers: Observers) -> None:
+        """Run ahead to `stop` and feed the observers for every batch, keeping nothing: a look at a later cut
+        (a basis shared with a later segment) that leaves the runner where it was."""
+        todo = self._todo(stop)
+        writers = [n for n in todo if mutates(n)]
+        if writers:
+            raise UnsupportedStructure(f"cannot look ahead past {writers[0].name} ({writers[0].target}): it writes in "
+                                       "place into values the runner keeps")
+        for env in self.envs:
+            ahead = dict(env)
+            run_nodes(self.program.gm, ahead, todo)
+            notify(ahead, observers)
+
+    def transform(self, nodes: Sequence[fx.Node], fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the cached values of `nodes` (where cached) by fn(value)."""
+        for env in self.envs:
+            for node in nodes:
+                if node in env and isinstance(env[node], torch.Tensor):
+                    env[node] = fn(env[node])

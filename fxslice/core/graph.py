@@ -1,0 +1,228 @@
+"""Small graph utilities shared by the framework and by passes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+__all__ = [
+    "aten",
+    "CAST_OPS",
+    "tensor_of",
+    "set_tensor",
+    "add_parameter",
+    "module_path",
+    "retarget_float_casts",
+    "erase_unused",
+    "is_param",
+    "infer_val",
+    "refresh_vals",
+    "insert_op",
+    "owner_of",
+    "input_names",
+    "set_role",
+    "role_of",
+    "mutates",
+    "drop_unused_weights",
+]
+
+aten = torch.ops.aten
+
+CAST_OPS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
+
+
+def tensor_of(gm: fx.GraphModule, node: Any) -> Any:
+    """The tensor behind a `get_attr` node (or a fully qualified name)."""
+    target = node.target if isinstance(node, fx.Node) else node
+    obj: Any = gm
+    for part in str(target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def is_param(gm: fx.GraphModule, node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr" and isinstance(tensor_of(gm, node), torch.Tensor)
+
+
+def owner_of(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
+    """The module that holds the attribute `target` (a qualified name) and the attribute's own name."""
+    owner_path, _, name = str(target).rpartition(".")
+    return (gm.get_submodule(owner_path) if owner_path else gm), name
+
+
+def input_names(gm: fx.GraphModule) -> list[str]:
+    """The graph's inputs (placeholders) in order."""
+    return [str(n.target) for n in gm.graph.find_nodes(op="placeholder")]
+
+
+def set_role(node: fx.Node, role: str) -> None:
+    """Record what a node is for (`fxslice.analysis.roles`) in its meta, where copies and analyses see it."""
+    node.meta["fxslice_role"] = role
+
+
+def role_of(node: fx.Node) -> str | None:
+    return node.meta.get("fxslice_role")
+
+
+def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Replace the parameter or buffer at `target`, keeping its kind (parameter vs buffer)."""
+    owner, name = owner_of(gm, target)
+    if name in owner._parameters:
+        owner._parameters[name] = nn.Parameter(value.detach(), requires_grad=False)
+    elif name in owner._buffers:
+        owner._buffers[name] = value.detach()
+    else:
+        setattr(owner, name, value.detach())
+
+
+def add_parameter(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> str:
+    """Register a new parameter under `fxslice.<stem>_<n>` and return its target."""
+    if not hasattr(gm, "fxslice"):
+        gm.add_module("fxslice", nn.Module())
+    holder = gm.get_submodule("fxslice")
+    n = 0
+    while hasattr(holder, f"{stem}_{n}"):
+        n += 1
+    holder.register_parameter(f"{stem}_{n}", nn.Parameter(value.detach(), requires_grad=False))
+    return f"fxslice.{stem}_{n}"
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module path recorded by torch.export ('' at the top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
+def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
+    """Convert floating weights to `dtype` and make every float cast or float factory produce `dtype`."""
+    for module in gm.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is not None and t.is_floating_point():
+                    converted = t.detach().to(dtype)
+                    store[name] = nn.Parameter(converted, requires_grad=False) if isinstance(t, nn.Parameter) else converted
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == aten._assert_tensor_metadata.default:  # would assert the old dtype
+            gm.graph.erase_node(node)
+            continue
+        if node.target in CAST_OPS:
+            node.args = tuple(dtype if _is_float_dtype(a) else a for a in node.args)
+        if _is_float_dtype(node.kwargs.get("dtype")):
+            node.kwargs = {**node.kwargs, "dtype": dtype}
+    refresh_vals(gm)
+    gm.recompile()
+
+
+def refresh_vals(gm: fx.GraphModule, only: Iterable[fx.Node] | None = None) -> None:
+    """Recompute the fake `val` of every node, or of the nodes in `only` (after weights changed dtype or shape)."""
+    subset = None if only is None else set(only)
+    _refresh_vals(gm, [n for n in gm.graph.nodes if subset is None or n in subset])
+
+
+def _refresh_vals(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    for node in nodes:
+        if node.op == "get_attr":
+            value = tensor_of(gm, node)
+            old = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor):
+                mode = getattr(old, "fake_mode", None)
+                node.meta["val"] = mode.from_tensor(value, static_shapes=True) if mode is not None else value
+        elif node.op == "call_function" and (_has_tensor(node.meta.get("val")) or "val" not in node.meta):
+            try:
+                infer_val(node)
+            except Exception:  # noqa: BLE001 - some meta kernels reject symbolic sizes; keep the old value
+                pass
+
+
+def _is_float_dtype(value: Any) -> bool:
+    return isinstance(value, torch.dtype) and value.is_floating_point
+
+
+def _has_tensor(val: Any) -> bool:
+    if isinstance(val, (list, tuple)):
+        return any(isinstance(v, torch.Tensor) for v in val)
+    return isinstance(val, torch.Tensor)
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether `node` writes into one of its inputs (`add_`, `index_copy_`, `copy_` ...)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and any(
+        a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
+def drop_unused_weights(gm: fx.GraphModule) -> int:
+    """Unregister parameters and buffers no `get_attr` reads any more (a replaced table's old value, say),
+    so that a compiled program does not keep dead weights in memory. Returns how many went."""
+    used = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
+    dropped = 0
+    for name in [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [n for n, _ in gm.named_buffers(remove_duplicate=False)]:
+        if name not in used:
+            owner, attr = owner_of(gm, name)
+            owner._parameters.pop(attr, None)
+            owner._buffers.pop(attr, None)
+            dropped += 1
+    return dropped
+
+
+def erase_unused(gm: fx.GraphModule) -> int:
+    """Dead-code elimination (placeholders and in-place ops stay); returns how many nodes went."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    return before - len(gm.graph.nodes)
+
+
+def infer_val(node: fx.Node) -> None:
+    """Fill `node.meta["val"]` by running its op on the fake values of its inputs (symbolic shapes kept)."""
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta.get("val") for n in node.all_input_nodes]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None:  # inputs are weights with real values: use the graph's own fake mode
+        inputs = [n for n in node.graph.nodes if n.op == "placeholder"]
+        mode = detect_fake_mode([n.meta.get("val") for n in inputs if isinstance(n.meta.get("val"), torch.Tensor)])
+    if mode is None:
+        return
+
+    def fake(n: fx.Node) -> Any:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor):
+            v = mode.from_tensor(v, static_shapes=True)
+        return v
+
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
+    with mode, _quiet_fake_tensor_log():
+        node.meta["val"] = node.target(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """Failed fake-tensor runs are expected here (callers fall back); keep torch from logging them."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def insert_op(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None, *, like: fx.Node | None = None) -> fx.Node:
+    """Create a call_function node (at the current insertion point) with inferred `val` and `like`'s module stack."""
+    node = graph.call_function(target, args, kwargs or {})
+    if like is not None:
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    try:
+        infer_val(node)
+    except Exception:  # noqa: BLE001 - inputs not refreshed yet; refresh_vals fills it in
+        pass
+    return node

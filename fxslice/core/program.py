@@ -1,0 +1,109 @@
+"""The object every pass works on: a captured graph plus what is known of its source."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import fx, nn
+
+from fxslice.core import graph as G
+
+__all__ = ["Program"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class Program:
+    """A causal LM as an ATen-level FX graph: `program(input_ids) -> logits`.
+
+    Weights are `get_attr` nodes whose targets are the model's own fully qualified names
+    (`model.layers.3.self_attn.q_proj.weight`). `version` counts graph changes; analyses
+    are cached against it (see `analysis`).
+    """
+
+    gm: fx.GraphModule
+    model_class: str = "nn.Module"
+    config: dict[str, Any] | None = None
+    tokenizer: Any = None
+    source: str = ""
+    record: dict[str, Any] = field(default_factory=dict)  # what fxslice did to it (see fxslice.models.io)
+    cache: Any = None  # a fxslice.models.kvcache.CacheLayout when the graph reads and writes a KV cache
+    version: int = 0
+    _analyses: dict[Callable, tuple[int, Any]] = field(default_factory=dict, repr=False)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for whole sequences (a cached graph starts from an empty cache)."""
+        if self.cache is None:
+            return self.gm(input_ids)
+        kv = self.cache.allocate(input_ids.shape[0], input_ids.shape[1], self.dtype, input_ids.device)
+        return self.step(input_ids, 0, kv)
+
+    def step(self, input_ids: torch.Tensor, past_length: int, kv: list[torch.Tensor]) -> torch.Tensor:
+        """Logits of `input_ids` following `past_length` tokens already in `kv`, which is updated in place."""
+        if self.cache is None:
+            raise TypeError("this program has no KV cache; capture it with fxslice.models.kvcache.capture_cached")
+        return self.gm(input_ids, torch.tensor(past_length, device=input_ids.device), *kv)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    @property
+    def dtype(self) -> torch.dtype:
+        floats = [p.dtype for p in self.gm.parameters() if p.is_floating_point()]
+        return floats[0] if floats else torch.float32
+
+    @property
+    def vocab_size(self) -> int:
+        for node in self.graph.nodes:
+            if node.op == "call_function" and node.target == torch.ops.aten.embedding.default:
+                return G.tensor_of(self.gm, node.args[0]).shape[0]
+        raise LookupError("the graph has no token embedding")
+
+    def num_parameters(self) -> int:
+        """Parameters the graph actually uses (a tied table counts once)."""
+        seen: dict[int, int] = {}
+        for node in self.graph.nodes:
+            if node.op == "get_attr" and node.users:
+                value = G.tensor_of(self.gm, node)
+                if isinstance(value, nn.Parameter):
+                    seen[id(value)] = value.numel()
+        return sum(seen.values())
+
+    def analysis(self, fn: Callable[[Program], T]) -> T:
+        """Run the analysis `fn` once per graph version and cache its result."""
+        cached = self._analyses.get(fn)
+        if cached is not None and cached[0] == self.version:
+            return cached[1]
+        result = fn(self)
+        self._analyses[fn] = (self.version, result)
+        return result
+
+    def mark_changed(self) -> None:
+        """Call after editing the graph or weights outside a PassManager."""
+        self.version += 1
+        self._analyses.clear()
+
+    def clone(self) -> Program:
+        """An independent copy (graph and weights)."""
+        return Program(copy.deepcopy(self.gm), self.model_class, self.config, self.tokenizer, self.source,
+                       dict(self.record), cache=self.cache)
+
+    def to(self, dtype: torch.dtype) -> Program:
+        """A copy computing in `dtype`: weights converted and every float cast in the graph retargeted.
+
+        HF models cast to float32 inside their norms; a float64 check must lift those casts too,
+        or it measures float32 round-off instead of the passes.
+        """
+        out = self.clone()
+        G.retarget_float_casts(out.gm, dtype)
+        return out
+
+    def probe_input(self, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randint(0, self.vocab_size, (batch, length), generator=gen)

@@ -1,0 +1,1 @@
+"""What a user measures and runs: perplexity, generation."""

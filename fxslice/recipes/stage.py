@@ -1,0 +1,103 @@
+"""A compression method as a stage of a recipe: a small frozen, versioned config whose `run` drives passes.
+
+A stage declares the *facts* about the program it needs, refuses and provides (`clean`, `sliced`,
+`quantized`, ...), so that a recipe can refuse a wrong order before any calibration starts. Its fields
+are its whole configuration: `to_dict` writes them, `from_dict` reads them back (keyword-only,
+validated in `__post_init__` with a message that names the bad combination).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from fxslice.core.diff import PassRecord
+from fxslice.core.errors import InvalidOption
+from fxslice.core.pass_manager import Pass, PassManager
+from fxslice.core.program import Program
+
+__all__ = ["Stage", "StageContext", "StageResult", "CAPTURED"]
+
+#: the one fact every program starts with
+CAPTURED = "captured"
+
+
+@dataclass
+class StageContext:
+    """What a stage may use besides the program: calibration windows (token ids [n, length]), whether to
+    show progress, and a seed. Calibration is built once per recipe run and shared by every stage."""
+
+    calibration: torch.Tensor | None = None
+    progress: bool = False
+    seed: int = 0
+
+    def windows(self, stage: str) -> torch.Tensor:
+        if self.calibration is None:
+            raise InvalidOption(f"stage '{stage}' calibrates: give the recipe a calibration section "
+                                "(or pass calibration windows to Recipe.run)")
+        return self.calibration
+
+
+@dataclass
+class StageResult:
+    """What a stage did: the passes it ran (to `fxslice.replay` on another capture), each pass's diff
+    record, and a JSON-able report of the method's own figures."""
+
+    passes: list[Pass] = field(default_factory=list)
+    records: list[PassRecord] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    """Subclasses set `kind` (the name in a recipe file) and `version`, declare facts, and implement `run`."""
+
+    kind: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    needs: ClassVar[frozenset[str]] = frozenset({CAPTURED})
+    refuses: ClassVar[frozenset[str]] = frozenset()
+    provides: ClassVar[frozenset[str]] = frozenset()
+    calibrates: ClassVar[bool] = False
+
+    def run(self, program: Program, context: StageContext) -> StageResult:
+        raise NotImplementedError
+
+    def run_passes(self, program: Program, passes: Sequence[Pass], context: StageContext, *,
+                   check_numerics: bool = False) -> StageResult:
+        """Run `passes` through one PassManager and keep their records: the common body of `run`."""
+        start = time.perf_counter()
+        pipeline = PassManager(passes, check_numerics=check_numerics).run(program)
+        return StageResult(list(pipeline.passes), pipeline.records, seconds=time.perf_counter() - start)
+
+    # serialisation --------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"stage": self.kind, "version": self.version}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if callable(value):
+                raise InvalidOption(f"stage '{self.kind}': field '{f.name}' holds a function, which a recipe file "
+                                    "cannot store; give the stage plain values")
+            data[f.name] = list(value) if isinstance(value, tuple) else value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Stage:
+        data = dict(data)
+        data.pop("stage", None)
+        version = data.pop("version", cls.version)
+        if version != cls.version:
+            raise InvalidOption(f"stage '{cls.kind}' is version {cls.version}; the recipe was written for "
+                                f"version {version}")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise InvalidOption(f"stage '{cls.kind}' has no option {', '.join(map(repr, unknown))}; "
+                                f"its options: {', '.join(names) or '(none)'}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

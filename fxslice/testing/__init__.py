@@ -1,0 +1,5 @@
+"""Tiny random models and checks for testing passes (fxslice's own and yours)."""
+
+from fxslice.testing.tiny_models import TINY_CONFIGS, perturb_norms, tiny_causal_lm
+
+__all__ = ["TINY_CONFIGS", "perturb_norms", "tiny_causal_lm"]

@@ -1,0 +1,7 @@
+"""Method-free rewrites: exact passes that tidy or speed up a captured graph, whatever compresses it later."""
+
+from fxslice.passes.rewrite.causal_attention import CausalAttention
+from fxslice.passes.rewrite.cleanup import CleanupIR
+from fxslice.passes.rewrite.fuse_repeat_kv import FuseRepeatKV
+
+__all__ = ["CausalAttention", "CleanupIR", "FuseRepeatKV"]

@@ -1,0 +1,57 @@
+"""`slicegpt()`: the SliceGPT preset recipe as one call on a program and calibration windows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fxslice.analysis.stream import Segment
+from fxslice.core import InvalidOption, Pass, Program
+from fxslice.passes.slicegpt.slice_stream import ConstantWidths, SegmentReport, SliceStream, per_block
+from fxslice.recipes import Recipe, RecipeResult
+
+__all__ = ["SliceResult", "slicegpt"]
+
+
+@dataclass
+class SliceResult:
+    dense_parameters: int
+    sliced_parameters: int
+    segments: list[SegmentReport]
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+    passes: list[Pass] = field(default_factory=list)  # to `fxslice.replay` on another capture (a KV-cache one)
+    recipe: Recipe | None = None
+    result: RecipeResult | None = None  # every pass's diff record
+
+
+def slicegpt(
+    program: Program,
+    windows: torch.Tensor,
+    widths: Callable[[Segment, int], int] | Sequence[int],
+    *,
+    batch_size: int = 8,
+    slice_head: bool = True,
+    keep_ties: bool = True,
+    share: Callable[[Segment], str] | None = None,
+    progress: bool = False,
+) -> SliceResult:
+    """Slice `program` in place; `windows` are the calibration token windows [n, length].
+
+    `keep_ties=False` unties a tied head (better perplexity, a V x d table more; see README).
+    `share=per_block` gives both halves of a block one basis: half the shortcut matrices, some quality."""
+    from fxslice.passes.presets import slicegpt_recipe
+
+    if share not in (None, per_block):
+        raise InvalidOption("slicegpt(): share is None or per_block; for another grouping run SliceStream yourself")
+    if isinstance(widths, ConstantWidths):
+        rule: dict = {"sparsity": widths.sparsity, "multiple": widths.multiple}
+    else:
+        rule = {"widths": widths if callable(widths) else tuple(int(w) for w in widths)}
+    recipe = slicegpt_recipe(**rule, batch_size=batch_size, slice_head=slice_head, keep_ties=keep_ties,
+                             shared_basis=share is per_block)
+    result = recipe.run(program, calibration=windows, progress=progress)
+    slicer = next(p for p in result.passes if isinstance(p, SliceStream))
+    return SliceResult(result.dense_parameters, result.parameters, slicer.reports,
+                       {stage.kind: round(r.seconds, 2) for stage, r in result.stages}, result.passes, recipe, result)

@@ -1,0 +1,36 @@
+"""Give every norm that writes into the stream an explicit linear projection (design.md §2).
+
+A post-norm (Gemma-2/3, OLMo-2) or an embedding norm (BLOOM) adds its output to the stream, but an
+elementwise scale does not commute with a rotation. Inserting `y -> y @ I` after such a norm makes
+the identity matrix the stream's writer: the rotation (and later slicing) acts on it like on any
+linear writer, while the norm and its affine part stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxslice import Pass, PassResult, Program
+from fxslice.analysis.stream import stream_analysis
+from fxslice.analysis.weights import insert_linear
+
+__all__ = ["ProjectNormWriters"]
+
+
+class ProjectNormWriters(Pass):
+    name = "project_norm_writers"
+    exact = True
+
+    def requires(self, program: Program) -> None:
+        program.analysis(stream_analysis).check()
+
+    def call(self, program: Program) -> PassResult:
+        gm = program.gm
+        stream = program.analysis(stream_analysis)
+        writers = [w for w in stream.writers if w.kind == "norm"]
+        for writer in writers:
+            insert_linear(gm, writer.norm.output, torch.eye(stream.width), stem="projection")
+        return PassResult(bool(writers), {"projections": len(writers)})
+
+    def ensures(self, program: Program) -> None:
+        assert not any(w.kind == "norm" for w in program.analysis(stream_analysis).writers)

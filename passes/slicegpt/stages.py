@@ -1,0 +1,85 @@
+"""SliceGPT as recipe stages: `slicegpt` (fuse the norms, calibrate, slice) and `rotate` (exact, random)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fxslice.analysis.stream import Segment
+from fxslice.core import InvalidOption, Program
+from fxslice.passes.rewrite.stages import CLEAN, GQA_FUSED
+from fxslice.passes.slicegpt.fuse_norms import FuseNorms
+from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
+from fxslice.passes.slicegpt.rotate_stream import RotateStream
+from fxslice.passes.slicegpt.rotations import random_orthogonal
+from fxslice.passes.slicegpt.slice_stream import ConstantWidths, SliceStream, per_block
+from fxslice.recipes import CAPTURED, Stage, StageContext, StageResult
+
+__all__ = ["SliceGPT", "Rotate", "SLICED", "ROTATED"]
+
+SLICED = "sliced"
+ROTATED = "rotated"
+QUANTIZED = "quantized"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SliceGPT(Stage):
+    """Sequential PCA slicing of the residual stream (design.md §1, §4).
+
+    `sparsity` (every segment keeps 1 - sparsity of its width, rounded down to a multiple of `multiple`)
+    or `widths` (one per segment); `keep_ties=False` unties a tied head (better perplexity, V x d more
+    parameters); `shared_basis` gives both halves of a block one basis (half the shortcuts)."""
+
+    kind = "slicegpt"
+    needs = frozenset({CAPTURED, CLEAN})
+    refuses = frozenset({SLICED, ROTATED, GQA_FUSED, QUANTIZED})
+    provides = frozenset({SLICED})
+    calibrates = True
+
+    sparsity: float | None = None
+    widths: tuple[int, ...] | Callable[[Segment, int], int] | None = None
+    multiple: int = 8
+    keep_ties: bool = True
+    shared_basis: bool = False
+    slice_head: bool = True
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.sparsity is None) == (self.widths is None):
+            raise InvalidOption(f"slicegpt: give either sparsity or widths, not "
+                                f"{'both' if self.sparsity is not None else 'neither'}")
+        if self.sparsity is not None:
+            ConstantWidths(self.sparsity, self.multiple)  # validates both
+        elif not callable(self.widths) and not all(isinstance(w, int) and w > 0 for w in self.widths):
+            raise InvalidOption(f"slicegpt: widths must be positive integers, got {list(self.widths)}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InvalidOption(f"slicegpt: batch_size must be a positive integer, got {self.batch_size!r}")
+
+    def run(self, program: Program, context: StageContext) -> StageResult:
+        rule = ConstantWidths(self.sparsity, self.multiple) if self.sparsity is not None else self.widths
+        slicer = SliceStream(context.windows(self.kind), rule, batch_size=self.batch_size, slice_head=self.slice_head,
+                             share=per_block if self.shared_basis else None, progress=context.progress)
+        result = self.run_passes(program, [ProjectNormWriters(), FuseNorms(keep_ties=self.keep_ties), slicer], context)
+        result.report = {
+            "widths": [r.kept for r in slicer.reports],
+            "variance_kept": [round(r.variance_kept, 5) for r in slicer.reports],
+            "warnings": {str(r.index): r.warning for r in slicer.reports if r.warning},
+        }
+        return result
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rotate(Stage):
+    """Fuse the norms and rotate the stream by a random orthogonal matrix per segment: exact, checked
+    numerically. A model in which every later rotation (QuaRot-style quantization, say) is cheap."""
+
+    kind = "rotate"
+    needs = frozenset({CAPTURED, CLEAN})
+    refuses = frozenset({SLICED, ROTATED, GQA_FUSED, QUANTIZED})
+    provides = frozenset({ROTATED})
+
+    seed: int = 0
+
+    def run(self, program: Program, context: StageContext) -> StageResult:
+        passes = [ProjectNormWriters(), FuseNorms(), RotateStream(random_orthogonal(self.seed))]
+        return self.run_passes(program, passes, context, check_numerics=True)
