@@ -1,8 +1,13 @@
-"""fxslice: SliceGPT as a graph-transform compiler over torch.fx.
+"""fxslice: structured compression of transformer LMs as a graph-transform compiler over torch.fx.
 
-Public API: capture a model as a `Program`, write passes on `Pass`/`PassManager`, inspect what
-they changed with `fxslice.core.diff`. The built-in passes live in the separate `passes` package and
-use nothing but this API.
+A model is captured once as an ATen-level graph (`capture`) into a `Program`; every compression step
+is a `Pass` run by a `PassManager`, which checks the graph after each one and records what it changed
+(`fxslice.core.diff`). Methods are stages of a `Recipe` (`fxslice.recipes`); the built-in passes and
+stages are in `fxslice.passes` and use nothing but this public API.
+
+Layers, each importing only those before it: `core` (program, passes, graph utilities, errors) ->
+`analysis` (matchers, residual stream, roles) -> `calibration` (staged runner, observers, gradients);
+`data`, `models` (capture, save/load), `evaluation` and `recipes` beside them; `cli` on top.
 """
 
 from fxslice.core.errors import (
@@ -16,27 +21,14 @@ from fxslice.core.errors import (
 )
 from fxslice.core.pass_manager import Pass, PassManager, PassResult, PipelineResult, as_pass, check_program, replay
 from fxslice.core.program import Program
+from fxslice.core.version import __version__
 from fxslice.models.capture import DEFAULT_MODEL, capture, capture_module
-
-__version__ = "0.1.0"
+from fxslice.models.io import load, save
+from fxslice.recipes import Recipe, Stage
 
 __all__ = [
-    "BadInput",
-    "CaptureError",
-    "CorruptModel",
-    "DEFAULT_MODEL",
-    "FxsliceError",
-    "InvalidOption",
-    "Pass",
-    "PassCheckFailed",
-    "PassManager",
-    "PassResult",
-    "PipelineResult",
-    "Program",
-    "UnsupportedStructure",
-    "as_pass",
-    "capture",
-    "capture_module",
-    "check_program",
-    "replay",
+    "BadInput", "CaptureError", "CorruptModel", "DEFAULT_MODEL", "FxsliceError", "InvalidOption", "Pass",
+    "PassCheckFailed", "PassManager", "PassResult", "PipelineResult", "Program", "Recipe", "Stage",
+    "UnsupportedStructure", "__version__", "as_pass", "capture", "capture_module", "check_program", "load", "replay",
+    "save",
 ]

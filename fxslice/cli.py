@@ -134,8 +134,8 @@ def slice_(
 
 @app.command()
 def compress(
+    recipe_file: Annotated[Path, typer.Option("--recipe", help="a recipe (YAML or JSON): calibration and stages")],
     model: ModelArg = DEFAULT_MODEL,
-    recipe_file: Annotated[Path, typer.Option("--recipe", help="a recipe (YAML or JSON): calibration and stages")] = Path("recipe.yaml"),
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the compressed model")] = Path("compressed"),
     evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
     eval_windows: Annotated[int | None, typer.Option(help="evaluate on the first N windows (default: all)")] = None,

@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 
-from fxslice import Program, capture
+from fxslice import PassManager, Program, capture
 from fxslice.testing import tiny_causal_lm
 
 
@@ -44,3 +44,36 @@ def smollm2():
 @pytest.fixture
 def smollm2_tokenizer(smollm2):
     return smollm2[1].tokenizer
+
+
+@pytest.fixture
+def tiny_programs():
+    """`tiny_programs(*names)` -> [(name, fresh Program)]: the form `fxslice.testing.check_exact_pass` takes."""
+
+    def make(*names: str) -> list[tuple[str, Program]]:
+        return [(name, _captured(name)[1].clone()) for name in names]
+
+    return make
+
+
+class NoStreamNorms(torch.nn.Module):
+    """Embedding, one residual MLP, a head: no norms, no attention, no mask: most passes have nothing to do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.mlp, self.head = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 20)
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        return self.head(h + self.mlp(h))
+
+
+@pytest.fixture
+def plain_program():
+    """A captured `NoStreamNorms`, cleaned up."""
+    from fxslice.passes import CleanupIR
+
+    program = capture(NoStreamNorms())
+    PassManager([CleanupIR()]).run(program)
+    return program

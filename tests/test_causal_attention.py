@@ -10,7 +10,7 @@ from fxslice import PassManager, capture_module
 from fxslice.core.graph import aten
 from fxslice.models.kvcache import capture_cached
 from fxslice.passes import CausalAttention, CleanupIR
-from fxslice.testing import tiny_causal_lm
+from fxslice.testing import check_exact_pass, check_pass_leaves_alone, tiny_causal_lm
 
 SDPA = aten.scaled_dot_product_attention.default
 FAMILIES = ["llama", "gpt2", "opt", "phi", "falcon", "gpt_neox", "mixtral", "olmo2", "qwen3"]
@@ -85,3 +85,14 @@ def test_a_declared_window_longer_than_the_probes_leaves_the_graph_alone():
     assert not PassManager([CausalAttention(probe_limit=512)]).run(program).modified
     program.config = {"max_position_embeddings": 8192, "sliding_window": 100}  # probed at 101: causal there
     assert PassManager([CausalAttention(probe_limit=512)]).run(program).modified
+
+
+def test_causal_attention_passes_the_shared_exact_pass_checks(tiny_programs):
+    reports = check_exact_pass(CausalAttention, tiny_programs("llama", "gpt2", "opt", "falcon", "qwen3"),
+                               prepare=lambda: [CleanupIR()])
+    assert len(reports) == 10
+
+
+def test_causal_attention_leaves_graphs_without_a_causal_mask_alone(tiny_programs, plain_program):
+    check_pass_leaves_alone(CausalAttention, [("no-attention", plain_program), *tiny_programs("gemma3")],
+                            prepare=lambda: [CleanupIR()])

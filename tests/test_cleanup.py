@@ -4,6 +4,7 @@ import torch
 from fxslice import PassManager
 from fxslice.core.graph import aten
 from fxslice.passes import CleanupIR
+from fxslice.testing import check_exact_pass, check_pass_leaves_alone
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "phi3", "falcon"])
@@ -53,3 +54,12 @@ def test_cleanup_drops_whole_slices_only():
     kept = [(n.args[2], n.args[3]) for n in slices()]
     assert sorted(kept) == [(0, 3), (1, 9223372036854775807)]
     assert torch.equal(program(ids), before)
+
+
+def test_cleanup_passes_the_shared_exact_pass_checks(tiny_programs):
+    reports = check_exact_pass(CleanupIR, tiny_programs("llama", "gpt2", "phi3", "falcon", "opt", "gemma2"))
+    assert len(reports) == 12 and all(r.modified for r in reports)
+
+
+def test_cleanup_leaves_a_clean_graph_alone(plain_program):
+    check_pass_leaves_alone(CleanupIR, [("no-norms", plain_program)])

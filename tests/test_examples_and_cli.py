@@ -14,7 +14,7 @@ def test_custom_pass_example_runs_and_folds_the_scale(capsys):
     assert "fold_scale_into_linear" in out and "-1 nodes" in out and "weight values" in out
 
 
-@pytest.mark.parametrize("command", [[], ["inspect"], ["diff"]])
+@pytest.mark.parametrize("command", [[], ["inspect"], ["diff"], ["slice"], ["compress"]])
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "fxslice.cli", *command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -40,3 +40,10 @@ def test_cli_error_is_one_message_with_its_exit_code(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 3
     assert "CaptureError" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_custom_recipe_example_runs_and_refuses_the_wrong_order(capsys):
+    runpy.run_path(str(ROOT / "examples" / "custom_recipe.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "round_linear_weights (lossy" in out and "slice_stream (lossy" in out
+    assert "refused before running" in out and "already quantized" in out

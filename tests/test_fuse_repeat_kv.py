@@ -8,7 +8,7 @@ from fxslice import PassManager, capture_module
 from fxslice.core.graph import aten
 from fxslice.models.kvcache import capture_cached
 from fxslice.passes import CleanupIR, FuseRepeatKV
-from fxslice.testing import tiny_causal_lm
+from fxslice.testing import check_exact_pass, check_pass_leaves_alone, tiny_causal_lm
 
 SDPA = aten.scaled_dot_product_attention.default
 GQA_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]  # (gemma2 soft-caps: eager attention, no SDPA)
@@ -64,3 +64,13 @@ def test_only_the_interleaved_repeat_is_rewritten(tile):
     modified = PassManager([FuseRepeatKV()]).run(program).modified
     assert modified is not tile
     torch.testing.assert_close(program(ids), before, rtol=1e-6, atol=1e-6)
+
+
+def test_fuse_repeat_kv_passes_the_shared_exact_pass_checks(tiny_programs):
+    reports = check_exact_pass(FuseRepeatKV, tiny_programs(*GQA_FAMILIES), prepare=lambda: [CleanupIR()])
+    assert len(reports) == 2 * len(GQA_FAMILIES)
+
+
+def test_fuse_repeat_kv_leaves_graphs_without_repeated_heads_alone(tiny_programs, plain_program):
+    check_pass_leaves_alone(FuseRepeatKV, [("no-attention", plain_program), *tiny_programs("stablelm", "gpt2")],
+                            prepare=lambda: [CleanupIR()])

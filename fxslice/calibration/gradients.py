@@ -30,7 +30,9 @@ LABELS = ("data", "sampled")
 
 def _causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor, labels: str, generator: torch.Generator | None) -> torch.Tensor:
     """Summed next-token cross entropy: a token's gradient is its own, not divided by the batch size."""
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # the loss in float32, as HF computes it
+        logits = logits.float()
     if labels == "data":
         target = ids[:, 1:]
     else:

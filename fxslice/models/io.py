@@ -24,7 +24,7 @@ from torch import nn
 
 from fxslice.core.errors import CorruptModel, InvalidOption
 from fxslice.core.graph import set_tensor, tensor_of
-from fxslice.core.program import Program
+from fxslice.core.program import Program, program_inputs
 from fxslice.models.kvcache import CacheLayout
 
 __all__ = ["save", "load", "RECORD", "WEIGHTS", "GRAPH"]
@@ -42,10 +42,6 @@ def _used_weights(program: Program) -> dict[str, torch.Tensor]:
             out[str(node.target)] = t.clone() if id(t) in seen else t.contiguous()
             seen.add(id(t))
     return out
-
-
-def _input_names(layout: CacheLayout | None) -> list[str]:
-    return ["input_ids"] + ([] if layout is None else ["past_length", *(f"kv_{i}" for i in range(len(layout.shapes)))])
 
 
 def _example_inputs(program: Program) -> tuple[tuple, tuple]:
@@ -100,7 +96,7 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
         torch.export.save(exported, str(tmp / GRAPH))
         if program.tokenizer is not None:
             program.tokenizer.save_pretrained(str(tmp / TOKENIZER))
-        from fxslice import __version__
+        from fxslice.core.version import __version__
 
         full = {
             "fxslice_version": __version__,
@@ -127,7 +123,7 @@ def load(path: str | os.PathLike) -> Program:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from fxslice.models.capture import _plain_graph_module
+    from fxslice.models.capture import plain_graph_module
 
     root = Path(path)
     if not root.is_dir():
@@ -153,7 +149,7 @@ def load(path: str | os.PathLike) -> Program:
     except Exception as exc:  # noqa: BLE001 - any deserialisation failure means a bad file
         raise CorruptModel(f"cannot read the graph {root / GRAPH}: {exc}") from None
     layout = CacheLayout.from_json(record["kv_cache"]) if record.get("kv_cache") else None
-    gm = _plain_graph_module(exported.module(), inputs=_input_names(layout))
+    gm = plain_graph_module(exported.module(), inputs=program_inputs(None if layout is None else len(layout.shapes)))
     for name, value in weights.items():
         set_tensor(gm, name, value)
     program = Program(gm, record.get("model_class", "nn.Module"), record.get("config"), None, str(root), cache=layout)

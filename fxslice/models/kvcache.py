@@ -80,8 +80,8 @@ def capture_cached(model: nn.Module, *, example_length: int = 5, cache_length: i
     """Export `model` with a KV cache as a Program whose `cache` is set; raises CaptureError if it cannot."""
     from torch.export import Dim
 
-    from fxslice.core.program import Program
-    from fxslice.models.capture import _plain_graph_module
+    from fxslice.core.program import Program, program_inputs
+    from fxslice.models.capture import plain_graph_module
 
     model = model.eval()
     try:
@@ -94,7 +94,7 @@ def capture_cached(model: nn.Module, *, example_length: int = 5, cache_length: i
         with torch.no_grad():
             exported = torch.export.export(_CachedStep(model), (example, torch.tensor(0), kv),
                                            dynamic_shapes=shapes, strict=False)
-        gm = _plain_graph_module(exported.module(), inputs=["input_ids", "past_length", *(f"kv_{i}" for i in range(len(kv)))],
+        gm = plain_graph_module(exported.module(), inputs=program_inputs(len(kv)),
                                  root="model")
         program = Program(gm, model_class=type(model).__name__, config=config.to_dict(), cache=layout)
         _check_decoding(model, program)

@@ -220,7 +220,8 @@ def compile_and_compare(spec: ModelSpec, pipeline: Callable[[], Sequence], *, to
 
     Returns Outcome("exact") or Outcome("refused") for an UnsupportedStructure that names a node;
     raises AssertionError for a wrong model, an unexpected refusal, or any other exception."""
-    from fxslice import PassManager, UnsupportedStructure, capture_module
+    from fxslice.core import PassManager, UnsupportedStructure
+    from fxslice.models.capture import capture_module
 
     program = capture_module(build(spec)).to(torch.float64)
     ids = torch.randint(0, RandomLM.vocab, (2, 10), generator=torch.Generator().manual_seed(spec.seed))

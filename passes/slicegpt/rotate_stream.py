@@ -59,15 +59,20 @@ class RotateStream(Pass):
         gm = program.gm
         stream = program.analysis(stream_analysis)
         qs = self.matrices = self._matrices(program)
-        for seg, q in zip(stream.segments, qs, strict=True):
-            change_basis(gm, seg, q)
+        eye = torch.eye(stream.width, dtype=torch.float64)
+        moved = [not torch.equal(q, eye) for q in qs]  # an identity leaves its segment's weights as they are
+        for seg, q, m in zip(stream.segments, qs, moved, strict=True):
+            if m:
+                change_basis(gm, seg, q)
         inserted = 0
         for sc in stream.shortcuts:
             qa, qb = qs[sc.src], qs[sc.dst]
             if sc.linear is not None:  # an existing shortcut matrix: it reads segment a and writes segment b
-                transform_input(gm, sc.linear, qa)
-                transform_output(gm, sc.linear, qb)
+                if moved[sc.src]:
+                    transform_input(gm, sc.linear, qa)
+                if moved[sc.dst]:
+                    transform_output(gm, sc.linear, qb)
             elif not torch.equal(qa, qb):  # a linear computes x Wᵀ: W = Qbᵀ Qa gives x Qaᵀ Qb
                 insert_linear(gm, sc.source, qb.T @ qa, stem="shortcut", users=[sc.add], role=SHORTCUT)
                 inserted += 1
-        return PassResult(True, {"segments": len(qs), "shortcuts": inserted})
+        return PassResult(any(moved), {"segments": len(qs), "rotated": sum(moved), "shortcuts": inserted})

@@ -8,11 +8,10 @@ from torch import nn
 
 from fxslice import PassManager, capture
 from fxslice.analysis.matchers import match_norms
-from fxslice.analysis.roles import SHORTCUT
 from fxslice.analysis.stream import stream_analysis
-from fxslice.core.graph import role_of
-from fxslice.passes import CleanupIR, FuseNorms, ProjectNormWriters, RotateStream, exact_pipeline
-from fxslice.passes.slicegpt.rotations import identity, random_orthogonal
+from fxslice.passes import CleanupIR, FuseNorms, ProjectNormWriters, exact_pipeline
+from fxslice.passes.slicegpt.rotations import random_orthogonal
+from fxslice.testing import check_exact_pass, check_pass_leaves_alone
 
 
 class RMSVariant(nn.Module):
@@ -95,50 +94,20 @@ def test_fusion_is_idempotent(tiny, name):
     assert not again.modified
 
 
-def test_passes_leave_a_model_without_stream_norms_alone():
-    class NoNorms(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed, self.mlp, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20)
-
-        def forward(self, input_ids, use_cache=False):
-            h = self.embed(input_ids)
-            return self.head(h + self.mlp(h))
-
-    program = capture(NoNorms())
-    result = PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms()]).run(program)
-    assert not any(r.modified for r in result.records[1:])
+def test_passes_leave_a_model_without_stream_norms_alone(plain_program):
+    result = PassManager([ProjectNormWriters(), FuseNorms()]).run(plain_program)
+    assert not any(r.modified for r in result.records)
+    check_pass_leaves_alone(FuseNorms, [("no-norms", plain_program)])
 
 
-def test_identity_rotation_inserts_no_shortcuts(tiny):
-    _, program = tiny("llama")
-    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(), RotateStream(identity())]).run(program)
-    assert not [n for n in program.graph.nodes if role_of(n) == SHORTCUT]
+FUSED_FAMILIES = ["llama", "llama-tied", "gpt2", "gemma", "gemma3", "phi", "gpt_neox", "opt-project", "bloom", "olmo"]
 
 
-def test_shared_rotation_inserts_no_shortcuts_between_equal_bases(tiny):
-    _, program = tiny("llama")
-    q = random_orthogonal(5)
-    same = [q(program.analysis(stream_analysis).segments[0], 64)] * 5
-    ids = program.probe_input()
-    before = program(ids)
-    PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(), RotateStream(same)]).run(program)
-    assert not [n for n in program.graph.nodes if role_of(n) == SHORTCUT]
-    assert torch.allclose(program(ids), before, atol=1e-4, rtol=1e-4)
+def test_fuse_norms_passes_the_shared_exact_pass_checks(tiny_programs):
+    reports = check_exact_pass(FuseNorms, tiny_programs(*FUSED_FAMILIES), prepare=lambda: [CleanupIR(), ProjectNormWriters()])
+    assert len(reports) == 2 * len(FUSED_FAMILIES)
 
 
-def test_rotation_rejects_a_matrix_that_is_not_orthogonal(tiny):
-    from fxslice import InvalidOption
-
-    _, program = tiny("llama")
-    with pytest.raises(InvalidOption, match="not an orthogonal"):
-        PassManager([CleanupIR(), ProjectNormWriters(), FuseNorms(),
-                     RotateStream(lambda seg, d: torch.ones(d, d, dtype=torch.float64))]).run(program)
-
-
-def test_rotate_requires_fused_norms(tiny):
-    from fxslice import UnsupportedStructure
-
-    _, program = tiny("gpt2")
-    with pytest.raises(UnsupportedStructure, match="run FuseNorms first"):
-        PassManager([CleanupIR(), RotateStream(identity())]).run(program)
+def test_fuse_norms_untying_passes_the_shared_exact_pass_checks(tiny_programs):
+    check_exact_pass(lambda: FuseNorms(keep_ties=False), tiny_programs("llama-tied", "gemma"),
+                     prepare=lambda: [CleanupIR(), ProjectNormWriters()])
