@@ -15,6 +15,7 @@ import torch
 
 from fxslice import InvalidOption, Pass, PassResult, capture
 from fxslice.analysis.matchers import match_linear
+from fxslice.core import relative_error
 from fxslice.core.graph import set_tensor, tensor_of
 from fxslice.passes import STAGES
 from fxslice.passes.rewrite.stages import Cleanup
@@ -81,7 +82,7 @@ if __name__ == "__main__":
     for stage, done in result.stages:
         print(f"{stage.kind:14s} {done.seconds:6.2f}s  " + "; ".join(r.summary() for r in done.records))
     with torch.no_grad():
-        error = float((program(ids) - dense).abs().max() / dense.abs().max())
+        error = relative_error(program(ids), dense)
     print(f"parameters {result.dense_parameters:,} -> {result.parameters:,}; max relative logit change {error:.3f}")
 
     try:

@@ -181,3 +181,15 @@ def test_cli_compress_runs_a_recipe_file_and_records_it(tmp_path):
     refused = subprocess.run([*cmd[:4], str(model_dir), "--recipe", str(wrong), "--out", str(tmp_path / "o2")],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "needs clean" in refused.stderr and not (tmp_path / "o2").exists()
+
+
+def test_the_example_recipe_file_loads_and_runs(tiny, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the recipe names its pass by a path relative to the repository
+    recipe = load_recipe(root / "examples" / "recipe.yaml")
+    assert [s.kind for s in recipe.stages] == ["cleanup", "slicegpt", "passes", "fuse_gqa"]
+    assert recipe.calibration == Calibration(windows=32, length=2048)
+    _, program = tiny("llama-tied")
+    result = recipe.run(program, calibration=CALIBRATION)
+    assert result.parameters < result.dense_parameters
+    assert [p.name for p in result.passes][-2:] == ["fold_scale_into_linear", "fuse_repeat_kv"]
