@@ -19,7 +19,7 @@ import torch
 from fxslice import capture
 from fxslice.data import load_text, token_windows
 from fxslice.models.capture import load_model
-from fxslice.passes.rewrite.stages import Cleanup
+from fxslice.passes.rewrite.stages import CLEAN, Cleanup
 from fxslice.passes.slicegpt.stages import SliceGPT
 from fxslice.recipes import Recipe
 
@@ -61,7 +61,7 @@ def main() -> None:
 
     stage("clean_up", lambda: Recipe((Cleanup(),)).run(program), stages)
     stage("dense_forward_over_calibration", forward, stages)  # on the cleaned-up graph, as calibration runs it
-    recipe = Recipe((SliceGPT(sparsity=0.25, batch_size=args.batch_size),), name="slicegpt after clean-up")
+    recipe = Recipe((SliceGPT(sparsity=0.25, batch_size=args.batch_size),), start=("captured", CLEAN))
     result = stage("fuse_calibrate_and_slice", lambda: recipe.run(program, calibration=calib), stages)
     passes = {r.name: r.seconds for _, s in result.stages for r in s.records}
     stages["fuse"] = {"seconds": round(passes["project_norm_writers"] + passes["fuse_norms"], 2)}

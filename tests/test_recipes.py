@@ -193,3 +193,15 @@ def test_the_example_recipe_file_loads_and_runs(tiny, monkeypatch):
     result = recipe.run(program, calibration=CALIBRATION)
     assert result.parameters < result.dense_parameters
     assert [p.name for p in result.passes][-2:] == ["fold_scale_into_linear", "fuse_repeat_kv"]
+
+
+def test_a_recipe_can_continue_from_stated_facts_and_records_the_facts_it_leaves(tiny):
+    with pytest.raises(InvalidOption, match="needs clean"):
+        Recipe((SliceGPT(sparsity=0.25),))
+    _, program = tiny("llama")
+    Recipe((Cleanup(),)).run(program)
+    assert program.record["facts"] == ["captured", "clean"]
+    rest = Recipe((SliceGPT(sparsity=0.25, batch_size=4),), start=("captured", "clean"))
+    assert Recipe.from_dict(rest.to_dict(), STAGES) == rest
+    rest.run(program, calibration=CALIBRATION)
+    assert program.record["facts"] == ["captured", "clean", "sliced"]

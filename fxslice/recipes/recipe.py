@@ -95,17 +95,21 @@ class Recipe:
     stages: tuple[Stage, ...]
     calibration: Calibration | None = None
     name: str = ""
+    #: facts the program holds when the recipe starts (a recipe that continues on a cleaned or sliced program)
+    start: tuple[str, ...] = (CAPTURED,)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "start", tuple(sorted(set(self.start))))
         bad = [s for s in self.stages if not isinstance(s, Stage)]
         if bad:
             raise InvalidOption(f"a recipe holds stages; got {type(bad[0]).__name__}")
         self.validate()
 
-    def validate(self, facts: frozenset[str] = frozenset({CAPTURED})) -> None:
-        """Refuse a wrong order up front: each stage's `needs` must hold and none of its `refuses`."""
-        held = set(facts)
+    def validate(self) -> frozenset[str]:
+        """Refuse a wrong order up front: each stage's `needs` must hold and none of its `refuses`.
+        Returns the facts that hold after the last stage."""
+        held = set(self.start)
         for i, stage in enumerate(self.stages):
             missing = sorted(stage.needs - held)
             if missing:
@@ -117,6 +121,7 @@ class Recipe:
                 raise InvalidOption(f"recipe stage {i} '{stage.kind}' cannot run on a program that is already "
                                     f"{', '.join(clash)}; move it before the stage that makes it so")
             held |= stage.provides
+        return frozenset(held)
 
     def run(self, program: Program, *, calibration: torch.Tensor | None = None, progress: bool = False) -> RecipeResult:
         """Run every stage on `program` in place. `calibration` (token ids [n, length]) overrides the
@@ -134,6 +139,7 @@ class Recipe:
             result = stage.run(program, context)
             result.seconds = time.perf_counter() - start
             done.append((stage, result))
+        program.record["facts"] = sorted(self.validate())
         return RecipeResult(program, done, dense, program.num_parameters())
 
     # files ------------------------------------------------------------------------------------------
@@ -142,6 +148,8 @@ class Recipe:
         data: dict[str, Any] = {"format": FORMAT}
         if self.name:
             data["name"] = self.name
+        if self.start != (CAPTURED,):
+            data["start"] = list(self.start)
         if self.calibration is not None:
             data["calibration"] = dataclasses.asdict(self.calibration)
         data["stages"] = [s.to_dict() for s in self.stages]
@@ -151,9 +159,10 @@ class Recipe:
     def from_dict(cls, data: Mapping[str, Any], catalogue: Mapping[str, type[Stage]]) -> Recipe:
         if not isinstance(data, Mapping) or not isinstance(data.get("stages"), list) or not data["stages"]:
             raise InvalidOption("a recipe is a mapping with a non-empty list 'stages'")
-        unknown = sorted(set(data) - {"format", "name", "calibration", "stages"})
+        unknown = sorted(set(data) - {"format", "name", "start", "calibration", "stages"})
         if unknown:
-            raise InvalidOption(f"recipe: unknown key(s) {', '.join(unknown)}; known: format, name, calibration, stages")
+            raise InvalidOption(f"recipe: unknown key(s) {', '.join(unknown)}; known: format, name, start, calibration, "
+                                "stages")
         if data.get("format", FORMAT) != FORMAT:
             raise InvalidOption(f"recipe format {data['format']} is not supported (this fxslice reads {FORMAT})")
         stages = []
@@ -169,7 +178,7 @@ class Recipe:
             calibration = Calibration(**calib) if calib is not None else None
         except TypeError as exc:
             raise InvalidOption(f"recipe calibration: {exc}") from exc
-        return cls(tuple(stages), calibration, str(data.get("name", "")))
+        return cls(tuple(stages), calibration, str(data.get("name", "")), tuple(data.get("start", (CAPTURED,))))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
