@@ -59,6 +59,7 @@ def _capture_with_cache(model: str) -> tuple[Program, Program | None]:
 def inspect(
     model: ModelArg = DEFAULT_MODEL,
     stream: Annotated[bool, typer.Option("--stream", help="also print the residual stream: segments, norms, readers, writers")] = False,
+    groups: Annotated[bool, typer.Option("--groups", help="also print the dimension groups pruning can remove, and what is blocked")] = False,
 ) -> None:
     """Capture MODEL and print a summary: parameters, op counts, the module tree the graph came from."""
     from fxslice.analysis.summary import summarize
@@ -71,6 +72,12 @@ def inspect(
 
         PassManager([passes.CleanupIR()]).run(program)
         out.print(program.analysis(stream_analysis).describe(), highlight=False, markup=False)
+    if groups:
+        import fxslice.passes as passes
+        from fxslice.analysis.groups import group_analysis
+
+        PassManager([passes.CleanupIR()]).run(program)
+        out.print(program.analysis(group_analysis).describe(), highlight=False, markup=False)
 
 
 @app.command()

@@ -94,7 +94,7 @@ class RemoveDeadGroups(Pass):
         refresh_vals(gm)
         removed = [groups.groups[i] for i in sorted(dead)]
         return PassResult(True, {"groups": len(removed), "mlp_channels": _count(removed, "mlp_channel"),
-                                 "head_groups": _count(removed, "heads")})
+                                 "head_groups": _count(removed, "heads"), "removed": sorted(dead)})
 
     @staticmethod
     def _size_edits(groups: Groups, dead: set[int]) -> dict[fx.Node, tuple] | None:
