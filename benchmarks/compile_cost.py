@@ -19,7 +19,8 @@ import torch
 from fxslice import capture
 from fxslice.data import load_text, token_windows
 from fxslice.models.capture import load_model
-from fxslice.passes.rewrite.stages import CLEAN, Cleanup
+from fxslice.passes.facts import CLEAN
+from fxslice.passes.rewrite.stages import Cleanup
 from fxslice.passes.slicegpt.stages import SliceGPT
 from fxslice.recipes import Recipe
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from fxslice.core import InvalidOption, Pass, Program, as_pass
 from fxslice.core.imports import import_object
-from fxslice.passes.rewrite import CausalAttention, CleanupIR, FuseRepeatKV
+from fxslice.passes.rewrite import CausalAttention, CleanupIR, FuseRepeatKV, RemoveDeadGroups
 from fxslice.passes.rewrite.stages import Cleanup, FuseGQA
 from fxslice.passes.slicegpt import FuseNorms, ProjectNormWriters, RotateStream, random_orthogonal
 from fxslice.passes.slicegpt.stages import Rotate, SliceGPT
+from fxslice.passes.surgeon.stages import Surgeon
 from fxslice.recipes import Recipe, Stage, StageContext, StageResult
 
 __all__ = ["PASSES", "STAGES", "RunPasses", "load_pass", "load_recipe"]
@@ -24,6 +25,7 @@ PASSES: dict[str, Callable[[], Pass]] = {
     "project_norm_writers": ProjectNormWriters,
     "fuse_norms": FuseNorms,
     "fuse_repeat_kv": FuseRepeatKV,
+    "remove_dead_groups": RemoveDeadGroups,
     "rotate_random": lambda: RotateStream(random_orthogonal(0)),
 }
 
@@ -63,7 +65,7 @@ class RunPasses(Stage):
 
 
 #: built-in stages by the name a recipe file gives them
-STAGES: dict[str, type[Stage]] = {s.kind: s for s in (Cleanup, SliceGPT, Rotate, FuseGQA, RunPasses)}
+STAGES: dict[str, type[Stage]] = {s.kind: s for s in (Cleanup, SliceGPT, Rotate, Surgeon, FuseGQA, RunPasses)}
 
 
 def load_recipe(path: str | Path) -> Recipe:

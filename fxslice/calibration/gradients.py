@@ -22,7 +22,7 @@ from fxslice.core.errors import InvalidOption
 from fxslice.core.program import Program
 from fxslice.core.progress import progress_bar
 
-__all__ = ["LABELS", "run_with_gradients"]
+__all__ = ["LABELS", "run_with_gradients", "mean_loss"]
 
 #: where the loss's labels come from: the text's next tokens (empirical Fisher) or the model's own samples
 LABELS = ("data", "sampled")
@@ -40,6 +40,16 @@ def _causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor, labels: str, genera
             probs = logits.softmax(-1).reshape(-1, logits.shape[-1])
             target = torch.multinomial(probs.cpu(), 1, generator=generator).reshape(logits.shape[:-1]).to(ids.device)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+
+
+@torch.no_grad()
+def mean_loss(program: Program, batches: Sequence[torch.Tensor]) -> float:
+    """Mean next-token loss over the batches (the figure `run_with_gradients` returns, without gradients)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        total += float(_causal_lm_loss(program(batch), batch, "data", None))
+        count += batch[:, 1:].numel()
+    return total / max(count, 1)
 
 
 def run_with_gradients(

@@ -37,10 +37,14 @@ def notify(env: Env, observers: Observers) -> None:
 
 
 def run_nodes(gm: fx.GraphModule, env: Env, nodes: Sequence[fx.Node]) -> None:
-    """Evaluate `nodes` in order into `env`; weights are read when used (they change between stages)."""
+    """Evaluate `nodes` in order into `env`; weights are read when used (they change between stages) and
+    detached: calibration never needs their gradients, even where a capture left `requires_grad` set."""
 
     def value(n: fx.Node) -> Any:
-        return tensor_of(gm, n) if n.op == "get_attr" else env[n]
+        if n.op == "get_attr":
+            weight = tensor_of(gm, n)
+            return weight.detach() if isinstance(weight, torch.Tensor) else weight
+        return env[n]
 
     for node in nodes:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)

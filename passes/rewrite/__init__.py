@@ -3,5 +3,6 @@
 from fxslice.passes.rewrite.causal_attention import CausalAttention
 from fxslice.passes.rewrite.cleanup import CleanupIR
 from fxslice.passes.rewrite.fuse_repeat_kv import FuseRepeatKV
+from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups
 
-__all__ = ["CausalAttention", "CleanupIR", "FuseRepeatKV"]
+__all__ = ["CausalAttention", "CleanupIR", "FuseRepeatKV", "RemoveDeadGroups"]

@@ -5,15 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fxslice.core import Program
+from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED
 from fxslice.passes.rewrite.causal_attention import CausalAttention
 from fxslice.passes.rewrite.cleanup import CleanupIR
 from fxslice.passes.rewrite.fuse_repeat_kv import FuseRepeatKV
-from fxslice.recipes import CAPTURED, Stage, StageContext, StageResult
+from fxslice.recipes import Stage, StageContext, StageResult
 
-__all__ = ["Cleanup", "FuseGQA", "CLEAN", "GQA_FUSED"]
-
-CLEAN = "clean"
-GQA_FUSED = "gqa_fused"
+__all__ = ["Cleanup", "FuseGQA"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,19 +7,15 @@ from dataclasses import dataclass
 
 from fxslice.analysis.stream import Segment
 from fxslice.core import InvalidOption, Program
-from fxslice.passes.rewrite.stages import CLEAN, GQA_FUSED
+from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED, QUANTIZED, ROTATED, SLICED
 from fxslice.passes.slicegpt.fuse_norms import FuseNorms
 from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
 from fxslice.passes.slicegpt.rotations import random_orthogonal
 from fxslice.passes.slicegpt.slice_stream import ConstantWidths, SliceStream, per_block
-from fxslice.recipes import CAPTURED, Stage, StageContext, StageResult
+from fxslice.recipes import Stage, StageContext, StageResult
 
-__all__ = ["SliceGPT", "Rotate", "SLICED", "ROTATED"]
-
-SLICED = "sliced"
-ROTATED = "rotated"
-QUANTIZED = "quantized"
+__all__ = ["SliceGPT", "Rotate"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,13 @@
+"""What built-in stages say about a program (`Stage.needs`, `refuses`, `provides`): one vocabulary, so that
+a stage of one method can refuse what another leaves behind."""
+
+from fxslice.recipes import CAPTURED
+
+__all__ = ["CAPTURED", "CLEAN", "GQA_FUSED", "SLICED", "ROTATED", "PRUNED", "QUANTIZED"]
+
+CLEAN = "clean"  # CleanupIR ran: the analyses' precondition
+GQA_FUSED = "gqa_fused"  # attention reads K/V heads without copies: stream and group analyses see a changed graph
+SLICED = "sliced"  # the residual stream has its own bases and shortcuts
+ROTATED = "rotated"
+PRUNED = "pruned"  # dimension groups were removed
+QUANTIZED = "quantized"

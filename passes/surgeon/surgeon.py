@@ -1,0 +1,259 @@
+"""The LLM Surgeon on dimension groups: global allocation by curvature cost, correlated OBS updates, several
+shots, each group removed for real (design: ../shared/methods.md §1, arXiv 2312.17244).
+
+Each shot: collect `A` (and, for "kfac", `G` of the causal-LM loss) for every linear that a group touches;
+cost each group as the sum over its matrices of the correlated removal cost of its rows and columns (KFAC is
+block-diagonal over matrices, so costs add); rank all groups of all layers together by cost per parameter
+and take the cheapest until the shot's share of the target is met (one threshold across the model: the
+allocation between layers follows from the costs); update the remaining weights of every touched matrix to
+compensate (rows through `G⁻¹`, columns through `A⁻¹`), zero the removed ones, and let `RemoveDeadGroups`
+shrink the matrices. The next shot re-estimates the curvature on the pruned model.
+
+Curvatures: "kfac" (the Surgeon), "activations" (`G = I`: L-OBD), "identity" (magnitude: no update).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from fxslice import InvalidOption, Pass, PassManager, PassResult, Program
+from fxslice.analysis.groups import DimensionGroup, group_analysis
+from fxslice.calibration.gradients import mean_loss
+from fxslice.calibration.moments import linear_statistics
+from fxslice.core.graph import set_tensor, tensor_of
+from fxslice.core.health import check_finite, check_tokens
+from fxslice.core.progress import progress_bar
+from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups
+from fxslice.passes.surgeon.obs import column_cost, damped_inverse, remove_columns, remove_rows, row_cost
+
+__all__ = ["SurgeonPrune", "ShotReport", "CURVATURES"]
+
+CURVATURES = ("kfac", "activations", "identity")
+
+
+@dataclass(frozen=True)
+class ShotReport:
+    shot: int
+    parameters: int  # after the shot, counted on the graph
+    removed_groups: int
+    removed_heads: int
+    removed_channels: int
+    predicted_loss_increase: float | None  # of the mean next-token loss, from the KFAC costs (A, G are sums: / tokens²)
+    loss_before: float  # mean next-token loss on the calibration windows, at the start of the shot
+    loss_after: float  # and at its end: loss_after - loss_before is the measured increase
+    per_module: dict[str, int]  # groups removed per module
+
+
+class SurgeonPrune(Pass):
+    name = "surgeon_prune"
+    exact = False
+
+    def __init__(self, windows: torch.Tensor, *, target: float, shots: int = 4, curvature: str = "kfac",
+                 damp_g: float = 0.01, damp_a: float = 0.01, batch_size: int = 1, labels: str = "data",
+                 progress: bool = False):
+        if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
+            raise InvalidOption("calibration windows must be a non-empty [n, length] tensor of token ids")
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target < 1.0:
+            raise InvalidOption(f"surgeon: target (the fraction of parameters to remove) must be in (0, 1), got {target!r}")
+        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+            raise InvalidOption(f"surgeon: shots must be a positive integer, got {shots!r}")
+        if curvature not in CURVATURES:
+            raise InvalidOption(f"surgeon: curvature must be one of {CURVATURES}, got {curvature!r}")
+        if not (damp_g > 0 and damp_a > 0):
+            raise InvalidOption(f"surgeon: damping must be positive, got damp_g={damp_g}, damp_a={damp_a}")
+        self.windows, self.target, self.shots, self.curvature = windows, float(target), shots, curvature
+        self.damp_g, self.damp_a, self.batch_size, self.labels = damp_g, damp_a, batch_size, labels
+        self.progress = progress
+        self.reports: list[ShotReport] = []
+        self.removed: list[list[tuple[str, str, int]]] = []  # per shot, (weight, axis, index) of each unit zeroed
+        self.updated: list[dict[str, torch.Tensor]] = []  # per shot, the weights and biases it wrote
+
+    def requires(self, program: Program) -> None:
+        if program.cache is not None:
+            raise InvalidOption("surgeon: prune the plain capture, then `fxslice.replay` onto the KV-cache capture")
+        check_finite(program)
+        check_tokens(program, self.windows)
+
+    def replay(self) -> Pass:
+        return _ReplaySurgeon(self.removed, self.updated)
+
+    def call(self, program: Program) -> PassResult:
+        dense = program.num_parameters()
+        self.reports, self.removed, self.updated, self._last_loss = [], [], [], None
+        for shot in progress_bar(range(1, self.shots + 1), "surgeon shots", enabled=self.progress):
+            goal = round(dense * (1.0 - self.target * shot / self.shots))
+            report = self._shot(program, shot, goal)
+            self.reports.append(report)
+        return PassResult(True, {"parameters": [dense, *(r.parameters for r in self.reports)],
+                                 "groups_removed": sum(r.removed_groups for r in self.reports)})
+
+    def _shot(self, program: Program, shot: int, goal: int) -> ShotReport:
+        groups = program.analysis(group_analysis)
+        candidates = groups.groups
+        if not candidates:
+            raise InvalidOption("surgeon: the graph has no removable dimension groups (`fxslice inspect --groups`)")
+        weights = sorted({u.weight for g in candidates for u in g.units})
+        batches = list(self.windows.split(self.batch_size))
+        loss_before = self._last_loss if self._last_loss is not None else mean_loss(program, batches)
+        stats = None
+        if self.curvature != "identity":
+            stats = linear_statistics(program, self.windows, batch_size=self.batch_size, linears=weights,
+                                      gradients=self.curvature == "kfac", labels=self.labels)
+        matrices = {w: self._matrix(program, groups.linears[w]) for w in weights}
+        rows_of = {u.weight for g in candidates for u in g.rows}
+        cols_of = {u.weight for g in candidates for u in g.cols}
+        curv = {w: self._curvature(stats, w, matrices[w], w in rows_of, w in cols_of) for w in weights}
+        costs = [self._cost(g, matrices, curv) for g in candidates]
+        sizes = [self._size(g, groups.linears, program) for g in candidates]
+        chosen = self._select(candidates, costs, sizes, program.num_parameters() - goal)
+        rows: dict[str, list[int]] = defaultdict(list)
+        cols: dict[str, list[int]] = defaultdict(list)
+        for i in chosen:
+            for u in candidates[i].rows:
+                rows[u.weight].append(u.index)
+            for u in candidates[i].cols:
+                cols[u.weight].append(u.index)
+        updated = {}
+        for w in sorted(set(rows) | set(cols)):
+            m = matrices[w]
+            g_inv, a_inv, _, _ = curv[w]
+            if w in rows:
+                m = remove_rows(m, g_inv, rows[w]) if g_inv is not None else _zero(m, rows=rows[w])
+            if w in cols:
+                m = remove_columns(m, a_inv, cols[w]) if a_inv is not None else _zero(m, cols=cols[w])
+            updated[w] = m
+            self._store(program, groups.linears[w], m)
+        written = {w: tensor_of(program.gm, groups.linears[w].weight) for w in updated}
+        for w in rows:
+            bias = groups.linears[w].bias
+            if bias is not None and bias.op == "get_attr":
+                value = tensor_of(program.gm, bias).clone()
+                value[..., torch.as_tensor(rows[w])] = 0
+                set_tensor(program.gm, str(bias.target), value)
+                written[str(bias.target)] = value
+        program.mark_changed()
+        self.removed.append([(u.weight, u.axis, u.index) for i in chosen for u in candidates[i].units])
+        self.updated.append(written)
+        PassManager([RemoveDeadGroups()]).run(program)
+        per_module: dict[str, int] = defaultdict(int)
+        for i in chosen:
+            per_module[candidates[i].module.rpartition(".")[0]] += 1
+        tokens = self.windows[:, 1:].numel()
+        self._last_loss = mean_loss(program, batches)
+        return ShotReport(shot, program.num_parameters(), len(chosen),
+                          sum(candidates[i].kind == "heads" for i in chosen),
+                          sum(candidates[i].kind == "mlp_channel" for i in chosen),
+                          sum(costs[i] for i in chosen) / tokens**2 if self.curvature == "kfac" else None, loss_before, self._last_loss, dict(per_module))
+
+    @staticmethod
+    def _matrix(program: Program, use) -> torch.Tensor:
+        w = tensor_of(program.gm, use.weight).detach().to(torch.float64)
+        return w if use.out_axis % 2 == 0 else w.T  # out x in
+
+    @staticmethod
+    def _store(program: Program, use, m: torch.Tensor) -> None:
+        old = tensor_of(program.gm, use.weight)
+        value = m if use.out_axis % 2 == 0 else m.T
+        set_tensor(program.gm, str(use.weight.target), value.to(old.dtype).contiguous())
+
+    def _curvature(self, stats, weight: str, m: torch.Tensor, has_rows: bool, has_cols: bool):
+        """(G⁻¹, A⁻¹, G, A) as the shot's costs and updates need them; None where the curvature has no such factor."""
+        if stats is None:
+            return None, None, None, None
+        a = stats.A(weight)
+        g = stats.G(weight) if self.curvature == "kfac" else None
+        a_inv = damped_inverse(a, self.damp_a) if has_cols else None
+        g_inv = damped_inverse(g, self.damp_g) if g is not None and has_rows else None
+        return g_inv, a_inv, g, a
+
+    @staticmethod
+    def _cost(group: DimensionGroup, matrices, curv) -> float:
+        total = 0.0
+        by_weight: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for u in group.units:
+            by_weight[(u.weight, u.axis)].append(u.index)
+        for (w, axis), idx in by_weight.items():
+            m = matrices[w]
+            g_inv, a_inv, g, a = curv[w]
+            if axis == "row":
+                if a is None:  # magnitude
+                    total += 0.5 * float(m[idx].pow(2).sum())
+                elif g_inv is None:  # activations: G = I
+                    total += 0.5 * float(torch.einsum("ri,ij,rj->", m[idx], a, m[idx]))
+                else:
+                    total += row_cost(m, a, g_inv, idx)
+            else:
+                if a is None:
+                    total += 0.5 * float(m[:, idx].pow(2).sum())
+                else:
+                    g_eye = g if g is not None else torch.eye(m.shape[0], dtype=torch.float64)
+                    total += column_cost(m, g_eye, a_inv, idx)
+        return total
+
+    @staticmethod
+    def _size(group: DimensionGroup, linears, program: Program) -> int:
+        n = 0
+        for u in group.units:
+            use = linears[u.weight]
+            shape = tensor_of(program.gm, use.weight).shape
+            n += shape[use.in_axis] if u.axis == "row" else shape[use.out_axis]
+            if u.axis == "row" and use.bias is not None:
+                n += 1
+        return n
+
+    @staticmethod
+    def _select(groups: list[DimensionGroup], costs: list[float], sizes: list[int], needed: int) -> list[int]:
+        """The cheapest groups per parameter, across all layers, until `needed` parameters are covered; a group
+        that would overshoot by more than the smallest group is passed over for cheaper-to-fit ones, so the
+        count lands within one group of the target. Attention keeps at least one head group per layer (a
+        layer of zero heads cannot be written as a view)."""
+        heads_left: dict[tuple[str, ...], int] = defaultdict(int)
+        for g in groups:
+            if g.kind == "heads":
+                heads_left[g.weights] += 1
+        order = sorted(range(len(groups)), key=lambda i: costs[i] / max(sizes[i], 1))
+        smallest = min(sizes) if sizes else 0
+        chosen, covered = [], 0
+        for i in order:
+            if covered >= needed:
+                break
+            if covered + sizes[i] > needed + smallest:
+                continue
+            g = groups[i]
+            if g.kind == "heads":
+                if heads_left[g.weights] <= 1:
+                    continue
+                heads_left[g.weights] -= 1
+            chosen.append(i)
+            covered += sizes[i]
+        return chosen
+
+
+def _zero(m: torch.Tensor, *, rows=(), cols=()) -> torch.Tensor:
+    m = m.clone()
+    if rows:
+        m[torch.as_tensor(list(rows))] = 0
+    if cols:
+        m[:, torch.as_tensor(list(cols))] = 0
+    return m
+
+
+class _ReplaySurgeon(Pass):
+    """The Surgeon's weights, fixed: what calibration chose, applied to another capture of the same model."""
+
+    name = "surgeon_prune"
+    exact = False
+
+    def __init__(self, removed, updated):
+        self.removed, self.updated = removed, updated
+
+    def call(self, program: Program) -> PassResult:
+        for weights in self.updated:
+            for name, value in weights.items():
+                set_tensor(program.gm, name, value)
+            program.mark_changed()
+            PassManager([RemoveDeadGroups()]).run(program)
+        return PassResult(bool(self.updated))
