@@ -1,7 +1,13 @@
 """Tiny random models and checks for testing passes (fxslice's own and yours)."""
 
 from fxslice.testing.pass_checks import ExactPassReport, check_exact_pass, check_pass_leaves_alone
-from fxslice.testing.tiny_models import TINY_CONFIGS, perturb_norms, tiny_causal_lm
+from fxslice.testing.tiny_models import (
+    TINY_CONFIGS,
+    arithmetic_sequences,
+    perturb_norms,
+    tiny_causal_lm,
+    trained_tiny_causal_lm,
+)
 
-__all__ = ["TINY_CONFIGS", "ExactPassReport", "check_exact_pass", "check_pass_leaves_alone", "perturb_norms",
-           "tiny_causal_lm"]
+__all__ = ["TINY_CONFIGS", "ExactPassReport", "arithmetic_sequences", "check_exact_pass", "check_pass_leaves_alone",
+           "perturb_norms", "tiny_causal_lm", "trained_tiny_causal_lm"]

@@ -11,7 +11,7 @@ import torch
 import transformers
 from torch import nn
 
-__all__ = ["TINY_CONFIGS", "tiny_causal_lm", "perturb_norms"]
+__all__ = ["TINY_CONFIGS", "tiny_causal_lm", "perturb_norms", "arithmetic_sequences", "trained_tiny_causal_lm"]
 
 _COMMON = dict(vocab_size=128, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _ATTN = dict(num_attention_heads=4, num_hidden_layers=2)
@@ -89,3 +89,26 @@ def tiny_causal_lm(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float
         model = getattr(transformers, model_cls)(config)
     perturb_norms(model, torch.Generator().manual_seed(seed + 1))
     return model.to(dtype).eval()
+
+
+def arithmetic_sequences(count: int, length: int = 24, *, seed: int = 0) -> torch.Tensor:
+    """Token windows that count up from a random start by a random step (mod the vocabulary): text a tiny
+    model learns in seconds, so that what compression costs in quality can be measured on it."""
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randint(3, 128, (count, 1), generator=gen)
+    step = torch.randint(1, 5, (count, 1), generator=gen)
+    return (start + step * torch.arange(length)) % 125 + 3
+
+
+def trained_tiny_causal_lm(name: str, *, steps: int = 150, seed: int = 0) -> nn.Module:
+    """`tiny_causal_lm(name)` trained with Adam on `arithmetic_sequences` (about 3 s on 2 cores)."""
+    model = tiny_causal_lm(name, seed=seed).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(seed)
+    for step in range(steps):
+        batch = arithmetic_sequences(32, seed=seed * 100_000 + step)
+        loss = model(batch, labels=batch, use_cache=False).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval().requires_grad_(False)

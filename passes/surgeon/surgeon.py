@@ -1,13 +1,14 @@
 """The LLM Surgeon on dimension groups: global allocation by curvature cost, correlated OBS updates, several
 shots, each group removed for real (design: ../shared/methods.md §1, arXiv 2312.17244).
 
-Each shot: collect `A` (and, for "kfac", `G` of the causal-LM loss) for every linear that a group touches;
-cost each group as the sum over its matrices of the correlated removal cost of its rows and columns (KFAC is
-block-diagonal over matrices, so costs add); rank all groups of all layers together by cost per parameter
-and take the cheapest until the shot's share of the target is met (one threshold across the model: the
-allocation between layers follows from the costs); update the remaining weights of every touched matrix to
-compensate (rows through `G⁻¹`, columns through `A⁻¹`), zero the removed ones, and let `RemoveDeadGroups`
-shrink the matrices. The next shot re-estimates the curvature on the pruned model.
+Each shot: collect, for every linear that reads a group's channels (o_proj, down_proj, ...), `A` = Σ xxᵀ of its
+input and, for "kfac", `G` = Σ ggᵀ of the causal-LM loss's gradient at its output; cost each group as the
+correlated OBS cost of removing its columns from those readers — zero columns kill the channel, so the
+producers' rows (q/k/v, gate/up) go for free and are not charged or compensated twice; rank all groups of all
+layers together by cost per parameter and take the cheapest until the shot's share of the target is met (one
+threshold across the model: the allocation between layers follows from the costs); update each reader's
+remaining columns through `A⁻¹` to compensate, zero the group, and let `RemoveDeadGroups` shrink the matrices.
+The next shot re-estimates the curvature on the pruned model.
 
 Curvatures: "kfac" (the Surgeon), "activations" (`G = I`: L-OBD), "identity" (magnitude: no update).
 """
@@ -27,7 +28,7 @@ from fxslice.core.graph import set_tensor, tensor_of
 from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.progress import progress_bar
 from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups
-from fxslice.passes.surgeon.obs import column_cost, damped_inverse, remove_columns, remove_rows, row_cost
+from fxslice.passes.surgeon.obs import column_cost, damped_inverse, remove_columns
 
 __all__ = ["SurgeonPrune", "ShotReport", "CURVATURES"]
 
@@ -95,17 +96,16 @@ class SurgeonPrune(Pass):
         candidates = groups.groups
         if not candidates:
             raise InvalidOption("surgeon: the graph has no removable dimension groups (`fxslice inspect --groups`)")
-        weights = sorted({u.weight for g in candidates for u in g.units})
+        readers = sorted({u.weight for g in candidates for u in g.cols})
         batches = list(self.windows.split(self.batch_size))
         loss_before = self._last_loss if self._last_loss is not None else mean_loss(program, batches)
         stats = None
         if self.curvature != "identity":
-            stats = linear_statistics(program, self.windows, batch_size=self.batch_size, linears=weights,
+            stats = linear_statistics(program, self.windows, batch_size=self.batch_size, linears=readers,
                                       gradients=self.curvature == "kfac", labels=self.labels)
+        weights = sorted({u.weight for g in candidates for u in g.units})
         matrices = {w: self._matrix(program, groups.linears[w]) for w in weights}
-        rows_of = {u.weight for g in candidates for u in g.rows}
-        cols_of = {u.weight for g in candidates for u in g.cols}
-        curv = {w: self._curvature(stats, w, matrices[w], w in rows_of, w in cols_of) for w in weights}
+        curv = {w: self._curvature(stats, w, matrices[w]) for w in readers} if stats is not None else {}
         costs = [self._cost(g, matrices, curv) for g in candidates]
         sizes = [self._size(g, groups.linears, program) for g in candidates]
         chosen = self._select(candidates, costs, sizes, program.num_parameters() - goal)
@@ -116,17 +116,14 @@ class SurgeonPrune(Pass):
                 rows[u.weight].append(u.index)
             for u in candidates[i].cols:
                 cols[u.weight].append(u.index)
-        updated = {}
+        written: dict[str, torch.Tensor] = {}
         for w in sorted(set(rows) | set(cols)):
             m = matrices[w]
-            g_inv, a_inv, _, _ = curv[w]
-            if w in rows:
-                m = remove_rows(m, g_inv, rows[w]) if g_inv is not None else _zero(m, rows=rows[w])
-            if w in cols:
-                m = remove_columns(m, a_inv, cols[w]) if a_inv is not None else _zero(m, cols=cols[w])
-            updated[w] = m
-            self._store(program, groups.linears[w], m)
-        written = {w: tensor_of(program.gm, groups.linears[w].weight) for w in updated}
+            if w in cols:  # the readers' columns carry the whole cost; the others compensate through A⁻¹
+                m = remove_columns(m, curv[w][0], cols[w]) if w in curv else _zero(m, cols=cols[w])
+            if w in rows:  # a producer row whose channel nobody reads any more: zero, nothing to compensate
+                m = _zero(m, rows=rows[w])
+            written[w] = self._store(program, groups.linears[w], m)
         for w in rows:
             bias = groups.linears[w].bias
             if bias is not None and bias.op == "get_attr":
@@ -143,10 +140,11 @@ class SurgeonPrune(Pass):
             per_module[candidates[i].module.rpartition(".")[0]] += 1
         tokens = self.windows[:, 1:].numel()
         self._last_loss = mean_loss(program, batches)
+        predicted = sum(costs[i] for i in chosen) / tokens**2 if self.curvature == "kfac" else None
         return ShotReport(shot, program.num_parameters(), len(chosen),
                           sum(candidates[i].kind == "heads" for i in chosen),
                           sum(candidates[i].kind == "mlp_channel" for i in chosen),
-                          sum(costs[i] for i in chosen) / tokens**2 if self.curvature == "kfac" else None, loss_before, self._last_loss, dict(per_module))
+                          predicted, loss_before, self._last_loss, dict(per_module))
 
     @staticmethod
     def _matrix(program: Program, use) -> torch.Tensor:
@@ -154,44 +152,31 @@ class SurgeonPrune(Pass):
         return w if use.out_axis % 2 == 0 else w.T  # out x in
 
     @staticmethod
-    def _store(program: Program, use, m: torch.Tensor) -> None:
+    def _store(program: Program, use, m: torch.Tensor) -> torch.Tensor:
         old = tensor_of(program.gm, use.weight)
-        value = m if use.out_axis % 2 == 0 else m.T
-        set_tensor(program.gm, str(use.weight.target), value.to(old.dtype).contiguous())
+        value = (m if use.out_axis % 2 == 0 else m.T).to(old.dtype).contiguous()
+        set_tensor(program.gm, str(use.weight.target), value)
+        return value
 
-    def _curvature(self, stats, weight: str, m: torch.Tensor, has_rows: bool, has_cols: bool):
-        """(G⁻¹, A⁻¹, G, A) as the shot's costs and updates need them; None where the curvature has no such factor."""
-        if stats is None:
-            return None, None, None, None
-        a = stats.A(weight)
-        g = stats.G(weight) if self.curvature == "kfac" else None
-        a_inv = damped_inverse(a, self.damp_a) if has_cols else None
-        g_inv = damped_inverse(g, self.damp_g) if g is not None and has_rows else None
-        return g_inv, a_inv, g, a
+    def _curvature(self, stats, weight: str, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A⁻¹ damped, G) of a reader; G = I for the activations-only curvature (L-OBD)."""
+        g = stats.G(weight) if self.curvature == "kfac" else torch.eye(m.shape[0], dtype=torch.float64)
+        return damped_inverse(stats.A(weight), self.damp_a), g
 
     @staticmethod
     def _cost(group: DimensionGroup, matrices, curv) -> float:
-        total = 0.0
-        by_weight: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for u in group.units:
-            by_weight[(u.weight, u.axis)].append(u.index)
-        for (w, axis), idx in by_weight.items():
-            m = matrices[w]
-            g_inv, a_inv, g, a = curv[w]
-            if axis == "row":
-                if a is None:  # magnitude
-                    total += 0.5 * float(m[idx].pow(2).sum())
-                elif g_inv is None:  # activations: G = I
-                    total += 0.5 * float(torch.einsum("ri,ij,rj->", m[idx], a, m[idx]))
-                else:
-                    total += row_cost(m, a, g_inv, idx)
-            else:
-                if a is None:
-                    total += 0.5 * float(m[:, idx].pow(2).sum())
-                else:
-                    g_eye = g if g is not None else torch.eye(m.shape[0], dtype=torch.float64)
-                    total += column_cost(m, g_eye, a_inv, idx)
-        return total
+        """The loss increase of removing the group through its readers' columns (correlated within each
+        reader); magnitude (no curvature): half the squared norm of all its rows and columns."""
+        if not curv:
+            total = 0.0
+            for u in group.units:
+                m = matrices[u.weight]
+                total += 0.5 * float((m[u.index] if u.axis == "row" else m[:, u.index]).pow(2).sum())
+            return total
+        by_reader: dict[str, list[int]] = defaultdict(list)
+        for u in group.cols:
+            by_reader[u.weight].append(u.index)
+        return sum(column_cost(matrices[w], curv[w][1], curv[w][0], idx) for w, idx in by_reader.items())
 
     @staticmethod
     def _size(group: DimensionGroup, linears, program: Program) -> int:

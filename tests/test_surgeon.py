@@ -1,0 +1,135 @@
+"""The LLM Surgeon: exact on a quadratic loss, the target met, groups really removed, baselines from the same code."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxslice import InvalidOption, PassManager
+from fxslice.analysis.groups import group_analysis
+from fxslice.evaluation.perplexity import perplexity
+from fxslice.passes import STAGES, CleanupIR
+from fxslice.passes.rewrite.stages import Cleanup
+from fxslice.passes.surgeon import SurgeonPrune
+from fxslice.passes.surgeon.obs import column_cost, damped_inverse, remove_columns, remove_rows, row_cost
+from fxslice.passes.surgeon.stages import Surgeon
+from fxslice.recipes import Recipe
+
+CALIBRATION = torch.randint(3, 128, (8, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _spd(n, gen):
+    x = torch.randn(n, 2 * n, generator=gen, dtype=torch.float64)
+    return x @ x.T / n + 0.1 * torch.eye(n, dtype=torch.float64)
+
+
+def _quadratic(w0, g, a):
+    """L(W) = ½ tr((W - W0) A (W - W0)ᵀ G): a loss whose Hessian is exactly G ⊗ A."""
+    return lambda w: 0.5 * float(torch.trace((w - w0) @ a @ (w - w0).T @ g))
+
+
+@settings(max_examples=30, deadline=None)
+@given(out=st.integers(2, 9), inp=st.integers(2, 9), seed=st.integers(0, 10_000), data=st.data())
+def test_costs_and_updates_are_exact_and_optimal_on_a_kronecker_quadratic(out, inp, seed, data):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=gen, dtype=torch.float64)
+    g, a = _spd(out, gen), _spd(inp, gen)
+    loss = _quadratic(w, g, a)
+    rows = sorted(data.draw(st.sets(st.integers(0, out - 1), min_size=1, max_size=out - 1)))
+    cols = sorted(data.draw(st.sets(st.integers(0, inp - 1), min_size=1, max_size=inp - 1)))
+    g_inv, a_inv = torch.linalg.inv(g), torch.linalg.inv(a)
+    pruned = remove_rows(w, g_inv, rows)
+    assert pruned[rows].abs().max() == 0
+    assert abs(loss(pruned) - row_cost(w, a, g_inv, rows)) < 1e-9 * max(1.0, loss(pruned))
+    # optimal: the gradient G (W' - W) A vanishes on every weight that was free to move
+    grad = g @ (pruned - w) @ a
+    keep = [r for r in range(out) if r not in rows]
+    assert grad[keep].abs().max() < 1e-9 * max(1.0, float(grad.abs().max()))
+    pruned = remove_columns(w, a_inv, cols)
+    assert pruned[:, cols].abs().max() == 0
+    assert abs(loss(pruned) - column_cost(w, g, a_inv, cols)) < 1e-9 * max(1.0, loss(pruned))
+    grad = g @ (pruned - w) @ a
+    keep = [c for c in range(inp) if c not in cols]
+    assert grad[:, keep].abs().max() < 1e-9 * max(1.0, float(grad.abs().max()))
+
+
+def test_damping_is_relative_to_the_mean_diagonal():
+    m = torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(damped_inverse(m, 0.5), torch.diag(1 / torch.tensor([2.0, 4.0], dtype=torch.float64)))
+    torch.testing.assert_close(damped_inverse(torch.zeros(2, 2), 0.5), 2 * torch.eye(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "activations", "identity"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "phi3"])
+def test_the_target_is_met_within_one_group_and_the_matrices_shrink(tiny, name, curvature):
+    _, program = tiny(name)
+    PassManager([CleanupIR()]).run(program)
+    groups = program.analysis(group_analysis)
+    dense = program.num_parameters()
+    surgeon = SurgeonPrune(CALIBRATION, target=0.25, shots=2, curvature=curvature, batch_size=4)
+    PassManager([surgeon]).run(program)
+    smallest = min(sum(1 for _ in g.units) for g in groups.groups) * 128  # a generous bound on a group's size
+    assert abs(program.num_parameters() - round(0.75 * dense)) <= smallest
+    assert program.num_parameters() == surgeon.reports[-1].parameters < surgeon.reports[0].parameters < dense
+    after = program.analysis(group_analysis)
+    assert len(after.groups) == len(groups.groups) - sum(r.removed_groups for r in surgeon.reports)
+    assert program(program.probe_input(batch=1, length=5)).shape == (1, 5, 128)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from fxslice import capture
+    from fxslice.testing import trained_tiny_causal_lm
+
+    return capture(trained_tiny_causal_lm("llama"))
+
+
+def test_on_a_trained_model_the_surgeon_beats_l_obd_which_beats_magnitude(trained):
+    from fxslice.testing import arithmetic_sequences
+
+    calib, test = arithmetic_sequences(16, seed=1000), arithmetic_sequences(16, seed=2000)
+    dense = perplexity(trained, test)
+    pruned = {}
+    for curvature in ("kfac", "activations", "identity"):
+        program = trained.clone()
+        PassManager([CleanupIR()]).run(program)
+        PassManager([SurgeonPrune(calib, target=0.3, shots=3, curvature=curvature, batch_size=8)]).run(program)
+        pruned[curvature] = perplexity(program, test)
+    print(f"held-out perplexity at 30% fewer parameters: dense {dense:.3f}, {pruned}")
+    assert dense < pruned["kfac"] < pruned["activations"] < pruned["identity"]
+
+
+def test_predicted_loss_increase_tracks_the_measured_one_for_small_steps(tiny):
+    _, program = tiny("llama")
+    program = program.to(torch.float64)
+    PassManager([CleanupIR()]).run(program)
+    surgeon = SurgeonPrune(CALIBRATION, target=0.05, shots=1, batch_size=4)
+    PassManager([surgeon]).run(program)
+    [shot] = surgeon.reports
+    measured = shot.loss_after - shot.loss_before
+    assert shot.predicted_loss_increase > 0
+    assert abs(measured) < 20 * shot.predicted_loss_increase + 1e-3  # the same order: KFAC is an approximation
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"target": 1.2}, "target"), ({"shots": 0}, "shots"), ({"curvature": "hessian"}, "curvature"),
+    ({"structures": "rows_cols"}, "not available"), ({"labels": "mine"}, "labels"),
+])
+def test_bad_surgeon_options_are_refused(options, message):
+    with pytest.raises(InvalidOption, match=message):
+        Surgeon(**options)
+
+
+def test_the_surgeon_stage_runs_after_slicegpt_and_reports_every_shot(tiny):
+    from fxslice.passes.slicegpt.stages import SliceGPT
+
+    _, program = tiny("llama")
+    recipe = Recipe((Cleanup(), SliceGPT(sparsity=0.25, batch_size=4), Surgeon(target=0.2, shots=2, batch_size=4)))
+    assert Recipe.from_dict(recipe.to_dict(), STAGES) == recipe
+    result = recipe.run(program, calibration=CALIBRATION)
+    sliced = result.stages[1][1]
+    report = result.stages[2][1].report
+    assert len(report["shots"]) == 2 and report["shots"][-1]["parameters"] == result.parameters
+    assert result.parameters <= round(0.8 * program.num_parameters() / 0.8)
+    assert sliced.report["widths"] == [48] * 5
+    assert program.record["facts"] == ["captured", "clean", "pruned", "sliced"]
