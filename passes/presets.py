@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from fxslice.passes.rewrite.stages import Cleanup, FuseGQA
 from fxslice.passes.slicegpt.stages import SliceGPT
+from fxslice.passes.surgeon.stages import Surgeon
 from fxslice.recipes import Calibration, Recipe
 
-__all__ = ["slicegpt_recipe"]
+__all__ = ["slicegpt_recipe", "prune_recipe", "PRUNING_METHODS"]
+
+#: `fxslice prune --method` -> the Surgeon stage's curvature
+PRUNING_METHODS = {"surgeon": "kfac", "lobd": "activations", "magnitude": "identity"}
 
 
 def slicegpt_recipe(*, calibration: Calibration | None = None, **options) -> Recipe:
@@ -14,3 +18,13 @@ def slicegpt_recipe(*, calibration: Calibration | None = None, **options) -> Rec
 
     `options` are the `SliceGPT` stage's (sparsity or widths, multiple, keep_ties, shared_basis, ...)."""
     return Recipe((Cleanup(), SliceGPT(**options), FuseGQA()), calibration, name="slicegpt")
+
+
+def prune_recipe(*, method: str = "surgeon", calibration: Calibration | None = None, **options) -> Recipe:
+    """Structured pruning of dimension groups: clean up, prune (`options` are the `Surgeon` stage's), fuse GQA."""
+    from fxslice.core import InvalidOption
+
+    if method not in PRUNING_METHODS:
+        raise InvalidOption(f"--method must be one of {', '.join(PRUNING_METHODS)}, got {method!r}")
+    return Recipe((Cleanup(), Surgeon(curvature=PRUNING_METHODS[method], **options), FuseGQA()), calibration,
+                  name=f"prune-{method}")

@@ -77,3 +77,31 @@ def plain_program():
     program = capture(NoStreamNorms())
     PassManager([CleanupIR()]).run(program)
     return program
+
+
+def _char_tokenizer(path) -> None:
+    """A character-level tokenizer over ids 0..95, built offline, so that a tiny model can read text."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i + 32): i for i in range(95)}
+    vocab["[UNK]"] = 95
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """`tiny_model_dir(name)` -> a directory with the tiny model and a character tokenizer: what the CLI takes."""
+    from fxslice.testing import tiny_causal_lm
+
+    def make(name: str, *, trained: bool = False):
+        from fxslice.testing import trained_tiny_causal_lm
+
+        path = tmp_path / name
+        (trained_tiny_causal_lm(name) if trained else tiny_causal_lm(name)).save_pretrained(path)
+        _char_tokenizer(path)
+        return path
+
+    return make

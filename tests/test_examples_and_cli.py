@@ -14,7 +14,7 @@ def test_custom_pass_example_runs_and_folds_the_scale(capsys):
     assert "fold_scale_into_linear" in out and "-1 nodes" in out and "weight values" in out
 
 
-@pytest.mark.parametrize("command", [[], ["inspect"], ["diff"], ["slice"], ["compress"]])
+@pytest.mark.parametrize("command", [[], ["inspect"], ["diff"], ["slice"], ["compress"], ["prune"]])
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "fxslice.cli", *command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

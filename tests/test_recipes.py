@@ -145,24 +145,8 @@ def test_a_custom_pass_stage_checks_exactness(tiny, tmp_path):
         recipe.run(program)
 
 
-def _char_tokenizer(path: Path) -> None:
-    """A character-level tokenizer over ids 0..127, built offline, so that a tiny model can read text."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(i + 32): i for i in range(95)}
-    vocab["[UNK]"] = 95
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
-
-
-def test_cli_compress_runs_a_recipe_file_and_records_it(tmp_path):
-    from fxslice.testing import tiny_causal_lm
-
-    model_dir = tmp_path / "tiny"
-    tiny_causal_lm("llama").save_pretrained(model_dir)
-    _char_tokenizer(model_dir)
+def test_cli_compress_runs_a_recipe_file_and_records_it(tmp_path, tiny_model_dir):
+    model_dir = tiny_model_dir("llama")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("calibration: {windows: 4, length: 48}\n"
                       "stages:\n  - {stage: cleanup}\n  - {stage: slicegpt, sparsity: 0.25}\n  - {stage: fuse_gqa}\n")

@@ -133,3 +133,28 @@ def test_the_surgeon_stage_runs_after_slicegpt_and_reports_every_shot(tiny):
     assert result.parameters <= round(0.8 * program.num_parameters() / 0.8)
     assert sliced.report["widths"] == [48] * 5
     assert program.record["facts"] == ["captured", "clean", "pruned", "sliced"]
+
+
+def test_cli_prune_saves_a_smaller_model_that_reloads_and_generates(tmp_path, tiny_model_dir):
+    import json
+    import subprocess
+    import sys
+
+    import fxslice
+
+    out = tmp_path / "pruned"
+    cmd = [sys.executable, "-m", "fxslice.cli", "prune", str(tiny_model_dir("llama")), "--target", "0.3", "--shots", "2",
+           "--calib-windows", "4", "--calib-length", "32", "--eval-windows", "2", "--eval-length", "32", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "fxslice.json").read_text())
+    assert record["parameters"] <= 0.72 * record["dense_parameters"]
+    assert [s["stage"] for s in record["stages"]] == ["cleanup", "surgeon", "fuse_gqa"]
+    assert len(record["stages"][1]["report"]["shots"]) == 2
+    back = fxslice.load(out)
+    assert back.num_parameters() == record["parameters"]
+    generated = subprocess.run([sys.executable, "-m", "fxslice.cli", "generate", str(out), "abc", "--max-new-tokens", "4"],
+                               capture_output=True, text=True)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    bad = subprocess.run([*cmd[:4], "x", "--method", "obs", "--out", str(tmp_path / "o2")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--method must be one of" in bad.stderr

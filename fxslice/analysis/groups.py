@@ -203,12 +203,17 @@ class _Tagger:
             if use.output not in stream_values and role_of(use.node) is None and use.output.users:
                 producers[use.output] = use
         ids = program.probe_input(batch=1, length=6, seed=0)
+        inputs: dict[str, Any] = {"input_ids": ids}
+        if program.cache is not None:  # a KV-cache graph: an empty cache, as at the first step
+            inputs["past_length"] = torch.tensor(0)
+            for i, kv in enumerate(program.cache.allocate(1, ids.shape[1], program.dtype)):
+                inputs[f"kv_{i}"] = kv
         env: dict[fx.Node, Any] = self.env
         tags: dict[fx.Node, Any] = {}
         constant = self.constant  # values computed from weights alone (Gemma's 1 + w, say)
         for node in program.graph.nodes:
             if node.op == "placeholder":
-                env[node] = ids if node.target == "input_ids" else None
+                env[node] = inputs[str(node.target)]
                 continue
             if node.op == "get_attr":
                 env[node] = tensor_of(gm, node)
