@@ -82,7 +82,11 @@ def main() -> None:
         shots = [r.report["shots"] for _, r in result.stages if "shots" in r.report]
         if shots:
             row["shots"] = [{k: v for k, v in s.items() if k != "per_module"} for s in shots[0]]
-            row["removed_per_module"] = shots[0][-1]["per_module"]
+            total: dict[str, int] = {}
+            for shot in shots[0]:
+                for module, count in shot["per_module"].items():
+                    total[module] = total.get(module, 0) + count
+            row["removed_per_module"] = dict(sorted(total.items(), key=lambda kv: -kv[1]))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("recipe", "shots")}), file=sys.stderr, flush=True)
     if args.plot:
@@ -104,12 +108,15 @@ def _plot(rows: list[dict], path: str) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install 'fxslice[bench]'): no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     dense = rows[0]
     for method in dict.fromkeys(r["method"] for r in rows[1:]):
         points = sorted((r["parameters"] / 1e6, r["perplexity"]) for r in rows if r["method"] == method)
         ax.plot(*zip(*points, strict=True), marker="o", label=method)
-    ax.axhline(dense["perplexity"], color="grey", linestyle="--", label=f"dense ({dense['parameters'] / 1e6:.1f} M)")
+    ax.plot([dense["parameters"] / 1e6], [dense["perplexity"]], marker="*", markersize=12, color="black",
+            linestyle="none", label=f"dense ({dense['parameters'] / 1e6:.1f} M)")
+    smallest = min(r["parameters"] for r in rows) / 1e6
+    ax.set_xlim(smallest - 0.08 * (dense["parameters"] / 1e6 - smallest) - 1, dense["parameters"] / 1e6 + 2)
     ax.set_xlabel("parameters (M, counted on the graph)")
     ax.set_ylabel("WikiText-2 perplexity")
     ax.set_yscale("log")

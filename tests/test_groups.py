@@ -87,3 +87,14 @@ def test_cli_inspect_groups(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dimension groups: 260 (256 MLP channels, 4 attention head groups)" in done.stdout
+
+
+def test_a_kv_cache_graph_keeps_its_mlp_channels_and_blocks_heads_written_to_the_cache():
+    from fxslice.models.kvcache import capture_cached
+    from fxslice.testing import tiny_causal_lm
+
+    program = capture_cached(tiny_causal_lm("llama"))
+    PassManager([CleanupIR()]).run(program)
+    groups = program.analysis(group_analysis)
+    assert len(groups.by_kind("mlp_channel")) == 256 and not groups.by_kind("heads")
+    assert any("k_proj" in w for w in groups.blocked)

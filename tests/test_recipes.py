@@ -189,3 +189,16 @@ def test_a_recipe_can_continue_from_stated_facts_and_records_the_facts_it_leaves
     assert Recipe.from_dict(rest.to_dict(), STAGES) == rest
     rest.run(program, calibration=CALIBRATION)
     assert program.record["facts"] == ["captured", "clean", "sliced"]
+
+
+def test_cli_slice_is_the_preset_and_writes_its_recipe(tmp_path, tiny_model_dir):
+    saved = tmp_path / "slice.yaml"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fxslice.cli", "slice", str(tiny_model_dir("llama")), "--sparsity", "0.25",
+           "--calib-windows", "4", "--calib-length", "48", "--eval-windows", "2", "--eval-length", "48",
+           "--save-recipe", str(saved), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recipe = load_recipe(saved)
+    assert recipe == slicegpt_recipe(sparsity=0.25, calibration=Calibration(windows=4, length=48))
+    assert Recipe.from_dict(json.loads((out / "fxslice.json").read_text())["recipe"], STAGES) == recipe
