@@ -346,19 +346,22 @@ class _Tagger:
         tq, tk, tv = (tags.get(x) for x in (q, k, v))
         hq = value.shape[1]
         present = [t for t in (tq, tk, tv) if t is not None]
+        if len(present) < 3:  # keys or values from elsewhere (a KV cache): which heads pair up is unknown
+            for t in present:
+                self._block(t, node, "attention over keys or values the analysis cannot follow (a cache?)")
+            return None
         if any(t.dim() != 4 for t in present):
             for t in present:
                 self._block(t, node, "attention over other than [batch, heads, tokens, dim]")
             return None
-        hk = next(t.shape[1] for t in (tk, tv) if t is not None) if (tk is not None or tv is not None) else hq
-        if hq % hk:
+        hk = tk.shape[1]
+        if hq % hk or tv.shape[1] != hk:
             for t in present:
                 self._block(t, node, "query heads not a multiple of key/value heads")
             return None
         out = torch.empty(value.shape, dtype=torch.long)
         for h in range(hq):
-            members = [tq[:, h]] if tq is not None else []
-            members += [t[:, h // (hq // hk)] for t in (tk, tv) if t is not None]
+            members = [tq[:, h], tk[:, h // (hq // hk)], tv[:, h // (hq // hk)]]
             flat = torch.cat([m.reshape(-1) for m in members])
             first = int(flat[0])
             self.uf.union_tensors(torch.full_like(flat, first), flat)
