@@ -158,3 +158,12 @@ def test_cli_prune_saves_a_smaller_model_that_reloads_and_generates(tmp_path, ti
     assert generated.returncode == 0, generated.stderr[-2000:]
     bad = subprocess.run([*cmd[:4], "x", "--method", "obs", "--out", str(tmp_path / "o2")], capture_output=True, text=True)
     assert bad.returncode == 2 and "--method must be one of" in bad.stderr
+
+
+def test_a_model_without_removable_groups_is_refused_naming_what_blocks_them(plain_program):
+    from fxslice import UnsupportedStructure
+
+    with pytest.raises(UnsupportedStructure, match="no removable dimension groups") as refused:
+        PassManager([SurgeonPrune(CALIBRATION[:, :8] % 20, target=0.2, shots=1)]).run(plain_program)
+    message = str(refused.value)
+    assert "head.weight: reaches the graph's output at output" in message  # the weight, the reason and the node

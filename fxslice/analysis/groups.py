@@ -28,7 +28,6 @@ from torch import fx
 
 from fxslice.analysis.matchers import LinearUse, match_linear
 from fxslice.analysis.stream import stream_analysis
-from fxslice.core.errors import UnsupportedStructure
 from fxslice.core.graph import aten, module_path, role_of, tensor_of
 from fxslice.core.program import Program
 
@@ -54,7 +53,6 @@ _SIZED_ON_INPUT = {aten.slice.Tensor, aten.narrow.default, aten.split.Tensor, at
 _REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.var.correction,
                aten.linalg_vector_norm.default}
 _SDPA = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default}
-_BLOCKED = 0  # the tag of "cannot be removed"
 
 
 @dataclass(frozen=True, order=True)
@@ -114,8 +112,11 @@ class Groups:
 
 
 class _UnionFind:
+    """Tags joined into groups; a root may be *blocked* (with the first reason found), and stays so when joined."""
+
     def __init__(self) -> None:
-        self.parent: list[int] = [0]  # tag 0 is _BLOCKED
+        self.parent: list[int] = [0]  # tag 0 is never used: -1 and 0 stay free as markers
+        self.blocked: dict[int, str] = {}
 
     def new(self, n: int) -> torch.Tensor:
         start = len(self.parent)
@@ -133,9 +134,15 @@ class _UnionFind:
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
-            if rb == _BLOCKED:
-                ra, rb = rb, ra
-            self.parent[rb] = ra  # _BLOCKED stays a root
+            self.parent[rb] = ra
+            if rb in self.blocked:
+                self.blocked.setdefault(ra, self.blocked.pop(rb))
+
+    def block(self, tag: int, why: str) -> None:
+        self.blocked.setdefault(self.find(tag), why)
+
+    def is_blocked(self, tag: int) -> bool:
+        return self.find(tag) in self.blocked
 
     def union_tensors(self, a: torch.Tensor, b: torch.Tensor) -> None:
         pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1).unique(dim=0)
@@ -161,14 +168,11 @@ class _Tagger:
         self.units: dict[int, Unit] = {}  # first tag of each unit -> unit
         self.heads: set[int] = set()  # tags that went through attention
         self.linears: dict[str, LinearUse] = {}
-        self.reasons: dict[int, str] = {}
         self.weights_on_channels: list[tuple[str, fx.Node, torch.Tensor, torch.Tensor]] = []
         self.constant: set[fx.Node] = set()
         self.sites: dict[fx.Node, torch.Tensor] = {}
         self.env: dict[fx.Node, Any] = {}
-
-    def env_value(self, node: fx.Node) -> Any:
-        return self.env.get(node)
+        self.shared: set[str] = set()  # weights also read by another op (a tied table)
 
     def _new_units(self, weight: str, axis: str, n: int) -> torch.Tensor:
         tags = self.uf.new(n)
@@ -178,10 +182,7 @@ class _Tagger:
 
     def _block(self, tags: torch.Tensor, node: fx.Node, why: str) -> None:
         for t in tags.reshape(-1).unique().tolist():
-            root = self.uf.find(t)
-            if root != _BLOCKED:
-                self.reasons.setdefault(root, f"{why} at {node.name} ({node.target})")
-                self.uf.union(_BLOCKED, t)
+            self.uf.block(t, f"{why} at {node.name} ({node.target})")
 
     def run(self) -> None:
         program, gm = self.program, self.gm
@@ -192,7 +193,6 @@ class _Tagger:
         readers: dict[int, int] = defaultdict(int)  # tensor id -> how many ops read it (a tied table: several)
         for node in program.graph.find_nodes(op="get_attr"):
             readers[id(tensor_of(gm, node))] += len(node.users)
-        self.shared: set[str] = set()
         for node in program.graph.nodes:
             use = match_linear(gm, node)
             if use is None or use.weight.op != "get_attr" or tensor_of(gm, use.weight).dim() != 2:
@@ -316,7 +316,7 @@ class _Tagger:
             else:
                 self.uf.union_tensors(out, t)
         for n in node.all_input_nodes:
-            weight = self.env_value(n) if n in self.constant and tags.get(n) is None else None
+            weight = self.env.get(n) if n in self.constant and tags.get(n) is None else None
             if isinstance(weight, torch.Tensor) and weight.numel() > 1 and out is not None:
                 index = torch.arange(weight.numel()).reshape(weight.shape).expand(value.shape)
                 self.weights_on_channels.append((str(n.target), node, index.contiguous(), out))
@@ -373,10 +373,7 @@ class _Tagger:
 def group_analysis(program: Program) -> Groups:
     """The dimension groups of `program` (an analysis: `program.analysis(group_analysis)`)."""
     tagger = _Tagger(program)
-    try:
-        tagger.run()
-    except UnsupportedStructure:
-        raise
+    tagger.run()
     uf = tagger.uf
     for name, node, index, tag in tagger.weights_on_channels:
         # a weight element used by one group alone would have to shrink with it: not supported, so block that group
@@ -384,10 +381,8 @@ def group_analysis(program: Program) -> Groups:
         for i, t in torch.stack([index.reshape(-1), tag.reshape(-1)], 1).unique(dim=0).tolist():
             owners[i].add(uf.find(t))
         for roots in owners.values():
-            if len(roots) == 1 and _BLOCKED not in roots:
-                root = next(iter(roots))
-                tagger.reasons.setdefault(root, f"scaled by the weight '{name}' along its channels at {node.name}")
-                uf.union(_BLOCKED, root)
+            if len(roots) == 1:
+                uf.block(next(iter(roots)), f"scaled by the weight '{name}' along its channels at {node.name}")
     members: dict[int, list[Unit]] = defaultdict(list)
     for tag, unit in tagger.units.items():
         members[uf.find(tag)].append(unit)
@@ -396,22 +391,14 @@ def group_analysis(program: Program) -> Groups:
     for root, units in members.items():
         rows = tuple(sorted(u for u in units if u.axis == "row"))
         cols = tuple(sorted(u for u in units if u.axis == "col"))
-        if root == _BLOCKED:
-            continue
-        if not rows or not cols:
+        why = uf.blocked.get(root) or ("its channels reach no linear" if not cols else "no producer" if not rows else "")
+        if why:
             for u in rows or cols:
-                blocked.setdefault(u.weight, "its channels reach no linear" if rows else "no producer")
+                blocked.setdefault(u.weight, why)
             continue
         module = module_path(tagger.linears[rows[0].weight].node)
         groups.append(DimensionGroup("heads" if root in heads else "mlp_channel", rows, cols, module))
         roots.append(root)
-    for tag, why in tagger.reasons.items():
-        unit = tagger.units.get(tag)
-        weight = unit.weight if unit is not None else next(
-            (u.weight for t, u in tagger.units.items() if uf.find(t) == _BLOCKED), "?")
-        blocked.setdefault(weight, why)
-    for unit in (u for t, u in tagger.units.items() if uf.find(t) == _BLOCKED and u.axis == "row"):
-        blocked.setdefault(unit.weight, "blocked")
     order = sorted(range(len(groups)), key=lambda i: (groups[i].rows[0].weight, groups[i].rows[0].index))
     groups = [groups[i] for i in order]
     index_of_root = {roots[i]: rank for rank, i in enumerate(order)}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxslice import InvalidOption, Pass, PassManager, PassResult, Program
+from fxslice import InvalidOption, Pass, PassManager, PassResult, Program, UnsupportedStructure
 from fxslice.analysis.groups import DimensionGroup, group_analysis
 from fxslice.calibration.gradients import mean_loss
 from fxslice.calibration.moments import linear_statistics
@@ -95,7 +95,9 @@ class SurgeonPrune(Pass):
         groups = program.analysis(group_analysis)
         candidates = groups.groups
         if not candidates:
-            raise InvalidOption("surgeon: the graph has no removable dimension groups (`fxslice inspect --groups`)")
+            reasons = "\n".join(f"  {w}: {why}" for w, why in list(groups.blocked.items())[:8])
+            raise UnsupportedStructure(f"surgeon: the graph has no removable dimension groups; what blocks them:\n"
+                                       f"{reasons}\n  what to do: `fxslice inspect MODEL --groups` lists them all")
         readers = sorted({u.weight for g in candidates for u in g.cols})
         batches = list(self.windows.split(self.batch_size))
         loss_before = self._last_loss if self._last_loss is not None else mean_loss(program, batches)
