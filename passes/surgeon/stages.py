@@ -28,8 +28,7 @@ class Surgeon(Stage):
     shots: int = 4
     curvature: str = "kfac"
     structures: str = "groups"
-    damp_g: float = 0.01
-    damp_a: float = 0.01
+    damp_a: float = 0.01  # A's damping, a fraction of its mean diagonal (G is not inverted for groups)
     labels: str = "data"
     batch_size: int = 1
 
@@ -48,7 +47,7 @@ class Surgeon(Stage):
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         surgeon = SurgeonPrune(context.windows(self.kind), target=self.target, shots=self.shots,
-                               curvature=self.curvature, damp_g=self.damp_g, damp_a=self.damp_a,
+                               curvature=self.curvature, damp_a=self.damp_a,
                                batch_size=self.batch_size, labels=self.labels, progress=context.progress)
         result = self.run_passes(program, [surgeon], context)
         result.report = {"shots": [asdict(r) for r in surgeon.reports]}

@@ -53,8 +53,7 @@ class SurgeonPrune(Pass):
     exact = False
 
     def __init__(self, windows: torch.Tensor, *, target: float, shots: int = 4, curvature: str = "kfac",
-                 damp_g: float = 0.01, damp_a: float = 0.01, batch_size: int = 1, labels: str = "data",
-                 progress: bool = False):
+                 damp_a: float = 0.01, batch_size: int = 1, labels: str = "data", progress: bool = False):
         if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
             raise InvalidOption("calibration windows must be a non-empty [n, length] tensor of token ids")
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target < 1.0:
@@ -63,11 +62,11 @@ class SurgeonPrune(Pass):
             raise InvalidOption(f"surgeon: shots must be a positive integer, got {shots!r}")
         if curvature not in CURVATURES:
             raise InvalidOption(f"surgeon: curvature must be one of {CURVATURES}, got {curvature!r}")
-        if not (damp_g > 0 and damp_a > 0):
-            raise InvalidOption(f"surgeon: damping must be positive, got damp_g={damp_g}, damp_a={damp_a}")
+        if not damp_a > 0:
+            raise InvalidOption(f"surgeon: damping must be positive, got damp_a={damp_a}")
         self.windows, self.target, self.shots, self.curvature = windows, float(target), shots, curvature
-        self.damp_g, self.damp_a, self.batch_size, self.labels = damp_g, damp_a, batch_size, labels
-        self.progress = progress
+        self.damp_a, self.batch_size, self.labels, self.progress = damp_a, batch_size, labels, progress
+        self._last_loss: float | None = None
         self.reports: list[ShotReport] = []
         self.removed: list[list[tuple[str, str, int]]] = []  # per shot, (weight, axis, index) of each unit zeroed
         self.updated: list[dict[str, torch.Tensor]] = []  # per shot, the weights and biases it wrote
