@@ -200,6 +200,10 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
 
     if out_dir.exists():
         raise InvalidOption(f"output directory {out_dir} already exists; choose another --out or remove it")
+    calibrating = [s.kind for s in recipe.stages if s.calibrates]
+    if calibrating and recipe.calibration is None:
+        raise InvalidOption(f"stage '{calibrating[0]}' calibrates but the recipe has no calibration section; add "
+                            "e.g. `calibration: {source: wikitext2:validation, windows: 32, length: 2048}`")
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     program, cached = _capture_with_cache(model)

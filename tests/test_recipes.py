@@ -160,6 +160,11 @@ def test_cli_compress_runs_a_recipe_file_and_records_it(tmp_path, tiny_model_dir
     assert load_recipe(recipe) == Recipe.from_dict(record["recipe"], STAGES)
     assert record["widths"] == [48] * 5 and record["parameters"] < record["dense_parameters"]
     assert [s["stage"] for s in record["stages"]] == ["cleanup", "slicegpt", "fuse_gqa"]
+    uncalibrated = tmp_path / "uncalibrated.yaml"
+    uncalibrated.write_text("stages:\n  - {stage: cleanup}\n  - {stage: slicegpt, sparsity: 0.25}\n")
+    refused = subprocess.run([*cmd[:4], str(model_dir), "--recipe", str(uncalibrated), "--out", str(tmp_path / "o3")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "no calibration section" in refused.stderr
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("stages:\n  - {stage: slicegpt, sparsity: 0.25}\n")
     refused = subprocess.run([*cmd[:4], str(model_dir), "--recipe", str(wrong), "--out", str(tmp_path / "o2")],
