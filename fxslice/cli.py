@@ -66,18 +66,15 @@ def inspect(
 
     program = _capture(model)
     out.print(summarize(program), highlight=False, markup=False)
-    if stream:
-        import fxslice.passes as passes
-        from fxslice.analysis.stream import stream_analysis
-
-        PassManager([passes.CleanupIR()]).run(program)
-        out.print(program.analysis(stream_analysis).describe(), highlight=False, markup=False)
-    if groups:
-        import fxslice.passes as passes
+    if stream or groups:  # both analyses read the cleaned-up graph
         from fxslice.analysis.groups import group_analysis
+        from fxslice.analysis.stream import stream_analysis
+        from fxslice.passes import CleanupIR
 
-        PassManager([passes.CleanupIR()]).run(program)
-        out.print(program.analysis(group_analysis).describe(), highlight=False, markup=False)
+        PassManager([CleanupIR()]).run(program)
+        for wanted, analysis in ((stream, stream_analysis), (groups, group_analysis)):
+            if wanted:
+                out.print(program.analysis(analysis).describe(), highlight=False, markup=False)
 
 
 @app.command()

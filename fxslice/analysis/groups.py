@@ -141,9 +141,6 @@ class _UnionFind:
     def block(self, tag: int, why: str) -> None:
         self.blocked.setdefault(self.find(tag), why)
 
-    def is_blocked(self, tag: int) -> bool:
-        return self.find(tag) in self.blocked
-
     def union_tensors(self, a: torch.Tensor, b: torch.Tensor) -> None:
         pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1).unique(dim=0)
         for x, y in pairs.tolist():
@@ -183,6 +180,12 @@ class _Tagger:
     def _block(self, tags: torch.Tensor, node: fx.Node, why: str) -> None:
         for t in tags.reshape(-1).unique().tolist():
             self.uf.block(t, f"{why} at {node.name} ({node.target})")
+
+    def _block_inputs(self, inputs: Iterable[fx.Node], tags: dict, node: fx.Node, why: str) -> None:
+        """Block every channel that the tagged `inputs` of `node` carry."""
+        for n in inputs:
+            for t in _tensors(tags[n]):
+                self._block(t, node, why)
 
     def run(self) -> None:
         program, gm = self.program, self.gm
@@ -233,9 +236,7 @@ class _Tagger:
                 self._consume(consumers[node], tags[consumers[node].input], node)
                 tagged_inputs = [n for n in tagged_inputs if n is not consumers[node].input]
             if tagged_inputs and node in stream_values:
-                for n in tagged_inputs:
-                    for t in _tensors(tags[n]):
-                        self._block(t, node, "reaches the residual stream")
+                self._block_inputs(tagged_inputs, tags, node, "reaches the residual stream")
             elif tagged_inputs:
                 out = self._propagate(node, tags, env, env[node])
                 if out is not None:
@@ -272,9 +273,7 @@ class _Tagger:
                 return tags[node.args[0]] if node.args[0] in tags else None
             untagged = [n for n in node.all_input_nodes if tags.get(n) is None and isinstance(env[n], torch.Tensor)]
             if untagged:
-                for n in tagged:
-                    for t in _tensors(tags[n]):
-                        self._block(t, node, "moved together with an untracked value")
+                self._block_inputs(tagged, tags, node, "moved together with an untracked value")
                 return None
             try:
                 moved = fx.node.map_arg((node.args, node.kwargs), lambda n: tags[n] if n in tags else env[n])
@@ -282,9 +281,7 @@ class _Tagger:
                 if target in SIZED and isinstance(tags.get(node.args[0]), torch.Tensor):
                     self.sites[node] = tags[node.args[0]] if target in _SIZED_ON_INPUT else out
             except Exception as exc:  # noqa: BLE001 - any op we cannot replay on tags blocks its channels
-                for n in tagged:
-                    for t in _tensors(tags[n]):
-                        self._block(t, node, f"cannot follow channels through it ({type(exc).__name__})")
+                self._block_inputs(tagged, tags, node, f"cannot follow channels through it ({type(exc).__name__})")
                 return None
             return [t.contiguous() for t in out] if isinstance(out, (list, tuple)) else out.contiguous()
         if target in _SDPA:
@@ -293,9 +290,7 @@ class _Tagger:
             return self._pointwise(node, tags, value)
         if target in _REDUCTIONS and isinstance(value, torch.Tensor):
             return self._reduce(node, tags, value)
-        for n in tagged:
-            for t in _tensors(tags[n]):
-                self._block(t, node, "an op the analysis does not follow")
+        self._block_inputs(tagged, tags, node, "an op the analysis does not follow")
         return None
 
     def _pointwise(self, node: fx.Node, tags: dict, value: torch.Tensor) -> torch.Tensor | None:

@@ -89,6 +89,7 @@ def linear_statistics(
                                   labels=labels, progress=progress)
     else:
         runner = StagedRunner(program, batches)
-        last = max((n for n in by_input), key=list(program.graph.nodes).index)
+        order = {n: i for i, n in enumerate(program.graph.nodes)}
+        last = max(by_input, key=order.__getitem__)
         runner.run_through(last, by_input)
     return LinearStatistics(found, inputs, output_gradients, loss)

@@ -57,9 +57,10 @@ def check_exact_pass(
     naming program and dtype on the first broken promise. `must_modify`: the pass must change each program
     (a test that checks a pass which did nothing proves nothing)."""
     reports = []
+    pass_name = make_pass().name or type(make_pass()).__name__
     for name, original in programs:
         for dtype in dtypes:
-            where = f"{make_pass().name or type(make_pass()).__name__} on {name} ({dtype})"
+            where = f"{pass_name} on {name} ({dtype})"
             program = original.to(dtype)
             PassManager(list(prepare())).run(program)
             inputs = _probe_inputs(program)
@@ -90,8 +91,9 @@ def check_pass_leaves_alone(make_pass: Callable[[], Pass], programs: Iterable[tu
         program = original.clone()
         PassManager(list(prepare())).run(program)
         code, weights = program.gm.code, _weights(program)
-        result = PassManager([make_pass()]).run(program)
-        where = f"{make_pass().name} on {name}"
+        check = make_pass()
+        result = PassManager([check]).run(program)
+        where = f"{check.name or type(check).__name__} on {name}"
         assert not result.records[0].modified, f"{where}: reported a change on a graph it does not apply to"
         assert program.gm.code == code, f"{where}: the graph's code changed"
         after = _weights(program)

@@ -68,7 +68,6 @@ class SurgeonPrune(Pass):
         self.damp_a, self.batch_size, self.labels, self.progress = damp_a, batch_size, labels, progress
         self._last_loss: float | None = None
         self.reports: list[ShotReport] = []
-        self.removed: list[list[tuple[str, str, int]]] = []  # per shot, (weight, axis, index) of each unit zeroed
         self.updated: list[dict[str, torch.Tensor]] = []  # per shot, the weights and biases it wrote
 
     def requires(self, program: Program) -> None:
@@ -78,11 +77,11 @@ class SurgeonPrune(Pass):
         check_tokens(program, self.windows)
 
     def replay(self) -> Pass:
-        return _ReplaySurgeon(self.removed, self.updated)
+        return _ReplaySurgeon(self.updated)
 
     def call(self, program: Program) -> PassResult:
         dense = program.num_parameters()
-        self.reports, self.removed, self.updated, self._last_loss = [], [], [], None
+        self.reports, self.updated, self._last_loss = [], [], None
         for shot in progress_bar(range(1, self.shots + 1), "surgeon shots", enabled=self.progress):
             goal = round(dense * (1.0 - self.target * shot / self.shots))
             report = self._shot(program, shot, goal)
@@ -133,7 +132,6 @@ class SurgeonPrune(Pass):
                 set_tensor(program.gm, str(bias.target), value)
                 written[str(bias.target)] = value
         program.mark_changed()
-        self.removed.append([(u.weight, u.axis, u.index) for i in chosen for u in candidates[i].units])
         self.updated.append(written)
         PassManager([RemoveDeadGroups()]).run(program)
         per_module: dict[str, int] = defaultdict(int)
@@ -233,8 +231,8 @@ class _ReplaySurgeon(Pass):
     name = "surgeon_prune"
     exact = False
 
-    def __init__(self, removed, updated):
-        self.removed, self.updated = removed, updated
+    def __init__(self, updated: list[dict[str, torch.Tensor]]):
+        self.updated = updated
 
     def call(self, program: Program) -> PassResult:
         for weights in self.updated:
