@@ -139,8 +139,9 @@ def slice_(
 @app.command()
 def prune(
     model: ModelArg = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option(help="surgeon (KFAC curvature, OBS updates), lobd (activations only) or magnitude")] = "surgeon",
-    target: Annotated[float, typer.Option(help="fraction of the parameters to remove physically, in (0, 1)")] = 0.2,
+    method: Annotated[str, typer.Option(help="surgeon (KFAC curvature, OBS updates), kobd (KFAC, no updates), lobd (activations only) or magnitude")] = "surgeon",
+    target: Annotated[float, typer.Option(help="groups: fraction of the parameters to remove physically, in (0, 1); masked structures: fraction of the decoder linears' weights to zero")] = 0.2,
+    structures: Annotated[str, typer.Option(help="groups (MLP channels and head groups, removed for real) or the paper's zero-masked rows_columns, unstructured, 2:4")] = "groups",
     shots: Annotated[int, typer.Option(help="shots; the curvature is re-estimated before each")] = 4,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the pruned model")] = Path("pruned"),
     calibration: Annotated[str, typer.Option(help="calibration text: wikitext2:validation, a file, a dir, hf:NAME:SPLIT")] = "wikitext2:validation",
@@ -152,16 +153,18 @@ def prune(
     batch_size: Annotated[int, typer.Option(help="windows per forward pass (1 is fastest on a CPU)")] = 1,
     seed: Annotated[int, typer.Option(help="seed for sampling calibration windows")] = 0,
 ) -> None:
-    """Prune MODEL's MLP channels and key/value head groups (The LLM Surgeon), so that its matrices shrink.
+    """Prune MODEL's MLP channels and key/value head groups (The LLM Surgeon), so that its matrices shrink;
+    or, with --structures, zero the paper's rows and columns, single weights or 2:4 blocks.
 
     A preset of `fxslice compress`: the recipe cleanup -> surgeon -> fuse_gqa."""
     from fxslice.passes import prune_recipe
     from fxslice.recipes import Calibration
 
-    recipe = prune_recipe(method=method, target=target, shots=shots, batch_size=batch_size, calibration=Calibration(
-        source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size))
+    data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size)
+    recipe = prune_recipe(method=method, target=target, shots=shots, structures=structures, batch_size=batch_size,
+                          calibration=data)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
-              {"method": method, "target": target, "shots": shots})
+              {"method": method, "target": target, "shots": shots, "structures": structures})
 
 
 @app.command()

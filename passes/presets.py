@@ -10,7 +10,7 @@ from fxslice.recipes import Calibration, Recipe
 __all__ = ["slicegpt_recipe", "prune_recipe", "PRUNING_METHODS"]
 
 #: `fxslice prune --method` -> the Surgeon stage's curvature
-PRUNING_METHODS = {"surgeon": "kfac", "lobd": "activations", "magnitude": "identity"}
+PRUNING_METHODS = {"surgeon": "kfac", "kobd": "kobd", "lobd": "activations", "magnitude": "identity"}
 
 
 def slicegpt_recipe(*, calibration: Calibration | None = None, **options) -> Recipe:

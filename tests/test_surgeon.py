@@ -59,7 +59,7 @@ def test_damping_is_relative_to_the_mean_diagonal():
     torch.testing.assert_close(damped_inverse(torch.zeros(2, 2), 0.5), 2 * torch.eye(2, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("curvature", ["kfac", "activations", "identity"])
+@pytest.mark.parametrize("curvature", ["kfac", "kobd", "activations", "identity"])
 @pytest.mark.parametrize("name", ["llama", "gpt2", "phi3"])
 def test_the_target_is_met_within_one_group_and_the_matrices_shrink(tiny, name, curvature):
     _, program = tiny(name)
@@ -113,7 +113,8 @@ def test_predicted_loss_increase_tracks_the_measured_one_for_small_steps(tiny):
 
 @pytest.mark.parametrize("options,message", [
     ({"target": 1.2}, "target"), ({"shots": 0}, "shots"), ({"curvature": "hessian"}, "curvature"),
-    ({"structures": "rows_cols"}, "not available"), ({"labels": "mine"}, "labels"),
+    ({"structures": "rows_cols"}, "structures must be"), ({"labels": "mine"}, "labels"),
+    ({"structures": "2:4", "target": 0.6}, "at most half"),
 ])
 def test_bad_surgeon_options_are_refused(options, message):
     with pytest.raises(InvalidOption, match=message):

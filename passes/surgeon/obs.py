@@ -9,15 +9,21 @@ and is best compensated by ΔW = − G⁻¹[:, R] ([G⁻¹]_RR)⁻¹ W_R (A canc
 ΔL_C = ½ tr( ([A⁻¹]_CC)⁻¹ W_Cᵀ G W_C ), ΔW = − W_C ([A⁻¹]_CC)⁻¹ A⁻¹[C, :] (G cancels). With one row
 or column these are the paper's per-structure costs. Inverses are damped by a fraction of the mean diagonal
 and taken in float64 by Cholesky.
+
+Every row, column and element at once (`structure_costs`): row r costs ½ (W A Wᵀ)_rr · s_r, column c costs
+½ (Wᵀ G W)_cc · t_c and element (i, j) ½ W_ij² · s_i t_j, with s = 1 / diag(G⁻¹), t = 1 / diag(A⁻¹) for OBS
+(the Surgeon) and s = diag(G), t = diag(A) for OBD (no inverse, no update: "K-OBD").
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["damped_inverse", "row_cost", "column_cost", "remove_rows", "remove_columns"]
+__all__ = ["damped_inverse", "row_cost", "column_cost", "remove_rows", "remove_columns", "remove_rows_and_columns",
+           "remove_elements", "StructureCosts", "structure_costs"]
 
 
 def damped_inverse(m: torch.Tensor, damp: float) -> torch.Tensor:
@@ -65,3 +71,64 @@ def remove_columns(w: torch.Tensor, a_inv: torch.Tensor, cols: Sequence[int]) ->
     out = w64 + delta
     out[:, c] = 0
     return out.to(w.dtype)
+
+
+def remove_rows_and_columns(w: torch.Tensor, g_inv: torch.Tensor | None, a_inv: torch.Tensor | None,
+                            rows: Sequence[int], cols: Sequence[int]) -> torch.Tensor:
+    """`w` with rows R and columns C removed together (the paper's correlated update: both deltas are added,
+    then every pruned weight is set to zero). A missing inverse means that factor is not used to compensate."""
+    w64 = w.to(torch.float64)
+    out = w64.clone()
+    r = torch.as_tensor(list(rows), dtype=torch.long)
+    c = torch.as_tensor(list(cols), dtype=torch.long)
+    if len(r) and g_inv is not None:
+        out -= g_inv[:, r] @ _solve_block(g_inv[r][:, r], w64[r])
+    if len(c) and a_inv is not None:
+        out -= _solve_block(a_inv[c][:, c], w64[:, c].T).T @ a_inv[c]
+    out[r] = 0
+    out[:, c] = 0
+    return out.to(w.dtype)
+
+
+def remove_elements(w: torch.Tensor, a_inv: torch.Tensor | None, mask: torch.Tensor,
+                    budget: int = 2**26) -> torch.Tensor:
+    """`w` with the elements in `mask` removed and each row's other weights updated to compensate, correlated
+    within the row: ΔW_i = − w_iQ ([A⁻¹]_QQ)⁻¹ A⁻¹[Q, :] for the row's pruned set Q (OBS with rows independent,
+    the update SparseGPT approximates; the Surgeon's cross-row term through G⁻¹ is left out). Rows are solved in
+    batches padded to the longest set (`budget` float64 numbers per batch)."""
+    out = w.to(torch.float64).clone()
+    counts = mask.sum(1)
+    k = int(counts.max()) if mask.numel() else 0
+    if a_inv is not None and k:
+        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :k]  # pruned columns first
+        valid = torch.arange(k) < counts[:, None]
+        eye = torch.eye(k, dtype=torch.float64)
+        step = max(1, budget // (k * max(k, w.shape[1])))
+        for start in range(0, w.shape[0], step):
+            idx, ok = order[start:start + step], valid[start:start + step]
+            block = a_inv[idx[:, :, None], idx[:, None, :]]
+            block = torch.where(ok[:, :, None] & ok[:, None, :], block, eye)  # identity on the padding
+            rhs = torch.where(ok, out[start:start + step].gather(1, idx), 0.0)
+            x = torch.cholesky_solve(rhs[..., None], torch.linalg.cholesky(block))[..., 0]
+            out[start:start + step] -= (x[:, None, :] @ a_inv[idx])[:, 0]
+    out[mask] = 0
+    return out.to(w.dtype)
+
+
+@dataclass(frozen=True)
+class StructureCosts:
+    rows: torch.Tensor  # [out]
+    cols: torch.Tensor  # [in]
+    elements: torch.Tensor  # [out, in]
+
+
+def structure_costs(w: torch.Tensor, a: torch.Tensor | None, g: torch.Tensor | None,
+                    s: torch.Tensor, t: torch.Tensor) -> StructureCosts:
+    """The cost of removing each row, column and element alone; `a`, `g` None for identity factors; `s`, `t`
+    the row and column scales (OBS: 1 / diag of the inverse; OBD: the diagonal)."""
+    w = w.to(torch.float64)
+    wa = w if a is None else w @ a
+    wg = w if g is None else g @ w
+    rows = 0.5 * (wa * w).sum(1) * s
+    cols = 0.5 * (wg * w).sum(0) * t
+    return StructureCosts(rows, cols, 0.5 * w.pow(2) * s[:, None] * t[None, :])

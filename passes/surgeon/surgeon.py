@@ -10,7 +10,8 @@ threshold across the model: the allocation between layers follows from the costs
 remaining columns through `A⁻¹` to compensate, zero the group, and let `RemoveDeadGroups` shrink the matrices.
 The next shot re-estimates the curvature on the pruned model.
 
-Curvatures: "kfac" (the Surgeon), "activations" (`G = I`: L-OBD), "identity" (magnitude: no update).
+Curvatures (`fxslice.passes.surgeon.curvature`): "kfac" (the Surgeon), "kobd" (the same factors, diagonal
+costs, no update), "activations" (`G = I`: L-OBD), "identity" (magnitude: no update).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from fxslice.core.graph import set_tensor, tensor_of
 from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.progress import progress_bar
 from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups
-from fxslice.passes.surgeon.obs import column_cost, damped_inverse, remove_columns
+from fxslice.passes.surgeon.curvature import CURVATURES, Factors, factors, needs_activations, needs_gradients, updates
+from fxslice.passes.surgeon.linears import matrix_of, store_matrix
+from fxslice.passes.surgeon.obs import column_cost, remove_columns
 
-__all__ = ["SurgeonPrune", "ShotReport", "CURVATURES"]
-
-CURVATURES = ("kfac", "activations", "identity")
+__all__ = ["SurgeonPrune", "ShotReport", "ReplaySurgeon"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class SurgeonPrune(Pass):
         check_tokens(program, self.windows)
 
     def replay(self) -> Pass:
-        return _ReplaySurgeon(self.updated)
+        return ReplaySurgeon(self.updated)
 
     def call(self, program: Program) -> PassResult:
         dense = program.num_parameters()
@@ -100,12 +101,13 @@ class SurgeonPrune(Pass):
         batches = list(self.windows.split(self.batch_size))
         loss_before = self._last_loss if self._last_loss is not None else mean_loss(program, batches)
         stats = None
-        if self.curvature != "identity":
+        if needs_activations(self.curvature):
             stats = linear_statistics(program, self.windows, batch_size=self.batch_size, linears=readers,
-                                      gradients=self.curvature == "kfac", labels=self.labels)
+                                      gradients=needs_gradients(self.curvature), labels=self.labels)
         weights = sorted({u.weight for g in candidates for u in g.units})
-        matrices = {w: self._matrix(program, groups.linears[w]) for w in weights}
-        curv = {w: self._curvature(stats, w, matrices[w]) for w in readers} if stats is not None else {}
+        matrices = {w: matrix_of(program, groups.linears[w]) for w in weights}
+        curv = {w: factors(stats, w, tuple(matrices[w].shape), self.curvature, damp_a=self.damp_a, damp_g=0.01)  # G⁻¹: unused here
+                for w in readers}
         costs = [self._cost(g, matrices, curv) for g in candidates]
         sizes = [self._size(g, groups.linears, program) for g in candidates]
         chosen = self._select(candidates, costs, sizes, program.num_parameters() - goal)
@@ -120,10 +122,11 @@ class SurgeonPrune(Pass):
         for w in sorted(set(rows) | set(cols)):
             m = matrices[w]
             if w in cols:  # the readers' columns carry the whole cost; the others compensate through A⁻¹
-                m = remove_columns(m, curv[w][0], cols[w]) if w in curv else _zero(m, cols=cols[w])
+                update = updates(self.curvature) and curv[w].a_inv is not None
+                m = remove_columns(m, curv[w].a_inv, cols[w]) if update else _zero(m, cols=cols[w])
             if w in rows:  # a producer row whose channel nobody reads any more: zero, nothing to compensate
                 m = _zero(m, rows=rows[w])
-            written[w] = self._store(program, groups.linears[w], m)
+            written[w] = store_matrix(program, groups.linears[w], m)
         for w in rows:
             bias = groups.linears[w].bias
             if bias is not None and bias.op == "get_attr":
@@ -145,28 +148,11 @@ class SurgeonPrune(Pass):
                           sum(candidates[i].kind == "mlp_channel" for i in chosen),
                           predicted, loss_before, self._last_loss, dict(per_module))
 
-    @staticmethod
-    def _matrix(program: Program, use) -> torch.Tensor:
-        w = tensor_of(program.gm, use.weight).detach().to(torch.float64)
-        return w if use.out_axis % 2 == 0 else w.T  # out x in
-
-    @staticmethod
-    def _store(program: Program, use, m: torch.Tensor) -> torch.Tensor:
-        old = tensor_of(program.gm, use.weight)
-        value = (m if use.out_axis % 2 == 0 else m.T).to(old.dtype).contiguous()
-        set_tensor(program.gm, str(use.weight.target), value)
-        return value
-
-    def _curvature(self, stats, weight: str, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A⁻¹ damped, G) of a reader; G = I for the activations-only curvature (L-OBD)."""
-        g = stats.G(weight) if self.curvature == "kfac" else torch.eye(m.shape[0], dtype=torch.float64)
-        return damped_inverse(stats.A(weight), self.damp_a), g
-
-    @staticmethod
-    def _cost(group: DimensionGroup, matrices, curv) -> float:
-        """The loss increase of removing the group through its readers' columns (correlated within each
-        reader); magnitude (no curvature): half the squared norm of all its rows and columns."""
-        if not curv:
+    def _cost(self, group: DimensionGroup, matrices: dict[str, torch.Tensor], curv: dict[str, Factors]) -> float:
+        """The loss increase of removing the group through its readers' columns (OBS: correlated within each
+        reader; OBD: each column alone, ½ (WᵀGW)_cc A_cc); magnitude: half the squared norm of all its rows
+        and columns."""
+        if self.curvature == "identity":
             total = 0.0
             for u in group.units:
                 m = matrices[u.weight]
@@ -175,7 +161,10 @@ class SurgeonPrune(Pass):
         by_reader: dict[str, list[int]] = defaultdict(list)
         for u in group.cols:
             by_reader[u.weight].append(u.index)
-        return sum(column_cost(matrices[w], curv[w][1], curv[w][0], idx) for w, idx in by_reader.items())
+        if not updates(self.curvature):
+            return sum(float(_obd_columns(matrices[w], curv[w])[idx].sum()) for w, idx in by_reader.items())
+        return sum(column_cost(matrices[w], _or_eye(curv[w].g, matrices[w].shape[0]), curv[w].a_inv, idx)
+                   for w, idx in by_reader.items())
 
     @staticmethod
     def _size(group: DimensionGroup, linears, program: Program) -> int:
@@ -216,6 +205,15 @@ class SurgeonPrune(Pass):
         return chosen
 
 
+def _or_eye(m: torch.Tensor | None, n: int) -> torch.Tensor:
+    return torch.eye(n, dtype=torch.float64) if m is None else m
+
+
+def _obd_columns(m: torch.Tensor, f: Factors) -> torch.Tensor:
+    """½ (Wᵀ G W)_cc · A_cc for every column: K-OBD's cost, each column alone."""
+    return 0.5 * ((_or_eye(f.g, m.shape[0]) @ m) * m).sum(0) * f.t
+
+
 def _zero(m: torch.Tensor, *, rows=(), cols=()) -> torch.Tensor:
     m = m.clone()
     if rows:
@@ -225,7 +223,7 @@ def _zero(m: torch.Tensor, *, rows=(), cols=()) -> torch.Tensor:
     return m
 
 
-class _ReplaySurgeon(Pass):
+class ReplaySurgeon(Pass):
     """The Surgeon's weights, fixed: what calibration chose, applied to another capture of the same model."""
 
     name = "surgeon_prune"
