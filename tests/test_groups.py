@@ -89,12 +89,16 @@ def test_cli_inspect_groups(tmp_path):
     assert "dimension groups: 260 (256 MLP channels, 4 attention head groups)" in done.stdout
 
 
-def test_a_kv_cache_graph_keeps_its_mlp_channels_and_blocks_heads_written_to_the_cache():
+def test_a_kv_cache_graph_has_the_groups_of_the_plain_graph_with_the_cache_as_a_site():
+    from fxslice import capture
     from fxslice.models.kvcache import capture_cached
     from fxslice.testing import tiny_causal_lm
 
-    program = capture_cached(tiny_causal_lm("llama"))
-    PassManager([CleanupIR()]).run(program)
-    groups = program.analysis(group_analysis)
-    assert len(groups.by_kind("mlp_channel")) == 256 and not groups.by_kind("heads")
-    assert any("k_proj" in w for w in groups.blocked)
+    model = tiny_causal_lm("llama")
+    cached, plain = capture_cached(model), capture(model)
+    PassManager([CleanupIR()]).run(cached)
+    PassManager([CleanupIR()]).run(plain)
+    groups, expected = cached.analysis(group_analysis), plain.analysis(group_analysis)
+    assert groups.groups == expected.groups and len(groups.by_kind("heads")) == 4
+    caches = [n for n in groups.sites if n.op == "placeholder"]
+    assert sorted(str(n.target) for n in caches) == [f"kv_{i}" for i in range(4)]

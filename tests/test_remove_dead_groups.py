@@ -77,3 +77,30 @@ def test_the_last_head_group_of_a_layer_stays_and_an_mlp_may_go(tiny_programs):
 
 def test_a_dense_model_is_left_alone(tiny_programs):
     check_pass_leaves_alone(RemoveDeadGroups, tiny_programs("llama", "gpt2"), prepare=lambda: [CleanupIR()])
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3", "gpt_neox"])
+def test_removed_heads_leave_the_kv_cache_and_decoding_follows(name):
+    """The KV-cache capture of a model with dead head groups: the cache layout shrinks with the heads, and
+    decoding one token at a time gives the logits of the plain program, zeroed but unshrunk."""
+    from fxslice import capture
+    from fxslice.core.pass_manager import replay
+    from fxslice.models.kvcache import capture_cached
+    from fxslice.testing.tiny_models import tiny_causal_lm
+
+    model = tiny_causal_lm(name)
+    plain, cached = capture(model), capture_cached(model)
+    PassManager([CleanupIR()]).run(cached)
+    result = PassManager([CleanupIR(), zero_groups(0.5, seed=3)]).run(plain)
+    replay(result.passes[1:], cached, plain)
+    zeroed = plain.clone()
+    before = cached.cache.shapes
+    PassManager([RemoveDeadGroups()]).run(cached)
+    assert cached.cache.shapes != before and all(
+        h <= h0 and d == d0 for (h, d), (h0, d0) in zip(cached.cache.shapes, before, strict=True))
+    assert cached.num_parameters() < zeroed.num_parameters()
+    ids = zeroed.probe_input(batch=2, length=7)
+    expected = zeroed(ids)
+    kv = cached.cache.allocate(2, 7, cached.dtype)
+    steps = [cached.step(ids[:, :3], 0, kv)] + [cached.step(ids[:, i:i + 1], i, kv) for i in range(3, 7)]
+    torch.testing.assert_close(torch.cat(steps, 1), expected, rtol=1e-4, atol=1e-4)

@@ -70,10 +70,10 @@ def test_single_structure_costs_are_exact_for_obs_and_obd(out, inp, seed):
     i, j = seed % out, (seed // 7) % inp
     mask = torch.zeros(out, inp, dtype=torch.bool)
     mask[i, j] = True
-    assert obs.elements[i, j] == pytest.approx(loss(_constrained_optimum(w, g, a, mask)), rel=1e-7)
+    assert obs.elements[i, j] == pytest.approx(loss(_constrained_optimum(w, g, a, mask)), rel=1e-6)  # float32
     zeroed = w.clone()
     zeroed[i, j] = 0
-    assert obd.elements[i, j] == pytest.approx(loss(zeroed), rel=1e-9)
+    assert obd.elements[i, j] == pytest.approx(loss(zeroed), rel=1e-6)
 
 
 @settings(max_examples=25, deadline=None)

@@ -52,6 +52,8 @@ _SIZED_ON_INPUT = {aten.slice.Tensor, aten.narrow.default, aten.split.Tensor, at
                    aten.chunk.default}
 _REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.var.correction,
                aten.linalg_vector_norm.default}
+#: in-place writes into a graph input: a KV cache (`cache.index_copy_(dim, positions, new)`)
+_CACHE_WRITES = {aten.index_copy_.default, aten.index_copy.default}
 _SDPA = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
@@ -89,7 +91,8 @@ class Groups:
     blocked: dict[str, str] = field(default_factory=dict)  # producer weight -> why its channels cannot go
     linears: dict[str, LinearUse] = field(default_factory=dict)  # weight name -> use, every producer and consumer
     #: shape ops on channel paths that may carry sizes as literals: node -> group index of every element of its
-    #: input (slices and splits) or output (views, reshapes, expands); -1 where no group
+    #: input (slices and splits) or output (views, reshapes, expands); -1 where no group. KV-cache inputs the
+    #: graph writes channels into are sites too (placeholders: their shape shrinks with the groups)
     sites: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
 
     def by_kind(self, kind: str) -> list[DimensionGroup]:
@@ -268,6 +271,8 @@ class _Tagger:
         if target is operator.getitem:
             source = tags.get(node.args[0])
             return source[node.args[1]] if isinstance(source, (list, tuple)) else None
+        if target in _CACHE_WRITES:
+            return self._cache_write(node, tags, value)
         if target in MOVES:
             if target in _CASTS:
                 return tags[node.args[0]] if node.args[0] in tags else None
@@ -331,6 +336,24 @@ class _Tagger:
         self.uf.union_tensors(first, flat)
         reduced = flat[..., 0]
         return reduced.reshape(value.shape) if reduced.numel() == value.numel() else None
+
+    def _cache_write(self, node: fx.Node, tags: dict, value: Any) -> torch.Tensor | None:
+        """New keys or values written into a cache input: the cache carries their channels at every position,
+        and is a site whose shape shrinks with them (`Program.cache`)."""
+        cache, dim, source = node.args[0], node.args[1], node.args[3]
+        t = tags.get(source)
+        ok = (isinstance(cache, fx.Node) and cache.op == "placeholder" and tags.get(cache) is None
+              and isinstance(t, torch.Tensor) and isinstance(value, torch.Tensor) and t.dim() == value.dim())
+        if ok:
+            first = t.narrow(dim % t.dim(), 0, 1)
+            ok = torch.equal(t, first.expand_as(t))
+        if not ok:
+            self._block_inputs([n for n in node.all_input_nodes if tags.get(n) is not None], tags, node,
+                               "written into a tensor the analysis cannot follow")
+            return None
+        out = first.expand(value.shape).contiguous()
+        self.sites[cache] = out
+        return out
 
     def _attention(self, node: fx.Node, tags: dict, value: torch.Tensor) -> torch.Tensor | None:
         q, k, v = node.args[:3]

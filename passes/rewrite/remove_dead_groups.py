@@ -3,13 +3,15 @@
 A group (`fxslice.analysis.groups`) is dead when every column it owns in the linears that read it is
 zero: whatever its channels carry is multiplied by zero, so deleting the channels — the producers' rows
 and biases, the readers' columns — changes nothing. Sizes written as literals in views, reshapes,
-expands, slices and splits along those channels are rewritten to the kept counts; a group whose sizes
-cannot be rewritten (a symbolic size, a pattern that is not a product of per-dimension masks) stays.
+expands, slices and splits along those channels are rewritten to the kept counts, and a KV cache that
+holds them (a graph input) shrinks in `Program.cache`; a group whose sizes cannot be rewritten (a symbolic
+size, a pattern that is not a product of per-dimension masks) stays.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 from torch import fx
@@ -90,11 +92,25 @@ class RemoveDeadGroups(Pass):
                         set_tensor(gm, str(use.bias.target), bias.index_select(bias.dim() - 1, keep))
             set_tensor(gm, weight, value)
         for node, args in edits.items():
-            node.args = args
+            if node.op == "placeholder":
+                self._shrink_cache(program, node, args)
+            else:
+                node.args = args
         refresh_vals(gm)
         removed = [groups.groups[i] for i in sorted(dead)]
         return PassResult(True, {"groups": len(removed), "mlp_channels": _count(removed, "mlp_channel"),
                                  "head_groups": _count(removed, "heads"), "removed": sorted(dead)})
+
+    @staticmethod
+    def _shrink_cache(program: Program, node: fx.Node, shape: tuple) -> None:
+        """A cache input of kept (heads, head_dim): the layout the caller allocates, and the input's fake value."""
+        index = program.input_names.index(str(node.target)) - 2  # after input_ids and past_length
+        shapes = list(program.cache.shapes)
+        shapes[index] = (int(shape[1]), int(shape[3]))
+        program.cache = replace(program.cache, shapes=tuple(shapes))
+        old = node.meta.get("val")
+        if isinstance(old, torch.Tensor):
+            node.meta["val"] = old.new_empty((old.shape[0], shape[1], old.shape[2], shape[3]))
 
     @staticmethod
     def _size_edits(groups: Groups, dead: set[int]) -> dict[fx.Node, tuple] | None:
@@ -108,6 +124,11 @@ class RemoveDeadGroups(Pass):
             masks = _separable(kept)
             if masks is None:
                 return None
+            if node.op == "placeholder":  # a KV cache, [batch, heads, positions, head_dim]
+                if kept.dim() != 4 or not (bool(masks[0].all()) and bool(masks[2].all())):
+                    return None
+                edits[node] = tuple(int(m.sum()) for m in masks)
+                continue
             args = _rewrite(node, masks, index.shape)
             if args is None:
                 return None

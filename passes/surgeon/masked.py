@@ -35,7 +35,7 @@ from fxslice.passes.surgeon.curvature import (
     updates,
 )
 from fxslice.passes.surgeon.linears import decoder_linears, matrix_of, store_matrix
-from fxslice.passes.surgeon.obs import remove_elements, remove_rows_and_columns, structure_costs
+from fxslice.passes.surgeon.obs import StructureCosts, remove_elements, remove_rows_and_columns, structure_costs
 
 __all__ = ["SurgeonMask", "MaskReport", "MASKED_STRUCTURES"]
 
@@ -128,9 +128,12 @@ class SurgeonMask(Pass):
         if needs_activations(self.curvature):
             stats = linear_statistics(program, self.windows, batch_size=self.batch_size, linears=scope,
                                       gradients=needs_gradients(self.curvature), labels=self.labels)
-        curv = {w: factors(stats, w, tuple(m.shape), self.curvature, damp_a=self.damp_a, damp_g=self.damp_g)
-                for w, m in matrices.items()}
-        costs = {w: _costs(m, curv[w]) for w, m in matrices.items()}
+        elements = self.structures != "rows_columns"
+
+        def curvature(w: str) -> Factors:  # built twice (costs, then updates) rather than all kept at once
+            return factors(stats, w, tuple(matrices[w].shape), self.curvature, damp_a=self.damp_a, damp_g=self.damp_g)
+
+        costs = {w: _costs(m, curvature(w), elements=elements) for w, m in matrices.items()}
         wanted = max(goal - gone, 0)
         if self.structures == "rows_columns":
             chosen, predicted = _threshold_rows_columns(matrices, costs, wanted, groups.groups)
@@ -140,17 +143,17 @@ class SurgeonMask(Pass):
         update = updates(self.curvature)
         written = {}
         for w, m in matrices.items():
-            f = curv[w]
             if self.structures == "rows_columns":
                 rows, cols = chosen[w]
                 if not rows and not cols:
                     continue
+                f = curvature(w)
                 new = remove_rows_and_columns(m, f.g_inv if update else None, f.a_inv if update else None, rows, cols)
             else:
                 mask = chosen[w]
                 if not mask.any():
                     continue
-                new = remove_elements(m, f.a_inv if update else None, mask)
+                new = remove_elements(m, curvature(w).a_inv if update else None, mask)
             written[w] = store_matrix(program, uses[w], new)
         program.mark_changed()
         self.updated.append(written)
@@ -171,17 +174,18 @@ class SurgeonMask(Pass):
                           {k: round(z / n, 4) for k, (z, n) in per_module.items()})
 
 
-def _costs(m: torch.Tensor, f: Factors):
-    c = structure_costs(m, f.a, f.g, f.s, f.t)
-    if f.a is not None:  # a column that never sees input (its channel is dead) costs nothing
-        c.cols[f.a.diagonal() == 0] = 0
-        c.elements[:, f.a.diagonal() == 0] = 0
-    if f.g is not None:  # a row whose output no gradient reaches costs nothing
-        c.rows[f.g.diagonal() == 0] = 0
-        c.elements[f.g.diagonal() == 0] = 0
-    c.rows[m.eq(0).all(1)] = 0
-    c.cols[m.eq(0).all(0)] = 0
-    c.elements[m.eq(0)] = 0
+def _costs(m: torch.Tensor, f: Factors, *, elements: bool) -> StructureCosts:
+    """Every structure's cost alone; zero where it is dead already (a column that never sees input, a row
+    no gradient reaches, weights that are zero). Element costs in float32, and only when asked for."""
+    c = structure_costs(m, f.a, f.g, f.s, f.t, elements=elements)
+    dead_cols = m.eq(0).all(0) | (f.a.diagonal() == 0 if f.a is not None else False)
+    dead_rows = m.eq(0).all(1) | (f.g.diagonal() == 0 if f.g is not None else False)
+    c.rows[dead_rows] = 0
+    c.cols[dead_cols] = 0
+    if c.elements is not None:
+        c.elements[:, dead_cols] = 0
+        c.elements[dead_rows] = 0
+        c.elements[m.eq(0)] = 0
     return c
 
 
@@ -209,6 +213,7 @@ def _threshold_rows_columns(matrices, costs, wanted: int, groups: list[Dimension
     n_rows = dict.fromkeys(names, 0)
     n_cols = dict.fromkeys(names, 0)
     dead_rows: set[tuple[str, int]] = set()
+    taken_rows: set[tuple[str, int]] = set()
     chosen = {w: ([], []) for w in names}
     total, predicted = 0, 0.0
 
@@ -232,13 +237,15 @@ def _threshold_rows_columns(matrices, costs, wanted: int, groups: list[Dimension
                 if columns_left[gi] == 1:
                     dying += [(u.weight, u.index) for u in groups[gi].rows
                               if u.weight in matrices and (u.weight, u.index) not in dead_rows
-                              and u.index not in chosen[u.weight][0]]
+                              and (u.weight, u.index) not in taken_rows]
         extra += sum(matrices[r].shape[1] - n_cols[r] for r, _ in dying)
         if total + extra > wanted:  # passed over: a cheaper one may still fit
             continue
         total += take(w, ax)
         predicted += c
         chosen[w][ax].append(i)
+        if ax == 0:
+            taken_rows.add((w, i))
         if ax == 1:
             for gi in reading.get((w, i), ()):
                 columns_left[gi] -= 1
@@ -288,12 +295,12 @@ def _kth_smallest(values: torch.Tensor, k: int) -> float | None:
 
 
 def _threshold_elements(matrices, costs, wanted: int):
-    flat = torch.cat([costs[w].elements.reshape(-1).to(torch.float32) for w in matrices])
+    flat = torch.cat([costs[w].elements.reshape(-1) for w in matrices])
     threshold = _kth_smallest(flat, wanted)
     chosen, predicted = {}, 0.0
     for w in matrices:
         e = costs[w].elements
-        chosen[w] = e.to(torch.float32) <= threshold if threshold is not None else torch.zeros_like(e, dtype=torch.bool)
+        chosen[w] = e <= threshold if threshold is not None else torch.zeros_like(e, dtype=torch.bool)
         predicted += float(e[chosen[w]].sum())
     return chosen, predicted
 
@@ -310,7 +317,7 @@ def _threshold_blocks(matrices, costs, wanted: int):
     threshold = _kth_smallest(flat, wanted // 2)
     chosen, predicted = {}, 0.0
     for w, (block, idx) in pairs.items():
-        pick = block.to(torch.float32) <= threshold if threshold is not None else torch.zeros_like(block, dtype=torch.bool)
+        pick = block <= threshold if threshold is not None else torch.zeros_like(block, dtype=torch.bool)
         mask = torch.zeros(*block.shape, 4, dtype=torch.bool)
         mask.scatter_(-1, idx, pick[..., None].expand_as(idx))
         chosen[w] = mask.reshape(block.shape[0], -1)

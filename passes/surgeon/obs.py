@@ -119,11 +119,11 @@ def remove_elements(w: torch.Tensor, a_inv: torch.Tensor | None, mask: torch.Ten
 class StructureCosts:
     rows: torch.Tensor  # [out]
     cols: torch.Tensor  # [in]
-    elements: torch.Tensor  # [out, in]
+    elements: torch.Tensor | None  # [out, in], float32 (there are as many as weights)
 
 
 def structure_costs(w: torch.Tensor, a: torch.Tensor | None, g: torch.Tensor | None,
-                    s: torch.Tensor, t: torch.Tensor) -> StructureCosts:
+                    s: torch.Tensor, t: torch.Tensor, *, elements: bool = True) -> StructureCosts:
     """The cost of removing each row, column and element alone; `a`, `g` None for identity factors; `s`, `t`
     the row and column scales (OBS: 1 / diag of the inverse; OBD: the diagonal)."""
     w = w.to(torch.float64)
@@ -131,4 +131,5 @@ def structure_costs(w: torch.Tensor, a: torch.Tensor | None, g: torch.Tensor | N
     wg = w if g is None else g @ w
     rows = 0.5 * (wa * w).sum(1) * s
     cols = 0.5 * (wg * w).sum(0) * t
-    return StructureCosts(rows, cols, 0.5 * w.pow(2) * s[:, None] * t[None, :])
+    each = (0.5 * w.pow(2) * s[:, None] * t[None, :]).to(torch.float32) if elements else None
+    return StructureCosts(rows, cols, each)
