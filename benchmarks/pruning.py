@@ -1,14 +1,16 @@
 """Perplexity against real parameter count for structured pruning of SmolLM2-135M; one JSON object and a PNG.
 
-    python benchmarks/pruning.py [--targets 0.166] [--methods surgeon,lobd,magnitude] [--shots 4]
+    python benchmarks/pruning.py [--targets 0.166] [--methods surgeon,kobd,lobd,magnitude] [--shots 4]
                                  [--calib-windows 8] [--calib-length 512] [--eval-windows 8] [--slicegpt 0.25]
-                                 [--plot pruning.png]
+                                 [--masked rows_columns:0.2,2:4:0.5] [--plot pruning.png]
 
 Every model is built from a recipe preset (`prune_recipe`, `slicegpt_recipe`) on a fresh copy of the same
 capture; parameters are counted on the graph (shortcuts, projections and the tied table once). Calibration:
 WikiText-2 validation windows (seed 0); evaluation: the first N windows of 2048 tokens of WikiText-2 test.
 Scaled for 2 CPU cores (the paper: 128 x 2048 tokens and 40 shots): fewer windows, fewer shots, the same
-estimator, costs, update and linear schedule.
+estimator, costs, update and linear schedule. `--masked STRUCTURES:TARGET` adds the paper's zero-masked
+Surgeon (the target is then the fraction of decoder-linear weights zeroed); those models keep most of their
+size, so they are reported with their nonzero count too and drawn hollow at it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def _peak_gib() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--targets", default="0.166", help="fractions of the parameters to remove, comma-separated")
-    parser.add_argument("--methods", default="surgeon,lobd,magnitude")
+    parser.add_argument("--methods", default="surgeon,kobd,lobd,magnitude")
+    parser.add_argument("--masked", default="", help="STRUCTURES:TARGET pairs for the zero-masked Surgeon")
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--calib-windows", type=int, default=8)
     parser.add_argument("--calib-length", type=int, default=512)
@@ -63,6 +66,10 @@ def main() -> None:
     for target in (float(t) for t in args.targets.split(",") if t):
         for method in args.methods.split(","):
             plans.append((method, prune_recipe(method=method, target=target, shots=args.shots, batch_size=1)))
+    for pair in (p for p in args.masked.split(",") if p):
+        structures, target = pair.rsplit(":", 1)
+        plans.append((f"surgeon {structures}", prune_recipe(method="surgeon", target=float(target), shots=args.shots,
+                                                             structures=structures, batch_size=1)))
     for sparsity in (float(s) for s in args.slicegpt.split(",") if s):
         plans.append(("slicegpt", slicegpt_recipe(sparsity=sparsity, batch_size=1)))
     for pair in (p for p in args.slicegpt_then_surgeon.split(",") if p):
@@ -77,10 +84,14 @@ def main() -> None:
         compress_seconds = time.perf_counter() - start
         row = {"method": method, "recipe": recipe.to_dict()["stages"], "parameters": result.parameters,
                "fraction_of_dense": round(result.parameters / rows[0]["parameters"], 4),
+               "nonzero_parameters": sum(int(p.count_nonzero()) for p in program.gm.parameters()),
                "perplexity": perplexity(program, test), "compress_seconds": round(compress_seconds, 1),
                "peak_rss_gib": _peak_gib()}
         shots = [r.report["shots"] for _, r in result.stages if "shots" in r.report]
-        if shots:
+        if shots and "fraction" in shots[0][-1]:  # masked: the last shot says what is zeroed where
+            row["shots"] = [{k: v for k, v in s.items() if k != "per_module"} for s in shots[0]]
+            row["zeroed_per_module"] = shots[0][-1]["per_module"]
+        elif shots:
             row["shots"] = [{k: v for k, v in s.items() if k != "per_module"} for s in shots[0]]
             total: dict[str, int] = {}
             for shot in shots[0]:
@@ -111,11 +122,14 @@ def _plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     dense = rows[0]
     for method in dict.fromkeys(r["method"] for r in rows[1:]):
-        points = sorted((r["parameters"] / 1e6, r["perplexity"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*points, strict=True), marker="o", label=method)
+        masked = " " in method
+        size = "nonzero_parameters" if masked else "parameters"
+        points = sorted((r[size] / 1e6, r["perplexity"]) for r in rows if r["method"] == method)
+        ax.plot(*zip(*points, strict=True), marker="o", label=method + (" (zeros: nonzero count)" if masked else ""),
+                markerfacecolor="none" if masked else None, linestyle=":" if masked else "-")
     ax.plot([dense["parameters"] / 1e6], [dense["perplexity"]], marker="*", markersize=12, color="black",
             linestyle="none", label=f"dense ({dense['parameters'] / 1e6:.1f} M)")
-    smallest = min(r["parameters"] for r in rows) / 1e6
+    smallest = min(min(r["parameters"], r.get("nonzero_parameters", r["parameters"])) for r in rows) / 1e6
     ax.set_xlim(smallest - 0.08 * (dense["parameters"] / 1e6 - smallest) - 1, dense["parameters"] / 1e6 + 2)
     ax.set_xlabel("parameters (M, counted on the graph)")
     ax.set_ylabel("WikiText-2 perplexity")

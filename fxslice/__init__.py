@@ -17,6 +17,7 @@ from fxslice.core.errors import (
     FxsliceError,
     InvalidOption,
     PassCheckFailed,
+    SaveFailed,
     UnsupportedStructure,
 )
 from fxslice.core.pass_manager import Pass, PassManager, PassResult, PipelineResult, as_pass, check_program, replay
@@ -28,7 +29,7 @@ from fxslice.recipes import Recipe, Stage
 
 __all__ = [
     "BadInput", "CaptureError", "CorruptModel", "DEFAULT_MODEL", "FxsliceError", "InvalidOption", "Pass",
-    "PassCheckFailed", "PassManager", "PassResult", "PipelineResult", "Program", "Recipe", "Stage",
+    "PassCheckFailed", "SaveFailed", "PassManager", "PassResult", "PipelineResult", "Program", "Recipe", "Stage",
     "UnsupportedStructure", "__version__", "as_pass", "capture", "capture_module", "check_program", "load", "replay",
     "save",
 ]

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fxslice.core.errors import FxsliceError, InvalidOption, PassCheckFailed
+from fxslice.core.errors import FxsliceError, Interrupted, InvalidOption, PassCheckFailed
 from fxslice.core.pass_manager import PassManager
 from fxslice.core.program import Program
 from fxslice.models.capture import DEFAULT_MODEL, capture
@@ -38,12 +38,14 @@ def _capture(model: str) -> Program:
 def _capture_with_cache(model: str) -> tuple[Program, Program | None]:
     """The plain capture (for calibration) and, where the model allows it, one with a KV cache (for generation)."""
     from fxslice.core.errors import CaptureError
+    from fxslice.core.health import check_finite
     from fxslice.models.capture import capture_module, load_model
     from fxslice.models.kvcache import capture_cached
 
     with err.status(f"loading and capturing {model} ..."):
         module, tokenizer = load_model(model)
         program = capture_module(module)
+        check_finite(program)  # a broken model is refused as such, not as a cache that decodes wrongly
         try:
             cached = capture_cached(module)
         except CaptureError as exc:
@@ -104,14 +106,14 @@ def slice_(
     sparsity: Annotated[float, typer.Option(help="fraction of the stream width to remove, in (0, 1)")] = 0.25,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the sliced model")] = Path("sliced"),
     calibration: Annotated[str, typer.Option(help="calibration text: wikitext2:validation, a file, a dir, hf:NAME:SPLIT")] = "wikitext2:validation",
-    calib_windows: Annotated[int, typer.Option(help="number of calibration windows")] = 32,
-    calib_length: Annotated[int, typer.Option(help="tokens per calibration window")] = 2048,
+    calib_windows: Annotated[int, typer.Option(min=1, help="number of calibration windows")] = 32,
+    calib_length: Annotated[int, typer.Option(min=2, help="tokens per calibration window")] = 2048,
     evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
-    eval_windows: Annotated[int | None, typer.Option(help="evaluate on the first N windows (default: all)")] = None,
-    eval_length: Annotated[int, typer.Option(help="tokens per evaluation window")] = 2048,
-    multiple: Annotated[int, typer.Option(help="round widths down to a multiple of this (fast GEMMs)")] = 8,
-    batch_size: Annotated[int, typer.Option(help="windows per forward pass (1 is fastest on a CPU)")] = 1,
-    seed: Annotated[int, typer.Option(help="seed for sampling calibration windows")] = 0,
+    eval_windows: Annotated[int | None, typer.Option(min=1, help="evaluate on the first N windows (default: all)")] = None,
+    eval_length: Annotated[int, typer.Option(min=2, help="tokens per evaluation window")] = 2048,
+    multiple: Annotated[int, typer.Option(min=1, help="round widths down to a multiple of this (fast GEMMs)")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass (1 is fastest on a CPU)")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="seed for sampling calibration windows")] = 0,
     untie: Annotated[bool, typer.Option("--untie", help="untie a tied head: better perplexity, V x d more parameters")] = False,
     shared_basis: Annotated[bool, typer.Option("--shared-basis", help="one basis per block (attention and MLP halves): "
                                                "half the shortcut matrices, faster decoding, slightly worse perplexity (README)")] = False,
@@ -142,16 +144,16 @@ def prune(
     method: Annotated[str, typer.Option(help="surgeon (KFAC curvature, OBS updates), kobd (KFAC, no updates), lobd (activations only) or magnitude")] = "surgeon",
     target: Annotated[float, typer.Option(help="groups: fraction of the parameters to remove physically, in (0, 1); masked structures: fraction of the decoder linears' weights to zero")] = 0.2,
     structures: Annotated[str, typer.Option(help="groups (MLP channels and head groups, removed for real) or the paper's zero-masked rows_columns, unstructured, 2:4")] = "groups",
-    shots: Annotated[int, typer.Option(help="shots; the curvature is re-estimated before each")] = 4,
+    shots: Annotated[int, typer.Option(min=1, help="shots; the curvature is re-estimated before each")] = 4,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the pruned model")] = Path("pruned"),
     calibration: Annotated[str, typer.Option(help="calibration text: wikitext2:validation, a file, a dir, hf:NAME:SPLIT")] = "wikitext2:validation",
-    calib_windows: Annotated[int, typer.Option(help="number of calibration windows")] = 16,
-    calib_length: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
+    calib_windows: Annotated[int, typer.Option(min=1, help="number of calibration windows")] = 16,
+    calib_length: Annotated[int, typer.Option(min=2, help="tokens per calibration window")] = 512,
     evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
-    eval_windows: Annotated[int | None, typer.Option(help="evaluate on the first N windows (default: all)")] = None,
-    eval_length: Annotated[int, typer.Option(help="tokens per evaluation window")] = 2048,
-    batch_size: Annotated[int, typer.Option(help="windows per forward pass (1 is fastest on a CPU)")] = 1,
-    seed: Annotated[int, typer.Option(help="seed for sampling calibration windows")] = 0,
+    eval_windows: Annotated[int | None, typer.Option(min=1, help="evaluate on the first N windows (default: all)")] = None,
+    eval_length: Annotated[int, typer.Option(min=2, help="tokens per evaluation window")] = 2048,
+    batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass (1 is fastest on a CPU)")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="seed for sampling calibration windows")] = 0,
 ) -> None:
     """Prune MODEL's MLP channels and key/value head groups (The LLM Surgeon), so that its matrices shrink;
     or, with --structures, zero the paper's rows and columns, single weights or 2:4 blocks.
@@ -173,9 +175,9 @@ def compress(
     model: ModelArg = DEFAULT_MODEL,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the compressed model")] = Path("compressed"),
     evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
-    eval_windows: Annotated[int | None, typer.Option(help="evaluate on the first N windows (default: all)")] = None,
-    eval_length: Annotated[int, typer.Option(help="tokens per evaluation window")] = 2048,
-    batch_size: Annotated[int, typer.Option(help="windows per forward pass for evaluation")] = 1,
+    eval_windows: Annotated[int | None, typer.Option(min=1, help="evaluate on the first N windows (default: all)")] = None,
+    eval_length: Annotated[int, typer.Option(min=2, help="tokens per evaluation window")] = 2048,
+    batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass for evaluation")] = 1,
 ) -> None:
     """Run a recipe on MODEL, measure perplexity before and after, and save the result to --out."""
     from fxslice.passes import load_recipe
@@ -195,11 +197,10 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
     from fxslice.core.pass_manager import replay
     from fxslice.data import load_text, token_windows
     from fxslice.evaluation.perplexity import perplexity
-    from fxslice.models.io import save
+    from fxslice.models.io import check_output_dir, save
     from fxslice.passes.slicegpt import SliceStream
 
-    if out_dir.exists():
-        raise InvalidOption(f"output directory {out_dir} already exists; choose another --out or remove it")
+    check_output_dir(out_dir)  # before the long work: a typo in --out should not cost a calibration
     calibrating = [s.kind for s in recipe.stages if s.calibrates]
     if calibrating and recipe.calibration is None:
         raise InvalidOption(f"stage '{calibrating[0]}' calibrates but the recipe has no calibration section; add "
@@ -273,9 +274,9 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
 def eval_(
     model_dir: Annotated[Path, typer.Argument(help="a directory written by `fxslice slice`")],
     evaluation: Annotated[str, typer.Option("--eval", help="text source")] = "wikitext2:test",
-    eval_windows: Annotated[int | None, typer.Option(help="first N windows only (default: all)")] = None,
-    eval_length: Annotated[int, typer.Option(help="tokens per window")] = 2048,
-    batch_size: Annotated[int, typer.Option(help="windows per forward pass (1 is fastest on a CPU)")] = 1,
+    eval_windows: Annotated[int | None, typer.Option(min=1, help="first N windows only (default: all)")] = None,
+    eval_length: Annotated[int, typer.Option(min=2, help="tokens per window")] = 2048,
+    batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass (1 is fastest on a CPU)")] = 1,
 ) -> None:
     """Measure the perplexity of a saved model."""
     from fxslice.data import load_text, token_windows
@@ -295,9 +296,9 @@ def eval_(
 def generate(
     model: Annotated[str, typer.Argument(help="a directory written by `fxslice slice`, or a model as for `slice`")],
     prompt: Annotated[str, typer.Argument(help="text to continue")],
-    max_new_tokens: Annotated[int, typer.Option(help="stop after this many new tokens")] = 64,
-    temperature: Annotated[float, typer.Option(help="0 is greedy; above 0 samples")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="sample from the k most likely tokens only (0: all)")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="stop after this many new tokens")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy; above 0 samples")] = 0.0,
+    top_k: Annotated[int, typer.Option(min=0, help="sample from the k most likely tokens only (0: all)")] = 0,
     seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the tokenizer's chat template")] = False,
 ) -> None:
@@ -350,23 +351,38 @@ def _load_for_generation(model: str) -> Program:
     return cached or program
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise Interrupted()
+
+
 def run() -> None:
-    """Entry point: FxsliceError -> message and its exit code, no traceback unless --debug."""
+    """Entry point: FxsliceError -> message and its exit code, no traceback unless --debug; Ctrl-C (130) and
+    SIGTERM (143) unwind like an error, so that nothing half-written stays, and never exit 0."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+    except Interrupted:
+        err.print("[bold red]terminated[/] (SIGTERM); nothing half-written was left")
+        sys.exit(Interrupted.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        code = 130
     except FxsliceError as exc:
         if _debug:
             raise
         err.print(f"[bold red]error:[/] {type(exc).__name__}: ", end="")
         err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
     except Exception as exc:  # usage errors (typer's vendored click) carry their own message and exit code
         if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int) and not _debug:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if code == 130:  # typer turns Ctrl-C into this exit code
+        err.print("[bold red]interrupted[/] (Ctrl-C); nothing half-written was left")
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

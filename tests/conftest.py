@@ -79,7 +79,7 @@ def plain_program():
     return program
 
 
-def _char_tokenizer(path) -> None:
+def _make_char_tokenizer():
     """A character-level tokenizer over ids 0..95, built offline, so that a tiny model can read text."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -88,7 +88,16 @@ def _char_tokenizer(path) -> None:
     vocab["[UNK]"] = 95
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def _char_tokenizer(path) -> None:
+    _make_char_tokenizer().save_pretrained(path)
+
+
+@pytest.fixture
+def char_tokenizer():
+    return _make_char_tokenizer()
 
 
 @pytest.fixture

@@ -77,7 +77,7 @@ def test_single_structure_costs_are_exact_for_obs_and_obd(out, inp, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(out=st.integers(1, 6), inp=st.integers(2, 8), seed=st.integers(0, 10_000), density=st.floats(0.1, 0.9))
+@given(out=st.integers(1, 6), inp=st.integers(2, 8), seed=st.integers(0, 10_000), density=st.floats(0.05, 0.95))
 def test_element_removal_is_the_optimal_update_when_rows_are_independent(out, inp, seed, density):
     """With G diagonal the rows decouple, and removing each row's set through A⁻¹ is the constrained optimum."""
     gen = torch.Generator().manual_seed(seed)

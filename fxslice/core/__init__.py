@@ -11,6 +11,7 @@ from fxslice.core.errors import (
     FxsliceError,
     InvalidOption,
     PassCheckFailed,
+    SaveFailed,
     UnsupportedStructure,
 )
 from fxslice.core.numerics import TOLERANCE, relative_error
@@ -18,7 +19,7 @@ from fxslice.core.pass_manager import Pass, PassManager, PassResult, PipelineRes
 from fxslice.core.program import Program
 
 __all__ = [
-    "BadInput", "CaptureError", "CorruptModel", "FxsliceError", "InvalidOption", "PassCheckFailed",
+    "BadInput", "CaptureError", "CorruptModel", "FxsliceError", "InvalidOption", "PassCheckFailed", "SaveFailed",
     "UnsupportedStructure", "TOLERANCE", "relative_error", "Pass", "PassManager", "PassResult", "PipelineResult",
     "as_pass", "check_program", "replay", "Program",
 ]

@@ -16,6 +16,8 @@ __all__ = [
     "BadInput",
     "CorruptModel",
     "PassCheckFailed",
+    "SaveFailed",
+    "Interrupted",
     "node_location",
 ]
 
@@ -60,6 +62,18 @@ class PassCheckFailed(FxsliceError):
     """A pass left the program in a state that fails the manager's checks."""
 
     exit_code = 7
+
+
+class SaveFailed(FxsliceError):
+    """The output could not be written (disk full, permissions, another writer); nothing was left behind."""
+
+    exit_code = 8
+
+
+class Interrupted(BaseException):
+    """SIGTERM, raised where Python can unwind (like KeyboardInterrupt for SIGINT), so that cleanup runs."""
+
+    exit_code = 143
 
 
 def node_location(node: fx.Node) -> str:

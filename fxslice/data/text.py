@@ -14,7 +14,7 @@ import torch
 
 from fxslice.core.errors import BadInput, InvalidOption
 
-__all__ = ["load_text", "token_windows", "WIKITEXT2"]
+__all__ = ["check_prose", "check_varied", "load_text", "token_windows", "WIKITEXT2"]
 
 WIKITEXT2 = {"wikitext2:test": "wiki.test.raw", "wikitext2:validation": "wiki.valid.raw"}
 
@@ -51,7 +51,26 @@ def load_text(source: str | Path) -> str:
                        "or hf:NAME[:CONFIG]:SPLIT")
     if not text.strip():
         raise BadInput(f"text source {source!r} is empty")
+    check_prose(text, str(source))
     return text
+
+
+def check_prose(text: str, source: str) -> None:
+    """Refuse text that is mostly control characters (NUL bytes are valid UTF-8): statistics of it describe
+    nothing a model will see, and calibrating on it wrecks the model without an error."""
+    sample = text[: 1 << 20]
+    control = sum(1 for c in sample if ord(c) < 32 and c not in "\n\r\t") + sample.count("\x7f")
+    if control > 0.2 * len(sample):
+        raise BadInput(f"text source {source!r} is {control / len(sample):.0%} control characters (NUL bytes, say), "
+                       "not text; give it real text in the model's language")
+
+
+def check_varied(windows: torch.Tensor, source: str) -> None:
+    """Refuse calibration windows of (almost) one repeated token: their covariance and curvature are degenerate."""
+    distinct = int(windows.unique().numel())
+    if windows.numel() and distinct < max(8, min(64, windows.numel() // 100)):
+        raise BadInput(f"the calibration windows from {source!r} hold only {distinct} distinct token(s) in "
+                       f"{windows.numel()}: that is not text statistics can be taken from; use real text")
 
 
 def _hf_text(spec: str) -> str:

@@ -41,6 +41,9 @@ def default_model_path() -> Path:
     raise CaptureError(f"package {_DEFAULT_DIST} is installed but holds no .gguf file; reinstall it")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_model(name: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) from 'smollm2', a .gguf file, an HF directory or a hub name."""
     import transformers
@@ -57,12 +60,17 @@ def load_model(name: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -
         source = str(name)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, ImportError) as exc:
-        hint = "check the path" if path.exists() else "a hub name needs network access (or a local copy)"
-        raise CaptureError(f"could not load model '{name}': {exc}\n  what to try: {hint}") from exc
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file fails in any reader's own way
+        hint = ("the file may be truncated or not a model: check it" if path.exists()
+                else "a hub name needs network access (or a local copy)")
+        raise CaptureError(f"could not load model '{name}': {type(exc).__name__}: {exc}\n  what to try: {hint}") from None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "dtype"})
-    except (OSError, ValueError, ImportError, TypeError):
+    except Exception as exc:  # noqa: BLE001 - as above
+        files = [f for f in _TOKENIZER_FILES if (path / f).is_file()] if path.is_dir() else []
+        if files:
+            raise CaptureError(f"the tokenizer in {path} ({', '.join(files)}) cannot be read: {type(exc).__name__}: "
+                               f"{exc}\n  what to try: the file may be truncated; copy it again") from None
         tokenizer = None  # a graph needs none; commands that read text say so when it is missing
     return model.eval(), tokenizer
 
@@ -73,6 +81,8 @@ def capture(model: str | os.PathLike | nn.Module = DEFAULT_MODEL, *, dtype: torc
         return capture_module(model)
     module, tokenizer = load_model(model, dtype=dtype)
     program = capture_module(module)
+    if dtype != torch.float32:  # HF norms cast to float32 inside: lift those casts to the asked dtype
+        program = program.to(dtype)
     program.tokenizer = tokenizer
     program.source = str(model)
     return program

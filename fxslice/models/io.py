@@ -16,18 +16,19 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fxslice.core.errors import CorruptModel, InvalidOption
+from fxslice.core.errors import CorruptModel, InvalidOption, SaveFailed
 from fxslice.core.graph import set_tensor, tensor_of
 from fxslice.core.program import Program, program_inputs
 from fxslice.models.kvcache import CacheLayout
 
-__all__ = ["save", "load", "RECORD", "WEIGHTS", "GRAPH"]
+__all__ = ["save", "load", "check_output_dir", "RECORD", "WEIGHTS", "GRAPH"]
 
 RECORD, WEIGHTS, GRAPH, TOKENIZER = "fxslice.json", "model.safetensors", "graph.pt2", "tokenizer"
 
@@ -63,11 +64,34 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | None = None) -> Path:
-    """Write `program` to the new directory `out_dir`, atomically; returns its path."""
-    from safetensors.torch import save_file
+def _tree_sha256(root: Path) -> str:
+    """One digest of every file under `root` (names and contents), in a fixed order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + _sha256(path).encode())
+    return digest.hexdigest()
 
-    out = Path(out_dir)
+
+def _graph_bytes(program: Program, weights: dict[str, torch.Tensor]) -> bytes:
+    """The re-exported graph, serialised in memory, its weights left out (they live in the safetensors file)."""
+    import io
+
+    args, shapes = _example_inputs(program)
+    with torch.no_grad():
+        exported = torch.export.export(program.gm, args, dynamic_shapes=shapes, strict=False)
+    for name, value in list(exported.state_dict.items()):
+        empty = torch.zeros(0, dtype=value.dtype)
+        exported.state_dict[name] = nn.Parameter(empty, requires_grad=False) if isinstance(value, nn.Parameter) else empty
+    for name in list(exported.constants):
+        if isinstance(exported.constants[name], torch.Tensor) and name in weights:
+            exported.constants[name] = torch.zeros(0, dtype=exported.constants[name].dtype)
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    return buffer.getvalue()
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse an output path that cannot be written, before any long work."""
     if out.exists():
         raise InvalidOption(f"output directory {out} already exists; choose another path or remove it first")
     if not out.parent.is_dir():
@@ -75,27 +99,43 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
                             f"{out.parent}")
     if not os.access(out.parent, os.W_OK):
         raise InvalidOption(f"cannot write to {out.parent}: permission denied")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | None = None) -> Path:
+    """Write `program` to the new directory `out_dir`, atomically; returns its path. Whatever stops the write
+    (a full disk, another process creating `out_dir`, Ctrl-C) leaves nothing behind and raises one error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    check_output_dir(out)
+    weights = _used_weights(program)
+    graph = _graph_bytes(program, weights)  # in memory first: torch's zip writer aborts the process on a full disk
+    needed = sum(t.numel() * t.element_size() for t in weights.values()) + len(graph) + (32 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        raise SaveFailed(f"not enough space in {out.parent}: the model needs about {needed / 2**20:.0f} MiB, "
+                         f"{free / 2**20:.0f} MiB are free; free some space or choose another --out")
     try:
-        tmp.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the saved directory's mode
     except OSError as exc:
-        raise InvalidOption(f"cannot create a directory in {out.parent}: {exc.strerror}") from None
+        raise SaveFailed(f"cannot create a directory in {out.parent}: {exc.strerror}") from None
     try:
-        weights = _used_weights(program)
-        save_file(weights, str(tmp / WEIGHTS))
-        args, shapes = _example_inputs(program)
-        with torch.no_grad():
-            exported = torch.export.export(program.gm, args, dynamic_shapes=shapes, strict=False)
-        for name, value in list(exported.state_dict.items()):  # the weights live in the safetensors file
-            empty = torch.zeros(0, dtype=value.dtype)
-            exported.state_dict[name] = nn.Parameter(empty, requires_grad=False) if isinstance(value, nn.Parameter) else empty
-        for name in list(exported.constants):
-            if isinstance(exported.constants[name], torch.Tensor) and name in weights:
-                exported.constants[name] = torch.zeros(0, dtype=exported.constants[name].dtype)
-        torch.export.save(exported, str(tmp / GRAPH))
+        try:
+            save_file(weights, str(tmp / WEIGHTS))
+        except SafetensorError as exc:
+            raise OSError(f"the weights could not be written ({exc})") from exc
+        (tmp / GRAPH).write_bytes(graph)
         if program.tokenizer is not None:
-            program.tokenizer.save_pretrained(str(tmp / TOKENIZER))
+            try:
+                program.tokenizer.save_pretrained(str(tmp / TOKENIZER))
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - tokenizers raise a bare Exception when a write fails
+                raise OSError(f"the tokenizer could not be written ({exc})") from exc
         from fxslice.core.version import __version__
 
         full = {
@@ -106,12 +146,25 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
             "parameters": program.num_parameters(),
             "weights": {k: list(v.shape) for k, v in weights.items()},
             "weights_sha256": _sha256(tmp / WEIGHTS),
+            "graph_sha256": _sha256(tmp / GRAPH),
+            "tokenizer_sha256": _tree_sha256(tmp / TOKENIZER) if (tmp / TOKENIZER).is_dir() else None,
             "config": program.config,
             "kv_cache": program.cache.to_json() if program.cache is not None else None,
             **(record or {}),
         }
         (tmp / RECORD).write_text(json.dumps(full, indent=1, default=str), encoding="utf-8")
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError as exc:
+            if out.exists():
+                raise SaveFailed(f"{out} was created by another process while this one worked; that one is kept, "
+                                 "this result is discarded: choose another --out") from None
+            raise exc
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror or str(exc)
+        raise SaveFailed(f"could not write {out}: {reason}; nothing was left behind (check free space and "
+                         "permissions, or choose another --out)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -144,13 +197,30 @@ def load(path: str | os.PathLike) -> Program:
     shapes = {k: list(v.shape) for k, v in weights.items()}
     if shapes != record.get("weights"):
         raise CorruptModel(f"the weights in {root / WEIGHTS} disagree with the shapes recorded in {RECORD}")
+    for key, name in (("graph_sha256", GRAPH), ("tokenizer_sha256", TOKENIZER)):
+        if key not in record:
+            continue  # saved before the record covered it
+        found = _sha256(root / name) if (root / name).is_file() else (
+            _tree_sha256(root / name) if (root / name).is_dir() else None)
+        if found != record[key]:
+            raise CorruptModel(f"{root / name} does not match the checksum in {RECORD}: it was changed, swapped or "
+                               "truncated; save the model again")
     try:
         exported = torch.export.load(str(root / GRAPH))
     except Exception as exc:  # noqa: BLE001 - any deserialisation failure means a bad file
         raise CorruptModel(f"cannot read the graph {root / GRAPH}: {exc}") from None
     layout = CacheLayout.from_json(record["kv_cache"]) if record.get("kv_cache") else None
     gm = plain_graph_module(exported.module(), inputs=program_inputs(None if layout is None else len(layout.shapes)))
+    expected = {str(n.target): n.meta.get("val") for n in gm.graph.find_nodes(op="get_attr")}
+    unknown = sorted(set(expected) - set(weights))
+    if unknown:
+        raise CorruptModel(f"the graph {root / GRAPH} reads weights that {root / WEIGHTS} does not hold: "
+                           f"{', '.join(unknown[:5])}; the files come from different models")
     for name, value in weights.items():
+        val = expected.get(name)
+        if isinstance(val, torch.Tensor) and val.numel() and (tuple(val.shape) != tuple(value.shape) or val.dtype != value.dtype):
+            raise CorruptModel(f"the graph {root / GRAPH} expects '{name}' as {tuple(val.shape)} {val.dtype}, "
+                               f"{root / WEIGHTS} holds {tuple(value.shape)} {value.dtype}")
         set_tensor(gm, name, value)
     program = Program(gm, record.get("model_class", "nn.Module"), record.get("config"), None, str(root), cache=layout)
     if program.num_parameters() != record.get("parameters"):

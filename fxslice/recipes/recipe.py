@@ -52,12 +52,15 @@ class Calibration:
 
     def load(self, program: Program) -> torch.Tensor:
         from fxslice.data import load_text, token_windows
+        from fxslice.data.text import check_varied
 
         if program.tokenizer is None:
             raise InvalidOption("the model comes without a tokenizer; calibration needs one to read the text")
         context = (program.config or {}).get("max_position_embeddings")
-        return token_windows(program.tokenizer, load_text(self.source), self.length, count=self.windows,
-                             seed=self.seed, max_length=context)
+        windows = token_windows(program.tokenizer, load_text(self.source), self.length, count=self.windows,
+                                seed=self.seed, max_length=context)
+        check_varied(windows, self.source)
+        return windows
 
 
 @dataclass

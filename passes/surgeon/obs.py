@@ -91,26 +91,47 @@ def remove_rows_and_columns(w: torch.Tensor, g_inv: torch.Tensor | None, a_inv: 
 
 
 def remove_elements(w: torch.Tensor, a_inv: torch.Tensor | None, mask: torch.Tensor,
-                    budget: int = 2**26) -> torch.Tensor:
+                    budget: int = 2**25) -> torch.Tensor:
     """`w` with the elements in `mask` removed and each row's other weights updated to compensate, correlated
-    within the row: ΔW_i = − w_iQ ([A⁻¹]_QQ)⁻¹ A⁻¹[Q, :] for the row's pruned set Q (OBS with rows independent,
-    the update SparseGPT approximates; the Surgeon's cross-row term through G⁻¹ is left out). Rows are solved in
-    batches padded to the longest set (`budget` float64 numbers per batch)."""
+    within the row (OBS with rows independent, the update SparseGPT approximates; the Surgeon's cross-row term
+    through G⁻¹ is left out). For a row's pruned set Q and kept set K the optimum is
+
+        ΔW_i = − w_iQ ([A⁻¹]_QQ)⁻¹ A⁻¹[Q, :]    or, the same, w'_iK = w_iK + (A_KK)⁻¹ A_KQ w_iQ,
+
+    whichever system is smaller. Rows are solved in batches of similar size, padded with identity blocks
+    (`budget`: float64 numbers per batch)."""
     out = w.to(torch.float64).clone()
-    counts = mask.sum(1)
-    k = int(counts.max()) if mask.numel() else 0
-    if a_inv is not None and k:
-        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :k]  # pruned columns first
-        valid = torch.arange(k) < counts[:, None]
-        eye = torch.eye(k, dtype=torch.float64)
-        step = max(1, budget // (k * max(k, w.shape[1])))
-        for start in range(0, w.shape[0], step):
-            idx, ok = order[start:start + step], valid[start:start + step]
-            block = a_inv[idx[:, :, None], idx[:, None, :]]
-            block = torch.where(ok[:, :, None] & ok[:, None, :], block, eye)  # identity on the padding
-            rhs = torch.where(ok, out[start:start + step].gather(1, idx), 0.0)
-            x = torch.cholesky_solve(rhs[..., None], torch.linalg.cholesky(block))[..., 0]
-            out[start:start + step] -= (x[:, None, :] @ a_inv[idx])[:, 0]
+    if a_inv is not None and bool(mask.any()):
+        a = torch.cholesky_inverse(torch.linalg.cholesky(a_inv))  # the damped A that a_inv inverts
+        width = w.shape[1]
+        counts = mask.sum(1)
+        kept_form = counts > width // 2
+        sizes = torch.where(kept_form, width - counts, counts)
+        for form in (False, True):
+            rows = [r for r in torch.argsort(sizes).tolist() if bool(kept_form[r]) == form and sizes[r] > 0]
+            start = 0
+            while start < len(rows):
+                k = int(sizes[rows[min(len(rows) - 1, start + max(1, budget // (width * width)) - 1)]])
+                step = max(1, budget // (max(k, 1) * width))
+                chunk = torch.tensor(rows[start:start + step])
+                start += step
+                k = int(sizes[chunk].max())
+                picked = mask[chunk] if not form else ~mask[chunk]  # the unknowns: pruned (Q) or kept (K)
+                idx = torch.sort((~picked).to(torch.int8), dim=1, stable=True).indices[:, :k]
+                ok = torch.arange(k) < sizes[chunk][:, None]
+                source = a if form else a_inv
+                block = source[idx[:, :, None], idx[:, None, :]]
+                block = torch.where(ok[:, :, None] & ok[:, None, :], block, torch.eye(k, dtype=torch.float64))
+                if not form:
+                    rhs = torch.where(ok, out[chunk].gather(1, idx), 0.0)
+                    x = torch.cholesky_solve(rhs[..., None], torch.linalg.cholesky(block))[..., 0]
+                    out[chunk] -= (x[:, None, :] @ a_inv[idx])[:, 0]
+                else:
+                    pruned = out[chunk] * mask[chunk]
+                    rhs = torch.where(ok, (a[idx] @ pruned[:, :, None])[..., 0], 0.0)
+                    y = torch.cholesky_solve(rhs[..., None], torch.linalg.cholesky(block))[..., 0]
+                    rows_k = chunk[:, None].expand_as(idx)
+                    out[rows_k[ok], idx[ok]] += y[ok]
     out[mask] = 0
     return out.to(w.dtype)
 

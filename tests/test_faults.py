@@ -1,0 +1,217 @@
+"""Fault injection: a full disk, Ctrl-C and SIGTERM, another writer, swapped or truncated files, text that is
+not text. Each ends in one message and a distinct non-zero exit code, with nothing half-written left behind."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fxslice import BadInput, CaptureError, CorruptModel, SaveFailed
+from fxslice.models import io
+from fxslice.models.io import GRAPH, RECORD, load, save
+from fxslice.testing import tiny_causal_lm
+
+
+def _run(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_full_disk_at_any_point_of_the_save_is_one_error_and_leaves_nothing(tmp_path):
+    """A file-size limit (what a full disk looks like to the writer) at several sizes: before, inside and after
+    the weights, the graph and the tokenizer."""
+    done = _run("""
+        import resource, signal, sys
+        from pathlib import Path
+        from fxslice import SaveFailed, capture
+        from fxslice.models.io import save
+        from fxslice.testing import tiny_causal_lm
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        program = capture(tiny_causal_lm("llama"))
+        root = Path(sys.argv[1])
+        for limit in (0, 1_000, 200_000, 450_000):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            try:
+                save(program, root / f"m{limit}")
+                print("saved", limit)
+            except SaveFailed as exc:
+                print("refused", limit, str(exc).splitlines()[0])
+            print("left", sorted(p.name for p in root.iterdir()))
+        """, str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    refused = [line for line in lines if line.startswith("refused")]
+    assert len(refused) >= 3 and all("nothing was left behind" in line for line in refused), done.stdout
+    saved = [line.split()[1] for line in lines if line.startswith("saved")]
+    assert all(line == f"left {sorted('m' + s for s in saved)!r}".replace('"', "'") for line in lines
+               if line.startswith("left")), done.stdout
+    for name in saved:
+        load(tmp_path / f"m{name}")  # whatever was written completely loads
+
+
+def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    program = __import__("fxslice").capture(tiny_causal_lm("llama"))
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(SaveFailed, match="not enough space"):
+        save(program, tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_writer_to_the_same_output_wins_cleanly(tmp_path, monkeypatch):
+    from fxslice import capture
+
+    program = capture(tiny_causal_lm("llama"))
+    out = tmp_path / "model"
+    real = io._sha256
+    other = capture(tiny_causal_lm("llama", seed=1))
+
+    def meanwhile(path):  # another process finishes the same --out while this one writes
+        if not out.exists():
+            monkeypatch.setattr(io, "_sha256", real)
+            save(other, out)
+        return real(path)
+
+    monkeypatch.setattr(io, "_sha256", meanwhile)
+    with pytest.raises(SaveFailed, match="another process"):
+        save(program, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    theirs = load(out)
+    torch.testing.assert_close(theirs(theirs.probe_input()), other(theirs.probe_input()))
+
+
+@pytest.mark.parametrize("signal_name,code", [("SIGINT", 130), ("SIGTERM", 143)])
+@pytest.mark.parametrize("where", ["weights", "tokenizer"])
+def test_a_signal_during_the_save_exits_non_zero_and_leaves_nothing(tiny_model_dir, tmp_path, signal_name, code, where):
+    """The real signal, delivered to the CLI process while it writes (the writer is wrapped to send it)."""
+    import hashlib
+
+    source = tiny_model_dir("llama")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in source.rglob("*") if p.is_file()}
+    done = _run(f"""
+        import os, signal, sys
+        import safetensors.torch, transformers
+        target = safetensors.torch if {where!r} == "weights" else transformers.PreTrainedTokenizerBase
+        name = "save_file" if {where!r} == "weights" else "save_pretrained"
+        real = getattr(target, name)
+        def interrupted(*args, **kwargs):
+            real(*args, **kwargs)
+            os.kill(os.getpid(), signal.{signal_name})
+        setattr(target, name, interrupted)
+        from fxslice.cli import run
+        sys.argv = ["fxslice"] + sys.argv[1:]
+        run()
+        """, "slice", str(source), "--out", str(tmp_path / "out"), "--calib-windows", "2", "--calib-length", "64",
+        "--eval", "none")
+    assert done.returncode == code, done.stderr[-2000:]
+    assert ("interrupted" if code == 130 else "terminated") in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]  # no output, no partial directory
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in source.rglob("*") if p.is_file()}
+    assert after == before
+
+
+@pytest.fixture
+def saved_pair(tmp_path):
+    """Two saved models with the same weight names and shapes (another seed, another activation)."""
+    from fxslice import capture
+
+    first = tiny_causal_lm("llama")
+    second = tiny_causal_lm("llama", seed=1)
+    second.config.hidden_act = "gelu"
+    second = type(second)(second.config)
+    return save(capture(first), tmp_path / "a"), save(capture(second), tmp_path / "b")
+
+
+def test_a_graph_from_another_model_is_refused_naming_the_file(saved_pair):
+    a, b = saved_pair
+    shutil.copy(b / GRAPH, a / GRAPH)
+    with pytest.raises(CorruptModel, match=GRAPH):
+        load(a)
+
+
+@pytest.mark.parametrize("victim", [GRAPH, "tokenizer"])
+def test_truncated_files_are_refused(saved_pair, tmp_path, victim, char_tokenizer):
+    a, _ = saved_pair
+    if victim == "tokenizer":  # give the saved model a tokenizer first, then cut one of its files
+        program = load(a)
+        program.tokenizer = char_tokenizer
+        a = save(program, tmp_path / "with_tokenizer")
+        path = next(p for p in sorted((a / "tokenizer").iterdir()) if p.stat().st_size > 100)
+    else:
+        path = a / victim
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptModel, match="checksum"):
+        load(a)
+
+
+def test_a_graph_reading_weights_the_file_lacks_is_refused_without_a_traceback(saved_pair):
+    a, _ = saved_pair
+    record = json.loads((a / RECORD).read_text())
+    del record["graph_sha256"]  # as written by an older fxslice: the structural check still holds
+    (a / RECORD).write_text(json.dumps(record))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(a / "model.safetensors"))
+    weights["renamed"] = weights.pop(sorted(weights)[0])
+    save_file(weights, str(a / "model.safetensors"))
+    record["weights_sha256"] = io._sha256(a / "model.safetensors")
+    record["weights"] = {k: list(v.shape) for k, v in weights.items()}
+    (a / RECORD).write_text(json.dumps(record))
+    with pytest.raises(CorruptModel, match="does not hold"):
+        load(a)
+
+
+def test_text_of_control_characters_is_refused(tmp_path):
+    from fxslice.data import load_text
+
+    path = tmp_path / "nul.txt"
+    path.write_text("\x00" * 5000 + "a few words", encoding="utf-8")
+    with pytest.raises(BadInput, match="control characters"):
+        load_text(path)
+
+
+def test_calibration_of_one_repeated_token_is_refused(tmp_path, tiny, char_tokenizer):
+    from fxslice.recipes import Calibration
+
+    _, program = tiny("llama")
+    program.tokenizer = char_tokenizer
+    path = tmp_path / "same.txt"
+    path.write_text("a" * 20_000, encoding="utf-8")
+    with pytest.raises(BadInput, match="distinct token"):
+        Calibration(source=str(path), windows=4, length=64).load(program)
+
+
+def test_a_truncated_gguf_is_one_capture_error(tmp_path):
+    from fxslice.models.capture import default_model_path, load_model
+
+    cut = tmp_path / "cut.gguf"
+    with default_model_path().open("rb") as f:
+        cut.write_bytes(f.read(1 << 20))
+    with pytest.raises(CaptureError, match="truncated"):
+        load_model(cut)
+
+
+@pytest.mark.parametrize("option", ["--eval-windows", "--calib-windows", "--calib-length", "--batch-size"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_numeric_options_outside_their_domain_are_refused_by_name(option, value):
+    from typer.testing import CliRunner
+
+    from fxslice.cli import app
+
+    result = CliRunner().invoke(app, ["slice", "smollm2", option, value, "--out", "/nonexistent/x"])
+    assert result.exit_code == 2 and option in result.output
+
+
+def test_capture_in_float64_gives_a_program_slicing_accepts(tiny_model_dir):
+    from fxslice import capture
+    from fxslice.passes.slicegpt.pipeline import slicegpt
+    from fxslice.passes.slicegpt.slice_stream import constant_widths
+
+    program = capture(tiny_model_dir("llama"), dtype=torch.float64)
+    assert program.dtype == torch.float64
+    windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    result = slicegpt(program, windows, constant_widths(0.25), batch_size=2)
+    assert result.segments
