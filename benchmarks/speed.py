@@ -1,12 +1,13 @@
-"""Dense vs sliced SmolLM2-135M, prefill and KV-cache decode throughput, in one run; one JSON object.
+"""Dense vs sliced and pruned SmolLM2-135M, prefill and KV-cache decode throughput, in one run; one JSON object.
 
-    python benchmarks/speed.py [--sparsities 0.25,0.5] [--repeats 5] [--shared-basis 0.25] [--multiple 8]
+    python benchmarks/speed.py [--sparsities 0.25,0.5] [--prune 0.166] [--repeats 5] [--shared-basis 0.25] [--multiple 8]
                                [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--prefill 1x512,8x512,1x2048]
                                [--decode 1,8]
 
 Every repetition runs every case on every model in turn (interleaved, after one warm-up round), so that
 a noisy shared machine slows all models alike; figures are medians. Speed-ups are sliced / dense
-throughput, next to the ideal speed-up from the graph's FLOP counts (fxslice.analysis.flops) and their ratio
+throughput (pruned: the Surgeon's groups, `--prune` fractions of the parameters, 2 shots: speed does not
+depend on which groups go), next to the ideal speed-up from the graph's FLOP counts (fxslice.analysis.flops) and their ratio
 (efficiency). Decode: a 128-token prompt, then 128 new tokens one at a time with the cache (greedy).
 Memory: weight bytes, and the peak resident memory a case adds on top of what was resident before it
 (CPU: Linux VmHWM; CUDA: max_memory_allocated). Calibration uses a few windows only: speed does not
@@ -29,6 +30,7 @@ from fxslice.core.program import Program
 from fxslice.data import load_text, token_windows
 from fxslice.models.capture import capture_module, load_model
 from fxslice.models.kvcache import capture_cached
+from fxslice.passes.presets import prune_recipe
 from fxslice.passes.rewrite.stages import Cleanup, FuseGQA
 from fxslice.passes.slicegpt.pipeline import slicegpt
 from fxslice.passes.slicegpt.slice_stream import constant_widths, per_block
@@ -126,6 +128,7 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.25,0.5")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--multiple", type=int, default=8)
+    parser.add_argument("--prune", default="0.166", help="also prune with the Surgeon at these targets ('' for none)")
     parser.add_argument("--shared-basis", default="", help="also slice at these sparsities with one basis per block")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -153,6 +156,13 @@ def main() -> None:
         name = f"{'shared' if shared else 'sliced'}_{sparsity:g}"
         models[name] = (program, cached)
         widths[name] = sorted({r.kept for r in result.segments})
+    for target in (float(x) for x in args.prune.split(",") if x):
+        program, cached = capture_module(module), capture_cached(module)
+        result = prune_recipe(target=target, shots=2, batch_size=4).run(program, calibration=calib[:4, :256])
+        replay(result.passes, cached, program)  # clean-up, the Surgeon's weights and removals, GQA fusion
+        name = f"pruned_{target:g}"
+        models[name] = (program, cached)
+        widths[name] = [576]
     for name, (program, cached) in list(models.items()):
         if dtype != program.dtype:
             models[name] = (program.to(dtype), cached.to(dtype))

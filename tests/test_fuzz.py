@@ -58,3 +58,42 @@ def test_generated_weights_are_far_from_identity():
     model = build(ModelSpec(norm="layernorm"))
     weight = model.final_norm.weight.detach()
     assert float(weight.min()) >= 1.5 and float(model.final_norm.bias.detach().min()) >= 0.5
+
+
+@settings(max_examples=max(EXAMPLES // 2, 5), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs(), fraction=st.floats(0.1, 0.9), seed=st.integers(0, 10_000))
+def test_dead_group_removal_is_exact_on_any_model(spec, fraction, seed):
+    """Zero a random share of the dimension groups the analysis finds, then remove the dead ones: the logits
+    stay (float64), the parameters drop by what was removed, and a second run changes nothing."""
+    import torch
+
+    from fxslice import PassManager
+    from fxslice.analysis.groups import group_analysis
+    from fxslice.core.graph import set_tensor, tensor_of
+    from fxslice.core.numerics import relative_error
+    from fxslice.models.capture import capture_module
+    from fxslice.passes import CleanupIR
+    from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups
+
+    program = capture_module(build(spec)).to(torch.float64)
+    PassManager([CleanupIR()]).run(program)
+    groups = program.analysis(group_analysis)
+    gen = torch.Generator().manual_seed(seed)
+    for group in groups.groups:
+        if float(torch.rand(1, generator=gen)) < fraction:
+            for u in group.units:
+                use = groups.linears[u.weight]
+                w = tensor_of(program.gm, use.weight).clone()
+                w.select(use.out_axis if u.axis == "row" else use.in_axis, u.index).zero_()
+                set_tensor(program.gm, u.weight, w)
+    program.mark_changed()
+    ids = torch.randint(0, 32, (2, 9), generator=gen)
+    with torch.no_grad():
+        before, count = program(ids), program.num_parameters()
+    result = PassManager([RemoveDeadGroups()]).run(program)
+    with torch.no_grad():
+        error = relative_error(program(ids), before)
+    assert error <= 1e-9, f"WRONG MODEL after removing dead groups: {error:.3g} for {spec}"
+    assert (program.num_parameters() < count) == result.records[0].modified or not groups.groups
+    assert not PassManager([RemoveDeadGroups()]).run(program).records[0].modified
+    event(f"groups: {'removed' if result.records[0].modified else 'none'}")

@@ -104,3 +104,24 @@ def test_removed_heads_leave_the_kv_cache_and_decoding_follows(name):
     kv = cached.cache.allocate(2, 7, cached.dtype)
     steps = [cached.step(ids[:, :3], 0, kv)] + [cached.step(ids[:, i:i + 1], i, kv) for i in range(3, 7)]
     torch.testing.assert_close(torch.cat(steps, 1), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_group_added_to_an_untracked_residual_is_not_removed_and_not_offered():
+    """A post-norm block whose writers are not on the residual stream: their channels are added to the
+    residual, which cannot shrink with them (found by the fuzzer)."""
+    from fxslice.models.capture import capture_module
+    from fxslice.passes.rewrite.remove_dead_groups import removable_groups
+    from fxslice.testing.random_models import ModelSpec, build
+
+    spec = ModelSpec(width=8, blocks=2, layout="post", norm="rms_plain", bias=False, fused_qkv=False,
+                     gated_mlp=False, tied=False, positions=False, embedding_norm=False, breaker=None, seed=0)
+    program = capture_module(build(spec)).to(torch.float64)
+    PassManager([CleanupIR()]).run(program)
+    groups = program.analysis(group_analysis)
+    stuck = [i for i, g in enumerate(groups.groups) if any("head" in u.weight for u in g.cols)]
+    assert stuck and not set(stuck) & removable_groups(groups)
+    PassManager([zero_groups(1.0, seed=0)]).run(program)
+    ids = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = program(ids)
+    PassManager([RemoveDeadGroups()]).run(program)
+    torch.testing.assert_close(program(ids), before, rtol=1e-9, atol=1e-12)

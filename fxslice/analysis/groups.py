@@ -94,6 +94,10 @@ class Groups:
     #: input (slices and splits) or output (views, reshapes, expands); -1 where no group. KV-cache inputs the
     #: graph writes channels into are sites too (placeholders: their shape shrinks with the groups)
     sites: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
+    #: values the channels are combined with elementwise that the analysis does not track (a residual, RoPE's
+    #: cos and sin): (their shape, aligned to the combined value's; group index of every element of that value).
+    #: Removing groups must not shrink a dimension along which such a value has more than one element.
+    operands: list[tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=list)
 
     def by_kind(self, kind: str) -> list[DimensionGroup]:
         return [g for g in self.groups if g.kind == kind]
@@ -168,7 +172,12 @@ class _Tagger:
         self.units: dict[int, Unit] = {}  # first tag of each unit -> unit
         self.heads: set[int] = set()  # tags that went through attention
         self.linears: dict[str, LinearUse] = {}
+        #: (weight, where, element index, tags) of weights combined elementwise with channels: an element only
+        #: one group uses blocks it
         self.weights_on_channels: list[tuple[str, fx.Node, torch.Tensor, torch.Tensor]] = []
+        #: (shape, tags) of other values combined elementwise with channels (cos/sin tables, a residual): a
+        #: group may go only if that shape need not shrink (`Groups.operands`)
+        self.operand_sites: list[tuple[tuple[int, ...], torch.Tensor]] = []
         self.constant: set[fx.Node] = set()
         self.sites: dict[fx.Node, torch.Tensor] = {}
         self.env: dict[fx.Node, Any] = {}
@@ -316,10 +325,14 @@ class _Tagger:
             else:
                 self.uf.union_tensors(out, t)
         for n in node.all_input_nodes:
-            weight = self.env.get(n) if n in self.constant and tags.get(n) is None else None
-            if isinstance(weight, torch.Tensor) and weight.numel() > 1 and out is not None:
-                index = torch.arange(weight.numel()).reshape(weight.shape).expand(value.shape)
-                self.weights_on_channels.append((str(n.target), node, index.contiguous(), out))
+            other = self.env.get(n) if tags.get(n) is None else None
+            if not (isinstance(other, torch.Tensor) and other.numel() > 1 and out is not None):
+                continue
+            if n in self.constant:
+                index = torch.arange(other.numel()).reshape(other.shape).expand(value.shape)
+                self.weights_on_channels.append((f"the weight '{n.target}'", node, index.contiguous(), out))
+            else:
+                self.operand_sites.append(((1,) * (value.dim() - other.dim()) + tuple(other.shape), out))
         return out
 
     def _reduce(self, node: fx.Node, tags: dict, value: torch.Tensor) -> torch.Tensor | None:
@@ -393,14 +406,14 @@ def group_analysis(program: Program) -> Groups:
     tagger = _Tagger(program)
     tagger.run()
     uf = tagger.uf
-    for name, node, index, tag in tagger.weights_on_channels:
-        # a weight element used by one group alone would have to shrink with it: not supported, so block that group
+    for what, node, index, tag in tagger.weights_on_channels:
+        # an element used by one group alone would have to shrink with it: not supported, so block that group
         owners: dict[int, set[int]] = defaultdict(set)
         for i, t in torch.stack([index.reshape(-1), tag.reshape(-1)], 1).unique(dim=0).tolist():
             owners[i].add(uf.find(t))
         for roots in owners.values():
             if len(roots) == 1:
-                uf.block(next(iter(roots)), f"scaled by the weight '{name}' along its channels at {node.name}")
+                uf.block(next(iter(roots)), f"combined with {what} along its channels at {node.name}")
     members: dict[int, list[Unit]] = defaultdict(list)
     for tag, unit in tagger.units.items():
         members[uf.find(tag)].append(unit)
@@ -424,4 +437,5 @@ def group_analysis(program: Program) -> Groups:
     for tag in range(1, len(uf.parent)):
         lookup[tag] = index_of_root.get(uf.find(tag), -1)
     sites = {node: lookup[t] for node, t in tagger.sites.items()}
-    return Groups(groups, blocked, tagger.linears, sites)
+    operands = [(shape, lookup[t]) for shape, t in tagger.operand_sites]
+    return Groups(groups, blocked, tagger.linears, sites, operands)

@@ -20,7 +20,7 @@ from fxslice import Pass, PassResult, Program
 from fxslice.analysis.groups import DimensionGroup, Groups, group_analysis
 from fxslice.core.graph import aten, refresh_vals, set_tensor, tensor_of
 
-__all__ = ["RemoveDeadGroups", "dead_groups"]
+__all__ = ["RemoveDeadGroups", "dead_groups", "removable_groups"]
 
 
 def dead_groups(program: Program, groups: Groups) -> list[int]:
@@ -49,6 +49,38 @@ def _keep_one_per_site(groups: Groups, dead: set[int]) -> set[int]:
     return dead
 
 
+def removable_groups(groups: Groups) -> set[int]:
+    """Indices of the groups that this pass could delete once dead (each alone): a pruning method should
+    choose among these, or it zeroes what stays."""
+    present: set[int] = set()
+    for _, index in groups.operands:
+        present |= {int(i) for i in index.unique()} - {-1}
+    blocked = {i for i in present if not _fit_operands(groups, {i})}
+    return set(range(len(groups.groups))) - blocked
+
+
+def _fit_operands(groups: Groups, dead: set[int]) -> set[int]:
+    """Keep the dead groups whose removal would shrink a dimension along which an untracked operand (a
+    residual added to the channels, say) has several elements: that operand cannot shrink with them."""
+    dead = set(dead)
+    changed = True
+    while changed and dead:
+        changed = False
+        dead_index = torch.tensor(sorted(dead), dtype=torch.long)
+        for shape, index in groups.operands:
+            kept = ~torch.isin(index, dead_index)
+            if bool(kept.all()):
+                continue
+            for d, size in enumerate(shape):
+                along = kept.movedim(d, 0).reshape(kept.shape[d], -1).any(1)
+                if size > 1 and not bool(along.all()):
+                    stay = {int(i) for i in index.movedim(d, 0)[~along].unique()} & dead
+                    if stay:
+                        dead -= stay
+                        changed = True
+    return dead
+
+
 def _separable(kept: torch.Tensor) -> list[torch.Tensor] | None:
     """Per dimension, which indices stay; None when the kept set is not their product."""
     masks = [kept.movedim(d, 0).reshape(kept.shape[d], -1).any(1) for d in range(kept.dim())]
@@ -66,7 +98,7 @@ class RemoveDeadGroups(Pass):
 
     def call(self, program: Program) -> PassResult:
         groups = program.analysis(group_analysis)
-        dead = _keep_one_per_site(groups, set(dead_groups(program, groups)))
+        dead = _fit_operands(groups, _keep_one_per_site(groups, set(dead_groups(program, groups))))
         if not dead:
             return PassResult(False)
         edits = self._size_edits(groups, dead)

@@ -25,7 +25,7 @@ from fxslice.calibration.moments import linear_statistics
 from fxslice.core.graph import module_path
 from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.progress import progress_bar
-from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups
+from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups, removable_groups
 from fxslice.passes.surgeon.curvature import (
     CURVATURES,
     Factors,
@@ -134,12 +134,14 @@ class SurgeonMask(Pass):
             return factors(stats, w, tuple(matrices[w].shape), self.curvature, damp_a=self.damp_a, damp_g=self.damp_g)
 
         costs = {w: _costs(m, curvature(w), elements=elements) for w, m in matrices.items()}
+        removable = removable_groups(groups)
+        dying = [g for i, g in enumerate(groups.groups) if i in removable]  # what RemoveDeadGroups would delete
         wanted = max(goal - gone, 0)
         if self.structures == "rows_columns":
-            chosen, predicted = _threshold_rows_columns(matrices, costs, wanted, groups.groups)
+            chosen, predicted = _threshold_rows_columns(matrices, costs, wanted, dying)
         else:
             pick = _threshold_elements if self.structures == "unstructured" else _threshold_blocks
-            chosen, predicted = _with_dying_groups(pick, matrices, costs, wanted, groups.groups)
+            chosen, predicted = _with_dying_groups(pick, matrices, costs, wanted, dying)
         update = updates(self.curvature)
         written = {}
         for w, m in matrices.items():

@@ -110,11 +110,12 @@ def remove_elements(w: torch.Tensor, a_inv: torch.Tensor | None, mask: torch.Ten
         for form in (False, True):
             rows = [r for r in torch.argsort(sizes).tolist() if bool(kept_form[r]) == form and sizes[r] > 0]
             start = 0
-            while start < len(rows):
-                k = int(sizes[rows[min(len(rows) - 1, start + max(1, budget // (width * width)) - 1)]])
-                step = max(1, budget // (max(k, 1) * width))
-                chunk = torch.tensor(rows[start:start + step])
-                start += step
+            while start < len(rows):  # rows sorted by size: a batch ends where the next would exceed the budget
+                end = start + 1
+                while end < len(rows) and (end + 1 - start) * int(sizes[rows[end]]) * width <= budget:
+                    end += 1
+                chunk = torch.tensor(rows[start:end])
+                start = end
                 k = int(sizes[chunk].max())
                 picked = mask[chunk] if not form else ~mask[chunk]  # the unknowns: pruned (Q) or kept (K)
                 idx = torch.sort((~picked).to(torch.int8), dim=1, stable=True).indices[:, :k]
@@ -125,10 +126,11 @@ def remove_elements(w: torch.Tensor, a_inv: torch.Tensor | None, mask: torch.Ten
                 if not form:
                     rhs = torch.where(ok, out[chunk].gather(1, idx), 0.0)
                     x = torch.cholesky_solve(rhs[..., None], torch.linalg.cholesky(block))[..., 0]
-                    out[chunk] -= (x[:, None, :] @ a_inv[idx])[:, 0]
+                    spread = torch.zeros(len(chunk), width, dtype=torch.float64).scatter_add_(1, idx, x)
+                    out[chunk] -= spread @ a_inv  # padding solved to zero, so it adds nothing
                 else:
                     pruned = out[chunk] * mask[chunk]
-                    rhs = torch.where(ok, (a[idx] @ pruned[:, :, None])[..., 0], 0.0)
+                    rhs = torch.where(ok, (pruned @ a).gather(1, idx), 0.0)
                     y = torch.cholesky_solve(rhs[..., None], torch.linalg.cholesky(block))[..., 0]
                     rows_k = chunk[:, None].expand_as(idx)
                     out[rows_k[ok], idx[ok]] += y[ok]

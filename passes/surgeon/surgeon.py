@@ -28,7 +28,7 @@ from fxslice.calibration.moments import linear_statistics
 from fxslice.core.graph import set_tensor, tensor_of
 from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.progress import progress_bar
-from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups
+from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups, removable_groups
 from fxslice.passes.surgeon.curvature import CURVATURES, Factors, factors, needs_activations, needs_gradients, updates
 from fxslice.passes.surgeon.linears import matrix_of, store_matrix
 from fxslice.passes.surgeon.obs import column_cost, remove_columns
@@ -92,7 +92,8 @@ class SurgeonPrune(Pass):
 
     def _shot(self, program: Program, shot: int, goal: int) -> ShotReport:
         groups = program.analysis(group_analysis)
-        candidates = groups.groups
+        removable = removable_groups(groups)
+        candidates = [g for i, g in enumerate(groups.groups) if i in removable]
         if not candidates:
             reasons = "\n".join(f"  {w}: {why}" for w, why in list(groups.blocked.items())[:8])
             raise UnsupportedStructure(f"surgeon: the graph has no removable dimension groups; what blocks them:\n"
