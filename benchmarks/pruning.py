@@ -64,7 +64,7 @@ def main() -> None:
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     plans: list[tuple[str, Recipe]] = []
     for target in (float(t) for t in args.targets.split(",") if t):
-        for method in args.methods.split(","):
+        for method in (m for m in args.methods.split(",") if m):
             plans.append((method, prune_recipe(method=method, target=target, shots=args.shots, batch_size=1)))
     for pair in (p for p in args.masked.split(",") if p):
         structures, target = pair.rsplit(":", 1)

@@ -83,34 +83,55 @@ def test_another_writer_to_the_same_output_wins_cleanly(tmp_path, monkeypatch):
     torch.testing.assert_close(theirs(theirs.probe_input()), other(theirs.probe_input()))
 
 
+POINTS = {  # where the signal arrives: (command, module, attribute wrapped to send it after running)
+    "slice: calibration": ("slice", "fxslice.calibration.runner", "StagedRunner.run_through"),
+    "prune: curvature": ("prune", "fxslice.calibration.moments", "run_with_gradients"),
+    "slice: weights written": ("slice", "safetensors.torch", "save_file"),
+    "slice: tokenizer written": ("slice", "transformers", "PreTrainedTokenizerBase.save_pretrained"),
+}
+
+
 @pytest.mark.parametrize("signal_name,code", [("SIGINT", 130), ("SIGTERM", 143)])
-@pytest.mark.parametrize("where", ["weights", "tokenizer"])
-def test_a_signal_during_the_save_exits_non_zero_and_leaves_nothing(tiny_model_dir, tmp_path, signal_name, code, where):
-    """The real signal, delivered to the CLI process while it writes (the writer is wrapped to send it)."""
+@pytest.mark.parametrize("point", list(POINTS))
+def test_a_signal_exits_non_zero_and_leaves_nothing(tiny_model_dir, tmp_path, signal_name, code, point):
+    """The real signal, delivered to the CLI process at several points (a wrapped function sends it)."""
     import hashlib
 
+    command, module, attribute = POINTS[point]
     source = tiny_model_dir("llama")
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in source.rglob("*") if p.is_file()}
     done = _run(f"""
-        import os, signal, sys
-        import safetensors.torch, transformers
-        target = safetensors.torch if {where!r} == "weights" else transformers.PreTrainedTokenizerBase
-        name = "save_file" if {where!r} == "weights" else "save_pretrained"
-        real = getattr(target, name)
+        import importlib, os, signal, sys
+        owner = importlib.import_module({module!r})
+        *path, name = {attribute!r}.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        real = getattr(owner, name)
         def interrupted(*args, **kwargs):
-            real(*args, **kwargs)
+            result = real(*args, **kwargs)
             os.kill(os.getpid(), signal.{signal_name})
-        setattr(target, name, interrupted)
+            return result
+        setattr(owner, name, interrupted)
         from fxslice.cli import run
         sys.argv = ["fxslice"] + sys.argv[1:]
         run()
-        """, "slice", str(source), "--out", str(tmp_path / "out"), "--calib-windows", "2", "--calib-length", "64",
-        "--eval", "none")
+        """, command, str(source), "--out", str(tmp_path / "out"), "--calib-windows", "2", "--calib-length", "64",
+        "--eval", "none", *(["--shots", "1"] if command == "prune" else []))
     assert done.returncode == code, done.stderr[-2000:]
     assert ("interrupted" if code == 130 else "terminated") in done.stderr and "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]  # no output, no partial directory
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in source.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_a_truncated_tokenizer_file_is_named_not_taken_for_a_missing_one(tiny_model_dir):
+    from fxslice.models.capture import load_model
+
+    source = tiny_model_dir("llama")
+    path = source / "tokenizer.json"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CaptureError, match="tokenizer.json"):
+        load_model(source)
 
 
 @pytest.fixture

@@ -87,7 +87,8 @@ def _health(eigenvalues: torch.Tensor, kept: int, windows: int) -> str:
         return f"negative eigenvalue {float(eigenvalues[-1]):.3g} (λ_max {top:.3g}): accumulate in float64 / check the activations"
     rank = int((eigenvalues > 1e-12 * top).sum())
     if rank < kept:
-        return f"covariance has rank {rank} < kept width {kept}: more calibration data ({windows} windows now)"
+        return (f"covariance has rank {rank} < kept width {kept}: more calibration data ({windows} windows now), or "
+                "more varied text (repeated or boilerplate text spans few directions)")
     return ""
 
 
