@@ -109,7 +109,8 @@ class SurgeonPrune(Pass):
         matrices = {w: matrix_of(program, groups.linears[w]) for w in weights}
         curv = {w: factors(stats, w, tuple(matrices[w].shape), self.curvature, damp_a=self.damp_a, damp_g=0.01)  # G⁻¹: unused here
                 for w in readers}
-        costs = [self._cost(g, matrices, curv) for g in candidates]
+        obd = {w: _obd_columns(matrices[w], curv[w]) for w in readers} if not updates(self.curvature) and stats else {}
+        costs = [self._cost(g, matrices, curv, obd) for g in candidates]
         sizes = [self._size(g, groups.linears, program) for g in candidates]
         chosen = self._select(candidates, costs, sizes, program.num_parameters() - goal)
         rows: dict[str, list[int]] = defaultdict(list)
@@ -149,7 +150,8 @@ class SurgeonPrune(Pass):
                           sum(candidates[i].kind == "mlp_channel" for i in chosen),
                           predicted, loss_before, self._last_loss, dict(per_module))
 
-    def _cost(self, group: DimensionGroup, matrices: dict[str, torch.Tensor], curv: dict[str, Factors]) -> float:
+    def _cost(self, group: DimensionGroup, matrices: dict[str, torch.Tensor], curv: dict[str, Factors],
+              obd: dict[str, torch.Tensor]) -> float:
         """The loss increase of removing the group through its readers' columns (OBS: correlated within each
         reader; OBD: each column alone, ½ (WᵀGW)_cc A_cc); magnitude: half the squared norm of all its rows
         and columns."""
@@ -163,7 +165,7 @@ class SurgeonPrune(Pass):
         for u in group.cols:
             by_reader[u.weight].append(u.index)
         if not updates(self.curvature):
-            return sum(float(_obd_columns(matrices[w], curv[w])[idx].sum()) for w, idx in by_reader.items())
+            return sum(float(obd[w][idx].sum()) for w, idx in by_reader.items())
         return sum(column_cost(matrices[w], _or_eye(curv[w].g, matrices[w].shape[0]), curv[w].a_inv, idx)
                    for w, idx in by_reader.items())
 
