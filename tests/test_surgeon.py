@@ -14,18 +14,9 @@ from fxslice.passes.surgeon import SurgeonPrune
 from fxslice.passes.surgeon.obs import column_cost, damped_inverse, remove_columns, remove_rows, row_cost
 from fxslice.passes.surgeon.stages import Surgeon
 from fxslice.recipes import Recipe
+from fxslice.testing.quadratic import kronecker_quadratic, random_spd
 
 CALIBRATION = torch.randint(3, 128, (8, 24), generator=torch.Generator().manual_seed(0))
-
-
-def _spd(n, gen):
-    x = torch.randn(n, 2 * n, generator=gen, dtype=torch.float64)
-    return x @ x.T / n + 0.1 * torch.eye(n, dtype=torch.float64)
-
-
-def _quadratic(w0, g, a):
-    """L(W) = ½ tr((W - W0) A (W - W0)ᵀ G): a loss whose Hessian is exactly G ⊗ A."""
-    return lambda w: 0.5 * float(torch.trace((w - w0) @ a @ (w - w0).T @ g))
 
 
 @settings(max_examples=30, deadline=None)
@@ -33,8 +24,8 @@ def _quadratic(w0, g, a):
 def test_costs_and_updates_are_exact_and_optimal_on_a_kronecker_quadratic(out, inp, seed, data):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=gen, dtype=torch.float64)
-    g, a = _spd(out, gen), _spd(inp, gen)
-    loss = _quadratic(w, g, a)
+    g, a = random_spd(out, gen), random_spd(inp, gen)
+    loss = kronecker_quadratic(w, g, a)
     rows = sorted(data.draw(st.sets(st.integers(0, out - 1), min_size=1, max_size=out - 1)))
     cols = sorted(data.draw(st.sets(st.integers(0, inp - 1), min_size=1, max_size=inp - 1)))
     g_inv, a_inv = torch.linalg.inv(g), torch.linalg.inv(a)

@@ -21,17 +21,9 @@ from fxslice.passes.surgeon.obs import (
     row_cost,
     structure_costs,
 )
+from fxslice.testing.quadratic import kronecker_quadratic, random_spd
 
 CALIBRATION = torch.randint(3, 128, (8, 24), generator=torch.Generator().manual_seed(0))
-
-
-def _spd(n, gen):
-    x = torch.randn(n, 2 * n, generator=gen, dtype=torch.float64)
-    return x @ x.T / n + 0.1 * torch.eye(n, dtype=torch.float64)
-
-
-def _loss(w0, g, a):
-    return lambda w: 0.5 * float(torch.trace((w - w0) @ a @ (w - w0).T @ g))
 
 
 def _constrained_optimum(w, g, a, mask):
@@ -52,8 +44,8 @@ def _constrained_optimum(w, g, a, mask):
 def test_single_structure_costs_are_exact_for_obs_and_obd(out, inp, seed):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=gen, dtype=torch.float64)
-    g, a = _spd(out, gen), _spd(inp, gen)
-    loss = _loss(w, g, a)
+    g, a = random_spd(out, gen), random_spd(inp, gen)
+    loss = kronecker_quadratic(w, g, a)
     g_inv, a_inv = torch.linalg.inv(g), torch.linalg.inv(a)
     obs = structure_costs(w, a, g, 1 / g_inv.diagonal(), 1 / a_inv.diagonal())
     obd = structure_costs(w, a, g, g.diagonal(), a.diagonal())
@@ -83,7 +75,7 @@ def test_element_removal_is_the_optimal_update_when_rows_are_independent(out, in
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=gen, dtype=torch.float64)
     g = torch.diag(torch.rand(out, generator=gen, dtype=torch.float64) + 0.5)
-    a = _spd(inp, gen)
+    a = random_spd(inp, gen)
     mask = torch.rand(out, inp, generator=gen) < density
     mask[0, 0] = True
     pruned = remove_elements(w, torch.linalg.inv(a), mask, budget=7)  # a tiny budget: one row per batch
@@ -95,7 +87,7 @@ def test_element_removal_is_the_optimal_update_when_rows_are_independent(out, in
 def test_rows_and_columns_together_add_the_two_updates_and_zero_both():
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(6, 5, generator=gen, dtype=torch.float64)
-    g_inv, a_inv = torch.linalg.inv(_spd(6, gen)), torch.linalg.inv(_spd(5, gen))
+    g_inv, a_inv = torch.linalg.inv(random_spd(6, gen)), torch.linalg.inv(random_spd(5, gen))
     torch.testing.assert_close(remove_rows_and_columns(w, g_inv, a_inv, [1, 4], []), remove_rows(w, g_inv, [1, 4]))
     torch.testing.assert_close(remove_rows_and_columns(w, g_inv, a_inv, [], [0, 2]), remove_columns(w, a_inv, [0, 2]))
     both = remove_rows_and_columns(w, g_inv, a_inv, [1], [2])

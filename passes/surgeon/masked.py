@@ -18,16 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from fxslice import InvalidOption, Pass, PassManager, PassResult, Program, UnsupportedStructure
+from fxslice import InvalidOption, PassManager, PassResult, Program, UnsupportedStructure
 from fxslice.analysis.groups import DimensionGroup, group_analysis
 from fxslice.calibration.gradients import mean_loss
 from fxslice.calibration.moments import linear_statistics
 from fxslice.core.graph import module_path
-from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.progress import progress_bar
 from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups, removable_groups
+from fxslice.passes.surgeon.base import SurgeonPass
 from fxslice.passes.surgeon.curvature import (
-    CURVATURES,
     Factors,
     factors,
     needs_activations,
@@ -54,43 +53,24 @@ class MaskReport:
     per_module: dict[str, float]  # fraction of each module's decoder-linear weights zeroed or removed
 
 
-class SurgeonMask(Pass):
+class SurgeonMask(SurgeonPass):
     name = "surgeon_mask"
-    exact = False
 
     def __init__(self, windows: torch.Tensor, *, target: float, shots: int = 4, structures: str = "rows_columns",
                  curvature: str = "kfac", damp_a: float = 0.01, damp_g: float = 0.01, batch_size: int = 1,
                  labels: str = "data", progress: bool = False):
-        if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
-            raise InvalidOption("calibration windows must be a non-empty [n, length] tensor of token ids")
+        super().__init__(windows, shots=shots, curvature=curvature, batch_size=batch_size, labels=labels,
+                         progress=progress)
         if structures not in MASKED_STRUCTURES:
             raise InvalidOption(f"surgeon: masked structures must be one of {MASKED_STRUCTURES}, got {structures!r}")
         limit = 0.5 if structures == "2:4" else 1.0
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target < limit + 1e-12:
             raise InvalidOption(f"surgeon: target (the fraction of decoder-linear weights to zero) must be in "
                                 f"(0, {limit:g}{']' if limit < 1 else ')'} for structures={structures!r}, got {target!r}")
-        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-            raise InvalidOption(f"surgeon: shots must be a positive integer, got {shots!r}")
-        if curvature not in CURVATURES:
-            raise InvalidOption(f"surgeon: curvature must be one of {CURVATURES}, got {curvature!r}")
         if not (damp_a > 0 and damp_g > 0):
             raise InvalidOption(f"surgeon: damping must be positive, got damp_a={damp_a}, damp_g={damp_g}")
-        self.windows, self.target, self.shots, self.structures = windows, float(target), shots, structures
-        self.curvature, self.damp_a, self.damp_g = curvature, damp_a, damp_g
-        self.batch_size, self.labels, self.progress = batch_size, labels, progress
+        self.target, self.structures, self.damp_a, self.damp_g = float(target), structures, damp_a, damp_g
         self.reports: list[MaskReport] = []
-        self.updated: list[dict[str, torch.Tensor]] = []
-
-    def requires(self, program: Program) -> None:
-        if program.cache is not None:
-            raise InvalidOption("surgeon: prune the plain capture, then `fxslice.replay` onto the KV-cache capture")
-        check_finite(program)
-        check_tokens(program, self.windows)
-
-    def replay(self) -> Pass:
-        from fxslice.passes.surgeon.surgeon import ReplaySurgeon
-
-        return ReplaySurgeon(self.updated)
 
     def call(self, program: Program) -> PassResult:
         groups = program.analysis(group_analysis)

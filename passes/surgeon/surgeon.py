@@ -21,19 +21,19 @@ from dataclasses import dataclass
 
 import torch
 
-from fxslice import InvalidOption, Pass, PassManager, PassResult, Program, UnsupportedStructure
+from fxslice import InvalidOption, PassManager, PassResult, Program, UnsupportedStructure
 from fxslice.analysis.groups import DimensionGroup, group_analysis
 from fxslice.calibration.gradients import mean_loss
 from fxslice.calibration.moments import linear_statistics
 from fxslice.core.graph import set_tensor, tensor_of
-from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.progress import progress_bar
 from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups, removable_groups
-from fxslice.passes.surgeon.curvature import CURVATURES, Factors, factors, needs_activations, needs_gradients, updates
+from fxslice.passes.surgeon.base import SurgeonPass
+from fxslice.passes.surgeon.curvature import Factors, factors, needs_activations, needs_gradients, updates
 from fxslice.passes.surgeon.linears import matrix_of, store_matrix
 from fxslice.passes.surgeon.obs import column_cost, remove_columns
 
-__all__ = ["SurgeonPrune", "ShotReport", "ReplaySurgeon"]
+__all__ = ["SurgeonPrune", "ShotReport"]
 
 
 @dataclass(frozen=True)
@@ -49,36 +49,20 @@ class ShotReport:
     per_module: dict[str, int]  # groups removed per module
 
 
-class SurgeonPrune(Pass):
+class SurgeonPrune(SurgeonPass):
     name = "surgeon_prune"
-    exact = False
 
     def __init__(self, windows: torch.Tensor, *, target: float, shots: int = 4, curvature: str = "kfac",
                  damp_a: float = 0.01, batch_size: int = 1, labels: str = "data", progress: bool = False):
-        if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
-            raise InvalidOption("calibration windows must be a non-empty [n, length] tensor of token ids")
+        super().__init__(windows, shots=shots, curvature=curvature, batch_size=batch_size, labels=labels,
+                         progress=progress)
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target < 1.0:
             raise InvalidOption(f"surgeon: target (the fraction of parameters to remove) must be in (0, 1), got {target!r}")
-        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-            raise InvalidOption(f"surgeon: shots must be a positive integer, got {shots!r}")
-        if curvature not in CURVATURES:
-            raise InvalidOption(f"surgeon: curvature must be one of {CURVATURES}, got {curvature!r}")
         if not damp_a > 0:
             raise InvalidOption(f"surgeon: damping must be positive, got damp_a={damp_a}")
-        self.windows, self.target, self.shots, self.curvature = windows, float(target), shots, curvature
-        self.damp_a, self.batch_size, self.labels, self.progress = damp_a, batch_size, labels, progress
+        self.target, self.damp_a = float(target), damp_a
         self._last_loss: float | None = None
         self.reports: list[ShotReport] = []
-        self.updated: list[dict[str, torch.Tensor]] = []  # per shot, the weights and biases it wrote
-
-    def requires(self, program: Program) -> None:
-        if program.cache is not None:
-            raise InvalidOption("surgeon: prune the plain capture, then `fxslice.replay` onto the KV-cache capture")
-        check_finite(program)
-        check_tokens(program, self.windows)
-
-    def replay(self) -> Pass:
-        return ReplaySurgeon(self.updated)
 
     def call(self, program: Program) -> PassResult:
         dense = program.num_parameters()
@@ -224,21 +208,3 @@ def _zero(m: torch.Tensor, *, rows=(), cols=()) -> torch.Tensor:
     if cols:
         m[:, torch.as_tensor(list(cols))] = 0
     return m
-
-
-class ReplaySurgeon(Pass):
-    """The Surgeon's weights, fixed: what calibration chose, applied to another capture of the same model."""
-
-    name = "surgeon_prune"
-    exact = False
-
-    def __init__(self, updated: list[dict[str, torch.Tensor]]):
-        self.updated = updated
-
-    def call(self, program: Program) -> PassResult:
-        for weights in self.updated:
-            for name, value in weights.items():
-                set_tensor(program.gm, name, value)
-            program.mark_changed()
-            PassManager([RemoveDeadGroups()]).run(program)
-        return PassResult(bool(self.updated))

@@ -1,0 +1,56 @@
+"""What every Surgeon pass shares: its calibration windows, shots and curvature, checked once; the plain
+capture it needs; and the weights it wrote, replayed onto another capture."""
+
+from __future__ import annotations
+
+import torch
+
+from fxslice import InvalidOption, Pass, PassManager, PassResult, Program
+from fxslice.core.graph import set_tensor
+from fxslice.core.health import check_finite, check_tokens
+from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups
+from fxslice.passes.surgeon.curvature import CURVATURES
+
+__all__ = ["SurgeonPass", "ReplaySurgeon"]
+
+
+class SurgeonPass(Pass):
+    exact = False
+
+    def __init__(self, windows: torch.Tensor, *, shots: int, curvature: str, batch_size: int, labels: str,
+                 progress: bool):
+        if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
+            raise InvalidOption("calibration windows must be a non-empty [n, length] tensor of token ids")
+        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+            raise InvalidOption(f"surgeon: shots must be a positive integer, got {shots!r}")
+        if curvature not in CURVATURES:
+            raise InvalidOption(f"surgeon: curvature must be one of {CURVATURES}, got {curvature!r}")
+        self.windows, self.shots, self.curvature = windows, shots, curvature
+        self.batch_size, self.labels, self.progress = batch_size, labels, progress
+        self.updated: list[dict[str, torch.Tensor]] = []  # per shot, the weights and biases it wrote
+
+    def requires(self, program: Program) -> None:
+        if program.cache is not None:
+            raise InvalidOption("surgeon: prune the plain capture, then `fxslice.replay` onto the KV-cache capture")
+        check_finite(program)
+        check_tokens(program, self.windows)
+
+    def replay(self) -> Pass:
+        return ReplaySurgeon(self.updated, self.name)
+
+
+class ReplaySurgeon(Pass):
+    """The Surgeon's weights, fixed: what calibration chose, applied to another capture of the same model."""
+
+    exact = False
+
+    def __init__(self, updated: list[dict[str, torch.Tensor]], name: str):
+        self.updated, self.name = updated, name
+
+    def call(self, program: Program) -> PassResult:
+        for weights in self.updated:
+            for name, value in weights.items():
+                set_tensor(program.gm, name, value)
+            program.mark_changed()
+            PassManager([RemoveDeadGroups()]).run(program)
+        return PassResult(bool(self.updated))
