@@ -9,6 +9,8 @@ from pathlib import Path
 
 from fxslice.core import InvalidOption, Pass, Program, as_pass
 from fxslice.core.imports import import_object
+from fxslice.passes.recovery import MergeAdapters
+from fxslice.passes.recovery.stages import Recover
 from fxslice.passes.rewrite import CausalAttention, CleanupIR, FuseRepeatKV, RemoveDeadGroups
 from fxslice.passes.rewrite.stages import Cleanup, FuseGQA
 from fxslice.passes.slicegpt import FuseNorms, ProjectNormWriters, RotateStream, random_orthogonal
@@ -26,6 +28,7 @@ PASSES: dict[str, Callable[[], Pass]] = {
     "fuse_norms": FuseNorms,
     "fuse_repeat_kv": FuseRepeatKV,
     "remove_dead_groups": RemoveDeadGroups,
+    "merge_adapters": MergeAdapters,
     "rotate_random": lambda: RotateStream(random_orthogonal(0)),
 }
 
@@ -65,7 +68,7 @@ class RunPasses(Stage):
 
 
 #: built-in stages by the name a recipe file gives them
-STAGES: dict[str, type[Stage]] = {s.kind: s for s in (Cleanup, SliceGPT, Rotate, Surgeon, FuseGQA, RunPasses)}
+STAGES: dict[str, type[Stage]] = {s.kind: s for s in (Cleanup, SliceGPT, Rotate, Surgeon, Recover, FuseGQA, RunPasses)}
 
 
 def load_recipe(path: str | Path) -> Recipe:

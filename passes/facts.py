@@ -3,7 +3,7 @@ a stage of one method can refuse what another leaves behind."""
 
 from fxslice.recipes import CAPTURED
 
-__all__ = ["CAPTURED", "CLEAN", "GQA_FUSED", "SLICED", "ROTATED", "PRUNED", "QUANTIZED"]
+__all__ = ["CAPTURED", "CLEAN", "GQA_FUSED", "SLICED", "ROTATED", "PRUNED", "QUANTIZED", "RECOVERED"]
 
 CLEAN = "clean"  # CleanupIR ran: the analyses' precondition
 GQA_FUSED = "gqa_fused"  # attention reads K/V heads without copies: stream and group analyses see a changed graph
@@ -11,3 +11,4 @@ SLICED = "sliced"  # the residual stream has its own bases and shortcuts
 ROTATED = "rotated"
 PRUNED = "pruned"  # dimension groups were removed
 QUANTIZED = "quantized"
+RECOVERED = "recovered"  # fine-tuned after compression (adapters merged: same structure, new weights)

@@ -1,0 +1,9 @@
+"""Recovery fine-tuning: low-rank adapters inserted into the graph as an exact pass, trained on the next-token
+loss, and merged back exactly, so that a compressed model regains quality without changing size."""
+
+from fxslice.passes.recovery.adapters import Adapter, InsertAdapters, MergeAdapters, adaptable_linears, adapters
+from fxslice.passes.recovery.recover import RecoverLoRA, ReplayLowRank
+from fxslice.passes.recovery.train import TrainReport, train_adapters
+
+__all__ = ["Adapter", "InsertAdapters", "MergeAdapters", "RecoverLoRA", "ReplayLowRank", "TrainReport",
+           "adaptable_linears", "adapters", "train_adapters"]

@@ -1,0 +1,65 @@
+"""Recovery fine-tuning as one lossy pass: insert adapters, train them, merge them — so the program that comes
+out has the structure and size it came in with, and only its weights moved."""
+
+from __future__ import annotations
+
+import torch
+
+from fxslice import InvalidOption, Pass, PassManager, PassResult, Program
+from fxslice.core.health import check_finite, check_tokens
+from fxslice.passes.recovery.adapters import InsertAdapters, MergeAdapters, add_low_rank, low_rank_updates
+from fxslice.passes.recovery.train import TrainReport, train_adapters
+
+__all__ = ["RecoverLoRA", "ReplayLowRank"]
+
+
+class RecoverLoRA(Pass):
+    """Low-rank recovery fine-tuning on `windows` (never the evaluation text); `report` holds the losses."""
+
+    name = "recover_lora"
+    exact = False
+
+    def __init__(self, windows: torch.Tensor, *, rank: int = 8, alpha: float = 16.0, steps: int = 100,
+                 lr: float = 5e-4, batch_size: int = 1, held_out: torch.Tensor | None = None, head: bool = False,
+                 seed: int = 0, progress: bool = False):
+        if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
+            raise InvalidOption("recovery: training windows must be a non-empty [n, length] tensor of token ids")
+        self.windows, self.held_out = windows, held_out
+        self.insert = InsertAdapters(rank, alpha, head=head, seed=seed)
+        self.steps, self.lr, self.batch_size, self.progress = steps, lr, batch_size, progress
+        self.report: TrainReport | None = None
+        self.updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # weight -> (L, R): training added L @ R
+
+    def requires(self, program: Program) -> None:
+        if program.cache is not None:
+            raise InvalidOption("recovery: train on the plain capture, then `fxslice.replay` onto the KV-cache capture")
+        check_finite(program)
+        check_tokens(program, self.windows)
+
+    def call(self, program: Program) -> PassResult:
+        PassManager([self.insert]).run(program)
+        self.report = train_adapters(program, self.windows, steps=self.steps, lr=self.lr,
+                                     batch_size=self.batch_size, held_out=self.held_out, progress=self.progress)
+        self.updates = low_rank_updates(program)
+        PassManager([MergeAdapters()]).run(program)
+        return PassResult(True, {"adapters": len(self.updates), "steps": self.steps,
+                                 "held_out_before": self.report.held_out_before,
+                                 "held_out_after": self.report.held_out_after})
+
+    def replay(self) -> Pass:
+        return ReplayLowRank(self.updates, self.name)
+
+
+class ReplayLowRank(Pass):
+    """What training learned, fixed (one low-rank product per weight), added to another capture of the same
+    model: the KV-cache capture, say."""
+
+    exact = False
+
+    def __init__(self, updates: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str):
+        self.updates, self.name = updates, name
+
+    def call(self, program: Program) -> PassResult:
+        for target, (left, right) in self.updates.items():
+            add_low_rank(program, target, left, right)
+        return PassResult(bool(self.updates))

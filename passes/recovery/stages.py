@@ -1,0 +1,79 @@
+"""Recovery fine-tuning as a recipe stage: the last step of slice → prune → recover."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from fxslice import InvalidOption, Program
+from fxslice.passes.facts import CAPTURED, QUANTIZED, RECOVERED
+from fxslice.passes.recovery.recover import RecoverLoRA
+from fxslice.recipes import Stage, StageContext, StageResult
+
+__all__ = ["Recover"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recover(Stage):
+    """Train low-rank adapters on `text` for `steps` steps of `batch_size` windows of `length` tokens, then merge
+    them: the model keeps its size and structure. `text` is a `fxslice.data.load_text` source (never the
+    evaluation split; "" trains on the recipe's calibration windows); `held_out` of its windows are kept
+    aside and scored before and after."""
+
+    kind = "recover"
+    needs = frozenset({CAPTURED})
+    refuses = frozenset({QUANTIZED})
+    provides = frozenset({RECOVERED})
+    calibrates = True
+
+    rank: int = 8
+    alpha: float = 16.0
+    steps: int = 100
+    lr: float = 5e-4
+    batch_size: int = 2
+    length: int = 512
+    text: str = "wikitext2:validation"
+    held_out: int = 8
+    head: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "steps", "batch_size", "length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidOption(f"recover: {name} must be a positive integer, got {value!r}")
+        if isinstance(self.held_out, bool) or not isinstance(self.held_out, int) or self.held_out < 0:
+            raise InvalidOption(f"recover: held_out must be a non-negative integer, got {self.held_out!r}")
+        for name in ("lr", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidOption(f"recover: {name} must be positive, got {value!r}")
+        if self.text in ("wikitext2:test",):
+            raise InvalidOption("recover: training on the test split would make every test figure meaningless; "
+                                "use wikitext2:validation or your own text")
+
+    def windows(self, program: Program, context: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training windows, held-out windows), shuffled with the seed."""
+        if not self.text:
+            windows = context.windows(self.kind)
+        else:
+            from fxslice.data import load_text, token_windows
+
+            if program.tokenizer is None:
+                raise InvalidOption("recover: the model has no tokenizer to read the training text with")
+            windows = token_windows(program.tokenizer, load_text(self.text), self.length)
+        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(self.seed))
+        held = min(self.held_out, len(windows) - 1)
+        return windows[order[held:]], windows[order[:held]]
+
+    def run(self, program: Program, context: StageContext) -> StageResult:
+        train, held_out = self.windows(program, context)
+        recover = RecoverLoRA(train, rank=self.rank, alpha=self.alpha, steps=self.steps, lr=self.lr,
+                              batch_size=self.batch_size, held_out=held_out, head=self.head, seed=self.seed,
+                              progress=context.progress)
+        result = self.run_passes(program, [recover], context)
+        report = asdict(recover.report) if recover.report is not None else {}
+        report["training_windows"], report["held_out_windows"] = len(train), len(held_out)
+        result.report = report
+        return result

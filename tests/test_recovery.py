@@ -1,0 +1,138 @@
+"""Recovery fine-tuning: adapters go in exactly, only they train, they merge back exactly, and training on
+the right text lowers a held-out loss that compression raised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxslice import InvalidOption, PassManager, as_pass, capture, replay
+from fxslice.core.graph import set_tensor, tensor_of
+from fxslice.passes.recovery import (
+    InsertAdapters,
+    MergeAdapters,
+    RecoverLoRA,
+    adaptable_linears,
+    adapters,
+    train_adapters,
+)
+from fxslice.passes.recovery.stages import Recover
+from fxslice.recipes import Recipe
+from fxslice.testing import arithmetic_sequences, check_exact_pass
+
+FAMILIES = ("llama", "gpt2", "opt-project", "phi3", "mixtral")  # nn.Linear and Conv1D layouts, MoE, projections
+
+
+@as_pass(name="randomize_adapters", exact=False)
+def randomize_adapters(program) -> bool:
+    """Give every adapter a non-zero B, as training would, so that merging has something to prove."""
+    gen = torch.Generator().manual_seed(7)
+    for adapter in adapters(program):
+        b = tensor_of(program.gm, adapter.b)
+        set_tensor(program.gm, adapter.b, torch.randn(b.shape, generator=gen, dtype=torch.float64).to(b.dtype) * 0.1)
+    return True
+
+
+def test_inserted_adapters_leave_every_output_unchanged(tiny_programs):
+    reports = check_exact_pass(lambda: InsertAdapters(rank=4), tiny_programs(*FAMILIES))
+    assert all(r.max_relative_error == 0 for r in reports)  # B = 0: not round-off, the very same numbers
+
+
+def test_merged_adapters_compute_what_the_adapted_graph_computed(tiny_programs):
+    check_exact_pass(MergeAdapters, tiny_programs(*FAMILIES), prepare=lambda: [InsertAdapters(rank=4), randomize_adapters])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_after_merging_nothing_of_the_adapters_is_left_and_the_size_is_the_same(tiny, name):
+    _, program = tiny(name)
+    size, code = program.num_parameters(), program.gm.code
+    PassManager([InsertAdapters(rank=4), randomize_adapters]).run(program)
+    assert program.num_parameters() > size
+    PassManager([MergeAdapters()]).run(program)
+    assert program.num_parameters() == size
+    assert not adapters(program)
+    assert not [n for n in program.gm.named_parameters() if "lora" in n[0]]
+    assert program.gm.code == code
+
+
+def test_the_tied_table_and_the_head_are_left_alone_unless_asked(tiny):
+    _, tied = tiny("llama-tied")
+    table = next(str(n.args[0].target) for n in tied.graph.nodes if n.target == torch.ops.aten.embedding.default)
+    assert table not in adaptable_linears(tied) and table not in adaptable_linears(tied, head=True)
+    _, untied = tiny("llama")
+    head = set(adaptable_linears(untied, head=True)) - set(adaptable_linears(untied))
+    assert head == {"lm_head.weight"}
+
+
+def test_training_moves_only_the_adapters_and_restores_the_flags(tiny):
+    _, program = tiny("llama")
+    PassManager([InsertAdapters(rank=4)]).run(program)
+    frozen = {name: p.detach().clone() for name, p in program.gm.named_parameters() if "lora" not in name}
+    flags = {name: p.requires_grad for name, p in program.gm.named_parameters()}
+    train_adapters(program, arithmetic_sequences(16, seed=1), steps=3, lr=1e-2, batch_size=4)
+    for name, p in program.gm.named_parameters():
+        assert p.requires_grad == flags[name] and p.grad is None
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+    assert any(tensor_of(program.gm, a.b).abs().sum() > 0 for a in adapters(program))
+
+
+@pytest.fixture(scope="module")
+def damaged():
+    """A trained tiny Llama with its MLP weights scaled by 0.6: a loss that recovery can win back."""
+    from fxslice.testing import trained_tiny_causal_lm
+
+    program = capture(trained_tiny_causal_lm("llama"))
+    for name, p in list(program.gm.named_parameters()):
+        if "mlp" in name:
+            set_tensor(program.gm, name, p * 0.6)
+    return program
+
+
+def test_recovery_lowers_the_held_out_loss_and_replays_onto_another_capture(damaged):
+    program = damaged.clone()
+    train, held = arithmetic_sequences(64, seed=1), arithmetic_sequences(16, seed=2)
+    recover = RecoverLoRA(train, rank=4, steps=30, lr=1e-2, batch_size=8, held_out=held)
+    result = PassManager([recover]).run(program)
+    report = recover.report
+    assert report.held_out_after < 0.9 * report.held_out_before, report
+    assert program.num_parameters() == damaged.num_parameters()
+    again = damaged.clone()
+    replay(result.passes, again, program)  # raises unless every weight comes out bit-identical
+    x = arithmetic_sequences(4, seed=3)
+    torch.testing.assert_close(again(x), program(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_recover_stage_trains_on_calibration_windows_and_reports(damaged):
+    stage = Recover(rank=4, steps=20, lr=1e-2, batch_size=8, text="", held_out=8)
+    assert Recover.from_dict(stage.to_dict()) == stage
+    program = damaged.clone()
+    result = Recipe((stage,)).run(program, calibration=arithmetic_sequences(64, seed=4))
+    report = result.stages[0][1].report
+    assert report["training_windows"] == 56 and report["held_out_windows"] == 8
+    assert len(report["losses"]) == 20
+    assert report["held_out_after"] < report["held_out_before"]
+    assert result.parameters == damaged.num_parameters()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(rank=0), "rank"), (dict(steps=-1), "steps"), (dict(lr=0), "lr"), (dict(held_out=-1), "held_out"),
+    (dict(text="wikitext2:test"), "test split"), (dict(batch_size=True), "batch_size"),
+])
+def test_bad_recover_options_are_refused(options, message):
+    with pytest.raises(InvalidOption, match=message):
+        Recover(**options)
+
+
+def test_a_program_without_linears_to_adapt_is_refused():
+    class Lookup(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(16, 8)
+
+        def forward(self, input_ids, use_cache=False):
+            return self.table(input_ids) @ self.table.weight.T  # a tied head and nothing else
+
+    program = capture(Lookup())
+    with pytest.raises(InvalidOption, match="no linear"):
+        PassManager([InsertAdapters()]).run(program)
