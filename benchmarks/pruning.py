@@ -3,6 +3,7 @@
     python benchmarks/pruning.py [--targets 0.166] [--methods surgeon,kobd,lobd,magnitude] [--shots 4]
                                  [--calib-windows 8] [--calib-length 512] [--eval-windows 8] [--slicegpt 0.25]
                                  [--masked rows_columns:0.2,2:4:0.5] [--plot pruning.png]
+                                 [--recover STEPS [--recover-lr 5e-4 --recover-rank 8 --recover-batch 2]]
 
 Every model is built from a recipe preset (`prune_recipe`, `slicegpt_recipe`) on a fresh copy of the same
 capture; parameters are counted on the graph (shortcuts, projections and the tied table once). Calibration:
@@ -10,7 +11,9 @@ WikiText-2 validation windows (seed 0); evaluation: the first N windows of 2048 
 Scaled for 2 CPU cores (the paper: 128 x 2048 tokens and 40 shots): fewer windows, fewer shots, the same
 estimator, costs, update and linear schedule. `--masked STRUCTURES:TARGET` adds the paper's zero-masked
 Surgeon (the target is then the fraction of decoder-linear weights zeroed); those models keep most of their
-size, so they are reported with their nonzero count too and drawn hollow at it.
+size, so they are reported with their nonzero count too and drawn hollow at it. `--recover STEPS` then
+fine-tunes every model (dense included, as the control: part of any gain is adaptation to WikiText itself) with
+merged low-rank adapters on WikiText-2 validation windows of 512 tokens, and reports perplexity before and after.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from fxslice.data import load_text, token_windows
 from fxslice.evaluation.perplexity import perplexity
 from fxslice.models.capture import load_model
 from fxslice.passes import prune_recipe, slicegpt_recipe
+from fxslice.passes.recovery.stages import Recover
 from fxslice.passes.surgeon.stages import Surgeon
 from fxslice.recipes import Recipe
 
@@ -51,6 +55,10 @@ def main() -> None:
     parser.add_argument("--slicegpt", default="0.25", help="SliceGPT sparsities to compare ('' for none)")
     parser.add_argument("--slicegpt-then-surgeon", default="", help="SLICE:TARGET pairs, e.g. 0.15:0.1")
     parser.add_argument("--plot", default="pruning.png")
+    parser.add_argument("--recover", type=int, default=0, help="recovery fine-tuning steps after each model (0: none)")
+    parser.add_argument("--recover-lr", type=float, default=5e-4)
+    parser.add_argument("--recover-rank", type=int, default=8)
+    parser.add_argument("--recover-batch", type=int, default=2)
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2")
     dense = capture(model)
@@ -62,6 +70,10 @@ def main() -> None:
     rows = [{"method": "dense", "parameters": dense.num_parameters(), "perplexity": perplexity(dense, test),
              "seconds": round(time.perf_counter() - start, 1)}]
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    recover = Recover(steps=args.recover, lr=args.recover_lr, rank=args.recover_rank,
+                      batch_size=args.recover_batch) if args.recover else None
+    if recover is not None:
+        _recover(recover, dense.clone(), rows[0], test)
     plans: list[tuple[str, Recipe]] = []
     for target in (float(t) for t in args.targets.split(",") if t):
         for method in (m for m in args.methods.split(",") if m):
@@ -98,6 +110,8 @@ def main() -> None:
                 for module, count in shot["per_module"].items():
                     total[module] = total.get(module, 0) + count
             row["removed_per_module"] = dict(sorted(total.items(), key=lambda kv: -kv[1]))
+        if recover is not None:
+            _recover(recover, program, row, test)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("recipe", "shots")}), file=sys.stderr, flush=True)
     if args.plot:
@@ -106,8 +120,22 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
         "calibration": {"text": "wikitext2:validation", "windows": args.calib_windows, "length": args.calib_length},
         "evaluation": {"text": "wikitext2:test", "windows": len(test), "length": 2048},
-        "shots": args.shots, "threads": torch.get_num_threads(), "plot": args.plot or None, "results": rows,
+        "shots": args.shots, "recover": None if recover is None else recover.to_dict(), "threads": torch.get_num_threads(), "plot": args.plot or None, "results": rows,
     }, indent=1))
+
+
+def _recover(stage: Recover, program, row: dict, test: torch.Tensor) -> None:
+    """Fine-tune `program` in place and add the recovered perplexity and the training figures to `row`."""
+    start = time.perf_counter()
+    result = Recipe((stage,)).run(program, progress=sys.stderr.isatty())
+    report = result.stages[0][1].report
+    row["perplexity_recovered"] = perplexity(program, test)
+    row["recovered_parameters"] = program.num_parameters()
+    row["recover_seconds"] = round(time.perf_counter() - start, 1)
+    row["recover"] = {k: report[k] for k in ("held_out_before", "held_out_after", "tokens", "training_windows")}
+    row["recover"]["loss_first_last_10"] = [sum(report["losses"][:10]) / 10, sum(report["losses"][-10:]) / 10]
+    print(json.dumps({"method": row["method"], "recovered": row["perplexity_recovered"], **row["recover"]}),
+          file=sys.stderr, flush=True)
 
 
 def _plot(rows: list[dict], path: str) -> None:
@@ -127,6 +155,13 @@ def _plot(rows: list[dict], path: str) -> None:
         points = sorted((r[size] / 1e6, r["perplexity"]) for r in rows if r["method"] == method)
         ax.plot(*zip(*points, strict=True), marker="o", label=method + (" (zeros: nonzero count)" if masked else ""),
                 markerfacecolor="none" if masked else None, linestyle=":" if masked else "-")
+        healed = sorted((r[size] / 1e6, r["perplexity_recovered"]) for r in rows
+                        if r["method"] == method and "perplexity_recovered" in r)
+        if healed:
+            ax.plot(*zip(*healed, strict=True), marker="^", linestyle="--", label=f"{method} + recovery")
+    if "perplexity_recovered" in dense:
+        ax.plot([dense["parameters"] / 1e6], [dense["perplexity_recovered"]], marker="*", markersize=12,
+                color="grey", linestyle="none", label="dense + recovery (control)")
     ax.plot([dense["parameters"] / 1e6], [dense["perplexity"]], marker="*", markersize=12, color="black",
             linestyle="none", label=f"dense ({dense['parameters'] / 1e6:.1f} M)")
     smallest = min(min(r["parameters"], r.get("nonzero_parameters", r["parameters"])) for r in rows) / 1e6

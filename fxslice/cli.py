@@ -117,6 +117,9 @@ def slice_(
     untie: Annotated[bool, typer.Option("--untie", help="untie a tied head: better perplexity, V x d more parameters")] = False,
     shared_basis: Annotated[bool, typer.Option("--shared-basis", help="one basis per block (attention and MLP halves): "
                                                "half the shortcut matrices, faster decoding, slightly worse perplexity (README)")] = False,
+    recover_steps: Annotated[int, typer.Option(min=0, help="then fine-tune low-rank adapters this many steps on --recover-text and merge them (0: no recovery)")] = 0,
+    recover_text: Annotated[str, typer.Option(help="recovery training text (never the evaluation split)")] = "wikitext2:validation",
+    recover_lr: Annotated[float, typer.Option(help="recovery learning rate (AdamW, warm-up then cosine), > 0")] = 5e-4,
     save_recipe: Annotated[Path | None, typer.Option(help="also write the recipe this runs (YAML or JSON) here")] = None,
 ) -> None:
     """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out.
@@ -131,6 +134,7 @@ def slice_(
                              batch_size=batch_size, calibration=Calibration(
                                  source=calibration, windows=calib_windows, length=calib_length, seed=seed,
                                  batch_size=batch_size))
+    recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
     if save_recipe is not None:
         recipe.save(save_recipe)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {
@@ -154,6 +158,9 @@ def prune(
     eval_length: Annotated[int, typer.Option(min=2, help="tokens per evaluation window")] = 2048,
     batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass (1 is fastest on a CPU)")] = 1,
     seed: Annotated[int, typer.Option(min=0, help="seed for sampling calibration windows")] = 0,
+    recover_steps: Annotated[int, typer.Option(min=0, help="then fine-tune low-rank adapters this many steps on --recover-text and merge them (0: no recovery)")] = 0,
+    recover_text: Annotated[str, typer.Option(help="recovery training text (never the evaluation split)")] = "wikitext2:validation",
+    recover_lr: Annotated[float, typer.Option(help="recovery learning rate (AdamW, warm-up then cosine), > 0")] = 5e-4,
 ) -> None:
     """Prune MODEL's MLP channels and key/value head groups (The LLM Surgeon), so that its matrices shrink;
     or, with --structures, zero the paper's rows and columns, single weights or 2:4 blocks.
@@ -165,6 +172,7 @@ def prune(
     data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size)
     recipe = prune_recipe(method=method, target=target, shots=shots, structures=structures, batch_size=batch_size,
                           calibration=data)
+    recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
               {"method": method, "target": target, "shots": shots, "structures": structures})
 
@@ -184,6 +192,16 @@ def compress(
 
     recipe = load_recipe(recipe_file)  # validated before anything is loaded
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {})
+
+
+def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float) -> Recipe:
+    """`recipe` followed by a `recover` stage (more of its options through a recipe file), or `recipe` itself."""
+    if not steps:
+        return recipe
+    from fxslice.passes.recovery.stages import Recover
+
+    return Recipe((*recipe.stages, Recover(steps=steps, text=text, lr=lr)), recipe.calibration,
+                  name=f"{recipe.name}+recover")
 
 
 def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_windows: int | None, eval_length: int,
@@ -264,6 +282,11 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
     if ppl:
         lines.append(f"perplexity   dense {ppl['dense']:.3f}   compressed {ppl.get('compressed', float('nan')):.3f}   "
                      f"({len(test)} windows of {eval_length} tokens, {evaluation})")
+    for stage, stage_result in result.stages:
+        if stage.kind == "recover" and stage_result.report.get("held_out_before") is not None:
+            report = stage_result.report
+            lines.append(f"recovery     {report['steps']} steps, {report['tokens']:,} tokens: held-out loss "
+                         f"{report['held_out_before']:.4f} -> {report['held_out_after']:.4f}")
     lines += [f"warning      segment {r.index} ({r.module}): {r.warning}" for r in segments if r.warning]
     lines.append("seconds      " + "  ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     lines.append(f"saved        {out_dir}")

@@ -136,3 +136,26 @@ def test_a_program_without_linears_to_adapt_is_refused():
     program = capture(Lookup())
     with pytest.raises(InvalidOption, match="no linear"):
         PassManager([InsertAdapters()]).run(program)
+
+
+def test_cli_prune_then_recover_saves_a_model_of_the_pruned_size(tmp_path, tiny_model_dir):
+    import json
+    import subprocess
+    import sys
+
+    import fxslice
+
+    out = tmp_path / "healed"
+    cmd = [sys.executable, "-m", "fxslice.cli", "prune", str(tiny_model_dir("llama")), "--target", "0.3", "--shots", "1",
+           "--calib-windows", "4", "--calib-length", "32", "--eval-windows", "2", "--eval-length", "32",
+           "--recover-steps", "3", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "held-out loss" in done.stdout
+    record = json.loads((out / "fxslice.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == ["cleanup", "surgeon", "fuse_gqa", "recover"]
+    assert len(record["stages"][3]["report"]["losses"]) == 3
+    assert fxslice.load(out).num_parameters() == record["parameters"] <= 0.72 * record["dense_parameters"]
+    bad = subprocess.run([*cmd[:-2], "--recover-text", "wikitext2:test", "--out", str(tmp_path / "o2")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "test split" in bad.stderr

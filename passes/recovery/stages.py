@@ -32,7 +32,7 @@ class Recover(Stage):
     steps: int = 100
     lr: float = 5e-4
     batch_size: int = 2
-    length: int = 512
+    length: int | None = None  # None: 512 tokens, or the model's context if shorter
     text: str = "wikitext2:validation"
     held_out: int = 8
     head: bool = False
@@ -41,6 +41,8 @@ class Recover(Stage):
     def __post_init__(self) -> None:
         for name in ("rank", "steps", "batch_size", "length"):
             value = getattr(self, name)
+            if name == "length" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidOption(f"recover: {name} must be a positive integer, got {value!r}")
         if isinstance(self.held_out, bool) or not isinstance(self.held_out, int) or self.held_out < 0:
@@ -62,7 +64,9 @@ class Recover(Stage):
 
             if program.tokenizer is None:
                 raise InvalidOption("recover: the model has no tokenizer to read the training text with")
-            windows = token_windows(program.tokenizer, load_text(self.text), self.length)
+            context = (program.config or {}).get("max_position_embeddings")
+            length = self.length or min(512, context or 512)
+            windows = token_windows(program.tokenizer, load_text(self.text), length, max_length=context)
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(self.seed))
         held = min(self.held_out, len(windows) - 1)
         return windows[order[held:]], windows[order[:held]]
