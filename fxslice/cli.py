@@ -295,24 +295,50 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
 
 @app.command(name="eval")
 def eval_(
-    model_dir: Annotated[Path, typer.Argument(help="a directory written by `fxslice slice`")],
-    evaluation: Annotated[str, typer.Option("--eval", help="text source")] = "wikitext2:test",
+    model_dir: Annotated[Path, typer.Argument(help="a directory written by `fxslice slice` / `prune` / `compress`")],
+    evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
     eval_windows: Annotated[int | None, typer.Option(min=1, help="first N windows only (default: all)")] = None,
     eval_length: Annotated[int, typer.Option(min=2, help="tokens per window")] = 2048,
     batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass (1 is fastest on a CPU)")] = 1,
+    tasks: Annotated[str, typer.Option(help="zero-shot tasks through lm-eval, comma-separated: piqa,arc_easy,arc_challenge,"
+                                            "hellaswag,winogrande (online), wikitext_cloze (carried), or your own")] = "",
+    include: Annotated[list[Path], typer.Option(help="a directory of lm-eval task YAML files (repeatable)")] = [],  # noqa: B006
+    limit: Annotated[int | None, typer.Option(min=1, help="first N documents of each task only")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(min=0, help="few-shot examples (default: the task's, 0 for the paper's)")] = None,
+    output: Annotated[Path | None, typer.Option(help="also write the figures here as JSON")] = None,
 ) -> None:
-    """Measure the perplexity of a saved model."""
+    """Measure a saved model: perplexity on a text, and/or zero-shot accuracy on lm-eval tasks."""
+    import json
+
     from fxslice.data import load_text, token_windows
     from fxslice.evaluation.perplexity import perplexity
     from fxslice.models.io import load
 
+    task_list = [t for t in tasks.split(",") if t]
+    if task_list:
+        from fxslice.evaluation.harness import _lm_eval
+
+        _lm_eval()  # a missing lm-eval is said before the model loads
     with err.status(f"loading {model_dir} ..."):
         program = load(model_dir)
-    test = token_windows(program.tokenizer, load_text(evaluation), eval_length)
-    test = test[:eval_windows] if eval_windows else test
-    value = perplexity(program, test, batch_size=batch_size, progress=True)
-    out.print(f"perplexity {value:.3f}  ({len(test)} windows of {eval_length} tokens, {evaluation}; "
-              f"{program.num_parameters():,} parameters)", highlight=False, markup=False)
+    figures: dict = {"model": str(model_dir), "parameters": program.num_parameters()}
+    if evaluation != "none":
+        test = token_windows(program.tokenizer, load_text(evaluation), eval_length)
+        test = test[:eval_windows] if eval_windows else test
+        value = perplexity(program, test, batch_size=batch_size, progress=True)
+        figures["perplexity"] = {"value": value, "source": evaluation, "windows": len(test), "length": eval_length}
+        out.print(f"perplexity {value:.3f}  ({len(test)} windows of {eval_length} tokens, {evaluation}; "
+                  f"{program.num_parameters():,} parameters)", highlight=False, markup=False)
+    if task_list:
+        from fxslice.evaluation.harness import evaluate_tasks
+
+        table = evaluate_tasks(program, task_list, include=include, limit=limit, num_fewshot=num_fewshot)
+        figures["tasks"] = table
+        for task, metrics in table.items():
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr"))
+            out.print(f"{task:<16} {shown}", highlight=False, markup=False)
+    if output is not None:
+        output.write_text(json.dumps(figures, indent=1))
 
 
 @app.command()

@@ -80,15 +80,9 @@ def plain_program():
 
 
 def _make_char_tokenizer():
-    """A character-level tokenizer over ids 0..95, built offline, so that a tiny model can read text."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from fxslice.testing import char_tokenizer
 
-    vocab = {chr(i + 32): i for i in range(95)}
-    vocab["[UNK]"] = 95
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    return char_tokenizer()
 
 
 def _char_tokenizer(path) -> None:

@@ -4,10 +4,11 @@ from fxslice.testing.pass_checks import ExactPassReport, check_exact_pass, check
 from fxslice.testing.tiny_models import (
     TINY_CONFIGS,
     arithmetic_sequences,
+    char_tokenizer,
     perturb_norms,
     tiny_causal_lm,
     trained_tiny_causal_lm,
 )
 
-__all__ = ["TINY_CONFIGS", "ExactPassReport", "arithmetic_sequences", "check_exact_pass", "check_pass_leaves_alone",
+__all__ = ["TINY_CONFIGS", "ExactPassReport", "arithmetic_sequences", "char_tokenizer", "check_exact_pass", "check_pass_leaves_alone",
            "perturb_norms", "tiny_causal_lm", "trained_tiny_causal_lm"]

@@ -7,11 +7,13 @@ is adding a row, and nothing in fxslice depends on which family a model is.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import transformers
 from torch import nn
 
-__all__ = ["TINY_CONFIGS", "tiny_causal_lm", "perturb_norms", "arithmetic_sequences", "trained_tiny_causal_lm"]
+__all__ = ["TINY_CONFIGS", "char_tokenizer", "tiny_causal_lm", "perturb_norms", "arithmetic_sequences", "trained_tiny_causal_lm"]
 
 _COMMON = dict(vocab_size=128, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _ATTN = dict(num_attention_heads=4, num_hidden_layers=2)
@@ -112,3 +114,16 @@ def trained_tiny_causal_lm(name: str, *, steps: int = 150, seed: int = 0) -> nn.
         loss.backward()
         optimizer.step()
     return model.eval().requires_grad_(False)
+
+
+def char_tokenizer() -> Any:
+    """A character-level tokenizer over ids 0..95 (printable ASCII, then [UNK]), built offline, so that a tiny
+    model can read text; counting sequences of ids are runs of consecutive letters."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i + 32): i for i in range(95)}
+    vocab["[UNK]"] = 95
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
