@@ -178,6 +178,38 @@ def prune(
 
 
 @app.command()
+def quantize(
+    model: ModelArg = DEFAULT_MODEL,
+    bits: Annotated[int, typer.Option(help="bits of every linear of the body: 2, 3, 4, 5, 6 or 8")] = 4,
+    group_size: Annotated[int, typer.Option(min=1, help="columns sharing one scale and zero point")] = 64,
+    method: Annotated[str, typer.Option(help="gptq (calibrated, error-compensating) or rtn (round to nearest)")] = "gptq",
+    embeddings: Annotated[int, typer.Option(min=0, help="bits of token tables, a tied head with them (0: keep float)")] = 8,
+    head: Annotated[int, typer.Option(min=0, help="bits of an untied head (0: keep float)")] = 8,
+    out_dir: Annotated[Path, typer.Option("--out", help="new directory for the quantized model")] = Path("quantized"),
+    calibration: Annotated[str, typer.Option(help="calibration text: wikitext2:validation, a file, a dir, hf:NAME:SPLIT")] = "wikitext2:validation",
+    calib_windows: Annotated[int, typer.Option(min=1, help="number of calibration windows")] = 16,
+    calib_length: Annotated[int, typer.Option(min=2, help="tokens per calibration window")] = 512,
+    evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
+    eval_windows: Annotated[int | None, typer.Option(min=1, help="evaluate on the first N windows (default: all)")] = None,
+    eval_length: Annotated[int, typer.Option(min=2, help="tokens per evaluation window")] = 2048,
+    batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass (1 is fastest on a CPU)")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="seed for sampling calibration windows")] = 0,
+) -> None:
+    """Quantize MODEL's weights group-wise (GPTQ or round to nearest); the saved model stores packed integers
+    and its record the bytes, scales included. A preset of `fxslice compress`: cleanup -> quantize."""
+    from fxslice.passes.quantize.stages import Quantize
+    from fxslice.passes.rewrite.stages import Cleanup
+    from fxslice.recipes import Calibration
+
+    data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size)
+    stage = Quantize(bits=bits, group_size=group_size, method=method, embeddings=embeddings or None, head=head or None,
+                     batch_size=batch_size)
+    recipe = Recipe((Cleanup(), stage), data if method == "gptq" else None, name=f"quantize-{method}")
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
+              {"bits": bits, "group_size": group_size, "method": method})
+
+
+@app.command()
 def compress(
     recipe_file: Annotated[Path, typer.Option("--recipe", help="a recipe (YAML or JSON): calibration and stages")],
     model: ModelArg = DEFAULT_MODEL,
@@ -283,6 +315,10 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
         lines.append(f"perplexity   dense {ppl['dense']:.3f}   compressed {ppl.get('compressed', float('nan')):.3f}   "
                      f"({len(test)} windows of {eval_length} tokens, {evaluation})")
     for stage, stage_result in result.stages:
+        if stage.kind == "quantize":
+            report = stage_result.report
+            lines.append(f"bytes        {report['bytes']:,} ({report['bits_per_parameter']:.2f} bits per parameter, "
+                         "scales and float tensors included)")
         if stage.kind == "recover" and stage_result.report.get("held_out_before") is not None:
             report = stage_result.report
             lines.append(f"recovery     {report['steps']} steps, {report['tokens']:,} tokens: held-out loss "

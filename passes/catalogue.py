@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fxslice.core import InvalidOption, Pass, Program, as_pass
 from fxslice.core.imports import import_object
+from fxslice.passes.quantize.stages import Quantize
 from fxslice.passes.recovery import MergeAdapters
 from fxslice.passes.recovery.stages import Recover
 from fxslice.passes.rewrite import CausalAttention, CleanupIR, FuseRepeatKV, RemoveDeadGroups
@@ -68,7 +69,7 @@ class RunPasses(Stage):
 
 
 #: built-in stages by the name a recipe file gives them
-STAGES: dict[str, type[Stage]] = {s.kind: s for s in (Cleanup, SliceGPT, Rotate, Surgeon, Recover, FuseGQA, RunPasses)}
+STAGES: dict[str, type[Stage]] = {s.kind: s for s in (Cleanup, SliceGPT, Rotate, Surgeon, Recover, Quantize, FuseGQA, RunPasses)}
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -159,3 +159,16 @@ def test_cli_prune_then_recover_saves_a_model_of_the_pruned_size(tmp_path, tiny_
     bad = subprocess.run([*cmd[:-2], "--recover-text", "wikitext2:test", "--out", str(tmp_path / "o2")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "test split" in bad.stderr
+
+
+def test_recovery_on_its_own_text_needs_no_calibration_section(tiny, tmp_path):
+    from fxslice.testing import char_tokenizer
+
+    text = tmp_path / "letters.txt"
+    text.write_text("".join("abcdefghijklmnopqrstuvwxyz"[i % 26] for i in range(4000)))
+    _, program = tiny("llama")
+    program.tokenizer = char_tokenizer()
+    stage = Recover(rank=2, steps=2, batch_size=2, length=32, held_out=2, text=str(text))
+    assert not stage.calibrates and Recover(text="").calibrates
+    result = Recipe((stage,)).run(program)  # no calibration windows given
+    assert result.stages[0][1].report["training_windows"] == 4000 // 32 - 2

@@ -39,6 +39,7 @@ class Program:
     source: str = ""
     record: dict[str, Any] = field(default_factory=dict)  # what fxslice did to it (see fxslice.models.io)
     cache: Any = None  # a fxslice.models.kvcache.CacheLayout when the graph reads and writes a KV cache
+    quantized: dict[str, Any] = field(default_factory=dict)  # weight target -> fxslice.core.quantized.QuantizedWeight
     version: int = 0
     _analyses: dict[Callable, tuple[int, Any]] = field(default_factory=dict, repr=False)
 
@@ -86,6 +87,19 @@ class Program:
                     seen[id(value)] = value.numel()
         return sum(seen.values())
 
+    def num_bytes(self) -> int:
+        """Bytes of the weights the graph uses, as stored: quantized weights packed (scales and zero points
+        included), the rest in their dtype; a tied table once."""
+        packed = {id(G.tensor_of(self.gm, name)): q for name, q in self.quantized.items()}
+        seen: dict[int, int] = {}
+        for node in self.graph.nodes:
+            if node.op == "get_attr" and node.users:
+                value = G.tensor_of(self.gm, node)
+                if isinstance(value, nn.Parameter):
+                    q = packed.get(id(value))
+                    seen[id(value)] = q.nbytes if q is not None else value.numel() * value.element_size()
+        return sum(seen.values())
+
     def analysis(self, fn: Callable[[Program], T]) -> T:
         """Run the analysis `fn` once per graph version and cache its result."""
         cached = self._analyses.get(fn)
@@ -103,7 +117,7 @@ class Program:
     def clone(self) -> Program:
         """An independent copy (graph and weights)."""
         return Program(copy.deepcopy(self.gm), self.model_class, self.config, self.tokenizer, self.source,
-                       dict(self.record), cache=self.cache)
+                       dict(self.record), cache=self.cache, quantized=dict(self.quantized))
 
     def to(self, dtype: torch.dtype) -> Program:
         """A copy computing in `dtype`: weights converted and every float cast in the graph retargeted.

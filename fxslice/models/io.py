@@ -26,6 +26,7 @@ from torch import nn
 from fxslice.core.errors import CorruptModel, InvalidOption, SaveFailed
 from fxslice.core.graph import set_tensor, tensor_of
 from fxslice.core.program import Program, program_inputs
+from fxslice.core.quantized import QuantizedWeight
 from fxslice.models.kvcache import CacheLayout
 
 __all__ = ["save", "load", "check_output_dir", "RECORD", "WEIGHTS", "GRAPH"]
@@ -43,6 +44,22 @@ def _used_weights(program: Program) -> dict[str, torch.Tensor]:
             out[str(node.target)] = t.clone() if id(t) in seen else t.contiguous()
             seen.add(id(t))
     return out
+
+
+def _packed(program: Program, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Quantized weights as their packed integers, zero points and scales (`QuantizedWeight.tensors`), the rest
+    as they are; and the quantized weights' formats, for the record."""
+    by_id = {id(tensor_of(program.gm, name)): q for name, q in program.quantized.items()}
+    stored: dict[str, torch.Tensor] = {}
+    formats: dict[str, dict] = {}
+    for name, tensor in weights.items():
+        q = by_id.get(id(tensor_of(program.gm, name)))
+        if q is None:
+            stored[name] = tensor
+        else:
+            stored.update(q.tensors(name))
+            formats[name] = q.meta()
+    return stored, formats
 
 
 def _example_inputs(program: Program) -> tuple[tuple, tuple]:
@@ -111,6 +128,7 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
     check_output_dir(out)
     weights = _used_weights(program)
     graph = _graph_bytes(program, weights)  # in memory first: torch's zip writer aborts the process on a full disk
+    weights, quantized = _packed(program, weights)
     needed = sum(t.numel() * t.element_size() for t in weights.values()) + len(graph) + (32 << 20)
     free = shutil.disk_usage(out.parent).free
     if free < needed:
@@ -145,6 +163,8 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
             "dtype": str(program.dtype).replace("torch.", ""),
             "parameters": program.num_parameters(),
             "weights": {k: list(v.shape) for k, v in weights.items()},
+            "weight_bytes": sum(t.numel() * t.element_size() for t in weights.values()),
+            "quantized": quantized,
             "weights_sha256": _sha256(tmp / WEIGHTS),
             "graph_sha256": _sha256(tmp / GRAPH),
             "tokenizer_sha256": _tree_sha256(tmp / TOKENIZER) if (tmp / TOKENIZER).is_dir() else None,
@@ -197,6 +217,15 @@ def load(path: str | os.PathLike) -> Program:
     shapes = {k: list(v.shape) for k, v in weights.items()}
     if shapes != record.get("weights"):
         raise CorruptModel(f"the weights in {root / WEIGHTS} disagree with the shapes recorded in {RECORD}")
+    quantized = {}
+    for name, meta in (record.get("quantized") or {}).items():
+        try:
+            quantized[name] = QuantizedWeight.from_tensors(name, weights, meta)
+        except (KeyError, InvalidOption, RuntimeError) as exc:
+            raise CorruptModel(f"the quantized weight '{name}' in {root / WEIGHTS} cannot be read: {exc}") from None
+        for suffix in (".qweight", ".qzeros", ".scales"):
+            del weights[name + suffix]
+        weights[name] = quantized[name].dequantize()
     for key, name in (("graph_sha256", GRAPH), ("tokenizer_sha256", TOKENIZER)):
         if key not in record:
             continue  # saved before the record covered it
@@ -222,7 +251,8 @@ def load(path: str | os.PathLike) -> Program:
             raise CorruptModel(f"the graph {root / GRAPH} expects '{name}' as {tuple(val.shape)} {val.dtype}, "
                                f"{root / WEIGHTS} holds {tuple(value.shape)} {value.dtype}")
         set_tensor(gm, name, value)
-    program = Program(gm, record.get("model_class", "nn.Module"), record.get("config"), None, str(root), cache=layout)
+    program = Program(gm, record.get("model_class", "nn.Module"), record.get("config"), None, str(root), cache=layout,
+                      quantized=quantized)
     if program.num_parameters() != record.get("parameters"):
         raise CorruptModel(f"{root} holds {program.num_parameters()} parameters but its record says {record.get('parameters')}")
     if (root / TOKENIZER).is_dir():

@@ -17,7 +17,8 @@ import torch
 from torch import fx
 
 from fxslice import InvalidOption, Pass, PassResult, Program
-from fxslice.analysis.matchers import LinearUse, match_embedding, match_linear, value_of
+from fxslice.analysis.linears import weight_kinds
+from fxslice.analysis.matchers import LinearUse, match_linear
 from fxslice.core.graph import add_parameter, aten, drop_unused_weights, insert_op, set_role, set_tensor, tensor_of
 
 __all__ = ["Adapter", "InsertAdapters", "MergeAdapters", "adapters", "adaptable_linears", "add_low_rank",
@@ -40,36 +41,12 @@ class Adapter:
 def adaptable_linears(program: Program, *, head: bool = False) -> dict[str, list[LinearUse]]:
     """Per weight target, the linears that read it: 2-D weights only (batched expert weights are left alone),
     never a table an embedding also reads (a tied head: changing it would change the embedding), and the
-    linear that produces the logits (vocabulary-wide output) only with `head`."""
-    gm = program.gm
-    tables = {str(t.target) for n in program.graph.nodes if (t := match_embedding(gm, n)) is not None}
-    skip = tables if head else tables | {_head_weight(program)}
-    found: dict[str, list[LinearUse]] = {}
-    for node in program.graph.nodes:
-        use = match_linear(gm, node)
-        if use is None or any(n.meta.get("fxslice_role") == _ROLE for n in (node, use.input)):
-            continue
-        weight = value_of(use.weight)
-        target = str(use.weight.target)
-        if weight is None or weight.dim() != 2 or target in skip:
-            continue
-        found.setdefault(target, []).append(use)
+    linear that produces the logits only with `head`."""
+    kinds = weight_kinds(program, skip_role=_ROLE)
+    found = dict(kinds.linears)
+    if head and kinds.head is not None and kinds.head_uses:
+        found[kinds.head] = kinds.head_uses
     return found
-
-
-def _head_weight(program: Program) -> str | None:
-    """The weight of the linear that makes the logits: the first linear met walking back from the graph's
-    output through single-input ops (casts, views, a soft-capping tanh)."""
-    output = next(iter(program.graph.find_nodes(op="output")))
-    node = output.args[0][0] if isinstance(output.args[0], (tuple, list)) else output.args[0]
-    for _ in range(16):
-        if not isinstance(node, fx.Node) or node.op != "call_function":
-            return None
-        use = match_linear(program.gm, node)
-        if use is not None:
-            return str(use.weight.target)
-        node = node.args[0] if node.args else None
-    return None
 
 
 def adapters(program: Program) -> list[Adapter]:

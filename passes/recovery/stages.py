@@ -25,7 +25,6 @@ class Recover(Stage):
     needs = frozenset({CAPTURED})
     refuses = frozenset({QUANTIZED})
     provides = frozenset({RECOVERED})
-    calibrates = True
 
     rank: int = 8
     alpha: float = 16.0
@@ -54,6 +53,11 @@ class Recover(Stage):
         if self.text in ("wikitext2:test",):
             raise InvalidOption("recover: training on the test split would make every test figure meaningless; "
                                 "use wikitext2:validation or your own text")
+
+    @property
+    def calibrates(self) -> bool:  # type: ignore[override]
+        """Only without a text of its own does it need the recipe's calibration windows."""
+        return not self.text
 
     def windows(self, program: Program, context: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(training windows, held-out windows), shuffled with the seed."""

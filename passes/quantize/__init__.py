@@ -1,0 +1,7 @@
+"""Weight quantization: group-wise integer weights (round to nearest or GPTQ) stored packed, with the true
+size in bytes."""
+
+from fxslice.passes.quantize.gptq import gptq
+from fxslice.passes.quantize.quantize import QUANTIZERS, QuantizeWeights
+
+__all__ = ["QUANTIZERS", "QuantizeWeights", "gptq"]

@@ -1,0 +1,57 @@
+"""GPTQ (Frantar et al., ICLR 2023): quantize a matrix column by column, each column's rounding error spread
+over the columns not yet quantized through the inverse Hessian `H = Σ xxᵀ` of the linear's inputs — the
+second moment the calibration service collects for every linear anyway.
+
+Group grids are fitted when the loop reaches a group's first column, on the columns as updated so far (the
+reference implementation's default); blocks are whole groups, so a group never straddles two blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fxslice.core.quantized import QuantizedWeight, check_format, group_grid
+
+__all__ = ["gptq"]
+
+
+def gptq(m: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, damp: float = 0.01,
+         block: int = 128, transposed: bool = False, dtype: torch.dtype | None = None) -> QuantizedWeight:
+    """`m` [out, in] quantized against `h` [in, in]; `damp` is a fraction of the mean diagonal."""
+    check_format(bits, group_size)
+    out, cols = m.shape
+    w = m.detach().to(torch.float32).clone()
+    h = h.detach().to(torch.float32).clone()
+    dead = torch.diagonal(h) == 0  # inputs that are always zero: their weights cannot matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.diagonal(h).mean() * torch.eye(cols)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    groups = math.ceil(cols / group_size)
+    top = (1 << bits) - 1
+    scale = torch.ones(out, groups)
+    zero = torch.zeros(out, groups, dtype=torch.int64)
+    q = torch.zeros(out, cols, dtype=torch.int64)
+    block = max(group_size, block // group_size * group_size)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        chunk = w[:, start:end].clone()
+        errors = torch.zeros_like(chunk)
+        inv = inverse[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            g = column // group_size
+            if column % group_size == 0:
+                span = chunk[:, i: min(i + group_size, end - start)]
+                s, z = group_grid(span, bits)
+                scale[:, g], zero[:, g] = s, z.to(torch.int64)
+            s, z = scale[:, g], zero[:, g]
+            ints = (torch.round(chunk[:, i] / s) + z).clamp(0, top)
+            q[:, column] = ints.to(torch.int64)
+            error = (chunk[:, i] - (ints - z) * s) / inv[i, i]
+            chunk[:, i:] -= error[:, None] * inv[i, i:][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ inverse[start:end, end:]
+    return QuantizedWeight(bits, group_size, (out, cols), q, scale, zero, transposed, dtype or m.dtype)

@@ -1,0 +1,122 @@
+"""Weight quantization as one lossy pass: every chosen weight replaced by its group-wise integer form
+(`fxslice.core.quantized`), kept in `Program.quantized` for saving and dequantized once into the graph's own
+parameter, so the graph is unchanged and every later analysis still reads a float weight."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fxslice import InvalidOption, Pass, PassResult, Program
+from fxslice.analysis.linears import weight_kinds
+from fxslice.calibration.moments import linear_statistics
+from fxslice.core.graph import owner_of, set_tensor, tensor_of
+from fxslice.core.progress import progress_bar
+from fxslice.core.quantized import QuantizedWeight, check_format
+from fxslice.passes.quantize.gptq import gptq
+
+__all__ = ["QuantizeWeights", "ReplayQuantized", "QUANTIZERS"]
+
+QUANTIZERS = ("rtn", "gptq")
+
+
+def _aliases(program: Program, tensor: torch.Tensor) -> list[str]:
+    """Every get_attr target that reads `tensor` (a tied table may be read under two names)."""
+    return sorted({str(n.target) for n in program.graph.find_nodes(op="get_attr") if tensor_of(program.gm, n) is tensor})
+
+
+class QuantizeWeights(Pass):
+    """`bits` for the body's linears (one width, or a width per weight name), `head` for an untied head and
+    `embeddings` for token tables (a tied head with them); None leaves that kind in float. `method`: "rtn"
+    (round to nearest) or "gptq" (needs calibration `windows`; tables are always rounded: no Hessian covers
+    both their uses). Weights already quantized are left as they are."""
+
+    name = "quantize_weights"
+    exact = False
+
+    def __init__(self, bits: int | Mapping[str, int] = 4, *, group_size: int = 64, method: str = "rtn",
+                 windows: torch.Tensor | None = None, embeddings: int | None = 8, head: int | None = 8,
+                 damp: float = 0.01, batch_size: int = 1, progress: bool = False):
+        if method not in QUANTIZERS:
+            raise InvalidOption(f"quantize: method must be one of {QUANTIZERS}, got {method!r}")
+        if method == "gptq" and (windows is None or windows.dim() != 2 or windows.numel() == 0):
+            raise InvalidOption("quantize: GPTQ needs calibration windows (an [n, length] tensor of token ids)")
+        for width in ([*bits.values()] if isinstance(bits, Mapping) else [bits]) + [b for b in (embeddings, head) if b]:
+            check_format(width, group_size)
+        self.bits, self.group_size, self.method, self.windows = bits, group_size, method, windows
+        self.embeddings, self.head, self.damp = embeddings, head, damp
+        self.batch_size, self.progress = batch_size, progress
+        self.done: dict[str, QuantizedWeight] = {}  # what this pass quantized, for replay
+
+    def plan(self, program: Program) -> dict[str, tuple[int, bool]]:
+        """Weight name -> (bits, whether GPTQ may be used), for what this pass will quantize."""
+        kinds = weight_kinds(program)
+        body = self.bits if isinstance(self.bits, Mapping) else dict.fromkeys(kinds.linears, self.bits)
+        unknown = sorted(set(body) - set(kinds.linears) - {kinds.head} - set(kinds.tables))
+        if unknown:
+            raise InvalidOption(f"quantize: no linear reads {', '.join(unknown[:4])}; the body's linears are e.g. "
+                                f"{', '.join(list(kinds.linears)[:3])}")
+        plan = {name: (width, True) for name, width in body.items()}
+        if self.head and kinds.head is not None and kinds.head not in plan:
+            plan[kinds.head] = (self.head, True)
+        if self.embeddings:
+            plan.update({t: (plan.get(t, (self.embeddings,))[0], False) for t in kinds.tables
+                         if tensor_of(program.gm, t).dim() == 2})
+        return {name: spec for name, spec in plan.items() if name not in program.quantized}
+
+    def call(self, program: Program) -> PassResult:
+        plan = self.plan(program)
+        if not plan:
+            return PassResult(False)
+        kinds = weight_kinds(program)
+        uses = {**{n: u[0] for n, u in kinds.linears.items()}, **({kinds.head: kinds.head_uses[0]} if kinds.head_uses else {})}
+        stats = None
+        if self.method == "gptq":
+            targets = [n for n, (_, hessian) in plan.items() if hessian and n in uses]
+            stats = linear_statistics(program, self.windows, batch_size=self.batch_size, linears=targets,
+                                      progress=self.progress)
+        self.done = {}
+        for name in progress_bar(list(plan), f"quantizing ({self.method})", enabled=self.progress):
+            width, hessian = plan[name]
+            weight = tensor_of(program.gm, name)
+            transposed = name in uses and uses[name].out_axis % 2 != 0
+            m = weight.T if transposed else weight
+            if stats is not None and hessian and name in uses:
+                q = gptq(m, stats.A(name), width, self.group_size, damp=self.damp, transposed=transposed,
+                         dtype=weight.dtype)
+            else:
+                q = QuantizedWeight.from_matrix(m, width, self.group_size, transposed=transposed, dtype=weight.dtype)
+            _store(program, name, q)
+            self.done[name] = q
+        return PassResult(True, {"weights": len(plan), "bytes": program.num_bytes()})
+
+    def replay(self) -> Pass:
+        return ReplayQuantized(self.done)
+
+
+class ReplayQuantized(Pass):
+    """The integer weights a quantization chose, put into another capture of the same model (the KV-cache one)."""
+
+    name = "quantize_weights"
+    exact = False
+
+    def __init__(self, weights: Mapping[str, QuantizedWeight]):
+        self.weights = dict(weights)
+
+    def call(self, program: Program) -> PassResult:
+        for name, q in self.weights.items():
+            _store(program, name, q)
+        return PassResult(bool(self.weights))
+
+
+def _store(program: Program, name: str, q: QuantizedWeight) -> None:
+    """`q` dequantized into the parameter `name` (and every name that reads the same tensor: a tie stays one
+    tensor), and `q` itself into `program.quantized`."""
+    aliases = _aliases(program, tensor_of(program.gm, name))
+    set_tensor(program.gm, name, q.dequantize())
+    shared = tensor_of(program.gm, name)
+    for alias in aliases:
+        owner, attr = owner_of(program.gm, alias)
+        owner._parameters[attr] = shared
+    program.quantized[name] = q
