@@ -88,14 +88,14 @@ class Program:
         return sum(seen.values())
 
     def num_bytes(self) -> int:
-        """Bytes of the weights the graph uses, as stored: quantized weights packed (scales and zero points
-        included), the rest in their dtype; a tied table once."""
+        """Bytes of the tensors the graph reads, as stored: quantized weights packed (scales and zero points
+        included), the rest (buffers such as RoPE's frequencies too) in their dtype; a tied table once."""
         packed = {id(G.tensor_of(self.gm, name)): q for name, q in self.quantized.items()}
         seen: dict[int, int] = {}
         for node in self.graph.nodes:
             if node.op == "get_attr" and node.users:
                 value = G.tensor_of(self.gm, node)
-                if isinstance(value, nn.Parameter):
+                if isinstance(value, torch.Tensor):
                     q = packed.get(id(value))
                     seen[id(value)] = q.nbytes if q is not None else value.numel() * value.element_size()
         return sum(seen.values())

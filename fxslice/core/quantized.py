@@ -17,7 +17,7 @@ import torch
 
 from fxslice.core.errors import InvalidOption
 
-__all__ = ["QuantizedWeight", "pack_bits", "unpack_bits", "group_grid", "BITS"]
+__all__ = ["QuantizedWeight", "pack_bits", "unpack_bits", "group_grid", "packed_nbytes", "BITS"]
 
 #: bit widths a weight can take
 BITS = (2, 3, 4, 5, 6, 8)
@@ -87,8 +87,7 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes as stored: packed integers, packed zero points, float16 scales."""
-        out, cols = self.shape
-        return math.ceil(out * cols * self.bits / 8) + math.ceil(out * self.groups * self.bits / 8) + 2 * out * self.groups
+        return packed_nbytes(self.shape, self.bits, self.group_size)
 
     @classmethod
     def from_matrix(cls, m: torch.Tensor, bits: int, group_size: int, *, transposed: bool = False,
@@ -134,6 +133,13 @@ class QuantizedWeight:
             raise InvalidOption(f"'{name}': scales of shape {tuple(scale.shape)}, expected {(out, groups)}")
         return cls(bits, group_size, (out, cols), q, scale, zero, bool(meta["transposed"]),
                    getattr(torch, meta.get("dtype", "float32")))
+
+
+def packed_nbytes(shape: tuple[int, int], bits: int, group_size: int) -> int:
+    """Bytes of an [out, in] matrix stored at `bits` with `group_size` columns per float16 scale and zero point."""
+    out, cols = shape
+    groups = math.ceil(cols / group_size)
+    return math.ceil(out * cols * bits / 8) + math.ceil(out * groups * bits / 8) + 2 * out * groups
 
 
 def check_format(bits: int, group_size: int) -> None:

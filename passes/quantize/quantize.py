@@ -10,7 +10,7 @@ import torch
 
 from fxslice import InvalidOption, Pass, PassResult, Program
 from fxslice.analysis.linears import weight_kinds
-from fxslice.calibration.moments import linear_statistics
+from fxslice.calibration.moments import LinearStatistics, linear_statistics
 from fxslice.core.graph import owner_of, set_tensor, tensor_of
 from fxslice.core.progress import progress_bar
 from fxslice.core.quantized import QuantizedWeight, check_format
@@ -37,16 +37,17 @@ class QuantizeWeights(Pass):
 
     def __init__(self, bits: int | Mapping[str, int] = 4, *, group_size: int = 64, method: str = "rtn",
                  windows: torch.Tensor | None = None, embeddings: int | None = 8, head: int | None = 8,
-                 damp: float = 0.01, batch_size: int = 1, progress: bool = False):
+                 damp: float = 0.01, batch_size: int = 1, statistics: LinearStatistics | None = None,
+                 progress: bool = False):
         if method not in QUANTIZERS:
             raise InvalidOption(f"quantize: method must be one of {QUANTIZERS}, got {method!r}")
-        if method == "gptq" and (windows is None or windows.dim() != 2 or windows.numel() == 0):
+        if method == "gptq" and statistics is None and (windows is None or windows.dim() != 2 or windows.numel() == 0):
             raise InvalidOption("quantize: GPTQ needs calibration windows (an [n, length] tensor of token ids)")
         for width in ([*bits.values()] if isinstance(bits, Mapping) else [bits]) + [b for b in (embeddings, head) if b]:
             check_format(width, group_size)
         self.bits, self.group_size, self.method, self.windows = bits, group_size, method, windows
         self.embeddings, self.head, self.damp = embeddings, head, damp
-        self.batch_size, self.progress = batch_size, progress
+        self.batch_size, self.progress, self.statistics = batch_size, progress, statistics
         self.done: dict[str, QuantizedWeight] = {}  # what this pass quantized, for replay
 
     def plan(self, program: Program) -> dict[str, tuple[int, bool]]:
@@ -74,15 +75,15 @@ class QuantizeWeights(Pass):
         stats = None
         if self.method == "gptq":
             targets = [n for n, (_, hessian) in plan.items() if hessian and n in uses]
-            stats = linear_statistics(program, self.windows, batch_size=self.batch_size, linears=targets,
-                                      progress=self.progress)
+            stats = self.statistics or linear_statistics(program, self.windows, batch_size=self.batch_size,
+                                                         linears=targets, progress=self.progress)
         self.done = {}
         for name in progress_bar(list(plan), f"quantizing ({self.method})", enabled=self.progress):
             width, hessian = plan[name]
             weight = tensor_of(program.gm, name)
             transposed = name in uses and uses[name].out_axis % 2 != 0
             m = weight.T if transposed else weight
-            if stats is not None and hessian and name in uses:
+            if stats is not None and hessian and name in stats.inputs:
                 q = gptq(m, stats.A(name), width, self.group_size, damp=self.damp, transposed=transposed,
                          dtype=weight.dtype)
             else:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fxslice import InvalidOption, Program
 from fxslice.core.quantized import check_format
 from fxslice.passes.facts import CAPTURED, QUANTIZED
+from fxslice.passes.quantize.mixed import SEARCHES, search_allocation
 from fxslice.passes.quantize.quantize import QUANTIZERS, QuantizeWeights
 from fxslice.recipes import Stage, StageContext, StageResult
 
@@ -17,13 +18,13 @@ __all__ = ["Quantize"]
 class Quantize(Stage):
     """Every linear of the body to `bits` (group-wise, `group_size` columns per scale) by `method`; token tables
     (a tied head with them) to `embeddings` bits and an untied head to `head` bits (None: left in float). The
-    saved model stores packed integers; its record gives the bytes, scales included."""
+    saved model stores packed integers; its record gives the bytes, scales included. With `search`, the widths
+    come from a search under `budget_bits` (NUQ's multi-task GP, or a baseline), see `passes/quantize/mixed.py`."""
 
     kind = "quantize"
     needs = frozenset({CAPTURED})
     refuses = frozenset({QUANTIZED})
     provides = frozenset({QUANTIZED})
-    calibrates = True
 
     bits: int = 4
     group_size: int = 64
@@ -32,16 +33,43 @@ class Quantize(Stage):
     head: int | None = 8
     damp: float = 0.01
     batch_size: int = 1
+    # mixed precision: search="mtgp" (or the baselines "gp", "random") chooses per-linear widths instead of `bits`
+    search: str = "none"
+    budget_bits: float | None = None  # average bits per parameter of the whole model, tables and scales included
+    evaluations: int = 6  # expensive (GPTQ) evaluations
+    expensive_every: int = 4  # one expensive evaluation after every expensive_every - 1 cheap ones (mtgp)
+    cheap_windows: int = 4  # calibration windows the cheap (RTN) task is scored on
+    seed: int = 0
+    log: str = ""  # JSON-lines file of every evaluation; an existing one is resumed (mtgp)
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZERS:
             raise InvalidOption(f"quantize: method must be one of {QUANTIZERS}, got {self.method!r}")
         for width in (self.bits, *(b for b in (self.embeddings, self.head) if b is not None)):
             check_format(width, self.group_size)
+        if self.search not in ("none", *SEARCHES):
+            raise InvalidOption(f"quantize: search must be 'none' or one of {SEARCHES}, got {self.search!r}")
+        if self.search != "none" and (self.budget_bits is None or not 0 < self.budget_bits < 32):
+            raise InvalidOption(f"quantize: a search needs budget_bits (average bits per parameter, e.g. 4.0), got "
+                                f"{self.budget_bits!r}")
+        if self.search != "none" and (self.evaluations < 1 or self.expensive_every < 1 or self.cheap_windows < 1):
+            raise InvalidOption("quantize: evaluations, expensive_every and cheap_windows must be positive")
+
+    @property
+    def calibrates(self) -> bool:  # type: ignore[override]
+        return self.method == "gptq" or self.search != "none"
 
     def run(self, program: Program, context: StageContext) -> StageResult:
-        windows = context.windows(self.kind) if self.method == "gptq" else None
-        quantize = QuantizeWeights(self.bits, group_size=self.group_size, method=self.method, windows=windows,
+        windows = context.windows(self.kind) if self.calibrates else None
+        bits: int | dict[str, int] = self.bits
+        search = None
+        if self.search != "none":
+            bits, search, allocation = search_allocation(
+                program, windows, budget_bits=self.budget_bits, group_size=self.group_size,
+                embeddings=self.embeddings, head=self.head, search=self.search, evaluations=self.evaluations,
+                expensive_every=self.expensive_every, cheap_windows=self.cheap_windows, seed=self.seed,
+                log=self.log or None, progress=context.progress)
+        quantize = QuantizeWeights(bits, group_size=self.group_size, method=self.method, windows=windows,
                                    embeddings=self.embeddings, head=self.head, damp=self.damp,
                                    batch_size=self.batch_size, progress=context.progress)
         result = self.run_passes(program, [quantize], context)
@@ -49,4 +77,7 @@ class Quantize(Stage):
         result.report = {"bytes": program.num_bytes(), "parameters": params,
                          "bits_per_parameter": round(8 * program.num_bytes() / params, 4),
                          "weights": {name: q.bits for name, q in program.quantized.items()}}
+        if search is not None:
+            result.report["search"] = {**search.to_dict(), "budget_bits": self.budget_bits,
+                                       "depth_roles": list(zip(allocation.depth, allocation.roles, strict=True))}
         return result

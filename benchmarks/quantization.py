@@ -1,0 +1,86 @@
+"""Perplexity against bytes for weight quantization of SmolLM2-135M (dense, and optionally after pruning); one
+JSON object.
+
+    python benchmarks/quantization.py [--bits 8,4,3] [--methods rtn,gptq] [--group-size 64] [--embeddings 8]
+                                      [--calib-windows 16] [--calib-length 512] [--eval-windows 8]
+                                      [--prune 0.166 --shots 4]
+
+Bytes are the weights as stored (packed integers, float16 scales and zero points, float tensors in float32, the
+tied table once), from `Program.num_bytes()`, the figure a saved model's record gives. Calibration: WikiText-2
+validation (seed 0); evaluation: the first N windows of 2048 tokens of WikiText-2 test. Every model comes from
+one capture; `--prune` quantizes the Surgeon's pruned model as well (slice/prune -> quantize on one plane).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from fxslice import capture
+from fxslice.data import load_text, token_windows
+from fxslice.evaluation.perplexity import perplexity
+from fxslice.models.capture import load_model
+from fxslice.passes.presets import prune_recipe
+from fxslice.passes.quantize.stages import Quantize
+from fxslice.recipes import Recipe
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bits", default="8,4,3")
+    parser.add_argument("--methods", default="rtn,gptq")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--embeddings", type=int, default=8, help="bits of the (tied) token table; 0 keeps it float")
+    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--calib-length", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--prune", type=float, default=0.0, help="also quantize the Surgeon's model at this target")
+    parser.add_argument("--shots", type=int, default=4)
+    args = parser.parse_args()
+    model, tokenizer = load_model("smollm2")
+    dense = capture(model)
+    dense.tokenizer = tokenizer
+    calib = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length, count=args.calib_windows,
+                          seed=0)
+    test = token_windows(tokenizer, load_text("wikitext2:test"), 2048)[: args.eval_windows]
+    bases = [("dense", dense, 0.0)]
+    if args.prune:
+        pruned = dense.clone()
+        start = time.perf_counter()
+        prune_recipe(target=args.prune, shots=args.shots, batch_size=1).run(pruned, calibration=calib)
+        bases.append((f"surgeon {args.prune}", pruned, time.perf_counter() - start))
+    rows = []
+    for base_name, base, seconds in bases:
+        rows.append(_row(base_name, "float32", base, test, seconds, dense))
+        for bits in (int(b) for b in args.bits.split(",") if b):
+            for method in (m for m in args.methods.split(",") if m):
+                program = base.clone()
+                stage = Quantize(bits=bits, group_size=args.group_size, method=method,
+                                 embeddings=args.embeddings or None, head=args.embeddings or None)
+                start = time.perf_counter()
+                Recipe((stage,)).run(program, calibration=calib)
+                rows.append(_row(base_name, f"{method} {bits}-bit", program, test, time.perf_counter() - start, dense))
+    print(json.dumps({
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
+        "group_size": args.group_size, "embedding_bits": args.embeddings or None,
+        "calibration": {"text": "wikitext2:validation", "windows": args.calib_windows, "length": args.calib_length},
+        "evaluation": {"text": "wikitext2:test", "windows": len(test), "length": 2048},
+        "threads": torch.get_num_threads(), "results": rows,
+    }, indent=1))
+
+
+def _row(base: str, weights: str, program, test: torch.Tensor, seconds: float, dense) -> dict:
+    row = {"model": base, "weights": weights, "parameters": program.num_parameters(), "bytes": program.num_bytes(),
+           "bytes_vs_dense_float32": round(program.num_bytes() / dense.num_bytes(), 4),
+           "bits_per_parameter": round(8 * program.num_bytes() / program.num_parameters(), 3),
+           "perplexity": perplexity(program, test), "seconds": round(seconds, 1)}
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+if __name__ == "__main__":
+    main()

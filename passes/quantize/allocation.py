@@ -1,0 +1,80 @@
+"""NUQ's search space for a language model: bits per linear from a few numbers, not one number per linear.
+
+Every linear of the body sits at a depth `t` in [0, 1] (its position in the graph's execution order among the
+body's linears: no layer names needed) and has a role — attention (its rows or columns belong to head groups) or
+MLP (everything else). A point `x` in [0, 1]^4 gives two straight lines over depth, one per role (start, end),
+and a linear's level `f(t)` picks its width from `BITS` (NUQ's `BezierLinear`, once per role). The model's size
+in bytes is known exactly for every `x` without quantizing anything, so a byte budget is a constraint on `x`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fxslice import Program, UnsupportedStructure
+from fxslice.analysis.groups import group_analysis
+from fxslice.analysis.linears import weight_kinds
+from fxslice.core.graph import tensor_of
+from fxslice.core.quantized import BITS, packed_nbytes
+
+__all__ = ["BitAllocation"]
+
+
+@dataclass(frozen=True)
+class BitAllocation:
+    names: tuple[str, ...]
+    depth: tuple[float, ...]
+    roles: tuple[str, ...]  # "attention" or "mlp"
+    shapes: tuple[tuple[int, int], ...]  # each matrix's [out, in]
+    fixed_bytes: int  # everything the allocation does not decide (tables at their own width, norms, biases)
+    group_size: int
+    choices: tuple[int, ...] = BITS
+
+    dim = 4  # (attention start, attention end, MLP start, MLP end)
+
+    @classmethod
+    def of(cls, program: Program, *, group_size: int, embeddings: int | None, head: int | None) -> BitAllocation:
+        kinds = weight_kinds(program)
+        order = {n: i for i, n in enumerate(program.graph.nodes)}
+        names = sorted(kinds.linears, key=lambda w: order[kinds.linears[w][0].node])
+        try:
+            attention = {u.weight for g in program.analysis(group_analysis).by_kind("heads") for u in g.units}
+        except UnsupportedStructure:
+            attention = set()
+        shapes = []
+        for name in names:
+            use = kinds.linears[name][0]
+            w = tensor_of(program.gm, name)
+            shapes.append((w.shape[use.out_axis], w.shape[use.in_axis]))
+        fixed, seen = 0, set(names)
+        for node in program.graph.find_nodes(op="get_attr"):
+            target = str(node.target)
+            if not node.users or target in seen:
+                continue
+            seen.add(target)
+            w = tensor_of(program.gm, target)
+            width = embeddings if target in kinds.tables else head if target == kinds.head else None
+            fixed += packed_nbytes(tuple(w.shape), width, group_size) if width and w.dim() == 2 else w.numel() * w.element_size()
+        depth = [i / max(1, len(names) - 1) for i in range(len(names))]
+        return cls(tuple(names), tuple(depth), tuple("attention" if n in attention else "mlp" for n in names),
+                   tuple(shapes), fixed, group_size)
+
+    def widths(self, x: list[float]) -> dict[str, int]:
+        """Bits per linear at the point `x`."""
+        out = {}
+        for name, t, role in zip(self.names, self.depth, self.roles, strict=True):
+            start, end = (x[0], x[1]) if role == "attention" else (x[2], x[3])
+            level = min(max(start + (end - start) * t, 0.0), 1.0)
+            out[name] = self.choices[min(int(level * len(self.choices)), len(self.choices) - 1)]
+        return out
+
+    def nbytes(self, x: list[float]) -> int:
+        """The model's bytes at `x`: what `Program.num_bytes()` will say after quantizing with these widths."""
+        widths = self.widths(x)
+        return self.fixed_bytes + sum(packed_nbytes(shape, widths[name], self.group_size)
+                                      for name, shape in zip(self.names, self.shapes, strict=True))
+
+    def uniform(self, bits: int) -> list[float]:
+        """A point that gives every linear `bits`."""
+        level = (self.choices.index(bits) + 0.5) / len(self.choices)
+        return [level] * self.dim

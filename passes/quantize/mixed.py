@@ -1,0 +1,115 @@
+"""Mixed-precision allocation by search: the fidelities post-training quantization really has, under a byte budget.
+
+Cheap task: round to nearest, scored on the first `cheap_windows` windows. Expensive task: GPTQ (the input
+moments collected once, shared by every evaluation), scored on all windows. The score is minus the mean
+next-token loss. Each evaluation quantizes a copy of the program; the bytes of a point are known beforehand
+(`BitAllocation.nbytes`), so only points within the budget are ever evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fxslice import InvalidOption, PassManager, Program
+from fxslice.analysis.linears import weight_kinds
+from fxslice.calibration.gradients import mean_loss
+from fxslice.calibration.moments import linear_statistics
+from fxslice.passes.quantize.allocation import BitAllocation
+from fxslice.passes.quantize.quantize import QuantizeWeights
+from fxslice.passes.quantize.search import (
+    EXPENSIVE,
+    Evaluation,
+    SearchResult,
+    multitask_search,
+    random_search,
+    single_task_search,
+)
+
+__all__ = ["SEARCHES", "search_allocation"]
+
+SEARCHES = ("mtgp", "gp", "random")
+
+
+def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: float, group_size: int,
+                      embeddings: int | None, head: int | None, search: str = "mtgp", evaluations: int = 6,
+                      expensive_every: int = 4, cheap_windows: int = 4, seed: int = 0, log: str | Path | None = None,
+                      progress: bool = False) -> tuple[dict[str, int], SearchResult, BitAllocation]:
+    """Widths per linear that keep the whole model within `budget_bits` per parameter on average (tables,
+    scales and float tensors included), found by `search` with `evaluations` expensive evaluations."""
+    if search not in SEARCHES:
+        raise InvalidOption(f"quantize: search must be one of {SEARCHES}, got {search!r}")
+    allocation = BitAllocation.of(program, group_size=group_size, embeddings=embeddings, head=head)
+    budget = budget_bits * program.num_parameters() / 8
+    smallest = allocation.nbytes([0.0] * allocation.dim)
+    if smallest > budget:
+        raise InvalidOption(f"quantize: {budget_bits} bits per parameter is below the smallest allocation "
+                            f"({8 * smallest / program.num_parameters():.2f} with every linear at "
+                            f"{allocation.choices[0]} bits and tables at {embeddings}); raise the budget or lower "
+                            "--embeddings")
+    untied = weight_kinds(program).head
+    observed = [*allocation.names, *([untied] if head and untied else [])]
+    statistics = linear_statistics(program, windows, linears=observed, progress=progress)
+    cheap = windows[: max(1, cheap_windows)]
+    batches = {0: list(cheap.split(1)), 1: list(windows.split(1))}
+
+    def objective(x: list[float], task: int) -> tuple[float, dict[str, Any]]:
+        candidate = program.clone()
+        widths = allocation.widths(x)
+        method = "gptq" if task == EXPENSIVE else "rtn"
+        PassManager([QuantizeWeights(widths, group_size=group_size, method=method, statistics=statistics,
+                                     embeddings=embeddings, head=head)]).run(candidate)
+        nbytes = candidate.num_bytes()
+        return -mean_loss(candidate, batches[task]), {
+            "bytes": nbytes, "bits_per_parameter": round(8 * nbytes / candidate.num_parameters(), 4),
+            "widths": _histogram(widths)}
+
+    history, record = _resume(log, search, budget_bits, group_size, seed)
+
+    def feasible(x: list[float]) -> bool:
+        return allocation.nbytes(x) <= budget
+
+    common = dict(seed=seed, feasible=feasible, progress=progress, on_evaluation=record)
+    if search == "mtgp":
+        result = multitask_search(objective, allocation.dim, expensive=evaluations, expensive_every=expensive_every,
+                                  history=history, **common)
+    elif search == "gp":
+        result = single_task_search(objective, allocation.dim, expensive=evaluations, **common)
+    else:
+        result = random_search(objective, allocation.dim, expensive=evaluations, **common)
+    return allocation.widths(result.best), result, allocation
+
+
+def _histogram(widths: dict[str, int]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for bits in widths.values():
+        counts[str(bits)] = counts.get(str(bits), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _resume(log: str | Path | None, search: str, budget_bits: float, group_size: int, seed: int):
+    """Earlier evaluations from the JSON-lines `log` (when it was written by the same search), and a function
+    that appends each new one."""
+    if not log:
+        return [], None
+    path = Path(log)
+    header = {"search": search, "budget_bits": budget_bits, "group_size": group_size, "seed": seed}
+    history: list[Evaluation] = []
+    if path.exists():
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not lines or lines[0] != header:
+            raise InvalidOption(f"{path} holds another search ({lines[0] if lines else 'nothing'}); give a new --log")
+        history = [Evaluation(**entry) for entry in lines[1:]]
+        if history and search != "mtgp":
+            raise InvalidOption(f"{path}: only the mtgp search resumes from a log; give a new --log")
+    else:
+        path.write_text(json.dumps(header) + "\n")
+
+    def record(evaluation: Evaluation) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(evaluation.__dict__) + "\n")
+
+    return history, record
