@@ -4,11 +4,14 @@ JSON object.
     python benchmarks/quantization.py [--bits 8,4,3] [--methods rtn,gptq] [--group-size 64] [--embeddings 8]
                                       [--calib-windows 16] [--calib-length 512] [--eval-windows 8]
                                       [--prune 0.166 --shots 4]
+                                      [--search mtgp,gp,random --budget-bits 4.0 --evaluations 6 --seeds 0]
 
 Bytes are the weights as stored (packed integers, float16 scales and zero points, float tensors in float32, the
 tied table once), from `Program.num_bytes()`, the figure a saved model's record gives. Calibration: WikiText-2
 validation (seed 0); evaluation: the first N windows of 2048 tokens of WikiText-2 test. Every model comes from
 one capture; `--prune` quantizes the Surgeon's pruned model as well (slice/prune -> quantize on one plane).
+`--search` runs the mixed-precision searches at `--budget-bits` (default: the bits per parameter of uniform 4-bit
+GPTQ, so the comparison is at its bytes) with the same number of expensive evaluations each, and draws them.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--prune", type=float, default=0.0, help="also quantize the Surgeon's model at this target")
     parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--search", default="", help="searches to compare: mtgp,gp,random")
+    parser.add_argument("--budget-bits", type=float, default=0.0, help="0: uniform 4-bit GPTQ's bits per parameter")
+    parser.add_argument("--evaluations", type=int, default=6, help="expensive evaluations per search")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--plot", default="quantization-search.png")
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2")
     dense = capture(model)
@@ -64,12 +72,30 @@ def main() -> None:
                 start = time.perf_counter()
                 Recipe((stage,)).run(program, calibration=calib)
                 rows.append(_row(base_name, f"{method} {bits}-bit", program, test, time.perf_counter() - start, dense))
+    searches = []
+    for search in (s for s in args.search.split(",") if s):
+        budget = args.budget_bits or next(r["bits_per_parameter"] for r in rows
+                                          if r["model"] == "dense" and r["weights"] == "gptq 4-bit")
+        for seed in (int(s) for s in args.seeds.split(",")):
+            program = dense.clone()
+            stage = Quantize(search=search, budget_bits=budget, group_size=args.group_size, method="gptq",
+                             embeddings=args.embeddings or None, head=args.embeddings or None,
+                             evaluations=args.evaluations, seed=seed)
+            start = time.perf_counter()
+            result = Recipe((stage,)).run(program, calibration=calib, progress=sys.stderr.isatty())
+            row = _row("dense", f"{search} search at {budget:.3f} bits", program, test, time.perf_counter() - start, dense)
+            report = result.stages[0][1].report
+            row.update({"search": search, "seed": seed, "budget_bits": budget, "best": report["search"]["best"],
+                        "widths": _histogram(report["weights"]), "evaluations": report["search"]["evaluations"]})
+            searches.append(row)
+    if searches and args.plot:
+        _plot(searches, rows, args.plot)
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
         "group_size": args.group_size, "embedding_bits": args.embeddings or None,
         "calibration": {"text": "wikitext2:validation", "windows": args.calib_windows, "length": args.calib_length},
         "evaluation": {"text": "wikitext2:test", "windows": len(test), "length": 2048},
-        "threads": torch.get_num_threads(), "results": rows,
+        "threads": torch.get_num_threads(), "results": rows, "searches": searches,
     }, indent=1))
 
 
@@ -80,6 +106,53 @@ def _row(base: str, weights: str, program, test: torch.Tensor, seconds: float, d
            "perplexity": perplexity(program, test), "seconds": round(seconds, 1)}
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
+
+
+def _histogram(bits: dict[str, int]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for width in bits.values():
+        counts[str(width)] = counts.get(str(width), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _plot(searches: list[dict], rows: list[dict], path: str) -> None:
+    """Left: every evaluation of every search (validation loss against bits per parameter, cheap hollow);
+    right: the final models' test perplexity against bytes, with the uniform quantizations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {"mtgp": "tab:blue", "gp": "tab:orange", "random": "tab:green"}
+    for row in searches:
+        for task, marker in ((0, "o"), (1, "s")):
+            points = [(e["info"]["bits_per_parameter"], -e["value"]) for e in row["evaluations"] if e["task"] == task]
+            if points:
+                left.scatter(*zip(*points, strict=True), marker=marker, s=22, color=colours.get(row["search"]),
+                             facecolors="none" if task == 0 else colours.get(row["search"]),
+                             label=f"{row['search']} ({'RTN, few windows' if task == 0 else 'GPTQ'})")
+    left.axvline(searches[0]["budget_bits"], color="grey", linestyle=":", label="budget")
+    left.set_xlabel("bits per parameter (tables, scales, float tensors included)")
+    left.set_ylabel("validation loss (nats)")
+    left.set_title("search evaluations")
+    handles, labels = left.get_legend_handles_labels()
+    left.legend(dict(zip(labels, handles, strict=True)).values(), dict(zip(labels, handles, strict=True)).keys(),
+                fontsize=7)
+    for row in rows:
+        if row["model"] == "dense" and row["weights"] != "float32":
+            right.scatter(row["bytes"] / 2**20, row["perplexity"], color="black", marker="x")
+            right.annotate(row["weights"], (row["bytes"] / 2**20, row["perplexity"]), fontsize=7)
+    for row in searches:
+        right.scatter(row["bytes"] / 2**20, row["perplexity"], color=colours.get(row["search"]), marker="*", s=80,
+                      label=f"{row['search']} (seed {row['seed']})")
+    right.set_xlabel("MiB as stored")
+    right.set_ylabel("WikiText-2 test perplexity")
+    right.set_yscale("log")
+    right.set_title("SmolLM2-135M: quantized models")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -35,23 +35,24 @@ def gptq(m: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, damp: 
     zero = torch.zeros(out, groups, dtype=torch.int64)
     q = torch.zeros(out, cols, dtype=torch.int64)
     block = max(group_size, block // group_size * group_size)
+    wt = w.T.contiguous()  # [in, out]: a column of W is a contiguous row here, and updates are rank-1 BLAS calls
     for start in range(0, cols, block):
         end = min(start + block, cols)
-        chunk = w[:, start:end].clone()
+        chunk = wt[start:end].clone()
         errors = torch.zeros_like(chunk)
         inv = inverse[start:end, start:end]
         for i in range(end - start):
             column = start + i
             g = column // group_size
             if column % group_size == 0:
-                span = chunk[:, i: min(i + group_size, end - start)]
+                span = chunk[i: min(i + group_size, end - start)].T
                 s, z = group_grid(span, bits)
                 scale[:, g], zero[:, g] = s, z.to(torch.int64)
             s, z = scale[:, g], zero[:, g]
-            ints = (torch.round(chunk[:, i] / s) + z).clamp(0, top)
+            ints = (torch.round(chunk[i] / s) + z).clamp_(0, top)
             q[:, column] = ints.to(torch.int64)
-            error = (chunk[:, i] - (ints - z) * s) / inv[i, i]
-            chunk[:, i:] -= error[:, None] * inv[i, i:][None, :]
-            errors[:, i] = error
-        w[:, end:] -= errors @ inverse[start:end, end:]
+            error = (chunk[i] - (ints - z) * s) / inv[i, i]
+            chunk[i:].addr_(inv[i, i:], error, alpha=-1)
+            errors[i] = error
+        wt[end:] -= inverse[start:end, end:].T @ errors
     return QuantizedWeight(bits, group_size, (out, cols), q, scale, zero, transposed, dtype or m.dtype)
