@@ -352,9 +352,9 @@ def eval_(
 
     task_list = [t for t in tasks.split(",") if t]
     if task_list:
-        from fxslice.evaluation.harness import _lm_eval
+        from fxslice.evaluation.harness import require_lm_eval
 
-        _lm_eval()  # a missing lm-eval is said before the model loads
+        require_lm_eval()  # a missing lm-eval is said before the model loads
     with err.status(f"loading {model_dir} ..."):
         program = load(model_dir)
     figures: dict = {"model": str(model_dir), "parameters": program.num_parameters()}

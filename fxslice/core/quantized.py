@@ -17,7 +17,7 @@ import torch
 
 from fxslice.core.errors import InvalidOption
 
-__all__ = ["QuantizedWeight", "pack_bits", "unpack_bits", "group_grid", "packed_nbytes", "BITS"]
+__all__ = ["QuantizedWeight", "pack_bits", "unpack_bits", "group_grid", "packed_nbytes", "check_format", "BITS"]
 
 #: bit widths a weight can take
 BITS = (2, 3, 4, 5, 6, 8)

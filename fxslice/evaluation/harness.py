@@ -19,13 +19,13 @@ from fxslice.core.program import Program
 from fxslice.evaluation.generate import generate
 from fxslice.evaluation.scoring import continuation_logprobs, rolling_logprob
 
-__all__ = ["FxsliceLM", "evaluate_tasks", "BUILTIN_TASKS"]
+__all__ = ["FxsliceLM", "evaluate_tasks", "make_lm", "require_lm_eval", "BUILTIN_TASKS"]
 
 #: tasks this package carries (their YAML and data), found without a download
 BUILTIN_TASKS = Path(__file__).parent / "tasks"
 
 
-def _lm_eval() -> Any:
+def require_lm_eval() -> Any:
     try:
         import lm_eval
         import lm_eval.api.model
@@ -41,7 +41,7 @@ def _max_length(program: Program, max_length: int | None) -> int:
 
 def make_lm(program: Program, *, batch_size: int = 8, max_length: int | None = None) -> Any:
     """An lm-eval `TemplateLM` over `program` (built on first use, so that lm-eval stays optional)."""
-    lm_eval = _lm_eval()
+    lm_eval = require_lm_eval()
     if program.tokenizer is None:
         raise InvalidOption("zero-shot tasks read text: the model needs a tokenizer")
 
@@ -96,7 +96,7 @@ FxsliceLM = make_lm  # the adapter's public name: call it with a Program
 def evaluate_tasks(program: Program, tasks: list[str], *, include: list[str | Path] = (), limit: int | None = None,
                    num_fewshot: int | None = None, batch_size: int = 8, seed: int = 0) -> dict[str, dict[str, float]]:
     """Run lm-eval's `tasks` on `program`; per task, its metrics (e.g. `acc`, `acc_norm`, with `_stderr`)."""
-    lm_eval = _lm_eval()
+    lm_eval = require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     paths = [str(BUILTIN_TASKS), *(str(p) for p in include)]

@@ -23,7 +23,7 @@ import torch
 from fxslice import InvalidOption
 from fxslice.core.progress import StepProgress
 
-__all__ = ["Evaluation", "SearchResult", "multitask_search", "single_task_search", "random_search", "candidates"]
+__all__ = ["CHEAP", "EXPENSIVE", "Evaluation", "SearchResult", "multitask_search", "single_task_search", "random_search", "candidates"]
 
 CHEAP, EXPENSIVE = 0, 1
 
