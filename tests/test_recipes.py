@@ -1,6 +1,7 @@
 """Recipes: stages validated up front, written and read back exactly, run like the passes they drive,
 and recorded in the saved model."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -207,3 +208,19 @@ def test_cli_slice_is_the_preset_and_writes_its_recipe(tmp_path, tiny_model_dir)
     recipe = load_recipe(saved)
     assert recipe == slicegpt_recipe(sparsity=0.25, calibration=Calibration(windows=4, length=48))
     assert Recipe.from_dict(json.loads((out / "fxslice.json").read_text())["recipe"], STAGES) == recipe
+
+
+def test_the_prune_recover_quantize_example_runs_and_shrinks_bytes(tiny):
+    from fxslice.testing import char_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "examples" / "compress.yaml")
+    assert [s.kind for s in recipe.stages] == ["cleanup", "surgeon", "recover", "quantize", "fuse_gqa"]
+    stages = tuple(dataclasses.replace(s, steps=3) if s.kind == "recover" else s for s in recipe.stages)
+    _, program = tiny("llama")
+    program.tokenizer = char_tokenizer()
+    dense_bytes = program.num_bytes()
+    result = Recipe(stages).run(program, calibration=CALIBRATION)
+    assert result.parameters < 0.9 * result.dense_parameters
+    assert program.num_bytes() < dense_bytes / 4 and program.quantized
+    assert len(result.stages[2][1].report["losses"]) == 3
