@@ -156,3 +156,15 @@ def test_cli_quantize_saves_packed_weights_that_reload_and_generate(tmp_path, ti
     generated = subprocess.run([sys.executable, "-m", "fxslice.cli", "generate", str(out), "abc", "--max-new-tokens", "4"],
                                capture_output=True, text=True)
     assert generated.returncode == 0, generated.stderr[-2000:]
+
+
+def test_a_weight_changed_after_quantizing_is_not_saved_as_its_stale_integers(tiny, tmp_path):
+    from fxslice.core.graph import set_tensor, tensor_of
+
+    _, program = tiny("llama")
+    PassManager([QuantizeWeights(4, group_size=16)]).run(program)
+    name = next(iter(program.quantized))
+    set_tensor(program.gm, name, tensor_of(program.gm, name) * 1.01)
+    with pytest.raises(InvalidOption, match="changed after it was quantized"):
+        save(program, tmp_path / "stale")
+    assert not (tmp_path / "stale").exists()

@@ -56,6 +56,9 @@ def _packed(program: Program, weights: dict[str, torch.Tensor]) -> tuple[dict[st
         q = by_id.get(id(tensor_of(program.gm, name)))
         if q is None:
             stored[name] = tensor
+        elif not torch.equal(q.dequantize(), tensor):
+            raise InvalidOption(f"'{name}' was changed after it was quantized, so its integers no longer describe it; "
+                                "quantize last (the built-in lossy stages refuse a quantized model) or quantize again")
         else:
             stored.update(q.tensors(name))
             formats[name] = q.meta()
