@@ -58,7 +58,7 @@ def _packed(program: Program, weights: dict[str, torch.Tensor]) -> tuple[dict[st
             stored[name] = tensor
         elif not torch.equal(q.dequantize(), tensor):
             raise InvalidOption(f"'{name}' was changed after it was quantized, so its integers no longer describe it; "
-                                "quantize last (the built-in lossy stages refuse a quantized model) or quantize again")
+                                "quantize last (the built-in lossy stages refuse a quantized model)")
         else:
             stored.update(q.tensors(name))
             formats[name] = q.meta()
