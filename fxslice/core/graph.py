@@ -29,6 +29,7 @@ __all__ = [
     "role_of",
     "mutates",
     "drop_unused_weights",
+    "retarget_device",
 ]
 
 aten = torch.ops.aten
@@ -117,6 +118,24 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
         if _is_float_dtype(node.kwargs.get("dtype")):
             node.kwargs = {**node.kwargs, "dtype": dtype}
     refresh_vals(gm)
+    gm.recompile()
+
+
+def retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
+    """Move every parameter and buffer to `device`, and make every op that names a device (factory ops such as
+    `arange` and `full`, device casts, metadata asserts) name `device` instead of the one it was captured on."""
+    for module in gm.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is not None and t.device != device:
+                    moved = t.detach().to(device)
+                    store[name] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        node.args = tuple(device if isinstance(a, torch.device) else a for a in node.args)
+        if isinstance(node.kwargs.get("device"), (torch.device, str)):
+            node.kwargs = {**node.kwargs, "device": device}
     gm.recompile()
 
 

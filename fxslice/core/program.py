@@ -119,14 +119,26 @@ class Program:
         return Program(copy.deepcopy(self.gm), self.model_class, self.config, self.tokenizer, self.source,
                        dict(self.record), cache=self.cache, quantized=dict(self.quantized))
 
-    def to(self, dtype: torch.dtype) -> Program:
-        """A copy computing in `dtype`: weights converted and every float cast in the graph retargeted.
+    def to(self, *target: torch.device | torch.dtype | str, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> Program:
+        """A copy on `device` and/or computing in `dtype` (given as in `torch.Tensor.to`: `to("cuda")`,
+        `to(torch.bfloat16)`, `to("cuda", torch.bfloat16)`); the program itself is left as it is.
 
-        HF models cast to float32 inside their norms; a float64 check must lift those casts too,
-        or it measures float32 round-off instead of the passes.
+        Weights move and convert, and so does the graph: every float cast is retargeted to `dtype` (HF models cast
+        to float32 inside their norms; a float64 check must lift those casts too, or it measures float32 round-off
+        instead of the passes), and every op that creates a tensor (`arange`, `full`, ...) creates it on
+        `device`, so that no tensor of the captured device is left in the computation.
         """
+        for item in target:
+            if isinstance(item, torch.dtype):
+                dtype = item
+            else:
+                device = item
         out = self.clone()
-        G.retarget_float_casts(out.gm, dtype)
+        if dtype is not None:
+            G.retarget_float_casts(out.gm, dtype)
+        if device is not None:
+            G.retarget_device(out.gm, torch.device(device))
         return out
 
     def probe_input(self, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:

@@ -56,7 +56,7 @@ def _packed(program: Program, weights: dict[str, torch.Tensor]) -> tuple[dict[st
         q = by_id.get(id(tensor_of(program.gm, name)))
         if q is None:
             stored[name] = tensor
-        elif not torch.equal(q.dequantize(), tensor):
+        elif not torch.equal(q.dequantize(), tensor.detach().cpu()):
             raise InvalidOption(f"'{name}' was changed after it was quantized, so its integers no longer describe it; "
                                 "quantize last (the built-in lossy stages refuse a quantized model)")
         else:
