@@ -65,3 +65,12 @@ def test_to_takes_device_and_dtype_as_torch_does(tiny):
     both = program.to("meta", torch.float64)
     assert {(p.device.type, p.dtype) for p in both.gm.parameters()} == {("meta", torch.float64)}
     assert program.to(dtype=torch.float64)(program.probe_input()).dtype == torch.float64
+
+
+def test_a_kv_cache_program_moves_with_its_cache():
+    from fxslice.models.kvcache import capture_cached
+
+    moved = capture_cached(tiny_causal_lm("llama")).to("meta")
+    ids = torch.zeros(1, 5, dtype=torch.long, device="meta")
+    kv = moved.cache.allocate(1, 8, moved.dtype, torch.device("meta"))
+    assert devices_computed(moved, ids, torch.tensor(0, device="meta"), *kv) == {"meta"}
