@@ -329,6 +329,27 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
     out.print("\n".join(lines), highlight=False, markup=False)
 
 
+@app.command(name="export")
+def export_(
+    model_dir: Annotated[Path, typer.Argument(help="a directory written by `fxslice slice` / `prune` / `quantize` / `compress`")],
+    path: Annotated[Path, typer.Option("--out", help="the file to write")],
+    format_: Annotated[str, typer.Option("--format", help="pt2: one torch.export archive, weights inside")] = "pt2",
+) -> None:
+    """Export a saved model to a file that loads without fxslice (`torch.export.load(path).module()`)."""
+    from fxslice.models.export import FORMATS, export_pt2
+    from fxslice.models.io import load
+
+    if format_ not in FORMATS:
+        raise InvalidOption(f"--format must be one of {', '.join(FORMATS)}, got {format_!r}")
+    with err.status(f"loading {model_dir} ..."):
+        program = load(model_dir)  # checksums verified: an edited or truncated model is refused here
+    with err.status(f"exporting to {path} ..."):
+        export_pt2(program, path)
+    inputs = "(input_ids, past_length, *kv)" if program.cache is not None else "(input_ids)"
+    out.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): torch.export.load(path).module(){inputs} -> logits",
+              highlight=False, markup=False)
+
+
 @app.command(name="eval")
 def eval_(
     model_dir: Annotated[Path, typer.Argument(help="a directory written by `fxslice slice` / `prune` / `compress`")],

@@ -29,7 +29,7 @@ from fxslice.core.program import Program, program_inputs
 from fxslice.core.quantized import QuantizedWeight
 from fxslice.models.kvcache import CacheLayout
 
-__all__ = ["save", "load", "check_output_dir", "RECORD", "WEIGHTS", "GRAPH"]
+__all__ = ["save", "load", "check_output_dir", "example_inputs", "RECORD", "WEIGHTS", "GRAPH"]
 
 RECORD, WEIGHTS, GRAPH, TOKENIZER = "fxslice.json", "model.safetensors", "graph.pt2", "tokenizer"
 
@@ -65,7 +65,7 @@ def _packed(program: Program, weights: dict[str, torch.Tensor]) -> tuple[dict[st
     return stored, formats
 
 
-def _example_inputs(program: Program) -> tuple[tuple, tuple]:
+def example_inputs(program: Program) -> tuple[tuple, tuple]:
     """Inputs to re-export the graph with, and their dynamic dimensions (batch, length, cache length)."""
     from torch.export import Dim
 
@@ -96,7 +96,7 @@ def _graph_bytes(program: Program, weights: dict[str, torch.Tensor]) -> bytes:
     """The re-exported graph, serialised in memory, its weights left out (they live in the safetensors file)."""
     import io
 
-    args, shapes = _example_inputs(program)
+    args, shapes = example_inputs(program)
     with torch.no_grad():
         exported = torch.export.export(program.gm, args, dynamic_shapes=shapes, strict=False)
     for name, value in list(exported.state_dict.items()):
