@@ -333,10 +333,11 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
 def export_(
     model_dir: Annotated[Path, typer.Argument(help="a directory written by `fxslice slice` / `prune` / `quantize` / `compress`")],
     path: Annotated[Path, typer.Option("--out", help="the file to write")],
-    format_: Annotated[str, typer.Option("--format", help="pt2: one torch.export archive, weights inside")] = "pt2",
+    format_: Annotated[str, typer.Option("--format", help="pt2 (one torch.export archive, weights inside) or onnx")] = "pt2",
 ) -> None:
-    """Export a saved model to a file that loads without fxslice (`torch.export.load(path).module()`)."""
-    from fxslice.models.export import FORMATS, export_pt2
+    """Export a saved model to a file that loads without fxslice: `torch.export.load(path).module()` (pt2) or
+    `onnxruntime.InferenceSession(path)` (onnx)."""
+    from fxslice.models.export import FORMATS, export_onnx, export_pt2
     from fxslice.models.io import load
 
     if format_ not in FORMATS:
@@ -344,9 +345,11 @@ def export_(
     with err.status(f"loading {model_dir} ..."):
         program = load(model_dir)  # checksums verified: an edited or truncated model is refused here
     with err.status(f"exporting to {path} ..."):
-        export_pt2(program, path)
+        (export_pt2 if format_ == "pt2" else export_onnx)(program, path)
     inputs = "(input_ids, past_length, *kv)" if program.cache is not None else "(input_ids)"
-    out.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): torch.export.load(path).module(){inputs} -> logits",
+    how = "torch.export.load(path).module()" if format_ == "pt2" else "onnxruntime.InferenceSession(path): "
+    outputs = "logits" + (", then the updated caches" if format_ == "onnx" and program.cache is not None else "")
+    out.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {how}{inputs} -> {outputs}",
               highlight=False, markup=False)
 
 

@@ -76,3 +76,49 @@ def test_export_refuses_an_existing_file_and_an_edited_model(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fxslice.cli", "export", str(tmp_path / "model"), "--out",
                            str(tmp_path / "x.pt2")], capture_output=True, text=True)
     assert done.returncode != 0 and not (tmp_path / "x.pt2").exists()
+
+
+RUN_ONNX_WITHOUT_FXSLICE = """
+import sys, numpy as np, torch
+sys.modules["fxslice"] = None
+import onnxruntime
+path, ids_path, next_path, out_path = sys.argv[1:5]
+session = onnxruntime.InferenceSession(path)
+names = [i.name for i in session.get_inputs()]
+ids, following = torch.load(ids_path).numpy(), torch.load(next_path).numpy()
+if len(names) == 1:
+    torch.save([torch.from_numpy(session.run(None, {names[0]: ids})[0])], out_path)
+else:  # prefill into an empty cache, then one decoding step on the caches it returned
+    shapes = [session.get_inputs()[i].shape for i in range(2, len(names))]
+    caches = [np.zeros((ids.shape[0], s[1], ids.shape[1] + 1, s[3]), dtype=np.float32) for s in shapes]
+    first = session.run(None, {"input_ids": ids, "past_length": np.array(0), **dict(zip(names[2:], caches))})
+    second = session.run(None, {"input_ids": following, "past_length": np.array(ids.shape[1]),
+                                **dict(zip(names[2:], first[1:]))})
+    torch.save([torch.from_numpy(first[0]), torch.from_numpy(second[0])], out_path)
+"""
+
+
+@pytest.mark.parametrize("kind", ["sliced", "pruned", "quantized", "cached"])
+def test_an_onnx_export_runs_in_onnxruntime_without_fxslice(kind, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fxslice.models.export import export_onnx
+
+    program = capture_cached(tiny_causal_lm("llama")) if kind == "cached" else _compressed(kind)
+    export_onnx(program, tmp_path / "model.onnx")
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    following = torch.randint(0, 128, (2, 1), generator=torch.Generator().manual_seed(2))
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(following, tmp_path / "next.pt")
+    done = subprocess.run([sys.executable, "-c", RUN_ONNX_WITHOUT_FXSLICE, str(tmp_path / "model.onnx"),
+                           str(tmp_path / "ids.pt"), str(tmp_path / "next.pt"), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        if kind == "cached":
+            kv = program.cache.allocate(2, 10, torch.float32)
+            expected = [program.step(ids, 0, kv), program.step(following, 9, kv)]
+        else:
+            expected = [program(ids)]
+    for a, b in zip(got, expected, strict=True):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-4
