@@ -68,9 +68,9 @@ class Recover(Stage):
 
             if program.tokenizer is None:
                 raise InvalidOption("recover: the model has no tokenizer to read the training text with")
-            context = (program.config or {}).get("max_position_embeddings")
-            length = self.length or min(512, context or 512)
-            windows = token_windows(program.tokenizer, load_text(self.text), length, max_length=context)
+            limit = (program.config or {}).get("max_position_embeddings")
+            length = self.length or min(512, limit or 512)
+            windows = token_windows(program.tokenizer, load_text(self.text), length, max_length=limit)
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(self.seed))
         held = min(self.held_out, len(windows) - 1)
         return windows[order[held:]], windows[order[:held]]
