@@ -77,7 +77,7 @@ def make_lm(program: Program, *, batch_size: int = 8, max_length: int | None = N
                 context, options = request.args
                 until = options.get("until") or [self.tokenizer.decode([self.eot_token_id])]
                 until = [until] if isinstance(until, str) else list(until)
-                budget = int(options.get("max_gen_toks", 256))
+                budget = min(int(options.get("max_gen_toks", 256)), self.max_length // 2)
                 ids = self.tok_encode(context)[-(self.max_length - budget):]
                 out = generate(self.program, torch.tensor([ids]), max_new_tokens=budget,
                                eos_token_id=self.eot_token_id)
