@@ -143,3 +143,17 @@ def test_smollm2_reads_the_carried_cloze_task_far_above_chance(smollm2):
 
     table = evaluate_tasks(smollm2[1], ["wikitext_cloze"], limit=40)
     assert table["wikitext_cloze"]["acc"] > 0.6  # chance is 0.25
+
+
+def test_generation_through_the_adapter_is_fxslices_greedy_text_cut_at_the_stop_string(counting):
+    from lm_eval.api.instance import Instance
+
+    from fxslice.evaluation.generate import generate
+    from fxslice.evaluation.harness import FxsliceLM
+
+    lm = FxsliceLM(counting)
+    request = Instance("generate_until", {}, ("abcdef", {"until": ["m"], "max_gen_toks": 10}), 0)
+    (text,) = lm.generate_until([request], disable_tqdm=True)
+    ids = counting.tokenizer("abcdef", add_special_tokens=False)["input_ids"]
+    greedy = counting.tokenizer.decode(generate(counting, torch.tensor([ids]), max_new_tokens=10)[0, 6:].tolist())
+    assert "m" in greedy and text == greedy.split("m")[0]  # the model counts on past the stop string
