@@ -168,3 +168,14 @@ def test_a_weight_changed_after_quantizing_is_not_saved_as_its_stale_integers(ti
     with pytest.raises(InvalidOption, match="changed after it was quantized"):
         save(program, tmp_path / "stale")
     assert not (tmp_path / "stale").exists()
+
+
+def test_gptq_in_activation_order_keeps_the_stored_format_and_beats_round_to_nearest():
+    gen = torch.Generator().manual_seed(5)
+    m = torch.randn(32, 96, generator=gen)
+    x = torch.randn(512, 96, generator=gen) @ (torch.eye(96) + 0.5 * torch.randn(96, 96, generator=gen))
+    x[:, 7] *= 30  # an outlier input channel, which activation order quantizes first
+    h = x.T @ x
+    ordered = gptq(m, h, 3, 32, act_order=True)
+    assert ordered.q.shape == m.shape and ordered.scale.shape == (32, 3)
+    assert _layer_error(m, ordered, h) < 0.8 * _layer_error(m, QuantizedWeight.from_matrix(m, 3, 32), h)

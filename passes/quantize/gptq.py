@@ -18,8 +18,11 @@ __all__ = ["gptq"]
 
 
 def gptq(m: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, damp: float = 0.01,
-         block: int = 128, transposed: bool = False, dtype: torch.dtype | None = None) -> QuantizedWeight:
-    """`m` [out, in] quantized against `h` [in, in]; `damp` is a fraction of the mean diagonal."""
+         block: int = 128, act_order: bool = False, transposed: bool = False,
+         dtype: torch.dtype | None = None) -> QuantizedWeight:
+    """`m` [out, in] quantized against `h` [in, in]; `damp` is a fraction of the mean diagonal. `act_order`
+    quantizes the columns with the largest input energy first, on grids fitted beforehand per stored group
+    (the "static groups" of later GPTQ implementations: the order changes, the storage format does not)."""
     check_format(bits, group_size)
     out, cols = m.shape
     w = m.detach().to(torch.float32).clone()
@@ -28,11 +31,18 @@ def gptq(m: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, damp: 
     h[dead, dead] = 1
     w[:, dead] = 0
     h += damp * torch.diagonal(h).mean() * torch.eye(cols)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     groups = math.ceil(cols / group_size)
     top = (1 << bits) - 1
     scale = torch.ones(out, groups)
     zero = torch.zeros(out, groups, dtype=torch.int64)
+    order = torch.arange(cols)
+    if act_order:
+        order = torch.argsort(torch.diagonal(h), descending=True)
+        for g in range(groups):
+            s, z = group_grid(w[:, g * group_size: (g + 1) * group_size], bits)
+            scale[:, g], zero[:, g] = s, z.to(torch.int64)
+        w, h = w[:, order], h[order][:, order]
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros(out, cols, dtype=torch.int64)
     block = max(group_size, block // group_size * group_size)
     wt = w.T.contiguous()  # [in, out]: a column of W is a contiguous row here, and updates are rank-1 BLAS calls
@@ -42,9 +52,9 @@ def gptq(m: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, damp: 
         errors = torch.zeros_like(chunk)
         inv = inverse[start:end, start:end]
         for i in range(end - start):
-            column = start + i
+            column = int(order[start + i])
             g = column // group_size
-            if column % group_size == 0:
+            if not act_order and column % group_size == 0:
                 span = chunk[i: min(i + group_size, end - start)].T
                 s, z = group_grid(span, bits)
                 scale[:, g], zero[:, g] = s, z.to(torch.int64)

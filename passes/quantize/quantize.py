@@ -37,8 +37,8 @@ class QuantizeWeights(Pass):
 
     def __init__(self, bits: int | Mapping[str, int] = 4, *, group_size: int = 64, method: str = "rtn",
                  windows: torch.Tensor | None = None, embeddings: int | None = 8, head: int | None = 8,
-                 damp: float = 0.01, batch_size: int = 1, statistics: LinearStatistics | None = None,
-                 progress: bool = False):
+                 damp: float = 0.01, act_order: bool = True, batch_size: int = 1,
+                 statistics: LinearStatistics | None = None, progress: bool = False):
         if method not in QUANTIZERS:
             raise InvalidOption(f"quantize: method must be one of {QUANTIZERS}, got {method!r}")
         if method == "gptq" and statistics is None and (windows is None or windows.dim() != 2 or windows.numel() == 0):
@@ -46,7 +46,7 @@ class QuantizeWeights(Pass):
         for width in ([*bits.values()] if isinstance(bits, Mapping) else [bits]) + [b for b in (embeddings, head) if b]:
             check_format(width, group_size)
         self.bits, self.group_size, self.method, self.windows = bits, group_size, method, windows
-        self.embeddings, self.head, self.damp = embeddings, head, damp
+        self.embeddings, self.head, self.damp, self.act_order = embeddings, head, damp, act_order
         self.batch_size, self.progress, self.statistics = batch_size, progress, statistics
         self.done: dict[str, QuantizedWeight] = {}  # what this pass quantized, for replay
 
@@ -84,8 +84,8 @@ class QuantizeWeights(Pass):
             transposed = name in uses and uses[name].out_axis % 2 != 0
             m = weight.T if transposed else weight
             if stats is not None and hessian and name in stats.inputs:
-                q = gptq(m, stats.A(name), width, self.group_size, damp=self.damp, transposed=transposed,
-                         dtype=weight.dtype)
+                q = gptq(m, stats.A(name), width, self.group_size, damp=self.damp, act_order=self.act_order,
+                         transposed=transposed, dtype=weight.dtype)
             else:
                 q = QuantizedWeight.from_matrix(m, width, self.group_size, transposed=transposed, dtype=weight.dtype)
             _store(program, name, q)

@@ -32,6 +32,7 @@ class Quantize(Stage):
     embeddings: int | None = 8
     head: int | None = 8
     damp: float = 0.01
+    act_order: bool = True  # GPTQ in order of input energy: 3-bit SmolLM2 is worse than RTN without it
     batch_size: int = 1
     # mixed precision: search="mtgp" (or the baselines "gp", "random") chooses per-linear widths instead of `bits`
     search: str = "none"
@@ -71,6 +72,7 @@ class Quantize(Stage):
                 log=self.log or None, progress=context.progress)
         quantize = QuantizeWeights(bits, group_size=self.group_size, method=self.method, windows=windows,
                                    embeddings=self.embeddings, head=self.head, damp=self.damp,
+                                   act_order=self.act_order,
                                    batch_size=self.batch_size, progress=context.progress)
         result = self.run_passes(program, [quantize], context)
         params = program.num_parameters()
