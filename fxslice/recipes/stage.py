@@ -68,6 +68,13 @@ class Stage:
     def run(self, program: Program, context: StageContext) -> StageResult:
         raise NotImplementedError
 
+    def require_positive_ints(self, *names: str) -> None:
+        """For `__post_init__`: each named field must be an int ≥ 1 (a bool is not), or the stage is refused."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidOption(f"{self.kind}: {name} must be a positive integer, got {value!r}")
+
     def run_passes(self, program: Program, passes: Sequence[Pass], context: StageContext, *,
                    check_numerics: bool = False) -> StageResult:
         """Run `passes` through one PassManager and keep their records: the common body of `run`."""

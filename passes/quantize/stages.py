@@ -53,8 +53,8 @@ class Quantize(Stage):
         if self.search != "none" and (self.budget_bits is None or not 0 < self.budget_bits < 32):
             raise InvalidOption(f"quantize: a search needs budget_bits (average bits per parameter, e.g. 4.0), got "
                                 f"{self.budget_bits!r}")
-        if self.search != "none" and (self.evaluations < 1 or self.expensive_every < 1 or self.cheap_windows < 1):
-            raise InvalidOption("quantize: evaluations, expensive_every and cheap_windows must be positive")
+        self.require_positive_ints("batch_size", *(("evaluations", "expensive_every", "cheap_windows")
+                                                   if self.search != "none" else ()))
 
     @property
     def calibrates(self) -> bool:  # type: ignore[override]

@@ -38,12 +38,7 @@ class Recover(Stage):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("rank", "steps", "batch_size", "length"):
-            value = getattr(self, name)
-            if name == "length" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidOption(f"recover: {name} must be a positive integer, got {value!r}")
+        self.require_positive_ints("rank", "steps", "batch_size", *(("length",) if self.length is not None else ()))
         if isinstance(self.held_out, bool) or not isinstance(self.held_out, int) or self.held_out < 0:
             raise InvalidOption(f"recover: held_out must be a non-negative integer, got {self.held_out!r}")
         for name in ("lr", "alpha"):

@@ -48,8 +48,7 @@ class SliceGPT(Stage):
             ConstantWidths(self.sparsity, self.multiple)  # validates both
         elif not callable(self.widths) and not all(isinstance(w, int) and w > 0 for w in self.widths):
             raise InvalidOption(f"slicegpt: widths must be positive integers, got {list(self.widths)}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise InvalidOption(f"slicegpt: batch_size must be a positive integer, got {self.batch_size!r}")
+        self.require_positive_ints("batch_size")
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         rule = ConstantWidths(self.sparsity, self.multiple) if self.sparsity is not None else self.widths

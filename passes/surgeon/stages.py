@@ -49,8 +49,7 @@ class Surgeon(Stage):
             raise InvalidOption(f"surgeon: target must be in (0, 1), got {self.target!r}")
         if self.structures == "2:4" and self.target > 0.5:
             raise InvalidOption(f"surgeon: 2:4 zeroes at most half the weights; target must be ≤ 0.5, got {self.target}")
-        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1:
-            raise InvalidOption(f"surgeon: shots must be a positive integer, got {self.shots!r}")
+        self.require_positive_ints("shots")
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         surgeon: SurgeonPrune | SurgeonMask
