@@ -28,6 +28,7 @@ from fxslice.data import load_text, token_windows
 from fxslice.evaluation.perplexity import perplexity
 from fxslice.models.capture import load_model
 from fxslice.passes.presets import prune_recipe
+from fxslice.passes.quantize.allocation import width_counts
 from fxslice.passes.quantize.stages import Quantize
 from fxslice.recipes import Recipe
 
@@ -86,7 +87,7 @@ def main() -> None:
             row = _row("dense", f"{search} search at {budget:.3f} bits", program, test, time.perf_counter() - start, dense)
             report = result.stages[0][1].report
             row.update({"search": search, "seed": seed, "budget_bits": budget, "best": report["search"]["best"],
-                        "widths": _histogram(report["weights"]), "evaluations": report["search"]["evaluations"]})
+                        "widths": width_counts(report["weights"]), "evaluations": report["search"]["evaluations"]})
             searches.append(row)
     if searches and args.plot:
         _plot(searches, rows, args.plot)
@@ -106,13 +107,6 @@ def _row(base: str, weights: str, program, test: torch.Tensor, seconds: float, d
            "perplexity": perplexity(program, test), "seconds": round(seconds, 1)}
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
-
-
-def _histogram(bits: dict[str, int]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for width in bits.values():
-        counts[str(width)] = counts.get(str(width), 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def _plot(searches: list[dict], rows: list[dict], path: str) -> None:

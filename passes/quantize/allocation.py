@@ -17,7 +17,7 @@ from fxslice.analysis.linears import weight_kinds
 from fxslice.core.graph import tensor_of
 from fxslice.core.quantized import BITS, packed_nbytes
 
-__all__ = ["BitAllocation"]
+__all__ = ["BitAllocation", "width_counts"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,11 @@ class BitAllocation:
         """A point that gives every linear `bits`."""
         level = (self.choices.index(bits) + 0.5) / len(self.choices)
         return [level] * self.dim
+
+
+def width_counts(widths: dict[str, int]) -> dict[str, int]:
+    """How many weights have each width (`{"3": 40, "4": 170}`): an allocation at a glance, for reports."""
+    counts: dict[str, int] = {}
+    for bits in widths.values():
+        counts[str(bits)] = counts.get(str(bits), 0) + 1
+    return dict(sorted(counts.items()))

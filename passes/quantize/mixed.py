@@ -18,7 +18,7 @@ from fxslice import InvalidOption, PassManager, Program
 from fxslice.analysis.linears import weight_kinds
 from fxslice.calibration.gradients import mean_loss
 from fxslice.calibration.moments import linear_statistics
-from fxslice.passes.quantize.allocation import BitAllocation
+from fxslice.passes.quantize.allocation import BitAllocation, width_counts
 from fxslice.passes.quantize.quantize import QuantizeWeights
 from fxslice.passes.quantize.search import (
     EXPENSIVE,
@@ -65,7 +65,7 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
         nbytes = candidate.num_bytes()
         return -mean_loss(candidate, batches[task]), {
             "bytes": nbytes, "bits_per_parameter": round(8 * nbytes / candidate.num_parameters(), 4),
-            "widths": _histogram(widths)}
+            "widths": width_counts(widths)}
 
     history, record = _resume(log, search, budget_bits, group_size, seed)
 
@@ -81,13 +81,6 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
     else:
         result = random_search(objective, allocation.dim, expensive=evaluations, **common)
     return allocation.widths(result.best), result, allocation
-
-
-def _histogram(widths: dict[str, int]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for bits in widths.values():
-        counts[str(bits)] = counts.get(str(bits), 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def _resume(log: str | Path | None, search: str, budget_bits: float, group_size: int, seed: int):
