@@ -25,11 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from smollm2 import smollm2_and_windows
 
-from fxslice import capture
-from fxslice.data import load_text, token_windows
 from fxslice.evaluation.perplexity import perplexity
-from fxslice.models.capture import load_model
 from fxslice.passes import prune_recipe, slicegpt_recipe
 from fxslice.passes.recovery.stages import Recover
 from fxslice.passes.surgeon.stages import Surgeon
@@ -60,12 +58,7 @@ def main() -> None:
     parser.add_argument("--recover-rank", type=int, default=8)
     parser.add_argument("--recover-batch", type=int, default=2)
     args = parser.parse_args()
-    model, tokenizer = load_model("smollm2")
-    dense = capture(model)
-    dense.tokenizer = tokenizer
-    calib = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length, count=args.calib_windows,
-                          seed=0)
-    test = token_windows(tokenizer, load_text("wikitext2:test"), 2048)[: args.eval_windows]
+    dense, calib, test = smollm2_and_windows(args.calib_windows, args.calib_length, args.eval_windows)
     start = time.perf_counter()
     rows = [{"method": "dense", "parameters": dense.num_parameters(), "perplexity": perplexity(dense, test),
              "seconds": round(time.perf_counter() - start, 1)}]

@@ -22,11 +22,9 @@ import sys
 import time
 
 import torch
+from smollm2 import smollm2_and_windows
 
-from fxslice import capture
-from fxslice.data import load_text, token_windows
 from fxslice.evaluation.perplexity import perplexity
-from fxslice.models.capture import load_model
 from fxslice.passes.presets import prune_recipe
 from fxslice.passes.quantize.allocation import width_counts
 from fxslice.passes.quantize.stages import Quantize
@@ -50,12 +48,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--plot", default="quantization-search.png")
     args = parser.parse_args()
-    model, tokenizer = load_model("smollm2")
-    dense = capture(model)
-    dense.tokenizer = tokenizer
-    calib = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length, count=args.calib_windows,
-                          seed=0)
-    test = token_windows(tokenizer, load_text("wikitext2:test"), 2048)[: args.eval_windows]
+    dense, calib, test = smollm2_and_windows(args.calib_windows, args.calib_length, args.eval_windows)
     bases = [("dense", dense, 0.0)]
     if args.prune:
         pruned = dense.clone()
