@@ -23,6 +23,19 @@ _debug = False
 
 ModelArg = Annotated[str, typer.Argument(help="hub name, HF directory, .gguf file, or 'smollm2' (the embedded default)")]
 
+# options several commands take, spelled once
+CalibrationText = Annotated[str, typer.Option(help="calibration text: wikitext2:validation, a file, a dir, hf:NAME:SPLIT")]
+CalibWindows = Annotated[int, typer.Option(min=1, help="number of calibration windows")]
+CalibLength = Annotated[int, typer.Option(min=2, help="tokens per calibration window")]
+EvalText = Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")]
+EvalWindows = Annotated[int | None, typer.Option(min=1, help="evaluate on the first N windows (default: all)")]
+EvalLength = Annotated[int, typer.Option(min=2, help="tokens per evaluation window")]
+BatchSize = Annotated[int, typer.Option(min=1, help="windows per forward pass (1 is fastest on a CPU)")]
+CalibSeed = Annotated[int, typer.Option(min=0, help="seed for sampling calibration windows")]
+RecoverSteps = Annotated[int, typer.Option(min=0, help="then fine-tune low-rank adapters this many steps on --recover-text and merge them (0: no recovery)")]
+RecoverText = Annotated[str, typer.Option(help="recovery training text (never the evaluation split)")]
+RecoverLr = Annotated[float, typer.Option(help="recovery learning rate (AdamW, warm-up then cosine), > 0")]
+
 
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
@@ -105,21 +118,21 @@ def slice_(
     model: ModelArg = DEFAULT_MODEL,
     sparsity: Annotated[float, typer.Option(help="fraction of the stream width to remove, in (0, 1)")] = 0.25,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the sliced model")] = Path("sliced"),
-    calibration: Annotated[str, typer.Option(help="calibration text: wikitext2:validation, a file, a dir, hf:NAME:SPLIT")] = "wikitext2:validation",
-    calib_windows: Annotated[int, typer.Option(min=1, help="number of calibration windows")] = 32,
-    calib_length: Annotated[int, typer.Option(min=2, help="tokens per calibration window")] = 2048,
-    evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
-    eval_windows: Annotated[int | None, typer.Option(min=1, help="evaluate on the first N windows (default: all)")] = None,
-    eval_length: Annotated[int, typer.Option(min=2, help="tokens per evaluation window")] = 2048,
+    calibration: CalibrationText = "wikitext2:validation",
+    calib_windows: CalibWindows = 32,
+    calib_length: CalibLength = 2048,
+    evaluation: EvalText = "wikitext2:test",
+    eval_windows: EvalWindows = None,
+    eval_length: EvalLength = 2048,
     multiple: Annotated[int, typer.Option(min=1, help="round widths down to a multiple of this (fast GEMMs)")] = 8,
-    batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass (1 is fastest on a CPU)")] = 1,
-    seed: Annotated[int, typer.Option(min=0, help="seed for sampling calibration windows")] = 0,
+    batch_size: BatchSize = 1,
+    seed: CalibSeed = 0,
     untie: Annotated[bool, typer.Option("--untie", help="untie a tied head: better perplexity, V x d more parameters")] = False,
     shared_basis: Annotated[bool, typer.Option("--shared-basis", help="one basis per block (attention and MLP halves): "
                                                "half the shortcut matrices, faster decoding, slightly worse perplexity (README)")] = False,
-    recover_steps: Annotated[int, typer.Option(min=0, help="then fine-tune low-rank adapters this many steps on --recover-text and merge them (0: no recovery)")] = 0,
-    recover_text: Annotated[str, typer.Option(help="recovery training text (never the evaluation split)")] = "wikitext2:validation",
-    recover_lr: Annotated[float, typer.Option(help="recovery learning rate (AdamW, warm-up then cosine), > 0")] = 5e-4,
+    recover_steps: RecoverSteps = 0,
+    recover_text: RecoverText = "wikitext2:validation",
+    recover_lr: RecoverLr = 5e-4,
     save_recipe: Annotated[Path | None, typer.Option(help="also write the recipe this runs (YAML or JSON) here")] = None,
 ) -> None:
     """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out.
@@ -150,17 +163,17 @@ def prune(
     structures: Annotated[str, typer.Option(help="groups (MLP channels and head groups, removed for real) or the paper's zero-masked rows_columns, unstructured, 2:4")] = "groups",
     shots: Annotated[int, typer.Option(min=1, help="shots; the curvature is re-estimated before each")] = 4,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the pruned model")] = Path("pruned"),
-    calibration: Annotated[str, typer.Option(help="calibration text: wikitext2:validation, a file, a dir, hf:NAME:SPLIT")] = "wikitext2:validation",
-    calib_windows: Annotated[int, typer.Option(min=1, help="number of calibration windows")] = 16,
-    calib_length: Annotated[int, typer.Option(min=2, help="tokens per calibration window")] = 512,
-    evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
-    eval_windows: Annotated[int | None, typer.Option(min=1, help="evaluate on the first N windows (default: all)")] = None,
-    eval_length: Annotated[int, typer.Option(min=2, help="tokens per evaluation window")] = 2048,
-    batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass (1 is fastest on a CPU)")] = 1,
-    seed: Annotated[int, typer.Option(min=0, help="seed for sampling calibration windows")] = 0,
-    recover_steps: Annotated[int, typer.Option(min=0, help="then fine-tune low-rank adapters this many steps on --recover-text and merge them (0: no recovery)")] = 0,
-    recover_text: Annotated[str, typer.Option(help="recovery training text (never the evaluation split)")] = "wikitext2:validation",
-    recover_lr: Annotated[float, typer.Option(help="recovery learning rate (AdamW, warm-up then cosine), > 0")] = 5e-4,
+    calibration: CalibrationText = "wikitext2:validation",
+    calib_windows: CalibWindows = 16,
+    calib_length: CalibLength = 512,
+    evaluation: EvalText = "wikitext2:test",
+    eval_windows: EvalWindows = None,
+    eval_length: EvalLength = 2048,
+    batch_size: BatchSize = 1,
+    seed: CalibSeed = 0,
+    recover_steps: RecoverSteps = 0,
+    recover_text: RecoverText = "wikitext2:validation",
+    recover_lr: RecoverLr = 5e-4,
 ) -> None:
     """Prune MODEL's MLP channels and key/value head groups (The LLM Surgeon), so that its matrices shrink;
     or, with --structures, zero the paper's rows and columns, single weights or 2:4 blocks.
@@ -186,14 +199,14 @@ def quantize(
     embeddings: Annotated[int, typer.Option(min=0, help="bits of token tables, a tied head with them (0: keep float)")] = 8,
     head: Annotated[int, typer.Option(min=0, help="bits of an untied head (0: keep float)")] = 8,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the quantized model")] = Path("quantized"),
-    calibration: Annotated[str, typer.Option(help="calibration text: wikitext2:validation, a file, a dir, hf:NAME:SPLIT")] = "wikitext2:validation",
-    calib_windows: Annotated[int, typer.Option(min=1, help="number of calibration windows")] = 16,
-    calib_length: Annotated[int, typer.Option(min=2, help="tokens per calibration window")] = 512,
-    evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
-    eval_windows: Annotated[int | None, typer.Option(min=1, help="evaluate on the first N windows (default: all)")] = None,
-    eval_length: Annotated[int, typer.Option(min=2, help="tokens per evaluation window")] = 2048,
-    batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass (1 is fastest on a CPU)")] = 1,
-    seed: Annotated[int, typer.Option(min=0, help="seed for sampling calibration windows")] = 0,
+    calibration: CalibrationText = "wikitext2:validation",
+    calib_windows: CalibWindows = 16,
+    calib_length: CalibLength = 512,
+    evaluation: EvalText = "wikitext2:test",
+    eval_windows: EvalWindows = None,
+    eval_length: EvalLength = 2048,
+    batch_size: BatchSize = 1,
+    seed: CalibSeed = 0,
 ) -> None:
     """Quantize MODEL's weights group-wise (GPTQ or round to nearest); the saved model stores packed integers
     and its record the bytes, scales included. A preset of `fxslice compress`: cleanup -> quantize."""
@@ -214,9 +227,9 @@ def compress(
     recipe_file: Annotated[Path, typer.Option("--recipe", help="a recipe (YAML or JSON): calibration and stages")],
     model: ModelArg = DEFAULT_MODEL,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the compressed model")] = Path("compressed"),
-    evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
-    eval_windows: Annotated[int | None, typer.Option(min=1, help="evaluate on the first N windows (default: all)")] = None,
-    eval_length: Annotated[int, typer.Option(min=2, help="tokens per evaluation window")] = 2048,
+    evaluation: EvalText = "wikitext2:test",
+    eval_windows: EvalWindows = None,
+    eval_length: EvalLength = 2048,
     batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass for evaluation")] = 1,
 ) -> None:
     """Run a recipe on MODEL, measure perplexity before and after, and save the result to --out."""
@@ -356,10 +369,10 @@ def export_(
 @app.command(name="eval")
 def eval_(
     model_dir: Annotated[Path, typer.Argument(help="a directory written by `fxslice slice` / `prune` / `compress`")],
-    evaluation: Annotated[str, typer.Option("--eval", help="perplexity text ('none' to skip)")] = "wikitext2:test",
+    evaluation: EvalText = "wikitext2:test",
     eval_windows: Annotated[int | None, typer.Option(min=1, help="first N windows only (default: all)")] = None,
     eval_length: Annotated[int, typer.Option(min=2, help="tokens per window")] = 2048,
-    batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass (1 is fastest on a CPU)")] = 1,
+    batch_size: BatchSize = 1,
     tasks: Annotated[str, typer.Option(help="zero-shot tasks through lm-eval, comma-separated: piqa,arc_easy,arc_challenge,"
                                             "hellaswag,winogrande (online), wikitext_cloze (carried), or your own")] = "",
     include: Annotated[list[Path], typer.Option(help="a directory of lm-eval task YAML files (repeatable)")] = [],  # noqa: B006
