@@ -34,7 +34,7 @@ class BitAllocation:
 
     @classmethod
     def of(cls, program: Program, *, group_size: int, embeddings: int | None, head: int | None) -> BitAllocation:
-        kinds = weight_kinds(program)
+        kinds = program.analysis(weight_kinds)
         order = {n: i for i, n in enumerate(program.graph.nodes)}
         names = sorted(kinds.linears, key=lambda w: order[kinds.linears[w][0].node])
         try:

@@ -50,7 +50,7 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
                             f"({8 * smallest / program.num_parameters():.2f} with every linear at "
                             f"{allocation.choices[0]} bits and tables at {embeddings}); raise the budget or lower "
                             "--embeddings")
-    untied = weight_kinds(program).head
+    untied = program.analysis(weight_kinds).head
     observed = [*allocation.names, *([untied] if head and untied else [])]
     statistics = linear_statistics(program, windows, linears=observed, progress=progress)
     cheap = windows[: max(1, cheap_windows)]

@@ -52,7 +52,7 @@ class QuantizeWeights(Pass):
 
     def plan(self, program: Program) -> dict[str, tuple[int, bool]]:
         """Weight name -> (bits, whether GPTQ may be used), for what this pass will quantize."""
-        kinds = weight_kinds(program)
+        kinds = program.analysis(weight_kinds)
         body = self.bits if isinstance(self.bits, Mapping) else dict.fromkeys(kinds.linears, self.bits)
         unknown = sorted(set(body) - set(kinds.linears) - {kinds.head} - set(kinds.tables))
         if unknown:
@@ -70,7 +70,7 @@ class QuantizeWeights(Pass):
         plan = self.plan(program)
         if not plan:
             return PassResult(False)
-        kinds = weight_kinds(program)
+        kinds = program.analysis(weight_kinds)
         uses = {**{n: u[0] for n, u in kinds.linears.items()}, **({kinds.head: kinds.head_uses[0]} if kinds.head_uses else {})}
         stats = None
         if self.method == "gptq":
