@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--calib-windows", type=int, default=8)
     parser.add_argument("--calib-length", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--eval-windows", type=int, default=8, help="first N test windows of 2048 (0: the whole split)")
     parser.add_argument("--slicegpt", default="0.25", help="SliceGPT sparsities to compare ('' for none)")
     parser.add_argument("--slicegpt-then-surgeon", default="", help="SLICE:TARGET pairs, e.g. 0.15:0.1")
     parser.add_argument("--plot", default="pruning.png")
@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--recover-lr", type=float, default=5e-4)
     parser.add_argument("--recover-rank", type=int, default=8)
     parser.add_argument("--recover-batch", type=int, default=2)
+    parser.add_argument("--no-dense-control", action="store_true",
+                        help="do not fine-tune the dense model as the recovery control (measured in another run)")
     args = parser.parse_args()
     dense, calib, test = smollm2_and_windows(args.calib_windows, args.calib_length, args.eval_windows)
     start = time.perf_counter()
@@ -65,7 +67,7 @@ def main() -> None:
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     recover = Recover(steps=args.recover, lr=args.recover_lr, rank=args.recover_rank,
                       batch_size=args.recover_batch) if args.recover else None
-    if recover is not None:
+    if recover is not None and not args.no_dense_control:
         _recover(recover, dense.clone(), rows[0], test)
     plans: list[tuple[str, Recipe]] = []
     for target in (float(t) for t in args.targets.split(",") if t):

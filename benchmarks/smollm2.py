@@ -13,10 +13,11 @@ __all__ = ["smollm2_and_windows"]
 
 
 def smollm2_and_windows(calib_windows: int, calib_length: int, eval_windows: int) -> tuple[Program, torch.Tensor, torch.Tensor]:
-    """(the dense capture, calibration windows [calib_windows, calib_length], test windows [eval_windows, 2048])."""
+    """(the dense capture, calibration windows [calib_windows, calib_length], test windows [eval_windows, 2048]);
+    eval_windows=0 takes the whole test split."""
     model, tokenizer = load_model("smollm2")
     dense = capture(model)
     dense.tokenizer = tokenizer
     calib = token_windows(tokenizer, load_text("wikitext2:validation"), calib_length, count=calib_windows, seed=0)
-    test = token_windows(tokenizer, load_text("wikitext2:test"), 2048)[:eval_windows]
+    test = token_windows(tokenizer, load_text("wikitext2:test"), 2048)[: eval_windows or None]
     return dense, calib, test
