@@ -345,12 +345,14 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
 @app.command(name="export")
 def export_(
     model_dir: Annotated[Path, typer.Argument(help="a directory written by `fxslice slice` / `prune` / `quantize` / `compress`")],
-    path: Annotated[Path, typer.Option("--out", help="the file to write")],
-    format_: Annotated[str, typer.Option("--format", help="pt2 (one torch.export archive, weights inside) or onnx")] = "pt2",
+    path: Annotated[Path, typer.Option("--out", help="the file (pt2, onnx) or new directory (hf) to write")],
+    format_: Annotated[str, typer.Option("--format", help="pt2 (one torch.export archive, weights inside), onnx, or hf "
+                                                          "(a directory stock transformers loads)")] = "pt2",
 ) -> None:
-    """Export a saved model to a file that loads without fxslice: `torch.export.load(path).module()` (pt2) or
-    `onnxruntime.InferenceSession(path)` (onnx)."""
-    from fxslice.models.export import FORMATS, export_onnx, export_pt2
+    """Export a saved model to something that loads without fxslice: `torch.export.load(path).module()` (pt2),
+    `onnxruntime.InferenceSession(path)` (onnx) or `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`
+    (hf)."""
+    from fxslice.models.export import FORMATS, export_hf, export_onnx, export_pt2
     from fxslice.models.io import load
 
     if format_ not in FORMATS:
@@ -358,7 +360,13 @@ def export_(
     with err.status(f"loading {model_dir} ..."):
         program = load(model_dir)  # checksums verified: an edited or truncated model is refused here
     with err.status(f"exporting to {path} ..."):
-        (export_pt2 if format_ == "pt2" else export_onnx)(program, path)
+        {"pt2": export_pt2, "onnx": export_onnx, "hf": export_hf}[format_](program, path)
+    if format_ == "hf":
+        size = sum(f.stat().st_size for f in path.iterdir())
+        cache = "generate() with the KV cache" if program.cache is not None else "generate() without a KV cache"
+        out.print(f"wrote {path}/ ({size / 2**20:.1f} MiB): AutoModelForCausalLM.from_pretrained(path, "
+                  f"trust_remote_code=True); {cache}", highlight=False, markup=False)
+        return
     inputs = "(input_ids, past_length, *kv)" if program.cache is not None else "(input_ids)"
     how = "torch.export.load(path).module()" if format_ == "pt2" else "onnxruntime.InferenceSession(path): "
     outputs = "logits" + (", then the updated caches" if format_ == "onnx" and program.cache is not None else "")

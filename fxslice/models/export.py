@@ -6,6 +6,12 @@ with the cache tensors updated in place, their per-layer `[heads, head_dim]` sha
 `fxslice.json` (`{"kv_cache": [[h, d], ...]}`; allocate `zeros(batch, h, length, d)` each). Quantized weights are
 stored dequantized: the archive runs in float, like the program.
 
+`hf`: a directory that stock transformers loads with `AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)` and `AutoTokenizer.from_pretrained(DIR)`: the weights in model.safetensors under their
+program names, the graph (exported with the weights as its first inputs, so it holds none) as a byte buffer in the
+same file, a `config.json`, and one generic modeling file (`fxslice/models/remote/modeling_fxslice.py`, the same for
+every model). `generate()` uses the program's KV cache when it has one. Quantized weights are stored dequantized.
+
 `onnx`: the same program through `torch.onnx.export` (dynamo), one `.onnx` file that onnxruntime runs. A KV-cache
 program's caches become outputs (ONNX has no in-place inputs): inputs `input_ids, past_length, kv_0, ...`,
 outputs the logits and then every cache, updated, to feed into the next step.
@@ -15,22 +21,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import fx
 
 from fxslice.core.errors import InvalidOption, SaveFailed, UnsupportedStructure
+from fxslice.core.graph import tensor_of
 from fxslice.core.program import Program
 from fxslice.models.io import example_inputs
 
-__all__ = ["export_pt2", "export_onnx", "FORMATS"]
+__all__ = ["export_pt2", "export_onnx", "export_hf", "FORMATS"]
 
-FORMATS = ("pt2", "onnx")
+FORMATS = ("pt2", "onnx", "hf")
+REMOTE_CODE = Path(__file__).parent / "remote" / "modeling_fxslice.py"
 
 
 def _check_new_file(out: Path) -> None:
@@ -75,6 +86,98 @@ def export_onnx(program: Program, path: str | os.PathLike) -> Path:
         reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise UnsupportedStructure(f"torch.onnx.export cannot take this program: {reason}") from exc
     return _write(out, onnx_program.save)
+
+
+def weights_as_inputs(program: Program) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+    """A copy of the graph that reads every weight from a leading input instead of an attribute, and those weights
+    by name (in input order): exported, it is a graph without state, whose weights can live anywhere."""
+    graph = copy.deepcopy(program.gm.graph)
+    first = next(iter(graph.find_nodes(op="placeholder")))
+    weights: dict[str, torch.Tensor] = {}
+    inputs: dict[str, fx.Node] = {}
+    keep: dict[str, object] = {}
+    for node in list(graph.find_nodes(op="get_attr")):
+        target = str(node.target)
+        value = tensor_of(program.gm, node)
+        if not isinstance(value, torch.Tensor):
+            keep[target] = program.gm.get_submodule(target)  # a subgraph of a higher-order op stays an attribute
+            continue
+        if target not in inputs:
+            with graph.inserting_before(first):
+                inputs[target] = graph.placeholder("w_" + target.replace(".", "_"))
+            inputs[target].meta = dict(node.meta)
+            weights[target] = value.detach()
+        node.replace_all_uses_with(inputs[target])
+        graph.erase_node(node)
+    return fx.GraphModule(keep, graph), weights
+
+
+def export_hf(program: Program, out_dir: str | os.PathLike) -> Path:
+    """Write `program` as a new transformers model directory at `out_dir` (written whole or not at all)."""
+    from safetensors.torch import save_file
+
+    from fxslice.models.io import check_output_dir
+
+    out = Path(out_dir)
+    check_output_dir(out)
+    gm, weights = weights_as_inputs(program)
+    args, shapes = example_inputs(program)
+    with torch.no_grad():
+        exported = torch.export.export(gm, (*weights.values(), *args), dynamic_shapes=(*(None for _ in weights), *shapes),
+                                       strict=False)
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    graph = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    source = program.config or {}
+    parameters = dict(program.gm.named_parameters(remove_duplicate=False))
+    config = {
+        "model_type": "fxslice", "architectures": ["FxsliceForCausalLM"],
+        "auto_map": {"AutoConfig": "modeling_fxslice.FxsliceConfig",
+                     "AutoModelForCausalLM": "modeling_fxslice.FxsliceForCausalLM"},
+        "vocab_size": program.vocab_size,
+        "weights": [[name, list(t.shape), str(t.dtype).replace("torch.", ""), name in parameters]
+                    for name, t in weights.items()],
+        "kv_cache": program.cache.to_json() if program.cache is not None else None,
+        "program_bytes": graph.numel(),
+        "max_position_embeddings": source.get("max_position_embeddings"),
+        "dtype": str(program.dtype).replace("torch.", ""),
+        "tie_word_embeddings": False,
+        **{k: source[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if source.get(k) is not None},
+        "fxslice": {"source": program.source, "model_class": program.model_class,
+                    "parameters": program.num_parameters(),
+                    "passes": [str(p) for p in program.record.get("passes", [])]},
+    }
+    tensors = {f"weights.{name}": t.contiguous() for name, t in weights.items()}
+    tensors["program"] = graph
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str), encoding="utf-8")
+        shutil.copyfile(REMOTE_CODE, tmp / REMOTE_CODE.name)
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1), encoding="utf-8")
+        if program.tokenizer is not None:
+            program.tokenizer.save_pretrained(str(tmp))
+
+    return _write_dir(out, write)
+
+
+def _write_dir(out: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a new directory beside `out`, then rename it into place: all of it, or nothing."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the directory's mode
+    try:
+        write(tmp)
+        tmp.rename(out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveFailed(f"could not write {out}: {exc.strerror or exc}; nothing was left behind") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def _write(out: Path, write: Callable[[str], None]) -> Path:

@@ -1,0 +1,115 @@
+"""`--format hf`: stock transformers loads an exported model with fxslice blocked, gives fxslice's logits, and its
+`generate()` gives fxslice's greedy tokens; through the model's own KV cache where the program has one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fxslice import InvalidOption, PassManager, capture
+from fxslice.core.pass_manager import replay
+from fxslice.evaluation.generate import generate
+from fxslice.models.export import export_hf
+from fxslice.models.io import load, save
+from fxslice.models.kvcache import capture_cached
+from fxslice.passes import prune_recipe, slicegpt_recipe
+from fxslice.passes.quantize import QuantizeWeights
+from fxslice.testing import tiny_causal_lm
+
+LOAD_WITH_TRANSFORMERS = """
+import json, sys, torch
+sys.modules["fxslice"] = None  # `import fxslice` now fails
+from transformers import AutoModelForCausalLM
+path, ids_path, out_path = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+ids = torch.load(ids_path)
+steps = []
+forward = model.forward
+def counting(*args, **kwargs):
+    steps.append(int(kwargs["input_ids"].shape[1]))
+    return forward(*args, **kwargs)
+model.forward = counting
+tokens = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+model.forward = forward
+try:
+    model(ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0))
+    padded = "accepted"
+except ValueError as exc:
+    padded = str(exc)
+torch.save({"logits": model(ids).logits, "tokens": tokens, "steps": steps, "padded": padded,
+            "parameters": sum(p.numel() for p in model.parameters())}, out_path)
+"""
+
+CALIBRATION = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _program(kind: str):
+    model = tiny_causal_lm("llama")
+    program = capture(model)
+    if kind in ("sliced", "sliced+cache"):
+        result = slicegpt_recipe(sparsity=0.25, batch_size=4).run(program, calibration=CALIBRATION)
+        if kind == "sliced+cache":
+            cached = capture_cached(model)
+            replay(result.passes, cached, program)
+            return cached
+    elif kind == "pruned":
+        prune_recipe(target=0.2, shots=1, batch_size=4).run(program, calibration=CALIBRATION)
+    elif kind == "quantized":
+        PassManager([QuantizeWeights(4, group_size=16)]).run(program)
+    return program
+
+
+@pytest.mark.parametrize("kind", ["sliced", "sliced+cache", "pruned", "quantized"])
+def test_transformers_loads_the_export_without_fxslice_and_generates_fxslices_tokens(kind, tmp_path):
+    save(_program(kind), tmp_path / "model")
+    program = load(tmp_path / "model")
+    export_hf(program, tmp_path / "hf")
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    torch.save(ids, tmp_path / "ids.pt")
+    done = subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS, str(tmp_path / "hf"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(got["logits"], program(ids), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got["tokens"], generate(program, ids, max_new_tokens=6))
+    # with a cache the prompt runs once and then one token per step; without one, every step reads everything
+    expected_steps = [7, 1, 1, 1, 1, 1] if program.cache is not None else [7, 8, 9, 10, 11, 12]
+    assert got["steps"] == expected_steps
+    assert "without an attention-mask input" in got["padded"]
+    assert got["parameters"] == program.num_parameters()  # one tensor per weight: the tie is not duplicated
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_fxslice.FxsliceForCausalLM"
+
+
+def test_the_hf_export_holds_the_weights_once_and_the_graph_none(tmp_path):
+    from safetensors import safe_open
+
+    program = _program("sliced")
+    export_hf(program, tmp_path / "hf")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        graph = f.get_tensor("program")
+    weights = {str(n.target) for n in program.graph.find_nodes(op="get_attr")}
+    assert names == {f"weights.{w}" for w in weights} | {"program"}
+    exported = torch.export.load(__import__("io").BytesIO(graph.numpy().tobytes()))
+    assert not exported.state_dict and not exported.constants  # every weight is an input, stored once, outside
+
+
+def test_hf_export_refuses_an_existing_directory_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    program = _program("sliced")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(InvalidOption, match="already exists"):
+        export_hf(program, tmp_path / "taken")
+    import fxslice.models.export as export
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export.shutil, "copyfile", broken)
+    with pytest.raises(Exception, match="nothing was left behind"):
+        export_hf(program, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
