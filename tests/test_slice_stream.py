@@ -12,6 +12,7 @@ from fxslice import BadInput, CorruptModel, InvalidOption, PassManager
 from fxslice.core import relative_error
 from fxslice.core.graph import tensor_of
 from fxslice.data import load_text, token_windows
+from fxslice.evaluation.generate import generate
 from fxslice.evaluation.perplexity import perplexity
 from fxslice.models.io import load, save
 from fxslice.passes import CleanupIR, FuseNorms, ProjectNormWriters
@@ -197,6 +198,19 @@ def test_cli_slice_then_eval_end_to_end(tmp_path):
     assert generated.returncode == 0, generated.stderr[-2000:]
     assert generated.stdout.startswith("The capital of France is") and len(generated.stdout) > 30
     assert "KV cache" in generated.stderr and "tokens/s" in generated.stderr
+    # the same model as a transformers directory: loads with fxslice blocked, generates the same greedy tokens
+    hf = tmp_path / "hf"
+    exported = subprocess.run([sys.executable, "-m", "fxslice.cli", "export", str(out), "--format", "hf", "--out", str(hf)],
+                              capture_output=True, text=True)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert "with the KV cache" in exported.stdout
+    stock = subprocess.run([sys.executable, "-c", HF_GREEDY, str(hf), "The capital of France is"], capture_output=True,
+                           text=True)
+    assert stock.returncode == 0, stock.stderr[-2000:]
+    program = load(out)
+    ids = program.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert json.loads(stock.stdout.splitlines()[-1]) == generate(program, ids, max_new_tokens=8)[0].tolist()
+
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2", "phi"])
@@ -271,3 +285,15 @@ def test_looking_ahead_leaves_the_staged_runner_where_it_was(tiny):
     runner.run_through(late, {late: after})
     assert len(ahead.values) == len(after.values) == 3
     assert all(torch.equal(a, b) for a, b in zip(ahead.values, after.values, strict=True))
+
+
+HF_GREEDY = """
+import json, sys
+sys.modules["fxslice"] = None
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, prompt = sys.argv[1:3]
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # (without it, 5.24 asks first)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+ids = tokenizer(prompt, return_tensors="pt").input_ids
+print(json.dumps(model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[0].tolist()))
+"""
