@@ -40,7 +40,11 @@ try:
     padded = "accepted"
 except ValueError as exc:
     padded = str(exc)
-torch.save({"logits": model(ids).logits, "tokens": tokens, "steps": steps, "padded": padded,
+logits = model(ids).logits
+model.to("meta")  # no op names the CPU: the program runs wherever its weights are
+meta = model(ids.to("meta")).logits
+assert meta.device.type == "meta" and meta.shape == logits.shape, (meta.device, meta.shape)
+torch.save({"logits": logits, "tokens": tokens, "steps": steps, "padded": padded,
             "parameters": sum(p.numel() for p in model.parameters())}, out_path)
 """
 

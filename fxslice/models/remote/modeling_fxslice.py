@@ -10,6 +10,7 @@ transformers `Cache` (the graph writes its own tensors in place), so the model p
 
 from __future__ import annotations
 
+import copy
 import io
 
 import torch
@@ -100,11 +101,14 @@ class FxsliceForCausalLM(PreTrainedModel, GenerationMixin):
         return False  # the graph keeps its own cache tensors
 
     def _graph(self, device: torch.device) -> nn.Module:
-        """The exported graph, read once per device; ops that name a device name `device`."""
+        """The exported graph for `device`: read from the buffer once, then one copy per device in which ops that
+        name a device name this one."""
         key = str(device)
         if key not in self._graphs:
-            data = io.BytesIO(self.program.detach().cpu().numpy().tobytes())
-            gm = torch.export.load(data).module()
+            if "read" not in self._graphs:
+                data = io.BytesIO(self.program.detach().cpu().numpy().tobytes())
+                self._graphs["read"] = torch.export.load(data).module()
+            gm = copy.deepcopy(self._graphs["read"])
             for node in gm.graph.nodes:
                 if node.op != "call_function":
                     continue
