@@ -122,3 +122,30 @@ def test_an_onnx_export_runs_in_onnxruntime_without_fxslice(kind, tmp_path):
             expected = [program(ids)]
     for a, b in zip(got, expected, strict=True):
         assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+@pytest.mark.slow
+def test_smollm2_with_its_kv_cache_exports_to_pt2_and_onnx_that_run_without_fxslice(smollm2, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fxslice.models.export import export_onnx
+
+    program = capture_cached(smollm2[0])
+    export_pt2(program, tmp_path / "model.pt2")
+    export_onnx(program, tmp_path / "model.onnx")
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(1))
+    following = torch.randint(0, 49152, (1, 1), generator=torch.Generator().manual_seed(2))
+    for name, data in (("ids", ids), ("next", following)):
+        torch.save(data, tmp_path / f"{name}.pt")
+    with torch.no_grad():
+        kv = program.cache.allocate(1, 17, torch.float32)
+        expected = [program.step(ids, 0, kv), program.step(following, 16, kv)]
+    pt2 = subprocess.run([sys.executable, "-c", RUN_WITHOUT_FXSLICE, str(tmp_path / "model.pt2"), str(tmp_path / "ids.pt"),
+                          str(tmp_path / "pt2.pt")], capture_output=True, text=True)
+    assert pt2.returncode == 0, pt2.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "pt2.pt"), expected[0], rtol=1e-5, atol=1e-4)
+    onnx = subprocess.run([sys.executable, "-c", RUN_ONNX_WITHOUT_FXSLICE, str(tmp_path / "model.onnx"),
+                           str(tmp_path / "ids.pt"), str(tmp_path / "next.pt"), str(tmp_path / "onnx.pt")],
+                          capture_output=True, text=True)
+    assert onnx.returncode == 0, onnx.stderr[-2000:]
+    for a, b in zip(torch.load(tmp_path / "onnx.pt"), expected, strict=True):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-4
