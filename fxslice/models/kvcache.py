@@ -9,6 +9,7 @@ apply to this graph; `fxslice.replay` repeats a compiled pipeline on it (see `Pr
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -42,11 +43,17 @@ class _CachedStep(nn.Module):
 
     HF's StaticLayer is used as written (in-place `index_copy_` at the running position); only
     its storage comes from the caller, so that it shows up as graph inputs rather than buffers.
+    transformers 5.x changed how the cache is passed: early 5.x takes `past_key_values` and the
+    positions as `cache_position`, later 5.x takes `cache` and keeps the position in the layer
+    (`cumulative_length`); both are given in the form the installed model's forward accepts.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        accepted = inspect.signature(model.forward).parameters
+        self.cache_name = "cache" if "cache" in accepted else "past_key_values"
+        self.takes_positions = "cache_position" in accepted
 
     def forward(self, input_ids: torch.Tensor, past_length: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
         from transformers.cache_utils import Cache, StaticLayer
@@ -54,6 +61,8 @@ class _CachedStep(nn.Module):
         layers = []
         for keys, values in zip(kv[0::2], kv[1::2], strict=True):
             layer = StaticLayer(keys.shape[2])
+            # early 5.x counts the filled slots (data-dependent, which export cannot trace); the caller knows it
+            layer.get_seq_length = lambda *args, past=past_length, **kwargs: past
             layer.keys, layer.values = keys, values
             layer.cumulative_length = past_length.clone()
             layer.batch_size, layer.num_heads = keys.shape[0], keys.shape[1]
@@ -61,7 +70,12 @@ class _CachedStep(nn.Module):
             layer.device = keys.device
             layer.is_initialized = True
             layers.append(layer)
-        return self.model(input_ids=input_ids, cache=Cache(layers=layers), use_cache=True).logits
+        # a mask over the whole cache: models that would build one from the (traced) past length get a static size
+        kwargs = {self.cache_name: Cache(layers=layers),
+                  "attention_mask": torch.ones(input_ids.shape[0], kv[0].shape[2], dtype=torch.long, device=input_ids.device)}
+        if self.takes_positions:
+            kwargs["cache_position"] = past_length + torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.model(input_ids=input_ids, use_cache=True, **kwargs).logits
 
 
 def cache_layout(model: nn.Module) -> CacheLayout:
