@@ -179,3 +179,41 @@ def test_gptq_in_activation_order_keeps_the_stored_format_and_beats_round_to_nea
     ordered = gptq(m, h, 3, 32, act_order=True)
     assert ordered.q.shape == m.shape and ordered.scale.shape == (32, 3)
     assert _layer_error(m, ordered, h) < 0.8 * _layer_error(m, QuantizedWeight.from_matrix(m, 3, 32), h)
+
+
+@pytest.mark.parametrize("width", [64, 96, 576])
+def test_the_randomized_hadamard_is_orthogonal_and_spreads_every_channel(width):
+    from fxslice.passes.slicegpt.rotations import hadamard, orthogonality_error, randomized_hadamard
+
+    h = hadamard(64)
+    assert orthogonality_error(h) < 1e-12 and torch.allclose(h.abs(), torch.full_like(h, 64**-0.5))
+    q = randomized_hadamard(seed=3)(None, width)
+    assert q.shape == (width, width) and orthogonality_error(q) < 1e-12
+    assert torch.equal(q, randomized_hadamard(seed=3)(None, width))  # the same matrix for every segment
+    power = width & -width
+    # every channel is spread over at least 2^k others: no entry is larger than a Hadamard's
+    assert float(q.abs().max()) <= power**-0.5 + 1e-12
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard(48)
+
+
+def test_a_hadamard_rotation_before_quantizing_is_exact_and_adds_no_parameter(tiny):
+    from fxslice.analysis.roles import SHORTCUT
+    from fxslice.core import relative_error
+    from fxslice.core.graph import role_of
+    from fxslice.passes.rewrite.stages import Cleanup
+    from fxslice.passes.slicegpt.stages import Rotate
+    from fxslice.recipes import Recipe
+
+    _, program = tiny("llama")
+    program = program.to(torch.float64)
+    ids = program.probe_input()
+    before, size = program(ids), program.num_parameters()
+    Recipe((Cleanup(), Rotate(rotation="hadamard"))).run(program)
+    assert relative_error(program(ids), before) < 1e-12
+    shortcuts = [n for n in program.graph.nodes if role_of(n) == SHORTCUT]
+    assert not shortcuts and program.num_parameters() < size  # one matrix, no shortcut; the norm scales fused
+    Recipe((Cleanup(), Rotate(rotation="random"))).run(rotated := tiny("llama")[1].to(torch.float64))
+    assert any(role_of(n) == SHORTCUT for n in rotated.graph.nodes)  # (a matrix per segment pays shortcuts)
+    with pytest.raises(InvalidOption, match="hadamard"):
+        Rotate(rotation="haar")

@@ -11,7 +11,7 @@ from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED, QUANTIZED, ROTATED,
 from fxslice.passes.slicegpt.fuse_norms import FuseNorms
 from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
-from fxslice.passes.slicegpt.rotations import random_orthogonal
+from fxslice.passes.slicegpt.rotations import random_orthogonal, randomized_hadamard
 from fxslice.passes.slicegpt.slice_stream import ConstantWidths, SliceStream, per_block
 from fxslice.recipes import Stage, StageContext, StageResult
 
@@ -65,8 +65,9 @@ class SliceGPT(Stage):
 
 @dataclass(frozen=True, kw_only=True)
 class Rotate(Stage):
-    """Fuse the norms and rotate the stream by a random orthogonal matrix per segment: exact, checked
-    numerically. A model in which every later rotation (QuaRot-style quantization, say) is cheap."""
+    """Fuse the norms and rotate the stream: exact, checked numerically. `rotation="random"` takes a random
+    orthogonal matrix per segment; `"hadamard"` one randomized Hadamard for the whole stream, QuaRot-style, so
+    that quantization after it meets no outlier channel and the model gains no parameter."""
 
     kind = "rotate"
     needs = frozenset({CAPTURED, CLEAN})
@@ -74,7 +75,15 @@ class Rotate(Stage):
     provides = frozenset({ROTATED})
 
     seed: int = 0
+    # "random": a Haar-random matrix per segment (a shortcut matmul on every residual edge);
+    # "hadamard": one randomized Hadamard for the whole stream (no shortcut), what quantization wants
+    rotation: str = "random"
+
+    def __post_init__(self) -> None:
+        if self.rotation not in ("random", "hadamard"):
+            raise InvalidOption(f"rotate: rotation must be 'random' or 'hadamard', got {self.rotation!r}")
 
     def run(self, program: Program, context: StageContext) -> StageResult:
-        passes = [ProjectNormWriters(), FuseNorms(), RotateStream(random_orthogonal(self.seed))]
+        source = random_orthogonal(self.seed) if self.rotation == "random" else randomized_hadamard(self.seed)
+        passes = [ProjectNormWriters(), FuseNorms(), RotateStream(source)]
         return self.run_passes(program, passes, context, check_numerics=True)
