@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from fxslice.calibration.distributed import all_reduce_observers, all_reduce_sum, shard
 from fxslice.calibration.runner import Observers, notify, run_nodes
 from fxslice.core.errors import InvalidOption
 from fxslice.core.program import Program
@@ -78,7 +79,7 @@ def run_with_gradients(
     roots = set(gradients)
     generator = torch.Generator().manual_seed(seed) if labels == "sampled" else None
     total, count = 0.0, 0
-    for batch in progress_bar(list(batches), "forward and backward", enabled=progress):
+    for batch in progress_bar(shard(batches), "forward and backward", enabled=progress):
         env: dict[fx.Node, object] = {next(iter(graph.find_nodes(op="placeholder"))): batch}
         with torch.enable_grad():
             for node in order:
@@ -102,4 +103,6 @@ def run_with_gradients(
         total += float(loss.detach())
         count += batch[:, 1:].numel()
         del env, logits, loss
+    all_reduce_observers([*values.values(), *gradients.values()])
+    total, count = all_reduce_sum([total, count])
     return total / max(count, 1)

@@ -38,6 +38,17 @@ class SecondMoment:
         self.sum.addmm_(x.T, x)
         self.rows += x.shape[0]
 
+    def all_reduce(self) -> None:
+        """Sum over the ranks of a process group (data-parallel calibration); every rank must have seen data."""
+        import torch.distributed as dist
+
+        if self.sum is None:
+            raise ValueError("the observer has seen no data on this rank; every rank needs calibration batches")
+        dist.all_reduce(self.sum)
+        rows = torch.tensor([self.rows], dtype=torch.int64, device=self.sum.device)
+        dist.all_reduce(rows)
+        self.rows = int(rows.item())
+
     def mean(self) -> torch.Tensor:
         if self.sum is None or self.rows == 0:
             raise ValueError("the observer has seen no data")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from fxslice.calibration.distributed import all_reduce_observers, shard
 from fxslice.calibration.observers import Observer
 from fxslice.core.errors import UnsupportedStructure
 from fxslice.core.graph import mutates, tensor_of
@@ -52,10 +53,13 @@ def run_nodes(gm: fx.GraphModule, env: Env, nodes: Sequence[fx.Node]) -> None:
 
 
 class StagedRunner:
+    """Under a `torch.distributed` process group each rank runs its share of the batches and the observers'
+    statistics are summed over the ranks at the end of every stage (`fxslice.calibration.distributed`)."""
+
     def __init__(self, program: Program, batches: Sequence[torch.Tensor]):
         self.program = program
         placeholder = next(iter(program.graph.find_nodes(op="placeholder")))
-        self.envs: list[Env] = [{placeholder: batch} for batch in batches]
+        self.envs: list[Env] = [{placeholder: batch} for batch in shard(batches)]
         self.done: set[fx.Node] = {placeholder}
 
     def _todo(self, stop: fx.Node) -> list[fx.Node]:
@@ -76,6 +80,8 @@ class StagedRunner:
             for node in list(env):
                 if node not in live:
                     del env[node]
+        if observers:
+            all_reduce_observers(observers.values())
 
     @torch.no_grad()
     def peek(self, stop: fx.Node, observers: Observers) -> None:
@@ -90,6 +96,7 @@ class StagedRunner:
             ahead = dict(env)
             run_nodes(self.program.gm, ahead, todo)
             notify(ahead, observers)
+        all_reduce_observers(observers.values())
 
     def transform(self, nodes: Sequence[fx.Node], fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace the cached values of `nodes` (where cached) by fn(value)."""
