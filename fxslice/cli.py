@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from fxslice.core.pass_manager import PassManager
 from fxslice.core.program import Program
 from fxslice.models.capture import DEFAULT_MODEL, capture
 from fxslice.recipes import Recipe
+
+if TYPE_CHECKING:
+    import torch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SliceGPT as a graph-transform compiler over torch.fx.")
 err = Console(stderr=True)
@@ -35,6 +38,9 @@ CalibSeed = Annotated[int, typer.Option(min=0, help="seed for sampling calibrati
 RecoverSteps = Annotated[int, typer.Option(min=0, help="then fine-tune low-rank adapters this many steps on --recover-text and merge them (0: no recovery)")]
 RecoverText = Annotated[str, typer.Option(help="recovery training text (never the evaluation split)")]
 RecoverLr = Annotated[float, typer.Option(help="recovery learning rate (AdamW, warm-up then cosine), > 0")]
+Device = Annotated[str, typer.Option(help="where to compute: auto (a GPU when there is one), cpu, cuda, cuda:N, mps")]
+Dtype = Annotated[str, typer.Option(help="the weights' dtype for the run: float32, bfloat16, float16 (statistics stay "
+                                         "float64; the saved model keeps this dtype)")]
 
 
 @app.callback()
@@ -48,8 +54,12 @@ def _capture(model: str) -> Program:
         return capture(model)
 
 
-def _capture_with_cache(model: str) -> tuple[Program, Program | None]:
-    """The plain capture (for calibration) and, where the model allows it, one with a KV cache (for generation)."""
+def _capture_with_cache(model: str, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                        ) -> tuple[Program, Program | None]:
+    """The plain capture (for calibration) and, where the model allows it, one with a KV cache (for generation);
+    the model converted to `dtype` before capture (so its own casts around norms stay), both moved to `device`."""
+    import torch
+
     from fxslice.core.errors import CaptureError
     from fxslice.core.health import check_finite
     from fxslice.models.capture import capture_module, load_model
@@ -57,6 +67,8 @@ def _capture_with_cache(model: str) -> tuple[Program, Program | None]:
 
     with err.status(f"loading and capturing {model} ..."):
         module, tokenizer = load_model(model)
+        if dtype is not None and dtype != torch.float32:
+            module = module.to(dtype)
         program = capture_module(module)
         check_finite(program)  # a broken model is refused as such, not as a cache that decodes wrongly
         try:
@@ -64,6 +76,9 @@ def _capture_with_cache(model: str) -> tuple[Program, Program | None]:
         except CaptureError as exc:
             err.print(f"[yellow]note:[/] {exc}; the saved model will generate without a KV cache", highlight=False)
             cached = None
+    if device is not None and device.type != "cpu":
+        with err.status(f"moving to {device} ..."):
+            program, cached = program.to(device), (cached.to(device) if cached is not None else None)
     for p in (program, cached):
         if p is not None:
             p.tokenizer, p.source = tokenizer, str(model)
@@ -134,6 +149,8 @@ def slice_(
     recover_text: RecoverText = "wikitext2:validation",
     recover_lr: RecoverLr = 5e-4,
     save_recipe: Annotated[Path | None, typer.Option(help="also write the recipe this runs (YAML or JSON) here")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
 ) -> None:
     """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out.
 
@@ -152,7 +169,7 @@ def slice_(
         recipe.save(save_recipe)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {
         "sparsity": sparsity, "width_multiple": multiple, "shared_basis": shared_basis,
-        "head": "untied" if untie else "tied where the model ties it"})
+        "head": "untied" if untie else "tied where the model ties it"}, device, dtype)
 
 
 @app.command()
@@ -174,6 +191,8 @@ def prune(
     recover_steps: RecoverSteps = 0,
     recover_text: RecoverText = "wikitext2:validation",
     recover_lr: RecoverLr = 5e-4,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
 ) -> None:
     """Prune MODEL's MLP channels and key/value head groups (The LLM Surgeon), so that its matrices shrink;
     or, with --structures, zero the paper's rows and columns, single weights or 2:4 blocks.
@@ -187,7 +206,7 @@ def prune(
                           calibration=data)
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
-              {"method": method, "target": target, "shots": shots, "structures": structures})
+              {"method": method, "target": target, "shots": shots, "structures": structures}, device, dtype)
 
 
 @app.command()
@@ -207,6 +226,8 @@ def quantize(
     eval_length: EvalLength = 2048,
     batch_size: BatchSize = 1,
     seed: CalibSeed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
 ) -> None:
     """Quantize MODEL's weights group-wise (GPTQ or round to nearest); the saved model stores packed integers
     and its record the bytes, scales included. A preset of `fxslice compress`: cleanup -> quantize."""
@@ -219,7 +240,7 @@ def quantize(
                      batch_size=batch_size)
     recipe = Recipe((Cleanup(), stage), data if method == "gptq" else None, name=f"quantize-{method}")
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
-              {"bits": bits, "group_size": group_size, "method": method})
+              {"bits": bits, "group_size": group_size, "method": method}, device, dtype)
 
 
 @app.command()
@@ -231,12 +252,14 @@ def compress(
     eval_windows: EvalWindows = None,
     eval_length: EvalLength = 2048,
     batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass for evaluation")] = 1,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
 ) -> None:
     """Run a recipe on MODEL, measure perplexity before and after, and save the result to --out."""
     from fxslice.passes import load_recipe
 
     recipe = load_recipe(recipe_file)  # validated before anything is loaded
-    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {})
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {}, device, dtype)
 
 
 def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float) -> Recipe:
@@ -250,12 +273,13 @@ def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float) -> Recipe:
 
 
 def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_windows: int | None, eval_length: int,
-              batch_size: int, extra: dict) -> None:
+              batch_size: int, extra: dict, device: str = "cpu", dtype: str = "float32") -> None:
     """Capture, evaluate, run the recipe, evaluate, replay on the KV-cache capture, save: `slice` and `compress`."""
     import time
 
     import torch
 
+    from fxslice.core.devices import resolve_device, resolve_dtype
     from fxslice.core.health import check_finite, check_tokens
     from fxslice.core.pass_manager import replay
     from fxslice.data import load_text, token_windows
@@ -264,13 +288,15 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
     from fxslice.passes.slicegpt import SliceStream
 
     check_output_dir(out_dir)  # before the long work: a typo in --out should not cost a calibration
+    target = resolve_device(device)
+    precision = resolve_dtype(dtype, target)
     calibrating = [s.kind for s in recipe.stages if s.calibrates]
     if calibrating and recipe.calibration is None:
         raise InvalidOption(f"stage '{calibrating[0]}' calibrates but the recipe has no calibration section; add "
                             "e.g. `calibration: {source: wikitext2:validation, windows: 32, length: 2048}`")
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    program, cached = _capture_with_cache(model)
+    program, cached = _capture_with_cache(model, target, precision)
     seconds["capture"] = time.perf_counter() - start
     check_finite(program)
     if program.tokenizer is None:
@@ -296,6 +322,7 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
     segments = [r for p in result.passes if isinstance(p, SliceStream) for r in p.reports]
     record = {
         "passes": [p.name for p in result.passes],
+        "device": str(target), "dtype": dtype,
         **extra,
         "widths": [r.kept for r in segments],
         "variance_kept": [round(r.variance_kept, 5) for r in segments],

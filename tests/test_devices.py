@@ -74,3 +74,55 @@ def test_a_kv_cache_program_moves_with_its_cache():
     ids = torch.zeros(1, 5, dtype=torch.long, device="meta")
     kv = moved.cache.allocate(1, 8, moved.dtype, torch.device("meta"))
     assert devices_computed(moved, ids, torch.tensor(0, device="meta"), *kv) == {"meta"}
+
+
+def test_cli_slices_in_bfloat16_with_float64_statistics_and_saves_bfloat16(tmp_path, tiny_model_dir):
+    import json
+    import subprocess
+    import sys
+
+    from fxslice import load
+
+    out = tmp_path / "bf16"
+    cmd = [sys.executable, "-m", "fxslice.cli", "slice", str(tiny_model_dir("llama", trained=True)), "--sparsity", "0.25",
+           "--calib-windows", "4", "--calib-length", "32", "--eval-windows", "2", "--eval-length", "32",
+           "--device", "cpu", "--dtype", "bfloat16", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "fxslice.json").read_text())
+    assert record["dtype"] == "bfloat16" and record["device"] == "cpu"
+    back = load(out)
+    assert back.dtype == torch.bfloat16 and back.cache is not None
+    ppl = record["perplexity"]
+    assert ppl["compressed"] < 4 * ppl["dense"]  # a trained tiny model, sliced in bf16, still reads its text
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--device", "cuda"], "no CUDA device"),
+    (["--device", "tpu"], "not a device|runs on cpu"),
+    (["--dtype", "int8"], "--dtype must be one of"),
+])
+def test_cli_refuses_a_device_or_dtype_it_cannot_use_before_any_work(options, message, tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    if options[1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cmd = [sys.executable, "-m", "fxslice.cli", "slice", str(tiny_model_dir("llama")), "--out", str(tmp_path / "x"),
+           *options]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert __import__("re").search(message, done.stderr), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "x").exists()
+
+
+def test_program_inputs_follow_the_program_to_its_device(tiny):
+    from fxslice.evaluation.perplexity import perplexity
+
+    _, program = tiny("llama")
+    meta = program.to("meta")
+    assert meta.device.type == "meta" and program.device.type == "cpu"
+    ids = program.probe_input()  # on the CPU: the program moves it
+    assert meta(ids).device.type == "meta"
+    with pytest.raises(Exception):  # noqa: B017,PT011 - meta tensors have no values to turn into a float
+        perplexity(meta, ids)

@@ -160,7 +160,9 @@ class NormMatch:
 
     @property
     def has_affine(self) -> bool:
-        return self.weight is not None or self.bias is not None or self.output is not self.normalized
+        """A scale or a shift after normalising; casts between `normalized` and `output` (a half-precision
+        model's norm computes in float32 and casts back) are not one."""
+        return self.weight is not None or self.bias is not None
 
     @property
     def is_plain_rms(self) -> bool:

@@ -48,6 +48,7 @@ def mean_loss(program: Program, batches: Sequence[torch.Tensor]) -> float:
     """Mean next-token loss over the batches (the figure `run_with_gradients` returns, without gradients)."""
     total, count = 0.0, 0
     for batch in batches:
+        batch = batch.to(program.device)
         total += float(_causal_lm_loss(program(batch), batch, "data", None))
         count += batch[:, 1:].numel()
     return total / max(count, 1)
@@ -80,6 +81,7 @@ def run_with_gradients(
     generator = torch.Generator().manual_seed(seed) if labels == "sampled" else None
     total, count = 0.0, 0
     for batch in progress_bar(shard(batches), "forward and backward", enabled=progress):
+        batch = batch.to(program.device)
         env: dict[fx.Node, object] = {next(iter(graph.find_nodes(op="placeholder"))): batch}
         with torch.enable_grad():
             for node in order:

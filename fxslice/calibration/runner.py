@@ -59,7 +59,8 @@ class StagedRunner:
     def __init__(self, program: Program, batches: Sequence[torch.Tensor]):
         self.program = program
         placeholder = next(iter(program.graph.find_nodes(op="placeholder")))
-        self.envs: list[Env] = [{placeholder: batch} for batch in shard(batches)]
+        device = program.device
+        self.envs: list[Env] = [{placeholder: batch.to(device)} for batch in shard(batches)]
         self.done: set[fx.Node] = {placeholder}
 
     def _todo(self, stop: fx.Node) -> list[fx.Node]:

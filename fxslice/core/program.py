@@ -44,7 +44,8 @@ class Program:
     _analyses: dict[Callable, tuple[int, Any]] = field(default_factory=dict, repr=False)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits for whole sequences (a cached graph starts from an empty cache)."""
+        """Logits for whole sequences (a cached graph starts from an empty cache), on the program's device."""
+        input_ids = input_ids.to(self.device)
         if self.cache is None:
             return self.gm(input_ids)
         kv = self.cache.allocate(input_ids.shape[0], input_ids.shape[1], self.dtype, input_ids.device)
@@ -64,6 +65,11 @@ class Program:
     @property
     def graph(self) -> fx.Graph:
         return self.gm.graph
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (and so where the program computes)."""
+        return next((p.device for p in self.gm.parameters()), torch.device("cpu"))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -42,6 +42,7 @@ def generate(
     if limit and input_ids.shape[1] + max_new_tokens > limit:
         raise InvalidOption(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                             f"context of {limit} tokens")
+    input_ids = input_ids.to(program.device)
     generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
     batch, length = input_ids.shape
     if program.cache is not None:

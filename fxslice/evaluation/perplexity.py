@@ -19,6 +19,7 @@ def perplexity(program: Program, windows: torch.Tensor, *, batch_size: int = 1, 
     total, count = 0.0, 0
     batches = list(windows.split(batch_size))
     for batch in progress_bar(batches, "perplexity", enabled=progress):
+        batch = batch.to(program.device)
         logits = program(batch).float()
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"

@@ -49,7 +49,7 @@ def continuation_logprobs(
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         for row, i in enumerate(batch):
             ids[row, : len(sequences[i]) - 1] = torch.tensor(sequences[i][:-1])
-        logprobs = program(ids).float().log_softmax(-1)
+        logprobs = program(ids).float().log_softmax(-1).cpu()
         for row, i in enumerate(batch):
             n, k = len(sequences[i]) - 1, len(requests[i][1])
             scored = logprobs[row, n - k: n]
@@ -69,7 +69,7 @@ def rolling_logprob(program: Program, ids: Sequence[int], *, max_length: int, pr
         end = min(start + max_length, len(ids))  # predict tokens[start + 1 .. end]
         first = max(0, end - max_length)
         window = torch.tensor(tokens[first:end])[None]
-        logprobs = program(window).float().log_softmax(-1)[0]
+        logprobs = program(window).float().log_softmax(-1)[0].cpu()
         targets = torch.tensor(tokens[start + 1: end + 1])
         rows = logprobs[start - first: end - first]
         total += float(rows.gather(-1, targets[:, None]).sum())

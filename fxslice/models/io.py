@@ -129,6 +129,8 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
 
     out = Path(out_dir)
     check_output_dir(out)
+    if program.device.type != "cpu":  # the file is device-free; `load` gives a CPU program, `.to(...)` moves it
+        program = program.to("cpu")
     weights = _used_weights(program)
     graph = _graph_bytes(program, weights)  # in memory first: torch's zip writer aborts the process on a full disk
     weights, quantized = _packed(program, weights)

@@ -32,6 +32,7 @@ class TrainReport:
 
 def next_token_loss(program: Program, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy of a batch [n, length] (float32 even for a half-precision program)."""
+    ids = ids.to(program.device)
     logits = program(ids)[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
