@@ -265,31 +265,49 @@ def _match_decomposed_rms(gm: fx.GraphModule, rsqrt: fx.Node) -> NormMatch | Non
                      frozenset(internal | affine))
 
 
+def _parameter_argument(gm: fx.GraphModule, arg: object) -> tuple[fx.Node | None, float] | None:
+    """A norm's scale or shift argument as (parameter, offset): the parameter itself, or `parameter + c` (Nemotron's
+    LayerNorm1P passes `weight + 1`), casts allowed; (None, 0) for no argument; None when it is computed from
+    anything else (then the node is not a norm fxslice can fuse, and the analysis says so)."""
+    if arg is None:
+        return None, 0.0
+    base, offset = arg, 0.0
+    while isinstance(base, fx.Node) and base.target in CAST_OPS:
+        base = base.args[0]
+    if isinstance(base, fx.Node) and base.target == aten.add.Tensor and isinstance(base.args[1], (int, float)):
+        base, offset = base.args[0], float(base.args[1])
+        while isinstance(base, fx.Node) and base.target in CAST_OPS:
+            base = base.args[0]
+    return (base, offset) if isinstance(base, fx.Node) and is_param(gm, base) else None
+
+
 def match_norm(gm: fx.GraphModule, node: fx.Node) -> NormMatch | None:
     """A norm anchored at `node`: aten.layer_norm, aten.rms_norm, or the rsqrt of a decomposed RMSNorm."""
     if node.op != "call_function":
         return None
     if node.target == aten.layer_norm.default:
         x, shape = node.args[0], node.args[1]
-        w = node.args[2] if len(node.args) > 2 else None
-        b = node.args[3] if len(node.args) > 3 else None
+        scale = _parameter_argument(gm, node.args[2] if len(node.args) > 2 else None)
+        shift = _parameter_argument(gm, node.args[3] if len(node.args) > 3 else None)
         eps = node.args[4] if len(node.args) > 4 else 1e-5
-        if len(shape) != 1:
+        if len(shape) != 1 or scale is None or shift is None or shift[1] != 0.0:
             return None
+        (w, w_off), b = scale, shift[0]
         output, w2, off, b2, affine = _match_affine(gm, node, shape[0])
         if (w is not None and w2 is not None) or (b is not None and b2 is not None):
             output, w2, off, b2, affine = node, None, 0.0, None, set()
         return NormMatch("layer_norm", x, node, output, float(eps), shape[0], w if w is not None else w2,
-                         off if w is None else 0.0, b if b is not None else b2, True, frozenset({node, *affine}))
+                         off if w is None else w_off, b if b is not None else b2, True, frozenset({node, *affine}))
     if node.target == aten.rms_norm.default:
         x, shape = node.args[0], node.args[1]
-        w = node.args[2] if len(node.args) > 2 else None
+        scale = _parameter_argument(gm, node.args[2] if len(node.args) > 2 else None)
         eps = node.args[3] if len(node.args) > 3 and node.args[3] is not None else torch.finfo(value_of(x).dtype).eps
-        if len(shape) != 1:
+        if len(shape) != 1 or scale is None:
             return None
+        w, w_off = scale
         output, w2, off, b2, affine = _match_affine(gm, node, shape[0])
         return NormMatch("rms_norm", x, node, output, float(eps), shape[0], w if w is not None else w2,
-                         0.0 if w is not None else off, b2, False, frozenset({node, *affine}))
+                         w_off if w is not None else off, b2, False, frozenset({node, *affine}))
     if node.target == aten.rsqrt.default:
         return _match_decomposed_rms(gm, node)
     return None

@@ -54,6 +54,8 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
                  dict(hidden_size=64, intermediate_size=128, num_key_value_heads=4)),
     "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(hidden_size=64, intermediate_size=128)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(hidden_size=64, intermediate_size=128)),
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM",  # LayerNorm1P: layer_norm(x, w + 1, b)
+                 dict(hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(hidden_size=64, intermediate_size=64, num_key_value_heads=2, num_local_experts=4,
                      num_experts_per_tok=2)),
