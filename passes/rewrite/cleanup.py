@@ -20,6 +20,8 @@ __all__ = ["CleanupIR"]
 
 _ASSERTS = {aten._assert_tensor_metadata.default}
 _IDENTITIES = {aten.alias.default, aten.lift_fresh_copy.default, aten.contiguous.default, aten.clone.default}
+_LAYOUT_COPIES = {aten.contiguous.default, aten.clone.default}
+_STRIDE_READERS = {aten.view.default, aten._unsafe_view.default, aten.as_strided.default}
 _OPEN_END = 2**62  # torch.export writes `x[a:]` as slice(x, dim, a, 2**63 - 1)
 
 
@@ -40,6 +42,8 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
     src = node.args[0]
     if any(mutates(u) for u in (*node.users, *src.users)):
         return None  # a copy that is written to, or whose source is, is not an identity
+    if node.target in _LAYOUT_COPIES and any(u.target in _STRIDE_READERS for u in node.users):
+        return None  # `x.permute(...).contiguous().view(...)`: the copy is what makes the view legal
     if node.target in _IDENTITIES or _whole_slice(node):
         return src
     if node.target == aten.dropout.default and (len(node.args) < 3 or node.args[2] is False):
