@@ -221,6 +221,24 @@ def _match_affine(gm: fx.GraphModule, normalized: fx.Node, width: int) -> tuple[
     return out, weight, offset, bias, nodes
 
 
+def _same_value(a: object, b: object) -> bool:
+    """The same node, or two nodes computing the same op on the same inputs (code that repeats `x - mean`)."""
+    if a is b:
+        return True
+    return (isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.op == b.op == "call_function"
+            and a.target == b.target and a.args == b.args and a.kwargs == b.kwargs)
+
+
+def _centred(node: fx.Node) -> bool:
+    """`x0 - mean(x0, -1, keepdim=True)`."""
+    if node.op != "call_function" or node.target != aten.sub.Tensor or len(node.args) != 2:
+        return False
+    x0, mean = node.args
+    return (isinstance(mean, fx.Node) and mean.target == aten.mean.dim and mean.args[0] is x0
+            and list(mean.args[1]) in ([-1], [value_of(x0).dim() - 1])
+            and bool(mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)))
+
+
 def _match_decomposed_rms(gm: fx.GraphModule, rsqrt: fx.Node) -> NormMatch | None:
     """x * rsqrt(mean(x^2, -1, keepdim) + eps), or sum(x^2)/D; squares by pow or x*x; casts allowed."""
     add = rsqrt.args[0]
@@ -246,22 +264,29 @@ def _match_decomposed_rms(gm: fx.GraphModule, rsqrt: fx.Node) -> NormMatch | Non
         return None
     if square.target == aten.pow.Tensor_Scalar and square.args[1] == 2:
         x = square.args[0]
-    elif square.target == aten.mul.Tensor and square.args[0] is square.args[1]:
+    elif square.target == aten.mul.Tensor and _same_value(square.args[0], square.args[1]):
         x = square.args[0]
     else:
         return None
-    scaled = [u for u in rsqrt.users if u.target == aten.mul.Tensor and x in u.args]
+    # `x * rsqrt(...)`, where a hand-written LayerNorm may compute `x` (= x0 - mean(x0)) a second time
+    scaled = [u for u in rsqrt.users if u.target == aten.mul.Tensor and any(_same_value(a, x) for a in u.args)]
     if len(rsqrt.users) != 1 or len(scaled) != 1:
         return None
     normalized = scaled[0]
     width = width or value_of(x).shape[-1]
-    internal = {square, reduce, *inner, add, rsqrt, normalized}
-    source = x
+    twins = {a for a in normalized.args if isinstance(a, fx.Node) and a is not x and _same_value(a, x)}
+    internal = {square, reduce, *inner, add, rsqrt, normalized, *twins}
+    source, centres = x, False
+    if _centred(source):  # x0 - mean(x0): a LayerNorm without bias written by hand (Cohere)
+        if any(not set(t.users) <= internal for t in {source, *twins}):
+            return None
+        internal |= {source, *twins, source.args[1]}
+        source, centres = source.args[0], True
     while source.op == "call_function" and source.target in CAST_OPS and set(source.users) <= internal:
         internal.add(source)
         source = source.args[0]
     output, weight, offset, bias, affine = _match_affine(gm, normalized, value_of(x).shape[-1])
-    return NormMatch("rms", source, normalized, output, eps, width, weight, offset, bias, False,
+    return NormMatch("rms", source, normalized, output, eps, width, weight, offset, bias, centres,
                      frozenset(internal | affine))
 
 

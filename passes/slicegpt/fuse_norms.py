@@ -106,7 +106,13 @@ def _centre_writers(gm: torch.fx.GraphModule, stream: Stream) -> None:
 
 
 def _strip(graph: fx.Graph, norm: NormMatch) -> None:
-    """Drop the affine part and replace a LayerNorm / aten.rms_norm with a weightless decomposed RMSNorm."""
+    """Drop the affine part and replace a LayerNorm / aten.rms_norm with a weightless decomposed RMSNorm; a
+    LayerNorm written out by hand loses its `x - mean(x)` (the writers now centre the stream)."""
+    if norm.kind == "rms" and norm.centres:
+        for node in norm.nodes:
+            if node.target == aten.sub.Tensor and isinstance(node.args[1], fx.Node) and node.args[1] in norm.nodes \
+                    and node.args[1].target == aten.mean.dim:
+                node.replace_all_uses_with(node.args[0])
     for node in norm.nodes:  # the affine ops: `* w` (or `* (1 + w)`) and `+ b` on the normalised value
         if node.target in (aten.mul.Tensor, aten.add.Tensor) and _is_affine_op(node, norm):
             keep = next(a for a in node.args if isinstance(a, fx.Node) and a not in (norm.weight, norm.bias)
