@@ -6,7 +6,8 @@
 Per class and tiny config, in its own subprocess with a time and a memory limit: build the model (hidden 64, 2 layers,
 4 heads of 16, norm scales and biases drawn away from 1 and 0), capture it, compare the float64 program with the
 eager float64 model (mixtures of experts whose grouped matmul has no float64 kernel are run eagerly with
-transformers' batched_mm experts for that reference; the model's own float32 casts stay: the difference shows those islands), run the exact pipeline with a random rotation per segment in float64, then slice at 25 %.
+transformers' batched_mm experts for that reference; the model's own float32 casts stay: the difference shows
+those islands), run the exact pipeline with a random rotation per segment in float64, then slice at 25 %.
 Outcomes:
 
 - `exact`: capture equals eager (relative error in `capture_error`), the rotated program equals the captured one
