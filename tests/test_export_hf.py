@@ -35,6 +35,9 @@ def counting(*args, **kwargs):
 model.forward = counting
 tokens = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
 model.forward = forward
+beams = model.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+recomputed = model.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=0,
+                            use_cache=False)
 try:
     model(ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0))
     padded = "accepted"
@@ -44,7 +47,7 @@ logits = model(ids).logits
 model.to("meta")  # no op names the CPU: the program runs wherever its weights are
 meta = model(ids.to("meta")).logits
 assert meta.device.type == "meta" and meta.shape == logits.shape, (meta.device, meta.shape)
-torch.save({"logits": logits, "tokens": tokens, "steps": steps, "padded": padded,
+torch.save({"beams_agree": torch.equal(beams, recomputed), "logits": logits, "tokens": tokens, "steps": steps, "padded": padded,
             "parameters": sum(p.numel() for p in model.parameters())}, out_path)
 """
 
@@ -84,6 +87,7 @@ def test_transformers_loads_the_export_without_fxslice_and_generates_fxslices_to
     expected_steps = [7, 1, 1, 1, 1, 1] if program.cache is not None else [7, 8, 9, 10, 11, 12]
     assert got["steps"] == expected_steps
     assert "without an attention-mask input" in got["padded"]
+    assert got["beams_agree"]  # beam search reorders the program's cache as it would recompute
     assert got["parameters"] == program.num_parameters()  # one tensor per weight: the tie is not duplicated
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_fxslice.FxsliceForCausalLM"

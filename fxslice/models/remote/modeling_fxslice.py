@@ -63,6 +63,10 @@ class ProgramCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the rows of the beams that survive."""
+        self.tensors = [t.index_select(0, beam_idx.to(t.device)) for t in self.tensors]
+
 
 def _place(root: nn.Module, name: str, tensor: torch.Tensor, parameter: bool) -> None:
     """Register `tensor` under the dotted `name` below `root` (a parameter or a buffer, as in the program), creating
