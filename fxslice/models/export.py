@@ -122,9 +122,13 @@ def export_hf(program: Program, out_dir: str | os.PathLike) -> Path:
     check_output_dir(out)
     gm, weights = weights_as_inputs(program)
     args, shapes = example_inputs(program)
-    with torch.no_grad():
-        exported = torch.export.export(gm, (*weights.values(), *args), dynamic_shapes=(*(None for _ in weights), *shapes),
-                                       strict=False)
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(gm, (*weights.values(), *args),
+                                           dynamic_shapes=(*(None for _ in weights), *shapes), strict=False)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; the user needs its first line
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UnsupportedStructure(f"torch.export cannot take this program with its weights as inputs: {reason}") from exc
     buffer = io.BytesIO()
     torch.export.save(exported, buffer)
     graph = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)

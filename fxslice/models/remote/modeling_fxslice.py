@@ -137,7 +137,7 @@ class FxsliceForCausalLM(PreTrainedModel, GenerationMixin):
             logits, state = graph(*weights, input_ids), None
         else:
             if state is None:
-                state = ProgramCache(self.config.kv_cache, input_ids.shape[0], input_ids.shape[1], weights[0].dtype,
+                state = ProgramCache(self.config.kv_cache, input_ids.shape[0], input_ids.shape[1], self.dtype,
                                      input_ids.device)
             state.reserve(state.length + input_ids.shape[1])
             past = torch.tensor(state.length, device=input_ids.device)
