@@ -197,7 +197,8 @@ def test_the_randomized_hadamard_is_orthogonal_and_spreads_every_channel(width):
         hadamard(48)
 
 
-def test_a_hadamard_rotation_before_quantizing_is_exact_and_adds_no_parameter(tiny):
+@pytest.mark.parametrize("name", ["llama", "llama-tied"])
+def test_a_hadamard_rotation_before_quantizing_is_exact_and_adds_no_shortcut(tiny, name):
     from fxslice.analysis.roles import SHORTCUT
     from fxslice.core import relative_error
     from fxslice.core.graph import role_of
@@ -205,15 +206,22 @@ def test_a_hadamard_rotation_before_quantizing_is_exact_and_adds_no_parameter(ti
     from fxslice.passes.slicegpt.stages import Rotate
     from fxslice.recipes import Recipe
 
-    _, program = tiny("llama")
+    _, program = tiny(name)
     program = program.to(torch.float64)
     ids = program.probe_input()
     before, size = program(ids), program.num_parameters()
+
+    def tables():  # distinct [128, 64] tensors: the vocabulary's table(s), and the MLPs' gate and up
+        return len({id(p) for p in program.gm.parameters() if tuple(p.shape) == (128, 64)})
+
+    count = tables()
     Recipe((Cleanup(), Rotate(rotation="hadamard"))).run(program)
     assert relative_error(program(ids), before) < 1e-12
-    shortcuts = [n for n in program.graph.nodes if role_of(n) == SHORTCUT]
-    assert not shortcuts and program.num_parameters() < size  # one matrix, no shortcut; the norm scales fused
-    Recipe((Cleanup(), Rotate(rotation="random"))).run(rotated := tiny("llama")[1].to(torch.float64))
+    assert not [n for n in program.graph.nodes if role_of(n) == SHORTCUT]  # one matrix for the whole stream
+    assert tables() == count  # a tied table stays one tensor: no copy for the head
+    # the norm scales are fused; a tied head gains one 64 x 64 projection in front of it, nothing else
+    assert program.num_parameters() <= size + (64 * 64 if name == "llama-tied" else 0)
+    Recipe((Cleanup(), Rotate(rotation="random"))).run(rotated := tiny(name)[1].to(torch.float64))
     assert any(role_of(n) == SHORTCUT for n in rotated.graph.nodes)  # (a matrix per segment pays shortcuts)
     with pytest.raises(InvalidOption, match="hadamard"):
         Rotate(rotation="haar")

@@ -13,10 +13,13 @@ from collections.abc import Collection
 import torch
 from torch import fx
 
+from fxslice.analysis.matchers import match_linear
+from fxslice.analysis.roles import TIED_HEAD_PROJECTION
 from fxslice.analysis.stream import Segment
-from fxslice.analysis.weights import transform_input, transform_output, transform_table
+from fxslice.analysis.weights import contract, transform_input, transform_output, transform_table
+from fxslice.core.graph import role_of, set_tensor, tensor_of
 
-__all__ = ["change_basis"]
+__all__ = ["change_basis", "change_tied_tables"]
 
 
 def change_basis(gm: fx.GraphModule, segment: Segment, m: torch.Tensor, *, done: Collection[fx.Node] = ()) -> None:
@@ -30,3 +33,24 @@ def change_basis(gm: fx.GraphModule, segment: Segment, m: torch.Tensor, *, done:
             transform_output(gm, writer.linear, m)
     for reader in segment.readers:
         transform_input(gm, reader.linear, m)
+
+
+def change_tied_tables(gm: fx.GraphModule, seg: Segment, q: torch.Tensor) -> list[fx.Node]:
+    """A table shared by an embedding of `seg` and a head behind a projection (FuseNorms(keep_ties=True)):
+    change the table once, for both, and the projection's output with it, so the tie survives slicing.
+    Returns the embedding outputs handled here."""
+    done = []
+    for writer in seg.writers:
+        if writer.kind != "embedding":
+            continue
+        table = tensor_of(gm, writer.table)
+        heads = [u for n in gm.graph.nodes if (u := match_linear(gm, n)) is not None and u.node.op == "call_function"
+                 and tensor_of(gm, u.weight) is table]
+        projections = [match_linear(gm, h.input) for h in heads]
+        if not heads or any(p is None or role_of(p.node) != TIED_HEAD_PROJECTION for p in projections):
+            continue
+        set_tensor(gm, str(writer.table.target), contract(table, -1, q))
+        for projection in projections:
+            transform_output(gm, projection, q)
+        done.append(writer.output)
+    return done

@@ -15,7 +15,7 @@ from fxslice import InvalidOption, Pass, PassResult, Program, UnsupportedStructu
 from fxslice.analysis.roles import SHORTCUT
 from fxslice.analysis.stream import Segment, stream_analysis
 from fxslice.analysis.weights import insert_linear, transform_input, transform_output
-from fxslice.passes.slicegpt.basis import change_basis
+from fxslice.passes.slicegpt.basis import change_basis, change_tied_tables
 from fxslice.passes.slicegpt.rotations import orthogonality_error
 
 __all__ = ["RotateStream"]
@@ -62,8 +62,8 @@ class RotateStream(Pass):
         eye = torch.eye(stream.width, dtype=torch.float64)
         moved = [not torch.equal(q, eye) for q in qs]  # an identity leaves its segment's weights as they are
         for seg, q, m in zip(stream.segments, qs, moved, strict=True):
-            if m:
-                change_basis(gm, seg, q)
+            if m:  # a table tied to a head behind a projection is changed once, for both: the tie survives
+                change_basis(gm, seg, q, done=change_tied_tables(gm, seg, q))
         inserted = 0
         for sc in stream.shortcuts:
             qa, qb = qs[sc.src], qs[sc.dst]

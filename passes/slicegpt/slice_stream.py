@@ -18,16 +18,16 @@ import torch
 from torch import fx
 
 from fxslice import BadInput, InvalidOption, Pass, PassResult, Program, UnsupportedStructure
-from fxslice.analysis.matchers import LinearUse, match_linear
-from fxslice.analysis.roles import SHORTCUT, TIED_HEAD_PROJECTION
+from fxslice.analysis.matchers import LinearUse
+from fxslice.analysis.roles import SHORTCUT
 from fxslice.analysis.stream import Segment, Stream, stream_analysis
-from fxslice.analysis.weights import contract, insert_linear, remove_linear, transform_output
+from fxslice.analysis.weights import insert_linear, remove_linear, transform_output
 from fxslice.calibration.observers import SecondMoment
 from fxslice.calibration.runner import StagedRunner
-from fxslice.core.graph import aten, refresh_vals, role_of, set_tensor, tensor_of
+from fxslice.core.graph import aten, refresh_vals
 from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.progress import progress_bar
-from fxslice.passes.slicegpt.basis import change_basis
+from fxslice.passes.slicegpt.basis import change_basis, change_tied_tables
 
 __all__ = ["SliceStream", "SegmentReport", "ConstantWidths", "constant_widths", "per_block"]
 
@@ -194,7 +194,7 @@ class SliceStream(Pass):
                 kept = kept_variance / total if total > 0 else 0.0
                 self.reports.append(SegmentReport(k, seg.module, full, int(q.shape[1]), kept, float(eigenvalues[-1]),
                                                   _health(eigenvalues, int(q.shape[1]), len(self.windows))))
-            change_basis(gm, seg, q, done=_change_tied_tables(gm, seg, q))
+            change_basis(gm, seg, q, done=change_tied_tables(gm, seg, q))
             if k in incoming:  # from an earlier, already sliced segment
                 src, shortcut = incoming.pop(k)
                 if shared and src == k - 1:  # Q_k = Q_(k-1): the shortcut is the identity
@@ -229,27 +229,6 @@ def _covariance(runner: StagedRunner, seg: Segment, probe: fx.Node, order: dict[
                        f"{'not finite' if not bool(torch.isfinite(cov).all()) else 'all zero'}; "
                        "the model or the calibration text is broken there")
     return cov
-
-
-def _change_tied_tables(gm: fx.GraphModule, seg: Segment, q: torch.Tensor) -> list[fx.Node]:
-    """A table shared by an embedding of `seg` and a head behind a projection (FuseNorms(keep_ties=True)):
-    change the table once, for both, and the projection's output with it, so the tie survives slicing.
-    Returns the embedding outputs handled here."""
-    done = []
-    for writer in seg.writers:
-        if writer.kind != "embedding":
-            continue
-        table = tensor_of(gm, writer.table)
-        heads = [u for n in gm.graph.nodes if (u := match_linear(gm, n)) is not None and u.node.op == "call_function"
-                 and tensor_of(gm, u.weight) is table]
-        projections = [match_linear(gm, h.input) for h in heads]
-        if not heads or any(p is None or role_of(p.node) != TIED_HEAD_PROJECTION for p in projections):
-            continue
-        set_tensor(gm, str(writer.table.target), contract(table, -1, q))
-        for projection in projections:
-            transform_output(gm, projection, q)
-        done.append(writer.output)
-    return done
 
 
 def _probe(stream: Stream, seg: Segment) -> fx.Node:
