@@ -125,6 +125,7 @@ def test_an_onnx_export_runs_in_onnxruntime_without_fxslice(kind, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.expensive  # the ONNX export of SmolLM2 alone takes over a minute
 def test_smollm2_with_its_kv_cache_exports_to_pt2_and_onnx_that_run_without_fxslice(smollm2, tmp_path):
     pytest.importorskip("onnxruntime")
     from fxslice.models.export import export_onnx

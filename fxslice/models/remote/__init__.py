@@ -1,0 +1,1 @@
+"""Files copied into exported model directories (`fxslice export --format hf`); fxslice never imports them."""
