@@ -126,3 +126,12 @@ def test_program_inputs_follow_the_program_to_its_device(tiny):
     assert meta(ids).device.type == "meta"
     with pytest.raises(Exception):  # noqa: B017,PT011 - meta tensors have no values to turn into a float
         perplexity(meta, ids)
+
+
+def test_adapters_are_made_where_the_weights_are(tiny):
+    from fxslice.passes.recovery.adapters import InsertAdapters, adapters
+
+    _, program = tiny("llama")
+    meta = program.to("meta")
+    InsertAdapters(rank=4).call(meta)
+    assert adapters(meta) and {t.device.type for t in meta.gm.parameters()} == {"meta"}

@@ -96,8 +96,8 @@ class InsertAdapters(Pass):
             rank = min(self.rank, d_in, d_out)
             bound = 1 / math.sqrt(d_in)  # nn.Linear's default range: the adapter's input scale matches W's
             a = (torch.rand(rank, d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-            a_name = add_parameter(gm, "lora_a", a.to(weight.dtype))
-            b_name = add_parameter(gm, "lora_b", torch.zeros(d_out, rank, dtype=weight.dtype))
+            a_name = add_parameter(gm, "lora_a", a.to(weight.dtype).to(weight.device))  # the same draw on any device
+            b_name = add_parameter(gm, "lora_b", torch.zeros(d_out, rank, dtype=weight.dtype, device=weight.device))
             for use in uses:
                 self._attach(graph, use, a_name, b_name, scale, target)
             count += 1
