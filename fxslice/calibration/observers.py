@@ -39,7 +39,8 @@ class SecondMoment:
         self.rows += x.shape[0]
 
     def all_reduce(self) -> None:
-        """Sum over the ranks of a process group (data-parallel calibration); every rank must have seen data."""
+        """Sum over the ranks of a process group (data-parallel calibration); every rank must have seen data. The
+        runner calls it once at the end of the stage the observer was made for: an observer is one stage's."""
         import torch.distributed as dist
 
         if self.sum is None:
