@@ -108,3 +108,37 @@ def tiny_model_dir(tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture
+def exportable():
+    """`exportable(kind)` -> a tiny Llama program, fresh: "sliced" (SliceGPT 25%), "pruned" (the Surgeon, 20%),
+    "quantized" (4-bit RTN), "cached" (a KV-cache capture) or "sliced+cache" (the slice replayed onto one):
+    what the export formats are tested on."""
+    from fxslice.core.pass_manager import replay
+    from fxslice.models.kvcache import capture_cached
+    from fxslice.passes import prune_recipe, slicegpt_recipe
+    from fxslice.passes.quantize import QuantizeWeights
+
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def make(kind: str) -> Program:
+        model = tiny_causal_lm("llama")
+        if kind == "cached":
+            return capture_cached(model)
+        program = capture(model)
+        if kind in ("sliced", "sliced+cache"):
+            result = slicegpt_recipe(sparsity=0.25, batch_size=4).run(program, calibration=calibration)
+            if kind == "sliced+cache":
+                cached = capture_cached(model)
+                replay(result.passes, cached, program)
+                return cached
+        elif kind == "pruned":
+            prune_recipe(target=0.2, shots=1, batch_size=4).run(program, calibration=calibration)
+        elif kind == "quantized":
+            PassManager([QuantizeWeights(4, group_size=16)]).run(program)
+        else:
+            raise KeyError(kind)
+        return program
+
+    return make

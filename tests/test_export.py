@@ -9,12 +9,10 @@ import sys
 import pytest
 import torch
 
-from fxslice import InvalidOption, PassManager, capture, load
+from fxslice import InvalidOption, capture, load
 from fxslice.models.export import export_pt2
 from fxslice.models.io import save
 from fxslice.models.kvcache import capture_cached
-from fxslice.passes import prune_recipe, slicegpt_recipe
-from fxslice.passes.quantize import QuantizeWeights
 from fxslice.testing import tiny_causal_lm
 
 RUN_WITHOUT_FXSLICE = """
@@ -35,24 +33,9 @@ torch.save(logits, out_path)
 """
 
 
-def _compressed(kind: str):
-    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    program = capture(tiny_causal_lm("llama"))
-    if kind == "sliced":
-        slicegpt_recipe(sparsity=0.25, batch_size=4).run(program, calibration=calibration)
-    elif kind == "pruned":
-        prune_recipe(target=0.2, shots=1, batch_size=4).run(program, calibration=calibration)
-    elif kind == "quantized":
-        PassManager([QuantizeWeights(4, group_size=16)]).run(program)
-    return program
-
-
 @pytest.mark.parametrize("kind", ["sliced", "pruned", "quantized", "cached"])
-def test_a_pt2_export_runs_with_pytorch_alone_and_gives_fxslices_logits(kind, tmp_path):
-    if kind == "cached":
-        program = capture_cached(tiny_causal_lm("llama"))
-    else:
-        program = _compressed(kind)
+def test_a_pt2_export_runs_with_pytorch_alone_and_gives_fxslices_logits(kind, tmp_path, exportable):
+    program = exportable(kind)
     save(program, tmp_path / "model")
     reloaded = load(tmp_path / "model")
     export_pt2(reloaded, tmp_path / "model.pt2")
@@ -99,11 +82,11 @@ else:  # prefill into an empty cache, then one decoding step on the caches it re
 
 
 @pytest.mark.parametrize("kind", ["sliced", "pruned", "quantized", "cached"])
-def test_an_onnx_export_runs_in_onnxruntime_without_fxslice(kind, tmp_path):
+def test_an_onnx_export_runs_in_onnxruntime_without_fxslice(kind, tmp_path, exportable):
     pytest.importorskip("onnxruntime")
     from fxslice.models.export import export_onnx
 
-    program = capture_cached(tiny_causal_lm("llama")) if kind == "cached" else _compressed(kind)
+    program = exportable(kind)
     export_onnx(program, tmp_path / "model.onnx")
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
     following = torch.randint(0, 128, (2, 1), generator=torch.Generator().manual_seed(2))

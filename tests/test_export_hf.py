@@ -10,15 +10,10 @@ import sys
 import pytest
 import torch
 
-from fxslice import InvalidOption, PassManager, capture
-from fxslice.core.pass_manager import replay
+from fxslice import InvalidOption
 from fxslice.evaluation.generate import generate
 from fxslice.models.export import export_hf
 from fxslice.models.io import load, save
-from fxslice.models.kvcache import capture_cached
-from fxslice.passes import prune_recipe, slicegpt_recipe
-from fxslice.passes.quantize import QuantizeWeights
-from fxslice.testing import tiny_causal_lm
 
 LOAD_WITH_TRANSFORMERS = """
 import json, sys, torch
@@ -51,28 +46,9 @@ torch.save({"beams_agree": torch.equal(beams, recomputed), "logits": logits, "to
             "parameters": sum(p.numel() for p in model.parameters())}, out_path)
 """
 
-CALIBRATION = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-
-
-def _program(kind: str):
-    model = tiny_causal_lm("llama")
-    program = capture(model)
-    if kind in ("sliced", "sliced+cache"):
-        result = slicegpt_recipe(sparsity=0.25, batch_size=4).run(program, calibration=CALIBRATION)
-        if kind == "sliced+cache":
-            cached = capture_cached(model)
-            replay(result.passes, cached, program)
-            return cached
-    elif kind == "pruned":
-        prune_recipe(target=0.2, shots=1, batch_size=4).run(program, calibration=CALIBRATION)
-    elif kind == "quantized":
-        PassManager([QuantizeWeights(4, group_size=16)]).run(program)
-    return program
-
-
 @pytest.mark.parametrize("kind", ["sliced", "sliced+cache", "pruned", "quantized"])
-def test_transformers_loads_the_export_without_fxslice_and_generates_fxslices_tokens(kind, tmp_path):
-    save(_program(kind), tmp_path / "model")
+def test_transformers_loads_the_export_without_fxslice_and_generates_fxslices_tokens(kind, tmp_path, exportable):
+    save(exportable(kind), tmp_path / "model")
     program = load(tmp_path / "model")
     export_hf(program, tmp_path / "hf")
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -93,10 +69,10 @@ def test_transformers_loads_the_export_without_fxslice_and_generates_fxslices_to
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_fxslice.FxsliceForCausalLM"
 
 
-def test_the_hf_export_holds_the_weights_once_and_the_graph_none(tmp_path):
+def test_the_hf_export_holds_the_weights_once_and_the_graph_none(tmp_path, exportable):
     from safetensors import safe_open
 
-    program = _program("sliced")
+    program = exportable("sliced")
     export_hf(program, tmp_path / "hf")
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         names = set(f.keys())
@@ -107,8 +83,8 @@ def test_the_hf_export_holds_the_weights_once_and_the_graph_none(tmp_path):
     assert not exported.state_dict and not exported.constants  # every weight is an input, stored once, outside
 
 
-def test_hf_export_refuses_an_existing_directory_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
-    program = _program("sliced")
+def test_hf_export_refuses_an_existing_directory_and_leaves_nothing_on_failure(tmp_path, monkeypatch, exportable):
+    program = exportable("sliced")
     (tmp_path / "taken").mkdir()
     with pytest.raises(InvalidOption, match="already exists"):
         export_hf(program, tmp_path / "taken")

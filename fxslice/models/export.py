@@ -116,7 +116,7 @@ def export_hf(program: Program, out_dir: str | os.PathLike) -> Path:
     """Write `program` as a new transformers model directory at `out_dir` (written whole or not at all)."""
     from safetensors.torch import save_file
 
-    from fxslice.models.io import check_output_dir
+    from fxslice.models.io import check_output_dir, save_tokenizer, write_directory
 
     out = Path(out_dir)
     check_output_dir(out)
@@ -161,27 +161,9 @@ def export_hf(program: Program, out_dir: str | os.PathLike) -> Path:
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1), encoding="utf-8")
         if program.tokenizer is not None:
-            program.tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(program.tokenizer, tmp)
 
-    return _write_dir(out, write)
-
-
-def _write_dir(out: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a new directory beside `out`, then rename it into place: all of it, or nothing."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the directory's mode
-    try:
-        write(tmp)
-        tmp.rename(out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SaveFailed(f"could not write {out}: {exc.strerror or exc}; nothing was left behind") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_directory(out, write)
 
 
 def _write(out: Path, write: Callable[[str], None]) -> Path:

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from fxslice.core.program import Program, program_inputs
 from fxslice.core.quantized import QuantizedWeight
 from fxslice.models.kvcache import CacheLayout
 
-__all__ = ["save", "load", "check_output_dir", "example_inputs", "RECORD", "WEIGHTS", "GRAPH"]
+__all__ = ["save", "load", "check_output_dir", "example_inputs", "write_directory", "save_tokenizer", "RECORD", "WEIGHTS",
+           "GRAPH"]
 
 RECORD, WEIGHTS, GRAPH, TOKENIZER = "fxslice.json", "model.safetensors", "graph.pt2", "tokenizer"
 
@@ -139,26 +141,15 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
     if free < needed:
         raise SaveFailed(f"not enough space in {out.parent}: the model needs about {needed / 2**20:.0f} MiB, "
                          f"{free / 2**20:.0f} MiB are free; free some space or choose another --out")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the saved directory's mode
-    except OSError as exc:
-        raise SaveFailed(f"cannot create a directory in {out.parent}: {exc.strerror}") from None
-    try:
+
+    def write(tmp: Path) -> None:
         try:
             save_file(weights, str(tmp / WEIGHTS))
         except SafetensorError as exc:
             raise OSError(f"the weights could not be written ({exc})") from exc
         (tmp / GRAPH).write_bytes(graph)
         if program.tokenizer is not None:
-            try:
-                program.tokenizer.save_pretrained(str(tmp / TOKENIZER))
-            except OSError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - tokenizers raise a bare Exception when a write fails
-                raise OSError(f"the tokenizer could not be written ({exc})") from exc
+            save_tokenizer(program.tokenizer, tmp / TOKENIZER)
         from fxslice.core.version import __version__
 
         full = {
@@ -178,6 +169,32 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
             **(record or {}),
         }
         (tmp / RECORD).write_text(json.dumps(full, indent=1, default=str), encoding="utf-8")
+
+    return write_directory(out, write)
+
+
+def save_tokenizer(tokenizer: Any, path: Path) -> None:
+    """`tokenizer.save_pretrained(path)`, a failed write as an OSError (tokenizers raise a bare Exception)."""
+    try:
+        tokenizer.save_pretrained(str(path))
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tokenizers raise a bare Exception when a write fails
+        raise OSError(f"the tokenizer could not be written ({exc})") from exc
+
+
+def write_directory(out: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a new hidden directory beside `out`, then rename it to `out`. Whatever stops the write
+    (a full disk, another process creating `out`, Ctrl-C) leaves nothing behind and raises one error."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the saved directory's mode
+    except OSError as exc:
+        raise SaveFailed(f"cannot create a directory in {out.parent}: {exc.strerror}") from None
+    try:
+        write(tmp)
         try:
             tmp.rename(out)
         except OSError as exc:

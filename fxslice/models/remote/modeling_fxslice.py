@@ -113,6 +113,7 @@ class FxsliceForCausalLM(PreTrainedModel, GenerationMixin):
                 data = io.BytesIO(self.program.detach().cpu().numpy().tobytes())
                 self._graphs["read"] = torch.export.load(data).module()
             gm = copy.deepcopy(self._graphs["read"])
+            # fxslice.core.graph.retarget_device, restated: this file must run where fxslice is not installed
             for node in gm.graph.nodes:
                 if node.op != "call_function":
                     continue
