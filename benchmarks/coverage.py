@@ -13,7 +13,8 @@ Outcomes:
 - `exact`: capture equals eager (relative error in `capture_error`), the rotated program equals the captured one
   to 1e-9, and the 25 % slice ran (`sliced`: its parameter count);
 - `refused`: fxslice raised `UnsupportedStructure` / `CaptureError` (the reason, which names a node);
-- `no_build`: transformers cannot build this tiny config (not fxslice's business);
+- `no_build`: transformers cannot build or run this tiny config in float64 (not fxslice's business);
+- `static_only`: torch.export captured it only with static shapes (a size baked into the model's code);
 - `crash`: any other exception — a bug to fix;
 - `silent_error`: a pass ran but the logits moved — the worst bug;
 - `timeout` / `out_of_memory`: the limits were hit.
@@ -41,7 +42,14 @@ SIZES = {  # every spelling of a size that configs use, set where the config has
     "vocab_size": 128, "max_position_embeddings": 256, "n_positions": 256, "max_seq_len": 256,
     "num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
     "shared_expert_intermediate_size": 64, "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 8, "v_head_dim": 16, "first_k_dense_replace": 1,
+    "qk_nope_head_dim": 8, "v_head_dim": 16, "first_k_dense_replace": 1, "rotary_dim": 8,
+    "mamba_d_head": 16, "mamba_n_heads": 8, "mamba_d_state": 16, "n_routed_experts": 4, "n_group": 1,
+    "topk_group": 1, "index_head_dim": 16, "index_n_heads": 4, "index_topk": 8,
+}
+ALWAYS = {"num_experts_per_tok"}  # set even where the default config leaves them None
+DERIVED = {  # sizes a config computes from others in its constructor, recomputed after the change
+    "qk_head_dim": lambda c: c.qk_nope_head_dim + c.qk_rope_head_dim,
+    "head_dim": lambda c: c.qk_rope_head_dim if hasattr(c, "qk_rope_head_dim") else c.head_dim,
 }
 
 
@@ -55,10 +63,14 @@ def _tiny_config(model_type: str, variant: str):
         targets.append(sub)
     for target in targets:
         for key, value in SIZES.items():
-            if hasattr(target, key) and getattr(target, key) is not None:
+            if hasattr(target, key) and (getattr(target, key) is not None or key in ALWAYS):
                 setattr(target, key, value)
-        if hasattr(target, "num_key_value_heads"):
-            target.num_key_value_heads = 4 if variant == "mha" else 2
+        for key, rule in DERIVED.items():
+            if hasattr(target, key):
+                setattr(target, key, rule(target))
+        if hasattr(target, "num_key_value_heads"):  # latent attention (a kv_lora_rank) has no grouped heads
+            grouped = variant != "mha" and not hasattr(target, "kv_lora_rank")
+            target.num_key_value_heads = 2 if grouped else 4
         if hasattr(target, "tie_word_embeddings"):
             target.tie_word_embeddings = variant == "tied"
         if hasattr(target, "sliding_window"):
@@ -100,18 +112,14 @@ def run_one(model_type: str, variant: str) -> dict:
         return {**row, "outcome": "no_build", "why": f"{type(exc).__name__}: {str(exc)[:160]}"}
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
     try:
-        with torch.no_grad():
-            try:
-                eager = model(input_ids=ids, use_cache=False).logits
-            except RuntimeError as exc:  # grouped expert matmuls have no float64 kernel: the reference takes
-                if "Double" not in str(exc):  # transformers' batched_mm experts; the capture keeps the default
-                    raise
-                default = model.config._experts_implementation
-                model.config._experts_implementation = "batched_mm"
-                eager = model(input_ids=ids, use_cache=False).logits
-                model.config._experts_implementation = default
-                row["reference_experts"] = "batched_mm"
+        eager = _eager_logits(model, ids, row)
+    except Exception as exc:  # noqa: BLE001 - the tiny model does not run in transformers itself
+        return {**row, "outcome": "no_build", "why": f"eager float64 forward: {type(exc).__name__}: {str(exc)[:160]}"}
+    try:
         program = capture(model).to(torch.float64)  # lifts the float32 casts HF code makes (norms, rotary)
+        if program.static_shape is not None:
+            return {**row, "outcome": "static_only", "why": "torch.export gave no dynamic shapes: a size is baked "
+                    "into the model's code (see the capture warning)"}
         captured = program(ids)
         row["capture_error"] = relative_error(captured, eager)
         PassManager(exact_pipeline(random_orthogonal(7))).run(program)
@@ -128,6 +136,26 @@ def run_one(model_type: str, variant: str) -> dict:
         return {**row, "outcome": "crash", "why": f"{type(exc).__name__}: {str(exc)[:400]}"}
     except Exception as exc:  # noqa: BLE001 - what the benchmark exists to find
         return {**row, "outcome": "crash", "why": f"{type(exc).__name__}: {str(exc)[:400]}"}
+
+
+def _eager_logits(model, ids, row: dict):
+    """The eager float64 logits; grouped expert matmuls have no float64 kernel, so those run transformers'
+    batched_mm experts for the reference (the capture keeps the default)."""
+    import torch
+
+    with torch.no_grad():
+        try:
+            return model(input_ids=ids, use_cache=False).logits
+        except RuntimeError as exc:
+            if "Double" not in str(exc):
+                raise
+            default = model.config._experts_implementation
+            model.config._experts_implementation = "batched_mm"
+            try:
+                row["reference_experts"] = "batched_mm"
+                return model(input_ids=ids, use_cache=False).logits
+            finally:
+                model.config._experts_implementation = default
 
 
 def _child(model_type: str, variant: str, memory_gib: float) -> None:
@@ -186,10 +214,10 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for row in pool.map(lambda tv: _spawn(*tv, args.timeout, args.memory_gib), work):
             rows.append(row)
-            print(json.dumps({k: row.get(k) for k in ("type", "variant", "outcome", "seconds")}), file=sys.stderr,
-                  flush=True)
+            print(json.dumps({k: row.get(k) for k in ("type", "variant", "outcome", "seconds", "why") if k in row}),
+                  file=sys.stderr, flush=True)
     by_type: dict[str, str] = {}
-    order = ["crash", "silent_error", "timeout", "out_of_memory", "refused", "exact", "no_build"]
+    order = ["crash", "silent_error", "timeout", "out_of_memory", "static_only", "refused", "exact", "no_build"]
     for row in rows:  # a class's outcome is its worst variant's, builds aside
         now = by_type.get(row["type"])
         if now is None or order.index(row["outcome"]) < order.index(now):

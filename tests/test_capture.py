@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+import fxslice
 from fxslice import CaptureError, capture
 from fxslice.core.graph import tensor_of
 
@@ -64,6 +65,58 @@ def test_untraceable_model_gives_one_clear_error():
         capture(DataDependent())
     message = str(info.value)
     assert "DataDependent" in message and "what to try" in message
+
+
+class KwargsOnly(nn.Module):
+    """A causal LM whose `forward` takes `use_cache` only through `**kwargs` (as GPT-1 and Granite-MoE do)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.lm = inner
+
+    def forward(self, input_ids=None, **kwargs):
+        return self.lm(input_ids=input_ids, **kwargs)
+
+
+def test_a_model_taking_use_cache_through_kwargs_captures_with_dynamic_shapes(tiny):
+    model, bare = tiny("llama")
+    program = capture(KwargsOnly(model))
+    assert program.static_shape is None
+    names = {n.target for n in program.graph.nodes if n.op == "get_attr"}
+    assert names == {"lm." + n.target for n in bare.graph.nodes if n.op == "get_attr"}  # no wrapper prefix leaks
+    for shape in [(1, 5), (3, 11)]:
+        ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            assert torch.allclose(program(ids), model(ids, use_cache=False).logits, atol=1e-5)
+
+
+class LengthBaked(nn.Module):
+    """Exports with dynamic shapes yet only works at the example's length (CpmAnt's prompt offsets do this)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        if input_ids.shape[1] == 16:  # specialises the length to 16 without failing the dynamic export
+            h = h * 2
+        return (self.head(h),)
+
+
+def test_a_size_baked_into_the_code_gives_a_static_program_that_says_so(tmp_path):
+    model = LengthBaked().eval()
+    with pytest.warns(UserWarning, match="static shapes"):
+        program = capture(model)
+    assert program.static_shape == (2, 16)
+    ids = torch.randint(0, 10, (2, 16))
+    assert torch.equal(program(ids), model(ids)[0])
+    with pytest.raises(ValueError, match=r"static shapes and takes input_ids of shape \(2, 16\) only, not \(2, 9\)"):
+        program(ids[:, :9])
+    assert program.probe_input().shape == (2, 16)
+    fxslice.save(program, tmp_path / "static")
+    assert fxslice.load(tmp_path / "static").static_shape == (2, 16)
 
 
 def test_missing_model_path_is_a_capture_error(tmp_path):

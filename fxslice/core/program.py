@@ -40,12 +40,17 @@ class Program:
     record: dict[str, Any] = field(default_factory=dict)  # what fxslice did to it (see fxslice.models.io)
     cache: Any = None  # a fxslice.models.kvcache.CacheLayout when the graph reads and writes a KV cache
     quantized: dict[str, Any] = field(default_factory=dict)  # weight target -> fxslice.core.quantized.QuantizedWeight
+    static_shape: tuple[int, int] | None = None  # the one (batch, length) a capture without dynamic shapes accepts
     version: int = 0
     _analyses: dict[Callable, tuple[int, Any]] = field(default_factory=dict, repr=False)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits for whole sequences (a cached graph starts from an empty cache), on the program's device."""
         input_ids = input_ids.to(self.device)
+        if self.static_shape is not None and tuple(input_ids.shape) != self.static_shape:
+            raise ValueError(f"this {self.model_class} was captured with static shapes and takes input_ids of shape "
+                             f"{self.static_shape} only, not {tuple(input_ids.shape)}; pad or cut the inputs to that "
+                             "shape, or make the model's shape-dependent code traceable and capture it again")
         if self.cache is None:
             return self.gm(input_ids)
         kv = self.cache.allocate(input_ids.shape[0], input_ids.shape[1], self.dtype, input_ids.device)
@@ -123,7 +128,8 @@ class Program:
     def clone(self) -> Program:
         """An independent copy (graph and weights)."""
         return Program(copy.deepcopy(self.gm), self.model_class, self.config, self.tokenizer, self.source,
-                       dict(self.record), cache=self.cache, quantized=dict(self.quantized))
+                       dict(self.record), cache=self.cache, quantized=dict(self.quantized),
+                       static_shape=self.static_shape)
 
     def to(self, *target: torch.device | torch.dtype | str, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> Program:
@@ -149,4 +155,4 @@ class Program:
 
     def probe_input(self, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
-        return torch.randint(0, self.vocab_size, (batch, length), generator=gen)
+        return torch.randint(0, self.vocab_size, self.static_shape or (batch, length), generator=gen)

@@ -8,6 +8,7 @@ and sequence sizes. The exported module is then reduced to a plain GraphModule w
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -96,13 +97,20 @@ def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None) or 2
     example = torch.randint(0, vocab, (2, example_length))
-    kwargs = {"input_ids": example, "use_cache": False}
-    attempts = [{"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "use_cache": None}, None]
+    kwargs: dict[str, Any] = {"input_ids": example, "use_cache": False}
+    shapes: dict[str, Any] = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "use_cache": None}
+    root, traced = "", model
+    if "use_cache" not in inspect.signature(model.forward).parameters:
+        root, traced = "model", _WithoutCache(model)
+        kwargs.pop("use_cache")
+        shapes.pop("use_cache")
     errors = []
-    for shapes in attempts:
+    for attempt in (shapes, None):
         try:
             with torch.no_grad():
-                exported = torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+                exported = torch.export.export(traced, (), kwargs=kwargs, dynamic_shapes=attempt, strict=False)
+                if attempt is not None:
+                    _check_other_shape(traced, exported, vocab, example_length)
             break
         except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one CaptureError
             errors.append(exc)
@@ -118,12 +126,43 @@ def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
         warnings.warn(f"{type(model).__name__} exported only with static shapes {tuple(example.shape)} "
                       f"({type(errors[0]).__name__}: {str(errors[0]).strip().splitlines()[0][:200]}); the program "
                       "accepts only inputs of exactly that shape", stacklevel=2)
-    gm = plain_graph_module(exported.module())
+    gm = plain_graph_module(exported.module(), root=root)
     return Program(
         gm,
         model_class=type(model).__name__,
         config=config.to_dict() if config is not None else None,
+        static_shape=tuple(example.shape) if errors else None,
     )
+
+
+def _check_other_shape(traced: nn.Module, exported: torch.export.ExportedProgram, vocab: int, length: int) -> None:
+    """Run the export on another batch size and length against the model: a size baked into the graph as a
+    constant (CpmAnt's prompt offsets) passes export with dynamic shapes, then fails or differs on other inputs."""
+    other = torch.randint(0, vocab, (1, max(2, length - 3)))
+    kwargs = {"input_ids": other} if isinstance(traced, _WithoutCache) else {"input_ids": other, "use_cache": False}
+    try:
+        want = _logits(traced(**kwargs))
+    except RuntimeError:  # the model cannot run eagerly here (no float64 kernel for grouped experts): no check
+        return
+    got = _logits(exported.module()(**kwargs))
+    if want.shape != got.shape or not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3 * want.abs().max().item()):
+        raise RuntimeError(f"the export with dynamic shapes differs from the model at shape {tuple(other.shape)}")
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+class _WithoutCache(nn.Module):
+    """`model(input_ids, use_cache=False)` as a module of one tensor input: torch.export cannot give dynamic
+    shapes to a call whose `use_cache` goes through `**kwargs` (GPT-1, Granite-MoE and others)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        return self.model(input_ids=input_ids, use_cache=False)
 
 
 def plain_graph_module(unlifted: fx.GraphModule, *, inputs: list[str] | None = None, root: str = "") -> fx.GraphModule:

@@ -155,6 +155,7 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
         full = {
             "fxslice_version": __version__,
             "model_class": program.model_class,
+            "static_shape": program.static_shape,
             "source": program.source,
             "dtype": str(program.dtype).replace("torch.", ""),
             "parameters": program.num_parameters(),
@@ -273,8 +274,9 @@ def load(path: str | os.PathLike) -> Program:
             raise CorruptModel(f"the graph {root / GRAPH} expects '{name}' as {tuple(val.shape)} {val.dtype}, "
                                f"{root / WEIGHTS} holds {tuple(value.shape)} {value.dtype}")
         set_tensor(gm, name, value)
+    static = record.get("static_shape")
     program = Program(gm, record.get("model_class", "nn.Module"), record.get("config"), None, str(root), cache=layout,
-                      quantized=quantized)
+                      quantized=quantized, static_shape=tuple(static) if static else None)
     if program.num_parameters() != record.get("parameters"):
         raise CorruptModel(f"{root} holds {program.num_parameters()} parameters but its record says {record.get('parameters')}")
     if (root / TOKENIZER).is_dir():
