@@ -1,7 +1,7 @@
 """Perplexity of SmolLM2-135M sliced at several sparsities; one JSON object.
 
     python benchmarks/quality.py [--calib-windows 32] [--calib-length 2048] [--eval-windows N] [--untie]
-                                 [--shared-basis] [--multiple 8]
+                                 [--shared-basis] [--multiple 8] [--allocations constant,loss_aware]
 
 Calibration: WikiText-2 *validation* windows (the train split used by the SliceGPT paper is not
 available offline). Evaluation: WikiText-2 test, joined with "\\n\\n", non-overlapping windows,
@@ -21,8 +21,7 @@ from fxslice import capture
 from fxslice.data import load_text, token_windows
 from fxslice.evaluation.perplexity import perplexity
 from fxslice.models.capture import load_model
-from fxslice.passes.slicegpt import constant_widths, per_block
-from fxslice.passes.slicegpt.pipeline import slicegpt
+from fxslice.passes import slicegpt_recipe
 
 
 def main() -> None:
@@ -36,6 +35,9 @@ def main() -> None:
     parser.add_argument("--shared-basis", action="store_true", help="one basis per block (half the shortcuts)")
     parser.add_argument("--multiple", type=int, default=8, help="round widths down to a multiple of this")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--allocations", default="constant", help="constant,loss_aware: segment widths at equal "
+                        "parameter count, constant or from the loss's curvature")
+    parser.add_argument("--sensitivity-windows", type=int, default=4, help="windows of the loss-aware gradient pass")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense perplexity (measured in another run)")
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2")
@@ -48,19 +50,25 @@ def main() -> None:
              "perplexity": None if args.no_dense else perplexity(dense, test, batch_size=args.batch_size)}]
     rows[0]["seconds"] = round(time.perf_counter() - start, 1)
     for sparsity in (float(s) for s in args.sparsities.split(",")):
-        start = time.perf_counter()
-        program = dense.clone()
-        result = slicegpt(program, calib, constant_widths(sparsity, multiple=args.multiple), batch_size=args.batch_size,
-                          keep_ties=not args.untie, share=per_block if args.shared_basis else None)
-        rows.append({
-            "sparsity": sparsity,
-            "width": result.segments[0].kept,
-            "parameters": program.num_parameters(),
-            "perplexity": perplexity(program, test, batch_size=args.batch_size),
-            "min_variance_kept": round(min(r.variance_kept for r in result.segments), 4),
-            "seconds": round(time.perf_counter() - start, 1),
-        })
-        print(json.dumps(rows[-1]), flush=True, file=sys.stderr)
+        for allocation in args.allocations.split(","):
+            if allocation == "loss_aware" and sparsity == 0:
+                continue
+            start = time.perf_counter()
+            program = dense.clone()
+            recipe = slicegpt_recipe(sparsity=sparsity, multiple=args.multiple, keep_ties=not args.untie,
+                                     shared_basis=args.shared_basis, batch_size=args.batch_size, allocation=allocation,
+                                     sensitivity_windows=args.sensitivity_windows)
+            report = recipe.run(program, calibration=calib).stages[1][1].report
+            rows.append({
+                "sparsity": sparsity,
+                "allocation": allocation,
+                "widths": report["widths"],
+                "parameters": program.num_parameters(),
+                "perplexity": perplexity(program, test, batch_size=args.batch_size),
+                "min_variance_kept": round(min(report["variance_kept"]), 4),
+                "seconds": round(time.perf_counter() - start, 1),
+            })
+            print(json.dumps(rows[-1]), flush=True, file=sys.stderr)
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
         "head": "untied" if args.untie else "tied (kept)",

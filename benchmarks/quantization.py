@@ -91,7 +91,8 @@ def main() -> None:
             row = _row("dense", f"{search} search at {budget:.3f} bits", program, test, time.perf_counter() - start, dense)
             report = result.stages[0][1].report
             row.update({"search": search, "seed": seed, "budget_bits": budget, "best": report["search"]["best"],
-                        "widths": width_counts(report["weights"]), "evaluations": report["search"]["evaluations"]})
+                        "widths": width_counts(report["weights"]), "evaluations": report["search"]["evaluations"],
+                        "best_loss_after": best_loss_after(report["search"]["evaluations"])})
             searches.append(row)
     if searches and args.plot:
         _plot(searches, rows, args.plot)
@@ -102,6 +103,17 @@ def main() -> None:
         "evaluation": {"text": "wikitext2:test", "windows": len(test), "length": 2048},
         "threads": torch.get_num_threads(), "results": rows, "searches": searches,
     }, indent=1))
+
+
+def best_loss_after(evaluations: list[dict]) -> list[float]:
+    """The lowest expensive-task loss found after 1, 2, ... expensive evaluations (values are negated losses):
+    how many expensive evaluations each search needs to reach a given result."""
+    best, curve = float("inf"), []
+    for evaluation in evaluations:
+        if evaluation["task"] == 1:
+            best = min(best, -evaluation["value"])
+            curve.append(round(best, 5))
+    return curve
 
 
 def _row(base: str, weights: str, program, test: torch.Tensor, seconds: float, dense) -> dict:

@@ -13,6 +13,7 @@ from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
 from fxslice.passes.slicegpt.rotations import random_orthogonal, randomized_hadamard
 from fxslice.passes.slicegpt.slice_stream import ConstantWidths, SliceStream, per_block
+from fxslice.passes.slicegpt.widths import SlicedSize, loss_aware_widths, stream_sensitivity
 from fxslice.recipes import Stage, StageContext, StageResult
 
 __all__ = ["SliceGPT", "Rotate"]
@@ -24,7 +25,10 @@ class SliceGPT(Stage):
 
     `sparsity` (every segment keeps 1 - sparsity of its width, rounded down to a multiple of `multiple`)
     or `widths` (one per segment); `keep_ties=False` unties a tied head (better perplexity, V x d more
-    parameters); `shared_basis` gives both halves of a block one basis (half the shortcuts)."""
+    parameters); `shared_basis` gives both halves of a block one basis (half the shortcuts).
+    `allocation="loss_aware"` keeps the parameter count of `sparsity`'s constant widths but gives each segment
+    its width from the loss's curvature along the directions slicing removes (`widths.py`), measured by a
+    forward and backward pass over the first `sensitivity_windows` calibration windows."""
 
     kind = "slicegpt"
     needs = frozenset({CAPTURED, CLEAN})
@@ -39,8 +43,16 @@ class SliceGPT(Stage):
     shared_basis: bool = False
     slice_head: bool = True
     batch_size: int = 1
+    allocation: str = "constant"  # or "loss_aware"
+    sensitivity_windows: int = 4
 
     def __post_init__(self) -> None:
+        if self.allocation not in ("constant", "loss_aware"):
+            raise InvalidOption(f"slicegpt: allocation must be 'constant' or 'loss_aware', got {self.allocation!r}")
+        if self.allocation == "loss_aware" and (self.sparsity is None or self.shared_basis):
+            raise InvalidOption("slicegpt: allocation='loss_aware' takes a sparsity (its parameter budget is that of "
+                                "constant widths) and no shared basis")
+        self.require_positive_ints("sensitivity_windows")
         if (self.sparsity is None) == (self.widths is None):
             raise InvalidOption(f"slicegpt: give either sparsity or widths, not "
                                 f"{'both' if self.sparsity is not None else 'neither'}")
@@ -52,15 +64,33 @@ class SliceGPT(Stage):
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         rule = ConstantWidths(self.sparsity, self.multiple) if self.sparsity is not None else self.widths
-        slicer = SliceStream(context.windows(self.kind), rule, batch_size=self.batch_size, slice_head=self.slice_head,
+        windows = context.windows(self.kind)
+        fuse = [ProjectNormWriters(), FuseNorms(keep_ties=self.keep_ties)]
+        fused = None
+        if self.allocation == "loss_aware":
+            fused = self.run_passes(program, fuse, context)
+            rule, fuse = self._loss_aware_widths(program, windows, rule, context), []
+        slicer = SliceStream(windows, rule, batch_size=self.batch_size, slice_head=self.slice_head,
                              share=per_block if self.shared_basis else None, progress=context.progress)
-        result = self.run_passes(program, [ProjectNormWriters(), FuseNorms(keep_ties=self.keep_ties), slicer], context)
+        result = self.run_passes(program, [*fuse, slicer], context)
+        if fused is not None:
+            result = StageResult(fused.passes + result.passes, fused.records + result.records,
+                                 seconds=fused.seconds + result.seconds)
         result.report = {
             "widths": [r.kept for r in slicer.reports],
             "variance_kept": [round(r.variance_kept, 5) for r in slicer.reports],
             "warnings": {str(r.index): r.warning for r in slicer.reports if r.warning},
         }
         return result
+
+    def _loss_aware_widths(self, program: Program, windows, rule: ConstantWidths, context: StageContext) -> list[int]:
+        """The constant widths' parameter count, spent where the loss needs it (on the fused program)."""
+        size = SlicedSize(program)
+        last = len(size.full) - 1
+        constant = [w if (k == last and not self.slice_head) else rule(None, w) for k, w in enumerate(size.full)]
+        costs = stream_sensitivity(program, windows[: self.sensitivity_windows], progress=context.progress)
+        return loss_aware_widths(size, costs, size.parameters(constant), multiple=self.multiple,
+                                 fixed=() if self.slice_head else (last,))
 
 
 @dataclass(frozen=True, kw_only=True)
