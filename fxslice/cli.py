@@ -145,6 +145,8 @@ def slice_(
     untie: Annotated[bool, typer.Option("--untie", help="untie a tied head: better perplexity, V x d more parameters")] = False,
     shared_basis: Annotated[bool, typer.Option("--shared-basis", help="one basis per block (attention and MLP halves): "
                                                "half the shortcut matrices, faster decoding, slightly worse perplexity (README)")] = False,
+    allocation: Annotated[str, typer.Option(help="segment widths: 'constant', or 'loss_aware' (the same parameter count "
+                                            "spent where the loss's curvature says, README)")] = "constant",
     recover_steps: RecoverSteps = 0,
     recover_text: RecoverText = "wikitext2:validation",
     recover_lr: RecoverLr = 5e-4,
@@ -161,14 +163,14 @@ def slice_(
     if not 0.0 < sparsity < 1.0:
         raise InvalidOption(f"--sparsity must be in (0, 1), got {sparsity}")
     recipe = slicegpt_recipe(sparsity=sparsity, multiple=multiple, keep_ties=not untie, shared_basis=shared_basis,
-                             batch_size=batch_size, calibration=Calibration(
+                             batch_size=batch_size, allocation=allocation, calibration=Calibration(
                                  source=calibration, windows=calib_windows, length=calib_length, seed=seed,
                                  batch_size=batch_size))
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
     if save_recipe is not None:
         recipe.save(save_recipe)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {
-        "sparsity": sparsity, "width_multiple": multiple, "shared_basis": shared_basis,
+        "sparsity": sparsity, "width_multiple": multiple, "shared_basis": shared_basis, "allocation": allocation,
         "head": "untied" if untie else "tied where the model ties it"}, device, dtype)
 
 

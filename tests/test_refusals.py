@@ -63,3 +63,30 @@ def test_post_norm_model_is_refused():
     program = capture(transformers.OPTForCausalLM(config).eval())
     with pytest.raises(UnsupportedStructure, match="post-norm"):
         PassManager(exact_pipeline(random_orthogonal(0))).run(program)
+
+
+class PositionCoded(TinyLM):
+    """A sinusoidal position code (computed from positions, never from the stream) added to the embeddings,
+    as CTRL does."""
+
+    def forward(self, input_ids, use_cache=False):
+        positions = torch.arange(input_ids.shape[1], dtype=torch.float32)[:, None]
+        code = torch.sin(positions * torch.linspace(0.1, 1.0, 16))  # [length, 16]
+        h = self.embed(input_ids) + code
+        h = h + self.down(torch.relu(self.up(self.norm(h))))
+        return self.head(self.final(h))
+
+
+def test_a_value_entering_the_stream_without_reading_it_gets_a_projection_and_stays_exact():
+    from fxslice.analysis.stream import stream_analysis
+    from fxslice.passes import slicegpt_recipe
+
+    program = capture(PositionCoded("none")).to(torch.float64)
+    assert [w.kind for w in program.analysis(stream_analysis).writers].count("other") == 1
+    ids = program.probe_input()
+    before = program(ids)
+    PassManager(exact_pipeline(random_orthogonal(0)), check_numerics=True).run(program)
+    assert relative_error(program(ids), before) < 1e-9
+    sliced = capture(PositionCoded("none"))
+    slicegpt_recipe(sparsity=0.25, batch_size=4).run(sliced, calibration=torch.randint(0, 32, (8, 12)))
+    assert sliced(ids).shape == (2, 12, 32)

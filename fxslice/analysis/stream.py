@@ -46,11 +46,19 @@ _SUM = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor}
 
 @dataclass(frozen=True)
 class Writer:
-    kind: str  # "linear", "embedding" or "norm" (a norm written into the stream needs an explicit projection)
+    # "linear", "embedding", "norm" or "other": the last two (a norm's output, or any other value computed
+    # without reading the stream, such as a sinusoidal position code or a batched expert matmul) need an
+    # explicit projection (ProjectNormWriters) before the stream's basis can change
+    kind: str
     output: fx.Node
     linear: LinearUse | None = None
     table: fx.Node | None = None
     norm: NormMatch | None = None
+
+
+    @property
+    def needs_projection(self) -> bool:
+        return self.kind in ("norm", "other")
 
 
 @dataclass(frozen=True)
@@ -312,6 +320,8 @@ def stream_analysis(program: Program) -> Stream:
                 writers[i].append(Writer("embedding", node, table=tables[node]))
             elif node in norms:
                 writers[i].append(Writer("norm", node, norm=norms[node]))
+            elif node not in linears and _last_dim(node) == width:  # reads the stream only where it is checked
+                writers[i].append(Writer("other", node))
             elif node not in linears:
                 violations.append(Violation(node, "a value enters the residual stream from an op that is not linear"))
         for user in node.users:

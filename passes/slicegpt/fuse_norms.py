@@ -34,7 +34,7 @@ class FuseNorms(Pass):
     def requires(self, program: Program) -> None:
         stream = program.analysis(stream_analysis)
         stream.check()
-        if any(w.kind == "norm" for w in stream.writers):
+        if any(w.needs_projection for w in stream.writers):
             raise UnsupportedStructure("fuse_norms: a norm writes into the stream; run ProjectNormWriters first")
         centring = {n.centres for n in stream.norms}
         if len(centring) > 1:

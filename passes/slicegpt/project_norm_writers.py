@@ -1,9 +1,13 @@
-"""Give every norm that writes into the stream an explicit linear projection (design.md §2).
+"""Give every norm, and every other op that is not a linear, that writes into the stream an explicit
+linear projection (design.md §2).
 
 A post-norm (Gemma-2/3, OLMo-2) or an embedding norm (BLOOM) adds its output to the stream, but an
 elementwise scale does not commute with a rotation. Inserting `y -> y @ I` after such a norm makes
 the identity matrix the stream's writer: the rotation (and later slicing) acts on it like on any
-linear writer, while the norm and its affine part stay exactly as they were.
+linear writer, while the norm and its affine part stay exactly as they were. The same holds for any
+other value entering the stream that is computed without reading it (the stream analysis flags every
+read that is not a linear or a norm): CTRL's sinusoidal position code, Llama-4's batched expert matmul.
+Such a projection costs d x d parameters before slicing; only the stream's own uses read it.
 """
 
 from __future__ import annotations
@@ -27,10 +31,15 @@ class ProjectNormWriters(Pass):
     def call(self, program: Program) -> PassResult:
         gm = program.gm
         stream = program.analysis(stream_analysis)
-        writers = [w for w in stream.writers if w.kind == "norm"]
+        writers = [w for w in stream.writers if w.needs_projection]
+        members = {n for seg in stream.segments for n in seg.nodes}
         for writer in writers:
-            insert_linear(gm, writer.norm.output, torch.eye(stream.width), stem="projection")
+            if writer.kind == "norm":
+                insert_linear(gm, writer.norm.output, torch.eye(stream.width), stem="projection")
+            else:
+                users = [u for u in writer.output.users if u in members]
+                insert_linear(gm, writer.output, torch.eye(stream.width), stem="projection", users=users)
         return PassResult(bool(writers), {"projections": len(writers)})
 
     def ensures(self, program: Program) -> None:
-        assert not any(w.kind == "norm" for w in program.analysis(stream_analysis).writers)
+        assert not any(w.needs_projection for w in program.analysis(stream_analysis).writers)
