@@ -91,20 +91,33 @@ def _probe_width(seg) -> int:
 def stream_sensitivity(program: Program, windows: torch.Tensor, *, batch_size: int = 1,
                        progress: bool = False) -> list[torch.Tensor]:
     """Per segment, the loss cost of removing each direction, in the order slicing removes them (weakest
-    variance first): ½ (λ_i / N)(v_iᵀ G v_i / N) over the eigenpairs of the stream covariance there."""
+    variance first): ½ (λ_i / N)(v_iᵀ G v_i / N) over the eigenpairs of the stream covariance there. A tied
+    head's projection writes into the embedding segment's basis, so slicing that segment also projects the
+    head's input: its cost along the same directions is added there."""
     stream = program.analysis(stream_analysis)
     probes = [seg.norms[0].input if seg.norms else seg.nodes[0] for seg in stream.segments]
-    values = {p: SecondMoment() for p in dict.fromkeys(probes)}
-    gradients = {p: SecondMoment() for p in dict.fromkeys(probes)}
+    embedding = next((seg.index for seg in stream.segments for w in seg.writers if w.kind == "embedding"), None)
+    tied = [r.linear.output for seg in stream.segments for r in seg.readers
+            if role_of(r.linear.node) == TIED_HEAD_PROJECTION] if embedding is not None else []
+    watched = list(dict.fromkeys(probes + tied))
+    values = {p: SecondMoment() for p in watched}
+    gradients = {p: SecondMoment() for p in watched}
     run_with_gradients(program, list(windows.split(batch_size)), values=values, gradients=gradients,
                        progress=progress)
+
+    def along(vectors: torch.Tensor, node) -> torch.Tensor:
+        n = values[node].rows
+        variance = torch.einsum("ji,jk,ki->i", vectors, values[node].sum, vectors)
+        curvature = torch.einsum("ji,jk,ki->i", vectors, gradients[node].sum, vectors)
+        return 0.5 * variance.clamp_min(0) * curvature.clamp_min(0) / (n * n)
+
     costs = []
-    for probe in probes:
-        c, g = values[probe].sum, gradients[probe].sum
-        n = values[probe].rows
-        eigenvalues, vectors = torch.linalg.eigh(c)  # increasing: the order slicing drops them in
-        curvature = torch.einsum("ji,jk,ki->i", vectors, g, vectors)
-        costs.append(0.5 * eigenvalues.clamp_min(0) * curvature.clamp_min(0) / (n * n))
+    for k, probe in enumerate(probes):
+        vectors = torch.linalg.eigh(values[probe].sum)[1]  # increasing eigenvalues: the order slicing drops them in
+        cost = along(vectors, probe)
+        for head in tied if k == embedding else []:
+            cost = cost + along(vectors, head)
+        costs.append(cost)
     return costs
 
 
