@@ -64,24 +64,32 @@ def _tiny_config(model_type: str, variant: str):
     for target in targets:
         for key, value in SIZES.items():
             if hasattr(target, key) and (getattr(target, key) is not None or key in ALWAYS):
-                setattr(target, key, value)
+                _set(target, key, value)
         for key, rule in DERIVED.items():
             if hasattr(target, key):
-                setattr(target, key, rule(target))
+                _set(target, key, rule(target))
         if hasattr(target, "num_key_value_heads"):  # latent attention (a kv_lora_rank) has no grouped heads
             grouped = variant != "mha" and not hasattr(target, "kv_lora_rank")
-            target.num_key_value_heads = 2 if grouped else 4
+            _set(target, "num_key_value_heads", 2 if grouped else 4)
         if hasattr(target, "tie_word_embeddings"):
-            target.tie_word_embeddings = variant == "tied"
+            _set(target, "tie_word_embeddings", variant == "tied")
         if hasattr(target, "sliding_window"):
-            target.sliding_window = 8 if variant == "window" else target.sliding_window
-        layer_types = getattr(target, "layer_types", None)
-        if isinstance(layer_types, list):
-            target.layer_types = layer_types[:2]
+            _set(target, "sliding_window", 8 if variant == "window" else target.sliding_window)
+        for key in ("layer_types", "layers_block_type"):
+            if isinstance(getattr(target, key, None), list):
+                _set(target, key, getattr(target, key)[:2])
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if isinstance(getattr(target, key, None), int) and getattr(target, key) >= 128:
-                setattr(target, key, 0)
+                _set(target, key, 0)
     return config
+
+
+def _set(target, key: str, value) -> None:
+    """Set a config attribute; one a config derives from others (a property without a setter) is left as is."""
+    try:
+        setattr(target, key, value)
+    except AttributeError:
+        pass
 
 
 def run_one(model_type: str, variant: str) -> dict:
