@@ -77,3 +77,26 @@ def test_loss_aware_slicing_keeps_the_constant_widths_parameter_count(tiny):
 def test_bad_allocations_are_refused(options):
     with pytest.raises(InvalidOption, match="allocation"):
         slicegpt_recipe(**options)
+
+
+def test_cli_slices_with_loss_aware_widths(tmp_path, tiny_model_dir):
+    import json
+    import subprocess
+    import sys
+
+    source = str(tiny_model_dir("llama", trained=True))
+    common = ["--sparsity", "0.25", "--calib-windows", "4", "--calib-length", "32", "--eval-windows", "2",
+              "--eval-length", "32"]
+    sizes = {}
+    for allocation in ("constant", "loss_aware"):
+        out = tmp_path / allocation
+        done = subprocess.run([sys.executable, "-m", "fxslice.cli", "slice", source, *common, "--allocation", allocation,
+                               "--out", str(out)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        record = json.loads((out / "fxslice.json").read_text())
+        assert record["allocation"] == allocation
+        sizes[allocation] = record["parameters"]
+    assert sizes["loss_aware"] <= sizes["constant"]
+    bad = subprocess.run([sys.executable, "-m", "fxslice.cli", "slice", source, "--allocation", "spectrum", "--out",
+                          str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "allocation" in bad.stderr and not (tmp_path / "bad").exists()
