@@ -204,6 +204,8 @@ def preserving_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None
     if target in _ON_DIM:
         dim = args[_ON_DIM[target]] if len(args) > _ON_DIM[target] else 0
         return [first] if not _is_last(dim, fin.dim()) else None
+    if target == aten.repeat.default:  # copies of whole rows (Llama-4 repeats tokens once per expert)
+        return [first] if same_last and list(args[1])[-1] == 1 else None
     if target == aten.transpose.int:
         return [first] if not (_is_last(args[1], fin.dim()) or _is_last(args[2], fin.dim())) else None
     if target == aten.permute.default:
