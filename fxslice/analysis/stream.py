@@ -274,10 +274,14 @@ def stream_analysis(program: Program) -> Stream:
         if value_of(node) is not None and node.op == "call_function":
             members[groups.find(node)].append(node)
     sums = {root: sum(1 for n in group if n.target in _SUM and n in joined and len(n.args) == 2
-                      and all(isinstance(a, fx.Node) for a in n.args)) for root, group in members.items()}
+                      and all(isinstance(a, fx.Node) for a in n.args)) for root, group in members.items()
+            if isinstance(_last_dim(group[0]), int)}  # a feature width is static; attention scores' is the length
+    output = next(n for n in nodes if n.op == "output")
     if not sums or max(sums.values()) == 0:
-        output = next(n for n in nodes if n.op == "output")
         return Stream(0, (), (), (Violation(output, "no residual stream found (no sum of two activations)"),))
+    if max(sums.values()) == 1 and sum(v == 1 for v in sums.values()) > 1:  # no group outlives one layer's sum
+        return Stream(0, (), (), (Violation(output, "no residual stream found: several groups of values are summed "
+                                            "once each, a post-norm architecture that normalises after every sum"),))
     root = max(sums, key=lambda r: (sums[r], len(members[r])))
     stream = [n for n in members[root]]
     in_stream = set(stream)
@@ -349,6 +353,12 @@ def stream_analysis(program: Program) -> Stream:
                 violations.append(Violation(norm.normalized, "a norm reads the stream and writes it back (post-norm)"))
                 continue
             group = members[groups.find(norm.normalized)]
+            residual = next((n for n in group if n.target in _SUM and n in joined and n not in norm.nodes
+                             and sum(isinstance(a, fx.Node) and a in joined | set(linears) for a in n.args) == 2), None)
+            if residual is not None:  # the normalised value is itself summed with a layer's output: post-norm
+                violations.append(Violation(residual, f"the output of norm '{module_path(norm.normalized)}' is a "
+                                            "residual stream of its own: a post-norm architecture"))
+                continue
             readers[i] += _norm_readers(gm, norm, group, norm_internal, violations)
             normed[i] += [n for n in group if n not in norm.nodes or n is norm.output]
 
