@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx
 
 from fxslice.analysis.matchers import (
@@ -326,8 +327,8 @@ def stream_analysis(program: Program) -> Stream:
                 writers[i].append(Writer("embedding", node, table=tables[node]))
             elif node in norms:
                 writers[i].append(Writer("norm", node, norm=norms[node]))
-            elif node not in linears and _last_dim(node) == width:  # reads the stream only where it is checked
-                writers[i].append(Writer("other", node))
+            elif node not in linears and _last_dim(node) == width and not _downstream_of_a_sum(node, gm):
+                writers[i].append(Writer("other", node))  # embeddings, position codes: it gets a projection
             elif node not in linears:
                 violations.append(Violation(node, "a value enters the residual stream from an op that is not linear"))
         for user in node.users:
@@ -371,6 +372,24 @@ def stream_analysis(program: Program) -> Stream:
         for src, add, use in sorted(shortcut_edges, key=lambda e: order[e[1]])
     )
     return Stream(width, segments, shortcuts, tuple(violations))
+
+
+def _downstream_of_a_sum(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether some value `node` is computed from is a sum of two activations. A value that is not (an embedding
+    plus a position code, a constant) can enter the stream through a projection; one that is reads an earlier
+    residual stream through ops that break it (a tanh between two layers) and stays a violation, so that no part
+    of the model is silently left out of the stream."""
+    seen, todo = set(), list(node.all_input_nodes)
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.target in _SUM and len(current.args) == 2 and all(
+                isinstance(a, fx.Node) and value_of(a) is not None and not is_param(gm, a) for a in current.args):
+            return True
+        todo += [a for a in current.all_input_nodes if isinstance(value_of(a), torch.Tensor)]
+    return False
 
 
 def _branches(x: fx.Node, in_stream: set[fx.Node]) -> bool:
