@@ -48,8 +48,8 @@ _SUM = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor}
 @dataclass(frozen=True)
 class Writer:
     # "linear", "embedding", "norm" or "other": the last two (a norm's output, or any other value computed
-    # without reading the stream, such as a sinusoidal position code or a batched expert matmul) need an
-    # explicit projection (ProjectNormWriters) before the stream's basis can change
+    # from no earlier residual stream, such as a position code) need an explicit projection
+    # (ProjectNormWriters) before the stream's basis can change
     kind: str
     output: fx.Node
     linear: LinearUse | None = None

@@ -5,8 +5,8 @@ A post-norm (Gemma-2/3, OLMo-2) or an embedding norm (BLOOM) adds its output to 
 elementwise scale does not commute with a rotation. Inserting `y -> y @ I` after such a norm makes
 the identity matrix the stream's writer: the rotation (and later slicing) acts on it like on any
 linear writer, while the norm and its affine part stay exactly as they were. The same holds for any
-other value entering the stream that is computed without reading it (the stream analysis flags every
-read that is not a linear or a norm): CTRL's sinusoidal position code, Llama-4's batched expert matmul.
+other value entering the stream that is computed from no sum of two activations, so from no earlier
+residual stream (a position code, a constant; the analysis checks every read of the stream itself).
 Such a projection costs d x d parameters before slicing; only the stream's own uses read it.
 """
 
