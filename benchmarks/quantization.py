@@ -93,6 +93,7 @@ def main() -> None:
             row.update({"search": search, "seed": seed, "budget_bits": budget, "best": report["search"]["best"],
                         "widths": width_counts(report["weights"]), "evaluations": report["search"]["evaluations"],
                         "best_loss_after": best_loss_after(report["search"]["evaluations"])})
+            print(json.dumps({"search_row": row}, default=float), file=sys.stderr, flush=True)  # kept if stopped later
             searches.append(row)
     if searches and args.plot:
         _plot(searches, rows, args.plot)
