@@ -282,7 +282,8 @@ def stream_analysis(program: Program) -> Stream:
         return Stream(0, (), (), (Violation(output, "no residual stream found (no sum of two activations)"),))
     if max(sums.values()) == 1 and sum(v == 1 for v in sums.values()) > 1:  # no group outlives one layer's sum
         return Stream(0, (), (), (Violation(output, "no residual stream found: several groups of values are summed "
-                                            "once each, a post-norm architecture that normalises after every sum"),))
+                                            "once each, so something cuts the stream after every sum (a post-norm, "
+                                            "or an op that is not linear such as a feature-wise scale)"),))
     root = max(sums, key=lambda r: (sums[r], len(members[r])))
     stream = [n for n in members[root]]
     in_stream = set(stream)
