@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fxslice import InvalidOption, PassManager
+from fxslice import InvalidOption, PassManager, UnsupportedStructure
 from fxslice.passes import CleanupIR, FuseNorms, ProjectNormWriters, slicegpt_recipe
 from fxslice.passes.slicegpt.slice_stream import SliceStream
 from fxslice.passes.slicegpt.widths import SlicedSize, loss_aware_widths, stream_sensitivity
@@ -29,6 +29,11 @@ def test_the_predicted_count_is_the_sliced_models(tiny, name, keep_ties, data):
     predicted = size.parameters(widths)
     PassManager([SliceStream(CALIBRATION, widths, batch_size=6)]).run(program)
     assert program.num_parameters() == predicted
+
+
+def test_the_count_needs_a_fused_program(tiny):
+    with pytest.raises(UnsupportedStructure, match="FuseNorms first"):
+        SlicedSize(tiny("llama")[1])
 
 
 def test_the_allocation_meets_the_budget_and_spends_it_where_the_loss_is(tiny):

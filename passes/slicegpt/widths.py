@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxslice import InvalidOption, Program
+from fxslice import InvalidOption, Program, UnsupportedStructure
 from fxslice.analysis.roles import TIED_HEAD_PROJECTION
 from fxslice.analysis.stream import Stream, stream_analysis
 from fxslice.calibration.gradients import run_with_gradients
@@ -44,6 +44,8 @@ class SlicedSize:
 
     def __init__(self, program: Program, stream: Stream | None = None) -> None:
         stream = stream or program.analysis(stream_analysis)
+        if any(w.needs_projection for w in stream.writers) or not all(n.is_plain_rms for n in stream.norms):
+            raise UnsupportedStructure("SlicedSize counts a fused program: run ProjectNormWriters and FuseNorms first")
         gm = program.gm
         self.full = [int(_probe_width(seg)) for seg in stream.segments]
         axes: dict[int, list[int]] = {}
