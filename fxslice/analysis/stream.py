@@ -349,6 +349,7 @@ def stream_analysis(program: Program) -> Stream:
             else:
                 violations.append(Violation(user, "an operation on the residual stream that is not linear"))
 
+    activations = joined | set(linears)  # what a residual sum adds: a stream value or a layer's output
     for i, norm_list in seg_norms.items():
         for norm in norm_list:
             if groups.find(norm.normalized) == root:
@@ -356,7 +357,7 @@ def stream_analysis(program: Program) -> Stream:
                 continue
             group = members[groups.find(norm.normalized)]
             residual = next((n for n in group if n.target in _SUM and n in joined and n not in norm.nodes
-                             and sum(isinstance(a, fx.Node) and a in joined | set(linears) for a in n.args) == 2), None)
+                             and sum(isinstance(a, fx.Node) and a in activations for a in n.args) == 2), None)
             if residual is not None:  # the normalised value is itself summed with a layer's output: post-norm
                 violations.append(Violation(residual, f"the output of norm '{module_path(norm.normalized)}' is a "
                                             "residual stream of its own: a post-norm architecture"))

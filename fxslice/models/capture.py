@@ -109,8 +109,9 @@ def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
         try:
             with torch.no_grad():
                 exported = torch.export.export(traced, (), kwargs=kwargs, dynamic_shapes=attempt, strict=False)
+                unlifted = exported.module()
                 if attempt is not None:
-                    _check_other_shape(traced, exported, vocab, example_length)
+                    _check_other_shape(traced, unlifted, vocab, example_length)
             break
         except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one CaptureError
             errors.append(exc)
@@ -126,7 +127,7 @@ def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
         warnings.warn(f"{type(model).__name__} exported only with static shapes {tuple(example.shape)} "
                       f"({type(errors[0]).__name__}: {str(errors[0]).strip().splitlines()[0][:200]}); the program "
                       "accepts only inputs of exactly that shape", stacklevel=2)
-    gm = plain_graph_module(exported.module(), root=root)
+    gm = plain_graph_module(unlifted, root=root)
     return Program(
         gm,
         model_class=type(model).__name__,
@@ -135,12 +136,12 @@ def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
     )
 
 
-def _check_other_shape(traced: nn.Module, exported: torch.export.ExportedProgram, vocab: int, length: int) -> None:
+def _check_other_shape(traced: nn.Module, exported: fx.GraphModule, vocab: int, length: int) -> None:
     """Run the export on another batch size and length against the model: a size baked into the graph as a
     constant (CpmAnt's prompt offsets) passes export with dynamic shapes, then fails or differs on other inputs."""
     other = torch.randint(0, vocab, (1, max(2, length - 3)))
     kwargs = {"input_ids": other} if isinstance(traced, _WithoutCache) else {"input_ids": other, "use_cache": False}
-    got = _logits(exported.module()(**kwargs))  # raises where a size was baked in
+    got = _logits(exported(**kwargs))  # raises where a size was baked in
     try:
         want = _logits(traced(**kwargs))
     except RuntimeError:  # the model cannot run eagerly here (no float64 kernel for grouped experts): no comparison

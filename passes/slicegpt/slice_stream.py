@@ -29,7 +29,7 @@ from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.progress import progress_bar
 from fxslice.passes.slicegpt.basis import change_basis, change_tied_tables
 
-__all__ = ["SliceStream", "SegmentReport", "ConstantWidths", "constant_widths", "per_block"]
+__all__ = ["SliceStream", "SegmentReport", "ConstantWidths", "constant_widths", "per_block", "segment_probe"]
 
 _SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 
@@ -171,7 +171,7 @@ class SliceStream(Pass):
             raise UnsupportedStructure(f"slice_stream: replaying {len(self._given)} bases on a stream of {count} segments")
         for k in progress_bar(range(count), "calibrating segments", enabled=self.progress):
             seg = stream.segments[k]
-            probe = _probe(stream, seg)
+            probe = segment_probe(stream, seg)
             full = int(probe.meta["val"].shape[-1])
             shared = self._shares_previous(stream, k)
             if runner is None:
@@ -184,7 +184,7 @@ class SliceStream(Pass):
                     joint = cov
                     if k + 1 < count and self._shares_previous(stream, k + 1):  # the next half takes this basis too
                         after = stream.segments[k + 1]
-                        joint = cov + _covariance(runner, after, _probe(stream, after), order, k + 1, ahead=True)
+                        joint = cov + _covariance(runner, after, segment_probe(stream, after), order, k + 1, ahead=True)
                     vectors = torch.linalg.eigh(joint)[1].flip(1)
                     q = vectors[:, : self._width(seg, full, last=k == count - 1)].contiguous()
                 eigenvalues = torch.linalg.eigvalsh(cov).flip(0)
@@ -231,7 +231,7 @@ def _covariance(runner: StagedRunner, seg: Segment, probe: fx.Node, order: dict[
     return cov
 
 
-def _probe(stream: Stream, seg: Segment) -> fx.Node:
+def segment_probe(stream: Stream, seg: Segment) -> fx.Node:
     """The value whose statistics define the segment's basis: what its norms read, or what leaves it."""
     if seg.norms:
         return seg.norms[0].input

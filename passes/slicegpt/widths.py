@@ -24,6 +24,7 @@ from fxslice.analysis.stream import Stream, stream_analysis
 from fxslice.calibration.gradients import run_with_gradients
 from fxslice.calibration.observers import SecondMoment
 from fxslice.core.graph import role_of, tensor_of
+from fxslice.passes.slicegpt.slice_stream import segment_probe
 
 __all__ = ["SlicedSize", "stream_sensitivity", "loss_aware_widths"]
 
@@ -47,7 +48,7 @@ class SlicedSize:
         if any(w.needs_projection for w in stream.writers) or not all(n.is_plain_rms for n in stream.norms):
             raise UnsupportedStructure("SlicedSize counts a fused program: run ProjectNormWriters and FuseNorms first")
         gm = program.gm
-        self.full = [int(_probe_width(seg)) for seg in stream.segments]
+        self.full = [int(segment_probe(stream, seg).meta["val"].shape[-1]) for seg in stream.segments]
         axes: dict[int, list[int]] = {}
         tensors: dict[int, torch.Tensor] = {}
 
@@ -85,11 +86,6 @@ class SlicedSize:
         return total
 
 
-def _probe_width(seg) -> int:
-    node = seg.norms[0].input if seg.norms else seg.nodes[0]
-    return node.meta["val"].shape[-1]
-
-
 def stream_sensitivity(program: Program, windows: torch.Tensor, *, batch_size: int = 1,
                        progress: bool = False) -> list[torch.Tensor]:
     """Per segment, the loss cost of removing each direction, in the order slicing removes them (weakest
@@ -97,7 +93,7 @@ def stream_sensitivity(program: Program, windows: torch.Tensor, *, batch_size: i
     head's projection writes into the embedding segment's basis, so slicing that segment also projects the
     head's input: its cost along the same directions is added there."""
     stream = program.analysis(stream_analysis)
-    probes = [seg.norms[0].input if seg.norms else seg.nodes[0] for seg in stream.segments]
+    probes = [segment_probe(stream, seg) for seg in stream.segments]  # where slicing takes its basis
     embedding = next((seg.index for seg in stream.segments for w in seg.writers if w.kind == "embedding"), None)
     tied = [r.linear.output for seg in stream.segments for r in seg.readers
             if role_of(r.linear.node) == TIED_HEAD_PROJECTION] if embedding is not None else []
