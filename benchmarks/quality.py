@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py [--calib-windows 32] [--calib-length 2048] [--eval-windows N] [--untie]
                                  [--shared-basis] [--multiple 8] [--allocations constant,loss_aware]
+                                 [--refit off|on|both]
 
 Calibration: WikiText-2 *validation* windows (the train split used by the SliceGPT paper is not
 available offline). Evaluation: WikiText-2 test, joined with "\\n\\n", non-overlapping windows,
@@ -38,6 +39,9 @@ def main() -> None:
     parser.add_argument("--allocations", default="constant", help="constant,loss_aware: segment widths at equal "
                         "parameter count, constant or from the loss's curvature")
     parser.add_argument("--sensitivity-windows", type=int, default=4, help="windows of the loss-aware gradient pass")
+    parser.add_argument("--refit", choices=("off", "on", "both"), default="off",
+                        help="refit the sliced stream's readers to the unsliced model (closed form), or compare both")
+    parser.add_argument("--refit-damping", type=float, default=0.01)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense perplexity (measured in another run)")
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2")
@@ -49,19 +53,22 @@ def main() -> None:
     rows = [{"sparsity": "dense", "width": 576, "parameters": dense.num_parameters(),
              "perplexity": None if args.no_dense else perplexity(dense, test, batch_size=args.batch_size)}]
     rows[0]["seconds"] = round(time.perf_counter() - start, 1)
+    refits = {"off": (False,), "on": (True,), "both": (False, True)}[args.refit]
     for sparsity in (float(s) for s in args.sparsities.split(",")):
-        for allocation in args.allocations.split(","):
-            if allocation == "loss_aware" and sparsity == 0:
+        for allocation, refit in ((a, r) for a in args.allocations.split(",") for r in refits):
+            if (allocation == "loss_aware" or refit) and sparsity == 0:
                 continue
             start = time.perf_counter()
             program = dense.clone()
             recipe = slicegpt_recipe(sparsity=sparsity, multiple=args.multiple, keep_ties=not args.untie,
                                      shared_basis=args.shared_basis, batch_size=args.batch_size, allocation=allocation,
-                                     sensitivity_windows=args.sensitivity_windows)
+                                     sensitivity_windows=args.sensitivity_windows, refit=refit,
+                                     refit_damping=args.refit_damping)
             report = recipe.run(program, calibration=calib).stages[1][1].report
             rows.append({
                 "sparsity": sparsity,
                 "allocation": allocation,
+                "refit": report.get("refit", False),
                 "widths": report["widths"],
                 "parameters": program.num_parameters(),
                 "perplexity": perplexity(program, test, batch_size=args.batch_size),
@@ -74,6 +81,7 @@ def main() -> None:
         "head": "untied" if args.untie else "tied (kept)",
         "shared_basis": args.shared_basis,
         "width_multiple": args.multiple,
+        "refit_damping": args.refit_damping,
         "calibration": {"text": "wikitext2:validation", "windows": args.calib_windows, "length": args.calib_length, "seed": 0},
         "evaluation": {"text": "wikitext2:test", "windows": len(test), "length": args.eval_length},
         "threads": torch.get_num_threads(),

@@ -17,7 +17,7 @@ from fxslice.core.errors import UnsupportedStructure, node_location
 from fxslice.core.graph import add_parameter, aten, insert_op, module_path, owner_of, set_role, set_tensor, tensor_of
 
 __all__ = ["contract", "transform_input", "transform_output", "transform_table", "add_input_shift", "private_weight",
-           "insert_linear", "remove_linear"]
+           "insert_linear", "remove_linear", "replace_weight"]
 
 
 def contract(t: torch.Tensor, axis: int, m: torch.Tensor) -> torch.Tensor:
@@ -52,6 +52,14 @@ def _weight_consumer(use: LinearUse) -> fx.Node:
     while use.weight not in node.all_input_nodes:
         node = next(a for a in node.all_input_nodes if a.op == "call_function" and a is not use.input)
     return node
+
+
+def replace_weight(gm: fx.GraphModule, use: LinearUse, value: torch.Tensor) -> str:
+    """Give `use` the weight `value` (same layout as its parameter), copying a shared parameter first;
+    returns the name it was stored under."""
+    weight = private_weight(gm, use.weight, _weight_consumer(use))
+    _set_param(gm, weight, value)
+    return str(weight.target)
 
 
 def transform_input(gm: fx.GraphModule, use: LinearUse, m: torch.Tensor) -> None:

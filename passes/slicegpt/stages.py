@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from fxslice.analysis.stream import Segment
 from fxslice.core import InvalidOption, Program
 from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED, QUANTIZED, ROTATED, SLICED
+from fxslice.passes.recovery.refit import RefitReaders, reconstruction_errors
 from fxslice.passes.slicegpt.fuse_norms import FuseNorms
 from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
@@ -28,7 +29,8 @@ class SliceGPT(Stage):
     parameters); `shared_basis` gives both halves of a block one basis (half the shortcuts).
     `allocation="loss_aware"` keeps the parameter count of `sparsity`'s constant widths but gives each segment
     its width from the loss's curvature along the directions slicing removes (`widths.py`), measured by a
-    forward and backward pass over the first `sensitivity_windows` calibration windows."""
+    forward and backward pass over the first `sensitivity_windows` calibration windows. `refit=True` then fits
+    every reader of the sliced stream in closed form to the unsliced model's outputs (`RefitReaders`)."""
 
     kind = "slicegpt"
     needs = frozenset({CAPTURED, CLEAN})
@@ -45,6 +47,8 @@ class SliceGPT(Stage):
     batch_size: int = 1
     allocation: str = "constant"  # or "loss_aware"
     sensitivity_windows: int = 4
+    refit: bool = False
+    refit_damping: float = 0.01
 
     def __post_init__(self) -> None:
         if self.allocation not in ("constant", "loss_aware"):
@@ -61,26 +65,37 @@ class SliceGPT(Stage):
         elif not callable(self.widths) and not all(isinstance(w, int) and w > 0 for w in self.widths):
             raise InvalidOption(f"slicegpt: widths must be positive integers, got {list(self.widths)}")
         self.require_positive_ints("batch_size")
+        d = self.refit_damping
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not d >= 0:
+            raise InvalidOption(f"slicegpt: refit_damping must be a number >= 0, got {d!r}")
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         rule = ConstantWidths(self.sparsity, self.multiple) if self.sparsity is not None else self.widths
         windows = context.windows(self.kind)
-        fuse = [ProjectNormWriters(), FuseNorms(keep_ties=self.keep_ties)]
-        fused = None
+        fused = self.run_passes(program, [ProjectNormWriters(), FuseNorms(keep_ties=self.keep_ties)], context)
         if self.allocation == "loss_aware":
-            fused = self.run_passes(program, fuse, context)
-            rule, fuse = self._loss_aware_widths(program, windows, rule, context), []
+            rule = self._loss_aware_widths(program, windows, rule, context)
+        reference = program.clone() if self.refit else None  # the fused model, before any direction is removed
         slicer = SliceStream(windows, rule, batch_size=self.batch_size, slice_head=self.slice_head,
                              share=per_block if self.shared_basis else None, progress=context.progress)
-        result = self.run_passes(program, [*fuse, slicer], context)
-        if fused is not None:
-            result = StageResult(fused.passes + result.passes, fused.records + result.records,
-                                 seconds=fused.seconds + result.seconds)
+        passes: list = [slicer]
+        if reference is not None:
+            passes.append(RefitReaders(reference, windows, damping=self.refit_damping, batch_size=self.batch_size,
+                                       progress=context.progress))
+        sliced = self.run_passes(program, passes, context)
+        result = StageResult(fused.passes + sliced.passes, fused.records + sliced.records,
+                             seconds=fused.seconds + sliced.seconds)
         result.report = {
             "widths": [r.kept for r in slicer.reports],
             "variance_kept": [round(r.variance_kept, 5) for r in slicer.reports],
             "warnings": {str(r.index): r.warning for r in slicer.reports if r.warning},
         }
+        if reference is not None:
+            refit = passes[-1]
+            before, after = reconstruction_errors(refit.fits)
+            result.report["refit"] = {"readers": len(refit.fits), "skipped": refit.skipped,
+                                      "reconstruction_error_before": round(before, 6),
+                                      "reconstruction_error_after": round(after, 6)}
         return result
 
     def _loss_aware_widths(self, program: Program, windows, rule: ConstantWidths, context: StageContext) -> list[int]:

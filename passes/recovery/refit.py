@@ -1,0 +1,246 @@
+"""Closed-form refit of the linears that read a compressed stream, against the uncompressed model.
+
+Slicing leaves every reader of the residual stream with the weights it had, restricted to the kept
+directions; but the reader now sees a different input: the norm divides by a smaller sum of squares,
+the dropped directions were correlated with the kept ones, and every upstream slice has moved the stream.
+`RefitReaders` runs the compressed program and a reference (the same model before compression) side by
+side over the calibration windows, layer by layer, and gives each reader W' = argmin ‖U W'ᵀ − U_ref W_refᵀ‖²
++ λ‖W' − W‖² (U: the reader's input in the compressed model, U_ref in the reference), a damped least-squares
+fit whose statistics are three sums of outer products. Readers are fitted in graph order, so each fit
+sees the inputs that the fits before it produce. Where nothing was removed, W is the exact minimiser and the
+refit changes nothing; otherwise the calibration reconstruction error can only go down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fxslice import BadInput, InvalidOption, Pass, PassResult, Program, UnsupportedStructure
+from fxslice.analysis.matchers import LinearUse, match_linear
+from fxslice.analysis.roles import TIED_HEAD_PROJECTION
+from fxslice.analysis.stream import stream_analysis
+from fxslice.analysis.weights import replace_weight
+from fxslice.calibration.runner import StagedRunner
+from fxslice.core.graph import role_of, set_tensor, tensor_of
+from fxslice.core.health import check_finite, check_tokens
+from fxslice.core.progress import progress_bar
+
+__all__ = ["RefitReaders", "ReaderFit", "SetWeights"]
+
+
+@dataclass(frozen=True)
+class ReaderFit:
+    """One refitted reader: its relative calibration reconstruction error before and after."""
+
+    linear: str
+    error_before: float
+    error_after: float
+
+
+class _Queue:
+    """The reference's value of a node, batch by batch, until the compressed program asks for it."""
+
+    def __init__(self) -> None:
+        self.values: list[torch.Tensor] = []
+
+    def update(self, value: torch.Tensor) -> None:
+        self.values.append(value.detach().reshape(-1, value.shape[-1]))
+
+
+class _Paired:
+    """Σ uᵀu, Σ uᵀu_ref and Σ u_refᵀu_ref (float64) over the tokens of every batch, u from the compressed
+    program, u_ref from the reference's queue (same batches, same order)."""
+
+    def __init__(self, reference: _Queue) -> None:
+        self.reference = reference
+        self.batch = 0
+        self.uu = self.ur = self.rr = None
+
+    def update(self, value: torch.Tensor) -> None:
+        u = value.detach().reshape(-1, value.shape[-1]).to(torch.float64)
+        r = self.reference.values[self.batch].to(torch.float64)
+        self.reference.values[self.batch] = None  # each reference value is read once
+        self.batch += 1
+        if u.shape[0] != r.shape[0]:
+            raise UnsupportedStructure(f"refit: the compressed program has {u.shape[0]} rows where the reference has "
+                                       f"{r.shape[0]}; the two programs do not compute the same tokens")
+        sums = (u.T @ u, u.T @ r, r.T @ r)
+        if self.uu is None:
+            self.uu, self.ur, self.rr = sums
+        else:
+            self.uu += sums[0]
+            self.ur += sums[1]
+            self.rr += sums[2]
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        for total in (self.uu, self.ur, self.rr):
+            dist.all_reduce(total)
+
+
+def _out_by_in(weight: torch.Tensor, use: LinearUse) -> torch.Tensor:
+    """A 2-D weight as out x in, whatever its layout (nn.Linear or Conv1D)."""
+    return weight if use.in_axis % 2 == 1 else weight.T
+
+
+class RefitReaders(Pass):
+    """Refit the readers of the compressed program's residual stream against `reference`, the same model
+    before compression (same node names: capture it, run the exact passes, clone it, then compress).
+
+    `damping` λ is relative to the mean of diag(ΣUᵀU) and pulls towards the current weights, not towards zero.
+    Readers whose weight is not a plain matrix (mixture-of-experts stacks) or whose output differs in shape
+    from the reference's are left as they are and reported as skipped."""
+
+    name = "refit_readers"
+    exact = False
+
+    def __init__(self, reference: Program, windows: torch.Tensor, *, damping: float = 0.01, batch_size: int = 1,
+                 progress: bool = False):
+        if not isinstance(reference, Program):
+            raise InvalidOption("refit: the reference must be a Program (the model before compression)")
+        if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
+            raise InvalidOption("calibration windows must be a non-empty [n, length] tensor of token ids")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+            raise InvalidOption(f"refit: damping must be a number >= 0, got {damping!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidOption(f"refit: batch size must be a positive integer, got {batch_size!r}")
+        self.reference, self.windows, self.damping = reference, windows, float(damping)
+        self.batch_size, self.progress = batch_size, progress
+        self.fits: list[ReaderFit] = []
+        self.skipped: dict[str, str] = {}  # reader -> why it was left as it was
+        self.written: dict[str, torch.Tensor] = {}  # weight name -> value, for `replay`
+
+    def requires(self, program: Program) -> None:
+        if program.cache is not None:
+            raise InvalidOption("refit: refit the plain capture, then `fxslice.replay` onto the KV-cache capture")
+        check_finite(program)
+        check_tokens(program, self.windows)
+        program.analysis(stream_analysis).check()
+
+    def replay(self) -> Pass:
+        return SetWeights(dict(self.written), self.name)
+
+    def call(self, program: Program) -> PassResult:
+        groups = self._groups(program)
+        batches = list(self.windows.split(self.batch_size))
+        mine, theirs = StagedRunner(program, batches), StagedRunner(self.reference, batches)
+        self.fits, self.written = [], {}
+        for source, uses in progress_bar(groups, "refitting readers", enabled=self.progress):
+            ref_source = uses[0].ref_use.input
+            queue = _Queue()
+            theirs.run_through(ref_source, {ref_source: queue})
+            paired = _Paired(queue)
+            mine.run_through(source, {source: paired})
+            if paired.uu is None:
+                raise BadInput(f"refit: no calibration batch reached {source.name}")
+            for fit in uses:
+                self._fit(program, fit, paired)
+        return PassResult(bool(self.fits), {"refitted": len(self.fits), "skipped": len(self.skipped)})
+
+    def _groups(self, program: Program) -> list[tuple[fx.Node, list[_Fit]]]:
+        """Readers that can be refitted, grouped by the value they read, in graph order; the rest in `skipped`."""
+        named = {n.name: n for n in self.reference.graph.nodes}
+        groups: dict[fx.Node, list[_Fit]] = {}
+        self.skipped = {}
+        for reader in program.analysis(stream_analysis).readers:
+            use = reader.linear
+            theirs = named.get(use.node.name)
+            ref_use = match_linear(self.reference.gm, theirs) if theirs is not None else None
+            head = ref_head = None
+            why = ""
+            if ref_use is None:
+                why = "no linear of that name in the reference"
+            elif tensor_of(program.gm, use.weight).dim() != 2 or tensor_of(self.reference.gm, ref_use.weight).dim() != 2:
+                why = "not a plain matrix (experts)"
+            elif role_of(use.node) == TIED_HEAD_PROJECTION:  # its output is in the embedding's basis: fit the logits
+                head, ref_head = _reader_of(program.gm, use.output), _reader_of(self.reference.gm, ref_use.output)
+                if head is None or ref_head is None:
+                    why = "a tied head projection whose head was not found"
+            elif use.output.meta["val"].shape[-1] != ref_use.output.meta["val"].shape[-1]:
+                why = "its output was compressed too"
+            if why:
+                self.skipped[use.node.name] = why
+            else:
+                groups.setdefault(use.input, []).append(_Fit(use, ref_use, head, ref_head))
+        order = {n: i for i, n in enumerate(program.graph.nodes)}
+        return sorted(groups.items(), key=lambda item: order[item[0]])
+
+    def _fit(self, program: Program, fit: _Fit, stats: _Paired) -> None:
+        """Z = Wᵀ (in x out) minimises ‖U Z Hᵀ − Y_ref‖² + λ‖(Z − Z_now) H_G‖², where H is the fixed linear behind
+        the reader (the tied table behind a head projection; the identity otherwise) and G = HᵀH:
+        (UᵀU + λI) Z = UᵀY_ref H G⁻¹ + λ Z_now."""
+        gm, use = program.gm, fit.use
+        current = tensor_of(gm, use.weight)
+        z_now = _out_by_in(current, use).to(torch.float64).T.to(stats.uu.device)
+        w_ref = _out_by_in(tensor_of(self.reference.gm, fit.ref_use.weight), fit.ref_use).to(torch.float64)
+        w_ref = w_ref.to(stats.uu.device)
+        cross = stats.ur @ w_ref.T  # Σ uᵀ y_ref (before the fixed linear)
+        energy_metric = None  # Σ of the reference's output energy, through the fixed linear when there is one
+        if fit.head is None:
+            metric, target = None, cross
+        else:
+            h = _out_by_in(tensor_of(gm, fit.head.weight), fit.head).to(torch.float64).to(cross.device)
+            h_ref = _out_by_in(tensor_of(self.reference.gm, fit.ref_head.weight), fit.ref_head).to(torch.float64)
+            h_ref = h_ref.to(cross.device)
+            metric = h.T @ h
+            energy_metric = h_ref.T @ h_ref
+            target = cross @ (h_ref.T @ h)  # Σ uᵀ logits_ref H
+        uu = stats.uu
+        lam = self.damping * float(uu.diagonal().mean())
+        eye = torch.eye(uu.shape[0], dtype=uu.dtype, device=uu.device)
+        rhs = target if metric is None else torch.linalg.solve(metric, target.T).T  # metric is symmetric
+        fitted = torch.linalg.solve(uu + lam * eye, rhs + lam * z_now)
+        if not bool(torch.isfinite(fitted).all()):
+            self.skipped[use.node.name] = "the least-squares solve is not finite"
+            return
+        out_energy = w_ref @ stats.rr @ w_ref.T
+        energy = float(out_energy.trace() if energy_metric is None else (out_energy * energy_metric).sum())
+
+        def error(z: torch.Tensor) -> float:
+            zz = z.T @ uu @ z
+            quadratic = float(zz.trace() if metric is None else (zz * metric).sum())
+            return max(quadratic - 2 * float((z * target).sum()) + energy, 0.0) / max(energy, 1e-300)
+
+        self.fits.append(ReaderFit(use.node.name, error(z_now), error(fitted)))
+        value = (fitted.T if use.in_axis % 2 == 1 else fitted).to(current.dtype).to(current.device).contiguous()
+        self.written[replace_weight(gm, use, value)] = value
+
+
+def _reader_of(gm: fx.GraphModule, value: fx.Node) -> LinearUse | None:
+    """The one linear that reads `value`, if that is all that reads it."""
+    users = [match_linear(gm, u) for u in value.users]
+    return users[0] if len(users) == 1 and users[0] is not None and users[0].input is value else None
+
+
+@dataclass(frozen=True)
+class _Fit:
+    use: LinearUse
+    ref_use: LinearUse
+    head: LinearUse | None = None  # a fixed linear behind the reader, through which the fit is measured
+    ref_head: LinearUse | None = None
+
+
+class SetWeights(Pass):
+    """Weights a calibrating pass computed, written again onto another capture of the same model."""
+
+    exact = False
+
+    def __init__(self, weights: dict[str, torch.Tensor], name: str):
+        self.weights, self.name = weights, name
+
+    def call(self, program: Program) -> PassResult:
+        for target, value in self.weights.items():
+            set_tensor(program.gm, target, value)
+        return PassResult(bool(self.weights))
+
+
+def reconstruction_errors(fits: Sequence[ReaderFit]) -> tuple[float, float]:
+    """Mean relative reconstruction error over the refitted readers, before and after."""
+    if not fits:
+        return 0.0, 0.0
+    return (sum(f.error_before for f in fits) / len(fits), sum(f.error_after for f in fits) / len(fits))
