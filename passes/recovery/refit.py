@@ -9,6 +9,10 @@ side over the calibration windows, layer by layer, and gives each reader W' = ar
 fit whose statistics are three sums of outer products. Readers are fitted in graph order, so each fit
 sees the inputs that the fits before it produce. Where nothing was removed, W is the exact minimiser and the
 refit changes nothing; otherwise the calibration reconstruction error can only go down.
+
+Measured on SmolLM2 at 25 % (README, "Refit"): every reader's error goes down (0.18 to 0.11 on average) and the
+perplexity goes *up*, most through the MLP's readers: a reader's output error is not the loss. So it is off
+by default; it stays as a tested building block for objectives that weight errors by what the loss sees.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from fxslice.core.graph import role_of, set_tensor, tensor_of
 from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.progress import progress_bar
 
-__all__ = ["RefitReaders", "ReaderFit", "SetWeights"]
+__all__ = ["RefitReaders", "ReaderFit", "SetWeights", "reconstruction_errors"]
 
 
 @dataclass(frozen=True)
@@ -151,59 +155,42 @@ class RefitReaders(Pass):
             use = reader.linear
             theirs = named.get(use.node.name)
             ref_use = match_linear(self.reference.gm, theirs) if theirs is not None else None
-            head = ref_head = None
             why = ""
             if ref_use is None:
                 why = "no linear of that name in the reference"
             elif tensor_of(program.gm, use.weight).dim() != 2 or tensor_of(self.reference.gm, ref_use.weight).dim() != 2:
                 why = "not a plain matrix (experts)"
-            elif role_of(use.node) == TIED_HEAD_PROJECTION:  # its output is in the embedding's basis: fit the logits
-                head, ref_head = _reader_of(program.gm, use.output), _reader_of(self.reference.gm, ref_use.output)
-                if head is None or ref_head is None:
-                    why = "a tied head projection whose head was not found"
+            elif role_of(use.node) == TIED_HEAD_PROJECTION:
+                why = ("a tied head's projection: its output is in the embedding's basis (fitted through the table to "
+                       "the logits, it made SmolLM2 worse: README)")
             elif use.output.meta["val"].shape[-1] != ref_use.output.meta["val"].shape[-1]:
                 why = "its output was compressed too"
             if why:
                 self.skipped[use.node.name] = why
             else:
-                groups.setdefault(use.input, []).append(_Fit(use, ref_use, head, ref_head))
+                groups.setdefault(use.input, []).append(_Fit(use, ref_use))
         order = {n: i for i, n in enumerate(program.graph.nodes)}
         return sorted(groups.items(), key=lambda item: order[item[0]])
 
     def _fit(self, program: Program, fit: _Fit, stats: _Paired) -> None:
-        """Z = Wᵀ (in x out) minimises ‖U Z Hᵀ − Y_ref‖² + λ‖(Z − Z_now) H_G‖², where H is the fixed linear behind
-        the reader (the tied table behind a head projection; the identity otherwise) and G = HᵀH:
-        (UᵀU + λI) Z = UᵀY_ref H G⁻¹ + λ Z_now."""
+        """Z = Wᵀ (in x out) minimises ‖U Z − U_ref W_refᵀ‖² + λ‖Z − Z_now‖²: (UᵀU + λI) Z = UᵀU_ref W_refᵀ + λ Z_now."""
         gm, use = program.gm, fit.use
         current = tensor_of(gm, use.weight)
-        z_now = _out_by_in(current, use).to(torch.float64).T.to(stats.uu.device)
-        w_ref = _out_by_in(tensor_of(self.reference.gm, fit.ref_use.weight), fit.ref_use).to(torch.float64)
-        w_ref = w_ref.to(stats.uu.device)
-        cross = stats.ur @ w_ref.T  # Σ uᵀ y_ref (before the fixed linear)
-        energy_metric = None  # Σ of the reference's output energy, through the fixed linear when there is one
-        if fit.head is None:
-            metric, target = None, cross
-        else:
-            h = _out_by_in(tensor_of(gm, fit.head.weight), fit.head).to(torch.float64).to(cross.device)
-            h_ref = _out_by_in(tensor_of(self.reference.gm, fit.ref_head.weight), fit.ref_head).to(torch.float64)
-            h_ref = h_ref.to(cross.device)
-            metric = h.T @ h
-            energy_metric = h_ref.T @ h_ref
-            target = cross @ (h_ref.T @ h)  # Σ uᵀ logits_ref H
         uu = stats.uu
+        z_now = _out_by_in(current, use).to(torch.float64).T.to(uu.device)
+        w_ref = _out_by_in(tensor_of(self.reference.gm, fit.ref_use.weight), fit.ref_use).to(torch.float64)
+        w_ref = w_ref.detach().to(uu.device)
+        target = stats.ur @ w_ref.T  # Σ uᵀ y_ref
         lam = self.damping * float(uu.diagonal().mean())
         eye = torch.eye(uu.shape[0], dtype=uu.dtype, device=uu.device)
-        rhs = target if metric is None else torch.linalg.solve(metric, target.T).T  # metric is symmetric
-        fitted = torch.linalg.solve(uu + lam * eye, rhs + lam * z_now)
+        fitted = torch.linalg.solve(uu + lam * eye, target + lam * z_now)
         if not bool(torch.isfinite(fitted).all()):
             self.skipped[use.node.name] = "the least-squares solve is not finite"
             return
-        out_energy = w_ref @ stats.rr @ w_ref.T
-        energy = float(out_energy.trace() if energy_metric is None else (out_energy * energy_metric).sum())
+        energy = float((w_ref @ stats.rr @ w_ref.T).trace())
 
         def error(z: torch.Tensor) -> float:
-            zz = z.T @ uu @ z
-            quadratic = float(zz.trace() if metric is None else (zz * metric).sum())
+            quadratic = float((z.T @ uu @ z).trace())
             return max(quadratic - 2 * float((z * target).sum()) + energy, 0.0) / max(energy, 1e-300)
 
         self.fits.append(ReaderFit(use.node.name, error(z_now), error(fitted)))
@@ -211,18 +198,10 @@ class RefitReaders(Pass):
         self.written[replace_weight(gm, use, value)] = value
 
 
-def _reader_of(gm: fx.GraphModule, value: fx.Node) -> LinearUse | None:
-    """The one linear that reads `value`, if that is all that reads it."""
-    users = [match_linear(gm, u) for u in value.users]
-    return users[0] if len(users) == 1 and users[0] is not None and users[0].input is value else None
-
-
 @dataclass(frozen=True)
 class _Fit:
     use: LinearUse
     ref_use: LinearUse
-    head: LinearUse | None = None  # a fixed linear behind the reader, through which the fit is measured
-    ref_head: LinearUse | None = None
 
 
 class SetWeights(Pass):

@@ -30,7 +30,8 @@ class SliceGPT(Stage):
     `allocation="loss_aware"` keeps the parameter count of `sparsity`'s constant widths but gives each segment
     its width from the loss's curvature along the directions slicing removes (`widths.py`), measured by a
     forward and backward pass over the first `sensitivity_windows` calibration windows. `refit=True` then fits
-    every reader of the sliced stream in closed form to the unsliced model's outputs (`RefitReaders`)."""
+    every reader of the sliced stream in closed form to the unsliced model's outputs (`RefitReaders`; measured
+    worse on SmolLM2, so off by default)."""
 
     kind = "slicegpt"
     needs = frozenset({CAPTURED, CLEAN})
