@@ -59,10 +59,12 @@ def main() -> None:
     parser.add_argument("--recover-batch", type=int, default=2)
     parser.add_argument("--no-dense-control", action="store_true",
                         help="do not fine-tune the dense model as the recovery control (measured in another run)")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense perplexity (measured in another run)")
     args = parser.parse_args()
     dense, calib, test = smollm2_and_windows(args.calib_windows, args.calib_length, args.eval_windows)
     start = time.perf_counter()
-    rows = [{"method": "dense", "parameters": dense.num_parameters(), "perplexity": perplexity(dense, test),
+    rows = [{"method": "dense", "parameters": dense.num_parameters(),
+             "perplexity": None if args.no_dense else perplexity(dense, test),
              "seconds": round(time.perf_counter() - start, 1)}]
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     recover = Recover(steps=args.recover, lr=args.recover_lr, rank=args.recover_rank,

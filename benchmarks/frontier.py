@@ -1,0 +1,139 @@
+"""The quality frontier: perplexity against real parameter count for every recipe measured, as one PNG and one JSON.
+
+    python benchmarks/frontier.py [--windows 148] [--out benchmarks/frontier.png] [FILES...]
+
+Reads the raw outputs of `quality.py` and `pruning.py` (and hand-kept figures with their commands, for runs whose raw
+output was not saved) and draws every row evaluated on the same number of test windows (148: the whole WikiText-2
+test split) — so no point is compared with one measured on other text. The dense model, and on the whole split the
+official SliceGPT figures for SmolLM2 (untied head, 61.5 at 140.7 M and 80.6 at 131.6 M parameters), are drawn for
+reference.
+Prints the points drawn and, per parameter count, which recipe is best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from pathlib import Path
+
+#: the official SliceGPT implementation on SmolLM2-135M, whole WikiText-2 test split (issue 14)
+OFFICIAL = [(140_700_000, 61.5), (131_600_000, 80.6)]
+#: rows above this perplexity (magnitude pruning's collapse) stay in the JSON but off the picture
+CEILING = 1000.0
+WHOLE_SPLIT = 148  # windows of 2048 tokens in WikiText-2 test
+
+
+def quality_points(data: dict) -> list[dict]:
+    head = "untied" if data.get("head") == "untied" else "tie kept"
+    points = []
+    for row in data["results"]:
+        if row["sparsity"] == "dense" or row.get("perplexity") is None or "note" in row:  # a note marks a superseded row
+            continue
+        name = f"SliceGPT {row.get('allocation', 'constant')}, {head}" + (", refit" if row.get("refit") else "")
+        points.append({"recipe": name, "parameters": row["parameters"], "perplexity": row["perplexity"]})
+    return points
+
+
+def pruning_points(data: dict) -> list[dict]:
+    points = []
+    for row in data["results"]:
+        masked = row.get("nonzero_parameters", row["parameters"]) < 0.99 * row["parameters"]  # zeros, not smaller
+        if row["method"] == "dense" or row.get("perplexity") is None or masked:
+            continue
+        name = {"surgeon": "LLM Surgeon", "lobd": "L-OBD", "kobd": "K-OBD", "slicegpt": "SliceGPT constant, tie kept, "
+                "calibrated like the Surgeon", "slicegpt+surgeon": "SliceGPT then Surgeon"}.get(row["method"], row["method"])
+        points.append({"recipe": name, "parameters": row["parameters"], "perplexity": row["perplexity"]})
+        if row.get("perplexity_recovered") is not None:
+            points.append({"recipe": f"{name} + recovery", "parameters": row["recovered_parameters"],
+                           "perplexity": row["perplexity_recovered"]})
+    return points
+
+
+def dense_point(data: dict) -> dict | None:
+    for row in data.get("results", []):
+        if row.get("sparsity") == "dense" or row.get("method") == "dense":
+            if row.get("perplexity") is not None:
+                return {"parameters": row["parameters"], "perplexity": row["perplexity"]}
+    return None
+
+
+def collect(files: list[str], windows: int) -> tuple[list[dict], dict | None]:
+    points, dense = [], None
+    for file in files:
+        data = json.loads(Path(file).read_text())
+        if not isinstance(data, dict) or data.get("evaluation", {}).get("windows") != windows:
+            continue
+        rows = [r for r in data.get("results", []) if isinstance(r, dict)]
+        if rows and all("recipe" in r and "perplexity" in r for r in rows):  # hand-kept figures
+            found = [{k: r[k] for k in ("recipe", "parameters", "perplexity")} for r in rows]
+        elif rows and all("method" in r for r in rows):
+            found = pruning_points(data)
+        elif rows and all("sparsity" in r for r in rows):
+            found = quality_points(data)
+        else:  # another benchmark's output (quantization, speed): not a parameter count frontier
+            continue
+        for point in found:
+            point["source"] = Path(file).name
+        seen = {(p["recipe"], p["parameters"], round(p["perplexity"], 2)) for p in points}
+        points += [p for p in found if (p["recipe"], p["parameters"], round(p["perplexity"], 2)) not in seen]
+        dense = dense or dense_point(data)
+    return points, dense
+
+
+def best_by_size(points: list[dict]) -> list[dict]:
+    """The frontier: each point no other point beats with as few or fewer parameters."""
+    ordered = sorted(points, key=lambda p: (p["parameters"], p["perplexity"]))
+    frontier, best = [], float("inf")
+    for point in ordered:
+        if point["perplexity"] < best:
+            frontier.append(point)
+            best = point["perplexity"]
+    return frontier
+
+
+def draw(points: list[dict], dense: dict | None, out: str, windows: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 5.2))
+    points = [p for p in points if p["perplexity"] <= CEILING]
+    for recipe in sorted({p["recipe"] for p in points}):
+        mine = sorted((p for p in points if p["recipe"] == recipe), key=lambda p: p["parameters"])
+        ax.plot([p["parameters"] / 1e6 for p in mine], [p["perplexity"] for p in mine], "o-", label=recipe)
+    if windows == WHOLE_SPLIT:  # the official figures are whole-split ones
+        ax.plot([p / 1e6 for p, _ in OFFICIAL], [q for _, q in OFFICIAL], "s--", color="grey",
+                label="official SliceGPT (untied head)")
+    if dense is not None:
+        ax.axhline(dense["perplexity"], color="black", lw=0.8, ls=":")
+        ax.plot([dense["parameters"] / 1e6], [dense["perplexity"]], "k*", ms=12, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (millions; shortcuts and untied heads counted)")
+    ax.set_ylabel("perplexity, WikiText-2 test (log)")
+    ax.set_title(f"SmolLM2-135M: quality per parameter ({windows} windows of 2048 tokens)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="*", help="raw outputs (default: benchmarks/results/*.json)")
+    parser.add_argument("--windows", type=int, default=WHOLE_SPLIT, help="test windows the rows must be evaluated on")
+    parser.add_argument("--out", default="benchmarks/frontier.png")
+    args = parser.parse_args()
+    files = args.files or sorted(glob.glob(str(Path(__file__).parent / "results" / "*.json")))
+    points, dense = collect(files, args.windows)
+    if not points:
+        raise SystemExit(f"no row evaluated on {args.windows} test windows in {len(files)} files")
+    if args.out:
+        draw(points, dense, args.out, args.windows)
+    print(json.dumps({"windows": args.windows, "dense": dense, "official_slicegpt": OFFICIAL, "points": points,
+                      "frontier": best_by_size(points), "plot": args.out or None}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
