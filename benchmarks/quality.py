@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--calib-windows 32] [--calib-length 2048] [--eval-windows N] [--untie]
                                  [--shared-basis] [--multiple 8] [--allocations constant,loss_aware]
-                                 [--refit off|on|both]
+                                 [--refits off,readers,writers,both]
 
 Calibration: WikiText-2 *validation* windows (the train split used by the SliceGPT paper is not
 available offline). Evaluation: WikiText-2 test, joined with "\\n\\n", non-overlapping windows,
@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--allocations", default="constant", help="constant,loss_aware: segment widths at equal "
                         "parameter count, constant or from the loss's curvature")
     parser.add_argument("--sensitivity-windows", type=int, default=4, help="windows of the loss-aware gradient pass")
-    parser.add_argument("--refit", choices=("off", "on", "both"), default="off",
-                        help="refit the sliced stream's readers to the unsliced model (closed form), or compare both")
+    parser.add_argument("--refits", default="off", help="off,readers,writers,both: refit the linears at the sliced "
+                        "stream to the unsliced model (closed form); each is one row")
     parser.add_argument("--refit-damping", type=float, default=0.01)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense perplexity (measured in another run)")
     args = parser.parse_args()
@@ -53,10 +53,10 @@ def main() -> None:
     rows = [{"sparsity": "dense", "width": 576, "parameters": dense.num_parameters(),
              "perplexity": None if args.no_dense else perplexity(dense, test, batch_size=args.batch_size)}]
     rows[0]["seconds"] = round(time.perf_counter() - start, 1)
-    refits = {"off": (False,), "on": (True,), "both": (False, True)}[args.refit]
+    refits = args.refits.split(",")
     for sparsity in (float(s) for s in args.sparsities.split(",")):
         for allocation, refit in ((a, r) for a in args.allocations.split(",") for r in refits):
-            if (allocation == "loss_aware" or refit) and sparsity == 0:
+            if (allocation == "loss_aware" or refit != "off") and sparsity == 0:
                 continue
             start = time.perf_counter()
             program = dense.clone()

@@ -1,16 +1,16 @@
-"""Closed-form refit of the linears that read a compressed stream, against the uncompressed model.
+"""Closed-form refit of the linears around a compressed stream, against the uncompressed model.
 
-Slicing leaves every reader of the residual stream with the weights it had, restricted to the kept
-directions; but the reader now sees a different input: the norm divides by a smaller sum of squares,
-the dropped directions were correlated with the kept ones, and every upstream slice has moved the stream.
-`RefitReaders` runs the compressed program and a reference (the same model before compression) side by
-side over the calibration windows, layer by layer, and gives each reader W' = argmin ‖U W'ᵀ − U_ref W_refᵀ‖²
-+ λ‖W' − W‖² (U: the reader's input in the compressed model, U_ref in the reference), a damped least-squares
-fit whose statistics are three sums of outer products. Readers are fitted in graph order, so each fit
-sees the inputs that the fits before it produce. Where nothing was removed, W is the exact minimiser and the
-refit changes nothing; otherwise the calibration reconstruction error can only go down.
+Slicing leaves every linear at the stream with the weights it had, restricted to the kept directions; but each now
+sees other inputs: a reader's norm divides by a smaller sum of squares, the dropped directions were correlated
+with the kept ones, and every upstream slice has moved the stream. `RefitLinears` runs the compressed program and
+a reference (the same model before compression) side by side over the calibration windows, layer by layer, and
+gives each linear W' = argmin ‖U W'ᵀ − U_ref W_refᵀ M‖² + λ‖W' − W‖² (U: its input in the compressed model, U_ref
+in the reference; M the kept basis for a writer into the stream, the identity for a reader), a damped least-squares
+fit whose statistics are three sums of outer products. Linears are fitted in graph order, so each fit sees the
+inputs that the fits before it produce. Where nothing was removed, W is the exact minimiser and the refit changes
+nothing; otherwise the calibration reconstruction error can only go down.
 
-Measured on SmolLM2 at 25 % (README, "Refit"): every reader's error goes down (0.18 to 0.11 on average) and the
+Measured on SmolLM2 at 25 % (README, "Refit"): the readers' errors go down (0.18 to 0.11 on average) and the
 perplexity goes *up*, most through the MLP's readers: a reader's output error is not the loss. So it is off
 by default; it stays as a tested building block for objectives that weight errors by what the loss sees.
 """
@@ -33,12 +33,12 @@ from fxslice.core.graph import role_of, set_tensor, tensor_of
 from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.progress import progress_bar
 
-__all__ = ["RefitReaders", "ReaderFit", "SetWeights", "reconstruction_errors"]
+__all__ = ["RefitLinears", "LinearFit", "SetWeights", "reconstruction_errors"]
 
 
 @dataclass(frozen=True)
-class ReaderFit:
-    """One refitted reader: its relative calibration reconstruction error before and after."""
+class LinearFit:
+    """One refitted linear: its relative calibration reconstruction error before and after."""
 
     linear: str
     error_before: float
@@ -92,18 +92,23 @@ def _out_by_in(weight: torch.Tensor, use: LinearUse) -> torch.Tensor:
     return weight if use.in_axis % 2 == 1 else weight.T
 
 
-class RefitReaders(Pass):
-    """Refit the readers of the compressed program's residual stream against `reference`, the same model
+class RefitLinears(Pass):
+    """Refit the linears around the compressed program's residual stream against `reference`, the same model
     before compression (same node names: capture it, run the exact passes, clone it, then compress).
 
+    `readers`: the linears that read the stream (their outputs keep their meaning). `bases`: the per-segment bases
+    the stream was sliced with (`SliceStream.bases`, segments as the reference's stream analysis numbers them);
+    given, the linears that *write* into the stream are refitted too, to the reference's output expressed in the
+    kept basis, y_ref Q — what the segment's slice can hold of what the dense layer added.
     `damping` λ is relative to the mean of diag(ΣUᵀU) and pulls towards the current weights, not towards zero.
-    Readers whose weight is not a plain matrix (mixture-of-experts stacks) or whose output differs in shape
-    from the reference's are left as they are and reported as skipped."""
+    Linears whose weight is not a plain matrix (mixture-of-experts stacks), or whose output was compressed with no
+    basis to say how, are left as they are and reported in `skipped`."""
 
-    name = "refit_readers"
+    name = "refit_linears"
     exact = False
 
-    def __init__(self, reference: Program, windows: torch.Tensor, *, damping: float = 0.01, batch_size: int = 1,
+    def __init__(self, reference: Program, windows: torch.Tensor, *, readers: bool = True,
+                 bases: Sequence[torch.Tensor] | None = None, damping: float = 0.01, batch_size: int = 1,
                  progress: bool = False):
         if not isinstance(reference, Program):
             raise InvalidOption("refit: the reference must be a Program (the model before compression)")
@@ -113,10 +118,13 @@ class RefitReaders(Pass):
             raise InvalidOption(f"refit: damping must be a number >= 0, got {damping!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidOption(f"refit: batch size must be a positive integer, got {batch_size!r}")
+        if not readers and bases is None:
+            raise InvalidOption("refit: nothing to refit (readers=False and no bases for the writers)")
         self.reference, self.windows, self.damping = reference, windows, float(damping)
+        self.readers, self.bases = readers, None if bases is None else list(bases)
         self.batch_size, self.progress = batch_size, progress
-        self.fits: list[ReaderFit] = []
-        self.skipped: dict[str, str] = {}  # reader -> why it was left as it was
+        self.fits: list[LinearFit] = []
+        self.skipped: dict[str, str] = {}  # linear -> why it was left as it was
         self.written: dict[str, torch.Tensor] = {}  # weight name -> value, for `replay`
 
     def requires(self, program: Program) -> None:
@@ -125,6 +133,10 @@ class RefitReaders(Pass):
         check_finite(program)
         check_tokens(program, self.windows)
         program.analysis(stream_analysis).check()
+        if self.bases is not None:
+            count = len(self.reference.analysis(stream_analysis).segments)
+            if len(self.bases) != count:
+                raise InvalidOption(f"refit: {len(self.bases)} bases for the reference's {count} stream segments")
 
     def replay(self) -> Pass:
         return SetWeights(dict(self.written), self.name)
@@ -134,7 +146,7 @@ class RefitReaders(Pass):
         batches = list(self.windows.split(self.batch_size))
         mine, theirs = StagedRunner(program, batches), StagedRunner(self.reference, batches)
         self.fits, self.written = [], {}
-        for source, uses in progress_bar(groups, "refitting readers", enabled=self.progress):
+        for source, uses in progress_bar(groups, "refitting linears", enabled=self.progress):
             ref_source = uses[0].ref_use.input
             queue = _Queue()
             theirs.run_through(ref_source, {ref_source: queue})
@@ -147,14 +159,23 @@ class RefitReaders(Pass):
         return PassResult(bool(self.fits), {"refitted": len(self.fits), "skipped": len(self.skipped)})
 
     def _groups(self, program: Program) -> list[tuple[fx.Node, list[_Fit]]]:
-        """Readers that can be refitted, grouped by the value they read, in graph order; the rest in `skipped`."""
+        """What can be refitted, grouped by the value it reads, in graph order; the rest in `skipped`."""
         named = {n.name: n for n in self.reference.graph.nodes}
+        out_maps: dict[str, torch.Tensor] = {}  # writer -> the basis its output was changed to
+        if self.bases is not None:
+            for seg in self.reference.analysis(stream_analysis).segments:
+                for writer in seg.writers:
+                    if writer.linear is not None:
+                        out_maps[writer.linear.node.name] = self.bases[seg.index]
+        candidates = [r.linear for r in program.analysis(stream_analysis).readers] if self.readers else []
+        mine = {n.name: n for n in program.graph.nodes}
+        candidates += [u for name in out_maps if name in mine and (u := match_linear(program.gm, mine[name]))]
         groups: dict[fx.Node, list[_Fit]] = {}
         self.skipped = {}
-        for reader in program.analysis(stream_analysis).readers:
-            use = reader.linear
+        for use in {u.node: u for u in candidates}.values():  # a linear both reads and writes: fitted once
             theirs = named.get(use.node.name)
             ref_use = match_linear(self.reference.gm, theirs) if theirs is not None else None
+            out_map = out_maps.get(use.node.name)
             why = ""
             if ref_use is None:
                 why = "no linear of that name in the reference"
@@ -163,23 +184,28 @@ class RefitReaders(Pass):
             elif role_of(use.node) == TIED_HEAD_PROJECTION:
                 why = ("a tied head's projection: its output is in the embedding's basis (fitted through the table to "
                        "the logits, it made SmolLM2 worse: README)")
-            elif use.output.meta["val"].shape[-1] != ref_use.output.meta["val"].shape[-1]:
+            elif out_map is None and use.output.meta["val"].shape[-1] != ref_use.output.meta["val"].shape[-1]:
                 why = "its output was compressed too"
+            elif out_map is not None and use.output.meta["val"].shape[-1] != out_map.shape[1]:
+                why = f"its output is {use.output.meta['val'].shape[-1]} wide, its segment's basis {out_map.shape[1]}"
             if why:
                 self.skipped[use.node.name] = why
             else:
-                groups.setdefault(use.input, []).append(_Fit(use, ref_use))
+                groups.setdefault(use.input, []).append(_Fit(use, ref_use, out_map))
         order = {n: i for i, n in enumerate(program.graph.nodes)}
         return sorted(groups.items(), key=lambda item: order[item[0]])
 
     def _fit(self, program: Program, fit: _Fit, stats: _Paired) -> None:
-        """Z = Wᵀ (in x out) minimises ‖U Z − U_ref W_refᵀ‖² + λ‖Z − Z_now‖²: (UᵀU + λI) Z = UᵀU_ref W_refᵀ + λ Z_now."""
+        """Z = Wᵀ (in x out) minimises ‖U Z − U_ref W_refᵀ M‖² + λ‖Z − Z_now‖² (M: the writer's basis, or I):
+        (UᵀU + λI) Z = UᵀU_ref W_refᵀ M + λ Z_now."""
         gm, use = program.gm, fit.use
         current = tensor_of(gm, use.weight)
         uu = stats.uu
         z_now = _out_by_in(current, use).to(torch.float64).T.to(uu.device)
         w_ref = _out_by_in(tensor_of(self.reference.gm, fit.ref_use.weight), fit.ref_use).to(torch.float64)
         w_ref = w_ref.detach().to(uu.device)
+        if fit.out_map is not None:
+            w_ref = fit.out_map.to(w_ref).T @ w_ref  # the reference's output in the kept basis
         target = stats.ur @ w_ref.T  # Σ uᵀ y_ref
         lam = self.damping * float(uu.diagonal().mean())
         eye = torch.eye(uu.shape[0], dtype=uu.dtype, device=uu.device)
@@ -193,7 +219,7 @@ class RefitReaders(Pass):
             quadratic = float((z.T @ uu @ z).trace())
             return max(quadratic - 2 * float((z * target).sum()) + energy, 0.0) / max(energy, 1e-300)
 
-        self.fits.append(ReaderFit(use.node.name, error(z_now), error(fitted)))
+        self.fits.append(LinearFit(use.node.name, error(z_now), error(fitted)))
         value = (fitted.T if use.in_axis % 2 == 1 else fitted).to(current.dtype).to(current.device).contiguous()
         self.written[replace_weight(gm, use, value)] = value
 
@@ -202,6 +228,7 @@ class RefitReaders(Pass):
 class _Fit:
     use: LinearUse
     ref_use: LinearUse
+    out_map: torch.Tensor | None = None  # a writer's basis: the reference's output is compared through it
 
 
 class SetWeights(Pass):
@@ -218,7 +245,7 @@ class SetWeights(Pass):
         return PassResult(bool(self.weights))
 
 
-def reconstruction_errors(fits: Sequence[ReaderFit]) -> tuple[float, float]:
+def reconstruction_errors(fits: Sequence[LinearFit]) -> tuple[float, float]:
     """Mean relative reconstruction error over the refitted readers, before and after."""
     if not fits:
         return 0.0, 0.0

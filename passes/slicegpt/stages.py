@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from fxslice.analysis.stream import Segment
 from fxslice.core import InvalidOption, Program
 from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED, QUANTIZED, ROTATED, SLICED
-from fxslice.passes.recovery.refit import RefitReaders, reconstruction_errors
+from fxslice.passes.recovery.refit import RefitLinears, reconstruction_errors
 from fxslice.passes.slicegpt.fuse_norms import FuseNorms
 from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
@@ -17,7 +17,9 @@ from fxslice.passes.slicegpt.slice_stream import ConstantWidths, SliceStream, pe
 from fxslice.passes.slicegpt.widths import SlicedSize, loss_aware_widths, stream_sensitivity
 from fxslice.recipes import Stage, StageContext, StageResult
 
-__all__ = ["SliceGPT", "Rotate"]
+__all__ = ["SliceGPT", "Rotate", "REFITS"]
+
+REFITS = ("off", "readers", "writers", "both")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,9 +31,9 @@ class SliceGPT(Stage):
     parameters); `shared_basis` gives both halves of a block one basis (half the shortcuts).
     `allocation="loss_aware"` keeps the parameter count of `sparsity`'s constant widths but gives each segment
     its width from the loss's curvature along the directions slicing removes (`widths.py`), measured by a
-    forward and backward pass over the first `sensitivity_windows` calibration windows. `refit=True` then fits
-    every reader of the sliced stream in closed form to the unsliced model's outputs (`RefitReaders`; measured
-    worse on SmolLM2, so off by default)."""
+    forward and backward pass over the first `sensitivity_windows` calibration windows. `refit` then fits
+    the linears at the sliced stream in closed form to the unsliced model's outputs (`RefitLinears`): "readers",
+    "writers" or "both" ("off" by default: README, measured on SmolLM2)."""
 
     kind = "slicegpt"
     needs = frozenset({CAPTURED, CLEAN})
@@ -48,7 +50,7 @@ class SliceGPT(Stage):
     batch_size: int = 1
     allocation: str = "constant"  # or "loss_aware"
     sensitivity_windows: int = 4
-    refit: bool = False
+    refit: str = "off"  # or "readers", "writers", "both"
     refit_damping: float = 0.01
 
     def __post_init__(self) -> None:
@@ -66,6 +68,8 @@ class SliceGPT(Stage):
         elif not callable(self.widths) and not all(isinstance(w, int) and w > 0 for w in self.widths):
             raise InvalidOption(f"slicegpt: widths must be positive integers, got {list(self.widths)}")
         self.require_positive_ints("batch_size")
+        if self.refit not in REFITS:
+            raise InvalidOption(f"slicegpt: refit must be one of {', '.join(REFITS)}, got {self.refit!r}")
         d = self.refit_damping
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not d >= 0:
             raise InvalidOption(f"slicegpt: refit_damping must be a number >= 0, got {d!r}")
@@ -76,25 +80,25 @@ class SliceGPT(Stage):
         fused = self.run_passes(program, [ProjectNormWriters(), FuseNorms(keep_ties=self.keep_ties)], context)
         if self.allocation == "loss_aware":
             rule = self._loss_aware_widths(program, windows, rule, context)
-        reference = program.clone() if self.refit else None  # the fused model, before any direction is removed
+        reference = program.clone() if self.refit != "off" else None  # the fused model, nothing removed yet
         slicer = SliceStream(windows, rule, batch_size=self.batch_size, slice_head=self.slice_head,
                              share=per_block if self.shared_basis else None, progress=context.progress)
-        passes: list = [slicer]
+        parts = [fused, self.run_passes(program, [slicer], context)]
         if reference is not None:
-            passes.append(RefitReaders(reference, windows, damping=self.refit_damping, batch_size=self.batch_size,
-                                       progress=context.progress))
-        sliced = self.run_passes(program, passes, context)
-        result = StageResult(fused.passes + sliced.passes, fused.records + sliced.records,
-                             seconds=fused.seconds + sliced.seconds)
+            refit = RefitLinears(reference, windows, readers=self.refit in ("readers", "both"),
+                                 bases=slicer.bases if self.refit in ("writers", "both") else None,
+                                 damping=self.refit_damping, batch_size=self.batch_size, progress=context.progress)
+            parts.append(self.run_passes(program, [refit], context))
+        result = StageResult([p for r in parts for p in r.passes], [x for r in parts for x in r.records],
+                             seconds=sum(r.seconds for r in parts))
         result.report = {
             "widths": [r.kept for r in slicer.reports],
             "variance_kept": [round(r.variance_kept, 5) for r in slicer.reports],
             "warnings": {str(r.index): r.warning for r in slicer.reports if r.warning},
         }
         if reference is not None:
-            refit = passes[-1]
             before, after = reconstruction_errors(refit.fits)
-            result.report["refit"] = {"readers": len(refit.fits), "skipped": refit.skipped,
+            result.report["refit"] = {"mode": self.refit, "linears": len(refit.fits), "skipped": refit.skipped,
                                       "reconstruction_error_before": round(before, 6),
                                       "reconstruction_error_after": round(after, 6)}
         return result
