@@ -30,7 +30,9 @@ def quality_points(data: dict) -> list[dict]:
     for row in data["results"]:
         if row["sparsity"] == "dense" or row.get("perplexity") is None or "note" in row:  # a note marks a superseded row
             continue
-        name = f"SliceGPT {row.get('allocation', 'constant')}, {head}" + (", refit" if row.get("refit") else "")
+        refit = row.get("refit")
+        name = f"SliceGPT {row.get('allocation', 'constant')}, {head}" + (
+            f", refit {refit.get('mode', 'readers')}" if isinstance(refit, dict) else "")
         points.append({"recipe": name, "parameters": row["parameters"], "perplexity": row["perplexity"]})
     return points
 
