@@ -102,9 +102,11 @@ def draw(points: list[dict], dense: dict | None, out: str, windows: int) -> None
 
     fig, ax = plt.subplots(figsize=(11, 5.2))
     points = [p for p in points if p["perplexity"] <= CEILING]
-    for recipe in sorted({p["recipe"] for p in points}):
+    colours = plt.get_cmap("tab20").colors
+    for i, recipe in enumerate(sorted({p["recipe"] for p in points})):
         mine = sorted((p for p in points if p["recipe"] == recipe), key=lambda p: p["parameters"])
-        ax.plot([p["parameters"] / 1e6 for p in mine], [p["perplexity"] for p in mine], "o-", label=recipe)
+        ax.plot([p["parameters"] / 1e6 for p in mine], [p["perplexity"] for p in mine], "-", marker="os^Dv<>p"[i % 8],
+                color=colours[(2 * i) % 20 + (i // 10) % 2], label=recipe)
     if windows == WHOLE_SPLIT:  # the official figures are whole-split ones
         ax.plot([p / 1e6 for p, _ in OFFICIAL], [q for _, q in OFFICIAL], "s--", color="grey",
                 label="official SliceGPT (untied head)")
