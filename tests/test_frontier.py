@@ -1,0 +1,41 @@
+"""The frontier benchmark draws only rows measured on the same test windows, counts what it should, and keeps the
+points that no smaller model beats."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("frontier", Path(__file__).parents[1] / "benchmarks" / "frontier.py")
+frontier = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(frontier)
+
+
+def write(tmp_path, name, windows, results, **extra):
+    path = tmp_path / name
+    path.write_text(json.dumps({"evaluation": {"windows": windows}, "results": results, **extra}))
+    return str(path)
+
+
+def test_rows_from_other_windows_superseded_rows_and_zero_masks_are_left_out(tmp_path):
+    files = [
+        write(tmp_path, "q.json", 8, [{"sparsity": "dense", "parameters": 100, "perplexity": 10.0},
+                                      {"sparsity": 0.25, "allocation": "constant", "parameters": 80, "perplexity": 40.0},
+                                      {"sparsity": 0.25, "allocation": "old", "parameters": 80, "perplexity": 900.0,
+                                       "note": "superseded"},
+                                      {"sparsity": 0.25, "allocation": "constant", "refit": {"mode": "writers"},
+                                       "parameters": 80, "perplexity": 45.0}]),
+        write(tmp_path, "p.json", 8, [{"method": "dense", "parameters": 100, "perplexity": 10.0},
+                                      {"method": "surgeon", "parameters": 85, "perplexity": 20.0,
+                                       "perplexity_recovered": 15.0, "recovered_parameters": 85},
+                                      {"method": "surgeon", "parameters": 100, "nonzero_parameters": 80,
+                                       "perplexity": 12.0}]),
+        write(tmp_path, "other.json", 148, [{"sparsity": 0.25, "parameters": 80, "perplexity": 90.0}]),
+        write(tmp_path, "speed.json", 8, [{"batch": 1, "tokens_per_second": 3.0}]),
+    ]
+    points, dense = frontier.collect(files, 8)
+    assert dense == {"parameters": 100, "perplexity": 10.0}
+    assert sorted((p["recipe"], p["parameters"], p["perplexity"]) for p in points) == [
+        ("LLM Surgeon", 85, 20.0), ("LLM Surgeon + recovery", 85, 15.0),
+        ("SliceGPT constant, tie kept", 80, 40.0), ("SliceGPT constant, tie kept, refit writers", 80, 45.0)]
+    best = frontier.best_by_size(points)
+    assert [(p["parameters"], p["perplexity"]) for p in best] == [(80, 40.0), (85, 15.0)]
