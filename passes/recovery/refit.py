@@ -103,7 +103,9 @@ class RefitLinears(Pass):
     kept basis, y_ref Q — what the segment's slice can hold of what the dense layer added.
     `damping` λ is relative to the mean of diag(ΣUᵀU) and pulls towards the current weights, not towards zero.
     Linears whose weight is not a plain matrix (mixture-of-experts stacks), or whose output was compressed with no
-    basis to say how, are left as they are and reported in `skipped`."""
+    basis to say how, are left as they are and reported in `skipped`. Memory: besides both programs, the reference's
+    input to one linear over every calibration token at a time (an MLP's down projection: tokens x its width)."""
+
 
     name = "refit_linears"
     exact = False
