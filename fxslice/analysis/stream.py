@@ -124,6 +124,12 @@ class Stream:
             )
 
     @property
+    def fused(self) -> bool:
+        """Every norm a plain RMSNorm and every writer a linear or an embedding: a stream whose basis can change
+        (ProjectNormWriters and FuseNorms get a model there)."""
+        return all(n.is_plain_rms for n in self.norms) and not any(w.needs_projection for w in self.writers)
+
+    @property
     def writers(self) -> list[Writer]:
         return [w for s in self.segments for w in s.writers]
 

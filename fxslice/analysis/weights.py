@@ -17,7 +17,7 @@ from fxslice.core.errors import UnsupportedStructure, node_location
 from fxslice.core.graph import add_parameter, aten, insert_op, module_path, owner_of, set_role, set_tensor, tensor_of
 
 __all__ = ["contract", "transform_input", "transform_output", "transform_table", "add_input_shift", "private_weight",
-           "insert_linear", "remove_linear", "replace_weight"]
+           "insert_linear", "remove_linear", "replace_weight", "weight_matrix"]
 
 
 def contract(t: torch.Tensor, axis: int, m: torch.Tensor) -> torch.Tensor:
@@ -52,6 +52,12 @@ def _weight_consumer(use: LinearUse) -> fx.Node:
     while use.weight not in node.all_input_nodes:
         node = next(a for a in node.all_input_nodes if a.op == "call_function" and a is not use.input)
     return node
+
+
+def weight_matrix(gm: fx.GraphModule, use: LinearUse) -> torch.Tensor:
+    """A plain 2-D weight as an out x in float64 matrix (`y = x Wᵀ`), whatever its layout (nn.Linear or Conv1D)."""
+    w = tensor_of(gm, use.weight).detach().to(torch.float64)
+    return w if use.out_axis % 2 == 0 else w.T
 
 
 def replace_weight(gm: fx.GraphModule, use: LinearUse, value: torch.Tensor) -> str:

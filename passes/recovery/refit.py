@@ -28,7 +28,7 @@ from fxslice import BadInput, InvalidOption, Pass, PassResult, Program, Unsuppor
 from fxslice.analysis.matchers import LinearUse, match_linear
 from fxslice.analysis.roles import TIED_HEAD_PROJECTION
 from fxslice.analysis.stream import stream_analysis
-from fxslice.analysis.weights import replace_weight
+from fxslice.analysis.weights import replace_weight, weight_matrix
 from fxslice.calibration.runner import StagedRunner
 from fxslice.core.graph import role_of, set_tensor, tensor_of
 from fxslice.core.health import check_finite, check_tokens
@@ -86,11 +86,6 @@ class _Paired:
 
         for total in (self.uu, self.ur, self.rr):
             dist.all_reduce(total)
-
-
-def _out_by_in(weight: torch.Tensor, use: LinearUse) -> torch.Tensor:
-    """A 2-D weight as out x in, whatever its layout (nn.Linear or Conv1D)."""
-    return weight if use.in_axis % 2 == 1 else weight.T
 
 
 class RefitLinears(Pass):
@@ -204,9 +199,8 @@ class RefitLinears(Pass):
         gm, use = program.gm, fit.use
         current = tensor_of(gm, use.weight)
         uu = stats.uu
-        z_now = _out_by_in(current, use).to(torch.float64).T.to(uu.device)
-        w_ref = _out_by_in(tensor_of(self.reference.gm, fit.ref_use.weight), fit.ref_use).to(torch.float64)
-        w_ref = w_ref.detach().to(uu.device)
+        z_now = weight_matrix(gm, use).T.to(uu.device)
+        w_ref = weight_matrix(self.reference.gm, fit.ref_use).to(uu.device)
         if fit.out_map is not None:
             w_ref = fit.out_map.to(w_ref).T @ w_ref  # the reference's output in the kept basis
         target = stats.ur @ w_ref.T  # Σ uᵀ y_ref
@@ -223,7 +217,7 @@ class RefitLinears(Pass):
             return max(quadratic - 2 * float((z * target).sum()) + energy, 0.0) / max(energy, 1e-300)
 
         self.fits.append(LinearFit(use.node.name, error(z_now), error(fitted)))
-        value = (fitted.T if use.in_axis % 2 == 1 else fitted).to(current.dtype).to(current.device).contiguous()
+        value = (fitted.T if use.out_axis % 2 == 0 else fitted).to(current.dtype).to(current.device).contiguous()
         self.written[replace_weight(gm, use, value)] = value
 
 

@@ -38,7 +38,7 @@ class RotateStream(Pass):
     def requires(self, program: Program) -> None:
         stream = program.analysis(stream_analysis)
         stream.check()
-        if not all(n.is_plain_rms for n in stream.norms) or any(w.needs_projection for w in stream.writers):
+        if not stream.fused:
             raise UnsupportedStructure("rotate_stream: the stream still has affine or centring norms; run FuseNorms first")
 
     def _matrices(self, program: Program) -> list[torch.Tensor]:

@@ -133,7 +133,7 @@ class SliceStream(Pass):
             check_tokens(program, self.windows)
         stream = program.analysis(stream_analysis)
         stream.check()
-        if not all(n.is_plain_rms for n in stream.norms) or any(w.needs_projection for w in stream.writers):
+        if not stream.fused:
             raise UnsupportedStructure("slice_stream: run ProjectNormWriters and FuseNorms first")
         if any(sc.linear is not None for sc in stream.shortcuts):
             raise UnsupportedStructure("slice_stream: the stream is already rotated; slice the fused model instead")

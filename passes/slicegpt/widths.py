@@ -45,7 +45,7 @@ class SlicedSize:
 
     def __init__(self, program: Program, stream: Stream | None = None) -> None:
         stream = stream or program.analysis(stream_analysis)
-        if any(w.needs_projection for w in stream.writers) or not all(n.is_plain_rms for n in stream.norms):
+        if not stream.fused:
             raise UnsupportedStructure("SlicedSize counts a fused program: run ProjectNormWriters and FuseNorms first")
         gm = program.gm
         self.full = [int(segment_probe(stream, seg).meta["val"].shape[-1]) for seg in stream.segments]

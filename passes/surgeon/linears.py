@@ -7,14 +7,14 @@ import torch
 from fxslice import Program
 from fxslice.analysis.groups import Groups
 from fxslice.analysis.matchers import LinearUse
+from fxslice.analysis.weights import weight_matrix
 from fxslice.core.graph import set_tensor, tensor_of
 
 __all__ = ["matrix_of", "store_matrix", "decoder_linears"]
 
 
 def matrix_of(program: Program, use: LinearUse) -> torch.Tensor:
-    w = tensor_of(program.gm, use.weight).detach().to(torch.float64)
-    return w if use.out_axis % 2 == 0 else w.T
+    return weight_matrix(program.gm, use)
 
 
 def store_matrix(program: Program, use: LinearUse, m: torch.Tensor) -> torch.Tensor:
