@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--calib-windows 32] [--calib-length 2048] [--eval-windows N] [--untie]
                                  [--shared-basis] [--multiple 8] [--allocations constant,loss_aware]
-                                 [--refits off,readers,writers,both]
+                                 [--refits off,readers,writers,both] [--head-ranks 0,32]
 
 Calibration: WikiText-2 *validation* windows (the train split used by the SliceGPT paper is not
 available offline). Evaluation: WikiText-2 test, joined with "\\n\\n", non-overlapping windows,
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--refits", default="off", help="off,readers,writers,both: refit the linears at the sliced "
                         "stream to the unsliced model (closed form); each is one row")
     parser.add_argument("--refit-damping", type=float, default=0.01)
+    parser.add_argument("--head-ranks", default="0", help="0,32: rank of the tied head's correction (0: none)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense perplexity (measured in another run)")
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2")
@@ -53,22 +54,24 @@ def main() -> None:
     rows = [{"sparsity": "dense", "width": 576, "parameters": dense.num_parameters(),
              "perplexity": None if args.no_dense else perplexity(dense, test, batch_size=args.batch_size)}]
     rows[0]["seconds"] = round(time.perf_counter() - start, 1)
-    refits = args.refits.split(",")
+    refits, head_ranks = args.refits.split(","), [int(r) for r in args.head_ranks.split(",")]
     for sparsity in (float(s) for s in args.sparsities.split(",")):
-        for allocation, refit in ((a, r) for a in args.allocations.split(",") for r in refits):
-            if (allocation == "loss_aware" or refit != "off") and sparsity == 0:
+        for allocation, refit, head_rank in ((a, r, h) for a in args.allocations.split(",") for r in refits
+                                             for h in head_ranks):
+            if (allocation == "loss_aware" or refit != "off" or head_rank) and sparsity == 0:
                 continue
             start = time.perf_counter()
             program = dense.clone()
             recipe = slicegpt_recipe(sparsity=sparsity, multiple=args.multiple, keep_ties=not args.untie,
                                      shared_basis=args.shared_basis, batch_size=args.batch_size, allocation=allocation,
                                      sensitivity_windows=args.sensitivity_windows, refit=refit,
-                                     refit_damping=args.refit_damping)
+                                     refit_damping=args.refit_damping, head_rank=head_rank)
             report = recipe.run(program, calibration=calib).stages[1][1].report
             rows.append({
                 "sparsity": sparsity,
                 "allocation": allocation,
                 "refit": report.get("refit", False),
+                "head_correction": report.get("head_correction", False),
                 "widths": report["widths"],
                 "parameters": program.num_parameters(),
                 "perplexity": perplexity(program, test, batch_size=args.batch_size),

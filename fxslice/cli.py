@@ -147,6 +147,8 @@ def slice_(
                                                "half the shortcut matrices, faster decoding, slightly worse perplexity (README)")] = False,
     allocation: Annotated[str, typer.Option(help="segment widths: 'constant', or 'loss_aware' (the same parameter count "
                                             "spent where the loss's curvature says, README)")] = "constant",
+    head_rank: Annotated[int, typer.Option(min=0, help="a tied head kept tied gets a rank-r correction of what the "
+                                           "sliced table lost: r (d + V) parameters (README)")] = 0,
     recover_steps: RecoverSteps = 0,
     recover_text: RecoverText = "wikitext2:validation",
     recover_lr: RecoverLr = 5e-4,
@@ -163,7 +165,7 @@ def slice_(
     if not 0.0 < sparsity < 1.0:
         raise InvalidOption(f"--sparsity must be in (0, 1), got {sparsity}")
     recipe = slicegpt_recipe(sparsity=sparsity, multiple=multiple, keep_ties=not untie, shared_basis=shared_basis,
-                             batch_size=batch_size, allocation=allocation, calibration=Calibration(
+                             batch_size=batch_size, allocation=allocation, head_rank=head_rank, calibration=Calibration(
                                  source=calibration, windows=calib_windows, length=calib_length, seed=seed,
                                  batch_size=batch_size))
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
@@ -171,7 +173,7 @@ def slice_(
         recipe.save(save_recipe)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {
         "sparsity": sparsity, "width_multiple": multiple, "shared_basis": shared_basis, "allocation": allocation,
-        "head": "untied" if untie else "tied where the model ties it"}, device, dtype)
+        "head": "untied" if untie else "tied where the model ties it", "head_rank": head_rank}, device, dtype)
 
 
 @app.command()

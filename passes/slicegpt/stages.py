@@ -14,6 +14,7 @@ from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
 from fxslice.passes.slicegpt.rotations import random_orthogonal, randomized_hadamard
 from fxslice.passes.slicegpt.slice_stream import ConstantWidths, SliceStream, per_block
+from fxslice.passes.slicegpt.tied_head import CorrectTiedHead
 from fxslice.passes.slicegpt.widths import SlicedSize, loss_aware_widths, stream_sensitivity
 from fxslice.recipes import Stage, StageContext, StageResult
 
@@ -33,7 +34,8 @@ class SliceGPT(Stage):
     its width from the loss's curvature along the directions slicing removes (`widths.py`), measured by a
     forward and backward pass over the first `sensitivity_windows` calibration windows. `refit` then fits
     the linears at the sliced stream in closed form to the unsliced model's outputs (`RefitLinears`): "readers",
-    "writers" or "both" ("off" by default: README, measured on SmolLM2)."""
+    "writers" or "both" ("off" by default: README, measured on SmolLM2). `head_rank` r > 0 gives a tied head, kept
+    tied, a rank-r correction of what the sliced table lost (`CorrectTiedHead`: r (d + V) parameters)."""
 
     kind = "slicegpt"
     needs = frozenset({CAPTURED, CLEAN})
@@ -52,6 +54,7 @@ class SliceGPT(Stage):
     sensitivity_windows: int = 4
     refit: str = "off"  # or "readers", "writers", "both"
     refit_damping: float = 0.01
+    head_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.allocation not in ("constant", "loss_aware"):
@@ -73,6 +76,12 @@ class SliceGPT(Stage):
         d = self.refit_damping
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not d >= 0:
             raise InvalidOption(f"slicegpt: refit_damping must be a number >= 0, got {d!r}")
+        r = self.head_rank
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise InvalidOption(f"slicegpt: head_rank must be an integer >= 0, got {r!r}")
+        if r and not self.keep_ties:
+            raise InvalidOption("slicegpt: head_rank corrects a head kept tied to the embedding; with keep_ties=False "
+                                "the head is untied and sliced on its own, so leave head_rank at 0")
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         rule = ConstantWidths(self.sparsity, self.multiple) if self.sparsity is not None else self.widths
@@ -80,15 +89,19 @@ class SliceGPT(Stage):
         fused = self.run_passes(program, [ProjectNormWriters(), FuseNorms(keep_ties=self.keep_ties)], context)
         if self.allocation == "loss_aware":
             rule = self._loss_aware_widths(program, windows, rule, context)
-        reference = program.clone() if self.refit != "off" else None  # the fused model, nothing removed yet
+        # the fused model, nothing removed yet
+        reference = program.clone() if self.refit != "off" or self.head_rank else None
         slicer = SliceStream(windows, rule, batch_size=self.batch_size, slice_head=self.slice_head,
                              share=per_block if self.shared_basis else None, progress=context.progress)
         parts = [fused, self.run_passes(program, [slicer], context)]
-        if reference is not None:
+        if self.refit != "off":
             refit = RefitLinears(reference, windows, readers=self.refit in ("readers", "both"),
                                  bases=slicer.bases if self.refit in ("writers", "both") else None,
                                  damping=self.refit_damping, batch_size=self.batch_size, progress=context.progress)
             parts.append(self.run_passes(program, [refit], context))
+        if self.head_rank:
+            head = CorrectTiedHead(reference, slicer.bases, windows, rank=self.head_rank, batch_size=self.batch_size)
+            parts.append(self.run_passes(program, [head], context))
         result = StageResult([p for r in parts for p in r.passes], [x for r in parts for x in r.records],
                              seconds=sum(r.seconds for r in parts))
         result.report = {
@@ -96,11 +109,15 @@ class SliceGPT(Stage):
             "variance_kept": [round(r.variance_kept, 5) for r in slicer.reports],
             "warnings": {str(r.index): r.warning for r in slicer.reports if r.warning},
         }
-        if reference is not None:
+        if self.refit != "off":
             before, after = reconstruction_errors(refit.fits)
             result.report["refit"] = {"mode": self.refit, "linears": len(refit.fits), "skipped": refit.skipped,
                                       "reconstruction_error_before": round(before, 6),
                                       "reconstruction_error_after": round(after, 6)}
+        if self.head_rank:
+            c = head.report
+            result.report["head_correction"] = {"rank": c.rank, "parameters": c.parameters,
+                                                "restored": round(c.restored, 6), "centred": c.centred}
         return result
 
     def _loss_aware_widths(self, program: Program, windows, rule: ConstantWidths, context: StageContext) -> list[int]:
