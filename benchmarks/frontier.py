@@ -30,9 +30,10 @@ def quality_points(data: dict) -> list[dict]:
     for row in data["results"]:
         if row["sparsity"] == "dense" or row.get("perplexity") is None or "note" in row:  # a note marks a superseded row
             continue
-        refit = row.get("refit")
+        refit, correction = row.get("refit"), row.get("head_correction")
         name = f"SliceGPT {row.get('allocation', 'constant')}, {head}" + (
-            f", refit {refit.get('mode', 'readers')}" if isinstance(refit, dict) else "")
+            f", refit {refit.get('mode', 'readers')}" if isinstance(refit, dict) else "") + (
+            ", head corrected" if isinstance(correction, dict) and correction.get("rank") else "")
         points.append({"recipe": name, "parameters": row["parameters"], "perplexity": row["perplexity"]})
     return points
 

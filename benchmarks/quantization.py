@@ -79,7 +79,7 @@ def main() -> None:
                 rows.append(_row(base_name, f"{method} {bits}-bit", program, test, time.perf_counter() - start, dense))
     searches = []
     for search in (s for s in args.search.split(",") if s):
-        budget = args.budget_bits or next(r["bits_per_parameter"] for r in rows
+        budget = args.budget_bits or next(8 * r["bytes"] / r["parameters"] for r in rows  # exact, not rounded
                                           if r["model"] == "dense" and r["weights"] == "gptq 4-bit")
         for seed in (int(s) for s in args.seeds.split(",")):
             program = dense.clone()

@@ -97,3 +97,20 @@ def test_a_budget_below_the_smallest_model_is_refused(tiny):
             program, calibration=arithmetic_sequences(2, seed=1))
     with pytest.raises(InvalidOption, match="budget_bits"):
         Quantize(search="mtgp")
+
+
+@pytest.mark.parametrize("search", ["mtgp", "gp", "random"])
+def test_every_search_starts_from_the_uniform_allocation_and_spends_its_budget(tiny, search):
+    from fxslice.passes.quantize.mixed import search_allocation
+
+    _, program = tiny("llama")
+    allocation = BitAllocation.of(program, group_size=16, embeddings=8, head=None)
+    budget_bits = 8 * allocation.nbytes(allocation.uniform(4)) / program.num_parameters() + 0.3
+    budget = budget_bits * program.num_parameters() / 8
+    _, result, _ = search_allocation(program, arithmetic_sequences(2, seed=1), budget_bits=budget_bits, group_size=16,
+                                     embeddings=8, head=None, search=search, evaluations=3, expensive_every=2,
+                                     cheap_windows=1)
+    assert result.expensive[0].x == pytest.approx(allocation.uniform(4))  # the widest uniform point that fits
+    others = [e for e in result.evaluations if e is not result.expensive[0]]
+    assert others and all(0.95 * budget <= allocation.nbytes(e.x) <= budget for e in others)
+    assert 0.95 * budget <= allocation.nbytes(result.best) <= budget or result.best == result.expensive[0].x

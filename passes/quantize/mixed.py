@@ -24,6 +24,7 @@ from fxslice.passes.quantize.search import (
     EXPENSIVE,
     Evaluation,
     SearchResult,
+    candidates,
     multitask_search,
     random_search,
     single_task_search,
@@ -37,9 +38,13 @@ SEARCHES = ("mtgp", "gp", "random")
 def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: float, group_size: int,
                       embeddings: int | None, head: int | None, search: str = "mtgp", evaluations: int = 6,
                       expensive_every: int = 4, cheap_windows: int = 4, seed: int = 0, log: str | Path | None = None,
-                      progress: bool = False) -> tuple[dict[str, int], SearchResult, BitAllocation]:
+                      fill: float = 0.95, progress: bool = False) -> tuple[dict[str, int], SearchResult, BitAllocation]:
     """Widths per linear that keep the whole model within `budget_bits` per parameter on average (tables,
-    scales and float tensors included), found by `search` with `evaluations` expensive evaluations."""
+    scales and float tensors included), found by `search` with `evaluations` expensive evaluations.
+
+    Every search starts from the widest uniform allocation within the budget (its first expensive evaluation) and
+    considers only points that use at least `fill` of the budget (unless fewer than 16 of 512 candidates do): a
+    point far below the budget leaves bytes unspent that some linear could have used."""
     if search not in SEARCHES:
         raise InvalidOption(f"quantize: search must be one of {SEARCHES}, got {search!r}")
     allocation = BitAllocation.of(program, group_size=group_size, embeddings=embeddings, head=head)
@@ -69,10 +74,19 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
 
     history, record = _resume(log, search, budget_bits, group_size, seed)
 
-    def feasible(x: list[float]) -> bool:
-        return allocation.nbytes(x) <= budget
+    fitting = [b for b in allocation.choices if allocation.nbytes(allocation.uniform(b)) <= budget]
+    start = allocation.uniform(max(fitting)) if fitting else None
 
-    common = dict(seed=seed, feasible=feasible, progress=progress, on_evaluation=record)
+    def spends(x: list[float], least: float) -> bool:
+        return least <= allocation.nbytes(x) <= budget
+
+    near = candidates(allocation.dim, 512, seed=seed, feasible=lambda x: spends(x, fill * budget), allow_none=True)
+    lower = fill * budget if len(near) >= 16 else 0.0
+
+    def feasible(x: list[float]) -> bool:
+        return spends(x, lower)
+
+    common = dict(seed=seed, feasible=feasible, progress=progress, on_evaluation=record, start=start)
     if search == "mtgp":
         result = multitask_search(objective, allocation.dim, expensive=evaluations, expensive_every=expensive_every,
                                   history=history, **common)

@@ -54,12 +54,13 @@ class SearchResult:
 Objective = Callable[[list[float], int], "float | tuple[float, dict]"]
 
 
-def candidates(dim: int, count: int, *, seed: int, feasible: Callable[[list[float]], bool] | None = None) -> torch.Tensor:
-    """`count` scrambled Sobol points in [0, 1]^dim that satisfy `feasible` (float64 [n, dim])."""
+def candidates(dim: int, count: int, *, seed: int, feasible: Callable[[list[float]], bool] | None = None,
+               allow_none: bool = False) -> torch.Tensor:
+    """Those of `count` scrambled Sobol points in [0, 1]^dim that satisfy `feasible` (float64 [n, dim])."""
     points = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed).draw(count, dtype=torch.float64)
     if feasible is not None:
         points = points[torch.tensor([bool(feasible(p.tolist())) for p in points], dtype=torch.bool)]
-    if len(points) == 0:
+    if len(points) == 0 and not allow_none:
         raise InvalidOption("no candidate satisfies the constraint (is the byte budget below the smallest model?)")
     return points
 
@@ -129,12 +130,14 @@ def _information(model, pool: torch.Tensor, reference: torch.Tensor) -> torch.Te
 def multitask_search(objective: Objective, dim: int, *, expensive: int, expensive_every: int = 4, seed: int = 0,
                      feasible: Callable[[list[float]], bool] | None = None, pool_size: int = 512,
                      reference_size: int = 128, history: list[Evaluation] | None = None, progress: bool = False,
-                     on_evaluation: Callable[[Evaluation], None] | None = None) -> SearchResult:
+                     on_evaluation: Callable[[Evaluation], None] | None = None,
+                     start: list[float] | None = None) -> SearchResult:
     """Spend `expensive` evaluations of the expensive task and `expensive_every - 1` cheap ones before each.
-    `history` (earlier evaluations, e.g. from a file) resumes a search."""
+    `history` (earlier evaluations, e.g. from a file) resumes a search; `start`, a known good point (the
+    uniform allocation), is the first expensive evaluation instead of the best cheap one's neighbour."""
     if expensive < 1 or expensive_every < 1:
         raise InvalidOption("the search needs at least one expensive evaluation and expensive_every >= 1")
-    pool = candidates(dim, pool_size, seed=seed, feasible=feasible)
+    pool = _with_start(candidates(dim, pool_size, seed=seed, feasible=feasible), start)
     reference = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:reference_size]]
     log = list(history or [])
     total = expensive * expensive_every
@@ -142,9 +145,9 @@ def multitask_search(objective: Objective, dim: int, *, expensive: int, expensiv
         for step in range(len(log), total):
             task = EXPENSIVE if (step + 1) % expensive_every == 0 else CHEAP
             if not log:
-                x = pool[0]
+                x = pool[1 if start is not None and len(pool) > 1 else 0]
             elif task == EXPENSIVE and not any(e.task == EXPENSIVE for e in log):
-                x = _best_observed(log, pool)
+                x = pool[0] if start is not None else _best_observed(log, pool)
             else:
                 model = _fit(*_training(log))
                 with torch.no_grad():
@@ -167,6 +170,13 @@ def _training(log: list[Evaluation]) -> tuple[torch.Tensor, torch.Tensor, torch.
             torch.tensor([e.task for e in log]))
 
 
+def _with_start(pool: torch.Tensor, start: list[float] | None) -> torch.Tensor:
+    """The pool with `start` first (it is evaluated first and may be the answer)."""
+    if start is None:
+        return pool
+    return torch.cat([torch.tensor([start], dtype=pool.dtype), pool])
+
+
 def _best_observed(log: list[Evaluation], pool: torch.Tensor) -> torch.Tensor:
     """The pool point nearest the best cheap evaluation: the first expensive step's natural guess."""
     best = torch.tensor(max(log, key=lambda e: e.value).x, dtype=torch.float64)
@@ -175,9 +185,11 @@ def _best_observed(log: list[Evaluation], pool: torch.Tensor) -> torch.Tensor:
 
 def single_task_search(objective: Objective, dim: int, *, expensive: int, seed: int = 0,
                        feasible: Callable[[list[float]], bool] | None = None, pool_size: int = 512,
-                       progress: bool = False, on_evaluation: Callable[[Evaluation], None] | None = None) -> SearchResult:
-    """The baseline without the cheap task: GP-UCB on the expensive task alone (two initial points)."""
-    pool = candidates(dim, pool_size, seed=seed, feasible=feasible)
+                       progress: bool = False, on_evaluation: Callable[[Evaluation], None] | None = None,
+                       start: list[float] | None = None) -> SearchResult:
+    """The baseline without the cheap task: GP-UCB on the expensive task alone (two initial points, the first
+    `start` when given)."""
+    pool = _with_start(candidates(dim, pool_size, seed=seed, feasible=feasible), start)
     log: list[Evaluation] = []
     with StepProgress(expensive, "single-task GP search", enabled=progress) as bar:
         for step in range(expensive):
@@ -201,10 +213,13 @@ def single_task_search(objective: Objective, dim: int, *, expensive: int, seed: 
 
 def random_search(objective: Objective, dim: int, *, expensive: int, seed: int = 0,
                   feasible: Callable[[list[float]], bool] | None = None, progress: bool = False,
-                  on_evaluation: Callable[[Evaluation], None] | None = None) -> SearchResult:
-    """The baseline without a model: `expensive` feasible points at random; the best one observed."""
+                  on_evaluation: Callable[[Evaluation], None] | None = None,
+                  start: list[float] | None = None) -> SearchResult:
+    """The baseline without a model: `expensive` feasible points at random (the first `start` when given);
+    the best one observed."""
     pool = candidates(dim, max(4 * expensive, 64), seed=seed, feasible=feasible)
-    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))[:expensive]]
+    pick = _with_start(pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))], start)
+    pick = pick[:expensive]
     log: list[Evaluation] = []
     with StepProgress(len(pick), "random search", enabled=progress) as bar:
         for x in pick:
