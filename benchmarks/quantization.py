@@ -78,10 +78,12 @@ def main() -> None:
                 Recipe((stage,)).run(program, calibration=calib)
                 rows.append(_row(base_name, f"{method} {bits}-bit", program, test, time.perf_counter() - start, dense))
     searches = []
-    for search in (s for s in args.search.split(",") if s):
+    budget = 0.0
+    if args.search:
         budget = args.budget_bits or next(8 * r["bytes"] / r["parameters"] for r in rows  # exact, not rounded
                                           if r["model"] == "dense" and r["weights"] == "gptq 4-bit")
-        for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in (int(s) for s in args.seeds.split(",")):  # seed by seed: a stopped run keeps whole comparisons
+        for search in (s for s in args.search.split(",") if s):
             program = dense.clone()
             stage = Quantize(search=search, budget_bits=budget, group_size=args.group_size, method="gptq",
                              embeddings=args.embeddings or None, head=args.embeddings or None,
