@@ -7,7 +7,7 @@ from torch import nn
 
 from fxslice import PassManager, UnsupportedStructure, capture
 from fxslice.core import relative_error
-from fxslice.passes import exact_pipeline
+from fxslice.passes import CleanupIR, exact_pipeline
 from fxslice.passes.slicegpt.rotations import random_orthogonal
 
 
@@ -94,3 +94,35 @@ def test_a_value_entering_the_stream_without_reading_it_gets_a_projection_and_st
     sliced = capture(PositionCoded("none"))
     slicegpt_recipe(sparsity=0.25, batch_size=4).run(sliced, calibration=torch.randint(0, 32, (8, 12)))
     assert sliced(ids).shape == (2, 12, 32)
+
+
+class PositionTable(TinyLM):
+    """CTRL's stream start: the embedding scaled in place, plus rows of a position table (a buffer, indexed by
+    position), plus `0` for an absent token-type embedding — LayerNorms after it, so the position rows must be
+    centred like every other writer."""
+
+    def __init__(self, on_stream):
+        super().__init__(on_stream)
+        self.register_buffer("table", torch.randn(64, 16))
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        h *= 4.0
+        h = h + self.table[torch.arange(input_ids.shape[1])] + 0
+        h = h + self.down(torch.relu(self.up(self.norm(h))))
+        return self.head(self.final(h))
+
+
+def test_rows_of_a_parameter_entering_the_stream_are_a_writer_not_a_silent_error():
+    from fxslice.analysis.stream import stream_analysis
+
+    program = capture(PositionTable("none")).to(torch.float64)
+    ids = program.probe_input()
+    before = program(ids)
+    PassManager(exact_pipeline(random_orthogonal(0)), check_numerics=True).run(program)
+    assert relative_error(program(ids), before) < 1e-9
+    fresh = capture(PositionTable("none"))
+    PassManager([CleanupIR()]).run(fresh)  # drops the `+ 0`
+    stream = fresh.analysis(stream_analysis)
+    assert not stream.violations
+    assert [w.kind for w in stream.writers].count("other") == 2  # the scaled embedding, the position rows

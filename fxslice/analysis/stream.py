@@ -260,7 +260,9 @@ def stream_analysis(program: Program) -> Stream:
     for node in nodes:
         if node in norm_internal or node in linear_nodes or node in linears or node in tables:
             continue
-        inputs = preserving_inputs(gm, node)
+        # a value computed from a parameter alone (a position table indexed by position) is a source, not part of
+        # the parameter's group: members are call_function values only, so such a link would hide a writer
+        inputs = [x for x in preserving_inputs(gm, node) or () if x.op == "call_function"]
         if inputs:
             links[node] = inputs
     for m in norms.values():  # the affine tail belongs to the norm's output group

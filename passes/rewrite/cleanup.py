@@ -2,7 +2,8 @@
 
 Removed: `_assert_tensor_metadata` checks, dtype/device casts whose input already has the
 target dtype (`x.to(float32)` on a float32 `x`), `alias`/`lift_fresh_copy`/`contiguous` identities,
-`dropout` with `train=False` and whole-dimension slices (`x[:, :]`, start 0, open end, step 1: every
+`x + 0` and `x - 0` with a literal zero (CTRL adds an absent token-type embedding as `+ 0`, which would otherwise
+read as a value entering the stream), `dropout` with `train=False` and whole-dimension slices (`x[:, :]`, start 0, open end, step 1: every
 KV-cache read has a few, ~240 nodes a decoding step runs for nothing on a 30-layer model), then dead code. A copy that is written in place (or whose source
 is) is kept: removing it would let the write reach the original. Casts that change the dtype stay: they matter in
 half precision.
@@ -35,6 +36,15 @@ def _whole_slice(node: fx.Node) -> bool:
     return start in (0, None) and (end is None or (isinstance(end, int) and end >= _OPEN_END)) and step == 1
 
 
+_PLUS_ZERO = {aten.add.Tensor, aten.sub.Tensor}
+
+
+def _adds_zero(node: fx.Node) -> bool:
+    """`x + 0` or `x - 0` (alpha anything): the second operand a literal zero, not a tensor."""
+    other = node.args[1] if len(node.args) > 1 else None
+    return isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0
+
+
 def _identity_input(node: fx.Node) -> fx.Node | None:
     """The input `node` merely passes on (same dtype, shape and device), or None."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
@@ -48,6 +58,10 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
         return src
     if node.target == aten.dropout.default and (len(node.args) < 3 or node.args[2] is False):
         return src
+    if node.target in _PLUS_ZERO and _adds_zero(node):
+        a, b = src.meta.get("val"), node.meta.get("val")
+        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.dtype, a.shape) == (b.dtype, b.shape)
+        return src if same else None
     if node.target in CAST_OPS:
         a, b = src.meta.get("val"), node.meta.get("val")
         same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device
