@@ -126,3 +126,32 @@ def test_rows_of_a_parameter_entering_the_stream_are_a_writer_not_a_silent_error
     stream = fresh.analysis(stream_analysis)
     assert not stream.violations
     assert [w.kind for w in stream.writers].count("other") == 2  # the scaled embedding, the position rows
+
+
+class SeparateBias(TinyLM):
+    """GPT-NeoX-Japanese's attention output: a bias-free linear, then its bias (a parameter of its own) expanded
+    to the stream's shape and added, then the residual: the sum is the linear's bias, not a value entering."""
+
+    def __init__(self, on_stream):
+        super().__init__(on_stream)
+        self.down.bias = None
+        self.down_bias = nn.Parameter(torch.randn(16))
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        h = self.down(torch.relu(self.up(self.norm(h)))) + self.down_bias.expand_as(h) + h
+        return self.head(self.final(h))
+
+
+def test_a_bias_added_after_its_linear_is_that_linears_bias():
+    from fxslice.analysis.stream import stream_analysis
+
+    program = capture(SeparateBias("none")).to(torch.float64)
+    ids = program.probe_input()
+    before = program(ids)
+    PassManager(exact_pipeline(random_orthogonal(0)), check_numerics=True).run(program)
+    assert relative_error(program(ids), before) < 1e-9
+    fresh = capture(SeparateBias("none"))
+    PassManager([CleanupIR()]).run(fresh)
+    writers = fresh.analysis(stream_analysis).writers
+    assert [w.kind for w in writers] == ["embedding", "linear"] and writers[1].linear.bias is not None

@@ -110,6 +110,10 @@ def match_linear(gm: fx.GraphModule, node: fx.Node) -> LinearUse | None:
         return None
     if node.target == aten.linear.default and is_param(gm, node.args[1]):
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias_add = _bias_add(gm, node, value_of(node.args[1]).shape[0]) if bias is None else None
+        if bias_add is not None:  # a bias kept as its own parameter and added after (GPT-NeoX-Japanese)
+            other = bias_add.args[1] if bias_add.args[0] is node else bias_add.args[0]
+            return LinearUse(node, node.args[0], node.args[1], -1, -2, other, bias_add)
         return LinearUse(node, node.args[0], node.args[1], -1, -2, bias, node)
     if node.target == aten.addmm.default:
         found = _weight_axes(gm, node.args[2])

@@ -3,7 +3,8 @@
 Removed: `_assert_tensor_metadata` checks, dtype/device casts whose input already has the
 target dtype (`x.to(float32)` on a float32 `x`), `alias`/`lift_fresh_copy`/`contiguous` identities,
 `x + 0` and `x - 0` with a literal zero (CTRL adds an absent token-type embedding as `+ 0`, which would otherwise
-read as a value entering the stream), `dropout` with `train=False` and whole-dimension slices (`x[:, :]`, start 0, open end, step 1: every
+read as a value entering the stream), `expand_as(b, x)` feeding only sums that broadcast `b` anyway (GPT-NeoX-Japanese
+adds its attention bias so; the sum then reads as a linear's bias), `dropout` with `train=False` and whole-dimension slices (`x[:, :]`, start 0, open end, step 1: every
 KV-cache read has a few, ~240 nodes a decoding step runs for nothing on a 30-layer model), then dead code. A copy that is written in place (or whose source
 is) is kept: removing it would let the write reach the original. Casts that change the dtype stay: they matter in
 half precision.
@@ -45,6 +46,25 @@ def _adds_zero(node: fx.Node) -> bool:
     return isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0
 
 
+def _broadcast_anyway(node: fx.Node) -> bool:
+    """Every user of `expand_as(b, x)` is a sum whose result has the shape it would have with `b` itself."""
+    small = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if not isinstance(small, torch.Tensor) or not node.users:
+        return False
+    for user in node.users:
+        out = user.meta.get("val")
+        if user.target not in _PLUS_ZERO or not isinstance(out, torch.Tensor) or len(user.args) != 2:
+            return False
+        shapes = [small.shape if a is node else a.meta["val"].shape if isinstance(a, fx.Node) else ()
+                  for a in user.args]
+        try:
+            if torch.broadcast_shapes(*shapes) != out.shape:
+                return False
+        except RuntimeError:
+            return False
+    return True
+
+
 def _identity_input(node: fx.Node) -> fx.Node | None:
     """The input `node` merely passes on (same dtype, shape and device), or None."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
@@ -57,6 +77,8 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
     if node.target in _IDENTITIES or _whole_slice(node):
         return src
     if node.target == aten.dropout.default and (len(node.args) < 3 or node.args[2] is False):
+        return src
+    if node.target == aten.expand_as.default and _broadcast_anyway(node):
         return src
     if node.target in _PLUS_ZERO and _adds_zero(node):
         a, b = src.meta.get("val"), node.meta.get("val")
