@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 _WEIGHT_VIEWS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
-_MATMULS = {aten.mm.default, aten.matmul.default}
+_MATMULS = {aten.mm.default, aten.matmul.default, aten.bmm.default}
 
 
 def _grouped_mm_ops() -> set[Any]:
