@@ -155,3 +155,35 @@ def test_a_bias_added_after_its_linear_is_that_linears_bias():
     PassManager([CleanupIR()]).run(fresh)
     writers = fresh.analysis(stream_analysis).writers
     assert [w.kind for w in writers] == ["embedding", "linear"] and writers[1].linear.bias is not None
+
+
+class StackedExperts(TinyLM):
+    """Llama-4's experts: every token copied once per expert, then `bmm` against [experts, in, out] parameters."""
+
+    def __init__(self, on_stream):
+        super().__init__(on_stream)
+        self.norm, self.final = nn.RMSNorm(16), nn.RMSNorm(16)  # no shift to absorb into the expert stacks
+        for norm in (self.norm, self.final):
+            norm.weight.data = torch.rand(16) + 0.5
+        self.gate_up = nn.Parameter(torch.randn(3, 16, 32) / 4)
+        self.experts_down = nn.Parameter(torch.randn(3, 32, 16) / 6)
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        x = self.norm(h).reshape(-1, 16)
+        routed = torch.bmm(x.repeat(3, 1).view(3, -1, 16), self.gate_up)
+        out = torch.bmm(torch.relu(routed), self.experts_down).view(3, -1, 16).sum(0)
+        h = h + out.view(h.shape)
+        return self.head(self.final(h))
+
+
+def test_bmm_against_stacked_expert_weights_is_a_linear():
+    from fxslice.analysis.stream import stream_analysis
+
+    program = capture(StackedExperts("none")).to(torch.float64)
+    kinds = [r.linear.node.target for r in program.analysis(stream_analysis).readers]
+    assert torch.ops.aten.bmm.default in kinds
+    ids = program.probe_input()
+    before = program(ids)
+    PassManager(exact_pipeline(random_orthogonal(0)), check_numerics=True).run(program)
+    assert relative_error(program(ids), before) < 1e-9
