@@ -1,13 +1,13 @@
 """IR clean-up: remove what only gets in the way of analysis, without changing the function.
 
-Removed: `_assert_tensor_metadata` checks, dtype/device casts whose input already has the
-target dtype (`x.to(float32)` on a float32 `x`), `alias`/`lift_fresh_copy`/`contiguous` identities,
-`x + 0` and `x - 0` with a literal zero (CTRL adds an absent token-type embedding as `+ 0`, which would otherwise
-read as a value entering the stream), `expand_as(b, x)` feeding only sums that broadcast `b` anyway (GPT-NeoX-Japanese
-adds its attention bias so; the sum then reads as a linear's bias), `dropout` with `train=False` and whole-dimension slices (`x[:, :]`, start 0, open end, step 1: every
-KV-cache read has a few, ~240 nodes a decoding step runs for nothing on a 30-layer model), then dead code. A copy that is written in place (or whose source
-is) is kept: removing it would let the write reach the original. Casts that change the dtype stay: they matter in
-half precision.
+Removed: `_assert_tensor_metadata` checks; dtype/device casts whose input already has the target dtype
+(`x.to(float32)` on a float32 `x`); `alias`/`lift_fresh_copy`/`contiguous` identities; `x + 0` and `x - 0` with a
+literal zero (CTRL adds an absent token-type embedding so, which would read as a value entering the stream);
+`expand_as(b, x)` feeding only sums that broadcast `b` anyway (GPT-NeoX-Japanese adds its attention bias so: the sum
+then reads as the linear's bias); `dropout` with `train=False`; whole-dimension slices (`x[:, :]`, start 0, open end,
+step 1: every KV-cache read has a few, ~240 nodes a decoding step runs for nothing on a 30-layer model); then dead
+code. A copy that is written in place (or whose source is) is kept: removing it would let the write reach the
+original. Casts that change the dtype stay: they matter in half precision.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _whole_slice(node: fx.Node) -> bool:
     return start in (0, None) and (end is None or (isinstance(end, int) and end >= _OPEN_END)) and step == 1
 
 
-_PLUS_ZERO = {aten.add.Tensor, aten.sub.Tensor}
+_SUMS = {aten.add.Tensor, aten.sub.Tensor}
 
 
 def _adds_zero(node: fx.Node) -> bool:
@@ -53,7 +53,7 @@ def _broadcast_anyway(node: fx.Node) -> bool:
         return False
     for user in node.users:
         out = user.meta.get("val")
-        if user.target not in _PLUS_ZERO or not isinstance(out, torch.Tensor) or len(user.args) != 2:
+        if user.target not in _SUMS or not isinstance(out, torch.Tensor) or len(user.args) != 2:
             return False
         shapes = [small.shape if a is node else a.meta["val"].shape if isinstance(a, fx.Node) else ()
                   for a in user.args]
@@ -80,7 +80,7 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
         return src
     if node.target == aten.expand_as.default and _broadcast_anyway(node):
         return src
-    if node.target in _PLUS_ZERO and _adds_zero(node):
+    if node.target in _SUMS and _adds_zero(node):
         a, b = src.meta.get("val"), node.meta.get("val")
         same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.dtype, a.shape) == (b.dtype, b.shape)
         return src if same else None
