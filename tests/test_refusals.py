@@ -6,6 +6,7 @@ import transformers
 from torch import nn
 
 from fxslice import PassManager, UnsupportedStructure, capture
+from fxslice.analysis.stream import stream_analysis
 from fxslice.core import relative_error
 from fxslice.passes import CleanupIR, exact_pipeline
 from fxslice.passes.slicegpt.rotations import random_orthogonal
@@ -42,6 +43,21 @@ class TinyLM(nn.Module):
         return self.head(self.final(h))
 
 
+def assert_rotation_is_exact(program) -> None:
+    """The exact pipeline with a random rotation, numerics checked after every pass, changes no logit."""
+    ids = program.probe_input()
+    before = program(ids)
+    PassManager(exact_pipeline(random_orthogonal(0)), check_numerics=True).run(program)
+    assert relative_error(program(ids), before) < 1e-9
+
+
+def cleaned_stream(model):
+    """The stream analysis of `model`'s capture after the IR clean-up."""
+    program = capture(model)
+    PassManager([CleanupIR()]).run(program)
+    return program.analysis(stream_analysis)
+
+
 @pytest.mark.parametrize("on_stream,op", [("gelu", "gelu"), ("scale", "mul"), ("centre", "sub"), ("concat", "slice")])
 def test_non_linear_stream_ops_are_refused_by_name(on_stream, op):
     program = capture(TinyLM(on_stream)).to(torch.float64)
@@ -55,10 +71,7 @@ def test_non_linear_stream_ops_are_refused_by_name(on_stream, op):
 @pytest.mark.parametrize("on_stream", ["none", "repeat"])
 def test_the_same_model_without_the_op_is_accepted_and_exact(on_stream):
     program = capture(TinyLM(on_stream)).to(torch.float64)
-    ids = program.probe_input()
-    before = program(ids)
-    PassManager(exact_pipeline(random_orthogonal(0)), check_numerics=True).run(program)
-    assert relative_error(program(ids), before) < 1e-9
+    assert_rotation_is_exact(program)
 
 
 def test_post_norm_model_is_refused():
@@ -82,18 +95,14 @@ class PositionCoded(TinyLM):
 
 
 def test_a_value_entering_the_stream_without_reading_it_gets_a_projection_and_stays_exact():
-    from fxslice.analysis.stream import stream_analysis
     from fxslice.passes import slicegpt_recipe
 
     program = capture(PositionCoded("none")).to(torch.float64)
     assert [w.kind for w in program.analysis(stream_analysis).writers].count("other") == 1
-    ids = program.probe_input()
-    before = program(ids)
-    PassManager(exact_pipeline(random_orthogonal(0)), check_numerics=True).run(program)
-    assert relative_error(program(ids), before) < 1e-9
+    assert_rotation_is_exact(program)
     sliced = capture(PositionCoded("none"))
     slicegpt_recipe(sparsity=0.25, batch_size=4).run(sliced, calibration=torch.randint(0, 32, (8, 12)))
-    assert sliced(ids).shape == (2, 12, 32)
+    assert sliced(program.probe_input()).shape == (2, 12, 32)
 
 
 class PositionTable(TinyLM):
@@ -114,16 +123,9 @@ class PositionTable(TinyLM):
 
 
 def test_rows_of_a_parameter_entering_the_stream_are_a_writer_not_a_silent_error():
-    from fxslice.analysis.stream import stream_analysis
-
     program = capture(PositionTable("none")).to(torch.float64)
-    ids = program.probe_input()
-    before = program(ids)
-    PassManager(exact_pipeline(random_orthogonal(0)), check_numerics=True).run(program)
-    assert relative_error(program(ids), before) < 1e-9
-    fresh = capture(PositionTable("none"))
-    PassManager([CleanupIR()]).run(fresh)  # drops the `+ 0`
-    stream = fresh.analysis(stream_analysis)
+    assert_rotation_is_exact(program)
+    stream = cleaned_stream(PositionTable("none"))  # the clean-up drops the `+ 0`
     assert not stream.violations
     assert [w.kind for w in stream.writers].count("other") == 2  # the scaled embedding, the position rows
 
@@ -144,16 +146,9 @@ class SeparateBias(TinyLM):
 
 
 def test_a_bias_added_after_its_linear_is_that_linears_bias():
-    from fxslice.analysis.stream import stream_analysis
-
     program = capture(SeparateBias("none")).to(torch.float64)
-    ids = program.probe_input()
-    before = program(ids)
-    PassManager(exact_pipeline(random_orthogonal(0)), check_numerics=True).run(program)
-    assert relative_error(program(ids), before) < 1e-9
-    fresh = capture(SeparateBias("none"))
-    PassManager([CleanupIR()]).run(fresh)
-    writers = fresh.analysis(stream_analysis).writers
+    assert_rotation_is_exact(program)
+    writers = cleaned_stream(SeparateBias("none")).writers
     assert [w.kind for w in writers] == ["embedding", "linear"] and writers[1].linear.bias is not None
 
 
@@ -178,12 +173,7 @@ class StackedExperts(TinyLM):
 
 
 def test_bmm_against_stacked_expert_weights_is_a_linear():
-    from fxslice.analysis.stream import stream_analysis
-
     program = capture(StackedExperts("none")).to(torch.float64)
     kinds = [r.linear.node.target for r in program.analysis(stream_analysis).readers]
     assert torch.ops.aten.bmm.default in kinds
-    ids = program.probe_input()
-    before = program(ids)
-    PassManager(exact_pipeline(random_orthogonal(0)), check_numerics=True).run(program)
-    assert relative_error(program(ids), before) < 1e-9
+    assert_rotation_is_exact(program)

@@ -101,7 +101,6 @@ class RefitLinears(Pass):
     basis to say how, are left as they are and reported in `skipped`. Memory: besides both programs, the reference's
     input to one linear over every calibration token at a time (an MLP's down projection: tokens x its width)."""
 
-
     name = "refit_linears"
     exact = False
 
