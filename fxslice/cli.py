@@ -39,6 +39,8 @@ RecoverSteps = Annotated[int, typer.Option(min=0, help="then fine-tune low-rank 
 RecoverText = Annotated[str, typer.Option(help="recovery training text (never the evaluation split)")]
 RecoverLr = Annotated[float, typer.Option(help="recovery learning rate (AdamW, warm-up then cosine), > 0")]
 Device = Annotated[str, typer.Option(help="where to compute: auto (a GPU when there is one), cpu, cuda, cuda:N, mps")]
+Offload = Annotated[bool, typer.Option("--offload", help="keep the weights in host memory and copy each calibration "
+                                       "stage's to --device only while it runs: models larger than the device")]
 Dtype = Annotated[str, typer.Option(help="the weights' dtype for the run: float32, bfloat16, float16 (statistics stay "
                                          "float64; the saved model keeps this dtype)")]
 
@@ -55,9 +57,10 @@ def _capture(model: str) -> Program:
 
 
 def _capture_with_cache(model: str, device: torch.device | None = None, dtype: torch.dtype | None = None,
-                        ) -> tuple[Program, Program | None]:
+                        offload: bool = False) -> tuple[Program, Program | None]:
     """The plain capture (for calibration) and, where the model allows it, one with a KV cache (for generation);
-    the model converted to `dtype` before capture (so its own casts around norms stay), both moved to `device`."""
+    the model converted to `dtype` before capture (so its own casts around norms stay), both moved to `device`, or
+    with `offload` computing there while their weights stay in host memory."""
     import torch
 
     from fxslice.core.errors import CaptureError
@@ -76,7 +79,9 @@ def _capture_with_cache(model: str, device: torch.device | None = None, dtype: t
         except CaptureError as exc:
             err.print(f"[yellow]note:[/] {exc}; the saved model will generate without a KV cache", highlight=False)
             cached = None
-    if device is not None and device.type != "cpu":
+    if offload and device is not None:
+        program, cached = program.offload(device), (cached.offload(device) if cached is not None else None)
+    elif device is not None and device.type != "cpu":
         with err.status(f"moving to {device} ..."):
             program, cached = program.to(device), (cached.to(device) if cached is not None else None)
     for p in (program, cached):
@@ -155,6 +160,7 @@ def slice_(
     save_recipe: Annotated[Path | None, typer.Option(help="also write the recipe this runs (YAML or JSON) here")] = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
+    offload: Offload = False,
 ) -> None:
     """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out.
 
@@ -173,7 +179,7 @@ def slice_(
         recipe.save(save_recipe)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {
         "sparsity": sparsity, "width_multiple": multiple, "shared_basis": shared_basis, "allocation": allocation,
-        "head": "untied" if untie else "tied where the model ties it", "head_rank": head_rank}, device, dtype)
+        "head": "untied" if untie else "tied where the model ties it", "head_rank": head_rank}, device, dtype, offload)
 
 
 @app.command()
@@ -197,6 +203,7 @@ def prune(
     recover_lr: RecoverLr = 5e-4,
     device: Device = "auto",
     dtype: Dtype = "float32",
+    offload: Offload = False,
 ) -> None:
     """Prune MODEL's MLP channels and key/value head groups (The LLM Surgeon), so that its matrices shrink;
     or, with --structures, zero the paper's rows and columns, single weights or 2:4 blocks.
@@ -210,7 +217,7 @@ def prune(
                           calibration=data)
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
-              {"method": method, "target": target, "shots": shots, "structures": structures}, device, dtype)
+              {"method": method, "target": target, "shots": shots, "structures": structures}, device, dtype, offload)
 
 
 @app.command()
@@ -232,6 +239,7 @@ def quantize(
     seed: CalibSeed = 0,
     device: Device = "auto",
     dtype: Dtype = "float32",
+    offload: Offload = False,
 ) -> None:
     """Quantize MODEL's weights group-wise (GPTQ or round to nearest); the saved model stores packed integers
     and its record the bytes, scales included. A preset of `fxslice compress`: cleanup -> quantize."""
@@ -244,7 +252,7 @@ def quantize(
                      batch_size=batch_size)
     recipe = Recipe((Cleanup(), stage), data if method == "gptq" else None, name=f"quantize-{method}")
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
-              {"bits": bits, "group_size": group_size, "method": method}, device, dtype)
+              {"bits": bits, "group_size": group_size, "method": method}, device, dtype, offload)
 
 
 @app.command()
@@ -258,12 +266,13 @@ def compress(
     batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass for evaluation")] = 1,
     device: Device = "auto",
     dtype: Dtype = "float32",
+    offload: Offload = False,
 ) -> None:
     """Run a recipe on MODEL, measure perplexity before and after, and save the result to --out."""
     from fxslice.passes import load_recipe
 
     recipe = load_recipe(recipe_file)  # validated before anything is loaded
-    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {}, device, dtype)
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {}, device, dtype, offload)
 
 
 def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float) -> Recipe:
@@ -277,7 +286,7 @@ def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float) -> Recipe:
 
 
 def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_windows: int | None, eval_length: int,
-              batch_size: int, extra: dict, device: str = "cpu", dtype: str = "float32") -> None:
+              batch_size: int, extra: dict, device: str = "cpu", dtype: str = "float32", offload: bool = False) -> None:
     """Capture, evaluate, run the recipe, evaluate, replay on the KV-cache capture, save: `slice` and `compress`."""
     import time
 
@@ -300,7 +309,7 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
                             "e.g. `calibration: {source: wikitext2:validation, windows: 32, length: 2048}`")
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    program, cached = _capture_with_cache(model, target, precision)
+    program, cached = _capture_with_cache(model, target, precision, offload)
     seconds["capture"] = time.perf_counter() - start
     check_finite(program)
     if program.tokenizer is None:
@@ -326,7 +335,7 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
     segments = [r for p in result.passes if isinstance(p, SliceStream) for r in p.reports]
     record = {
         "passes": [p.name for p in result.passes],
-        "device": str(target), "dtype": dtype,
+        "device": str(target), "dtype": dtype, "offload": offload,
         **extra,
         "widths": [r.kept for r in segments],
         "variance_kept": [round(r.variance_kept, 5) for r in segments],

@@ -22,7 +22,7 @@ __all__ = ["contract", "transform_input", "transform_output", "transform_table",
 
 def contract(t: torch.Tensor, axis: int, m: torch.Tensor) -> torch.Tensor:
     """`t` with index i along `axis` replaced by sum_i t[.., i, ..] m[i, j], in float64, cast back."""
-    moved = t.detach().to(torch.float64).movedim(axis, -1) @ m.to(torch.float64)
+    moved = t.detach().to(torch.float64).movedim(axis, -1) @ m.to(t.device, torch.float64)
     return moved.movedim(-1, axis).to(t.dtype).contiguous()  # contiguous: GEMM speed and safetensors
 
 

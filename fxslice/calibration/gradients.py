@@ -20,6 +20,7 @@ from torch import fx
 from fxslice.calibration.distributed import all_reduce_observers, all_reduce_sum, shard
 from fxslice.calibration.runner import Observers, notify, run_nodes
 from fxslice.core.errors import InvalidOption
+from fxslice.core.offload import WeightSource, keep_host_weights
 from fxslice.core.program import Program
 from fxslice.core.progress import progress_bar
 
@@ -80,12 +81,13 @@ def run_with_gradients(
     roots = set(gradients)
     generator = torch.Generator().manual_seed(seed) if labels == "sampled" else None
     total, count = 0.0, 0
+    weights = WeightSource(program.gm, program.execution_device)
     for batch in progress_bar(shard(batches), "forward and backward", enabled=progress):
         batch = batch.to(program.device)
         env: dict[fx.Node, object] = {next(iter(graph.find_nodes(op="placeholder"))): batch}
-        with torch.enable_grad():
+        with torch.enable_grad(), keep_host_weights(weights):
             for node in order:
-                run_nodes(program.gm, env, [node])
+                run_nodes(program.gm, env, [node], weights)
                 if node in roots:
                     value = env[node]
                     if not isinstance(value, torch.Tensor) or not value.is_floating_point():

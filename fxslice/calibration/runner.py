@@ -4,7 +4,9 @@
 still needs (the stream at the cut and side inputs such as masks and rotary tables), and lets the
 caller edit weights, insert nodes downstream, and transform the cached values between stages.
 Observers (`fxslice.calibration.observers`) attached to nodes see each batch's value as it is
-computed. Running all stages costs one forward pass over the batches in total.
+computed. Running all stages costs one forward pass over the batches in total. For an offloaded
+program (`Program.offload`) a stage's weights are copied to the device once, for all batches, and
+dropped when it ends: the device holds one stage's weights and the cached values.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch import fx
 from fxslice.calibration.distributed import all_reduce_observers, shard
 from fxslice.calibration.observers import Observer
 from fxslice.core.errors import UnsupportedStructure
-from fxslice.core.graph import mutates, tensor_of
+from fxslice.core.graph import mutates
+from fxslice.core.offload import WeightSource, run_nodes, stage_weights
 from fxslice.core.program import Program
 
 __all__ = ["StagedRunner", "Observers", "notify", "run_nodes"]
@@ -37,21 +40,6 @@ def notify(env: Env, observers: Observers) -> None:
             observer.update(env[node])
 
 
-def run_nodes(gm: fx.GraphModule, env: Env, nodes: Sequence[fx.Node]) -> None:
-    """Evaluate `nodes` in order into `env`; weights are read when used (they change between stages) and
-    detached: calibration never needs their gradients, even where a capture left `requires_grad` set."""
-
-    def value(n: fx.Node) -> Any:
-        if n.op == "get_attr":
-            weight = tensor_of(gm, n)
-            return weight.detach() if isinstance(weight, torch.Tensor) else weight
-        return env[n]
-
-    for node in nodes:
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-        env[node] = node.target(*args, **kwargs)
-
-
 class StagedRunner:
     """Under a `torch.distributed` process group each rank runs its share of the batches and the observers'
     statistics are summed over the ranks at the end of every stage (`fxslice.calibration.distributed`)."""
@@ -62,6 +50,17 @@ class StagedRunner:
         device = program.device
         self.envs: list[Env] = [{placeholder: batch.to(device)} for batch in shard(batches)]
         self.done: set[fx.Node] = {placeholder}
+        #: the most weight bytes one stage copied to the device (0 unless the program is offloaded)
+        self.peak_staged_bytes = 0
+
+    def _weights(self, todo: list[fx.Node]) -> WeightSource:
+        device = self.program.execution_device
+        if device is None:
+            return WeightSource(self.program.gm)
+        staged = stage_weights(self.program.gm, todo, device)
+        unique = {id(t): t.numel() * t.element_size() for t in staged.values()}
+        self.peak_staged_bytes = max(self.peak_staged_bytes, sum(unique.values()))
+        return WeightSource(self.program.gm, device, staged)
 
     def _todo(self, stop: fx.Node) -> list[fx.Node]:
         order = list(self.program.graph.nodes)
@@ -74,8 +73,9 @@ class StagedRunner:
         todo = self._todo(stop)
         self.done.update(todo)
         live = {n for n in self.done if any(u not in self.done for u in n.users)}
+        weights = self._weights(todo)
         for env in self.envs:
-            run_nodes(self.program.gm, env, todo)
+            run_nodes(self.program.gm, env, todo, weights)
             if observers:
                 notify(env, observers)
             for node in list(env):
@@ -93,9 +93,10 @@ class StagedRunner:
         if writers:
             raise UnsupportedStructure(f"cannot look ahead past {writers[0].name} ({writers[0].target}): it writes in "
                                        "place into values the runner keeps")
+        weights = self._weights(todo)
         for env in self.envs:
             ahead = dict(env)
-            run_nodes(self.program.gm, ahead, todo)
+            run_nodes(self.program.gm, ahead, todo, weights)
             notify(ahead, observers)
         all_reduce_observers(observers.values())
 

@@ -71,8 +71,12 @@ def role_of(node: fx.Node) -> str | None:
 
 
 def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    """Replace the parameter or buffer at `target`, keeping its kind (parameter vs buffer)."""
+    """Replace the parameter or buffer at `target`, keeping its kind (parameter vs buffer) and its device (a pass
+    may compute the new value on the device an offloaded program computes on)."""
     owner, name = owner_of(gm, target)
+    old = getattr(owner, name, None)
+    if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old.device.type != "meta":
+        value = value.to(old.device)
     if name in owner._parameters:
         owner._parameters[name] = nn.Parameter(value.detach(), requires_grad=False)
     elif name in owner._buffers:
@@ -82,7 +86,10 @@ def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
 
 
 def add_parameter(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> str:
-    """Register a new parameter under `fxslice.<stem>_<n>` and return its target."""
+    """Register a new parameter under `fxslice.<stem>_<n>`, where the other weights are kept, and return its target."""
+    home = next((p.device for p in gm.parameters()), None)
+    if home is not None:
+        value = value.to(home)
     if not hasattr(gm, "fxslice"):
         gm.add_module("fxslice", nn.Module())
     holder = gm.get_submodule("fxslice")
@@ -121,10 +128,11 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
     gm.recompile()
 
 
-def retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
-    """Move every parameter and buffer to `device`, and make every op that names a device (factory ops such as
-    `arange` and `full`, device casts, metadata asserts) name `device` instead of the one it was captured on."""
-    for module in gm.modules():
+def retarget_device(gm: fx.GraphModule, device: torch.device, weights: bool = True) -> None:
+    """Move every parameter and buffer to `device` (unless `weights` is False), and make every op that names a
+    device (factory ops such as `arange` and `full`, device casts, metadata asserts) name `device` instead of the
+    one it was captured on."""
+    for module in gm.modules() if weights else ():
         for store in (module._parameters, module._buffers):
             for name, t in list(store.items()):
                 if t is not None and t.device != device:

@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from fxslice.core import graph as G
+from fxslice.core.offload import execute
 
 __all__ = ["Program", "program_inputs"]
 
@@ -41,6 +42,8 @@ class Program:
     cache: Any = None  # a fxslice.models.kvcache.CacheLayout when the graph reads and writes a KV cache
     quantized: dict[str, Any] = field(default_factory=dict)  # weight target -> fxslice.core.quantized.QuantizedWeight
     static_shape: tuple[int, int] | None = None  # the one (batch, length) a capture without dynamic shapes accepts
+    # where an offloaded program computes while its weights stay where they are (`offload`); None: with its weights
+    execution_device: torch.device | None = None
     version: int = 0
     _analyses: dict[Callable, tuple[int, Any]] = field(default_factory=dict, repr=False)
 
@@ -52,7 +55,7 @@ class Program:
                              f"{self.static_shape} only, not {tuple(input_ids.shape)}; pad or cut the inputs to that "
                              "shape, or make the model's shape-dependent code traceable and capture it again")
         if self.cache is None:
-            return self.gm(input_ids)
+            return self._run(input_ids)
         kv = self.cache.allocate(input_ids.shape[0], input_ids.shape[1], self.dtype, input_ids.device)
         return self.step(input_ids, 0, kv)
 
@@ -60,7 +63,12 @@ class Program:
         """Logits of `input_ids` following `past_length` tokens already in `kv`, which is updated in place."""
         if self.cache is None:
             raise TypeError("this program has no KV cache; capture it with fxslice.models.kvcache.capture_cached")
-        return self.gm(input_ids, torch.tensor(past_length, device=input_ids.device), *kv)
+        return self._run(input_ids, torch.tensor(past_length, device=input_ids.device), *kv)
+
+    def _run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.execution_device is None:
+            return self.gm(*inputs)
+        return execute(self.gm, inputs, self.execution_device)
 
     @property
     def input_names(self) -> list[str]:
@@ -73,7 +81,12 @@ class Program:
 
     @property
     def device(self) -> torch.device:
-        """Where the weights are (and so where the program computes)."""
+        """Where the program computes: where its weights are, or where an offloaded program copies them to."""
+        return self.execution_device or self.weights_device
+
+    @property
+    def weights_device(self) -> torch.device:
+        """Where the weights are kept."""
         return next((p.device for p in self.gm.parameters()), torch.device("cpu"))
 
     @property
@@ -129,7 +142,7 @@ class Program:
         """An independent copy (graph and weights)."""
         return Program(copy.deepcopy(self.gm), self.model_class, self.config, self.tokenizer, self.source,
                        dict(self.record), cache=self.cache, quantized=dict(self.quantized),
-                       static_shape=self.static_shape)
+                       static_shape=self.static_shape, execution_device=self.execution_device)
 
     def to(self, *target: torch.device | torch.dtype | str, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> Program:
@@ -151,6 +164,17 @@ class Program:
             G.retarget_float_casts(out.gm, dtype)
         if device is not None:
             G.retarget_device(out.gm, torch.device(device))
+            out.execution_device = None
+        return out
+
+    def offload(self, device: torch.device | str) -> Program:
+        """A copy that computes on `device` while its weights stay where they are (in host memory): for a model
+        larger than the device's memory. Each weight is copied to the device only while an op or a calibration stage
+        needs it (`fxslice.core.offload`); the passes edit the weights where they are kept. `to(device)` undoes it."""
+        device = torch.device(device)
+        out = self.clone()
+        G.retarget_device(out.gm, device, weights=False)
+        out.execution_device = device
         return out
 
     def probe_input(self, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:

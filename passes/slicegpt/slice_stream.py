@@ -114,6 +114,7 @@ class SliceStream(Pass):
         self.slice_head, self.progress, self.share = slice_head, progress, share
         self.reports: list[SegmentReport] = []
         self.bases: list[torch.Tensor] = []  # per segment, [full, kept]: what calibration chose
+        self.peak_staged_bytes = 0  # offloaded programs: the most weight bytes one stage held on the device
         self._given: list[torch.Tensor] | None = None
 
     def replay(self) -> SliceStream:
@@ -213,6 +214,7 @@ class SliceStream(Pass):
                    *(v for seg in stream.segments for v in seg.values), *gm.graph.find_nodes(op="call_function",
                    target=aten.linear.default)]  # every shape that slicing changed, not the whole graph
         refresh_vals(gm, changed)
+        self.peak_staged_bytes = runner.peak_staged_bytes if runner is not None else 0
         return PassResult(True, {"widths": [int(q.shape[1]) for q in (self._given or self.bases)]})
 
 

@@ -86,6 +86,7 @@ class SliceGPT(Stage):
     def run(self, program: Program, context: StageContext) -> StageResult:
         rule = ConstantWidths(self.sparsity, self.multiple) if self.sparsity is not None else self.widths
         windows = context.windows(self.kind)
+        dense_bytes = program.num_bytes()
         fused = self.run_passes(program, [ProjectNormWriters(), FuseNorms(keep_ties=self.keep_ties)], context)
         if self.allocation == "loss_aware":
             rule = self._loss_aware_widths(program, windows, rule, context)
@@ -114,6 +115,9 @@ class SliceGPT(Stage):
             result.report["refit"] = {"mode": self.refit, "linears": len(refit.fits), "skipped": refit.skipped,
                                       "reconstruction_error_before": round(before, 6),
                                       "reconstruction_error_after": round(after, 6)}
+        if program.execution_device is not None:  # what the device held at most: one stage's weights, not the model's
+            result.report["offload"] = {"device": str(program.execution_device), "weight_bytes": dense_bytes,
+                                        "peak_stage_weight_bytes": slicer.peak_staged_bytes}
         if self.head_rank:
             c = head.report
             result.report["head_correction"] = {"rank": c.rank, "parameters": c.parameters,
