@@ -17,7 +17,7 @@ from fxslice.core.errors import UnsupportedStructure, node_location
 from fxslice.core.graph import add_parameter, aten, insert_op, module_path, owner_of, set_role, set_tensor, tensor_of
 
 __all__ = ["contract", "transform_input", "transform_output", "transform_table", "add_input_shift", "private_weight",
-           "insert_linear", "remove_linear", "replace_weight", "weight_matrix"]
+           "insert_linear", "insert_low_rank", "remove_linear", "replace_weight", "weight_matrix"]
 
 
 def contract(t: torch.Tensor, axis: int, m: torch.Tensor) -> torch.Tensor:
@@ -132,6 +132,35 @@ def insert_linear(gm: fx.GraphModule, source: fx.Node, weight: torch.Tensor, *, 
     for user in users:
         user.replace_input_with(source, node)
     return match_linear(gm, node)
+
+
+def insert_low_rank(gm: fx.GraphModule, source: fx.Node, output: fx.Node, a: str, b: str, *, role: str,
+                    scale: float | None = None) -> fx.Node:
+    """Make every user of `output` read `output + scale · (source @ Aᵀ) @ Bᵀ` instead, A and B being the stored
+    parameters `a` (r x d_in) and `b` (d_out x r); returns the add. The new nodes, in the order get_attr A,
+    get_attr B, down, up, [scaled,] add, all carry `role`, so that a pass can find the branch again."""
+    graph = gm.graph
+    params, last = [], output
+    for name in (a, b):
+        with graph.inserting_after(last):
+            last = graph.get_attr(name)
+        last.meta["val"] = tensor_of(gm, name)
+        params.append(last)
+    with graph.inserting_after(last):
+        down = insert_op(graph, aten.linear.default, (source, params[0]), like=output)
+    with graph.inserting_after(down):
+        branch = up = insert_op(graph, aten.linear.default, (down, params[1]), like=output)
+    added = [*params, down, up]
+    if scale is not None:
+        with graph.inserting_after(up):
+            branch = insert_op(graph, aten.mul.Tensor, (up, scale), like=output)
+        added.append(branch)
+    with graph.inserting_after(branch):
+        joined = insert_op(graph, aten.add.Tensor, (output, branch), like=output)
+    output.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+    for node in (*added, joined):
+        set_role(node, role)
+    return joined
 
 
 def remove_linear(gm: fx.GraphModule, use: LinearUse) -> None:

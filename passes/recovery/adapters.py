@@ -14,12 +14,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import fx
 
 from fxslice import InvalidOption, Pass, PassResult, Program
 from fxslice.analysis.linears import weight_kinds
 from fxslice.analysis.matchers import LinearUse, match_linear
-from fxslice.core.graph import add_parameter, aten, drop_unused_weights, insert_op, set_role, set_tensor, tensor_of
+from fxslice.analysis.weights import insert_low_rank
+from fxslice.core.graph import add_parameter, drop_unused_weights, set_tensor, tensor_of
 
 __all__ = ["Adapter", "InsertAdapters", "MergeAdapters", "adapters", "adaptable_linears", "add_low_rank",
            "low_rank_updates"]
@@ -84,7 +84,7 @@ class InsertAdapters(Pass):
                                 "head are left out unless head=True)")
 
     def call(self, program: Program) -> PassResult:
-        gm, graph = program.gm, program.graph
+        gm = program.gm
         if adapters(program):  # idempotent: an adapted program is left as it is
             return PassResult(False, {"adapters": len(adapters(program))})
         generator = torch.Generator().manual_seed(self.seed)
@@ -99,31 +99,10 @@ class InsertAdapters(Pass):
             a_name = add_parameter(gm, "lora_a", a.to(weight.dtype).to(weight.device))  # the same draw on any device
             b_name = add_parameter(gm, "lora_b", torch.zeros(d_out, rank, dtype=weight.dtype, device=weight.device))
             for use in uses:
-                self._attach(graph, use, a_name, b_name, scale, target)
+                joined = insert_low_rank(gm, use.input, use.output, a_name, b_name, role=_ROLE, scale=scale)
+                joined.meta[_META] = target
             count += 1
         return PassResult(count > 0, {"adapters": count, "rank": self.rank, "scale": scale})
-
-    @staticmethod
-    def _attach(graph: fx.Graph, use: LinearUse, a_name: str, b_name: str, scale: float, target: str) -> None:
-        out = use.output
-        with graph.inserting_after(out):
-            a_node = graph.get_attr(a_name)
-        with graph.inserting_after(a_node):
-            b_node = graph.get_attr(b_name)
-        for node in (a_node, b_node):
-            node.meta["val"] = tensor_of(graph.owning_module, node.target)
-        with graph.inserting_after(b_node):
-            down = insert_op(graph, aten.linear.default, (use.input, a_node), like=out)
-        with graph.inserting_after(down):
-            up = insert_op(graph, aten.linear.default, (down, b_node), like=out)
-        with graph.inserting_after(up):
-            scaled = insert_op(graph, aten.mul.Tensor, (up, scale), like=out)
-        with graph.inserting_after(scaled):
-            joined = insert_op(graph, aten.add.Tensor, (out, scaled), like=out)
-        out.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
-        for node in (a_node, b_node, down, up, scaled, joined):
-            set_role(node, _ROLE)
-        joined.meta[_META] = target
 
 
 class MergeAdapters(Pass):

@@ -23,10 +23,10 @@ from fxslice import BadInput, InvalidOption, Pass, PassResult, Program, Unsuppor
 from fxslice.analysis.matchers import LinearUse, match_linear
 from fxslice.analysis.roles import TIED_HEAD_PROJECTION
 from fxslice.analysis.stream import stream_analysis
-from fxslice.analysis.weights import weight_matrix
+from fxslice.analysis.weights import insert_low_rank, weight_matrix
 from fxslice.calibration.observers import SecondMoment
 from fxslice.calibration.runner import StagedRunner
-from fxslice.core.graph import add_parameter, aten, insert_op, role_of, set_role, tensor_of
+from fxslice.core.graph import add_parameter, aten, role_of, tensor_of
 from fxslice.core.health import check_tokens
 
 __all__ = ["CorrectTiedHead", "HeadCorrection", "TIED_HEAD_CORRECTION"]
@@ -182,21 +182,6 @@ def _reaches_output_unchanged(logits: fx.Node) -> bool:
 
 def _insert(gm: fx.GraphModule, source: fx.Node, logits: fx.Node, a: torch.Tensor, b: torch.Tensor) -> None:
     """logits + (source @ A) @ B, as two new linears (weights Aᵀ: r x d_L and Bᵀ: V x r) and an add."""
-    graph = gm.graph
     dtype, device = logits.meta["val"].dtype, logits.meta["val"].device
     names = [add_parameter(gm, TIED_HEAD_CORRECTION, m.T.to(dtype).to(device).contiguous()) for m in (a, b)]
-    params, last = [], logits
-    for name in names:
-        with graph.inserting_after(last):
-            last = graph.get_attr(name)
-        last.meta["val"] = tensor_of(gm, name)
-        params.append(last)
-    with graph.inserting_after(last):
-        down = insert_op(graph, aten.linear.default, (source, params[0]), like=logits)
-    with graph.inserting_after(down):
-        up = insert_op(graph, aten.linear.default, (down, params[1]), like=logits)
-    with graph.inserting_after(up):
-        joined = insert_op(graph, aten.add.Tensor, (logits, up), like=logits)
-    logits.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
-    for node in (*params, down, up, joined):
-        set_role(node, TIED_HEAD_CORRECTION)
+    insert_low_rank(gm, source, logits, *names, role=TIED_HEAD_CORRECTION)
