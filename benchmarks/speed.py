@@ -2,13 +2,15 @@
 
     python benchmarks/speed.py [--sparsities 0.25,0.5] [--prune 0.166] [--repeats 5] [--shared-basis 0.25] [--multiple 8]
                                [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--prefill 1x512,8x512,1x2048]
-                               [--decode 1,8]
+                               [--decode 1,8] [--compile]
 
 Every repetition runs every case on every model in turn (interleaved, after one warm-up round), so that
 a noisy shared machine slows all models alike; figures are medians. Speed-ups are sliced / dense
 throughput (pruned: the Surgeon's groups, `--prune` fractions of the parameters, 2 shots: speed does not
 depend on which groups go), next to the ideal speed-up from the graph's FLOP counts (fxslice.analysis.flops) and their ratio
-(efficiency). Decode: a 128-token prompt, then 128 new tokens one at a time with the cache (greedy).
+(efficiency). Decode: a 128-token prompt, then 128 new tokens one at a time with the cache (greedy);
+`--compile` adds the same through the compiled step (`generate(compile=True)`; CUDA graphs on a GPU) and
+transformers' own `generate()` on the dense model, and reports each decode case against the latter.
 Memory: weight bytes, and the peak resident memory a case adds on top of what was resident before it
 (CPU: Linux VmHWM; CUDA: max_memory_allocated). Calibration uses a few windows only: speed does not
 depend on the quality of the bases.
@@ -23,11 +25,13 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from fxslice.analysis.flops import count_flops
 from fxslice.core.pass_manager import replay
 from fxslice.core.program import Program
 from fxslice.data import load_text, token_windows
+from fxslice.evaluation.generate import compiled_step
 from fxslice.models.capture import capture_module, load_model
 from fxslice.models.kvcache import capture_cached
 from fxslice.passes.presets import prune_recipe
@@ -75,16 +79,41 @@ def _prefill(program: Program, batch: int, length: int, device: str):
     return run
 
 
-def _decode(program: Program, batch: int, device: str, prompt: int = 128, new: int = 128):
+def _decode(program: Program, batch: int, device: str, prompt: int = 128, new: int = 128, compiled: bool = False):
+    """Greedy decoding of `new` tokens after a `prompt`-token prefill; `compiled`: the steps through
+    `compiled_step` (compiled in the warm-up round, as `generate(compile=True)` does on its first step)."""
     ids = torch.randint(0, program.vocab_size, (batch, prompt), device=device)
+    step = compiled_step(program) if compiled else None
+    kv = program.cache.allocate(batch, prompt + new, program.dtype, torch.device(device))
+    if step is not None and kv[0].is_cuda:
+        for t in kv:
+            torch._dynamo.mark_static_address(t)
 
     def run() -> tuple[int, float]:
-        kv = program.cache.allocate(batch, prompt + new, program.dtype, device)
         token = program.step(ids, 0, kv)[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         start = time.perf_counter()
         for i in range(new):
-            token = program.step(token, prompt + i, kv)[:, -1].argmax(-1, keepdim=True)
+            if step is not None:
+                logits = step(token, torch.tensor(prompt + i, device=device), *kv)
+            else:
+                logits = program.step(token, prompt + i, kv)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        return batch * new, time.perf_counter() - start
+
+    return run
+
+
+def _hf_generate(module: torch.nn.Module, batch: int, device: str, prompt: int = 128, new: int = 128):
+    """transformers' own `generate()` (greedy, its default cache), the baseline users compare with."""
+    ids = torch.randint(0, module.config.vocab_size, (batch, prompt), device=device)
+
+    def run() -> tuple[int, float]:
+        _sync(device)
+        start = time.perf_counter()
+        module.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                        do_sample=False, pad_token_id=0)
         _sync(device)
         return batch * new, time.perf_counter() - start
 
@@ -134,6 +163,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--prefill", default="1x512,8x512,1x2048", help="batch x length, comma-separated")
     parser.add_argument("--decode", default="1,8", help="batch sizes for decoding")
+    parser.add_argument("--compile", action="store_true", help="also decode through the compiled step, and time "
+                        "transformers' generate() on the dense model")
     parser.add_argument("--calib-windows", type=int, default=8)
     parser.add_argument("--calib-length", type=int, default=512)
     args = parser.parse_args()
@@ -164,24 +195,26 @@ def main() -> None:
         models[name] = (program, cached)
         widths[name] = [576]
     for name, (program, cached) in list(models.items()):
-        if dtype != program.dtype:
-            models[name] = (program.to(dtype), cached.to(dtype))
-        for p in models[name]:
-            p.gm.to(args.device)
+        models[name] = (program.to(args.device, dtype), cached.to(args.device, dtype))
 
     prefill = [tuple(int(x) for x in spec.split("x")) for spec in args.prefill.split(",")]
     decode = [int(b) for b in args.decode.split(",")]
     cases = {f"prefill_{b}x{n}": (lambda m, b=b, n=n: _prefill(m[0], b, n, args.device)) for b, n in prefill}
     cases |= {f"decode_{b}x128": (lambda m, b=b: _decode(m[1], b, args.device)) for b in decode}
+    if args.compile:
+        cases |= {f"decode_compiled_{b}x128": (lambda m, b=b: _decode(m[1], b, args.device, compiled=True))
+                  for b in decode}
     runs = {(model, case): make(models[model]) for model in models for case, make in cases.items()}
+    if args.compile:  # the dense model's own generate(), interleaved with the same decode cases
+        module = module.to(args.device, dtype)
+        runs |= {("hf_generate", f"decode_{b}x128"): _hf_generate(module, b, args.device) for b in decode}
     samples: dict[tuple[str, str], list[tuple[float, int]]] = {key: [] for key in runs}
     with torch.no_grad():
-        for rep in range(args.repeats + 1):  # round 0 warms up
-            for case in cases:
-                for model in models:
-                    measured = _time(runs[(model, case)], args.device)
-                    if rep:
-                        samples[(model, case)].append(measured)
+        for rep in range(args.repeats + 1):  # round 0 warms up (and compiles)
+            for key in sorted(runs, key=lambda k: k[1]):  # case by case, every model in turn
+                measured = _time(runs[key], args.device)
+                if rep:
+                    samples[key].append(measured)
 
     flops = {}
     for model, (program, cached) in models.items():
@@ -194,17 +227,26 @@ def main() -> None:
                "weight_mib": round(sum(p.numel() * p.element_size() for p in program.gm.parameters()) / 2**20, 1)}
         for case in cases:
             speed = statistics.median(s for s, _ in samples[(model, case)])
+            shape = case.replace("compiled_", "")
             row[case] = {"tokens_per_s": round(speed, 1),
                          "peak_added_mib": round(max(m for _, m in samples[(model, case)]) / 2**20, 1),
-                         "gflops_per_token": round(flops[model][case] / 2**30 / _tokens(case), 4)}
+                         "gflops_per_token": round(flops[model][shape] / 2**30 / _tokens(case), 4)}
+            if ("hf_generate", shape) in samples:
+                hf = statistics.median(s for s, _ in samples[("hf_generate", shape)])
+                row[case]["over_hf_generate"] = round(speed / hf, 3)
             if model != "dense":
                 dense_speed = statistics.median(s for s, _ in samples[("dense", case)])
-                ideal = flops["dense"][case] / flops[model][case]
+                ideal = flops["dense"][shape] / flops[model][shape]
                 row[case] |= {"speedup": round(speed / dense_speed, 3), "ideal_speedup": round(ideal, 3),
                               "efficiency": round(speed / dense_speed / ideal, 3)}
         results[model] = row
+    if args.compile:
+        results["hf_generate"] = {case: {"tokens_per_s": round(statistics.median(s for s, _ in samples[key]), 1)}
+                                  for key in samples if key[0] == "hf_generate" for case in [key[1]]}
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct", "device": args.device, "dtype": args.dtype,
+        "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": torch.get_num_threads(), "repeats": args.repeats, "width_multiple": args.multiple,
         "results": results,
         "shortcut_fusion": _shortcut_fusion(432, 1536, 4096, 20, args.device),
@@ -212,7 +254,7 @@ def main() -> None:
 
 
 def _tokens(case: str) -> int:
-    kind, shape = case.split("_")
+    kind, shape = case.split("_")[0], case.rsplit("_", 1)[1]
     batch, length = (int(x) for x in shape.split("x"))
     return batch * (length if kind == "prefill" else 1)
 

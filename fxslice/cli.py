@@ -471,15 +471,22 @@ def generate(
     top_k: Annotated[int, typer.Option(min=0, help="sample from the k most likely tokens only (0: all)")] = 0,
     seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the tokenizer's chat template")] = False,
+    device: Device = "auto",
+    compile_step: Annotated[bool, typer.Option("--compile", help="compile the decoding step (torch.compile; CUDA "
+                                               "graphs on a GPU): a first step that takes a while, then faster ones")] = False,
 ) -> None:
     """Continue PROMPT with MODEL, streaming tokens as they come (KV cache when the model has one)."""
     import time
 
     import torch
 
+    from fxslice.core.devices import resolve_device
     from fxslice.evaluation.generate import generate as run_generation
 
+    target = resolve_device(device)
     program = _load_for_generation(model)
+    if target != program.device:
+        program = program.to(target)
     tokenizer = program.tokenizer
     if tokenizer is None:
         raise InvalidOption(f"{model} has no tokenizer; generation needs one to read the prompt")
@@ -504,11 +511,12 @@ def generate(
     out.print(prompt if not chat else "", end="", highlight=False, markup=False, soft_wrap=True)
     start = time.perf_counter()
     run_generation(program, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                   eos_token_id=tokenizer.eos_token_id, on_tokens=show)
+                   eos_token_id=tokenizer.eos_token_id, on_tokens=show, compile=compile_step)
     elapsed = time.perf_counter() - start
     out.print()
     err.print(f"{len(new)} tokens in {elapsed:.1f} s ({len(new) / elapsed:.1f} tokens/s, "
-              f"{'KV cache' if program.cache is not None else 'no KV cache: recomputing'})", highlight=False)
+              f"{'KV cache' if program.cache is not None else 'no KV cache: recomputing'}"
+              f"{', compiled' if compile_step else ''}, {program.device})", highlight=False)
 
 
 def _load_for_generation(model: str) -> Program:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fxslice import CaptureError, PassCheckFailed, PassManager, capture_module
+from fxslice import CaptureError, InvalidOption, PassCheckFailed, PassManager, capture_module
 from fxslice.core.pass_manager import replay
 from fxslice.evaluation.generate import generate
 from fxslice.models.io import load, save
@@ -132,3 +132,30 @@ def test_hf_generate_on_a_reloaded_sliced_model_matches_fxslice_generate(tmp_pat
     padded[0, 0] = 0
     with pytest.raises(InvalidOption, match="padded"):
         hf.generate(PROMPT, attention_mask=padded, max_new_tokens=2)
+
+
+def test_a_compiled_decoding_step_generates_what_the_captured_step_generates():
+    from fxslice.evaluation.generate import compiled_step
+
+    program = capture_cached(tiny_causal_lm("llama"))
+    plain = capture_module(tiny_causal_lm("llama"))
+    ids = program.probe_input(batch=2, length=5)
+    eager = generate(program, ids, max_new_tokens=6)
+    assert torch.equal(generate(program, ids, max_new_tokens=6, compile=True), eager)
+    assert compiled_step(program) is compiled_step(program)  # compiled once per graph version
+    with pytest.raises(InvalidOption, match="KV-cache program"):
+        generate(plain, ids, compile=True)
+    with pytest.raises(InvalidOption, match="offloaded"):
+        compiled_step(program.offload("cpu"))
+
+
+def test_cli_generates_the_same_text_with_the_compiled_step(tiny_model_dir):
+    import subprocess
+    import sys
+
+    model = str(tiny_model_dir("llama", trained=True))
+    runs = [subprocess.run([sys.executable, "-m", "fxslice.cli", "generate", model, "abc", "--max-new-tokens", "6",
+                            "--device", "cpu", *options], capture_output=True, text=True) for options in ([], ["--compile"])]
+    assert all(run.returncode == 0 for run in runs), runs[1].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("abc")
+    assert "compiled, cpu" in runs[1].stderr
