@@ -2,6 +2,7 @@
 
     python benchmarks/pruning.py [--targets 0.166] [--methods surgeon,kobd,lobd,magnitude] [--shots 4]
                                  [--calib-windows 8] [--calib-length 512] [--eval-windows 8] [--slicegpt 0.25]
+                                 [--slicegpt-allocation loss_aware] [--slicegpt-head-rank 16]
                                  [--masked rows_columns:0.2,2:4:0.5] [--plot pruning.png]
                                  [--recover STEPS [--recover-lr 5e-4 --recover-rank 8 --recover-batch 2]]
 
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--calib-length", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8, help="first N test windows of 2048 (0: the whole split)")
     parser.add_argument("--slicegpt", default="0.25", help="SliceGPT sparsities to compare ('' for none)")
+    parser.add_argument("--slicegpt-allocation", default="constant", help="SliceGPT's widths: constant or loss_aware")
+    parser.add_argument("--slicegpt-head-rank", type=int, default=0, help="SliceGPT: the tied head's correction rank")
     parser.add_argument("--slicegpt-then-surgeon", default="", help="SLICE:TARGET pairs, e.g. 0.15:0.1")
     parser.add_argument("--plot", default="pruning.png")
     parser.add_argument("--recover", type=int, default=0, help="recovery fine-tuning steps after each model (0: none)")
@@ -80,7 +83,8 @@ def main() -> None:
         plans.append((f"surgeon {structures}", prune_recipe(method="surgeon", target=float(target), shots=args.shots,
                                                              structures=structures, batch_size=1)))
     for sparsity in (float(s) for s in args.slicegpt.split(",") if s):
-        plans.append(("slicegpt", slicegpt_recipe(sparsity=sparsity, batch_size=1)))
+        plans.append(("slicegpt", slicegpt_recipe(sparsity=sparsity, batch_size=1, allocation=args.slicegpt_allocation,
+                                                  head_rank=args.slicegpt_head_rank)))
     for pair in (p for p in args.slicegpt_then_surgeon.split(",") if p):
         sparsity, target = (float(x) for x in pair.split(":"))
         base = slicegpt_recipe(sparsity=sparsity, batch_size=1)

@@ -3,13 +3,14 @@ JSON object.
 
     python benchmarks/quantization.py [--bits 8,4,3] [--methods rtn,gptq] [--group-size 64] [--embeddings 8]
                                       [--calib-windows 16] [--calib-length 512] [--eval-windows 8]
-                                      [--prune 0.166 --shots 4] [--rotate]
+                                      [--prune 0.166 --shots 4] [--slice 0.25] [--rotate]
                                       [--search mtgp,gp,random --budget-bits 4.0 --evaluations 6 --seeds 0]
 
 Bytes are the weights as stored (packed integers, float16 scales and zero points, float tensors in float32, the
 tied table once), from `Program.num_bytes()`, the figure a saved model's record gives. Calibration: WikiText-2
 validation (seed 0); evaluation: the first N windows of 2048 tokens of WikiText-2 test. Every model comes from
-one capture; `--prune` quantizes the Surgeon's pruned model as well (slice/prune -> quantize on one plane);
+one capture; `--prune` quantizes the Surgeon's pruned model as well, `--slice` SliceGPT's, and both together the
+Surgeon's pruning of the sliced model (slice -> prune -> quantize on one plane);
 `--rotate` quantizes each model once more after an exact randomized-Hadamard rotation of its stream (QuaRot-style).
 `--search` runs the mixed-precision searches at `--budget-bits` (default: the bits per parameter of uniform 4-bit
 GPTQ, so the comparison is at its bytes) with the same number of expensive evaluations each, and draws them.
@@ -26,7 +27,7 @@ import torch
 from smollm2 import smollm2_and_windows
 
 from fxslice.evaluation.perplexity import perplexity
-from fxslice.passes.presets import prune_recipe
+from fxslice.passes.presets import prune_recipe, slicegpt_recipe
 from fxslice.passes.quantize.allocation import width_counts
 from fxslice.passes.quantize.stages import Quantize
 from fxslice.passes.rewrite.stages import Cleanup
@@ -45,6 +46,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--prune", type=float, default=0.0, help="also quantize the Surgeon's model at this target")
     parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--slice", type=float, default=0.0, help="also quantize SliceGPT's model at this sparsity "
+                        "(loss-aware widths, the tied head's rank-16 correction), and with --prune the Surgeon's "
+                        "pruning of it: slice -> prune -> quantize")
     parser.add_argument("--rotate", action="store_true",
                         help="also quantize each model after an exact randomized-Hadamard rotation of its stream")
     parser.add_argument("--search", default="", help="searches to compare: mtgp,gp,random")
@@ -60,6 +64,16 @@ def main() -> None:
         start = time.perf_counter()
         prune_recipe(target=args.prune, shots=args.shots, batch_size=1).run(pruned, calibration=calib)
         bases.append((f"surgeon {args.prune}", pruned, time.perf_counter() - start))
+    if args.slice:
+        sliced = dense.clone()
+        start = time.perf_counter()
+        slicegpt_recipe(sparsity=args.slice, allocation="loss_aware", head_rank=16).run(sliced, calibration=calib)
+        bases.append((f"slicegpt {args.slice}", sliced, time.perf_counter() - start))
+        if args.prune:
+            both = sliced.clone()
+            start = time.perf_counter()
+            prune_recipe(target=args.prune, shots=args.shots, batch_size=1).run(both, calibration=calib)
+            bases.append((f"slicegpt {args.slice} + surgeon {args.prune}", both, time.perf_counter() - start))
     if args.rotate:
         for base_name, base, _ in list(bases):
             rotated = base.clone()

@@ -427,10 +427,12 @@ def eval_(
     limit: Annotated[int | None, typer.Option(min=1, help="first N documents of each task only")] = None,
     num_fewshot: Annotated[int | None, typer.Option(min=0, help="few-shot examples (default: the task's, 0 for the paper's)")] = None,
     output: Annotated[Path | None, typer.Option(help="also write the figures here as JSON")] = None,
+    device: Device = "auto",
 ) -> None:
     """Measure a saved model: perplexity on a text, and/or zero-shot accuracy on lm-eval tasks."""
     import json
 
+    from fxslice.core.devices import resolve_device
     from fxslice.data import load_text, token_windows
     from fxslice.evaluation.perplexity import perplexity
     from fxslice.models.io import load
@@ -440,9 +442,12 @@ def eval_(
         from fxslice.evaluation.harness import require_lm_eval
 
         require_lm_eval()  # a missing lm-eval is said before the model loads
+    target = resolve_device(device)
     with err.status(f"loading {model_dir} ..."):
         program = load(model_dir)
-    figures: dict = {"model": str(model_dir), "parameters": program.num_parameters()}
+        if target != program.device:
+            program = program.to(target)
+    figures: dict = {"model": str(model_dir), "parameters": program.num_parameters(), "device": str(target)}
     if evaluation != "none":
         test = token_windows(program.tokenizer, load_text(evaluation), eval_length)
         test = test[:eval_windows] if eval_windows else test

@@ -95,6 +95,14 @@ def test_cli_slices_in_bfloat16_with_float64_statistics_and_saves_bfloat16(tmp_p
     assert back.dtype == torch.bfloat16 and back.cache is not None
     ppl = record["perplexity"]
     assert ppl["compressed"] < 4 * ppl["dense"]  # a trained tiny model, sliced in bf16, still reads its text
+    figures = tmp_path / "eval.json"
+    evaluated = subprocess.run([sys.executable, "-m", "fxslice.cli", "eval", str(out), "--eval-windows", "2",
+                                "--eval-length", "32", "--device", "cpu", "--output", str(figures)],
+                               capture_output=True, text=True)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    measured = json.loads(figures.read_text())
+    assert measured["device"] == "cpu"
+    assert abs(measured["perplexity"]["value"] - ppl["compressed"]) < 1e-3 * ppl["compressed"]
 
 
 @pytest.mark.parametrize(("options", "message"), [
