@@ -4,7 +4,9 @@ from torch import nn
 
 import fxslice
 from fxslice import CaptureError, capture
+from fxslice.core import relative_error
 from fxslice.core.graph import tensor_of
+from fxslice.testing import TINY_CONFIGS, lifted_float32
 
 FAMILIES = ["llama", "qwen2", "gemma3", "opt", "gpt2", "gpt_neox", "phi", "falcon", "bloom", "mixtral"]
 
@@ -46,6 +48,37 @@ def test_program_computes_in_float64_including_internal_casts(tiny):
     ids = program.probe_input()
     assert p64(ids).dtype == torch.float64
     assert torch.allclose(p64(ids).float(), program(ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_the_float64_program_equals_the_float64_model_without_float32_islands(tiny, name):
+    """HF code rounds to float32 on purpose (norms, rotary, eager softmax), in a float64 model too; with those casts
+    lifted on both sides the program equals the model to round-off, so a float64 check sees errors of 1e-12."""
+    import copy
+
+    model, program = tiny(name)
+    model = copy.deepcopy(model).double()
+    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        model.config._experts_implementation = "batched_mm"  # grouped expert matmuls have no float64 kernel
+    p64 = program.to(torch.float64)
+    ids = program.probe_input()
+    with torch.no_grad(), lifted_float32():
+        reference = model(ids, use_cache=False).logits
+    assert relative_error(p64(ids), reference) <= 1e-12
+
+
+def test_the_float32_islands_are_real_and_lifted_on_both_sides(tiny):
+    model, program = tiny("llama")
+    model = __import__("copy").deepcopy(model).double()
+    ids = program.probe_input()
+    with torch.no_grad():
+        plain = model(ids, use_cache=False).logits  # its RMSNorm rounds to float32
+        with lifted_float32():
+            lifted = model(ids, use_cache=False).logits
+            assert torch.ones(2, dtype=torch.float32).dtype == torch.float64 and lifted.dtype == torch.float64
+    p64 = program.to(torch.float64)
+    assert relative_error(plain, p64(ids)) > 1e-10  # what a float64 check would have mistaken for a pass's error
+    assert relative_error(lifted, p64(ids)) <= 1e-12
 
 
 class DataDependent(nn.Module):

@@ -107,7 +107,8 @@ def module_path(node: fx.Node) -> str:
 
 
 def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
-    """Convert floating weights to `dtype` and make every float cast or float factory produce `dtype`."""
+    """Convert floating weights to `dtype` and make every float cast, float factory and op told to compute in a float
+    dtype produce `dtype`."""
     for module in gm.modules():
         for store in (module._parameters, module._buffers):
             for name, t in list(store.items()):
@@ -122,6 +123,11 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
             continue
         if node.target in CAST_OPS:
             node.args = tuple(dtype if _is_float_dtype(a) else a for a in node.args)
+        # ops that compute in a dtype they are given (softmax(x, dim, torch.float32), sum(..., dtype=)): float islands
+        schema = getattr(node.target, "_schema", None)
+        names = [a.name for a in schema.arguments] if schema is not None else []
+        node.args = tuple(dtype if i < len(names) and names[i] == "dtype" and _is_float_dtype(a) else a
+                          for i, a in enumerate(node.args))
         if _is_float_dtype(node.kwargs.get("dtype")):
             node.kwargs = {**node.kwargs, "dtype": dtype}
     refresh_vals(gm)
