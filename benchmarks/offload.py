@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 
 import torch
@@ -65,7 +66,7 @@ def main() -> None:
         runs[mode]["perplexity"] = perplexity(program, test)
         runs[mode]["eval_seconds"] = round(time.perf_counter() - start, 1)
         programs[mode] = program
-        print(json.dumps({mode: runs[mode]}), flush=True)
+        print(json.dumps({mode: runs[mode]}), file=sys.stderr, flush=True)
     ours, theirs = (dict(programs[m].gm.named_parameters()) for m in ("on_device", "offloaded"))
     difference = max(float((ours[k].cpu() - theirs[k].cpu()).abs().max()) for k in ours)
     capped = None

@@ -73,9 +73,10 @@ class StagedRunner:
         todo = self._todo(stop)
         self.done.update(todo)
         live = {n for n in self.done if any(u not in self.done for u in n.users)}
+        keep = live | set(observers or ())
         weights = self._weights(todo)
         for env in self.envs:
-            run_nodes(self.program.gm, env, todo, weights)
+            run_nodes(self.program.gm, env, todo, weights, keep=keep)
             if observers:
                 notify(env, observers)
             for node in list(env):
@@ -96,7 +97,7 @@ class StagedRunner:
         weights = self._weights(todo)
         for env in self.envs:
             ahead = dict(env)
-            run_nodes(self.program.gm, ahead, todo, weights)
+            run_nodes(self.program.gm, ahead, todo, weights, keep=set(observers))
             notify(ahead, observers)
         all_reduce_observers(observers.values())
 

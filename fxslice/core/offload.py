@@ -11,7 +11,7 @@ backward pass does not pin every weight of the model on the device either.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -62,17 +62,25 @@ class WeightSource:
         self._copies.clear()
 
 
-def run_nodes(gm: fx.GraphModule, env: Env, nodes: Sequence[fx.Node], weights: WeightSource | None = None) -> None:
-    """Evaluate `nodes` in order into `env`, reading weights when used (they change between calibration stages)."""
+def run_nodes(gm: fx.GraphModule, env: Env, nodes: Sequence[fx.Node], weights: WeightSource | None = None,
+              keep: Collection[fx.Node] | None = None) -> None:
+    """Evaluate `nodes` in order into `env`, reading weights when used (they change between calibration stages).
+    With `keep`, a value is dropped from `env` after its last use among `nodes` unless it is in `keep`: a long
+    stretch of graph then holds the live activations only, not every intermediate of the stretch."""
     weights = weights or WeightSource(gm)
+    last_use = {n: i for i, node in enumerate(nodes) for n in node.all_input_nodes} if keep is not None else {}
 
     def value(n: fx.Node) -> Any:
         return weights(n) if n.op == "get_attr" else env[n]
 
-    for node in nodes:
+    for i, node in enumerate(nodes):
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
         env[node] = node.target(*args, **kwargs)
         weights.release()
+        if keep is not None:
+            for n in node.all_input_nodes:
+                if last_use[n] == i and n not in keep:
+                    env.pop(n, None)
 
 
 def execute(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.device) -> Any:
@@ -83,16 +91,11 @@ def execute(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.device) -> 
         raise TypeError(f"the graph takes {len(placeholders)} inputs ({', '.join(p.name for p in placeholders)}), "
                         f"got {len(inputs)}")
     env: Env = dict(zip(placeholders, inputs, strict=True))
-    order = [n for n in graph.nodes if n.op == "call_function"]
-    last_use = {n: i for i, node in enumerate(order) for n in node.all_input_nodes}
     output = next(iter(graph.find_nodes(op="output")))
     weights = WeightSource(gm, device, detach=False)
     with keep_host_weights(weights):
-        for i, node in enumerate(order):
-            run_nodes(gm, env, [node], weights)
-            for n in node.all_input_nodes:
-                if last_use.get(n) == i and n not in output.all_input_nodes and n in env:
-                    del env[n]
+        run_nodes(gm, env, [n for n in graph.nodes if n.op == "call_function"], weights,
+                  keep=set(output.all_input_nodes))
     return fx.node.map_arg(output.args[0], lambda n: weights(n) if n.op == "get_attr" else env[n])
 
 
