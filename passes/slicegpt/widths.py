@@ -86,13 +86,12 @@ class SlicedSize:
         return total
 
 
-def stream_sensitivity(program: Program, windows: torch.Tensor, *, batch_size: int = 1, tied_head: float = 1.0,
+def stream_sensitivity(program: Program, windows: torch.Tensor, *, batch_size: int = 1,
                        progress: bool = False) -> list[torch.Tensor]:
     """Per segment, the loss cost of removing each direction, in the order slicing removes them (weakest
     variance first): ½ (λ_i / N)(v_iᵀ G v_i / N) over the eigenpairs of the stream covariance there. A tied
     head's projection writes into the embedding segment's basis, so slicing that segment also projects the
-    head's input: its cost along the same directions is added there, times `tied_head` (below 1 where a correction
-    of the tied head, `CorrectTiedHead`, will restore part of what the projection loses)."""
+    head's input: its cost along the same directions is added there."""
     stream = program.analysis(stream_analysis)
     probes = [segment_probe(stream, seg) for seg in stream.segments]  # where slicing takes its basis
     embedding = next((seg.index for seg in stream.segments for w in seg.writers if w.kind == "embedding"), None)
@@ -115,7 +114,7 @@ def stream_sensitivity(program: Program, windows: torch.Tensor, *, batch_size: i
         vectors = torch.linalg.eigh(values[probe].sum)[1]  # increasing eigenvalues: the order slicing drops them in
         cost = along(vectors, probe)
         for head in tied if k == embedding else []:
-            cost = cost + tied_head * along(vectors, head)
+            cost = cost + along(vectors, head)
         costs.append(cost)
     return costs
 
