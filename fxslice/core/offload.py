@@ -2,8 +2,9 @@
 
 A model larger than the device's memory is sliced by keeping its weights where they are (the CPU) and copying
 each one to the device only for the ops that read it (`Program.offload`). Everything that runs a program goes
-through `run_nodes`: it evaluates nodes in order and reads weights through a `WeightSource`, which hands the
-weight itself when it already is on the device and a transient copy otherwise. `execute` runs a whole graph
+through `run_nodes`: it evaluates nodes in order and reads weights through a `WeightSource`, which hands out
+the weight itself for a program that is not offloaded and a transient copy on the device for one that is (a copy
+even when the device is the weights' own, so that a CPU test runs what a GPU runs). `execute` runs a whole graph
 that way, dropping every value after its last use, so a forward pass holds one weight and the live activations.
 Under gradients, `keep_host_weights` makes autograd save the host weight instead of the device copy, so a
 backward pass does not pin every weight of the model on the device either.
