@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--prune", type=float, default=0.0, help="also quantize the Surgeon's model at this target")
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--slice", type=float, default=0.0, help="also quantize SliceGPT's model at this sparsity "
-                        "(loss-aware widths, the tied head's rank-16 correction), and with --prune the Surgeon's "
+                        "(constant widths, the tied head's rank-16 correction), and with --prune the Surgeon's "
                         "pruning of it: slice -> prune -> quantize")
     parser.add_argument("--rotate", action="store_true",
                         help="also quantize each model after an exact randomized-Hadamard rotation of its stream")
@@ -67,7 +67,7 @@ def main() -> None:
     if args.slice:
         sliced = dense.clone()
         start = time.perf_counter()
-        slicegpt_recipe(sparsity=args.slice, allocation="loss_aware", head_rank=16).run(sliced, calibration=calib)
+        slicegpt_recipe(sparsity=args.slice, head_rank=16).run(sliced, calibration=calib)
         bases.append((f"slicegpt {args.slice}", sliced, time.perf_counter() - start))
         if args.prune:
             both = sliced.clone()
