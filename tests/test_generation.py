@@ -149,6 +149,7 @@ def test_a_compiled_decoding_step_generates_what_the_captured_step_generates():
         compiled_step(program.offload("cpu"))
 
 
+@pytest.mark.expensive  # two CLI runs, one compiling: 90 s; the compiled step itself is tested above
 def test_cli_generates_the_same_text_with_the_compiled_step(tiny_model_dir):
     import subprocess
     import sys
