@@ -46,6 +46,8 @@ def pruning_points(data: dict) -> list[dict]:
             continue
         name = {"surgeon": "LLM Surgeon", "lobd": "L-OBD", "kobd": "K-OBD", "slicegpt": "SliceGPT constant, tie kept, "
                 "calibrated like the Surgeon", "slicegpt+surgeon": "SliceGPT then Surgeon"}.get(row["method"], row["method"])
+        if any(stage.get("head_rank") for stage in row.get("recipe") or ()):
+            name = "SliceGPT constant, tie kept, head corrected"
         points.append({"recipe": name, "parameters": row["parameters"], "perplexity": row["perplexity"]})
         if row.get("perplexity_recovered") is not None:
             points.append({"recipe": f"{name} + recovery", "parameters": row["recovered_parameters"],
