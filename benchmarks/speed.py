@@ -31,7 +31,7 @@ from fxslice.analysis.flops import count_flops
 from fxslice.core.pass_manager import replay
 from fxslice.core.program import Program
 from fxslice.data import load_text, token_windows
-from fxslice.evaluation.generate import compiled_step
+from fxslice.evaluation.generate import decoding_step
 from fxslice.models.capture import capture_module, load_model
 from fxslice.models.kvcache import capture_cached
 from fxslice.passes.presets import prune_recipe
@@ -81,24 +81,17 @@ def _prefill(program: Program, batch: int, length: int, device: str):
 
 def _decode(program: Program, batch: int, device: str, prompt: int = 128, new: int = 128, compiled: bool = False):
     """Greedy decoding of `new` tokens after a `prompt`-token prefill; `compiled`: the steps through
-    `compiled_step` (compiled in the warm-up round, as `generate(compile=True)` does on its first step)."""
+    `decoding_step(compile=True)` (compiled in the warm-up round, as `generate(compile=True)` does on its first step)."""
     ids = torch.randint(0, program.vocab_size, (batch, prompt), device=device)
-    step = compiled_step(program) if compiled else None
+    step = decoding_step(program, compile=compiled)
     kv = program.cache.allocate(batch, prompt + new, program.dtype, torch.device(device))
-    if step is not None and kv[0].is_cuda:
-        for t in kv:
-            torch._dynamo.mark_static_address(t)
 
     def run() -> tuple[int, float]:
         token = program.step(ids, 0, kv)[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         start = time.perf_counter()
         for i in range(new):
-            if step is not None:
-                logits = step(token, torch.tensor(prompt + i, device=device), *kv)
-            else:
-                logits = program.step(token, prompt + i, kv)
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            token = step(token, prompt + i, kv)[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         return batch * new, time.perf_counter() - start
 

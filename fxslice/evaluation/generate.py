@@ -18,7 +18,10 @@ import torch
 from fxslice.core.errors import InvalidOption
 from fxslice.core.program import Program
 
-__all__ = ["generate", "compiled_step"]
+__all__ = ["generate", "decoding_step", "compiled_step"]
+
+#: one decoding step, `(input_ids, past_length, kv) -> logits`, the cache updated in place
+Step = Callable[[torch.Tensor, int, list[torch.Tensor]], torch.Tensor]
 
 
 @torch.no_grad()
@@ -39,7 +42,7 @@ def generate(
     `temperature == 0` is greedy; otherwise tokens are sampled from softmax(logits / temperature),
     restricted to the `top_k` most likely when `top_k > 0`. A row that produced `eos_token_id` is
     padded with it until every row has. `on_tokens(tokens)` sees each step's new tokens [batch].
-    `compile`: decode through `compiled_step(program)` (a KV-cache program on its weights' device).
+    `compile`: decode through `decoding_step(program, compile=True)` (a KV-cache program on its weights' device).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise InvalidOption(f"input_ids must be [batch, length] with length >= 1, got shape {tuple(input_ids.shape)}")
@@ -49,15 +52,12 @@ def generate(
     if limit and input_ids.shape[1] + max_new_tokens > limit:
         raise InvalidOption(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                             f"context of {limit} tokens")
-    step = compiled_step(program) if compile else None
+    step = decoding_step(program, compile=compile) if program.cache is not None or compile else None
     input_ids = input_ids.to(program.device)
     generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
     batch, length = input_ids.shape
     if program.cache is not None:
         kv = program.cache.allocate(batch, length + max_new_tokens, program.dtype, input_ids.device)
-        if step is not None and kv[0].is_cuda:  # CUDA graphs write the cache in place at fixed addresses
-            for t in kv:
-                torch._dynamo.mark_static_address(t)
         logits = program.step(input_ids, 0, kv)
     else:
         logits = program(input_ids)
@@ -74,12 +74,27 @@ def generate(
         if bool(finished.all()) or index == max_new_tokens - 1:
             break
         if step is not None:
-            logits = step(token[:, None], torch.tensor(length + index, device=token.device), *kv)
-        elif program.cache is not None:
-            logits = program.step(token[:, None], length + index, kv)
+            logits = step(token[:, None], length + index, kv)
         else:
             logits = program(torch.cat(out, 1))
     return torch.cat(out, 1)
+
+
+def decoding_step(program: Program, *, compile: bool = False) -> Step:  # noqa: A002 - as in generate()
+    """One decoding step `(input_ids, past_length, kv) -> logits`, as `program.step` takes it: the captured graph, or
+    with `compile` the compiled one (`compiled_step`), whose cache tensors are marked static on CUDA, where CUDA
+    graphs write into them in place at fixed addresses."""
+    if not compile:
+        return program.step
+    compiled = compiled_step(program)
+
+    def step(input_ids: torch.Tensor, past_length: int, kv: list[torch.Tensor]) -> torch.Tensor:
+        if kv[0].is_cuda:
+            for t in kv:
+                torch._dynamo.mark_static_address(t)
+        return compiled(input_ids, torch.tensor(past_length, device=input_ids.device), *kv)
+
+    return step
 
 
 def compiled_step(program: Program) -> Callable[..., Any]:
