@@ -228,6 +228,14 @@ def quantize(
     method: Annotated[str, typer.Option(help="gptq (calibrated, error-compensating) or rtn (round to nearest)")] = "gptq",
     embeddings: Annotated[int, typer.Option(min=0, help="bits of token tables, a tied head with them (0: keep float)")] = 8,
     head: Annotated[int, typer.Option(min=0, help="bits of an untied head (0: keep float)")] = 8,
+    shortcuts: Annotated[int, typer.Option(min=0, help="bits of a sliced model's shortcut matrices (0: keep float); "
+                                           "below 8 their errors compound over depth")] = 8,
+    budget_bits: Annotated[float, typer.Option(min=0, help="search a width per linear so that the whole model "
+                                               "averages this many bits per parameter (tables and scales included); "
+                                               "0: every linear at --bits")] = 0.0,
+    search: Annotated[str, typer.Option(help="with --budget-bits: mtgp (NUQ's multi-task GP), gp or random")] = "mtgp",
+    evaluations: Annotated[int, typer.Option(min=1, help="with --budget-bits: expensive (GPTQ) evaluations")] = 6,
+    log: Annotated[str, typer.Option(help="with --budget-bits: JSON-lines file of every evaluation (resumed)")] = "",
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the quantized model")] = Path("quantized"),
     calibration: CalibrationText = "wikitext2:validation",
     calib_windows: CalibWindows = 16,
@@ -241,18 +249,20 @@ def quantize(
     dtype: Dtype = "float32",
     offload: Offload = False,
 ) -> None:
-    """Quantize MODEL's weights group-wise (GPTQ or round to nearest); the saved model stores packed integers
-    and its record the bytes, scales included. A preset of `fxslice compress`: cleanup -> quantize."""
+    """Quantize MODEL's weights group-wise (GPTQ or round to nearest), every linear at --bits or, with
+    --budget-bits, at widths searched under that budget; the saved model stores packed integers and its record
+    the bytes, scales included. A preset of `fxslice compress`: cleanup -> quantize."""
     from fxslice.passes.quantize.stages import Quantize
     from fxslice.passes.rewrite.stages import Cleanup
     from fxslice.recipes import Calibration
 
     data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size)
+    searched = dict(search=search, budget_bits=budget_bits, evaluations=evaluations, log=log) if budget_bits else {}
     stage = Quantize(bits=bits, group_size=group_size, method=method, embeddings=embeddings or None, head=head or None,
-                     batch_size=batch_size)
-    recipe = Recipe((Cleanup(), stage), data if method == "gptq" else None, name=f"quantize-{method}")
+                     shortcuts=shortcuts or None, batch_size=batch_size, **searched)
+    recipe = Recipe((Cleanup(), stage), data if stage.calibrates else None, name=f"quantize-{method}")
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
-              {"bits": bits, "group_size": group_size, "method": method}, device, dtype, offload)
+              {"bits": bits, "group_size": group_size, "method": method, **searched}, device, dtype, offload)
 
 
 @app.command()

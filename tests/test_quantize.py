@@ -10,11 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxslice import InvalidOption, PassManager, capture, load
+from fxslice import InvalidOption, PassManager, Program, capture, load
+from fxslice.analysis.linears import weight_kinds
 from fxslice.core.quantized import BITS, QuantizedWeight, pack_bits, unpack_bits
 from fxslice.models.io import save
 from fxslice.passes.quantize import QuantizeWeights, gptq
 from fxslice.passes.quantize.stages import Quantize
+from fxslice.passes.rewrite.stages import Cleanup
+from fxslice.passes.slicegpt.stages import SliceGPT
+from fxslice.recipes import Recipe
 from fxslice.testing import arithmetic_sequences
 
 
@@ -158,6 +162,23 @@ def test_cli_quantize_saves_packed_weights_that_reload_and_generate(tmp_path, ti
     assert generated.returncode == 0, generated.stderr[-2000:]
 
 
+def test_cli_quantize_searches_widths_under_a_byte_budget(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    out, log = tmp_path / "mixed", tmp_path / "search.jsonl"
+    cmd = [sys.executable, "-m", "fxslice.cli", "quantize", str(tiny_model_dir("llama")), "--budget-bits", "5.5",
+           "--evaluations", "2", "--group-size", "16", "--calib-windows", "4", "--calib-length", "32",
+           "--eval-windows", "2", "--eval-length", "32", "--log", str(log), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "fxslice.json").read_text())["stages"][1]["report"]
+    assert report["search"]["budget_bits"] == 5.5 and 0 < report["bits_per_parameter"] <= 5.5
+    assert sum(e["task"] == 1 for e in report["search"]["evaluations"]) == 2
+    assert len(log.read_text().splitlines()) == 1 + len(report["search"]["evaluations"])  # header, then each one
+    assert load(out).num_bytes() == report["bytes"]
+
+
 def test_a_weight_changed_after_quantizing_is_not_saved_as_its_stale_integers(tiny, tmp_path):
     from fxslice.core.graph import set_tensor, tensor_of
 
@@ -225,3 +246,35 @@ def test_a_hadamard_rotation_before_quantizing_is_exact_and_adds_no_shortcut(tin
     assert any(role_of(n) == SHORTCUT for n in rotated.graph.nodes)  # (a matrix per segment pays shortcuts)
     with pytest.raises(InvalidOption, match="hadamard"):
         Rotate(rotation="haar")
+
+
+def _sliced(counting) -> Program:
+    sliced = counting.clone()
+    Recipe((Cleanup(), SliceGPT(sparsity=0.25))).run(sliced, calibration=arithmetic_sequences(16, seed=1000))
+    return sliced
+
+
+def test_a_slicings_shortcut_matrices_keep_their_own_width(counting):
+    sliced = _sliced(counting)
+    kinds = weight_kinds(sliced)
+    body = set(kinds.linears) - kinds.shortcuts
+    assert kinds.shortcuts and body and kinds.shortcuts <= set(kinds.linears)
+    assert not weight_kinds(counting).shortcuts
+    test = arithmetic_sequences(32, seed=2000)
+    losses = {}
+    for shortcuts in (None, 8, 2):
+        program = sliced.clone()
+        PassManager([QuantizeWeights(4, group_size=16, shortcuts=shortcuts, embeddings=None, head=None)]).run(program)
+        widths = {n: q.bits for n, q in program.quantized.items()}
+        assert {widths[n] for n in body} == {4}
+        assert {widths.get(n) for n in kinds.shortcuts} == {shortcuts}
+        logits = program(test)[:, :-1]
+        losses[shortcuts] = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                    test[:, 1:].reshape(-1)))
+    # 8-bit shortcuts cost almost nothing next to float ones; 2-bit ones (rounded like the body) cost much more
+    assert abs(losses[8] - losses[None]) < 0.25 * abs(losses[2] - losses[None]), losses
+    named = sorted(kinds.shortcuts)[0]  # a width given by name wins
+    program = sliced.clone()
+    PassManager([QuantizeWeights({named: 3}, group_size=16, embeddings=None, head=None)]).run(program)
+    assert program.quantized[named].bits == 3
+    assert {program.quantized[n].bits for n in kinds.shortcuts - {named}} == {8}

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxslice import InvalidOption, PassManager
+from fxslice.analysis.linears import weight_kinds
 from fxslice.core.quantized import BITS
 from fxslice.passes.quantize import QuantizeWeights
 from fxslice.passes.quantize.allocation import BitAllocation
@@ -77,6 +78,32 @@ def test_the_byte_count_of_a_point_is_what_quantizing_gives(tiny_programs, x):
     allocation = BitAllocation.of(program, group_size=16, embeddings=8, head=None)
     PassManager([QuantizeWeights(allocation.widths(x), group_size=16, embeddings=8, head=None)]).run(program)
     assert program.num_bytes() == allocation.nbytes(x)
+
+
+@pytest.fixture(scope="module")
+def sliced_llama():
+    from fxslice import capture
+    from fxslice.passes.rewrite.stages import Cleanup
+    from fxslice.passes.slicegpt.stages import SliceGPT
+    from fxslice.testing import tiny_causal_lm
+
+    program = capture(tiny_causal_lm("llama"))
+    Recipe((Cleanup(), SliceGPT(sparsity=0.25))).run(program, calibration=arithmetic_sequences(8, seed=3))
+    return program
+
+
+@pytest.mark.parametrize("shortcuts", [8, None])
+def test_a_sliced_models_shortcuts_are_not_searched_but_counted(sliced_llama, shortcuts):
+    program = sliced_llama.clone()
+    allocation = BitAllocation.of(program, group_size=16, embeddings=8, head=8, shortcuts=shortcuts)
+    kinds = weight_kinds(program)
+    assert kinds.shortcuts and not kinds.shortcuts & set(allocation.names)
+    assert set(allocation.names) | kinds.shortcuts == set(kinds.linears)
+    x = [0.1, 0.9, 0.6, 0.3]
+    PassManager([QuantizeWeights(allocation.widths(x), group_size=16, embeddings=8, head=8,
+                                 shortcuts=shortcuts)]).run(program)
+    assert program.num_bytes() == allocation.nbytes(x)
+    assert {program.quantized[n].bits if n in program.quantized else None for n in kinds.shortcuts} == {shortcuts}
 
 
 def test_uniform_points_and_roles(tiny):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from torch import fx
 
 from fxslice.analysis.matchers import LinearUse, match_embedding, match_linear, value_of
+from fxslice.analysis.roles import SHORTCUT
+from fxslice.core.graph import role_of
 from fxslice.core.program import Program
 
 __all__ = ["WeightKinds", "weight_kinds"]
@@ -17,13 +19,16 @@ __all__ = ["WeightKinds", "weight_kinds"]
 class WeightKinds:
     """`linears`: per 2-D weight of the body, the linears that read it (a weight read twice is listed once);
     `head`: the weight of the linear that makes the logits (None if there is none, or it is a tied table);
-    `tables`: what embedding lookups read (a tied head's weight among them). Batched expert weights (3-D) are
-    in none of these."""
+    `tables`: what embedding lookups read (a tied head's weight among them); `shortcuts`: the linears among
+    `linears` that a slicing inserted to change the stream's basis between segments (role `SHORTCUT`): every
+    token's residual passes through all of them in turn, so their errors compound over depth. Batched expert
+    weights (3-D) are in none of these."""
 
     linears: dict[str, list[LinearUse]]
     head: str | None
     head_uses: list[LinearUse]
     tables: frozenset[str]
+    shortcuts: frozenset[str] = frozenset()
 
 
 def _logits_linear(program: Program) -> LinearUse | None:
@@ -50,9 +55,10 @@ def weight_kinds(program: Program, *, skip_role: str | None = None) -> WeightKin
     head = None if logits is None else str(logits.weight.target)
     linears: dict[str, list[LinearUse]] = {}
     head_uses: list[LinearUse] = []
+    shortcuts: set[str] = set()
     for node in program.graph.nodes:
         use = match_linear(gm, node)
-        if use is None or (skip_role and any(n.meta.get("fxslice_role") == skip_role for n in (node, use.input))):
+        if use is None or (skip_role and any(role_of(n) == skip_role for n in (node, use.input))):
             continue
         weight = value_of(use.weight)
         target = str(use.weight.target)
@@ -62,4 +68,6 @@ def weight_kinds(program: Program, *, skip_role: str | None = None) -> WeightKin
             head_uses.append(use)
         else:
             linears.setdefault(target, []).append(use)
-    return WeightKinds(linears, head if head not in tables else None, head_uses, tables)
+            if role_of(node) == SHORTCUT:
+                shortcuts.add(target)
+    return WeightKinds(linears, head if head not in tables else None, head_uses, tables, frozenset(shortcuts))

@@ -26,17 +26,21 @@ class BitAllocation:
     depth: tuple[float, ...]
     roles: tuple[str, ...]  # "attention" or "mlp"
     shapes: tuple[tuple[int, int], ...]  # each matrix's [out, in]
-    fixed_bytes: int  # everything the allocation does not decide (tables at their own width, norms, biases)
+    fixed_bytes: int  # everything the allocation does not decide (tables, head, shortcuts at their widths; norms)
     group_size: int
     choices: tuple[int, ...] = BITS
 
     dim = 4  # (attention start, attention end, MLP start, MLP end)
 
     @classmethod
-    def of(cls, program: Program, *, group_size: int, embeddings: int | None, head: int | None) -> BitAllocation:
+    def of(cls, program: Program, *, group_size: int, embeddings: int | None, head: int | None,
+           shortcuts: int | None = 8) -> BitAllocation:
+        """The body's linears, in execution order; tables, an untied head and a slicing's shortcut matrices
+        keep the widths given here (`QuantizeWeights`' own options), in `fixed_bytes`."""
         kinds = program.analysis(weight_kinds)
         order = {n: i for i, n in enumerate(program.graph.nodes)}
-        names = sorted(kinds.linears, key=lambda w: order[kinds.linears[w][0].node])
+        names = sorted((w for w in kinds.linears if w not in kinds.shortcuts),
+                       key=lambda w: order[kinds.linears[w][0].node])
         try:
             attention = {u.weight for g in program.analysis(group_analysis).by_kind("heads") for u in g.units}
         except UnsupportedStructure:
@@ -53,7 +57,8 @@ class BitAllocation:
                 continue
             seen.add(target)
             w = tensor_of(program.gm, target)
-            width = embeddings if target in kinds.tables else head if target == kinds.head else None
+            width = (embeddings if target in kinds.tables else head if target == kinds.head
+                     else shortcuts if target in kinds.shortcuts else None)
             fixed += packed_nbytes(tuple(w.shape), width, group_size) if width and w.dim() == 2 else w.numel() * w.element_size()
         depth = [i / max(1, len(names) - 1) for i in range(len(names))]
         return cls(tuple(names), tuple(depth), tuple("attention" if n in attention else "mlp" for n in names),

@@ -36,7 +36,7 @@ SEARCHES = ("mtgp", "gp", "random")
 
 
 def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: float, group_size: int,
-                      embeddings: int | None, head: int | None, search: str = "mtgp", evaluations: int = 6,
+                      embeddings: int | None, head: int | None, shortcuts: int | None = 8, search: str = "mtgp", evaluations: int = 6,
                       expensive_every: int = 4, cheap_windows: int = 4, seed: int = 0, log: str | Path | None = None,
                       fill: float = 0.95, progress: bool = False) -> tuple[dict[str, int], SearchResult, BitAllocation]:
     """Widths per linear that keep the whole model within `budget_bits` per parameter on average (tables,
@@ -47,7 +47,8 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
     point far below the budget leaves bytes unspent that some linear could have used."""
     if search not in SEARCHES:
         raise InvalidOption(f"quantize: search must be one of {SEARCHES}, got {search!r}")
-    allocation = BitAllocation.of(program, group_size=group_size, embeddings=embeddings, head=head)
+    allocation = BitAllocation.of(program, group_size=group_size, embeddings=embeddings, head=head,
+                                  shortcuts=shortcuts)
     budget = budget_bits * program.num_parameters() / 8
     smallest = allocation.nbytes([0.0] * allocation.dim)
     if smallest > budget:
@@ -55,8 +56,9 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
                             f"({8 * smallest / program.num_parameters():.2f} with every linear at "
                             f"{allocation.choices[0]} bits and tables at {embeddings}); raise the budget or lower "
                             "--embeddings")
-    untied = program.analysis(weight_kinds).head
-    observed = [*allocation.names, *([untied] if head and untied else [])]
+    kinds = program.analysis(weight_kinds)
+    observed = [*allocation.names, *([kinds.head] if head and kinds.head else []),
+                *(sorted(kinds.shortcuts) if shortcuts else [])]
     statistics = linear_statistics(program, windows, linears=observed, progress=progress)
     cheap = windows[: max(1, cheap_windows)]
     batches = {0: list(cheap.split(1)), 1: list(windows.split(1))}
@@ -66,7 +68,7 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
         widths = allocation.widths(x)
         method = "gptq" if task == EXPENSIVE else "rtn"
         PassManager([QuantizeWeights(widths, group_size=group_size, method=method, statistics=statistics,
-                                     embeddings=embeddings, head=head)]).run(candidate)
+                                     embeddings=embeddings, head=head, shortcuts=shortcuts)]).run(candidate)
         nbytes = candidate.num_bytes()
         return -mean_loss(candidate, batches[task]), {
             "bytes": nbytes, "bits_per_parameter": round(8 * nbytes / candidate.num_parameters(), 4),

@@ -17,9 +17,10 @@ __all__ = ["Quantize"]
 @dataclass(frozen=True, kw_only=True)
 class Quantize(Stage):
     """Every linear of the body to `bits` (group-wise, `group_size` columns per scale) by `method`; token tables
-    (a tied head with them) to `embeddings` bits and an untied head to `head` bits (None: left in float). The
-    saved model stores packed integers; its record gives the bytes, scales included. With `search`, the widths
-    come from a search under `budget_bits` (NUQ's multi-task GP, or a baseline), see `passes/quantize/mixed.py`."""
+    (a tied head with them) to `embeddings` bits, an untied head to `head` bits and a slicing's shortcut
+    matrices to `shortcuts` bits (None: left in float). The saved model stores packed integers; its record gives
+    the bytes, scales included. With `search`, the widths come from a search under `budget_bits` (NUQ's
+    multi-task GP, or a baseline), see `passes/quantize/mixed.py`."""
 
     kind = "quantize"
     needs = frozenset({CAPTURED})
@@ -31,6 +32,7 @@ class Quantize(Stage):
     method: str = "gptq"
     embeddings: int | None = 8
     head: int | None = 8
+    shortcuts: int | None = 8  # a slicing's basis changes between segments: errors there compound over depth
     damp: float = 0.01
     act_order: bool = True  # GPTQ in order of input energy: 3-bit SmolLM2 is worse than RTN without it
     batch_size: int = 1
@@ -46,7 +48,7 @@ class Quantize(Stage):
     def __post_init__(self) -> None:
         if self.method not in QUANTIZERS:
             raise InvalidOption(f"quantize: method must be one of {QUANTIZERS}, got {self.method!r}")
-        for width in (self.bits, *(b for b in (self.embeddings, self.head) if b is not None)):
+        for width in (self.bits, *(b for b in (self.embeddings, self.head, self.shortcuts) if b is not None)):
             check_format(width, self.group_size)
         if self.search not in ("none", *SEARCHES):
             raise InvalidOption(f"quantize: search must be 'none' or one of {SEARCHES}, got {self.search!r}")
@@ -67,11 +69,12 @@ class Quantize(Stage):
         if self.search != "none":
             bits, search, allocation = search_allocation(
                 program, windows, budget_bits=self.budget_bits, group_size=self.group_size,
-                embeddings=self.embeddings, head=self.head, search=self.search, evaluations=self.evaluations,
+                embeddings=self.embeddings, head=self.head, shortcuts=self.shortcuts, search=self.search, evaluations=self.evaluations,
                 expensive_every=self.expensive_every, cheap_windows=self.cheap_windows, seed=self.seed,
                 log=self.log or None, progress=context.progress)
         quantize = QuantizeWeights(bits, group_size=self.group_size, method=self.method, windows=windows,
-                                   embeddings=self.embeddings, head=self.head, damp=self.damp,
+                                   embeddings=self.embeddings, head=self.head, shortcuts=self.shortcuts,
+                                   damp=self.damp,
                                    act_order=self.act_order,
                                    batch_size=self.batch_size, progress=context.progress)
         result = self.run_passes(program, [quantize], context)
