@@ -235,6 +235,8 @@ def quantize(
                                                "0: every linear at --bits")] = 0.0,
     search: Annotated[str, typer.Option(help="with --budget-bits: mtgp (NUQ's multi-task GP), gp or random")] = "mtgp",
     evaluations: Annotated[int, typer.Option(min=1, help="with --budget-bits: expensive (GPTQ) evaluations")] = 6,
+    spread: Annotated[int, typer.Option(min=1, help="with --budget-bits: widths searched either side of the widest "
+                                        "uniform width the budget affords")] = 1,
     log: Annotated[str, typer.Option(help="with --budget-bits: JSON-lines file of every evaluation (resumed)")] = "",
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the quantized model")] = Path("quantized"),
     calibration: CalibrationText = "wikitext2:validation",
@@ -257,7 +259,8 @@ def quantize(
     from fxslice.recipes import Calibration
 
     data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size)
-    searched = dict(search=search, budget_bits=budget_bits, evaluations=evaluations, log=log) if budget_bits else {}
+    searched = (dict(search=search, budget_bits=budget_bits, evaluations=evaluations, spread=spread, log=log)
+                if budget_bits else {})
     stage = Quantize(bits=bits, group_size=group_size, method=method, embeddings=embeddings or None, head=head or None,
                      shortcuts=shortcuts or None, batch_size=batch_size, **searched)
     recipe = Recipe((Cleanup(), stage), data if stage.calibrates else None, name=f"quantize-{method}")

@@ -126,18 +126,22 @@ def test_a_budget_below_the_smallest_model_is_refused(tiny):
         Quantize(search="mtgp")
 
 
-@pytest.mark.parametrize("search", ["mtgp", "gp", "random"])
-def test_every_search_starts_from_the_uniform_allocation_and_spends_its_budget(tiny, search):
+@pytest.mark.parametrize(("search", "spread", "widths"), [("mtgp", 1, (3, 4, 5)), ("gp", 1, (3, 4, 5)),
+                                                        ("random", 1, (3, 4, 5)), ("mtgp", 6, BITS)])
+def test_every_search_starts_from_the_uniform_allocation_and_spends_its_budget(tiny, search, spread, widths):
     from fxslice.passes.quantize.mixed import search_allocation
 
     _, program = tiny("llama")
-    allocation = BitAllocation.of(program, group_size=16, embeddings=8, head=None)
-    budget_bits = 8 * allocation.nbytes(allocation.uniform(4)) / program.num_parameters() + 0.3
+    full = BitAllocation.of(program, group_size=16, embeddings=8, head=None)
+    budget_bits = 8 * full.nbytes(full.uniform(4)) / program.num_parameters() + 0.3
     budget = budget_bits * program.num_parameters() / 8
-    _, result, _ = search_allocation(program, arithmetic_sequences(2, seed=1), budget_bits=budget_bits, group_size=16,
-                                     embeddings=8, head=None, search=search, evaluations=3, expensive_every=2,
-                                     cheap_windows=1)
+    chosen, result, allocation = search_allocation(
+        program, arithmetic_sequences(2, seed=1), budget_bits=budget_bits, group_size=16, embeddings=8, head=None,
+        search=search, evaluations=3, expensive_every=2, cheap_windows=1, spread=spread)
+    assert allocation.choices == widths  # the widest uniform width that fits, and `spread` either side
     assert result.expensive[0].x == pytest.approx(allocation.uniform(4))  # the widest uniform point that fits
     others = [e for e in result.evaluations if e is not result.expensive[0]]
     assert others and all(0.95 * budget <= allocation.nbytes(e.x) <= budget for e in others)
+    assert all(set(allocation.widths(e.x).values()) <= set(widths) for e in result.evaluations)
     assert 0.95 * budget <= allocation.nbytes(result.best) <= budget or result.best == result.expensive[0].x
+    assert set(chosen.values()) <= set(widths)

@@ -3,13 +3,14 @@
 Every linear of the body sits at a depth `t` in [0, 1] (its position in the graph's execution order among the
 body's linears: no layer names needed) and has a role — attention (its rows or columns belong to head groups) or
 MLP (everything else). A point `x` in [0, 1]^4 gives two straight lines over depth, one per role (start, end),
-and a linear's level `f(t)` picks its width from `BITS` (NUQ's `BezierLinear`, once per role). The model's size
+and a linear's level `f(t)` picks its width from `choices` (NUQ's `BezierLinear`, once per role; all of `BITS`,
+or a few widths around the one a budget affords: `around`). The model's size
 in bytes is known exactly for every `x` without quantizing anything, so a byte budget is a constraint on `x`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fxslice import Program, UnsupportedStructure
 from fxslice.analysis.groups import group_analysis
@@ -63,6 +64,11 @@ class BitAllocation:
         depth = [i / max(1, len(names) - 1) for i in range(len(names))]
         return cls(tuple(names), tuple(depth), tuple("attention" if n in attention else "mlp" for n in names),
                    tuple(shapes), fixed, group_size)
+
+    def around(self, bits: int, spread: int) -> BitAllocation:
+        """The same space with each linear choosing among `bits` and `spread` widths either side of it."""
+        at = self.choices.index(bits)
+        return replace(self, choices=self.choices[max(0, at - spread): at + spread + 1])
 
     def widths(self, x: list[float]) -> dict[str, int]:
         """Bits per linear at the point `x`."""

@@ -42,6 +42,7 @@ class Quantize(Stage):
     evaluations: int = 6  # expensive (GPTQ) evaluations
     expensive_every: int = 4  # one expensive evaluation after every expensive_every - 1 cheap ones (mtgp)
     cheap_windows: int = 4  # calibration windows the cheap (RTN) task is scored on
+    spread: int = 1  # linears choose among the widest uniform width within the budget and `spread` widths either side
     seed: int = 0
     log: str = ""  # JSON-lines file of every evaluation; an existing one is resumed (mtgp)
 
@@ -55,7 +56,7 @@ class Quantize(Stage):
         if self.search != "none" and (self.budget_bits is None or not 0 < self.budget_bits < 32):
             raise InvalidOption(f"quantize: a search needs budget_bits (average bits per parameter, e.g. 4.0), got "
                                 f"{self.budget_bits!r}")
-        self.require_positive_ints("batch_size", *(("evaluations", "expensive_every", "cheap_windows")
+        self.require_positive_ints("batch_size", *(("evaluations", "expensive_every", "cheap_windows", "spread")
                                                    if self.search != "none" else ()))
 
     @property
@@ -71,6 +72,7 @@ class Quantize(Stage):
                 program, windows, budget_bits=self.budget_bits, group_size=self.group_size,
                 embeddings=self.embeddings, head=self.head, shortcuts=self.shortcuts, search=self.search, evaluations=self.evaluations,
                 expensive_every=self.expensive_every, cheap_windows=self.cheap_windows, seed=self.seed,
+                spread=self.spread,
                 log=self.log or None, progress=context.progress)
         quantize = QuantizeWeights(bits, group_size=self.group_size, method=self.method, windows=windows,
                                    embeddings=self.embeddings, head=self.head, shortcuts=self.shortcuts,
@@ -83,6 +85,6 @@ class Quantize(Stage):
                          "bits_per_parameter": round(8 * program.num_bytes() / params, 4),
                          "weights": {name: q.bits for name, q in program.quantized.items()}}
         if search is not None:
-            result.report["search"] = {**search.to_dict(), "budget_bits": self.budget_bits,
+            result.report["search"] = {**search.to_dict(), "budget_bits": self.budget_bits, "widths": list(allocation.choices),
                                        "depth_roles": list(zip(allocation.depth, allocation.roles, strict=True))}
         return result
