@@ -17,7 +17,7 @@ from fxslice.models.io import save
 from fxslice.passes.quantize import QuantizeWeights, gptq
 from fxslice.passes.quantize.stages import Quantize
 from fxslice.passes.rewrite.stages import Cleanup
-from fxslice.passes.slicegpt.stages import SliceGPT
+from fxslice.passes.slicegpt.stages import Rotate, SliceGPT
 from fxslice.recipes import Recipe
 from fxslice.testing import arithmetic_sequences
 
@@ -224,9 +224,6 @@ def test_a_hadamard_rotation_before_quantizing_is_exact_and_adds_no_shortcut(tin
     from fxslice.core import relative_error
     from fxslice.core.graph import role_of
     from fxslice.passes.rewrite.stages import Cleanup
-    from fxslice.passes.slicegpt.stages import Rotate
-    from fxslice.recipes import Recipe
-
     _, program = tiny(name)
     program = program.to(torch.float64)
     ids = program.probe_input()
@@ -278,3 +275,26 @@ def test_a_slicings_shortcut_matrices_keep_their_own_width(counting):
     PassManager([QuantizeWeights({named: 3}, group_size=16, embeddings=None, head=None)]).run(program)
     assert program.quantized[named].bits == 3
     assert {program.quantized[n].bits for n in kinds.shortcuts - {named}} == {8}
+
+
+@pytest.mark.parametrize("allocation", ["constant", "loss_aware"])
+def test_a_hadamard_rotation_after_slicing_is_exact_and_adds_nothing(allocation):
+    """What a sliced model needs before it is quantized (its principal bases pile the energy into a few
+    coordinates): the Hadamard runs after SliceGPT, on segments of equal or different widths; a random rotation
+    there is refused."""
+    from fxslice.core import relative_error
+    from fxslice.testing import tiny_causal_lm
+
+    program = capture(tiny_causal_lm("llama-tied")).to(torch.float64)
+    recipe = (Cleanup(), SliceGPT(sparsity=0.25, allocation=allocation, head_rank=4))
+    Recipe(recipe).run(program, calibration=arithmetic_sequences(8, seed=3))
+    ids = program.probe_input()
+    before, size = program(ids), program.num_parameters()
+    shortcuts = weight_kinds(program).shortcuts
+    Recipe((*recipe, Rotate(rotation="hadamard"), Quantize(bits=4, method="rtn"))).validate()
+    result = Recipe((Rotate(rotation="hadamard"),), start=("captured", "clean", "sliced")).run(program)
+    assert any(record.modified for record in result.stages[0][1].records)
+    assert relative_error(program(ids), before) < 1e-12
+    assert program.num_parameters() == size and weight_kinds(program).shortcuts == shortcuts
+    with pytest.raises(InvalidOption, match="already sliced"):
+        Recipe((*recipe, Rotate(rotation="random")))

@@ -92,6 +92,11 @@ class Segment:
         return self.nodes + self.normed
 
     @property
+    def width(self) -> int:
+        """The dimension of this segment's basis (segments differ once a slicing gave them their own widths)."""
+        return int(_last_dim(self.nodes[0]))
+
+    @property
     def module(self) -> str:
         first = self.norms[0].input if self.norms else self.nodes[0]
         return module_path(self.norms[0].normalized) if self.norms else module_path(first)

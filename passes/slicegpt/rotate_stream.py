@@ -45,11 +45,11 @@ class RotateStream(Pass):
         stream = program.analysis(stream_analysis)
         qs = []
         for seg in stream.segments:
-            q = self.rotations(seg, stream.width) if callable(self.rotations) else self.rotations[seg.index]
+            q = self.rotations(seg, seg.width) if callable(self.rotations) else self.rotations[seg.index]
             q = torch.as_tensor(q, dtype=torch.float64)
-            if q.shape != (stream.width, stream.width) or orthogonality_error(q) > self.tol:
+            if q.shape != (seg.width, seg.width) or orthogonality_error(q) > self.tol:
                 raise InvalidOption(f"rotation for segment {seg.index} is not an orthogonal "
-                                    f"{stream.width}x{stream.width} matrix (shape {tuple(q.shape)})")
+                                    f"{seg.width}x{seg.width} matrix (shape {tuple(q.shape)})")
             qs.append(q)
         if not callable(self.rotations) and len(self.rotations) != len(qs):
             raise InvalidOption(f"got {len(self.rotations)} rotations for {len(qs)} segments")
@@ -59,8 +59,7 @@ class RotateStream(Pass):
         gm = program.gm
         stream = program.analysis(stream_analysis)
         qs = self.matrices = self._matrices(program)
-        eye = torch.eye(stream.width, dtype=torch.float64)
-        moved = [not torch.equal(q, eye) for q in qs]  # an identity leaves its segment's weights as they are
+        moved = [not torch.equal(q, torch.eye(len(q), dtype=q.dtype)) for q in qs]  # an identity changes nothing
         for seg, q, m in zip(stream.segments, qs, moved, strict=True):
             if m:  # a table tied to a head behind a projection is changed once, for both: the tie survives
                 change_basis(gm, seg, q, done=change_tied_tables(gm, seg, q))
