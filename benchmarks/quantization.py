@@ -3,7 +3,7 @@ JSON object.
 
     python benchmarks/quantization.py [--bits 8,4,3] [--methods rtn,gptq] [--group-size 64] [--embeddings 8]
                                       [--calib-windows 16] [--calib-length 512] [--eval-windows 8]
-                                      [--prune 0.166 --shots 4] [--slice 0.25] [--rotate]
+                                      [--prune 0.166 --shots 4] [--slice 0.25] [--rotate] [--no-dense]
                                       [--search mtgp,gp,random --budget-bits 4.0 --evaluations 6 --seeds 0]
 
 Bytes are the weights as stored (packed integers, float16 scales and zero points, float tensors in float32, the
@@ -51,6 +51,8 @@ def main() -> None:
                         "pruning of it: slice -> prune -> quantize")
     parser.add_argument("--rotate", action="store_true",
                         help="also quantize each model after an exact randomized-Hadamard rotation of its stream")
+    parser.add_argument("--no-dense", action="store_true", help="quantize only the sliced / pruned models (the dense "
+                        "float row stays, as the reference)")
     parser.add_argument("--search", default="", help="searches to compare: mtgp,gp,random")
     parser.add_argument("--budget-bits", type=float, default=0.0, help="0: uniform 4-bit GPTQ's bits per parameter")
     parser.add_argument("--evaluations", type=int, default=6, help="expensive evaluations per search")
@@ -76,6 +78,8 @@ def main() -> None:
             bases.append((f"slicegpt {args.slice} + surgeon {args.prune}", both, time.perf_counter() - start))
     if args.rotate:
         for base_name, base, _ in list(bases):
+            if args.no_dense and base is dense:
+                continue
             rotated = base.clone()
             start = time.perf_counter()
             Recipe((Cleanup(), Rotate(rotation="hadamard"))).run(rotated)
@@ -83,6 +87,8 @@ def main() -> None:
     rows = []
     for base_name, base, seconds in bases:
         rows.append(_row(base_name, "float32", base, test, seconds, dense))
+        if args.no_dense and base is dense:
+            continue
         for bits in (int(b) for b in args.bits.split(",") if b):
             for method in (m for m in args.methods.split(",") if m):
                 program = base.clone()
