@@ -238,6 +238,8 @@ def quantize(
     spread: Annotated[int, typer.Option(min=1, help="with --budget-bits: widths searched either side of the widest "
                                         "uniform width the budget affords")] = 1,
     log: Annotated[str, typer.Option(help="with --budget-bits: JSON-lines file of every evaluation (resumed)")] = "",
+    rotate: Annotated[bool, typer.Option(help="first an exact randomized-Hadamard rotation of the stream (QuaRot); "
+                                         "helps GPTQ, and a sliced model needs it")] = False,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the quantized model")] = Path("quantized"),
     calibration: CalibrationText = "wikitext2:validation",
     calib_windows: CalibWindows = 16,
@@ -256,6 +258,7 @@ def quantize(
     the bytes, scales included. A preset of `fxslice compress`: cleanup -> quantize."""
     from fxslice.passes.quantize.stages import Quantize
     from fxslice.passes.rewrite.stages import Cleanup
+    from fxslice.passes.slicegpt.stages import Rotate
     from fxslice.recipes import Calibration
 
     data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size)
@@ -263,9 +266,10 @@ def quantize(
                 if budget_bits else {})
     stage = Quantize(bits=bits, group_size=group_size, method=method, embeddings=embeddings or None, head=head or None,
                      shortcuts=shortcuts or None, batch_size=batch_size, **searched)
-    recipe = Recipe((Cleanup(), stage), data if stage.calibrates else None, name=f"quantize-{method}")
+    stages = (Cleanup(), *([Rotate(rotation="hadamard")] if rotate else []), stage)
+    recipe = Recipe(stages, data if stage.calibrates else None, name=f"quantize-{method}")
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
-              {"bits": bits, "group_size": group_size, "method": method, **searched}, device, dtype, offload)
+              {"bits": bits, "group_size": group_size, "method": method, "rotate": rotate, **searched}, device, dtype, offload)
 
 
 @app.command()
