@@ -224,3 +224,19 @@ def test_the_prune_recover_quantize_example_runs_and_shrinks_bytes(tiny):
     assert result.parameters < 0.9 * result.dense_parameters
     assert program.num_bytes() < dense_bytes / 4 and program.quantized
     assert len(result.stages[2][1].report["losses"]) == 3
+
+
+def test_the_slice_rotate_quantize_example_keeps_shortcuts_at_8_bits(tiny):
+    from fxslice.analysis.linears import weight_kinds
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "examples" / "slice-quantize.yaml")
+    assert [s.kind for s in recipe.stages] == ["cleanup", "slicegpt", "rotate", "quantize"]
+    stages = tuple(dataclasses.replace(s, head_rank=4) if s.kind == "slicegpt" else s for s in recipe.stages)
+    _, program = tiny("llama-tied")
+    dense_bytes = program.num_bytes()
+    Recipe(stages).run(program, calibration=CALIBRATION)
+    kinds = weight_kinds(program)
+    assert kinds.shortcuts and {program.quantized[n].bits for n in kinds.shortcuts} == {8}
+    assert {program.quantized[n].bits for n in set(kinds.linears) - kinds.shortcuts} == {4}
+    assert program.num_bytes() < dense_bytes / 3
