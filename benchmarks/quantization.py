@@ -59,6 +59,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--plot", default="quantization-search.png")
     args = parser.parse_args()
+    if args.search and args.plot:
+        try:  # found now, not after an hour of searching
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install -e '.[bench]' (or --plot '')")
     dense, calib, test = smollm2_and_windows(args.calib_windows, args.calib_length, args.eval_windows)
     bases = [("dense", dense, 0.0)]
     if args.prune:
