@@ -32,8 +32,9 @@ class QuantizeWeights(Pass):
     inserted between segments (a name given in `bits` wins); None leaves that kind in float. Shortcuts get their
     own width because every token's residual passes through all of them in turn: at 4 bits their errors
     compound over depth (SmolLM2 sliced by 25 %: perplexity 123 in float, 1,485 with only its 60 shortcuts at 4
-    bits; the rest at 4 bits: 163 with the shortcuts in float, 168 with them at 8). `method`: "rtn" (round to nearest) or "gptq" (needs calibration `windows`; tables are always
-    rounded: no Hessian covers both their uses). Weights already quantized are left as they are."""
+    bits; the rest at 4 bits: 163 with the shortcuts in float, 168 with them at 8). `method`: "rtn" (round to
+    nearest) or "gptq" (needs calibration `windows`; tables are always rounded: no Hessian covers both their uses).
+    Weights already quantized are left as they are."""
 
     name = "quantize_weights"
     exact = False
