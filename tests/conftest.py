@@ -1,12 +1,19 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
 
 from fxslice import PassManager, Program, capture
 from fxslice.testing import tiny_causal_lm
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each xdist worker gets one core's worth of threads (the CLI subprocesses inherit it): two workers each running
+    # a two-thread pool on two cores spend their time contending, not computing.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @functools.cache
