@@ -50,9 +50,21 @@ def test_only_feasible_points_are_evaluated_or_chosen():
         return x[0] <= 0.5  # the optimum is outside: the answer must sit on the boundary
 
     calls: dict[int, int] = {}
-    result = multitask_search(two_tasks(calls), 2, expensive=2, expensive_every=3, seed=1, feasible=feasible)
+    result = multitask_search(two_tasks(calls), 2, expensive=3, expensive_every=3, seed=1, feasible=feasible)
     assert all(e.x[0] <= 0.5 for e in result.evaluations) and result.best[0] <= 0.5
     assert result.best[0] > 0.35
+
+
+@pytest.mark.parametrize("search", [multitask_search, single_task_search, random_search])
+def test_the_answer_is_the_best_point_the_expensive_task_has_seen(search):
+    """A GP's optimum that no expensive evaluation has confirmed is not an answer: with a few evaluations of a
+    step function (whole bits) it is a guess. The model's best guess gets the last expensive evaluation instead."""
+    options = {"expensive_every": 3} if search is multitask_search else {}
+    result = search(two_tasks({}), 2, expensive=4, seed=2, **options)
+    seen = result.expensive
+    assert len(seen) == 4 and len({tuple(e.x) for e in seen}) == 4  # the last step never repeats a seen point
+    best = max(seen, key=lambda e: e.value)
+    assert result.best == best.x and result.predicted == best.value
 
 
 def test_a_logged_search_resumes_without_repeating_evaluations(tiny, tmp_path):
