@@ -8,10 +8,10 @@ function over the candidate set — `½ log(Var f_c(x) / Var[f_c(x) | f_e(candid
 criterion. The last expensive evaluation goes to the candidate with the best posterior mean (exploitation, unless
 it is already known), and the answer is the best point the expensive task has *seen*: with a handful of
 evaluations of a step function (widths are whole bits), an unevaluated posterior optimum is a guess (SmolLM2 at
-4.77 bits: the single-task GP's unevaluated answer lost 3.7961 nats where its best evaluation lost 3.6531). Candidates are a
-scrambled Sobol set (NUQ's full grid does not scale past two dimensions), filtered by a constraint (a byte
-budget). `single_task_search` and `random_search` are the baselines a benchmark compares against, with the
-same interface.
+4.77 bits: the single-task GP's unevaluated answer lost 3.7961 nats where its best evaluation lost 3.6531).
+Candidates are a scrambled Sobol set (NUQ's full grid does not scale past two dimensions), filtered by a
+constraint (a byte budget). `single_task_search` and `random_search` are the baselines a benchmark compares
+against, with the same interface.
 """
 
 from __future__ import annotations
