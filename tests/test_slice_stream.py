@@ -1,4 +1,6 @@
-"""Sequential PCA slicing: exact without slicing, expected sizes, save/reload, perplexity bounds."""
+"""Sequential PCA slicing: exact without slicing, expected sizes, save/reload, refusals.
+
+(SmolLM2's perplexity bounds: `test_smollm2_slicing.py`; the CLI end to end: `test_cli_end_to_end.py`.)"""
 
 import json
 import subprocess

@@ -68,6 +68,11 @@ def candidates(dim: int, count: int, *, seed: int, feasible: Callable[[list[floa
     return points
 
 
+def _rounded(x: torch.Tensor) -> list[float]:
+    """A point as evaluations record it (and as `_acquire` recognises it among them)."""
+    return [round(v, 6) for v in x.tolist()]
+
+
 def _evaluate(objective: Objective, x: torch.Tensor, task: int, log: list[Evaluation],
               on_evaluation: Callable[[Evaluation], None] | None) -> None:
     start = time.perf_counter()
@@ -75,7 +80,7 @@ def _evaluate(objective: Objective, x: torch.Tensor, task: int, log: list[Evalua
     value, info = out if isinstance(out, tuple) else (out, {})
     if not math.isfinite(value):
         raise FloatingPointError(f"the objective returned {value} at {x.tolist()} (task {task})")
-    log.append(Evaluation([round(v, 6) for v in x.tolist()], task, float(value), time.perf_counter() - start, info))
+    log.append(Evaluation(_rounded(x), task, float(value), time.perf_counter() - start, info))
     if on_evaluation is not None:
         on_evaluation(log[-1])
 
@@ -171,7 +176,7 @@ def _acquire(mean: torch.Tensor, var: torch.Tensor, pool: torch.Tensor, log: lis
     if last:
         seen = {tuple(e.x) for e in log if e.task == EXPENSIVE}
         for i in mean.argsort(descending=True).tolist():
-            if tuple(round(v, 6) for v in pool[i].tolist()) not in seen:
+            if tuple(_rounded(pool[i])) not in seen:
                 return pool[i]
     return pool[int(_ucb(mean, var, len(pool), step).argmax())]
 
