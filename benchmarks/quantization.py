@@ -5,6 +5,7 @@ JSON object.
                                       [--calib-windows 16] [--calib-length 512] [--eval-windows 8]
                                       [--prune 0.166 --shots 4] [--slice 0.25] [--rotate] [--no-dense]
                                       [--search mtgp,gp,random --budget-bits 4.0 --evaluations 6 --seeds 0]
+                                      [--search-tables]
 
 Bytes are the weights as stored (packed integers, float16 scales and zero points, float tensors in float32, the
 tied table once), from `Program.num_bytes()`, the figure a saved model's record gives. Calibration: WikiText-2
@@ -13,7 +14,8 @@ one capture; `--prune` quantizes the Surgeon's pruned model as well, `--slice` S
 Surgeon's pruning of the sliced model (slice -> prune -> quantize on one plane);
 `--rotate` quantizes each model once more after an exact randomized-Hadamard rotation of its stream (QuaRot-style).
 `--search` runs the mixed-precision searches at `--budget-bits` (default: the bits per parameter of uniform 4-bit
-GPTQ, so the comparison is at its bytes) with the same number of expensive evaluations each, and draws them.
+GPTQ, so the comparison is at its bytes) with the same number of expensive evaluations each, and draws them;
+`--search-tables` lets them choose the token table's width too (up to `--embeddings`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--budget-bits", type=float, default=0.0, help="0: uniform 4-bit GPTQ's bits per parameter")
     parser.add_argument("--evaluations", type=int, default=6, help="expensive evaluations per search")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--search-tables", action="store_true", help="the searches choose the table's width too")
     parser.add_argument("--plot", default="quantization-search.png")
     args = parser.parse_args()
     if args.search and args.plot:
@@ -112,12 +115,13 @@ def main() -> None:
             program = dense.clone()
             stage = Quantize(search=search, budget_bits=budget, group_size=args.group_size, method="gptq",
                              embeddings=args.embeddings or None, head=args.embeddings or None,
-                             evaluations=args.evaluations, seed=seed)
+                             evaluations=args.evaluations, seed=seed, search_tables=args.search_tables)
             start = time.perf_counter()
             result = Recipe((stage,)).run(program, calibration=calib, progress=sys.stderr.isatty())
             row = _row("dense", f"{search} search at {budget:.3f} bits", program, test, time.perf_counter() - start, dense)
             report = result.stages[0][1].report
-            row.update({"search": search, "seed": seed, "budget_bits": budget, "best": report["search"]["best"],
+            row.update({"search": search, "seed": seed, "budget_bits": budget, "search_tables": args.search_tables,
+                        "best": report["search"]["best"],
                         "widths": width_counts(report["weights"]), "evaluations": report["search"]["evaluations"],
                         "best_loss_after": best_loss_after(report["search"]["evaluations"])})
             print(json.dumps({"search_row": row}, default=float), file=sys.stderr, flush=True)  # kept if stopped later

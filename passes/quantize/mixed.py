@@ -39,6 +39,7 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
                       embeddings: int | None, head: int | None, shortcuts: int | None = 8, search: str = "mtgp",
                       evaluations: int = 6, expensive_every: int = 4, cheap_windows: int = 4, seed: int = 0,
                       log: str | Path | None = None, fill: float = 0.95, spread: int = 1,
+                      search_tables: bool = False,
                       progress: bool = False) -> tuple[dict[str, int], SearchResult, BitAllocation]:
     """Widths per linear that keep the whole model within `budget_bits` per parameter on average (tables,
     scales and float tensors included), found by `search` with `evaluations` expensive evaluations.
@@ -47,14 +48,16 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
     considers only points that use at least `fill` of the budget (unless fewer than 16 of 512 candidates do): a
     point far below the budget leaves bytes unspent that some linear could have used. Linears choose among that
     uniform width and `spread` widths either side of it: over all widths from 2 to 8 bits most points within a
-    5-bit budget put some linears at 2 bits, which GPTQ cannot save (SmolLM2: 0.09-0.74 nats lost)."""
+    5-bit budget put some linears at 2 bits, which GPTQ cannot save (SmolLM2: 0.09-0.74 nats lost). With
+    `search_tables`, the token tables take one width between that uniform width and `embeddings` as a fifth
+    coordinate; the answer's widths then name the tables too."""
     if search not in SEARCHES:
         raise InvalidOption(f"quantize: search must be one of {SEARCHES}, got {search!r}")
     allocation = BitAllocation.of(program, group_size=group_size, embeddings=embeddings, head=head,
-                                  shortcuts=shortcuts)
+                                  shortcuts=shortcuts, search_tables=search_tables)
     budget = budget_bits * program.num_parameters() / 8
-    smallest = allocation.nbytes([0.0] * allocation.dim)
-    if smallest > budget:
+    smallest = allocation.nbytes(allocation.uniform(allocation.choices[0]))
+    if smallest > budget:  # every search starts from a uniform point
         raise InvalidOption(f"quantize: {budget_bits} bits per parameter is below the smallest allocation "
                             f"({8 * smallest / program.num_parameters():.2f} with every linear at "
                             f"{allocation.choices[0]} bits and tables at {embeddings}); raise the budget or lower "
@@ -80,7 +83,7 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
             "bytes": nbytes, "bits_per_parameter": round(8 * nbytes / candidate.num_parameters(), 4),
             "widths": width_counts(widths)}
 
-    history, record = _resume(log, search, budget_bits, group_size, seed, allocation.choices)
+    history, record = _resume(log, search, budget_bits, group_size, seed, allocation)
 
     def spends(x: list[float], least: float) -> bool:
         return least <= allocation.nbytes(x) <= budget
@@ -103,14 +106,16 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
 
 
 def _resume(log: str | Path | None, search: str, budget_bits: float, group_size: int, seed: int,
-            widths: tuple[int, ...]):
+            allocation: BitAllocation):
     """Earlier evaluations from the JSON-lines `log` (when it was written by the same search), and a function
     that appends each new one."""
     if not log:
         return [], None
     path = Path(log)
     header = {"search": search, "budget_bits": budget_bits, "group_size": group_size, "seed": seed,
-              "widths": list(widths)}
+              "widths": list(allocation.choices)}
+    if allocation.dim > 4:
+        header["table_widths"] = list(allocation.table_choices)
     history: list[Evaluation] = []
     if path.exists():
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -43,6 +43,7 @@ class Quantize(Stage):
     expensive_every: int = 4  # one expensive evaluation after every expensive_every - 1 cheap ones (mtgp)
     cheap_windows: int = 4  # calibration windows the cheap (RTN) task is scored on
     spread: int = 1  # linears choose among the widest uniform width within the budget and `spread` widths either side
+    search_tables: bool = False  # the token tables' width (up to `embeddings`) is searched too
     seed: int = 0
     log: str = ""  # JSON-lines file of every evaluation; an existing one is resumed (mtgp)
 
@@ -72,7 +73,7 @@ class Quantize(Stage):
                 program, windows, budget_bits=self.budget_bits, group_size=self.group_size,
                 embeddings=self.embeddings, head=self.head, shortcuts=self.shortcuts, search=self.search, evaluations=self.evaluations,
                 expensive_every=self.expensive_every, cheap_windows=self.cheap_windows, seed=self.seed,
-                spread=self.spread,
+                spread=self.spread, search_tables=self.search_tables,
                 log=self.log or None, progress=context.progress)
         quantize = QuantizeWeights(bits, group_size=self.group_size, method=self.method, windows=windows,
                                    embeddings=self.embeddings, head=self.head, shortcuts=self.shortcuts,
@@ -86,5 +87,6 @@ class Quantize(Stage):
                          "weights": {name: q.bits for name, q in program.quantized.items()}}
         if search is not None:
             result.report["search"] = {**search.to_dict(), "budget_bits": self.budget_bits, "widths": list(allocation.choices),
+                                       "table_widths": list(allocation.table_choices),
                                        "depth_roles": list(zip(allocation.depth, allocation.roles, strict=True))}
         return result
