@@ -237,6 +237,8 @@ def quantize(
     evaluations: Annotated[int, typer.Option(min=1, help="with --budget-bits: expensive (GPTQ) evaluations")] = 6,
     spread: Annotated[int, typer.Option(min=1, help="with --budget-bits: widths searched either side of the widest "
                                         "uniform width the budget affords")] = 1,
+    search_tables: Annotated[bool, typer.Option(help="with --budget-bits: search the token tables' width too, "
+                                                "between the linears' and --embeddings")] = False,
     log: Annotated[str, typer.Option(help="with --budget-bits: JSON-lines file of every evaluation (resumed)")] = "",
     rotate: Annotated[bool, typer.Option(help="first an exact randomized-Hadamard rotation of the stream (QuaRot); "
                                          "helps GPTQ, and a sliced model needs it")] = False,
@@ -262,7 +264,8 @@ def quantize(
     from fxslice.recipes import Calibration
 
     data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size)
-    searched = (dict(search=search, budget_bits=budget_bits, evaluations=evaluations, spread=spread, log=log)
+    searched = (dict(search=search, budget_bits=budget_bits, evaluations=evaluations, spread=spread, log=log,
+                     search_tables=search_tables)
                 if budget_bits else {})
     stage = Quantize(bits=bits, group_size=group_size, method=method, embeddings=embeddings or None, head=head or None,
                      shortcuts=shortcuts or None, batch_size=batch_size, **searched)

@@ -169,7 +169,8 @@ def test_cli_quantize_rotates_and_searches_widths_under_a_byte_budget(tmp_path, 
     out, log = tmp_path / "mixed", tmp_path / "search.jsonl"
     cmd = [sys.executable, "-m", "fxslice.cli", "quantize", str(tiny_model_dir("llama")), "--budget-bits", "5.5",
            "--evaluations", "2", "--group-size", "16", "--calib-windows", "4", "--calib-length", "32",
-           "--eval-windows", "2", "--eval-length", "32", "--log", str(log), "--rotate", "--out", str(out)]
+           "--eval-windows", "2", "--eval-length", "32", "--log", str(log), "--rotate", "--search-tables",
+           "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     stages = json.loads((out / "fxslice.json").read_text())["stages"]
@@ -177,6 +178,8 @@ def test_cli_quantize_rotates_and_searches_widths_under_a_byte_budget(tmp_path, 
     report = stages[2]["report"]
     assert report["search"]["budget_bits"] == 5.5 and 0 < report["bits_per_parameter"] <= 5.5
     assert sum(e["task"] == 1 for e in report["search"]["evaluations"]) == 2
+    table_widths = report["search"]["table_widths"]
+    assert len(table_widths) > 1 and report["weights"]["model.embed_tokens.weight"] in table_widths
     assert len(log.read_text().splitlines()) == 1 + len(report["search"]["evaluations"])  # header, then each one
     assert load(out).num_bytes() == report["bytes"]
 

@@ -92,6 +92,45 @@ def test_the_byte_count_of_a_point_is_what_quantizing_gives(tiny_programs, x):
     assert program.num_bytes() == allocation.nbytes(x)
 
 
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.floats(0, 1), min_size=5, max_size=5), st.sampled_from(["llama-tied", "llama"]))
+def test_a_searched_tables_width_is_counted_and_given_to_the_table(tiny_programs, x, family):
+    (_, program), = tiny_programs(family)
+    allocation = BitAllocation.of(program, group_size=16, embeddings=8, head=8, search_tables=True)
+    tables = weight_kinds(program).tables
+    assert allocation.dim == 5 and set(allocation.tables) == set(tables) and allocation.table_choices == (2, 3, 4, 5, 6, 8)
+    widths = allocation.widths(x)
+    PassManager([QuantizeWeights(widths, group_size=16, embeddings=8, head=8)]).run(program)
+    assert program.num_bytes() == allocation.nbytes(x)
+    assert {program.quantized[t].bits for t in tables} == {widths[t] for t in tables}
+
+
+def test_a_searched_table_is_never_narrower_than_the_linears_uniform_width(tiny):
+    _, program = tiny("llama-tied")
+    allocation = BitAllocation.of(program, group_size=16, embeddings=8, head=None, search_tables=True).around(4, 1)
+    assert allocation.choices == (3, 4, 5) and allocation.table_choices == (4, 5, 6, 8)
+    widths = allocation.widths(allocation.uniform(4))
+    assert widths.pop("lm_head.weight") == 8 and set(widths.values()) == {4}  # uniform: the table at --embeddings
+    assert allocation.widths([0.5] * 4 + [0.0])["lm_head.weight"] == 4
+    fixed = BitAllocation.of(program, group_size=16, embeddings=8, head=None)
+    assert fixed.dim == 4 and fixed.nbytes(fixed.uniform(4)) == allocation.nbytes(allocation.uniform(4))
+    assert BitAllocation.of(program, group_size=16, embeddings=4, head=None, search_tables=True).around(5, 1).dim == 4
+
+
+def test_a_search_over_the_tables_width_answers_it_within_budget(tiny):
+    from fxslice.passes.quantize.mixed import search_allocation
+
+    _, program = tiny("llama-tied")
+    fixed = BitAllocation.of(program, group_size=16, embeddings=8, head=None)
+    budget_bits = 8 * fixed.nbytes(fixed.uniform(4)) / program.num_parameters()
+    chosen, result, allocation = search_allocation(
+        program, arithmetic_sequences(2, seed=1), budget_bits=budget_bits, group_size=16, embeddings=8, head=None,
+        search="gp", evaluations=3, cheap_windows=1, search_tables=True)
+    assert allocation.dim == 5 and chosen["lm_head.weight"] in (4, 5, 6, 8)
+    assert all(allocation.nbytes(e.x) <= budget_bits * program.num_parameters() / 8 for e in result.evaluations)
+    assert len({allocation.widths(e.x)["lm_head.weight"] for e in result.evaluations}) > 1  # the table is searched
+
+
 @pytest.fixture(scope="module")
 def sliced_llama():
     from fxslice import capture
