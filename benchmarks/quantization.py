@@ -5,7 +5,7 @@ JSON object.
                                       [--calib-windows 16] [--calib-length 512] [--eval-windows 8]
                                       [--prune 0.166 --shots 4] [--slice 0.25] [--rotate] [--no-dense]
                                       [--search mtgp,gp,random --budget-bits 4.0 --evaluations 6 --seeds 0]
-                                      [--search-tables]
+                                      [--fixed-tables] [--no-float]
 
 Bytes are the weights as stored (packed integers, float16 scales and zero points, float tensors in float32, the
 tied table once), from `Program.num_bytes()`, the figure a saved model's record gives. Calibration: WikiText-2
@@ -15,7 +15,7 @@ Surgeon's pruning of the sliced model (slice -> prune -> quantize on one plane);
 `--rotate` quantizes each model once more after an exact randomized-Hadamard rotation of its stream (QuaRot-style).
 `--search` runs the mixed-precision searches at `--budget-bits` (default: the bits per parameter of uniform 4-bit
 GPTQ, so the comparison is at its bytes) with the same number of expensive evaluations each, and draws them;
-`--search-tables` lets them choose the token table's width too (up to `--embeddings`).
+they choose the token table's width too (up to `--embeddings`) unless `--fixed-tables`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,10 @@ def main() -> None:
     parser.add_argument("--budget-bits", type=float, default=0.0, help="0: uniform 4-bit GPTQ's bits per parameter")
     parser.add_argument("--evaluations", type=int, default=6, help="expensive evaluations per search")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--search-tables", action="store_true", help="the searches choose the table's width too")
+    parser.add_argument("--fixed-tables", action="store_true", help="the searches keep the table at --embeddings "
+                        "bits (by default they choose its width too)")
+    parser.add_argument("--no-float", action="store_true", help="skip the float32 rows (known: saves a whole-split "
+                        "evaluation per model)")
     parser.add_argument("--plot", default="quantization-search.png")
     args = parser.parse_args()
     if args.search and args.plot:
@@ -94,7 +97,8 @@ def main() -> None:
             bases.append((f"{base_name} + hadamard", rotated, time.perf_counter() - start))
     rows = []
     for base_name, base, seconds in bases:
-        rows.append(_row(base_name, "float32", base, test, seconds, dense))
+        if not args.no_float:
+            rows.append(_row(base_name, "float32", base, test, seconds, dense))
         if args.no_dense and base is dense:
             continue
         for bits in (int(b) for b in args.bits.split(",") if b):
@@ -115,12 +119,12 @@ def main() -> None:
             program = dense.clone()
             stage = Quantize(search=search, budget_bits=budget, group_size=args.group_size, method="gptq",
                              embeddings=args.embeddings or None, head=args.embeddings or None,
-                             evaluations=args.evaluations, seed=seed, search_tables=args.search_tables)
+                             evaluations=args.evaluations, seed=seed, search_tables=not args.fixed_tables)
             start = time.perf_counter()
             result = Recipe((stage,)).run(program, calibration=calib, progress=sys.stderr.isatty())
             row = _row("dense", f"{search} search at {budget:.3f} bits", program, test, time.perf_counter() - start, dense)
             report = result.stages[0][1].report
-            row.update({"search": search, "seed": seed, "budget_bits": budget, "search_tables": args.search_tables,
+            row.update({"search": search, "seed": seed, "budget_bits": budget, "search_tables": not args.fixed_tables,
                         "best": report["search"]["best"],
                         "widths": width_counts(report["weights"]), "evaluations": report["search"]["evaluations"],
                         "best_loss_after": best_loss_after(report["search"]["evaluations"])})

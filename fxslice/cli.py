@@ -238,7 +238,7 @@ def quantize(
     spread: Annotated[int, typer.Option(min=1, help="with --budget-bits: widths searched either side of the widest "
                                         "uniform width the budget affords")] = 1,
     search_tables: Annotated[bool, typer.Option(help="with --budget-bits: search the token tables' width too, "
-                                                "between the linears' and --embeddings")] = False,
+                                                "between the linears' and --embeddings")] = True,
     log: Annotated[str, typer.Option(help="with --budget-bits: JSON-lines file of every evaluation (resumed)")] = "",
     rotate: Annotated[bool, typer.Option(help="first an exact randomized-Hadamard rotation of the stream (QuaRot); "
                                          "helps GPTQ, and a sliced model needs it")] = False,

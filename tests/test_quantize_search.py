@@ -125,7 +125,7 @@ def test_a_search_over_the_tables_width_answers_it_within_budget(tiny):
     budget_bits = 8 * fixed.nbytes(fixed.uniform(4)) / program.num_parameters()
     chosen, result, allocation = search_allocation(
         program, arithmetic_sequences(2, seed=1), budget_bits=budget_bits, group_size=16, embeddings=8, head=None,
-        search="gp", evaluations=3, cheap_windows=1, search_tables=True)
+        search="gp", evaluations=3, cheap_windows=1)  # the tables' width is searched by default
     assert allocation.dim == 5 and chosen["lm_head.weight"] in (4, 5, 6, 8)
     assert all(allocation.nbytes(e.x) <= budget_bits * program.num_parameters() / 8 for e in result.evaluations)
     assert len({allocation.widths(e.x)["lm_head.weight"] for e in result.evaluations}) > 1  # the table is searched
@@ -193,6 +193,9 @@ def test_every_search_starts_from_the_uniform_allocation_and_spends_its_budget(t
     assert result.expensive[0].x == pytest.approx(allocation.uniform(4))  # the widest uniform point that fits
     others = [e for e in result.evaluations if e is not result.expensive[0]]
     assert others and all(0.95 * budget <= allocation.nbytes(e.x) <= budget for e in others)
-    assert all(set(allocation.widths(e.x).values()) <= set(widths) for e in result.evaluations)
+    def linear_widths(w: dict[str, int]) -> set[int]:
+        return {bits for name, bits in w.items() if name in allocation.names}
+
+    assert all(linear_widths(allocation.widths(e.x)) <= set(widths) for e in result.evaluations)
     assert 0.95 * budget <= allocation.nbytes(result.best) <= budget or result.best == result.expensive[0].x
-    assert set(chosen.values()) <= set(widths)
+    assert linear_widths(chosen) <= set(widths) and chosen["model.embed_tokens.weight"] in allocation.table_choices

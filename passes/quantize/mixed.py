@@ -39,7 +39,7 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
                       embeddings: int | None, head: int | None, shortcuts: int | None = 8, search: str = "mtgp",
                       evaluations: int = 6, expensive_every: int = 4, cheap_windows: int = 4, seed: int = 0,
                       log: str | Path | None = None, fill: float = 0.95, spread: int = 1,
-                      search_tables: bool = False,
+                      search_tables: bool = True,
                       progress: bool = False) -> tuple[dict[str, int], SearchResult, BitAllocation]:
     """Widths per linear that keep the whole model within `budget_bits` per parameter on average (tables,
     scales and float tensors included), found by `search` with `evaluations` expensive evaluations.

@@ -43,7 +43,7 @@ class Quantize(Stage):
     expensive_every: int = 4  # one expensive evaluation after every expensive_every - 1 cheap ones (mtgp)
     cheap_windows: int = 4  # calibration windows the cheap (RTN) task is scored on
     spread: int = 1  # linears choose among the widest uniform width within the budget and `spread` widths either side
-    search_tables: bool = False  # the token tables' width (up to `embeddings`) is searched too
+    search_tables: bool = True  # the token tables' width (up to `embeddings`) is searched too
     seed: int = 0
     log: str = ""  # JSON-lines file of every evaluation; an existing one is resumed (mtgp)
 
