@@ -189,12 +189,17 @@ def _plot(searches: list[dict], rows: list[dict], path: str) -> None:
         if row["model"] == "dense" and row["weights"] != "float32":
             right.scatter(row["bytes"] / 2**20, row["perplexity"], color="black", marker="x")
             right.annotate(row["weights"], (row["bytes"] / 2**20, row["perplexity"]), fontsize=7)
-    for row in searches:
-        right.scatter(row["bytes"] / 2**20, row["perplexity"], color=colours.get(row["search"]), marker="*", s=80,
+    sizes = {"mtgp": 150, "gp": 80, "random": 30}  # nested, so that searches answering the same point all show
+    for row in sorted(searches, key=lambda r: -sizes.get(r["search"], 60)):  # largest first
+        right.scatter(row["bytes"] / 2**20, row["perplexity"], color=colours.get(row["search"]),
+                      marker="*os^v"[row["seed"] % 5], s=sizes.get(row["search"], 60), alpha=0.9,
                       label=f"{row['search']} (seed {row['seed']})")
+    right.margins(x=0.12)
     right.set_xlabel("MiB as stored")
     right.set_ylabel("WikiText-2 test perplexity")
-    right.set_yscale("log")
+    values = [r["perplexity"] for r in rows + searches if r["weights"] != "float32"]
+    if max(values) > 3 * min(values):
+        right.set_yscale("log")
     right.set_title("SmolLM2-135M: quantized models")
     right.legend(fontsize=7)
     fig.tight_layout()
