@@ -29,7 +29,7 @@ class BitAllocation:
     depth: tuple[float, ...]
     roles: tuple[str, ...]  # "attention" or "mlp"
     shapes: tuple[tuple[int, int], ...]  # each matrix's [out, in]
-    fixed_bytes: int  # everything the allocation does not decide (head, shortcuts at their widths; norms; tables)
+    fixed_bytes: int  # what the allocation does not decide (head, shortcuts, unsearched tables at their widths; norms)
     group_size: int
     choices: tuple[int, ...] = BITS
     tables: tuple[str, ...] = ()  # token tables whose one width the allocation decides

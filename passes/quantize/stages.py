@@ -20,7 +20,8 @@ class Quantize(Stage):
     (a tied head with them) to `embeddings` bits, an untied head to `head` bits and a slicing's shortcut
     matrices to `shortcuts` bits (None: left in float). The saved model stores packed integers; its record gives
     the bytes, scales included. With `search`, the widths come from a search under `budget_bits` (NUQ's
-    multi-task GP, or a baseline), see `passes/quantize/mixed.py`."""
+    multi-task GP, or a baseline) — the token tables' width too, unless `search_tables=False` — see
+    `passes/quantize/mixed.py`."""
 
     kind = "quantize"
     needs = frozenset({CAPTURED})
