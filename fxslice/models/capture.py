@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch import fx, nn
 from fxslice.core.errors import CaptureError
 from fxslice.core.graph import drop_unused_weights
 from fxslice.core.program import Program
+from fxslice.models import gguf_cache
 
 __all__ = ["capture", "capture_module", "load_model", "default_model_path", "plain_graph_module", "DEFAULT_MODEL"]
 
@@ -51,10 +53,18 @@ def load_model(name: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -
 
     path = default_model_path() if str(name) == DEFAULT_MODEL else Path(name)
     kwargs: dict[str, Any] = {"dtype": dtype}
+    convert = False
     if path.suffix == ".gguf":
         if not path.is_file():
             raise CaptureError(f"GGUF file not found: {path}")
+        copy = gguf_cache.converted_copy(path)
+        if copy is not None:  # converted before: read safetensors, not the GGUF (gguf_cache says why)
+            try:
+                return load_model(copy, dtype=dtype)
+            except CaptureError:  # a damaged copy (files removed by hand): drop it and convert again
+                shutil.rmtree(copy, ignore_errors=True)
         source, kwargs["gguf_file"] = str(path.parent), path.name
+        convert = dtype == torch.float32  # a copy keeps the file's own values, so only a float32 load makes one
     elif path.exists() and not path.is_dir():
         raise CaptureError(f"{path} is neither a directory nor a .gguf file")
     else:
@@ -73,6 +83,8 @@ def load_model(name: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -
             raise CaptureError(f"the tokenizer in {path} ({', '.join(files)}) cannot be read: {type(exc).__name__}: "
                                f"{exc}\n  what to try: the file may be truncated; copy it again") from None
         tokenizer = None  # a graph needs none; commands that read text say so when it is missing
+    if convert:
+        gguf_cache.store_converted(path, model, tokenizer)
     return model.eval(), tokenizer
 
 
