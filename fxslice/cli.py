@@ -104,9 +104,9 @@ def inspect(
     if stream or groups:  # both analyses read the cleaned-up graph
         from fxslice.analysis.groups import group_analysis
         from fxslice.analysis.stream import stream_analysis
-        from fxslice.passes import CleanupIR
+        from fxslice.passes import CleanupIR, UnstackWeights
 
-        PassManager([CleanupIR()]).run(program)
+        PassManager([CleanupIR(), UnstackWeights()]).run(program)
         for wanted, analysis in ((stream, stream_analysis), (groups, group_analysis)):
             if wanted:
                 out.print(program.analysis(analysis).describe(), highlight=False, markup=False)

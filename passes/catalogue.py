@@ -12,7 +12,7 @@ from fxslice.core.imports import import_object
 from fxslice.passes.quantize.stages import Quantize
 from fxslice.passes.recovery import MergeAdapters
 from fxslice.passes.recovery.stages import Recover
-from fxslice.passes.rewrite import CausalAttention, CleanupIR, FuseRepeatKV, RemoveDeadGroups
+from fxslice.passes.rewrite import CausalAttention, CleanupIR, FuseRepeatKV, RemoveDeadGroups, UnstackWeights
 from fxslice.passes.rewrite.stages import Cleanup, FuseGQA
 from fxslice.passes.slicegpt import FuseNorms, ProjectNormWriters, RotateStream, random_orthogonal
 from fxslice.passes.slicegpt.stages import Rotate, SliceGPT
@@ -24,6 +24,7 @@ __all__ = ["PASSES", "STAGES", "RunPasses", "load_pass", "load_recipe"]
 #: built-in passes by name, each a factory with default options
 PASSES: dict[str, Callable[[], Pass]] = {
     "cleanup": CleanupIR,
+    "unstack_weights": UnstackWeights,
     "causal_attention": CausalAttention,
     "project_norm_writers": ProjectNormWriters,
     "fuse_norms": FuseNorms,

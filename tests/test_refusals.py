@@ -177,3 +177,57 @@ def test_bmm_against_stacked_expert_weights_is_a_linear():
     kinds = [r.linear.node.target for r in program.analysis(stream_analysis).readers]
     assert torch.ops.aten.bmm.default in kinds
     assert_rotation_is_exact(program)
+
+
+class RoutedRows(TinyLM):
+    """JetMoE's experts written out: tokens gathered and split by expert (rows, not features), `linear(x_i, W[i])`
+    against a stacked parameter, the rows added back into zeros at their tokens (`index_add`), then a bias vector
+    on the stream. `swapped` then swaps the two halves of the stream's features (a split along features: a breaker)."""
+
+    def __init__(self, on_stream):
+        super().__init__(on_stream)
+        self.norm, self.final = nn.RMSNorm(16), nn.RMSNorm(16)
+        for norm in (self.norm, self.final):
+            norm.weight.data = torch.rand(16) + 0.5
+        self.experts_in = nn.Parameter(torch.randn(2, 32, 16) / 4)
+        self.experts_out = nn.Parameter(torch.randn(2, 16, 32) / 6)
+        self.bias = nn.Parameter(torch.randn(16))
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        x = self.norm(h).reshape(-1, 16)
+        order = torch.arange(x.shape[0] - 1, -1, -1)  # a permutation of the tokens, as a router's sort gives
+        parts = x[order].split([1, x.shape[0] - 1], dim=0)
+        y = torch.cat([nn.functional.linear(torch.relu(nn.functional.linear(p, self.experts_in[i])),
+                                            self.experts_out[i]) for i, p in enumerate(parts)], dim=0)
+        out = torch.zeros(x.shape[0], 16, dtype=y.dtype).index_add(0, order, y).view(h.shape) + self.bias
+        h = h + out
+        if self.on_stream == "swapped":
+            h = torch.cat(h.split([8, 8], dim=-1)[::-1], dim=-1)
+        return self.head(self.final(h))
+
+
+def test_rows_split_by_expert_and_added_back_into_zeros_rotate_and_slice_exactly():
+    from fxslice.passes.slicegpt.pipeline import slicegpt
+    from fxslice.passes.slicegpt.slice_stream import constant_widths
+
+    program = capture(RoutedRows("none")).to(torch.float64)
+    dense = program.clone()
+    assert_rotation_is_exact(program)
+    stream = program.analysis(stream_analysis)
+    assert [w.kind for w in stream.writers] == ["embedding", "linear", "linear", "bias"]  # no projection needed
+    assert not any("projection" in name for name, _ in program.gm.named_parameters())
+    windows = torch.randint(0, 32, (4, 12))
+    kept = dense.clone()  # slicing at full width is a change of basis only: the same logits
+    slicegpt(kept, windows, constant_widths(0.0, multiple=4))
+    assert relative_error(kept(windows), dense(windows)) < 1e-9
+    sliced = dense.clone()
+    slicegpt(sliced, windows, constant_widths(0.25, multiple=4))
+    assert sliced(windows).shape == (4, 12, 32) and sliced.num_parameters() < dense.num_parameters()
+    assert {tuple(p.shape) for n, p in sliced.gm.named_parameters() if n.startswith("bias")} == {(12,)}
+
+
+def test_a_split_of_the_features_is_still_refused():
+    program = capture(RoutedRows("swapped")).to(torch.float64)
+    with pytest.raises(UnsupportedStructure, match="split"):
+        PassManager(exact_pipeline(random_orthogonal(0))).run(program)

@@ -11,6 +11,7 @@ See design.md §1-§2.
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from fxslice.core.errors import UnsupportedStructure, node_location
 from fxslice.core.graph import aten, is_param, module_path, role_of
 from fxslice.core.program import Program
 
-__all__ = ["Stream", "Segment", "Writer", "Reader", "Shortcut", "Violation", "stream_analysis"]
+__all__ = ["Stream", "Segment", "Writer", "Reader", "Shortcut", "Violation", "stream_analysis", "added_vector"]
 
 
 _IDENTITY = CAST_OPS | {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
@@ -43,18 +44,22 @@ _ON_DIM = {aten.slice.Tensor: 1, aten.select.int: 1, aten.narrow.default: 1}
 _REDUCE = {aten.sum.dim_IntList, aten.mean.dim}
 _SCALE = {aten.mul.Tensor, aten.div.Tensor}
 _SUM = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor}
+_SPLITS = {aten.split_with_sizes.default: 2, aten.split.Tensor: 2}  # the position of `dim`
+_ZEROS = {aten.zeros.default, aten.new_zeros.default}
 
 
 @dataclass(frozen=True)
 class Writer:
-    # "linear", "embedding", "norm" or "other": the last two (a norm's output, or any other value computed
-    # from no earlier residual stream, such as a position code) need an explicit projection
-    # (ProjectNormWriters) before the stream's basis can change
+    # "linear", "embedding", "bias", "norm" or "other": the last two (a norm's output, or any other value
+    # computed from no earlier residual stream, such as a position code) need an explicit projection
+    # (ProjectNormWriters) before the stream's basis can change; a "bias" is a parameter vector added to the
+    # stream (`output` is the sum, `vector` the parameter), changed in place like a linear's bias
     kind: str
     output: fx.Node
     linear: LinearUse | None = None
     table: fx.Node | None = None
     norm: NormMatch | None = None
+    vector: fx.Node | None = None
 
 
     @property
@@ -204,6 +209,14 @@ def preserving_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None
     fin = value_of(first)
     if target in _IDENTITY:
         return [first] if fin is not None else None
+    if target is operator.getitem and isinstance(first, fx.Node) and first.target in _SPLITS:
+        source, at = first.args[0], _SPLITS[first.target]  # a part of a split along rows (tokens by expert)
+        dim = first.args[at] if len(first.args) > at else first.kwargs.get("dim", 0)
+        whole = value_of(source)
+        return [source] if whole is not None and not _is_last(dim, whole.dim()) else None
+    if target == aten.index_add.default and len(args) >= 4:  # rows added at indices: linear in base and source
+        base, dim, _, source = args[:4]
+        return [base, source] if not _is_last(dim, out.dim()) and _last_dim(source) == out.shape[-1] else None
     if fin is None:
         if target == aten.cat.default:
             parts = [a for a in args[0] if isinstance(a, fx.Node)]
@@ -232,7 +245,8 @@ def preserving_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None
         a, b = args
         if all(isinstance(x, fx.Node) and _last_dim(x) == out.shape[-1] and not is_param(gm, x) for x in (a, b)):
             return [a, b]
-        return None
+        vector = added_vector(gm, node)
+        return [a if vector is b else b] if vector is not None and target != aten.add_.Tensor else None
     if target in _SCALE and len(args) == 2:
         a, b = args
         if target == aten.mul.Tensor and not _scalar_like(b) and _scalar_like(a):
@@ -240,6 +254,34 @@ def preserving_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None
         if isinstance(a, fx.Node) and _last_dim(a) == out.shape[-1] and _scalar_like(b):
             return [a]
     return None
+
+
+def added_vector(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The parameter in `x + b` or `x - b` when `b` is a parameter vector over `x`'s features (JetMoE adds
+    one after its experts): the sum is then `x` plus a constant that a change of basis can change in place."""
+    if node.target not in _SUM or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    out = value_of(node)
+    params = [x for x in node.args if is_param(gm, x)]
+    others = [x for x in node.args if isinstance(x, fx.Node) and not is_param(gm, x)]
+    if out is None or out.dim() == 0 or len(params) != 1 or len(others) != 1 or node.args[1] is not params[0]:
+        return None
+    vector = value_of(params[0])
+    width = out.shape[-1]
+    if vector is None or vector.numel() != width or vector.shape[-1] != width or _last_dim(others[0]) != width:
+        return None
+    return params[0]
+
+
+def _is_zeros(node: fx.Node) -> bool:
+    """A tensor of zeros made from nothing (the base JetMoE adds its experts' rows into): zero in every basis."""
+    return node.target in _ZEROS
+
+
+def _split_into(node: fx.Node, members: set[fx.Node]) -> bool:
+    """A split whose parts are all taken (`getitem`) into `members`: the split itself holds no value to check."""
+    return node.target in _SPLITS and bool(node.users) and all(
+        u.target is operator.getitem and u in members for u in node.users)
 
 
 def _scalar_like(x: Any) -> bool:
@@ -288,7 +330,8 @@ def stream_analysis(program: Program) -> Stream:
         if value_of(node) is not None and node.op == "call_function":
             members[groups.find(node)].append(node)
     sums = {root: sum(1 for n in group if n.target in _SUM and n in joined and len(n.args) == 2
-                      and all(isinstance(a, fx.Node) for a in n.args)) for root, group in members.items()
+                      and all(isinstance(a, fx.Node) and not is_param(gm, a) for a in n.args))
+            for root, group in members.items()
             if isinstance(_last_dim(group[0]), int)}  # a feature width is static; attention scores' is the length
     output = next(n for n in nodes if n.op == "output")
     if not sums or max(sums.values()) == 0:
@@ -334,6 +377,8 @@ def stream_analysis(program: Program) -> Stream:
     normed: dict[int, list[fx.Node]] = defaultdict(list)
     for node in stream:
         i = seg_index[node]
+        if node in joined and (vector := added_vector(gm, node)) is not None:
+            writers[i].append(Writer("bias", node, vector=vector))
         if node not in joined:  # a source: where values enter the stream
             if node in linears and role_of(linears[node].node) != SHORTCUT:
                 writers[i].append(Writer("linear", node, linear=linears[node]))
@@ -341,6 +386,8 @@ def stream_analysis(program: Program) -> Stream:
                 writers[i].append(Writer("embedding", node, table=tables[node]))
             elif node in norms:
                 writers[i].append(Writer("norm", node, norm=norms[node]))
+            elif _is_zeros(node):
+                pass  # adds nothing, in any basis; slicing narrows its size
             elif node not in linears and _last_dim(node) == width and not _downstream_of_a_sum(node, gm):
                 writers[i].append(Writer("other", node))  # embeddings, position codes: it gets a projection
             elif node not in linears:
@@ -357,6 +404,8 @@ def stream_analysis(program: Program) -> Stream:
                     violations.append(Violation(user, "the stream feeds the inside of a norm it is not the input of"))
                 elif norm not in seg_norms[i]:
                     seg_norms[i].append(norm)
+            elif _split_into(user, in_stream):
+                pass
             elif user.op == "output":
                 violations.append(Violation(node, "the residual stream is an output of the model"))
             else:
@@ -433,6 +482,8 @@ def _norm_readers(gm: fx.GraphModule, norm: NormMatch, group: list[fx.Node], nor
             use = match_linear(gm, user)
             if use is not None and use.input is node:
                 found.append(Reader(use, norm))
+            elif _split_into(user, members):
+                continue
             elif user in norm_internal:
                 violations.append(Violation(user, f"the output of norm '{module_path(norm.normalized)}' feeds another "
                                                   "norm: a post-norm architecture, where the stream itself is normalised"))

@@ -16,7 +16,7 @@ from fxslice.analysis.matchers import LinearUse, match_linear
 from fxslice.core.errors import UnsupportedStructure, node_location
 from fxslice.core.graph import add_parameter, aten, insert_op, module_path, owner_of, set_role, set_tensor, tensor_of
 
-__all__ = ["contract", "transform_input", "transform_output", "transform_table", "add_input_shift", "private_weight",
+__all__ = ["contract", "transform_input", "transform_output", "transform_table", "transform_vector", "add_input_shift", "private_weight",
            "insert_linear", "insert_low_rank", "remove_linear", "replace_weight", "weight_matrix"]
 
 
@@ -87,6 +87,12 @@ def transform_table(gm: fx.GraphModule, lookup: fx.Node, m: torch.Tensor) -> Non
     """Make the embedding lookup `lookup` return rows `e @ m`."""
     table = private_weight(gm, lookup.args[0], lookup)
     _set_param(gm, table, contract(tensor_of(gm, table), -1, m))
+
+
+def transform_vector(gm: fx.GraphModule, total: fx.Node, m: torch.Tensor) -> None:
+    """Make the sum `total` = `x ± b` of a value and a parameter vector `b` add (or subtract) `b @ m`."""
+    vector = private_weight(gm, total.args[1], total)
+    _set_param(gm, vector, contract(tensor_of(gm, vector), -1, m))
 
 
 def add_input_shift(gm: fx.GraphModule, use: LinearUse, shift: torch.Tensor) -> None:

@@ -63,6 +63,9 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(hidden_size=64, intermediate_size=64, num_key_value_heads=2, num_local_experts=4,
                      num_experts_per_tok=2)),
+    "jetmoe": ("JetMoeConfig", "JetMoeForCausalLM",  # experts in attention and MLP: tokens split by expert, x @ W[i]
+               dict(hidden_size=64, intermediate_size=64, num_key_value_heads=2, kv_channels=16, num_local_experts=4,
+                    num_experts_per_tok=2)),
 }
 
 

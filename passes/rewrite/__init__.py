@@ -4,5 +4,6 @@ from fxslice.passes.rewrite.causal_attention import CausalAttention
 from fxslice.passes.rewrite.cleanup import CleanupIR
 from fxslice.passes.rewrite.fuse_repeat_kv import FuseRepeatKV
 from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups
+from fxslice.passes.rewrite.unstack_weights import UnstackWeights
 
-__all__ = ["CausalAttention", "CleanupIR", "FuseRepeatKV", "RemoveDeadGroups"]
+__all__ = ["CausalAttention", "CleanupIR", "FuseRepeatKV", "RemoveDeadGroups", "UnstackWeights"]

@@ -4,7 +4,7 @@ The exact half is `exact_pipeline(rotations)`; calibration and slicing are `Slic
 runs the whole method.
 """
 
-from fxslice.passes.rewrite import CleanupIR
+from fxslice.passes.rewrite import CleanupIR, UnstackWeights
 from fxslice.passes.slicegpt.fuse_norms import FuseNorms
 from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
@@ -18,4 +18,4 @@ __all__ = ["CorrectTiedHead", "FuseNorms", "HeadCorrection", "ProjectNormWriters
 
 def exact_pipeline(rotations: RotationSource) -> list:
     """The passes that make the model rotation-ready and rotate it; none changes the function."""
-    return [CleanupIR(), ProjectNormWriters(), FuseNorms(), RotateStream(rotations)]
+    return [CleanupIR(), UnstackWeights(), ProjectNormWriters(), FuseNorms(), RotateStream(rotations)]

@@ -16,7 +16,7 @@ from torch import fx
 from fxslice.analysis.matchers import match_linear
 from fxslice.analysis.roles import TIED_HEAD_PROJECTION
 from fxslice.analysis.stream import Segment
-from fxslice.analysis.weights import contract, transform_input, transform_output, transform_table
+from fxslice.analysis.weights import contract, transform_input, transform_output, transform_table, transform_vector
 from fxslice.core.graph import role_of, set_tensor, tensor_of
 
 __all__ = ["change_basis", "change_tied_tables"]
@@ -29,6 +29,8 @@ def change_basis(gm: fx.GraphModule, segment: Segment, m: torch.Tensor, *, done:
             continue
         if writer.kind == "embedding":
             transform_table(gm, writer.output, m)
+        elif writer.kind == "bias":
+            transform_vector(gm, writer.output, m)
         else:
             transform_output(gm, writer.linear, m)
     for reader in segment.readers:

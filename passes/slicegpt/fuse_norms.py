@@ -12,7 +12,14 @@ from fxslice import Pass, PassResult, Program, UnsupportedStructure
 from fxslice.analysis.matchers import LinearUse, NormMatch
 from fxslice.analysis.roles import TIED_HEAD_PROJECTION
 from fxslice.analysis.stream import Stream, stream_analysis
-from fxslice.analysis.weights import add_input_shift, insert_linear, transform_input, transform_output, transform_table
+from fxslice.analysis.weights import (
+    add_input_shift,
+    insert_linear,
+    transform_input,
+    transform_output,
+    transform_table,
+    transform_vector,
+)
 from fxslice.core.errors import node_location
 from fxslice.core.graph import aten, insert_op, tensor_of
 
@@ -101,6 +108,8 @@ def _centre_writers(gm: torch.fx.GraphModule, stream: Stream) -> None:
     for writer in stream.writers:
         if writer.kind == "embedding":
             transform_table(gm, writer.output, m)
+        elif writer.kind == "bias":
+            transform_vector(gm, writer.output, m)
         else:
             transform_output(gm, writer.linear, m)
 

@@ -242,10 +242,13 @@ def segment_probe(stream: Stream, seg: Segment) -> fx.Node:
 
 
 def _set_literal_widths(nodes: Sequence[fx.Node], old: int, new: int) -> None:
-    """Views with the width written as a number (GPT-2's Conv1D, MoE reshapes) must follow the slice."""
+    """Views and zeros with the width written as a number (GPT-2's Conv1D, MoE reshapes, the base JetMoE adds its
+    experts' rows into) must follow the slice."""
     for node in nodes:
-        if node.target in _SHAPE_OPS and isinstance(node.args[1], (list, tuple)) and node.args[1]:
-            shape = list(node.args[1])
+        at = 1 if node.target in _SHAPE_OPS or node.target == aten.new_zeros.default else (
+            0 if node.target == aten.zeros.default else None)
+        if at is not None and len(node.args) > at and isinstance(node.args[at], (list, tuple)) and node.args[at]:
+            shape = list(node.args[at])
             if isinstance(shape[-1], int) and shape[-1] == old:
                 shape[-1] = new
-                node.args = (node.args[0], shape, *node.args[2:])
+                node.args = (*node.args[:at], shape, *node.args[at + 1:])
