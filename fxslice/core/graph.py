@@ -232,7 +232,15 @@ def infer_val(node: fx.Node) -> None:
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
     with mode, _quiet_fake_tensor_log():
-        node.meta["val"] = node.target(*args, **kwargs)
+        try:
+            node.meta["val"] = node.target(*args, **kwargs)
+        except RuntimeError:
+            # before torch 2.13, composite ops (aten.linear) reach a C++ kernel that asks a symbolic size for a
+            # number; the Python dispatcher runs their symbolic decompositions instead, as torch.export does
+            from torch._dispatch.python import enable_python_dispatcher
+
+            with enable_python_dispatcher():
+                node.meta["val"] = node.target(*args, **kwargs)
 
 
 @contextlib.contextmanager
