@@ -64,7 +64,7 @@ def test_the_answer_is_the_best_point_the_expensive_task_has_seen(search):
     seen = result.expensive
     assert len(seen) == 4 and len({tuple(e.x) for e in seen}) == 4  # the last step never repeats a seen point
     best = max(seen, key=lambda e: e.value)
-    assert result.best == best.x and result.predicted == best.value
+    assert result.best == best.x and result.value == best.value
 
 
 def test_a_logged_search_resumes_without_repeating_evaluations(tiny, tmp_path):

@@ -43,11 +43,11 @@ class Evaluation:
 @dataclass
 class SearchResult:
     best: list[float]  # the chosen point: the best expensive evaluation
-    predicted: float  # its value on the expensive task
+    value: float  # what the expensive task measured there (not a model's prediction)
     evaluations: list[Evaluation]
 
     def to_dict(self) -> dict:
-        return {"best": self.best, "predicted": self.predicted, "evaluations": [asdict(e) for e in self.evaluations]}
+        return {"best": self.best, "value": self.value, "evaluations": [asdict(e) for e in self.evaluations]}
 
     @property
     def expensive(self) -> list[Evaluation]:
