@@ -81,6 +81,37 @@ def test_the_float32_islands_are_real_and_lifted_on_both_sides(tiny):
     assert relative_error(lifted, p64(ids)) <= 1e-12
 
 
+class ComplexRotary(nn.Module):
+    """A rotary table kept as complex numbers and cast to `table_dtype` (Llama-4's and DeepSeek-V2's rotary)."""
+
+    def __init__(self, table_dtype=torch.complex64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Embedding(16, 8), nn.Linear(8, 16)
+        self.freq = nn.Parameter(torch.rand(4) * 3)
+        self.table_dtype = table_dtype
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        angles = torch.arange(h.shape[1], dtype=h.dtype)[:, None] * self.freq
+        table = torch.polar(torch.ones_like(angles), angles).to(self.table_dtype)
+        z = torch.view_as_complex(h.reshape(*h.shape[:2], 4, 2)) * table
+        return self.head(torch.view_as_real(z).reshape(h.shape))
+
+
+def test_complex_casts_follow_the_program_to_float64():
+    program = capture(ComplexRotary())
+    p64 = program.to(torch.float64)
+    complex64 = [n.name for n in p64.graph.nodes
+                 if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype == torch.complex64]
+    assert complex64 == []
+    reference = ComplexRotary(torch.complex128).double()
+    ids = torch.randint(0, 16, (2, 7))
+    with torch.no_grad():
+        assert relative_error(p64(ids), reference(ids)) <= 1e-12
+        assert relative_error(ComplexRotary().double()(ids), reference(ids)) > 1e-10  # the island is real
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()

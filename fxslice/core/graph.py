@@ -122,14 +122,14 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
             gm.graph.erase_node(node)
             continue
         if node.target in CAST_OPS:
-            node.args = tuple(dtype if _is_float_dtype(a) else a for a in node.args)
+            node.args = tuple(_retargeted(a, dtype) for a in node.args)
         # ops that compute in a dtype they are given (softmax(x, dim, torch.float32), sum(..., dtype=)): float islands
         schema = getattr(node.target, "_schema", None)
         names = [a.name for a in schema.arguments] if schema is not None else []
-        node.args = tuple(dtype if i < len(names) and names[i] == "dtype" and _is_float_dtype(a) else a
+        node.args = tuple(_retargeted(a, dtype) if i < len(names) and names[i] == "dtype" else a
                           for i, a in enumerate(node.args))
-        if _is_float_dtype(node.kwargs.get("dtype")):
-            node.kwargs = {**node.kwargs, "dtype": dtype}
+        if isinstance(node.kwargs.get("dtype"), torch.dtype):
+            node.kwargs = {**node.kwargs, "dtype": _retargeted(node.kwargs["dtype"], dtype)}
     refresh_vals(gm)
     gm.recompile()
 
@@ -176,6 +176,16 @@ def _refresh_vals(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
 
 def _is_float_dtype(value: Any) -> bool:
     return isinstance(value, torch.dtype) and value.is_floating_point
+
+
+def _retargeted(value: Any, dtype: torch.dtype) -> Any:
+    """`dtype` for a float dtype, its complex counterpart for a complex one (Llama-4's and DeepSeek-V2's rotary tables
+    are complex: a complex64 cast left in a float64 program is a float32 island), anything else unchanged."""
+    if _is_float_dtype(value):
+        return dtype
+    if isinstance(value, torch.dtype) and value.is_complex:
+        return torch.complex128 if dtype == torch.float64 else torch.complex64
+    return value
 
 
 def _has_tensor(val: Any) -> bool:
