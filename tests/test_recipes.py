@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 
 import fxslice
 from fxslice import InvalidOption, PassManager
-from fxslice.passes import STAGES, CausalAttention, CleanupIR, FuseNorms, FuseRepeatKV, ProjectNormWriters, load_recipe
+from fxslice.passes import (
+    STAGES,
+    CausalAttention,
+    CleanupIR,
+    FuseNorms,
+    FuseRepeatKV,
+    ProjectNormWriters,
+    UnstackWeights,
+    load_recipe,
+)
 from fxslice.passes.catalogue import RunPasses
 from fxslice.passes.presets import slicegpt_recipe
 from fxslice.passes.rewrite.stages import Cleanup, FuseGQA
@@ -105,11 +114,12 @@ def test_the_slicegpt_preset_computes_what_its_passes_compute(tiny):
     by_hand = program.clone()
     result = slicegpt_recipe(sparsity=0.25, batch_size=3).run(program, calibration=CALIBRATION)
     slicer = SliceStream(CALIBRATION, constant_widths(0.25), batch_size=3)
-    PassManager([CleanupIR(), CausalAttention(), ProjectNormWriters(), FuseNorms(), slicer, FuseRepeatKV()]).run(by_hand)
+    PassManager([CleanupIR(), UnstackWeights(), CausalAttention(), ProjectNormWriters(), FuseNorms(), slicer,
+                 FuseRepeatKV()]).run(by_hand)
     ids = program.probe_input()
     assert torch.equal(program(ids), by_hand(ids))
-    assert [p.name for p in result.passes] == ["cleanup_ir", "causal_attention", "project_norm_writers", "fuse_norms",
-                                               "slice_stream", "fuse_repeat_kv"]
+    assert [p.name for p in result.passes] == ["cleanup_ir", "unstack_weights", "causal_attention", "project_norm_writers",
+                                               "fuse_norms", "slice_stream", "fuse_repeat_kv"]
     assert result.parameters == by_hand.num_parameters() < result.dense_parameters
 
 
