@@ -47,8 +47,11 @@ SIZES = {  # every spelling of a size that configs use, set where the config has
     "qk_nope_head_dim": 8, "v_head_dim": 16, "first_k_dense_replace": 1, "rotary_dim": 8,
     "mamba_d_head": 16, "mamba_n_heads": 8, "mamba_d_state": 16, "n_routed_experts": 4, "n_group": 1,
     "topk_group": 1, "index_head_dim": 16, "index_n_heads": 4, "index_topk": 8,
+    "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "num_kv_shared_layers": 0, "vocab_size_per_layer_input": 128,
+    "hidden_size_per_layer_input": 16, "n_shared_experts": 1,
 }
-ALWAYS = {"num_experts_per_tok"}  # set even where the default config leaves them None
+ALWAYS = {"num_experts_per_tok", "head_dim", "n_routed_experts", "n_shared_experts"}  # set even where the default config leaves None
 DERIVED = {  # sizes a config computes from others in its constructor, recomputed after the change
     "qk_head_dim": lambda c: c.qk_nope_head_dim + c.qk_rope_head_dim,
     "head_dim": lambda c: c.qk_rope_head_dim if hasattr(c, "qk_rope_head_dim") else c.head_dim,
@@ -64,9 +67,12 @@ def _tiny_config(model_type: str, variant: str):
     if sub is not None and sub is not config:
         targets.append(sub)
     for target in targets:
+        if getattr(target, "per_layer_config", None):  # per-layer overrides name layers the tiny model lacks
+            _set(target, "per_layer_config", {})
         for key, value in SIZES.items():
             if hasattr(target, key) and (getattr(target, key) is not None or key in ALWAYS):
-                _set(target, key, value)
+                per_layer = isinstance(getattr(target, key), list)  # one size per layer (Gemma-3n's MLP widths)
+                _set(target, key, [value] * 2 if per_layer else value)
         for key, rule in DERIVED.items():
             if hasattr(target, key):
                 _set(target, key, rule(target))
@@ -80,6 +86,8 @@ def _tiny_config(model_type: str, variant: str):
         for key in ("layer_types", "layers_block_type"):
             if isinstance(getattr(target, key, None), list):
                 _set(target, key, getattr(target, key)[:2])
+        if hasattr(target, "layer_types") and target.layer_types is None:  # a config that never derives them
+            _set(target, "layer_types", ["full_attention"] * 2)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if isinstance(getattr(target, key, None), int) and getattr(target, key) >= 128:
                 _set(target, key, 0)

@@ -18,15 +18,16 @@ from fxslice.testing import check_exact_pass, check_pass_leaves_alone
 class RMSVariant(nn.Module):
     """An HF-style decomposed RMSNorm in one of its spellings."""
 
-    def __init__(self, width, *, square, weight, upcast):
+    def __init__(self, width, *, square, weight, upcast, root="rsqrt"):
         super().__init__()
-        self.square, self.weight_kind, self.upcast, self.eps = square, weight, upcast, 1e-5
+        self.square, self.weight_kind, self.upcast, self.root, self.eps = square, weight, upcast, root, 1e-5
         self.weight = nn.Parameter(torch.rand(width) + 0.5) if weight != "none" else None
 
     def forward(self, x):
         h = x.to(torch.float32) if self.upcast else x
         sq = h.pow(2) if self.square == "pow" else h * h
-        h = h * torch.rsqrt(sq.mean(-1, keepdim=True) + self.eps)
+        variance = sq.mean(-1, keepdim=True) + self.eps
+        h = h * (torch.rsqrt(variance) if self.root == "rsqrt" else torch.pow(variance, -0.5))  # Gemma-4: pow
         h = h.to(x.dtype) if self.upcast else h
         if self.weight_kind == "right":
             h = h * self.weight
@@ -52,12 +53,14 @@ class Norms(nn.Module):
         return self.head(self.n2(h))
 
 
-RMS_VARIANTS = list(itertools.product(["pow", "mul"], ["right", "left", "gemma", "none"], [False, True]))
+RMS_VARIANTS = [*itertools.product(["pow", "mul"], ["right", "left", "gemma", "none"], [False, True], ["rsqrt"]),
+                ("pow", "right", True, "pow"), ("mul", "none", False, "pow")]
 
 
-@pytest.mark.parametrize("square,weight,upcast", RMS_VARIANTS)
-def test_decomposed_rms_variants_are_matched_and_fused_exactly(square, weight, upcast):
-    program = capture(Norms(lambda d: RMSVariant(d, square=square, weight=weight, upcast=upcast))).to(torch.float64)
+@pytest.mark.parametrize("square,weight,upcast,root", RMS_VARIANTS)
+def test_decomposed_rms_variants_are_matched_and_fused_exactly(square, weight, upcast, root):
+    make = lambda d: RMSVariant(d, square=square, weight=weight, upcast=upcast, root=root)  # noqa: E731
+    program = capture(Norms(make)).to(torch.float64)
     PassManager([CleanupIR()]).run(program)
     norms = match_norms(program.gm)
     assert len(norms) == 2
@@ -75,6 +78,35 @@ def test_decomposed_rms_variants_are_matched_and_fused_exactly(square, weight, u
 
 
 @pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+class ScaledStream(Norms):
+    """Gemma-4's layer ends by scaling the whole stream in place by a learned one-element parameter: a scalar
+    commutes with every rotation, so the stream goes on through it."""
+
+    def __init__(self, make_norm, width=16, vocab=40):
+        super().__init__(make_norm, width, vocab)
+        self.layer_scalar = nn.Parameter(torch.tensor([0.7]))
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        h = h + self.down(torch.relu(self.up(self.n1(h))))
+        h *= self.layer_scalar
+        h = h + self.down(torch.relu(self.up(self.n1(h))))
+        return self.head(self.n2(h))
+
+
+def test_a_stream_scaled_in_place_by_a_parameter_stays_one_stream_and_rotates_exactly():
+    program = capture(ScaledStream(lambda d: RMSVariant(d, square="pow", weight="right", upcast=True))).to(torch.float64)
+    PassManager([CleanupIR()]).run(program)
+    assert torch.ops.aten.mul_.Tensor in {n.target for n in program.graph.nodes}  # the spelling under test
+    stream = stream_analysis(program)
+    assert not stream.violations
+    assert any(n.target == torch.ops.aten.mul_.Tensor for segment in stream.segments for n in segment.nodes)
+    ids = program.probe_input()
+    before = program(ids)
+    PassManager(exact_pipeline(random_orthogonal(2)), check_numerics=True).run(program)
+    assert relative_error(program(ids), before) < 1e-9
+
+
 def test_layer_norm_variants_are_fused_to_weightless_rms(affine, bias):
     program = capture(Norms(lambda d: nn.LayerNorm(d, elementwise_affine=affine, bias=bias))).to(torch.float64)
     ids = program.probe_input()

@@ -244,7 +244,8 @@ def _centred(node: fx.Node) -> bool:
 
 
 def _match_decomposed_rms(gm: fx.GraphModule, rsqrt: fx.Node) -> NormMatch | None:
-    """x * rsqrt(mean(x^2, -1, keepdim) + eps), or sum(x^2)/D; squares by pow or x*x; casts allowed."""
+    """x * rsqrt(mean(x^2, -1, keepdim) + eps), or sum(x^2)/D; squares by pow or x*x; casts allowed; the root may be
+    spelled pow(., -0.5) (Gemma-4)."""
     add = rsqrt.args[0]
     if not (isinstance(add, fx.Node) and add.target == aten.add.Tensor and isinstance(add.args[1], (int, float))):
         return None
@@ -311,7 +312,7 @@ def _parameter_argument(gm: fx.GraphModule, arg: object) -> tuple[fx.Node | None
 
 
 def match_norm(gm: fx.GraphModule, node: fx.Node) -> NormMatch | None:
-    """A norm anchored at `node`: aten.layer_norm, aten.rms_norm, or the rsqrt of a decomposed RMSNorm."""
+    """A norm anchored at `node`: aten.layer_norm, aten.rms_norm, or the inverse root of a decomposed RMSNorm."""
     if node.op != "call_function":
         return None
     if node.target == aten.layer_norm.default:
@@ -337,7 +338,7 @@ def match_norm(gm: fx.GraphModule, node: fx.Node) -> NormMatch | None:
         output, w2, off, b2, affine = _match_affine(gm, node, shape[0])
         return NormMatch("rms_norm", x, node, output, float(eps), shape[0], w if w is not None else w2,
                          w_off if w is not None else off, b2, False, frozenset({node, *affine}))
-    if node.target == aten.rsqrt.default:
+    if node.target == aten.rsqrt.default or (node.target == aten.pow.Tensor_Scalar and node.args[1] == -0.5):
         return _match_decomposed_rms(gm, node)
     return None
 

@@ -42,7 +42,7 @@ _SHAPE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, at
           aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims, aten.expand.default, aten.flatten.using_ints}
 _ON_DIM = {aten.slice.Tensor: 1, aten.select.int: 1, aten.narrow.default: 1}
 _REDUCE = {aten.sum.dim_IntList, aten.mean.dim}
-_SCALE = {aten.mul.Tensor, aten.div.Tensor}
+_SCALE = {aten.mul.Tensor, aten.mul_.Tensor, aten.div.Tensor}
 _SUM = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor}
 _SPLITS = {aten.split_with_sizes.default: 2, aten.split.Tensor: 2}  # the position of `dim`
 _ZEROS = {aten.zeros.default, aten.new_zeros.default}
