@@ -112,6 +112,33 @@ def test_complex_casts_follow_the_program_to_float64():
         assert relative_error(ComplexRotary().double()(ids), reference(ids)) > 1e-10  # the island is real
 
 
+class LiteralCutoff(nn.Module):
+    """A number written in the code as a float32 tensor (Gemma-3n's activation sparsity, 0.95), then computed on."""
+
+    def __init__(self, literal_dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Embedding(16, 8), nn.Linear(8, 16)
+        self.literal_dtype = literal_dtype
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        sparsity = torch.tensor(0.95, dtype=self.literal_dtype)
+        cutoff = torch.erfinv(2 * sparsity - 1).to(h.dtype)
+        return self.head(torch.relu(h - cutoff * h.std(-1, keepdim=True)))
+
+
+def test_float32_literals_become_the_number_in_float64():
+    p64 = capture(LiteralCutoff()).to(torch.float64)
+    reference = LiteralCutoff(torch.float64).double()
+    ids = torch.randint(0, 16, (2, 7))
+    with torch.no_grad():
+        assert relative_error(p64(ids), reference(ids)) <= 1e-12
+        assert relative_error(LiteralCutoff().double()(ids), reference(ids)) > 1e-10  # the island is real
+    p32 = capture(LiteralCutoff()).to(torch.float32)  # no lift below float64: the float32 value stays bit for bit
+    assert torch.equal(p32(ids), LiteralCutoff()(ids))
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -70,6 +71,16 @@ def role_of(node: fx.Node) -> str | None:
     return node.meta.get("fxslice_role")
 
 
+#: node meta key of a `get_attr` whose tensor is a number written in the model's code as a float32 tensor
+#: (`torch.tensor(0.95, dtype=torch.float32)`, Gemma-3n's activation sparsity): the shortest decimal that rounds to it
+FLOAT_LITERAL = "fxslice_float_literal"
+
+
+def float32_literal(value: float) -> float:
+    """The shortest decimal that rounds to `value` in float32: the number as the code most likely wrote it."""
+    return float(np.format_float_positional(np.float32(value), unique=True))
+
+
 def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     """Replace the parameter or buffer at `target`, keeping its kind (parameter vs buffer) and its device (a pass
     may compute the new value on the device an offloaded program computes on)."""
@@ -130,6 +141,10 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
                           for i, a in enumerate(node.args))
         if isinstance(node.kwargs.get("dtype"), torch.dtype):
             node.kwargs = {**node.kwargs, "dtype": _retargeted(node.kwargs["dtype"], dtype)}
+    for node in gm.graph.nodes:  # a number the model's code wrote as a float32 tensor: the number, not its rounding
+        literal = node.meta.get(FLOAT_LITERAL)
+        if node.op == "get_attr" and literal is not None and torch.finfo(dtype).bits > 32:
+            set_tensor(gm, str(node.target), torch.full_like(tensor_of(gm, node), literal))
     refresh_vals(gm)
     gm.recompile()
 

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from fxslice.core.errors import CaptureError
-from fxslice.core.graph import drop_unused_weights
+from fxslice.core.graph import FLOAT_LITERAL, drop_unused_weights, float32_literal, tensor_of
 from fxslice.core.program import Program
 from fxslice.models import gguf_cache
 
@@ -140,6 +140,8 @@ def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
                       f"({type(errors[0]).__name__}: {str(errors[0]).strip().splitlines()[0][:200]}); the program "
                       "accepts only inputs of exactly that shape", stacklevel=2)
     gm = plain_graph_module(unlifted, root=root)
+    _mark_float_literals(gm, {name.removeprefix(root + ".") if root else name
+                              for name in exported.graph_signature.lifted_tensor_constants})
     return Program(
         gm,
         model_class=type(model).__name__,
@@ -209,6 +211,18 @@ def plain_graph_module(unlifted: fx.GraphModule, *, inputs: list[str] | None = N
     drop_unused_weights(gm)
     gm.recompile()
     return gm
+
+
+def _mark_float_literals(gm: fx.GraphModule, constants: set[str]) -> None:
+    """Tensors the model's code creates from a number in float32 (`torch.tensor(0.95, dtype=torch.float32)`) are
+    captured rounded to float32; remember the number, so that `Program.to(torch.float64)` computes with the number
+    the code wrote rather than with its float32 rounding (a float32 island a float64 check would otherwise see)."""
+    for node in gm.graph.find_nodes(op="get_attr"):
+        if str(node.target) not in constants:
+            continue
+        value = tensor_of(gm, node)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.numel() == 1:
+            node.meta[FLOAT_LITERAL] = float32_literal(value.item())
 
 
 def _drop_prefix(graph: fx.Graph, prefix: str) -> None:
