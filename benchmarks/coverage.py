@@ -67,7 +67,7 @@ def _tiny_config(model_type: str, variant: str):
     if sub is not None and sub is not config:
         targets.append(sub)
     for target in targets:
-        if getattr(target, "per_layer_config", None):  # per-layer overrides name layers the tiny model lacks
+        if _has_entries(getattr(target, "per_layer_config", None)):  # overrides name layers the tiny model lacks
             _set(target, "per_layer_config", {})
         for key, value in SIZES.items():
             if hasattr(target, key) and (getattr(target, key) is not None or key in ALWAYS):
@@ -86,12 +86,19 @@ def _tiny_config(model_type: str, variant: str):
         for key in ("layer_types", "layers_block_type"):
             if isinstance(getattr(target, key, None), list):
                 _set(target, key, getattr(target, key)[:2])
-        if hasattr(target, "layer_types") and target.layer_types is None:  # a config that never derives them
+        if "layer_types" in vars(target) and target.layer_types is None:  # a config that never derives them
             _set(target, "layer_types", ["full_attention"] * 2)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if isinstance(getattr(target, key, None), int) and getattr(target, key) >= 128:
                 _set(target, key, 0)
     return config
+
+
+def _has_entries(value) -> bool:
+    try:
+        return bool(value)
+    except (AttributeError, TypeError):  # a composite config's view over layers it does not hold
+        return False
 
 
 def _set(target, key: str, value) -> None:

@@ -77,7 +77,6 @@ def test_decomposed_rms_variants_are_matched_and_fused_exactly(square, weight, u
     assert torch.ops.aten.mean.dim not in {n.target for n in program.graph.nodes}
 
 
-@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
 class ScaledStream(Norms):
     """Gemma-4's layer ends by scaling the whole stream in place by a learned one-element parameter: a scalar
     commutes with every rotation, so the stream goes on through it."""
@@ -107,6 +106,7 @@ def test_a_stream_scaled_in_place_by_a_parameter_stays_one_stream_and_rotates_ex
     assert relative_error(program(ids), before) < 1e-9
 
 
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
 def test_layer_norm_variants_are_fused_to_weightless_rms(affine, bias):
     program = capture(Norms(lambda d: nn.LayerNorm(d, elementwise_affine=affine, bias=bias))).to(torch.float64)
     ids = program.probe_input()

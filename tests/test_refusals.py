@@ -127,7 +127,8 @@ def test_rows_of_a_parameter_entering_the_stream_are_a_writer_not_a_silent_error
     assert_rotation_is_exact(program)
     stream = cleaned_stream(PositionTable("none"))  # the clean-up drops the `+ 0`
     assert not stream.violations
-    assert [w.kind for w in stream.writers].count("other") == 2  # the scaled embedding, the position rows
+    kinds = [w.kind for w in stream.writers]  # the embedding scaled in place is still the embedding
+    assert kinds.count("other") == 1 and kinds.count("embedding") == 1  # the position rows need a projection
 
 
 class SeparateBias(TinyLM):
@@ -230,4 +231,53 @@ def test_rows_split_by_expert_and_added_back_into_zeros_rotate_and_slice_exactly
 def test_a_split_of_the_features_is_still_refused():
     program = capture(RoutedRows("swapped")).to(torch.float64)
     with pytest.raises(UnsupportedStructure, match="split"):
+        PassManager(exact_pipeline(random_orthogonal(0))).run(program)
+
+
+class ShiftedExperts(TinyLM):
+    """PhiMoE's layout: a LayerNorm with a shift in front of expert weights stacked in one parameter and applied
+    by transformers' grouped matmul (rows sorted by expert), which has no bias to absorb the shift."""
+
+    def __init__(self):
+        super().__init__("none")
+        for norm in (self.norm, self.final):
+            norm.weight.data, norm.bias.data = torch.rand(16) + 0.5, torch.rand(16) + 0.5
+        self.experts_in = nn.Parameter(torch.randn(2, 16, 32) / 4)
+        self.experts_out = nn.Parameter(torch.randn(2, 32, 16) / 6)
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        x = self.norm(h).reshape(-1, 16)
+        offsets = torch.tensor([1, x.shape[0]], dtype=torch.int32)  # expert 0 takes the first row, 1 the rest
+        import transformers.integrations.moe  # noqa: F401 - registers torch.ops.transformers.grouped_mm_fallback
+
+        grouped = torch.ops.transformers.grouped_mm_fallback
+        y = grouped(torch.relu(grouped(x, self.experts_in, offsets)), self.experts_out, offsets)
+        return self.head(self.final(h + y.view(h.shape)))
+
+
+def test_a_norm_shift_in_front_of_expert_weights_rotates_and_slices_exactly():
+    from fxslice.passes.slicegpt.pipeline import slicegpt
+    from fxslice.passes.slicegpt.slice_stream import constant_widths
+
+    dense = capture(ShiftedExperts()).to(torch.float64)
+    program = dense.clone()
+    assert_rotation_is_exact(program)
+    shifts = [s for seg in program.analysis(stream_analysis).segments for s in seg.shifts]
+    assert len(shifts) == 1  # one shift kept in front of the first expert matmul, in the stream's basis
+    windows = torch.randint(0, 32, (4, 12))
+    kept = dense.clone()  # slicing at full width is a change of basis only: the same logits
+    slicegpt(kept, windows, constant_widths(0.0, multiple=4))
+    assert relative_error(kept(windows), dense(windows)) < 1e-9
+    sliced = dense.clone()
+    slicegpt(sliced, windows, constant_widths(0.25, multiple=4))
+    assert sliced(windows).shape == (4, 12, 32)
+    assert {tuple(p.shape) for n, p in sliced.gm.named_parameters() if "shift" in n} == {(12,)}
+
+
+def test_a_zero_scale_in_front_of_expert_weights_is_refused_by_name():
+    model = ShiftedExperts()
+    model.norm.weight.data[3] = 0.0  # the shift cannot move in front of the scaled weights: it would divide by 0
+    program = capture(model).to(torch.float64)
+    with pytest.raises(UnsupportedStructure, match="zero scale.*\n.*grouped_mm_fallback"):
         PassManager(exact_pipeline(random_orthogonal(0))).run(program)

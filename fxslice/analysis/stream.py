@@ -90,6 +90,9 @@ class Segment:
     norms: tuple[NormMatch, ...]
     readers: tuple[Reader, ...]
     normed: tuple[fx.Node, ...] = ()  # values in this segment's basis downstream of its norms
+    # sums `v + s` of a normed value and a parameter vector `s` (a LayerNorm's shift kept in front of expert
+    # weights that have no bias to absorb it): `s` is in this segment's basis and changes with it
+    shifts: tuple[fx.Node, ...] = ()
 
     @property
     def values(self) -> tuple[fx.Node, ...]:
@@ -375,6 +378,7 @@ def stream_analysis(program: Program) -> Stream:
     seg_norms: dict[int, list[NormMatch]] = defaultdict(list)
     readers: dict[int, list[Reader]] = defaultdict(list)
     normed: dict[int, list[fx.Node]] = defaultdict(list)
+    shifts: dict[int, list[fx.Node]] = defaultdict(list)
     for node in stream:
         i = seg_index[node]
         if node in joined and (vector := added_vector(gm, node)) is not None:
@@ -426,9 +430,11 @@ def stream_analysis(program: Program) -> Stream:
                 continue
             readers[i] += _norm_readers(gm, norm, group, norm_internal, violations)
             normed[i] += [n for n in group if n not in norm.nodes or n is norm.output]
+            shifts[i] += [n for n in group if n not in norm.nodes and added_vector(gm, n) is not None]
 
     segments = tuple(
-        Segment(i, tuple(g), tuple(writers[i]), tuple(seg_norms[i]), tuple(readers[i]), tuple(normed[i]))
+        Segment(i, tuple(g), tuple(writers[i]), tuple(seg_norms[i]), tuple(readers[i]), tuple(normed[i]),
+                tuple(shifts[i]))
         for i, g in enumerate(ordered)
     )
     shortcuts = tuple(

@@ -13,7 +13,6 @@ import torch
 from torch import fx
 
 from fxslice.analysis.matchers import LinearUse, match_linear
-from fxslice.core.errors import UnsupportedStructure, node_location
 from fxslice.core.graph import add_parameter, aten, insert_op, module_path, owner_of, set_role, set_tensor, tensor_of
 
 __all__ = ["contract", "transform_input", "transform_output", "transform_table", "transform_vector", "add_input_shift", "private_weight",
@@ -96,7 +95,8 @@ def transform_vector(gm: fx.GraphModule, total: fx.Node, m: torch.Tensor) -> Non
 
 
 def add_input_shift(gm: fx.GraphModule, use: LinearUse, shift: torch.Tensor) -> None:
-    """Make `use` compute from `x` what it computed from `x + shift` (adds `shift @ A` to the bias)."""
+    """Make `use` compute from `x` what it computed from `x + shift`: adds `shift @ A` to the bias, or, for
+    batched (expert) weights without one, inserts `x + shift` in front (a parameter in `x`'s basis)."""
     weight = tensor_of(gm, use.weight)
     delta = contract(weight.to(torch.float64).movedim(use.in_axis, -1), -1, shift.reshape(-1, 1)).squeeze(-1)
     if use.bias is not None:
@@ -104,11 +104,14 @@ def add_input_shift(gm: fx.GraphModule, use: LinearUse, shift: torch.Tensor) -> 
         current = tensor_of(gm, bias)
         _set_param(gm, bias, (current.to(torch.float64) + delta).to(current.dtype))
         return
-    if delta.dim() != 1:
-        raise UnsupportedStructure(
-            f"cannot absorb a norm's shift into a batched (expert) weight without a bias\n  at {node_location(use.node)}\n"
-            "  what to do: LayerNorm shifts in front of mixture-of-experts weights are not supported; file an issue"
-        )
+    if delta.dim() != 1:  # one weight per expert and no bias: keep `x + shift` in front, in the input's basis
+        target = add_parameter(gm, module_path(use.node).replace(".", "_") + "_shift", shift.to(weight.dtype))
+        with gm.graph.inserting_before(use.node):
+            vector = gm.graph.get_attr(target)
+            vector.meta["val"] = tensor_of(gm, target)
+            shifted = insert_op(gm.graph, aten.add.Tensor, (use.input, vector), like=use.input)
+        use.node.replace_input_with(use.input, shifted)
+        return
     target = add_parameter(gm, module_path(use.node).replace(".", "_") + "_bias", delta.to(weight.dtype))
     with gm.graph.inserting_before(use.node):
         bias_node = gm.graph.get_attr(target)

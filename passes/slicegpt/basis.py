@@ -35,6 +35,8 @@ def change_basis(gm: fx.GraphModule, segment: Segment, m: torch.Tensor, *, done:
             transform_output(gm, writer.linear, m)
     for reader in segment.readers:
         transform_input(gm, reader.linear, m)
+    for shift in segment.shifts:
+        transform_vector(gm, shift, m)
 
 
 def change_tied_tables(gm: fx.GraphModule, seg: Segment, q: torch.Tensor) -> list[fx.Node]:

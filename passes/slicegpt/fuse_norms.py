@@ -76,10 +76,13 @@ class FuseNorms(Pass):
                     use = reader.linear
                     if self.keep_ties and not centre and id(tensor_of(gm, use.weight)) in tables:
                         use = _project_in_front(gm, use, stream.width)
-                    if shift is not None:
+                    batched = tensor_of(gm, use.weight).dim() > 2
+                    if shift is not None and not batched:
                         add_input_shift(gm, use, shift)
                     if scale is not None:
                         transform_input(gm, use, torch.diag(scale))
+                    if shift is not None and batched:  # the shift stays in front of the scaled weights
+                        add_input_shift(gm, use, _divided(shift, scale, use))
                 _strip(graph, norm)
         graph.eliminate_dead_code()
         return PassResult(bool(todo), {"fused": len(todo), "centred": centre})
@@ -88,6 +91,17 @@ class FuseNorms(Pass):
         stream = program.analysis(stream_analysis)
         stream.check()
         assert all(n.is_plain_rms for n in stream.norms), "a stream norm is still affine or centring"
+
+
+def _divided(shift: torch.Tensor, scale: torch.Tensor | None, use: LinearUse) -> torch.Tensor:
+    """The shift as seen in front of weights that were scaled by `scale`: `shift / scale`."""
+    if scale is None:
+        return shift
+    if bool((scale == 0).any()):
+        raise UnsupportedStructure(
+            "fuse_norms: a LayerNorm with a zero scale and a shift feeds expert weights without a bias\n"
+            f"  at {node_location(use.node)}\n  what to do: give the zero scales a tiny value, or file an issue")
+    return shift / scale
 
 
 def _project_in_front(gm: fx.GraphModule, use: LinearUse, width: int) -> LinearUse:

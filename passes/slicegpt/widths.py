@@ -72,6 +72,8 @@ class SlicedSize:
                     assign(writer.table, seg.index)
                 elif writer.kind == "bias":
                     assign(writer.vector, seg.index)
+            for shift in seg.shifts:
+                assign(shift.args[1], seg.index)
         self.fixed = program.num_parameters() - sum(t.numel() for t in tensors.values())
         self.tensors = [_Tensor(tensors[key].numel(), tuple(segments)) for key, segments in axes.items()]
         self.shortcuts = [(sc.src, sc.dst) for sc in stream.shortcuts]
