@@ -139,6 +139,30 @@ def test_float32_literals_become_the_number_in_float64():
     assert torch.equal(p32(ids), LiteralCutoff()(ids))
 
 
+class NoDoubleKernel(nn.Module):
+    """Runs eagerly in float32 only (as transformers' grouped experts), and its export computes something else than
+    the model (as a routing baked in at trace time would)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Embedding(16, 8), nn.Linear(8, 16)
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        if torch.compiler.is_exporting():
+            return self.head(2 * h)
+        if h.dtype == torch.float64:
+            raise RuntimeError("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double")
+        return self.head(h)
+
+
+def test_the_other_shape_check_compares_in_float32_where_float64_has_no_kernel():
+    with pytest.warns(UserWarning, match="only with static shapes"):  # the dynamic export was found to differ
+        program = capture(NoDoubleKernel().double())
+    assert program.static_shape is not None
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()
