@@ -281,3 +281,37 @@ def test_a_zero_scale_in_front_of_expert_weights_is_refused_by_name():
     program = capture(model).to(torch.float64)
     with pytest.raises(UnsupportedStructure, match="zero scale.*\n.*grouped_mm_fallback"):
         PassManager(exact_pipeline(random_orthogonal(0))).run(program)
+
+
+class MaskedRows(TinyLM):
+    """transformers 5.15's experts zero the rows of tokens no expert took (`masked_fill_(x, mask[..., None], 0)`):
+    whole rows set to zero are zero in every basis. `fill` sets them to another value (an affine map: a breaker),
+    `per_feature` masks single features (a breaker)."""
+
+    def __init__(self, fill=0.0, per_feature=False):
+        super().__init__("none")
+        self.fill, self.per_feature = fill, per_feature
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        x = self.norm(h)
+        mask = (input_ids % 3 == 0)[..., None]
+        if self.per_feature:
+            mask = mask & (torch.arange(16) % 2 == 0)
+        x = x.clone()
+        x.masked_fill_(mask, self.fill)
+        h = h + self.down(torch.relu(self.up(x)))
+        return self.head(self.final(h))
+
+
+def test_rows_zeroed_by_a_mask_keep_the_stream_and_rotate_exactly():
+    program = capture(MaskedRows()).to(torch.float64)
+    assert torch.ops.aten.masked_fill_.Scalar in {n.target for n in program.graph.nodes}  # the spelling under test
+    assert_rotation_is_exact(program)
+
+
+@pytest.mark.parametrize("fill,per_feature", [(1.0, False), (0.0, True)])
+def test_rows_filled_with_a_constant_or_masked_features_are_refused(fill, per_feature):
+    program = capture(MaskedRows(fill, per_feature)).to(torch.float64)
+    with pytest.raises(UnsupportedStructure, match="masked_fill"):
+        PassManager(exact_pipeline(random_orthogonal(0))).run(program)

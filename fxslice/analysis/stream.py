@@ -46,6 +46,7 @@ _SCALE = {aten.mul.Tensor, aten.mul_.Tensor, aten.div.Tensor}
 _SUM = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor}
 _SPLITS = {aten.split_with_sizes.default: 2, aten.split.Tensor: 2}  # the position of `dim`
 _ZEROS = {aten.zeros.default, aten.new_zeros.default}
+_ROW_MASKS = {aten.masked_fill.Scalar, aten.masked_fill_.Scalar}
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,9 @@ def preserving_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None
     if target in _ON_DIM:
         dim = args[_ON_DIM[target]] if len(args) > _ON_DIM[target] else 0
         return [first] if not _is_last(dim, fin.dim()) else None
+    if target in _ROW_MASKS:  # whole rows set to 0 (tokens no expert took, transformers 5.15): 0 in every basis
+        mask = value_of(args[1])
+        return [first] if args[2] == 0 and mask is not None and mask.dim() > 0 and mask.shape[-1] == 1 else None
     if target == aten.repeat.default:  # copies of whole rows (Llama-4 repeats tokens once per expert)
         return [first] if same_last and list(args[1])[-1] == 1 else None
     if target == aten.transpose.int:
