@@ -51,6 +51,22 @@ def assert_rotation_is_exact(program) -> None:
     assert relative_error(program(ids), before) < 1e-9
 
 
+def slice_checked(dense):
+    """Slice a copy of `dense` at 25 %, after checking that slicing at full width is a change of basis only (the
+    same logits); the sliced copy, its logits' shape checked."""
+    from fxslice.passes.slicegpt.pipeline import slicegpt
+    from fxslice.passes.slicegpt.slice_stream import constant_widths
+
+    windows = torch.randint(0, 32, (4, 12))
+    kept = dense.clone()
+    slicegpt(kept, windows, constant_widths(0.0, multiple=4))
+    assert relative_error(kept(windows), dense(windows)) < 1e-9
+    sliced = dense.clone()
+    slicegpt(sliced, windows, constant_widths(0.25, multiple=4))
+    assert sliced(windows).shape == (4, 12, 32)
+    return sliced
+
+
 def cleaned_stream(model):
     """The stream analysis of `model`'s capture after the IR clean-up."""
     program = capture(model)
@@ -209,22 +225,14 @@ class RoutedRows(TinyLM):
 
 
 def test_rows_split_by_expert_and_added_back_into_zeros_rotate_and_slice_exactly():
-    from fxslice.passes.slicegpt.pipeline import slicegpt
-    from fxslice.passes.slicegpt.slice_stream import constant_widths
-
     program = capture(RoutedRows("none")).to(torch.float64)
     dense = program.clone()
     assert_rotation_is_exact(program)
     stream = program.analysis(stream_analysis)
     assert [w.kind for w in stream.writers] == ["embedding", "linear", "linear", "bias"]  # no projection needed
     assert not any("projection" in name for name, _ in program.gm.named_parameters())
-    windows = torch.randint(0, 32, (4, 12))
-    kept = dense.clone()  # slicing at full width is a change of basis only: the same logits
-    slicegpt(kept, windows, constant_widths(0.0, multiple=4))
-    assert relative_error(kept(windows), dense(windows)) < 1e-9
-    sliced = dense.clone()
-    slicegpt(sliced, windows, constant_widths(0.25, multiple=4))
-    assert sliced(windows).shape == (4, 12, 32) and sliced.num_parameters() < dense.num_parameters()
+    sliced = slice_checked(dense)
+    assert sliced.num_parameters() < dense.num_parameters()
     assert {tuple(p.shape) for n, p in sliced.gm.named_parameters() if n.startswith("bias")} == {(12,)}
 
 
@@ -257,21 +265,12 @@ class ShiftedExperts(TinyLM):
 
 
 def test_a_norm_shift_in_front_of_expert_weights_rotates_and_slices_exactly():
-    from fxslice.passes.slicegpt.pipeline import slicegpt
-    from fxslice.passes.slicegpt.slice_stream import constant_widths
-
     dense = capture(ShiftedExperts()).to(torch.float64)
     program = dense.clone()
     assert_rotation_is_exact(program)
     shifts = [s for seg in program.analysis(stream_analysis).segments for s in seg.shifts]
     assert len(shifts) == 1  # one shift kept in front of the first expert matmul, in the stream's basis
-    windows = torch.randint(0, 32, (4, 12))
-    kept = dense.clone()  # slicing at full width is a change of basis only: the same logits
-    slicegpt(kept, windows, constant_widths(0.0, multiple=4))
-    assert relative_error(kept(windows), dense(windows)) < 1e-9
-    sliced = dense.clone()
-    slicegpt(sliced, windows, constant_widths(0.25, multiple=4))
-    assert sliced(windows).shape == (4, 12, 32)
+    sliced = slice_checked(dense)
     assert {tuple(p.shape) for n, p in sliced.gm.named_parameters() if "shift" in n} == {(12,)}
 
 
