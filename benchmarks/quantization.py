@@ -13,14 +13,16 @@ validation (seed 0); evaluation: the first N windows of 2048 tokens of WikiText-
 one capture; `--prune` quantizes the Surgeon's pruned model as well, `--slice` SliceGPT's, and both together the
 Surgeon's pruning of the sliced model (slice -> prune -> quantize on one plane);
 `--rotate` quantizes each model once more after an exact randomized-Hadamard rotation of its stream (QuaRot-style).
-`--search` runs the mixed-precision searches at `--budget-bits` (default: the bits per parameter of uniform 4-bit
-GPTQ, so the comparison is at its bytes) with the same number of expensive evaluations each, and draws them;
+`--search` runs the mixed-precision searches on every model (the dense one unless `--no-dense`) at `--budget-bits`
+(default: the bits per parameter of dense uniform 4-bit GPTQ, so the comparison is at its bytes) with the same number
+of expensive evaluations each, and draws them;
 they choose the token table's width too (up to `--embeddings`) unless `--fixed-tables`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -114,15 +116,17 @@ def main() -> None:
     if args.search:
         budget = args.budget_bits or next(8 * r["bytes"] / r["parameters"] for r in rows  # exact, not rounded
                                           if r["model"] == "dense" and r["weights"] == "gptq 4-bit")
+    searched = [(name, base) for name, base, _ in bases if not (args.no_dense and base is dense)]
     for seed in (int(s) for s in args.seeds.split(",")):  # seed by seed: a stopped run keeps whole comparisons
-        for search in (s for s in args.search.split(",") if s):
-            program = dense.clone()
+        for (base_name, base), search in itertools.product(searched, (s for s in args.search.split(",") if s)):
+            program = base.clone()
             stage = Quantize(search=search, budget_bits=budget, group_size=args.group_size, method="gptq",
                              embeddings=args.embeddings or None, head=args.embeddings or None,
                              evaluations=args.evaluations, seed=seed, search_tables=not args.fixed_tables)
             start = time.perf_counter()
             result = Recipe((stage,)).run(program, calibration=calib, progress=sys.stderr.isatty())
-            row = _row("dense", f"{search} search at {budget:.3f} bits", program, test, time.perf_counter() - start, dense)
+            row = _row(base_name, f"{search} search at {budget:.3f} bits", program, test, time.perf_counter() - start,
+                       dense)
             report = result.stages[0][1].report
             row.update({"search": search, "seed": seed, "budget_bits": budget, "search_tables": not args.fixed_tables,
                         "best": report["search"]["best"],
@@ -186,14 +190,18 @@ def _plot(searches: list[dict], rows: list[dict], path: str) -> None:
     left.legend(dict(zip(labels, handles, strict=True)).values(), dict(zip(labels, handles, strict=True)).keys(),
                 fontsize=7)
     for row in rows:
-        if row["model"] == "dense" and row["weights"] != "float32":
-            right.scatter(row["bytes"] / 2**20, row["perplexity"], color="black", marker="x")
-            right.annotate(row["weights"], (row["bytes"] / 2**20, row["perplexity"]), fontsize=7)
+        if row["weights"] != "float32":
+            dense = row["model"] == "dense"
+            right.scatter(row["bytes"] / 2**20, row["perplexity"], color="black" if dense else "grey",
+                          marker="x" if dense else "+")
+            label = row["weights"] if dense else f"{row['model']}, {row['weights']}"
+            right.annotate(label, (row["bytes"] / 2**20, row["perplexity"]), fontsize=7)
     sizes = {"mtgp": 150, "gp": 80, "random": 30}  # nested, so that searches answering the same point all show
     for row in sorted(searches, key=lambda r: -sizes.get(r["search"], 60)):  # largest first
         right.scatter(row["bytes"] / 2**20, row["perplexity"], color=colours.get(row["search"]),
                       marker="*os^v"[row["seed"] % 5], s=sizes.get(row["search"], 60), alpha=0.9,
-                      label=f"{row['search']} (seed {row['seed']})")
+                      label=f"{row['search']} (seed {row['seed']})"
+                      + ("" if row["model"] == "dense" else f", {row['model']}"))
     right.margins(x=0.12)
     right.set_xlabel("MiB as stored")
     right.set_ylabel("WikiText-2 test perplexity")
