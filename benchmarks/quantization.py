@@ -67,6 +67,10 @@ def main() -> None:
                         "evaluation per model)")
     parser.add_argument("--plot", default="quantization-search.png")
     args = parser.parse_args()
+    uniform4 = "4" in args.bits.split(",") and "gptq" in args.methods.split(",") and not args.no_dense
+    if args.search and not args.budget_bits and not uniform4:  # the default budget is that row's, found at the end
+        parser.error("--search needs --budget-bits unless the run quantizes the dense model to 4-bit GPTQ "
+                     "(--bits 4 --methods gptq without --no-dense), whose bits per parameter are the default budget")
     if args.search and args.plot:
         try:  # found now, not after an hour of searching
             import matplotlib  # noqa: F401
