@@ -86,9 +86,9 @@ def collect(files: list[str], windows: int) -> tuple[list[dict], dict | None]:
     return points, dense
 
 
-def best_by_size(points: list[dict]) -> list[dict]:
-    """The frontier: each point no other point beats with as few or fewer parameters."""
-    ordered = sorted(points, key=lambda p: (p["parameters"], p["perplexity"]))
+def best_by_size(points: list[dict], size: str = "parameters") -> list[dict]:
+    """The frontier: each point no other point beats with as few or fewer `size` (parameters, or bytes)."""
+    ordered = sorted(points, key=lambda p: (p[size], p["perplexity"]))
     frontier, best = [], float("inf")
     for point in ordered:
         if point["perplexity"] < best:

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from frontier import best_by_size
+
 RESULTS = Path(__file__).parent / "results"
 #: runs on the current quantizer (GPTQ in activation order; SliceGPT's shortcut matrices fixed), 16 x 512 calibration
 RUNS = [
@@ -29,17 +31,19 @@ RUNS = [
     "quantization-2026-11-29-search-pruned.json",
     "quantization-2026-11-29-search-dense-3.82.json",
 ]
+#: the calibration every run drawn here used (WikiText-2 validation, seed 0)
+CALIBRATION = {"text": "wikitext2:validation", "windows": 16, "length": 512}
 #: models above this perplexity are broken (2-bit, SliceGPT's 3-bit): kept in the JSON, off the picture
 CEILING = 200.0
 
 
 def points(paths: list[Path], windows: int) -> list[dict]:
-    """One point per quantized model (float rows left out), deduplicated by (model, weights, bytes)."""
+    """One point per quantized model (float rows left out); a model several runs report (the uniform rows each run
+    repeats) once."""
     seen: dict[tuple, dict] = {}
     for path in paths:
         data = json.loads(path.read_text())
-        if data["evaluation"]["windows"] != windows or data["calibration"] != {
-                "text": "wikitext2:validation", "windows": 16, "length": 512}:
+        if data["evaluation"]["windows"] != windows or data["calibration"] != CALIBRATION:
             continue
         for row in data["results"] + data.get("searches", []):
             if row["weights"] == "float32":
@@ -48,16 +52,6 @@ def points(paths: list[Path], windows: int) -> list[dict]:
                      "bytes": row["bytes"], "perplexity": round(row["perplexity"], 2), "run": path.name}
             seen.setdefault((row["model"], row["weights"], row["bytes"], point["perplexity"]), point)
     return sorted(seen.values(), key=lambda p: p["bytes"])
-
-
-def front(points: list[dict]) -> list[dict]:
-    """The models no other model beats on both bytes and perplexity, smallest first."""
-    kept, best = [], float("inf")
-    for point in sorted(points, key=lambda p: (p["bytes"], p["perplexity"])):
-        if point["perplexity"] < best:
-            kept.append(point)
-            best = point["perplexity"]
-    return kept
 
 
 def draw(points: list[dict], edge: list[dict], out: str) -> None:
@@ -98,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     paths = [Path(f) for f in args.files] or [RESULTS / name for name in RUNS if (RESULTS / name).exists()]
     found = points(paths, args.windows)
-    edge = front(found)
+    edge = best_by_size(found, size="bytes")
     if args.out:
         draw(found, edge, args.out)
     print(json.dumps({"windows": args.windows, "runs": [p.name for p in paths], "front": edge, "points": found},

@@ -3,14 +3,18 @@ the models that no smaller model beats."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:  # as when run as a script: it imports its sibling frontier.py
+    sys.path.insert(0, str(BENCHMARKS))
 _spec = importlib.util.spec_from_file_location(
-    "quantized_frontier", Path(__file__).parents[1] / "benchmarks" / "quantized_frontier.py")
+    "quantized_frontier", BENCHMARKS / "quantized_frontier.py")
 quantized_frontier = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quantized_frontier)
 
-CALIBRATION = {"text": "wikitext2:validation", "windows": 16, "length": 512}
+CALIBRATION = quantized_frontier.CALIBRATION
 
 
 def run(tmp_path, name, windows, results, searches=(), calibration=CALIBRATION):
@@ -42,7 +46,7 @@ def test_only_quantized_rows_of_the_same_windows_and_calibration_are_drawn_once(
 def test_the_front_keeps_each_model_that_every_smaller_model_is_worse_than():
     models = [{"bytes": b, "perplexity": p} for b, p in
               [(60, 70.0), (64, 35.0), (70, 40.0), (73, 34.0), (75, 34.0), (90, 22.0), (85, 21.0), (140, 19.0)]]
-    edge = quantized_frontier.front(models)
+    edge = quantized_frontier.best_by_size(models, size="bytes")
     assert [(p["bytes"], p["perplexity"]) for p in edge] == [(60, 70.0), (64, 35.0), (73, 34.0), (85, 21.0),
                                                              (140, 19.0)]
     for point in models:  # everything left out is beaten by a model on the front no larger than it
