@@ -60,6 +60,9 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
             dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=256)),
     "cohere": ("CohereConfig", "CohereForCausalLM",  # LayerNorm without bias written out: x - mean, rsqrt(var)
                dict(hidden_size=64, intermediate_size=128, num_key_value_heads=2)),
+    "modernbert_decoder": ("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM",  # block 0 has no attention norm:
+                           dict(hidden_size=64, intermediate_size=64, local_attention=8,  # reads the embedding norm
+                                cls_token_id=1, sep_token_id=2)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(hidden_size=64, intermediate_size=64, num_key_value_heads=2, num_local_experts=4,
                      num_experts_per_tok=2)),

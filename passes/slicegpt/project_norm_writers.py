@@ -8,6 +8,11 @@ linear writer, while the norm and its affine part stay exactly as they were. The
 other value entering the stream that is computed from no sum of two activations, so from no earlier
 residual stream (a position code, a constant; the analysis checks every read of the stream itself).
 Such a projection costs d x d parameters before slicing; only the stream's own uses read it.
+
+A linear that reads a norm writer's output directly (ModernBERT's first attention block has no norm of its own and
+reads the embedding norm's output) keeps reading the norm's output, not the projection: it then reads a value
+outside the stream, in the model's own basis, so a LayerNorm model's writers can centre the stream without
+taking the mean away from it.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ class ProjectNormWriters(Pass):
         members = {n for seg in stream.segments for n in seg.nodes}
         for writer in writers:
             if writer.kind == "norm":
-                insert_linear(gm, writer.norm.output, torch.eye(stream.width), stem="projection")
+                direct = {n for r in stream.readers if r.norm is None for n in (r.linear.node, r.linear.input)}
+                users = [u for u in writer.norm.output.users if u in members or u not in direct]
+                insert_linear(gm, writer.norm.output, torch.eye(stream.width), stem="projection", users=users)
             else:
                 users = [u for u in writer.output.users if u in members]
                 insert_linear(gm, writer.output, torch.eye(stream.width), stem="projection", users=users)
