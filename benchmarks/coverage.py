@@ -1,7 +1,7 @@
 """Every `*ForCausalLM` class of the installed transformers as tiny random models, through fxslice; one JSON object.
 
-    python benchmarks/coverage.py [--only llama,gpt2] [--variants base,mha,tied,eager,window] [--timeout 120]
-                                  [--memory-gib 6] [--jobs 1]
+    python benchmarks/coverage.py [--only llama,gpt2] [--variants base,mha,tied,eager,window,sizes,square]
+                                  [--timeout 120] [--memory-gib 6] [--jobs 1]
 
 Per class and tiny config, in its own subprocess with a time and a memory limit: build the model (hidden 64, 2 layers,
 4 heads of 16, norm scales and biases drawn away from 1 and 0), capture it, compare the float64 program with the
@@ -22,7 +22,8 @@ Outcomes:
 - `timeout` / `out_of_memory`: the limits were hit.
 
 Variants: `base` (2 KV heads), `mha` (as many KV heads as heads), `tied` (tied embeddings), `eager` (eager
-attention instead of SDPA), `window` (sliding window 8, where the config has one).
+attention instead of SDPA), `window` (sliding window 8, where the config has one), `sizes` (3 layers, hidden 96, 4
+query heads of 32 so 128 wide, 2 KV heads as wide as the MLP: 64), `square` (the MLP as wide as the stream).
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ SIZES = {  # every spelling of a size that configs use, set where the config has
     "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "num_kv_shared_layers": 0, "vocab_size_per_layer_input": 128,
     "hidden_size_per_layer_input": 16, "n_shared_experts": 1,
 }
+#: the `sizes` variant: 3 layers, hidden 96, 4 query heads of 32 (128 wide, not the hidden size), 2 kv heads whose
+#: width (64) equals the MLP's; the `square` variant: the MLP as wide as the stream (64), where a size alone cannot
+#: tell the stream from the MLP's inside.
+OTHER_SIZES = {
+    "sizes": {**{k: 96 for k in ("hidden_size", "n_embd", "d_model", "dim", "embed_dim")},
+              **{k: 3 for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers",
+                                "decoder_layers")},
+              "head_dim": 32, "v_head_dim": 32, "index_head_dim": 32, "mamba_n_heads": 12,
+              **{k: 64 for k in ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size", "encoder_ffn_dim",
+                                 "decoder_ffn_dim", "moe_intermediate_size", "shared_expert_intermediate_size")}},
+    "square": {k: 64 for k in ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size", "encoder_ffn_dim",
+                               "decoder_ffn_dim", "moe_intermediate_size", "shared_expert_intermediate_size")},
+}
 ALWAYS = {"num_experts_per_tok", "head_dim", "n_routed_experts", "n_shared_experts"}  # set even where the default config leaves None
 DERIVED = {  # sizes a config computes from others in its constructor, recomputed after the change
     "qk_head_dim": lambda c: c.qk_nope_head_dim + c.qk_rope_head_dim,
@@ -66,13 +80,15 @@ def _tiny_config(model_type: str, variant: str):
     sub = getattr(config, "text_config", None)
     if sub is not None and sub is not config:
         targets.append(sub)
+    sizes = {**SIZES, **OTHER_SIZES.get(variant, {})}
+    layers = sizes["num_hidden_layers"]
     for target in targets:
         if _has_entries(getattr(target, "per_layer_config", None)):  # overrides name layers the tiny model lacks
             _set(target, "per_layer_config", {})
-        for key, value in SIZES.items():
+        for key, value in sizes.items():
             if hasattr(target, key) and (getattr(target, key) is not None or key in ALWAYS):
                 per_layer = isinstance(getattr(target, key), list)  # one size per layer (Gemma-3n's MLP widths)
-                _set(target, key, [value] * 2 if per_layer else value)
+                _set(target, key, [value] * layers if per_layer else value)
         for key, rule in DERIVED.items():
             if hasattr(target, key):
                 _set(target, key, rule(target))
@@ -85,9 +101,9 @@ def _tiny_config(model_type: str, variant: str):
             _set(target, "sliding_window", 8 if variant == "window" else target.sliding_window)
         for key in ("layer_types", "layers_block_type"):
             if isinstance(getattr(target, key, None), list):
-                _set(target, key, getattr(target, key)[:2])
+                _set(target, key, (getattr(target, key) * layers)[:layers])
         if "layer_types" in vars(target) and target.layer_types is None:  # a config that never derives them
-            _set(target, "layer_types", ["full_attention"] * 2)
+            _set(target, "layer_types", ["full_attention"] * layers)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if isinstance(getattr(target, key, None), int) and getattr(target, key) >= 128:
                 _set(target, key, 0)
@@ -229,7 +245,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="model types, comma-separated (default: every causal LM)")
-    parser.add_argument("--variants", default="base,mha,tied,eager,window")
+    parser.add_argument("--variants", default="base,mha,tied,eager,window,sizes,square")
     parser.add_argument("--timeout", type=float, default=180)
     parser.add_argument("--memory-gib", type=float, default=6)
     parser.add_argument("--jobs", type=int, default=1)
