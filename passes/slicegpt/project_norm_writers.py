@@ -38,9 +38,9 @@ class ProjectNormWriters(Pass):
         stream = program.analysis(stream_analysis)
         writers = [w for w in stream.writers if w.needs_projection]
         members = {n for seg in stream.segments for n in seg.nodes}
+        direct = {n for r in stream.readers if r.norm is None for n in (r.linear.node, r.linear.input)}
         for writer in writers:
-            if writer.kind == "norm":
-                direct = {n for r in stream.readers if r.norm is None for n in (r.linear.node, r.linear.input)}
+            if writer.kind == "norm":  # its direct linear readers stay on it, outside the stream
                 users = [u for u in writer.norm.output.users if u in members or u not in direct]
                 insert_linear(gm, writer.norm.output, torch.eye(stream.width), stem="projection", users=users)
             else:
