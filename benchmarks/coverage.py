@@ -55,15 +55,14 @@ SIZES = {  # every spelling of a size that configs use, set where the config has
 #: the `sizes` variant: 3 layers, hidden 96, 4 query heads of 32 (128 wide, not the hidden size), 2 kv heads whose
 #: width (64) equals the MLP's; the `square` variant: the MLP as wide as the stream (64), where a size alone cannot
 #: tell the stream from the MLP's inside.
+_HIDDEN = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim")
+_LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers")
+_MLP = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size", "encoder_ffn_dim", "decoder_ffn_dim",
+        "moe_intermediate_size", "shared_expert_intermediate_size")
 OTHER_SIZES = {
-    "sizes": {**{k: 96 for k in ("hidden_size", "n_embd", "d_model", "dim", "embed_dim")},
-              **{k: 3 for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers",
-                                "decoder_layers")},
-              "head_dim": 32, "v_head_dim": 32, "index_head_dim": 32, "mamba_n_heads": 12,
-              **{k: 64 for k in ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size", "encoder_ffn_dim",
-                                 "decoder_ffn_dim", "moe_intermediate_size", "shared_expert_intermediate_size")}},
-    "square": {k: 64 for k in ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size", "encoder_ffn_dim",
-                               "decoder_ffn_dim", "moe_intermediate_size", "shared_expert_intermediate_size")},
+    "sizes": {**dict.fromkeys(_HIDDEN, 96), **dict.fromkeys(_LAYERS, 3), **dict.fromkeys(_MLP, 64),
+              "head_dim": 32, "v_head_dim": 32, "index_head_dim": 32, "mamba_n_heads": 12},
+    "square": dict.fromkeys(_MLP, 64),
 }
 ALWAYS = {"num_experts_per_tok", "head_dim", "n_routed_experts", "n_shared_experts"}  # set even where the default config leaves None
 DERIVED = {  # sizes a config computes from others in its constructor, recomputed after the change
