@@ -3,7 +3,8 @@ JSON object.
 
     python benchmarks/quantization.py [--bits 8,4,3] [--methods rtn,gptq] [--group-size 64] [--embeddings 8]
                                       [--calib-windows 16] [--calib-length 512] [--eval-windows 8]
-                                      [--prune 0.166 --shots 4] [--slice 0.25] [--rotate] [--no-dense]
+                                      [--prune 0.166 --shots 4] [--slice 0.25 [--combined-only]] [--rotate]
+                                      [--no-dense]
                                       [--search mtgp,gp,random --budget-bits 4.0 --evaluations 6 --seeds 0]
                                       [--fixed-tables] [--no-float]
 
@@ -55,6 +56,8 @@ def main() -> None:
                         "pruning of it: slice -> prune -> quantize")
     parser.add_argument("--rotate", action="store_true",
                         help="also quantize each model after an exact randomized-Hadamard rotation of its stream")
+    parser.add_argument("--combined-only", action="store_true", help="with --slice and --prune, quantize only the "
+                        "slice -> prune model, not the sliced and the pruned ones on their own")
     parser.add_argument("--no-dense", action="store_true", help="quantize only the sliced / pruned models (the dense "
                         "float row stays, as the reference)")
     parser.add_argument("--search", default="", help="searches to compare: mtgp,gp,random")
@@ -67,6 +70,8 @@ def main() -> None:
                         "evaluation per model)")
     parser.add_argument("--plot", default="quantization-search.png")
     args = parser.parse_args()
+    if args.combined_only and not (args.slice and args.prune):
+        parser.error("--combined-only needs both --slice and --prune")
     uniform4 = "4" in args.bits.split(",") and "gptq" in args.methods.split(",") and not args.no_dense
     if args.search and not args.budget_bits and not uniform4:  # the default budget is that row's, found at the end
         parser.error("--search needs --budget-bits unless the run quantizes the dense model to 4-bit GPTQ "
@@ -78,7 +83,7 @@ def main() -> None:
             parser.error("--plot needs matplotlib: pip install -e '.[bench]' (or --plot '')")
     dense, calib, test = smollm2_and_windows(args.calib_windows, args.calib_length, args.eval_windows)
     bases = [("dense", dense, 0.0)]
-    if args.prune:
+    if args.prune and not args.combined_only:
         pruned = dense.clone()
         start = time.perf_counter()
         prune_recipe(target=args.prune, shots=args.shots, batch_size=1).run(pruned, calibration=calib)
@@ -87,10 +92,10 @@ def main() -> None:
         sliced = dense.clone()
         start = time.perf_counter()
         slicegpt_recipe(sparsity=args.slice, head_rank=16).run(sliced, calibration=calib)
-        bases.append((f"slicegpt {args.slice}", sliced, time.perf_counter() - start))
+        if not args.combined_only:
+            bases.append((f"slicegpt {args.slice}", sliced, time.perf_counter() - start))
         if args.prune:
             both = sliced.clone()
-            start = time.perf_counter()
             prune_recipe(target=args.prune, shots=args.shots, batch_size=1).run(both, calibration=calib)
             bases.append((f"slicegpt {args.slice} + surgeon {args.prune}", both, time.perf_counter() - start))
     if args.rotate:
