@@ -5,6 +5,7 @@
                                  [--slicegpt-allocation loss_aware] [--slicegpt-head-rank 16]
                                  [--masked rows_columns:0.2,2:4:0.5] [--plot pruning.png]
                                  [--recover STEPS [--recover-lr 5e-4 --recover-rank 8 --recover-batch 2]]
+                                 [--tasks wikitext_cloze [--task-limit N]]
 
 Every model is built from a recipe preset (`prune_recipe`, `slicegpt_recipe`) on a fresh copy of the same
 capture; parameters are counted on the graph (shortcuts, projections and the tied table once). Calibration:
@@ -15,6 +16,8 @@ Surgeon (the target is then the fraction of decoder-linear weights zeroed); thos
 size, so they are reported with their nonzero count too and drawn hollow at it. `--recover STEPS` then
 fine-tunes every model (dense included, as the control: part of any gain is adaptation to WikiText itself) with
 merged low-rank adapters on WikiText-2 validation windows of 512 tokens, and reports perplexity before and after.
+`--tasks` adds zero-shot accuracy through lm-eval for every model (before and after recovery): `wikitext_cloze`
+is carried and runs offline; the harness's own tasks (piqa, arc_easy, ...) need their datasets online.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 from smollm2 import smollm2_and_windows
 
+from fxslice.evaluation.harness import evaluate_tasks
 from fxslice.evaluation.perplexity import perplexity
 from fxslice.passes import prune_recipe, slicegpt_recipe
 from fxslice.passes.recovery.stages import Recover
@@ -63,17 +67,25 @@ def main() -> None:
     parser.add_argument("--no-dense-control", action="store_true",
                         help="do not fine-tune the dense model as the recovery control (measured in another run)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense perplexity (measured in another run)")
+    parser.add_argument("--tasks", default="", help="zero-shot lm-eval tasks for every model, e.g. wikitext_cloze "
+                        "(the dense model first, even with --no-dense: the reference, and a bad name fails at once)")
+    parser.add_argument("--task-limit", type=int, default=0, help="first N documents of each task (0: all)")
     args = parser.parse_args()
+    tasks = [t for t in args.tasks.split(",") if t]
+
+    def zero_shot(program) -> dict | None:
+        return evaluate_tasks(program, tasks, limit=args.task_limit or None) if tasks else None
+
     dense, calib, test = smollm2_and_windows(args.calib_windows, args.calib_length, args.eval_windows)
     start = time.perf_counter()
     rows = [{"method": "dense", "parameters": dense.num_parameters(),
              "perplexity": None if args.no_dense else perplexity(dense, test),
-             "seconds": round(time.perf_counter() - start, 1)}]
+             "seconds": round(time.perf_counter() - start, 1), "zero_shot": zero_shot(dense)}]
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     recover = Recover(steps=args.recover, lr=args.recover_lr, rank=args.recover_rank,
                       batch_size=args.recover_batch) if args.recover else None
     if recover is not None and not args.no_dense_control:
-        _recover(recover, dense.clone(), rows[0], test)
+        _recover(recover, dense.clone(), rows[0], test, zero_shot)
     plans: list[tuple[str, Recipe]] = []
     for target in (float(t) for t in args.targets.split(",") if t):
         for method in (m for m in args.methods.split(",") if m):
@@ -99,7 +111,7 @@ def main() -> None:
                "fraction_of_dense": round(result.parameters / rows[0]["parameters"], 4),
                "nonzero_parameters": sum(int(p.count_nonzero()) for p in program.gm.parameters()),
                "perplexity": perplexity(program, test), "compress_seconds": round(compress_seconds, 1),
-               "peak_rss_gib": _peak_gib()}
+               "peak_rss_gib": _peak_gib(), "zero_shot": zero_shot(program)}
         shots = [r.report["shots"] for _, r in result.stages if "shots" in r.report]
         if shots and "fraction" in shots[0][-1]:  # masked: the last shot says what is zeroed where
             row["shots"] = [{k: v for k, v in s.items() if k != "per_module"} for s in shots[0]]
@@ -112,7 +124,7 @@ def main() -> None:
                     total[module] = total.get(module, 0) + count
             row["removed_per_module"] = dict(sorted(total.items(), key=lambda kv: -kv[1]))
         if recover is not None:
-            _recover(recover, program, row, test)
+            _recover(recover, program, row, test, zero_shot)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("recipe", "shots")}), file=sys.stderr, flush=True)
     if args.plot:
@@ -121,21 +133,26 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
         "calibration": {"text": "wikitext2:validation", "windows": args.calib_windows, "length": args.calib_length},
         "evaluation": {"text": "wikitext2:test", "windows": len(test), "length": 2048},
-        "shots": args.shots, "recover": None if recover is None else recover.to_dict(), "threads": torch.get_num_threads(), "plot": args.plot or None, "results": rows,
+        "shots": args.shots, "recover": None if recover is None else recover.to_dict(),
+        "tasks": {"names": tasks, "limit": args.task_limit or None} if tasks else None,
+        "threads": torch.get_num_threads(), "plot": args.plot or None, "results": rows,
     }, indent=1))
 
 
-def _recover(stage: Recover, program, row: dict, test: torch.Tensor) -> None:
-    """Fine-tune `program` in place and add the recovered perplexity and the training figures to `row`."""
+def _recover(stage: Recover, program, row: dict, test: torch.Tensor, zero_shot) -> None:
+    """Fine-tune `program` in place and add the recovered perplexity (and zero-shot figures) and the training
+    figures to `row`."""
     start = time.perf_counter()
     result = Recipe((stage,)).run(program, progress=sys.stderr.isatty())
     report = result.stages[0][1].report
     row["perplexity_recovered"] = perplexity(program, test)
     row["recovered_parameters"] = program.num_parameters()
     row["recover_seconds"] = round(time.perf_counter() - start, 1)
+    row["zero_shot_recovered"] = zero_shot(program)
     row["recover"] = {k: report[k] for k in ("held_out_before", "held_out_after", "tokens", "training_windows")}
     row["recover"]["loss_first_last_10"] = [sum(report["losses"][:10]) / 10, sum(report["losses"][-10:]) / 10]
-    print(json.dumps({"method": row["method"], "recovered": row["perplexity_recovered"], **row["recover"]}),
+    print(json.dumps({"method": row["method"], "recovered": row["perplexity_recovered"],
+                      "zero_shot": row["zero_shot_recovered"], **row["recover"]}),
           file=sys.stderr, flush=True)
 
 
