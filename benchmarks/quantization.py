@@ -97,7 +97,8 @@ def main() -> None:
         if args.prune:
             both = sliced.clone()
             prune_recipe(target=args.prune, shots=args.shots, batch_size=1).run(both, calibration=calib)
-            bases.append((f"slicegpt {args.slice} + surgeon {args.prune}", both, time.perf_counter() - start))
+            bases.append((f"slicegpt {args.slice} + surgeon {args.prune}", both,
+                          time.perf_counter() - start))  # slicing and pruning together
     if args.rotate:
         for base_name, base, _ in list(bases):
             if args.no_dense and base is dense:
