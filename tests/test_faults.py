@@ -112,6 +112,7 @@ def test_a_signal_exits_non_zero_and_leaves_nothing(tiny_model_dir, tmp_path, si
             os.kill(os.getpid(), signal.{signal_name})
             return result
         setattr(owner, name, interrupted)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, even under `pytest &`
         from fxslice.cli import run
         sys.argv = ["fxslice"] + sys.argv[1:]
         run()
