@@ -33,6 +33,7 @@ RUNS = [
     "quantization-2026-11-29-prune-hadamard.json",
     "quantization-2026-11-29-search-pruned-hadamard.json",
     "quantization-2026-11-29-slice-prune.json",
+    "quantization-2026-11-29-search-pruned-seed1.json",
 ]
 #: the calibration every run drawn here used (WikiText-2 validation, seed 0)
 CALIBRATION = {"text": "wikitext2:validation", "windows": 16, "length": 512}
