@@ -41,7 +41,7 @@ from fxslice.passes.slicegpt.slice_stream import constant_widths, per_block
 from fxslice.recipes import Recipe
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -69,7 +69,7 @@ def _peak_bytes(device: str) -> int:
     return torch.cuda.max_memory_allocated() if device == "cuda" else _status_bytes("VmHWM")
 
 
-def _prefill(program: Program, batch: int, length: int, device: str):
+def prefill_run(program: Program, batch: int, length: int, device: str):
     ids = torch.randint(0, program.vocab_size, (batch, length), device=device)
 
     def run() -> int:
@@ -79,7 +79,7 @@ def _prefill(program: Program, batch: int, length: int, device: str):
     return run
 
 
-def _decode(program: Program, batch: int, device: str, prompt: int = 128, new: int = 128, compiled: bool = False):
+def decode_run(program: Program, batch: int, device: str, prompt: int = 128, new: int = 128, compiled: bool = False):
     """Greedy decoding of `new` tokens after a `prompt`-token prefill; `compiled`: the steps through
     `decoding_step(compile=True)` (compiled in the warm-up round, as `generate(compile=True)` does on its first step)."""
     ids = torch.randint(0, program.vocab_size, (batch, prompt), device=device)
@@ -88,11 +88,11 @@ def _decode(program: Program, batch: int, device: str, prompt: int = 128, new: i
 
     def run() -> tuple[int, float]:
         token = program.step(ids, 0, kv)[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for i in range(new):
             token = step(token, prompt + i, kv)[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
+        sync(device)
         return batch * new, time.perf_counter() - start
 
     return run
@@ -103,11 +103,11 @@ def _hf_generate(module: torch.nn.Module, batch: int, device: str, prompt: int =
     ids = torch.randint(0, module.config.vocab_size, (batch, prompt), device=device)
 
     def run() -> tuple[int, float]:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         module.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                         do_sample=False, pad_token_id=0)
-        _sync(device)
+        sync(device)
         return batch * new, time.perf_counter() - start
 
     return run
@@ -117,10 +117,10 @@ def _time(case, device: str) -> tuple[float, int]:
     """(tokens per second, peak bytes added) of one run of `case`."""
     before = _resident_bytes(device)
     _reset_peak(device)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     out = case()
-    _sync(device)
+    sync(device)
     tokens, seconds = out if isinstance(out, tuple) else (out, time.perf_counter() - start)
     return tokens / seconds, max(0, _peak_bytes(device) - before)
 
@@ -135,10 +135,10 @@ def _shortcut_fusion(width: int, hidden: int, tokens: int, repeats: int, device:
     times: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(repeats + 1):
         for name, fn in ways.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - start)
     sep, fused = (statistics.median(times[k][1:]) for k in ways)
     return {"shape": f"{tokens} tokens, shortcut {width}x{width}, writer {width}x{hidden}",
@@ -192,10 +192,10 @@ def main() -> None:
 
     prefill = [tuple(int(x) for x in spec.split("x")) for spec in args.prefill.split(",")]
     decode = [int(b) for b in args.decode.split(",")]
-    cases = {f"prefill_{b}x{n}": (lambda m, b=b, n=n: _prefill(m[0], b, n, args.device)) for b, n in prefill}
-    cases |= {f"decode_{b}x128": (lambda m, b=b: _decode(m[1], b, args.device)) for b in decode}
+    cases = {f"prefill_{b}x{n}": (lambda m, b=b, n=n: prefill_run(m[0], b, n, args.device)) for b, n in prefill}
+    cases |= {f"decode_{b}x128": (lambda m, b=b: decode_run(m[1], b, args.device)) for b in decode}
     if args.compile:
-        cases |= {f"decode_compiled_{b}x128": (lambda m, b=b: _decode(m[1], b, args.device, compiled=True))
+        cases |= {f"decode_compiled_{b}x128": (lambda m, b=b: decode_run(m[1], b, args.device, compiled=True))
                   for b in decode}
     runs = {(model, case): make(models[model]) for model in models for case, make in cases.items()}
     if args.compile:  # the dense model's own generate(), interleaved with the same decode cases

@@ -41,6 +41,9 @@ RecoverLr = Annotated[float, typer.Option(help="recovery learning rate (AdamW, w
 Device = Annotated[str, typer.Option(help="where to compute: auto (a GPU when there is one), cpu, cuda, cuda:N, mps")]
 Offload = Annotated[bool, typer.Option("--offload", help="keep the weights in host memory and copy each calibration "
                                        "stage's to --device only while it runs: models larger than the device")]
+Kernels = Annotated[str, typer.Option(help="how a quantized model's 4-bit weights run: float (dequantized once) or int4 "
+                                          "(PyTorch's int4 weight-only kernels from the packed integers: a third of "
+                                          "the memory; CUDA needs a bfloat16 model)")]
 Dtype = Annotated[str, typer.Option(help="the weights' dtype for the run: float32, bfloat16, float16 (statistics stay "
                                          "float64; the saved model keeps this dtype)")]
 
@@ -448,6 +451,7 @@ def eval_(
     num_fewshot: Annotated[int | None, typer.Option(min=0, help="few-shot examples (default: the task's, 0 for the paper's)")] = None,
     output: Annotated[Path | None, typer.Option(help="also write the figures here as JSON")] = None,
     device: Device = "auto",
+    kernels: Kernels = "float",
 ) -> None:
     """Measure a saved model: perplexity on a text, and/or zero-shot accuracy on lm-eval tasks."""
     import json
@@ -457,6 +461,7 @@ def eval_(
     from fxslice.evaluation.perplexity import perplexity
     from fxslice.models.io import load
 
+    _check_kernels(kernels)
     task_list = [t for t in tasks.split(",") if t]
     if task_list:
         from fxslice.evaluation.harness import require_lm_eval
@@ -465,16 +470,18 @@ def eval_(
     target = resolve_device(device)
     with err.status(f"loading {model_dir} ..."):
         program = load(model_dir)
+        parameters = program.num_parameters()
         if target != program.device:
             program = program.to(target)
-    figures: dict = {"model": str(model_dir), "parameters": program.num_parameters(), "device": str(target)}
+        program = _with_kernels(program, kernels)
+    figures: dict = {"model": str(model_dir), "parameters": parameters, "device": str(target), "kernels": kernels}
     if evaluation != "none":
         test = token_windows(program.tokenizer, load_text(evaluation), eval_length)
         test = test[:eval_windows] if eval_windows else test
         value = perplexity(program, test, batch_size=batch_size, progress=True)
         figures["perplexity"] = {"value": value, "source": evaluation, "windows": len(test), "length": eval_length}
         out.print(f"perplexity {value:.3f}  ({len(test)} windows of {eval_length} tokens, {evaluation}; "
-                  f"{program.num_parameters():,} parameters)", highlight=False, markup=False)
+                  f"{parameters:,} parameters)", highlight=False, markup=False)
     if task_list:
         from fxslice.evaluation.harness import evaluate_tasks
 
@@ -499,6 +506,7 @@ def generate(
     device: Device = "auto",
     compile_step: Annotated[bool, typer.Option("--compile", help="compile the decoding step (torch.compile; CUDA "
                                                "graphs on a GPU): a first step that takes a while, then faster ones")] = False,
+    kernels: Kernels = "float",
 ) -> None:
     """Continue PROMPT with MODEL, streaming tokens as they come (KV cache when the model has one)."""
     import time
@@ -508,10 +516,12 @@ def generate(
     from fxslice.core.devices import resolve_device
     from fxslice.evaluation.generate import generate as run_generation
 
+    _check_kernels(kernels)
     target = resolve_device(device)
     program = _load_for_generation(model)
     if target != program.device:
         program = program.to(target)
+    program = _with_kernels(program, kernels)
     tokenizer = program.tokenizer
     if tokenizer is None:
         raise InvalidOption(f"{model} has no tokenizer; generation needs one to read the prompt")
@@ -542,6 +552,30 @@ def generate(
     err.print(f"{len(new)} tokens in {elapsed:.1f} s ({len(new) / elapsed:.1f} tokens/s, "
               f"{'KV cache' if program.cache is not None else 'no KV cache: recomputing'}"
               f"{', compiled' if compile_step else ''}, {program.device})", highlight=False)
+
+
+def _check_kernels(kernels: str) -> None:
+    if kernels not in ("float", "int4"):
+        raise InvalidOption(f"--kernels must be float or int4, got {kernels!r}")
+
+
+def _with_kernels(program: Program, kernels: str) -> Program:
+    """`program` with its 4-bit weights run by the int4 kernels (`--kernels int4`), or as it is (`float`)."""
+    import torch
+
+    if kernels == "float":
+        return program
+    if program.device.type == "cuda" and program.dtype != torch.bfloat16:
+        raise InvalidOption(f"--kernels int4 on CUDA needs a bfloat16 model and this one is {program.dtype}: quantize "
+                            "with --dtype bfloat16")
+    from fxslice.passes.quantize import Int4Kernels
+
+    result = PassManager([Int4Kernels()]).run(program).records[0].info
+    four_bit = {name: why for name, why in result["kept"].items() if not why.endswith("-bit")}
+    err.print(f"int4 kernels: {result['weights']} weights from packed integers"
+              + (f"; {len(four_bit)} 4-bit ones kept in float (e.g. {next(iter(four_bit))}: "
+                 f"{next(iter(four_bit.values()))})" if four_bit else ""), highlight=False, markup=False)
+    return program
 
 
 def _load_for_generation(model: str) -> Program:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fxslice.core import InvalidOption, Pass, Program, as_pass
 from fxslice.core.imports import import_object
+from fxslice.passes.quantize import Int4Kernels
 from fxslice.passes.quantize.stages import Quantize
 from fxslice.passes.recovery import MergeAdapters
 from fxslice.passes.recovery.stages import Recover
@@ -32,6 +33,7 @@ PASSES: dict[str, Callable[[], Pass]] = {
     "remove_dead_groups": RemoveDeadGroups,
     "merge_adapters": MergeAdapters,
     "rotate_random": lambda: RotateStream(random_orthogonal(0)),
+    "int4_kernels": Int4Kernels,
 }
 
 

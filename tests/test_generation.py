@@ -106,6 +106,33 @@ def test_a_model_whose_cache_cannot_be_captured_says_so():
         capture_cached(NoCache())
 
 
+def test_a_bfloat16_model_keeps_its_cache_and_a_wrong_cache_is_still_refused():
+    """A step-by-step bfloat16 decoding differs from the whole sequence by roundings (4e-3 here with SmolLM2's
+    width; 0.017 on SmolLM2 itself), which the check once took for a wrong cache; a wrong one is off by order 1."""
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=576, intermediate_size=1152, num_hidden_layers=2, num_attention_heads=9,
+                                      num_key_value_heads=1, vocab_size=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    cached = capture_cached(model)
+    assert cached.dtype == torch.bfloat16 and cached.cache is not None
+
+    class WrongCache(torch.nn.Module):  # its cached path is off by the logits' own size
+        def __init__(self):
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def forward(self, input_ids, past_key_values=None, **kwargs):
+            out = self.model(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+            if past_key_values is not None:
+                out.logits = out.logits + out.logits.abs().mean()
+            return out
+
+    with pytest.raises(CaptureError, match="decodes wrongly"):
+        capture_cached(WrongCache())
+
+
 @pytest.mark.parametrize("name", ["llama-tied", "gpt2"])
 def test_hf_generate_on_a_rotated_program_matches_the_original_model(name):
     from fxslice.models.hf import as_hf_model

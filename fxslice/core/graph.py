@@ -31,11 +31,22 @@ __all__ = [
     "mutates",
     "drop_unused_weights",
     "retarget_device",
+    "DEVICE_BOUND",
+    "device_bound",
 ]
 
 aten = torch.ops.aten
 
 CAST_OPS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
+
+#: node meta key of an op whose operands are laid out for one device type (a packed low-bit weight): the graph
+#: cannot move to another device or be saved device-free
+DEVICE_BOUND = "fxslice_device_bound"
+
+
+def device_bound(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes whose operands only their device type can read (see `DEVICE_BOUND`)."""
+    return [n for n in gm.graph.nodes if n.meta.get(DEVICE_BOUND)]
 
 
 def tensor_of(gm: fx.GraphModule, node: Any) -> Any:
@@ -141,6 +152,11 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
                           for i, a in enumerate(node.args))
         if isinstance(node.kwargs.get("dtype"), torch.dtype):
             node.kwargs = {**node.kwargs, "dtype": _retargeted(node.kwargs["dtype"], dtype)}
+    for node in gm.graph.find_nodes(op="placeholder"):  # float inputs (a KV cache) come in `dtype` too
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.is_floating_point() and getattr(val, "fake_mode", None) is not None:
+            with val.fake_mode:
+                node.meta["val"] = val.to(dtype)
     for node in gm.graph.nodes:  # a number the model's code wrote as a float32 tensor: the number, not its rounding
         literal = node.meta.get(FLOAT_LITERAL)
         if node.op == "get_attr" and literal is not None and torch.finfo(dtype).bits > 32:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fxslice.core.errors import CorruptModel, InvalidOption, SaveFailed
-from fxslice.core.graph import set_tensor, tensor_of
+from fxslice.core.graph import DEVICE_BOUND, device_bound, set_tensor, tensor_of
 from fxslice.core.program import Program, program_inputs
 from fxslice.core.quantized import QuantizedWeight
 from fxslice.models.kvcache import CacheLayout
@@ -130,6 +130,11 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    bound = device_bound(program.gm)
+    if bound:
+        raise InvalidOption(f"this program computes {len(bound)} ops ({bound[0].name}, ...) with weights packed for the "
+                            f"{bound[0].meta[DEVICE_BOUND]}'s kernels, which the saved model does not keep: save the "
+                            "quantized program before choosing kernels, and choose them again after loading it")
     check_output_dir(out)
     if program.device.type != "cpu":  # the file is device-free; `load` gives a CPU program, `.to(...)` moves it
         program = program.to("cpu")

@@ -129,5 +129,6 @@ def _check_decoding(model: nn.Module, program) -> None:
         got = [program.step(ids[:, :4], 0, kv)]
         got += [program.step(ids[:, j : j + 1], j, kv) for j in range(4, 7)]
     error = relative_error(torch.cat(got, 1), reference)
-    if not error <= 1e-3:
+    # a few roundings of the dtype apart (SmolLM2 in bfloat16: 0.017); a wrong cache is off by order 1
+    if not error <= max(1e-3, 8 * torch.finfo(reference.dtype).eps):
         raise CaptureError(f"the KV-cache capture of {type(model).__name__} decodes wrongly (relative error {error:.2g})")
