@@ -4,6 +4,7 @@ int4 weight-only kernels (`Int4Kernels`) — against the float model, in one run
     python benchmarks/quantized_runtime.py [--device cpu|cuda] [--dtypes float32,bfloat16] [--bits 4]
                                            [--group-size 64] [--decode 1] [--new 64] [--prefill 1x128]
                                            [--eval-windows 2] [--eval-length 512] [--repeats 3] [--compile]
+                                           [--converted]
 
 The model is captured in each dtype (so that its own float32 islands, norms and rotary, stay) and quantized there by
 round to nearest (4-bit linears, group-wise scales, the tied table at 8 bits: the
@@ -24,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--eval-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also decode through the compiled step")
+    parser.add_argument("--converted", action="store_true", help="also the float32 capture converted by "
+                        "Program.to(bfloat16), which computes its norms and rotary embedding in bfloat16 too")
     args = parser.parse_args()
     device = resolve_device(args.device)
     where = device.type
@@ -89,6 +93,12 @@ def main() -> None:
         kernels = quantized.to(device)
         kept[name] = Int4Kernels()(kernels).info["kept"]
         variants[f"int4_kernels_{name}"] = kernels
+    narrower = [d for d in dtypes if d.itemsize < 4]
+    if args.converted and narrower:  # the float32 capture converted afterwards: its float32 islands go too
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            variants[f"float_converted_{str(narrower[0]).replace('torch.', '')}"] = (
+                capture_cached(module).to(device, narrower[0]))
 
     cases: dict[str, object] = {}
     for b, n in (tuple(int(x) for x in spec.split("x")) for spec in args.prefill.split(",") if spec):
