@@ -143,3 +143,25 @@ def test_adapters_are_made_where_the_weights_are(tiny):
     meta = program.to("meta")
     InsertAdapters(rank=4).call(meta)
     assert adapters(meta) and {t.device.type for t in meta.gm.parameters()} == {"meta"}
+
+
+def test_capturing_in_bfloat16_keeps_the_models_float32_islands(tiny_model_dir):
+    """Loaded and captured in bfloat16, the model still normalises in float32, as transformers runs it; converting a
+    float32 capture instead makes the islands bfloat16 too, and says so."""
+    from fxslice import InvalidOption
+    from fxslice.core.graph import CAST_OPS
+    from fxslice.models.capture import load_model
+
+    path = tiny_model_dir("llama")
+    program = capture(path, dtype=torch.bfloat16)
+    assert program.dtype == torch.bfloat16
+    assert any(n.target in CAST_OPS and torch.float32 in (*n.args, *n.kwargs.values()) for n in program.graph.nodes)
+    model, _ = load_model(path, dtype=torch.bfloat16)
+    x = program.probe_input()
+    with torch.no_grad():
+        assert torch.equal(program(x), model(x, use_cache=False).logits)
+    with pytest.warns(UserWarning, match="float32 islands"):
+        converted = capture(path).to(torch.bfloat16)
+    assert not any(torch.float32 in (*n.args, *n.kwargs.values()) for n in converted.graph.nodes if n.target in CAST_OPS)
+    with pytest.raises(InvalidOption, match="convert it"):
+        capture(model, dtype=torch.float32)

@@ -167,8 +167,8 @@ class Program:
             old, new = (str(d).replace("torch.", "") for d in (self.dtype, dtype))
             warnings.warn(f"{self.model_class} was captured in {old} and now computes everything in {new}, its own "
                           "float32 islands (norms, rotary embedding) too, which costs quality (SmolLM2: perplexity 21.98 "
-                          f"-> 29.85 in bfloat16); to keep them, capture the model in {new} (convert the module before "
-                          "`capture`, or --dtype on the command line)", stacklevel=2)
+                          f"-> 29.85 in bfloat16); to keep them, capture the model in {new} (`capture(name, dtype=...)`, a "
+                          "module converted before `capture`, or --dtype on the command line)", stacklevel=2)
         out = self.clone()
         if dtype is not None:
             G.retarget_float_casts(out.gm, dtype)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxslice.core.errors import CaptureError
+from fxslice.core.errors import CaptureError, InvalidOption
 from fxslice.core.graph import FLOAT_LITERAL, drop_unused_weights, float32_literal, tensor_of
 from fxslice.core.program import Program
 from fxslice.models import gguf_cache
@@ -89,13 +89,20 @@ def load_model(name: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -
     return model.eval(), tokenizer
 
 
-def capture(model: str | os.PathLike | nn.Module = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32) -> Program:
-    """Capture a model given by name/path (with its tokenizer) or as an nn.Module."""
+def capture(model: str | os.PathLike | nn.Module = DEFAULT_MODEL, *, dtype: torch.dtype | None = None) -> Program:
+    """Capture a model given by name/path (with its tokenizer), loaded in `dtype` (float32 by default), or as an
+    nn.Module, in its own dtype. Below float32 the model's own float32 islands (norms, rotary) stay, as in
+    transformers; in float64 they are lifted too, so that an exactness check sees float64 throughout."""
     if isinstance(model, nn.Module):
+        own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        if dtype is not None and dtype != own:
+            raise InvalidOption(f"capture: the module is in {own}; convert it (model.to({dtype})) before capturing "
+                                "it in another dtype")
         return capture_module(model)
+    dtype = dtype or torch.float32
     module, tokenizer = load_model(model, dtype=dtype)
     program = capture_module(module)
-    if dtype != torch.float32:  # HF norms cast to float32 inside: lift those casts to the asked dtype
+    if dtype.itemsize > 4:  # HF norms cast to float32 inside: lift those casts to float64 too
         program = program.to(dtype)
     program.tokenizer = tokenizer
     program.source = str(model)
