@@ -4,7 +4,7 @@ int4 weight-only kernels (`Int4Kernels`) — against the float model, in one run
     python benchmarks/quantized_runtime.py [--device cpu|cuda] [--dtypes float32,bfloat16] [--bits 4]
                                            [--group-size 64] [--decode 1] [--new 64] [--prefill 1x128]
                                            [--eval-windows 2] [--eval-length 512] [--repeats 3] [--compile]
-                                           [--converted]
+                                           [--converted] [--prune 0.166]
 
 The model is captured in each dtype (so that its own float32 islands, norms and rotary, stay) and quantized there by
 round to nearest (4-bit linears, group-wise scales, the tied table at 8 bits: the
@@ -35,11 +35,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from speed import decode_run, prefill_run, sync  # noqa: E402 - the same timing loops as the slicing benchmark
 
 from fxslice.core.devices import resolve_device  # noqa: E402
+from fxslice.core.pass_manager import replay  # noqa: E402
 from fxslice.core.program import Program  # noqa: E402
 from fxslice.data import load_text, token_windows  # noqa: E402
 from fxslice.evaluation.perplexity import perplexity  # noqa: E402
-from fxslice.models.capture import load_model  # noqa: E402
+from fxslice.models.capture import capture_module, load_model  # noqa: E402
 from fxslice.models.kvcache import capture_cached  # noqa: E402
+from fxslice.passes.presets import prune_recipe  # noqa: E402
 from fxslice.passes.quantize import Int4Kernels, QuantizeWeights  # noqa: E402
 
 
@@ -71,6 +73,8 @@ def main() -> None:
     parser.add_argument("--eval-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also decode through the compiled step")
+    parser.add_argument("--prune", type=float, default=0.0, help="first prune this fraction of the parameters "
+                        "with the Surgeon (2 shots, 4 x 256 calibration tokens): widths no kernel tile divides")
     parser.add_argument("--converted", action="store_true", help="also the float32 capture converted by "
                         "Program.to(bfloat16), which computes its norms and rotary embedding in bfloat16 too")
     args = parser.parse_args()
@@ -84,7 +88,13 @@ def main() -> None:
     stored: dict[str, int] = {}
     for dtype in dtypes:  # captured in each dtype, so that the model's float32 islands (norms, rotary) stay
         name = str(dtype).replace("torch.", "")
-        dense = capture_cached(copy.deepcopy(module).to(dtype))
+        converted = copy.deepcopy(module).to(dtype)
+        dense = capture_cached(converted)
+        if args.prune:  # speed and memory do not depend on which groups go: a short calibration
+            program = capture_module(converted)
+            calib = token_windows(tokenizer, load_text("wikitext2:validation"), 256, count=4, seed=0)
+            result = prune_recipe(target=args.prune, shots=2, batch_size=4).run(program, calibration=calib)
+            replay(result.passes, dense, program)
         quantized = dense.clone()
         QuantizeWeights(args.bits, group_size=args.group_size, method="rtn")(quantized)
         stored[name] = quantized.num_bytes()
@@ -136,7 +146,8 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct", "device": str(device),
         "card": torch.cuda.get_device_name(device) if where == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-        "bits": args.bits, "group_size": args.group_size, "stored_bytes": stored,
+        "bits": args.bits, "group_size": args.group_size, "stored_bytes": stored, "pruned": args.prune,
+        "parameters": {v: p.num_parameters() for v, p in variants.items() if v.startswith("float_")},
         "repeats": args.repeats, "eval": {"windows": args.eval_windows, "length": args.eval_length},
         "reference": reference, "kept_in_float": kept, "results": results,
     }, indent=1))

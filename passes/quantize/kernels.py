@@ -21,7 +21,7 @@ from fxslice.analysis.matchers import LinearUse
 from fxslice.core.graph import DEVICE_BOUND, drop_unused_weights, insert_op, refresh_vals, tensor_of
 from fxslice.core.quantized import QuantizedWeight
 
-__all__ = ["Int4Kernels", "int4_eligibility"]
+__all__ = ["Int4Kernels", "int4_eligibility", "packed_shape"]
 
 aten = torch.ops.aten
 
@@ -29,33 +29,43 @@ aten = torch.ops.aten
 GROUP_SIZES = (32, 64, 128, 256)
 
 
-def int4_eligibility(q: QuantizedWeight, device: torch.device) -> str | None:
-    """Why the kernel cannot run `q` on `device` (None: it can)."""
-    out, cols = q.shape
+#: outputs are packed in multiples of this (the CPU kernel takes multiples of 16 rows, CUDA's of 8)
+ROW_MULTIPLE = 16
+
+
+def int4_eligibility(q: QuantizedWeight) -> str | None:
+    """Why the kernel cannot run `q` (None: it can). Any shape can: see `packed_shape`."""
     if q.bits != 4:
         return f"{q.bits}-bit"
     if q.group_size not in GROUP_SIZES:
         return f"group size {q.group_size} (the kernel takes {', '.join(map(str, GROUP_SIZES))})"
-    if cols % q.group_size:
-        return f"{cols} inputs are not whole groups of {q.group_size}"
-    if device.type == "cpu" and out % 16:
-        return f"{out} outputs (the CPU kernel takes multiples of 16)"
-    if device.type == "cuda" and (out % 8 or cols % 32):
-        return f"[{out}, {cols}] (the CUDA kernel takes multiples of 8 outputs and 32 inputs)"
     return None
 
 
+def packed_shape(q: QuantizedWeight) -> tuple[int, int]:
+    """[out, in] as packed: outputs padded with zero rows to a multiple of `ROW_MULTIPLE`, inputs to whole groups
+    (the last group of a width such as a pruned 1,264 is short). The input is padded with zeros to match and the
+    output cut back, so that any width a slicing or a pruning leaves runs on the kernel."""
+    return -(-q.shape[0] // ROW_MULTIPLE) * ROW_MULTIPLE, q.groups * q.group_size
+
+
 def _pack(q: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The integers in the kernel's layout for `device`, and its [groups, out, 2] scales and offsets."""
-    ints = q.q.to(torch.int32)
+    """The integers in the kernel's layout for `device`, and its [groups, out, 2] scales and offsets (zero for the
+    padding rows, so that they compute zeros)."""
+    (out, cols), (rows, padded) = q.shape, packed_shape(q)
+    ints = torch.zeros(rows, padded, dtype=torch.int32)
+    ints[:out, :cols] = q.q
+    scale = torch.zeros(rows, q.groups)
+    scale[:out] = q.scale
+    offsets = torch.zeros(rows, q.groups)
+    offsets[:out] = (8 - q.zero).to(torch.float32) * q.scale
     if device.type == "cuda":
         nibbles = (ints[:, ::2] << 4 | ints[:, 1::2]).to(torch.uint8).to(device)  # two per byte, high one first
-        tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
+        tiles = next(t for t in (8, 4, 2) if padded % (16 * t) == 0)
         packed = aten._convert_weight_to_int4pack(nibbles, tiles)
     else:
         packed = aten._convert_weight_to_int4pack_for_cpu(ints, 1)
-    offsets = (8 - q.zero).to(torch.float32) * q.scale
-    scales = torch.stack([q.scale, offsets], -1).transpose(0, 1).contiguous()
+    scales = torch.stack([scale, offsets], -1).transpose(0, 1).contiguous()
     return packed, scales.to(device, dtype)
 
 
@@ -73,8 +83,8 @@ def _register_buffer(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> str:
 class Int4Kernels(Pass):
     """Every 4-bit quantized linear the kernel can take, computed from its packed integers on the program's
     device in the program's dtype (CUDA's kernel takes bfloat16 only); the float copies go. Weights it cannot take
-    (other widths, group sizes or shapes, a table also read by an embedding lookup) stay as they are and are listed
-    in the result's `kept`. Requires a program on the CPU or CUDA, not offloaded."""
+    (other widths or group sizes, a table also read by an embedding lookup) stay as they are and are listed in the
+    result's `kept`. Requires a program on the CPU or CUDA, not offloaded."""
 
     name = "int4_kernels"
     exact = False  # the kernel's own rounding (4e-7 relative in float32)
@@ -100,7 +110,7 @@ class Int4Kernels(Pass):
         kept: dict[str, str] = {}
         done: list[str] = []
         for name, q in list(program.quantized.items()):
-            reason = int4_eligibility(q, device) or self._unfit_uses(program, name, q, linears.get(name))
+            reason = int4_eligibility(q) or self._unfit_uses(program, name, q, linears.get(name))
             if reason is not None:
                 kept[name] = reason
                 continue
@@ -110,6 +120,11 @@ class Int4Kernels(Pass):
             for use in linears[name]:
                 self._rewrite(gm, use, packed_name, scales_name, q)
             done.append(name)
+        if not done:
+            name, reason = next(iter(kept.items()))
+            raise InvalidOption(f"int4 kernels: nothing to run on them: '{name}' is {reason}"
+                                + (f" (and {len(kept) - 1} more weights)" if len(kept) > 1 else "")
+                                + "; quantize to 4 bits with a group size of 32, 64, 128 or 256")
         for name in done:
             del program.quantized[name]
         gm.graph.eliminate_dead_code()
@@ -147,17 +162,22 @@ class Int4Kernels(Pass):
     def _rewrite(gm: fx.GraphModule, use: LinearUse, packed: str, scales: str, q: QuantizedWeight) -> None:
         """`use.node` becomes reshape -> kernel -> reshape back (-> + the bias the node itself added)."""
         graph = gm.graph
-        out_features, in_features = q.shape
+        (out_features, in_features), (rows_packed, in_packed) = q.shape, packed_shape(q)
         x = use.input
         rank = x.meta["val"].dim()
         with graph.inserting_before(use.node):
             rows = insert_op(graph, aten.reshape.default, (x, [-1, in_features]), like=use.node)
+            if in_packed > in_features:
+                rows = insert_op(graph, aten.constant_pad_nd.default, (rows, [0, in_packed - in_features], 0.0),
+                                 like=use.node)
             w = graph.get_attr(packed)
             s = graph.get_attr(scales)
             w.meta["val"], s.meta["val"] = tensor_of(gm, packed), tensor_of(gm, scales)
             kernel = aten._weight_int4pack_mm if tensor_of(gm, packed).device.type == "cuda" else aten._weight_int4pack_mm_for_cpu
             y = insert_op(graph, kernel, (rows, w, q.group_size, s), like=use.node)
             y.meta[DEVICE_BOUND] = tensor_of(gm, packed).device.type
+            if rows_packed > out_features:
+                y = insert_op(graph, aten.slice.Tensor, (y, 1, 0, out_features), like=use.node)
             if rank != 2:
                 lead = [insert_op(graph, aten.sym_size.int, (x, d), like=use.node) for d in range(rank - 1)]
                 y = insert_op(graph, aten.reshape.default, (y, [*lead, out_features]), like=use.node)
