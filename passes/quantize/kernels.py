@@ -28,6 +28,9 @@ aten = torch.ops.aten
 #: group sizes the kernels take
 GROUP_SIZES = (32, 64, 128, 256)
 
+#: how a linear may read its weight on the way (a transposed view), besides directly
+_WEIGHT_VIEWS = (aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default)
+
 
 #: outputs are packed in multiples of this (the CPU kernel takes multiples of 16 rows, CUDA's of 8)
 ROW_MULTIPLE = 16
@@ -98,7 +101,8 @@ class Int4Kernels(Pass):
             raise InvalidOption(f"int4 kernels: PyTorch has them on the CPU and CUDA, not on {device.type}")
         if device.type == "cuda" and program.dtype != torch.bfloat16:
             raise InvalidOption(f"int4 kernels: CUDA's int4 kernel computes in bfloat16 and this program computes in "
-                                f"{str(program.dtype).replace('torch.', '')}: program.to(torch.bfloat16) first")
+                                f"{str(program.dtype).replace('torch.', '')}: quantize a bfloat16 capture "
+                                "(capture(name, dtype=torch.bfloat16); --dtype bfloat16 on the command line)")
         if not program.quantized:
             raise InvalidOption("int4 kernels: the program has no quantized weights; quantize it first "
                                 "(fxslice quantize, or the QuantizeWeights pass)")
@@ -187,7 +191,3 @@ class Int4Kernels(Pass):
                 y = insert_op(graph, aten.add.Tensor, (y, bias), like=use.node)
         use.node.replace_all_uses_with(y)
         graph.erase_node(use.node)
-
-
-_WEIGHT_VIEWS = (aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default)
-
