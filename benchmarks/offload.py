@@ -55,8 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    dense, calib, test = smollm2_and_windows(args.calib_windows, args.calib_length, args.eval_windows)
-    dense = dense.to(dtype=dtype)
+    dense, calib, test = smollm2_and_windows(args.calib_windows, args.calib_length, args.eval_windows, dtype=dtype)
     weight_bytes = dense.num_bytes()
     runs, programs = {}, {}
     for mode in ("on_device", "offloaded"):

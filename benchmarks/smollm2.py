@@ -12,10 +12,11 @@ from fxslice.models.capture import load_model
 __all__ = ["smollm2_and_windows"]
 
 
-def smollm2_and_windows(calib_windows: int, calib_length: int, eval_windows: int) -> tuple[Program, torch.Tensor, torch.Tensor]:
-    """(the dense capture, calibration windows [calib_windows, calib_length], test windows [eval_windows, 2048]);
-    eval_windows=0 takes the whole test split."""
-    model, tokenizer = load_model("smollm2")
+def smollm2_and_windows(calib_windows: int, calib_length: int, eval_windows: int, *,
+                        dtype: torch.dtype = torch.float32) -> tuple[Program, torch.Tensor, torch.Tensor]:
+    """(the dense capture in `dtype`, calibration windows [calib_windows, calib_length], test windows [eval_windows,
+    2048]); eval_windows=0 takes the whole test split."""
+    model, tokenizer = load_model("smollm2", dtype=dtype)
     dense = capture(model)
     dense.tokenizer = tokenizer
     calib = token_windows(tokenizer, load_text("wikitext2:validation"), calib_length, count=calib_windows, seed=0)

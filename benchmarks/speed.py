@@ -163,7 +163,9 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
-    module, tokenizer = load_model("smollm2")
+    # loaded and captured in the dtype, so that the model's own float32 islands (norms, rotary) stay as transformers
+    # runs them; every model is sliced or pruned in it
+    module, tokenizer = load_model("smollm2", dtype=dtype)
     calib = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length, count=args.calib_windows, seed=0)
     dense, dense_cached = capture_module(module), capture_cached(module)
     for program in (dense, dense_cached):  # the same clean-up and attention rewrite the sliced models get
@@ -188,7 +190,7 @@ def main() -> None:
         models[name] = (program, cached)
         widths[name] = [576]
     for name, (program, cached) in list(models.items()):
-        models[name] = (program.to(args.device, dtype), cached.to(args.device, dtype))
+        models[name] = (program.to(args.device), cached.to(args.device))
 
     prefill = [tuple(int(x) for x in spec.split("x")) for spec in args.prefill.split(",")]
     decode = [int(b) for b in args.decode.split(",")]
@@ -199,7 +201,7 @@ def main() -> None:
                   for b in decode}
     runs = {(model, case): make(models[model]) for model in models for case, make in cases.items()}
     if args.compile:  # the dense model's own generate(), interleaved with the same decode cases
-        module = module.to(args.device, dtype)
+        module = module.to(args.device)
         runs |= {("hf_generate", f"decode_{b}x128"): _hf_generate(module, b, args.device) for b in decode}
     samples: dict[tuple[str, str], list[tuple[float, int]]] = {key: [] for key in runs}
     with torch.no_grad():
