@@ -25,7 +25,6 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -75,8 +74,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also decode through the compiled step")
     parser.add_argument("--prune", type=float, default=0.0, help="first prune this fraction of the parameters "
                         "with the Surgeon (2 shots, 4 x 256 calibration tokens): widths no kernel tile divides")
-    parser.add_argument("--converted", action="store_true", help="also the float32 capture converted by "
-                        "Program.to(bfloat16), which computes its norms and rotary embedding in bfloat16 too")
+    parser.add_argument("--converted", action="store_true", help="also the float32 capture lowered by "
+                        "Program.to(bfloat16) (until 2026-11-29 that computed its float32 islands in bfloat16 too)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     where = device.type
@@ -104,11 +103,8 @@ def main() -> None:
         kept[name] = Int4Kernels()(kernels).info["kept"]
         variants[f"int4_kernels_{name}"] = kernels
     narrower = [d for d in dtypes if d.itemsize < 4]
-    if args.converted and narrower:  # the float32 capture converted afterwards: its float32 islands go too
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            variants[f"float_converted_{str(narrower[0]).replace('torch.', '')}"] = (
-                capture_cached(module).to(device, narrower[0]))
+    if args.converted and narrower:  # the float32 capture lowered afterwards
+        variants[f"float_converted_{str(narrower[0]).replace('torch.', '')}"] = capture_cached(module).to(device, narrower[0])
 
     cases: dict[str, object] = {}
     for b, n in (tuple(int(x) for x in spec.split("x")) for spec in args.prefill.split(",") if spec):

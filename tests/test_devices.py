@@ -146,8 +146,7 @@ def test_adapters_are_made_where_the_weights_are(tiny):
 
 
 def test_capturing_in_bfloat16_keeps_the_models_float32_islands(tiny_model_dir):
-    """Loaded and captured in bfloat16, the model still normalises in float32, as transformers runs it; converting a
-    float32 capture instead makes the islands bfloat16 too, and says so."""
+    """Loaded and captured in bfloat16, the model still normalises in float32, as transformers runs it."""
     from fxslice import InvalidOption
     from fxslice.core.graph import CAST_OPS
     from fxslice.models.capture import load_model
@@ -160,8 +159,34 @@ def test_capturing_in_bfloat16_keeps_the_models_float32_islands(tiny_model_dir):
     x = program.probe_input()
     with torch.no_grad():
         assert torch.equal(program(x), model(x, use_cache=False).logits)
-    with pytest.warns(UserWarning, match="float32 islands"):
-        converted = capture(path).to(torch.bfloat16)
-    assert not any(torch.float32 in (*n.args, *n.kwargs.values()) for n in converted.graph.nodes if n.target in CAST_OPS)
     with pytest.raises(InvalidOption, match="convert it"):
         capture(model, dtype=torch.float32)
+
+
+def _float32_ops(program) -> set:
+    """The targets of the ops a float32 cast feeds."""
+    from fxslice.core.graph import CAST_OPS
+
+    return {u.target for n in program.graph.nodes if n.target in CAST_OPS and torch.float32 in n.args for u in n.users}
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "qwen3", "phi3", "gpt2"])
+def test_a_float32_capture_lowered_to_bfloat16_keeps_its_float32_islands(name):
+    """In a float32 capture the casts into the model's float32 islands and the casts back are both no-ops; lowered to
+    bfloat16, the first stay float32 (a norm's variance, the rotary angles) and the second become bfloat16, so the
+    lowered program is as accurate as the model captured in bfloat16 (SmolLM2: perplexity 29.85 when every cast went
+    to bfloat16, 22.04 now, 21.85 captured in bfloat16). Gemma returns from its norm with `type_as` the island's own
+    input, which must become bfloat16 too."""
+    from fxslice import capture_module
+    from fxslice.core.numerics import relative_error
+
+    program = capture_module(tiny_causal_lm(name))
+    x = program.probe_input()
+    exact = program.to(torch.float64)(x)
+    lowered = program.to(torch.bfloat16)
+    captured = capture_module(tiny_causal_lm(name, dtype=torch.bfloat16))
+    assert relative_error(lowered(x).double(), exact) <= 1.5 * relative_error(captured(x).double(), exact) + 2e-3
+    if torch.ops.aten.pow.Tensor_Scalar in _float32_ops(program):  # a norm's variance behind a cast to float32
+        assert torch.ops.aten.pow.Tensor_Scalar in _float32_ops(lowered)
+    linears = [n for n in lowered.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert all(n.args[0].meta["val"].dtype == torch.bfloat16 for n in linears)

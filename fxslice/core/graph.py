@@ -128,9 +128,41 @@ def module_path(node: fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
+#: ops whose precision a model protects by computing them in float32 (a norm's variance, the rotary angles, softmax)
+_PRECISE_OPS = {aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.mean.dim, aten.mean.default, aten.var.correction,
+                aten.var_mean.correction, aten.rsqrt.default, aten.sqrt.default, aten.cos.default, aten.sin.default,
+                aten.exp.default, aten.log.default, aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
+                aten.log_softmax.int}
+
+
+def float32_islands(gm: fx.GraphModule, hops: int = 3) -> set[fx.Node]:
+    """The nodes that ask for float32 (a cast, or an op given `dtype=float32`) to protect an op of `_PRECISE_OPS`
+    within `hops` users, no other cast between: where a model computes in float32 whatever its own dtype. In a float32
+    capture a cast into such an island and the cast back are both no-ops, told apart only by what follows them."""
+    def protects(node: fx.Node) -> bool:
+        frontier, seen = [node], set()
+        for _ in range(hops + 1):
+            following = []
+            for n in frontier:
+                if n in seen or n.op != "call_function":
+                    continue
+                seen.add(n)
+                if n.target in _PRECISE_OPS:
+                    return True
+                if n is node or n.target not in CAST_OPS:
+                    following.extend(n.users)
+            frontier = following
+        return False
+
+    return {n for n in gm.graph.nodes if n.op == "call_function"
+            and (torch.float32 in n.args or n.kwargs.get("dtype") is torch.float32) and protects(n)}
+
+
 def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
     """Convert floating weights to `dtype` and make every float cast, float factory and op told to compute in a float
-    dtype produce `dtype`."""
+    dtype produce `dtype` — except, below float32, the model's own float32 islands (`float32_islands`), which stay, as
+    they do when the model is captured in that dtype."""
+    islands = float32_islands(gm) if dtype.itemsize < 4 else set()
     for module in gm.modules():
         for store in (module._parameters, module._buffers):
             for name, t in list(store.items()):
@@ -138,11 +170,13 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
                     converted = t.detach().to(dtype)
                     store[name] = nn.Parameter(converted, requires_grad=False) if isinstance(t, nn.Parameter) else converted
     for node in list(gm.graph.nodes):
-        if node.op != "call_function":
+        if node.op != "call_function" or node in islands:
             continue
         if node.target == aten._assert_tensor_metadata.default:  # would assert the old dtype
             gm.graph.erase_node(node)
             continue
+        if node.target == aten.type_as.default and node.args[1] in islands:  # back from an island: to `dtype`
+            node.target, node.args = aten.to.dtype, (node.args[0], dtype)
         if node.target in CAST_OPS:
             node.args = tuple(_retargeted(a, dtype) for a in node.args)
         # ops that compute in a dtype they are given (softmax(x, dim, torch.float32), sum(..., dtype=)): float islands

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -153,8 +152,9 @@ class Program:
 
         Weights move and convert, and so does the graph: every float cast is retargeted to `dtype` (HF models cast
         to float32 inside their norms; a float64 check must lift those casts too, or it measures float32 round-off
-        instead of the passes), and every op that creates a tensor (`arange`, `full`, ...) creates it on
-        `device`, so that no tensor of the captured device is left in the computation.
+        instead of the passes) — below float32, except the model's own float32 islands, which stay as transformers
+        runs them (`fxslice.core.graph.float32_islands`) — and every op that creates a tensor (`arange`, `full`,
+        ...) creates it on `device`, so that no tensor of the captured device is left in the computation.
         """
         for item in target:
             if isinstance(item, torch.dtype):
@@ -163,12 +163,6 @@ class Program:
                 device = item
         if device is not None:
             self._check_movable(torch.device(device))
-        if dtype is not None and dtype.itemsize < self.dtype.itemsize:
-            old, new = (str(d).replace("torch.", "") for d in (self.dtype, dtype))
-            warnings.warn(f"{self.model_class} was captured in {old} and now computes everything in {new}, its own "
-                          "float32 islands (norms, rotary embedding) too, which costs quality (SmolLM2: perplexity 21.98 "
-                          f"-> 29.85 in bfloat16); to keep them, capture the model in {new} (`capture(name, dtype=...)`, a "
-                          "module converted before `capture`, or --dtype on the command line)", stacklevel=2)
         out = self.clone()
         if dtype is not None:
             G.retarget_float_casts(out.gm, dtype)
