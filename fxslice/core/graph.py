@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -175,6 +176,8 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
         if node.target == aten._assert_tensor_metadata.default:  # would assert the old dtype
             gm.graph.erase_node(node)
             continue
+        if dtype.itemsize < 4:  # a literal beyond the dtype's range (a mask's float32 min)
+            node.args = tuple(_within(a, dtype) for a in node.args)
         if node.target == aten.type_as.default and node.args[1] in islands:  # back from an island: to `dtype`
             node.target, node.args = aten.to.dtype, (node.args[0], dtype)
         if node.target in CAST_OPS:
@@ -237,6 +240,14 @@ def _refresh_vals(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
                 infer_val(node)
             except Exception:  # noqa: BLE001 - some meta kernels reject symbolic sizes; keep the old value
                 pass
+
+
+def _within(value: Any, dtype: torch.dtype) -> Any:
+    """A float literal clamped to `dtype`'s finite range (finfo(float32).min overflows bfloat16)."""
+    if isinstance(value, float) and math.isfinite(value):
+        limit = torch.finfo(dtype).max
+        return max(-limit, min(limit, value))
+    return value
 
 
 def _is_float_dtype(value: Any) -> bool:
