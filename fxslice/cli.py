@@ -42,8 +42,8 @@ Device = Annotated[str, typer.Option(help="where to compute: auto (a GPU when th
 Offload = Annotated[bool, typer.Option("--offload", help="keep the weights in host memory and copy each calibration "
                                        "stage's to --device only while it runs: models larger than the device")]
 Kernels = Annotated[str, typer.Option(help="how a quantized model's 4-bit weights run: float (dequantized once) or int4 "
-                                          "(PyTorch's int4 weight-only kernels from the packed integers: a third of "
-                                          "the memory; CUDA needs a bfloat16 model)")]
+                                          "(PyTorch's int4 weight-only kernels from the packed integers: in bfloat16 a "
+                                          "fifth of the float32 model's memory; CUDA needs a bfloat16 model)")]
 Dtype = Annotated[str, typer.Option(help="the weights' dtype for the run: float32, bfloat16, float16 (statistics stay "
                                          "float64; the saved model keeps this dtype)")]
 
