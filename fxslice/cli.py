@@ -560,14 +560,10 @@ def _check_kernels(kernels: str) -> None:
 
 
 def _with_kernels(program: Program, kernels: str) -> Program:
-    """`program` with its 4-bit weights run by the int4 kernels (`--kernels int4`), or as it is (`float`)."""
-    import torch
-
+    """`program` with its 4-bit weights run by the int4 kernels (`--kernels int4`; the pass refuses, with the
+    reason, a device or dtype the kernel cannot run in), or as it is (`float`)."""
     if kernels == "float":
         return program
-    if program.device.type == "cuda" and program.dtype != torch.bfloat16:
-        raise InvalidOption(f"--kernels int4 on CUDA needs a bfloat16 model and this one is {program.dtype}: quantize "
-                            "with --dtype bfloat16")
     from fxslice.passes.quantize import Int4Kernels
 
     result = PassManager([Int4Kernels()]).run(program).records[0].info

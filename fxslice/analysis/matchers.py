@@ -22,9 +22,11 @@ __all__ = [
     "match_norms",
     "CAST_OPS",
     "value_of",
+    "WEIGHT_VIEWS",
 ]
 
-_WEIGHT_VIEWS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+#: how a linear may read its weight on the way: a transposed view of the parameter
+WEIGHT_VIEWS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
 _MATMULS = {aten.mm.default, aten.matmul.default, aten.bmm.default}
 
 
@@ -70,7 +72,7 @@ def _weight_axes(gm: fx.GraphModule, view: Any) -> tuple[fx.Node, int, int] | No
     """Follow transposes from the operand `view` back to a parameter; map operand axes (-2, -1) to its axes."""
     axes: list[int] | None = None
     node = view
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _WEIGHT_VIEWS:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in WEIGHT_VIEWS:
         ndim = value_of(node.args[0]).dim()
         if node.target == aten.permute.default:
             perm = [d % ndim for d in node.args[1]]

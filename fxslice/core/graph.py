@@ -18,6 +18,7 @@ __all__ = [
     "tensor_of",
     "set_tensor",
     "add_parameter",
+    "add_buffer",
     "module_path",
     "retarget_float_casts",
     "erase_unused",
@@ -113,14 +114,28 @@ def add_parameter(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> str:
     home = next((p.device for p in gm.parameters()), None)
     if home is not None:
         value = value.to(home)
+    holder, name = _new_slot(gm, stem)
+    holder.register_parameter(name, nn.Parameter(value.detach(), requires_grad=False))
+    return f"fxslice.{name}"
+
+
+def add_buffer(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> str:
+    """Register `value` as a new buffer under `fxslice.<stem>_<n>`, on its own device (a layout packed for one
+    device's kernel), and return its target."""
+    holder, name = _new_slot(gm, stem)
+    holder.register_buffer(name, value)
+    return f"fxslice.{name}"
+
+
+def _new_slot(gm: fx.GraphModule, stem: str) -> tuple[nn.Module, str]:
+    """The module holding what passes add, and the first free `<stem>_<n>` in it."""
     if not hasattr(gm, "fxslice"):
         gm.add_module("fxslice", nn.Module())
     holder = gm.get_submodule("fxslice")
     n = 0
     while hasattr(holder, f"{stem}_{n}"):
         n += 1
-    holder.register_parameter(f"{stem}_{n}", nn.Parameter(value.detach(), requires_grad=False))
-    return f"fxslice.{stem}_{n}"
+    return holder, f"{stem}_{n}"
 
 
 def module_path(node: fx.Node) -> str:

@@ -17,8 +17,8 @@ from torch import fx
 
 from fxslice import InvalidOption, Pass, PassResult, Program
 from fxslice.analysis.linears import weight_kinds
-from fxslice.analysis.matchers import LinearUse
-from fxslice.core.graph import DEVICE_BOUND, drop_unused_weights, insert_op, refresh_vals, tensor_of
+from fxslice.analysis.matchers import WEIGHT_VIEWS, LinearUse
+from fxslice.core.graph import DEVICE_BOUND, add_buffer, drop_unused_weights, insert_op, refresh_vals, tensor_of
 from fxslice.core.quantized import QuantizedWeight
 
 __all__ = ["Int4Kernels", "int4_eligibility", "packed_shape"]
@@ -27,10 +27,6 @@ aten = torch.ops.aten
 
 #: group sizes the kernels take
 GROUP_SIZES = (32, 64, 128, 256)
-
-#: how a linear may read its weight on the way (a transposed view), besides directly
-_WEIGHT_VIEWS = (aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default)
-
 
 #: outputs are packed in multiples of this (the CPU kernel takes multiples of 16 rows, CUDA's of 8)
 ROW_MULTIPLE = 16
@@ -47,7 +43,7 @@ def int4_eligibility(q: QuantizedWeight) -> str | None:
 
 def packed_shape(q: QuantizedWeight) -> tuple[int, int]:
     """[out, in] as packed: outputs padded with zero rows to a multiple of `ROW_MULTIPLE`, inputs to whole groups
-    (the last group of a width such as a pruned 1,264 is short). The input is padded with zeros to match and the
+    (the last group of a width a slicing or a pruning left is often short). The input is padded with zeros to match and the
     output cut back, so that any width a slicing or a pruning leaves runs on the kernel."""
     return -(-q.shape[0] // ROW_MULTIPLE) * ROW_MULTIPLE, q.groups * q.group_size
 
@@ -70,17 +66,6 @@ def _pack(q: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> tuple
         packed = aten._convert_weight_to_int4pack_for_cpu(ints, 1)
     scales = torch.stack([scale, offsets], -1).transpose(0, 1).contiguous()
     return packed, scales.to(device, dtype)
-
-
-def _register_buffer(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> str:
-    if not hasattr(gm, "fxslice"):
-        gm.add_module("fxslice", torch.nn.Module())
-    holder = gm.get_submodule("fxslice")
-    n = 0
-    while hasattr(holder, f"{stem}_{n}"):
-        n += 1
-    holder.register_buffer(f"{stem}_{n}", value)
-    return f"fxslice.{stem}_{n}"
 
 
 class Int4Kernels(Pass):
@@ -119,8 +104,8 @@ class Int4Kernels(Pass):
                 kept[name] = reason
                 continue
             packed, scales = _pack(q, device, dtype)
-            packed_name = _register_buffer(gm, "int4_weight", packed)
-            scales_name = _register_buffer(gm, "int4_scales", scales)
+            packed_name = add_buffer(gm, "int4_weight", packed)
+            scales_name = add_buffer(gm, "int4_scales", scales)
             for use in linears[name]:
                 self._rewrite(gm, use, packed_name, scales_name, q)
             done.append(name)
@@ -148,7 +133,7 @@ class Int4Kernels(Pass):
         linears = {u.node for u in uses}
         for reader in readers:
             for user in reader.users:
-                through_view = user.target in _WEIGHT_VIEWS and all(u in linears for u in user.users)
+                through_view = user.target in WEIGHT_VIEWS and all(u in linears for u in user.users)
                 if user not in linears and not through_view:
                     return f"also read by {user.name}, which is not a linear"
         for use in uses:
