@@ -204,6 +204,8 @@ def prune(
     recover_steps: RecoverSteps = 0,
     recover_text: RecoverText = "wikitext2:validation",
     recover_lr: RecoverLr = 5e-4,
+    strict: Annotated[bool, typer.Option("--strict", help="stop with an error when the target cannot be met (by "
+                                         "default a warning with the share removed)")] = False,
     device: Device = "auto",
     dtype: Dtype = "float32",
     offload: Offload = False,
@@ -217,7 +219,7 @@ def prune(
 
     data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size)
     recipe = prune_recipe(method=method, target=target, shots=shots, structures=structures, batch_size=batch_size,
-                          calibration=data)
+                          calibration=data, strict=strict)
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
               {"method": method, "target": target, "shots": shots, "structures": structures}, device, dtype, offload)
@@ -236,13 +238,16 @@ def quantize(
     budget_bits: Annotated[float, typer.Option(min=0, help="search a width per linear so that the whole model "
                                                "averages this many bits per parameter (tables and scales included); "
                                                "0: every linear at --bits")] = 0.0,
-    search: Annotated[str, typer.Option(help="with --budget-bits: mtgp (NUQ's multi-task GP), gp or random")] = "mtgp",
-    evaluations: Annotated[int, typer.Option(min=1, help="with --budget-bits: expensive (GPTQ) evaluations")] = 6,
-    spread: Annotated[int, typer.Option(min=1, help="with --budget-bits: widths searched either side of the widest "
-                                        "uniform width the budget affords")] = 1,
+    search: Annotated[str | None, typer.Option(help="with --budget-bits: mtgp (NUQ's multi-task GP, the default), gp "
+                                               "or random")] = None,
+    evaluations: Annotated[int | None, typer.Option(min=1, help="with --budget-bits: expensive (GPTQ) evaluations "
+                                                    "(default 6)")] = None,
+    spread: Annotated[int | None, typer.Option(min=1, help="with --budget-bits: widths searched either side of the "
+                                               "widest uniform width the budget affords (default 1)")] = None,
     search_tables: Annotated[bool, typer.Option(help="with --budget-bits: search the token tables' width too, "
                                                 "between the linears' and --embeddings")] = True,
-    log: Annotated[str, typer.Option(help="with --budget-bits: JSON-lines file of every evaluation (resumed)")] = "",
+    log: Annotated[str, typer.Option(help="with --budget-bits: JSON-lines file of every evaluation (resumed when it "
+                                          "holds the same search on the same model)")] = "",
     rotate: Annotated[bool, typer.Option(help="first an exact randomized-Hadamard rotation of the stream (QuaRot); "
                                          "helps GPTQ, and a sliced model needs it")] = False,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the quantized model")] = Path("quantized"),
@@ -267,8 +272,14 @@ def quantize(
     from fxslice.recipes import Calibration
 
     data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size)
-    searched = (dict(search=search, budget_bits=budget_bits, evaluations=evaluations, spread=spread, log=log,
-                     search_tables=search_tables)
+    searching = {"--search": search, "--evaluations": evaluations, "--spread": spread, "--log": log or None}
+    if not budget_bits:
+        given = [name for name, value in searching.items() if value is not None]
+        if given:
+            raise InvalidOption(f"{', '.join(given)} set(s) up a width search, which runs only with --budget-bits "
+                                "(average bits per parameter, e.g. 4.5); add it, or drop the option")
+    searched = (dict(search=search or "mtgp", budget_bits=budget_bits, evaluations=evaluations or 6,
+                     spread=spread or 1, log=log, search_tables=search_tables)
                 if budget_bits else {})
     stage = Quantize(bits=bits, group_size=group_size, method=method, embeddings=embeddings or None, head=head or None,
                      shortcuts=shortcuts or None, batch_size=batch_size, **searched)
@@ -281,6 +292,8 @@ def quantize(
 @app.command()
 def compress(
     recipe_file: Annotated[Path, typer.Option("--recipe", help="a recipe (YAML or JSON): calibration and stages")],
+    trust_code: Annotated[bool, typer.Option("--trust-code", help="allow a recipe that names code (module:Name, "
+                                             "file.py:Name): that code runs. Without it such a recipe is refused")] = False,
     model: ModelArg = DEFAULT_MODEL,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the compressed model")] = Path("compressed"),
     evaluation: EvalText = "wikitext2:test",
@@ -291,10 +304,13 @@ def compress(
     dtype: Dtype = "float32",
     offload: Offload = False,
 ) -> None:
-    """Run a recipe on MODEL, measure perplexity before and after, and save the result to --out."""
+    """Run a recipe on MODEL, measure perplexity before and after, and save the result to --out.
+
+    A recipe that names code (a stage or pass written module:Name or file.py:Name) runs that code when it is read:
+    such a recipe is refused unless --trust-code is given. file.py paths are found from the recipe's folder."""
     from fxslice.passes import load_recipe
 
-    recipe = load_recipe(recipe_file)  # validated before anything is loaded
+    recipe = load_recipe(recipe_file, trust_code=trust_code)  # validated before anything is loaded
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {}, device, dtype, offload)
 
 
@@ -338,6 +354,7 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
     if program.tokenizer is None:
         raise InvalidOption(f"{model} comes without a tokenizer; compression needs one to read text")
     check_tokens(program, torch.zeros(0, dtype=torch.long), program.tokenizer)
+    recipe.check(program)  # options that do not fit this model, before calibration and evaluation
     calib = recipe.calibration.load(program) if recipe.calibration is not None else None
     test = None
     if evaluation != "none":
@@ -400,6 +417,7 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
             lines.append(f"recovery     {report['steps']} steps, {report['tokens']:,} tokens: held-out loss "
                          f"{report['held_out_before']:.4f} -> {report['held_out_after']:.4f}")
     lines += [f"warning      segment {r.index} ({r.module}): {r.warning}" for r in segments if r.warning]
+    lines += [f"warning      {r.report['warning']}" for _, r in result.stages if r.report.get("warning")]
     lines.append("seconds      " + "  ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     lines.append(f"saved        {out_dir}")
     out.print("\n".join(lines), highlight=False, markup=False)
@@ -420,6 +438,9 @@ def export_(
 
     if format_ not in FORMATS:
         raise InvalidOption(f"--format must be one of {', '.join(FORMATS)}, got {format_!r}")
+    if path.resolve().is_relative_to(model_dir.resolve()):
+        raise InvalidOption(f"--out {path} lies inside the model's own directory {model_dir}, whose files its record "
+                            "checks; write the export somewhere else")
     with err.status(f"loading {model_dir} ..."):
         program = load(model_dir)  # checksums verified: an edited or truncated model is refused here
     with err.status(f"exporting to {path} ..."):
@@ -435,6 +456,28 @@ def export_(
     outputs = "logits" + (", then the updated caches" if format_ == "onnx" and program.cache is not None else "")
     out.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {how}{inputs} -> {outputs}",
               highlight=False, markup=False)
+
+
+@app.command()
+def upgrade(
+    model_dir: Annotated[Path, typer.Argument(help="a directory saved by an older fxslice (with graph.pt2)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="new directory for the same model in today's format")],
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="required: reading graph.pt2 unpickles it, which "
+                                               "runs any code hidden in it; say so only for a model you trust")] = False,
+) -> None:
+    """Rewrite a model saved by an older fxslice (a pickled graph.pt2) as graph.json, which loads without running
+    anything. Reading the old file can run code: only for models you wrote or trust, and only with --trust-pickle."""
+    from fxslice.models.io import check_output_dir, load, save
+
+    if not trust_pickle:
+        raise InvalidOption("reading an old model's graph.pt2 unpickles it, which can run code hidden in it; if you "
+                            "trust whoever wrote it, add --trust-pickle")
+    check_output_dir(out_dir)
+    with err.status(f"loading {model_dir} ..."):
+        program = load(model_dir, trust_pickle=True)
+    with err.status(f"saving to {out_dir} ..."):
+        save(program, out_dir, program.record)  # what save itself records (checksums, formats) is written anew
+    out.print(f"saved {out_dir}: loads without unpickling", highlight=False, markup=False)
 
 
 @app.command(name="eval")
@@ -463,6 +506,15 @@ def eval_(
 
     _check_kernels(kernels)
     task_list = [t for t in tasks.split(",") if t]
+    if evaluation == "none" and not task_list:
+        raise InvalidOption("nothing to measure: --eval none and no --tasks; give a perplexity text or tasks")
+    missing = [str(p) for p in include if not p.is_dir()]
+    if missing:
+        raise InvalidOption(f"--include {missing[0]} is not a directory of lm-eval task files")
+    if include and not task_list:
+        raise InvalidOption("--include adds task files, which only --tasks runs; name the tasks to run")
+    if output is not None:  # opened before the measurement, which a bad path would otherwise lose
+        _check_new_output(output)
     if task_list:
         from fxslice.evaluation.harness import require_lm_eval
 
@@ -491,7 +543,11 @@ def eval_(
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr"))
             out.print(f"{task:<16} {shown}", highlight=False, markup=False)
     if output is not None:
-        output.write_text(json.dumps(figures, indent=1))
+        from fxslice.models.io import write_file
+
+        text = json.dumps(figures, indent=1)
+        write_file(output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        err.print(f"wrote {output}")
 
 
 @app.command()
@@ -525,6 +581,12 @@ def generate(
     tokenizer = program.tokenizer
     if tokenizer is None:
         raise InvalidOption(f"{model} has no tokenizer; generation needs one to read the prompt")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        from fxslice.core.errors import BadInput
+
+        raise BadInput("the prompt is not valid UTF-8 text; give it as UTF-8") from None
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidOption("--chat: this tokenizer has no chat template")
@@ -552,6 +614,18 @@ def generate(
     err.print(f"{len(new)} tokens in {elapsed:.1f} s ({len(new) / elapsed:.1f} tokens/s, "
               f"{'KV cache' if program.cache is not None else 'no KV cache: recomputing'}"
               f"{', compiled' if compile_step else ''}, {program.device})", highlight=False)
+
+
+def _check_new_output(path: Path) -> None:
+    """Refuse an output file that could not be written, before the work whose result it would hold."""
+    import os
+
+    if path.is_dir():
+        raise InvalidOption(f"--output {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise InvalidOption(f"--output {path}: the directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InvalidOption(f"--output {path}: permission denied")
 
 
 def _check_kernels(kernels: str) -> None:

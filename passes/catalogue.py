@@ -59,6 +59,7 @@ class RunPasses(Stage):
     exact pass that changes the logits stops the recipe, naming the pass."""
 
     kind = "passes"
+    code_fields = ("passes",)
 
     passes: tuple[str, ...] = ()
     check_numerics: bool = True
@@ -66,6 +67,8 @@ class RunPasses(Stage):
     def __post_init__(self) -> None:
         if not self.passes or not all(isinstance(p, str) for p in self.passes):
             raise InvalidOption(f"passes: give a non-empty list of pass names, got {self.passes!r}")
+        for spec in self.passes:  # every name imported and checked now, before a model is loaded
+            load_pass(spec)
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         return self.run_passes(program, [load_pass(p) for p in self.passes], context, check_numerics=self.check_numerics)
@@ -75,6 +78,7 @@ class RunPasses(Stage):
 STAGES: dict[str, type[Stage]] = {s.kind: s for s in (Cleanup, SliceGPT, Rotate, Surgeon, Recover, Quantize, FuseGQA, RunPasses)}
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """A recipe file (YAML or JSON) whose stages are built-in names or `module:Class`."""
-    return Recipe.load(path, STAGES)
+def load_recipe(path: str | Path, *, trust_code: bool = False) -> Recipe:
+    """A recipe file (YAML or JSON) whose stages are built-in names, or with `trust_code` also `module:Class` /
+    `file.py:Class` (found from the recipe's folder), whose code then runs."""
+    return Recipe.load(path, STAGES, trust_code=trust_code)

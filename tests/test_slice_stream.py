@@ -5,11 +5,12 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from fxslice import BadInput, CorruptModel, InvalidOption, PassManager
+from fxslice import BadInput, CorruptModel, InvalidOption, PassManager, SaveFailed
 from fxslice.core import relative_error
 from fxslice.core.graph import tensor_of
 from fxslice.data import load_text, token_windows
@@ -130,8 +131,8 @@ def test_save_refuses_an_existing_directory_and_leaves_nothing_on_failure(tiny, 
     def broken_save(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(torch.export, "save", broken_save)
-    with pytest.raises(OSError, match="simulated"):
+    monkeypatch.setattr(Path, "write_bytes", broken_save)
+    with pytest.raises(SaveFailed, match="simulated"):
         save(program, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
 
@@ -150,8 +151,8 @@ def test_corrupt_saved_models_are_refused(tiny, tmp_path):
     (tmp_path / "m" / "fxslice.json").write_text(json.dumps(record))
     with pytest.raises(CorruptModel, match="disagree"):
         load(tmp_path / "m")
-    (tmp_path / "m" / "graph.pt2").unlink()
-    with pytest.raises(CorruptModel, match="missing graph.pt2"):
+    (tmp_path / "m" / "graph.json").unlink()
+    with pytest.raises(CorruptModel, match="missing graph.json"):
         load(tmp_path / "m")
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "is_param",
     "infer_val",
     "refresh_vals",
+    "propagate_fake_values",
     "insert_op",
     "owner_of",
     "input_names",
@@ -255,6 +256,38 @@ def _refresh_vals(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
                 infer_val(node)
             except Exception:  # noqa: BLE001 - some meta kernels reject symbolic sizes; keep the old value
                 pass
+
+
+def propagate_fake_values(gm: fx.GraphModule, inputs: dict[str, dict[str, Any]]) -> None:
+    """Give every node a fake `val`, as capture does, from the inputs' shapes alone: `inputs` maps each placeholder
+    to `{"shape": [...], "dtype": name}`, a size given by name being symbolic (one name, one size) — what a graph
+    read from data needs before passes can reason about it. Raises ValueError naming a node whose op fails."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    hints: dict[str, int] = {}  # distinct sizes per name, so that duck sizing keeps different names apart
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            spec = inputs.get(node.name)
+            if spec is None:
+                raise ValueError(f"input '{node.name}' has no stored shape")
+            sizes = [s if isinstance(s, int) else hints.setdefault(s, 2 + 5 * len(hints)) for s in spec["shape"]]
+            dynamic = [DimDynamic.STATIC if isinstance(s, int) else DimDynamic.DYNAMIC for s in spec["shape"]]
+            real = torch.zeros(sizes, dtype=getattr(torch, spec["dtype"]))
+            node.meta["val"] = mode.from_tensor(real, source=ConstantSource(node.name),
+                                                symbolic_context=StatelessSymbolicContext(dynamic_sizes=dynamic))
+        elif node.op == "get_attr":
+            value = tensor_of(gm, node)
+            if isinstance(value, torch.Tensor):
+                node.meta["val"] = mode.from_tensor(value, static_shapes=True)
+        elif node.op == "call_function":
+            try:
+                infer_val(node)
+            except Exception as exc:  # noqa: BLE001 - any failure means the graph does not compute
+                raise ValueError(f"node '{node.name}' ({node.target}) fails on its inputs' shapes: "
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
 def _within(value: Any, dtype: torch.dtype) -> Any:

@@ -1,4 +1,8 @@
-"""User code named on a command line or in a recipe: `module.path:Name` or `file.py:Name`."""
+"""User code named on a command line or in a recipe: `module.path:Name` or `file.py:Name`.
+
+Naming code runs it (a module's top level runs on import), so whoever reads a recipe file must opt in first:
+`names_code` tells which names are code, `rebase` resolves a recipe's `file.py` from the recipe's own folder.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,20 @@ from typing import Any
 
 from fxslice.core.errors import InvalidOption
 
-__all__ = ["import_object"]
+__all__ = ["import_object", "names_code", "rebase"]
+
+
+def names_code(spec: object) -> bool:
+    """Whether `spec` names user code (`module:Name` or `file.py:Name`) rather than a built-in."""
+    return isinstance(spec, str) and ":" in spec
+
+
+def rebase(spec: str, folder: Path) -> str:
+    """`file.py:Name` with a relative file resolved from `folder` (a recipe's own folder); other names unchanged."""
+    source, _, attr = spec.partition(":")
+    if source.endswith(".py") and not Path(source).is_absolute():
+        return f"{folder / source}:{attr}"
+    return spec
 
 
 def import_object(spec: str, what: str) -> Any:

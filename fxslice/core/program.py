@@ -125,6 +125,20 @@ class Program:
                     seen[id(value)] = q.nbytes if q is not None else value.numel() * value.element_size()
         return sum(seen.values())
 
+    def digest(self) -> str:
+        """A sha256 of the graph's code and of every tensor it reads: equal digests, the same computation (what a
+        resumed search checks that it resumes on the model it started on)."""
+        import hashlib
+
+        h = hashlib.sha256(self.gm.code.encode())
+        for node in self.graph.find_nodes(op="get_attr"):
+            value = G.tensor_of(self.gm, node)
+            if isinstance(value, torch.Tensor):
+                data = value.detach().cpu().contiguous()
+                h.update(str(node.target).encode() + str(data.dtype).encode() + str(tuple(data.shape)).encode())
+                h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        return h.hexdigest()
+
     def analysis(self, fn: Callable[[Program], T]) -> T:
         """Run the analysis `fn` once per graph version and cache its result."""
         cached = self._analyses.get(fn)

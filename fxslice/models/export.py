@@ -8,9 +8,9 @@ stored dequantized: the archive runs in float, like the program.
 
 `hf`: a directory that stock transformers loads with `AutoModelForCausalLM.from_pretrained(DIR,
 trust_remote_code=True)` and `AutoTokenizer.from_pretrained(DIR)`: the weights in model.safetensors under their
-program names, the graph (exported with the weights as its first inputs, so it holds none) as a byte buffer in the
-same file, a `config.json`, and one generic modeling file (`fxslice/models/remote/modeling_fxslice.py`, the same for
-every model). `generate()` uses the program's KV cache when it has one. Quantized weights are stored dequantized.
+program names, the graph (with the weights as its first inputs, so it holds none) as JSON data in a byte buffer of
+the same file, a `config.json`, and one generic modeling file (`fxslice/models/remote/modeling_fxslice.py`, the same
+for every model) with the reader it imports (`graph_data.py`), which builds nothing but calls of PyTorch operators. `generate()` uses the program's KV cache when it has one. Quantized weights are stored dequantized.
 
 `onnx`: the same program through `torch.onnx.export` (dynamo), one `.onnx` file that onnxruntime runs. A KV-cache
 program's caches become outputs (ONNX has no in-place inputs): inputs `input_ids, past_length, kv_0, ...`,
@@ -26,26 +26,26 @@ import json
 import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import fx
 
-from fxslice.core.errors import InvalidOption, SaveFailed, UnsupportedStructure
+from fxslice.core.errors import InvalidOption, UnsupportedStructure
 from fxslice.core.graph import tensor_of
 from fxslice.core.program import Program
-from fxslice.models.io import example_inputs
+from fxslice.models.io import example_inputs, write_file
+from fxslice.models.remote.graph_data import GraphDataError, graph_to_data
 
 __all__ = ["export_pt2", "export_onnx", "export_hf", "FORMATS"]
 
 FORMATS = ("pt2", "onnx", "hf")
 REMOTE_CODE = Path(__file__).parent / "remote" / "modeling_fxslice.py"
+GRAPH_READER = Path(__file__).parent / "remote" / "graph_data.py"
 
 
 def _check_new_file(out: Path) -> None:
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise InvalidOption(f"{out} already exists; choose another path or remove it first")
     if not out.parent.is_dir():
         raise InvalidOption(f"the directory {out.parent} does not exist")
@@ -62,7 +62,9 @@ def export_pt2(program: Program, path: str | os.PathLike) -> Path:
         "inputs": program.input_names, "model_class": program.model_class, "source": program.source,
         "kv_cache": program.cache.to_json() if program.cache is not None else None,
         "parameters": program.num_parameters()})}
-    return _write(out, lambda tmp: torch.export.save(exported, tmp, extra_files=extra))
+    buffer = io.BytesIO()  # in memory first: torch's zip writer aborts the process when the disk fills
+    torch.export.save(exported, buffer, extra_files=extra)
+    return write_file(out, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
 
 
 def export_onnx(program: Program, path: str | os.PathLike) -> Path:
@@ -85,7 +87,7 @@ def export_onnx(program: Program, path: str | os.PathLike) -> Path:
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; the user needs its first line
         reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise UnsupportedStructure(f"torch.onnx.export cannot take this program: {reason}") from exc
-    return _write(out, onnx_program.save)
+    return write_file(out, onnx_program.save)
 
 
 def weights_as_inputs(program: Program) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
@@ -121,17 +123,13 @@ def export_hf(program: Program, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     check_output_dir(out)
     gm, weights = weights_as_inputs(program)
-    args, shapes = example_inputs(program)
+    if any(n.op == "get_attr" for n in gm.graph.nodes):
+        raise UnsupportedStructure("the graph holds subgraphs (higher-order ops), which the hf export cannot store")
     try:
-        with torch.no_grad():
-            exported = torch.export.export(gm, (*weights.values(), *args),
-                                           dynamic_shapes=(*(None for _ in weights), *shapes), strict=False)
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; the user needs its first line
-        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise UnsupportedStructure(f"torch.export cannot take this program with its weights as inputs: {reason}") from exc
-    buffer = io.BytesIO()
-    torch.export.save(exported, buffer)
-    graph = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        data = graph_to_data(gm.graph)
+    except GraphDataError as exc:
+        raise UnsupportedStructure(f"this program cannot be exported: {exc}") from None
+    graph = torch.frombuffer(bytearray(json.dumps(data, separators=(",", ":")).encode()), dtype=torch.uint8)
     source = program.config or {}
     parameters = dict(program.gm.named_parameters(remove_duplicate=False))
     config = {
@@ -155,28 +153,18 @@ def export_hf(program: Program, out_dir: str | os.PathLike) -> Path:
     tensors["program"] = graph
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        from safetensors import SafetensorError
+
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except SafetensorError as exc:
+            raise OSError(f"the weights could not be written ({exc})") from exc
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str), encoding="utf-8")
         shutil.copyfile(REMOTE_CODE, tmp / REMOTE_CODE.name)
+        shutil.copyfile(GRAPH_READER, tmp / GRAPH_READER.name)
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1), encoding="utf-8")
         if program.tokenizer is not None:
             save_tokenizer(program.tokenizer, tmp)
 
     return write_directory(out, write)
-
-
-def _write(out: Path, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `out`, then move it into place: all of it, or nothing."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise SaveFailed(f"could not write {out}: {exc.strerror or exc}; nothing was left behind") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out

@@ -1,13 +1,19 @@
 """Save and load compiled programs as self-describing directories.
 
     DIR/model.safetensors   the weights the graph uses, by their qualified names
-    DIR/graph.pt2           the graph (torch.export.save, with its weights left out); with a KV cache
-                            when the program has one (`Program.cache`, recorded as "kv_cache")
+    DIR/graph.json          the graph as data (`fxslice.models.remote.graph_data`): PyTorch operators, literal
+                            arguments and weight names; with a KV cache when the program has one (`Program.cache`,
+                            recorded as "kv_cache")
     DIR/tokenizer/          the tokenizer, when the program has one
     DIR/fxslice.json        what was done: version, passes, widths, calibration, parameter counts, metrics
 
 Writes go to a hidden sibling directory that is renamed into place at the end, so an interrupted or
 failed save never leaves a directory that `load` accepts; an existing DIR is never overwritten.
+
+Loading executes nothing from the directory: tensors come from safetensors, the graph from JSON that can name
+only registered PyTorch operators, the record is checked field by field (`fxslice.models.record`), the tokenizer
+is read without remote code. Directories written before graph.json (a pickled `graph.pt2`) load only with
+`trust_pickle=True`, which says the user trusts whoever wrote them.
 """
 
 from __future__ import annotations
@@ -22,18 +28,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from fxslice.core.errors import CorruptModel, InvalidOption, SaveFailed
-from fxslice.core.graph import DEVICE_BOUND, device_bound, set_tensor, tensor_of
+from fxslice.core.errors import CorruptModel, InvalidOption, SaveFailed, UnsupportedStructure
+from fxslice.core.graph import DEVICE_BOUND, device_bound, propagate_fake_values, set_tensor, tensor_of
 from fxslice.core.program import Program, program_inputs
 from fxslice.core.quantized import QuantizedWeight
 from fxslice.models.kvcache import CacheLayout
+from fxslice.models.record import check_record
+from fxslice.models.remote.graph_data import GraphDataError, graph_from_data, graph_to_data
 
-__all__ = ["save", "load", "check_output_dir", "example_inputs", "write_directory", "save_tokenizer", "RECORD", "WEIGHTS",
-           "GRAPH"]
+__all__ = ["save", "load", "check_output_dir", "example_inputs", "write_directory", "write_file", "save_tokenizer",
+           "RECORD", "WEIGHTS",
+           "GRAPH", "LEGACY_GRAPH"]
 
-RECORD, WEIGHTS, GRAPH, TOKENIZER = "fxslice.json", "model.safetensors", "graph.pt2", "tokenizer"
+RECORD, WEIGHTS, GRAPH, TOKENIZER = "fxslice.json", "model.safetensors", "graph.json", "tokenizer"
+LEGACY_GRAPH = "graph.pt2"  # a torch.export archive: reading it unpickles (fxslice before graph.json)
+_QUANTIZED_KEY = "fxslice_quantized"  # the quantized formats, also in the weights file's own header
 
 
 def _used_weights(program: Program) -> dict[str, torch.Tensor]:
@@ -94,22 +105,14 @@ def _tree_sha256(root: Path) -> str:
     return digest.hexdigest()
 
 
-def _graph_bytes(program: Program, weights: dict[str, torch.Tensor]) -> bytes:
-    """The re-exported graph, serialised in memory, its weights left out (they live in the safetensors file)."""
-    import io
-
-    args, shapes = example_inputs(program)
-    with torch.no_grad():
-        exported = torch.export.export(program.gm, args, dynamic_shapes=shapes, strict=False)
-    for name, value in list(exported.state_dict.items()):
-        empty = torch.zeros(0, dtype=value.dtype)
-        exported.state_dict[name] = nn.Parameter(empty, requires_grad=False) if isinstance(value, nn.Parameter) else empty
-    for name in list(exported.constants):
-        if isinstance(exported.constants[name], torch.Tensor) and name in weights:
-            exported.constants[name] = torch.zeros(0, dtype=exported.constants[name].dtype)
-    buffer = io.BytesIO()
-    torch.export.save(exported, buffer)
-    return buffer.getvalue()
+def _graph_json(program: Program) -> bytes:
+    """The graph as data (`graph_data`), with which of its weights are parameters (the rest are buffers)."""
+    try:
+        data = graph_to_data(program.graph)
+    except GraphDataError as exc:
+        raise UnsupportedStructure(f"this program cannot be saved: {exc}") from None
+    data["parameters"] = sorted({name for name, _ in program.gm.named_parameters(remove_duplicate=False)})
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 def check_output_dir(out: Path) -> None:
@@ -139,7 +142,7 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
     if program.device.type != "cpu":  # the file is device-free; `load` gives a CPU program, `.to(...)` moves it
         program = program.to("cpu")
     weights = _used_weights(program)
-    graph = _graph_bytes(program, weights)  # in memory first: torch's zip writer aborts the process on a full disk
+    graph = _graph_json(program)
     weights, quantized = _packed(program, weights)
     needed = sum(t.numel() * t.element_size() for t in weights.values()) + len(graph) + (32 << 20)
     free = shutil.disk_usage(out.parent).free
@@ -149,7 +152,7 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
 
     def write(tmp: Path) -> None:
         try:
-            save_file(weights, str(tmp / WEIGHTS))
+            save_file(weights, str(tmp / WEIGHTS), metadata={_QUANTIZED_KEY: json.dumps(quantized, sort_keys=True)})
         except SafetensorError as exc:
             raise OSError(f"the weights could not be written ({exc})") from exc
         (tmp / GRAPH).write_bytes(graph)
@@ -157,7 +160,8 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
             save_tokenizer(program.tokenizer, tmp / TOKENIZER)
         from fxslice.core.version import __version__
 
-        full = {
+        full = {  # what the caller records first, then what save measures itself (never the caller's copy of it)
+            **(record or {}),
             "fxslice_version": __version__,
             "model_class": program.model_class,
             "static_shape": program.static_shape,
@@ -172,11 +176,30 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
             "tokenizer_sha256": _tree_sha256(tmp / TOKENIZER) if (tmp / TOKENIZER).is_dir() else None,
             "config": program.config,
             "kv_cache": program.cache.to_json() if program.cache is not None else None,
-            **(record or {}),
         }
         (tmp / RECORD).write_text(json.dumps(full, indent=1, default=str), encoding="utf-8")
 
     return write_directory(out, write)
+
+
+def write_file(out: Path, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp)` on a temporary file beside `out`, then move it into place: all of it, or nothing, and a
+    failed write is one `SaveFailed`."""
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
+        os.close(handle)
+    except OSError as exc:
+        raise SaveFailed(f"cannot create a file in {out.parent}: {exc.strerror or exc}") from None
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise SaveFailed(f"could not write {out}: {exc.strerror or exc}; nothing was left behind") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
 
 
 def save_tokenizer(tokenizer: Any, path: Path) -> None:
@@ -219,34 +242,52 @@ def write_directory(out: Path, write: Callable[[Path], None]) -> Path:
     return out
 
 
-def load(path: str | os.PathLike) -> Program:
-    """Load a directory written by `save`; checks that the files agree with the record."""
-    from safetensors import SafetensorError
+def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> Program:
+    """Load a directory written by `save`. Nothing in it is executed: the record is checked field by field, the
+    files against its checksums and against each other, the graph may call PyTorch operators only, and any
+    disagreement is one `CorruptModel` naming the file and field. `trust_pickle=True` also reads a directory saved
+    before graph.json, whose pickled `graph.pt2` can run code: only for directories you wrote or trust."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
-
-    from fxslice.models.capture import plain_graph_module
 
     root = Path(path)
     if not root.is_dir():
         raise CorruptModel(f"{root} is not a directory saved by fxslice")
-    missing = [f for f in (RECORD, WEIGHTS, GRAPH) if not (root / f).is_file()]
+    legacy = not (root / GRAPH).exists() and (root / LEGACY_GRAPH).is_file()
+    if legacy and not trust_pickle:
+        raise CorruptModel(f"{root} was saved by an older fxslice, whose {LEGACY_GRAPH} is read by unpickling, which "
+                           "can run code hidden in the file; fxslice does not do that unasked. If you trust whoever "
+                           f"wrote it, convert it once: fxslice upgrade {root} --out NEW --trust-pickle")
+    graph_file = LEGACY_GRAPH if legacy else GRAPH
+    missing = [f for f in (RECORD, WEIGHTS, graph_file) if not (root / f).is_file()]
     if missing:
         raise CorruptModel(f"{root} is missing {', '.join(missing)}; it was not saved completely by fxslice")
     try:
         record = json.loads((root / RECORD).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptModel(f"{root / RECORD} is not valid JSON: {exc}") from None
-    if record.get("weights_sha256") != _sha256(root / WEIGHTS):
-        raise CorruptModel(f"{root / WEIGHTS} does not match the checksum in {RECORD}: the file was changed or truncated")
+    record = check_record(record, root / RECORD)
+    for key, name in (("weights_sha256", WEIGHTS), ("graph_sha256", graph_file), ("tokenizer_sha256", TOKENIZER)):
+        found = _sha256(root / name) if (root / name).is_file() else (
+            _tree_sha256(root / name) if (root / name).is_dir() else None)
+        if found != record.get(key):
+            raise CorruptModel(f"{root / name} does not match the checksum in {RECORD}: it was changed, swapped or "
+                               "truncated; save the model again")
     try:
         weights = load_file(str(root / WEIGHTS))
+        with safe_open(str(root / WEIGHTS), "pt") as f:
+            header = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise CorruptModel(f"cannot read {root / WEIGHTS}: {exc}") from None
     shapes = {k: list(v.shape) for k, v in weights.items()}
-    if shapes != record.get("weights"):
+    if shapes != record["weights"]:
         raise CorruptModel(f"the weights in {root / WEIGHTS} disagree with the shapes recorded in {RECORD}")
+    formats = record.get("quantized") or {}
+    if not legacy and header.get(_QUANTIZED_KEY) != json.dumps(formats, sort_keys=True):
+        raise CorruptModel(f"the quantized formats in {RECORD} ('quantized') disagree with those written into "
+                           f"{root / WEIGHTS}; the record was edited: save the model again")
     quantized = {}
-    for name, meta in (record.get("quantized") or {}).items():
+    for name, meta in formats.items():
         try:
             quantized[name] = QuantizedWeight.from_tensors(name, weights, meta)
         except (KeyError, InvalidOption, RuntimeError) as exc:
@@ -254,39 +295,69 @@ def load(path: str | os.PathLike) -> Program:
         for suffix in (".qweight", ".qzeros", ".scales"):
             del weights[name + suffix]
         weights[name] = quantized[name].dequantize()
-    for key, name in (("graph_sha256", GRAPH), ("tokenizer_sha256", TOKENIZER)):
-        if key not in record:
-            continue  # saved before the record covered it
-        found = _sha256(root / name) if (root / name).is_file() else (
-            _tree_sha256(root / name) if (root / name).is_dir() else None)
-        if found != record[key]:
-            raise CorruptModel(f"{root / name} does not match the checksum in {RECORD}: it was changed, swapped or "
-                               "truncated; save the model again")
-    try:
-        exported = torch.export.load(str(root / GRAPH))
-    except Exception as exc:  # noqa: BLE001 - any deserialisation failure means a bad file
-        raise CorruptModel(f"cannot read the graph {root / GRAPH}: {exc}") from None
     layout = CacheLayout.from_json(record["kv_cache"]) if record.get("kv_cache") else None
-    gm = plain_graph_module(exported.module(), inputs=program_inputs(None if layout is None else len(layout.shapes)))
-    expected = {str(n.target): n.meta.get("val") for n in gm.graph.find_nodes(op="get_attr")}
-    unknown = sorted(set(expected) - set(weights))
-    if unknown:
-        raise CorruptModel(f"the graph {root / GRAPH} reads weights that {root / WEIGHTS} does not hold: "
-                           f"{', '.join(unknown[:5])}; the files come from different models")
-    for name, value in weights.items():
-        val = expected.get(name)
-        if isinstance(val, torch.Tensor) and val.numel() and (tuple(val.shape) != tuple(value.shape) or val.dtype != value.dtype):
-            raise CorruptModel(f"the graph {root / GRAPH} expects '{name}' as {tuple(val.shape)} {val.dtype}, "
-                               f"{root / WEIGHTS} holds {tuple(value.shape)} {value.dtype}")
-        set_tensor(gm, name, value)
+    inputs = program_inputs(None if layout is None else len(layout.shapes))
+    gm = _legacy_graph(root, weights, inputs) if legacy else _read_graph(root / GRAPH, weights, inputs)
     static = record.get("static_shape")
-    program = Program(gm, record.get("model_class", "nn.Module"), record.get("config"), None, str(root), cache=layout,
+    program = Program(gm, record["model_class"], record.get("config"), None, str(root), cache=layout,
                       quantized=quantized, static_shape=tuple(static) if static else None)
-    if program.num_parameters() != record.get("parameters"):
-        raise CorruptModel(f"{root} holds {program.num_parameters()} parameters but its record says {record.get('parameters')}")
+    if program.num_parameters() != record["parameters"]:
+        raise CorruptModel(f"{root} holds {program.num_parameters()} parameters but its record says {record['parameters']}")
     if (root / TOKENIZER).is_dir():
         import transformers
 
-        program.tokenizer = transformers.AutoTokenizer.from_pretrained(str(root / TOKENIZER))
+        try:
+            program.tokenizer = transformers.AutoTokenizer.from_pretrained(str(root / TOKENIZER), trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - tokenizers fail in their own ways
+            raise CorruptModel(f"cannot read the tokenizer {root / TOKENIZER}: {type(exc).__name__}: {exc}") from None
     program.record = record
     return program
+
+
+def _read_graph(path: Path, weights: dict[str, torch.Tensor], inputs: list[str]) -> fx.GraphModule:
+    """The graph of graph.json over `weights`, with fake values on every node, or `CorruptModel` saying why."""
+    try:
+        data = json.loads(path.read_bytes())
+        graph = graph_from_data(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CorruptModel(f"{path} is not valid JSON: {exc}") from None
+    except GraphDataError as exc:
+        raise CorruptModel(f"{path} cannot be read: {exc}") from None
+    placeholders = [n.name for n in graph.find_nodes(op="placeholder")]
+    if placeholders != inputs:
+        raise CorruptModel(f"{path} takes the inputs {placeholders}, its record says {inputs}")
+    parameters = data.get("parameters")
+    if not (isinstance(parameters, list) and all(isinstance(p, str) for p in parameters)):
+        raise CorruptModel(f"{path}: 'parameters' must be a list of weight names")
+    read = {str(n.target) for n in graph.find_nodes(op="get_attr")}
+    unknown = sorted(read - set(weights))
+    if unknown:
+        raise CorruptModel(f"the graph {path} reads weights that the weights file does not hold: "
+                           f"{', '.join(unknown[:5])}; the files come from different models")
+    chosen = set(parameters)
+    root = {name: nn.Parameter(weights[name], requires_grad=False) if name in chosen else weights[name] for name in read}
+    gm = fx.GraphModule(root, graph, class_name="CapturedLM")
+    try:
+        propagate_fake_values(gm, {n.name: n.meta.pop("value", None) for n in graph.find_nodes(op="placeholder")})
+    except ValueError as exc:
+        raise CorruptModel(f"the graph {path} does not compute with the stored weights: {exc}") from None
+    return gm
+
+
+def _legacy_graph(root: Path, weights: dict[str, torch.Tensor], inputs: list[str]) -> fx.GraphModule:
+    """A graph.pt2 of an older fxslice (unpickled: only with `trust_pickle`)."""
+    from fxslice.models.capture import plain_graph_module
+
+    try:
+        exported = torch.export.load(str(root / LEGACY_GRAPH))
+    except Exception as exc:  # noqa: BLE001 - any deserialisation failure means a bad file
+        raise CorruptModel(f"cannot read the graph {root / LEGACY_GRAPH}: {exc}") from None
+    gm = plain_graph_module(exported.module(), inputs=inputs)
+    read = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
+    unknown = sorted(read - set(weights))
+    if unknown:
+        raise CorruptModel(f"the graph {root / LEGACY_GRAPH} reads weights the weights file does not hold: "
+                           f"{', '.join(unknown[:5])}; the files come from different models")
+    for name in read:
+        set_tensor(gm, name, weights[name])
+    return gm

@@ -8,7 +8,10 @@ read as YAML or JSON, and recorded (with every pass's diff summary) in the saved
       - {stage: fuse_gqa}
 
 A stage is named by its `kind` from the catalogue the caller gives (`fxslice.passes.STAGES` holds the
-built-in ones) or by `module.path:ClassName` / `file.py:ClassName` for a user's own.
+built-in ones) or by `module.path:ClassName` / `file.py:ClassName` for a user's own. A recipe file that names
+code (such a stage, or a user's pass in a `passes` stage) runs that code, so reading one is refused unless the
+caller passes `trust_code=True`; a `file.py` is then found from the recipe's folder, and every name is imported
+and checked while the recipe is read, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 
 from fxslice.core.errors import InvalidOption
-from fxslice.core.imports import import_object
+from fxslice.core.imports import import_object, names_code, rebase
 from fxslice.core.pass_manager import Pass
 from fxslice.core.program import Program
 from fxslice.recipes.stage import CAPTURED, Stage, StageContext, StageResult
@@ -126,9 +129,15 @@ class Recipe:
             held |= stage.provides
         return frozenset(held)
 
+    def check(self, program: Program) -> None:
+        """Each stage's options against `program` (`Stage.check`), before any long work."""
+        for stage in self.stages:
+            stage.check(program)
+
     def run(self, program: Program, *, calibration: torch.Tensor | None = None, progress: bool = False) -> RecipeResult:
         """Run every stage on `program` in place. `calibration` (token ids [n, length]) overrides the
         recipe's calibration section."""
+        self.check(program)
         if calibration is None and any(s.calibrates for s in self.stages):
             if self.calibration is None:
                 first = next(s for s in self.stages if s.calibrates)
@@ -159,7 +168,10 @@ class Recipe:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], catalogue: Mapping[str, type[Stage]]) -> Recipe:
+    def from_dict(cls, data: Mapping[str, Any], catalogue: Mapping[str, type[Stage]], *, trust_code: bool = False,
+                  folder: Path | None = None) -> Recipe:
+        """The recipe `data` describes. Names of user code are refused unless `trust_code`; with it, a relative
+        `file.py` is found from `folder` (the recipe file's) and imported now."""
         if not isinstance(data, Mapping) or not isinstance(data.get("stages"), list) or not data["stages"]:
             raise InvalidOption("a recipe is a mapping with a non-empty list 'stages'")
         unknown = sorted(set(data) - {"format", "name", "start", "calibration", "stages"})
@@ -168,14 +180,23 @@ class Recipe:
                                 "stages")
         if data.get("format", FORMAT) != FORMAT:
             raise InvalidOption(f"recipe format {data['format']} is not supported (this fxslice reads {FORMAT})")
-        stages = []
+        entries = []
         for i, entry in enumerate(data["stages"]):
             if not isinstance(entry, Mapping) or "stage" not in entry:
                 raise InvalidOption(f"recipe stage {i}: a mapping with a 'stage' key is expected, got {entry!r}")
+            entries.append(dict(entry))
+        _check_trusted(entries, catalogue, trust_code)
+        stages = []
+        for i, entry in enumerate(entries):
+            name = str(entry["stage"])
             try:
-                stages.append(resolve_stage(str(entry["stage"]), catalogue).from_dict(dict(entry)))
+                stage_cls = resolve_stage(rebase(name, folder) if folder else name, catalogue)
+                for field in stage_cls.code_fields:
+                    if folder and isinstance(entry.get(field), list):
+                        entry[field] = [rebase(v, folder) if names_code(v) else v for v in entry[field]]
+                stages.append(stage_cls.from_dict(entry))
             except TypeError as exc:
-                raise InvalidOption(f"recipe stage {i} '{entry['stage']}': {exc}") from exc
+                raise InvalidOption(f"recipe stage {i} '{name}': {exc}") from exc
         calib = data.get("calibration")
         try:
             calibration = Calibration(**calib) if calib is not None else None
@@ -189,11 +210,17 @@ class Recipe:
         path.write_text(text, encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path, catalogue: Mapping[str, type[Stage]]) -> Recipe:
+    def load(cls, path: str | Path, catalogue: Mapping[str, type[Stage]], *, trust_code: bool = False) -> Recipe:
+        """Read a recipe file; one that names code is refused unless `trust_code` (see the module's docstring)."""
         path = Path(path)
         if not path.is_file():
             raise InvalidOption(f"recipe file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidOption(f"recipe {path} is not a text file (not UTF-8); a recipe is YAML or JSON") from None
+        except OSError as exc:
+            raise InvalidOption(f"cannot read the recipe {path}: {exc.strerror}") from None
         try:
             if path.suffix == ".json":
                 data = json.loads(text)
@@ -203,7 +230,26 @@ class Recipe:
                 data = yaml.safe_load(text)
         except Exception as exc:  # noqa: BLE001 - a parser's own error types vary
             raise InvalidOption(f"recipe {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
-        return cls.from_dict(data, catalogue)
+        return cls.from_dict(data, catalogue, trust_code=trust_code, folder=path.resolve().parent)
+
+
+def _check_trusted(entries: list[dict[str, Any]], catalogue: Mapping[str, type[Stage]], trust_code: bool) -> None:
+    """Refuse, before anything is imported, a recipe that names code the caller did not opt in to run."""
+    if trust_code:
+        return
+    named = []
+    for i, entry in enumerate(entries):
+        stage = entry["stage"]
+        if names_code(stage) and stage not in catalogue:
+            named.append(f"stage {i} '{stage}'")
+            continue
+        for field in getattr(catalogue.get(stage), "code_fields", ()):
+            values = entry.get(field)
+            named += [f"stage {i} {field} '{v}'" for v in (values if isinstance(values, list) else [values])
+                      if names_code(v)]
+    if named:
+        raise InvalidOption(f"this recipe names code ({', '.join(named)}), and a recipe that names code runs it when "
+                            "read. If you trust it, say so: --trust-code on the command line, trust_code=True in Python")
 
 
 def resolve_stage(name: str, catalogue: Mapping[str, type[Stage]]) -> type[Stage]:

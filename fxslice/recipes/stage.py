@@ -64,9 +64,15 @@ class Stage:
     refuses: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     calibrates: ClassVar[bool] = False
+    #: fields that name user code (`module:Name`, `file.py:Name`), which a recipe file may name only with trust_code
+    code_fields: ClassVar[tuple[str, ...]] = ()
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         raise NotImplementedError
+
+    def check(self, program: Program) -> None:
+        """Refuse options that do not fit `program` (InvalidOption naming the option) before any work starts: a
+        recipe checks every stage on the captured program before it calibrates."""
 
     def require_positive_ints(self, *names: str) -> None:
         """For `__post_init__`: each named field must be an int ≥ 1 (a bool is not), or the stage is refused."""

@@ -12,9 +12,17 @@ import math
 
 import torch
 
+from fxslice import InvalidOption
 from fxslice.core.quantized import QuantizedWeight, check_format, group_grid
 
-__all__ = ["gptq"]
+__all__ = ["gptq", "check_damp"]
+
+
+def check_damp(damp: float) -> None:
+    """GPTQ's dampening is a fraction of the mean Hessian diagonal added to it: finite and at least 0."""
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
+        raise InvalidOption(f"quantize: damp must be a finite number >= 0 (a fraction of the mean Hessian diagonal, "
+                            f"0.01 by default), got {damp!r}")
 
 
 def gptq(m: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, damp: float = 0.01,

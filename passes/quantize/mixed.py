@@ -65,6 +65,10 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
     widest = max(b for b in allocation.choices if allocation.nbytes(allocation.uniform(b)) <= budget)
     allocation = allocation.around(widest, spread)
     start = allocation.uniform(widest)
+    settings = {"search": search, "budget_bits": budget_bits, "group_size": group_size, "seed": seed,
+                "embeddings": embeddings, "head": head, "shortcuts": shortcuts, "expensive_every": expensive_every,
+                "cheap_windows": cheap_windows, "fill": fill, "spread": spread, "search_tables": search_tables}
+    history, record = _resume(log, program, windows, settings, allocation)
     kinds = program.analysis(weight_kinds)
     observed = [*allocation.names, *([kinds.head] if head and kinds.head else []),
                 *(sorted(kinds.shortcuts) if shortcuts else [])]
@@ -83,7 +87,6 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
             "bytes": nbytes, "bits_per_parameter": round(8 * nbytes / candidate.num_parameters(), 4),
             "widths": width_counts(widths)}
 
-    history, record = _resume(log, search, budget_bits, group_size, seed, allocation)
 
     def spends(x: list[float], least: float) -> bool:
         return least <= allocation.nbytes(x) <= budget
@@ -105,27 +108,41 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
     return allocation.widths(result.best), result, allocation
 
 
-def _resume(log: str | Path | None, search: str, budget_bits: float, group_size: int, seed: int,
+def _resume(log: str | Path | None, program: Program, windows: torch.Tensor, settings: dict[str, Any],
             allocation: BitAllocation):
-    """Earlier evaluations from the JSON-lines `log` (when it was written by the same search), and a function
-    that appends each new one."""
+    """Earlier evaluations from the JSON-lines `log`, when its header names this search: the same model (graph and
+    weights digest), the same calibration tokens and the same options; and a function that appends each new one."""
     if not log:
         return [], None
+    import hashlib
+
     path = Path(log)
-    header = {"search": search, "budget_bits": budget_bits, "group_size": group_size, "seed": seed,
+    header = {**settings, "model": program.digest(),
+              "calibration": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest(),
               "widths": list(allocation.choices)}
     if allocation.dim > 4:
         header["table_widths"] = list(allocation.table_choices)
     history: list[Evaluation] = []
+    if path.is_dir():
+        raise InvalidOption(f"--log {path} is a directory; give a file (JSON lines) for the search's evaluations")
     if path.exists():
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if not lines or lines[0] != header:
-            raise InvalidOption(f"{path} holds another search ({lines[0] if lines else 'nothing'}); give a new --log")
-        history = [Evaluation(**entry) for entry in lines[1:]]
-        if history and search != "mtgp":
+        try:
+            lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            first = lines[0] if lines else None
+            history = [Evaluation(**entry) for entry in lines[1:]] if first == header else []
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            raise InvalidOption(f"--log {path} is not a search log written by fxslice ({exc}); give a new --log") from None
+        if first != header:
+            differ = sorted(k for k in header if not isinstance(first, dict) or first.get(k) != header[k])
+            raise InvalidOption(f"--log {path} holds another search (it differs in: {', '.join(differ)}); its "
+                                "evaluations do not apply here: give a new --log")
+        if history and settings["search"] != "mtgp":
             raise InvalidOption(f"{path}: only the mtgp search resumes from a log; give a new --log")
     else:
-        path.write_text(json.dumps(header) + "\n")
+        try:
+            path.write_text(json.dumps(header) + "\n")
+        except OSError as exc:
+            raise InvalidOption(f"cannot write the search log {path}: {exc.strerror}") from None
 
     def record(evaluation: Evaluation) -> None:
         with path.open("a") as f:

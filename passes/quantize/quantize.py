@@ -14,7 +14,7 @@ from fxslice.calibration.moments import LinearStatistics, linear_statistics
 from fxslice.core.graph import owner_of, set_tensor, tensor_of
 from fxslice.core.progress import progress_bar
 from fxslice.core.quantized import QuantizedWeight, check_format
-from fxslice.passes.quantize.gptq import gptq
+from fxslice.passes.quantize.gptq import check_damp, gptq
 
 __all__ = ["QuantizeWeights", "ReplayQuantized", "QUANTIZERS"]
 
@@ -51,6 +51,7 @@ class QuantizeWeights(Pass):
             check_format(width, group_size)
         self.bits, self.group_size, self.method, self.windows = bits, group_size, method, windows
         self.embeddings, self.head, self.shortcuts = embeddings, head, shortcuts
+        check_damp(damp)
         self.damp, self.act_order = damp, act_order
         self.batch_size, self.progress, self.statistics = batch_size, progress, statistics
         self.done: dict[str, QuantizedWeight] = {}  # what this pass quantized, for replay

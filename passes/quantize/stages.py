@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fxslice import InvalidOption, Program
 from fxslice.core.quantized import check_format
 from fxslice.passes.facts import CAPTURED, QUANTIZED
+from fxslice.passes.quantize.gptq import check_damp
 from fxslice.passes.quantize.mixed import SEARCHES, search_allocation
 from fxslice.passes.quantize.quantize import QUANTIZERS, QuantizeWeights
 from fxslice.recipes import Stage, StageContext, StageResult
@@ -60,6 +61,15 @@ class Quantize(Stage):
                                 f"{self.budget_bits!r}")
         self.require_positive_ints("batch_size", *(("evaluations", "expensive_every", "cheap_windows", "spread")
                                                    if self.search != "none" else ()))
+        check_damp(self.damp)
+        if self.search == "none" and self.log:
+            raise InvalidOption("quantize: log records a search's evaluations; it needs search and budget_bits")
+
+    def check(self, program: Program) -> None:
+        widest = max((max(p.shape) for p in program.gm.parameters() if p.dim() == 2), default=0)
+        if self.group_size > widest:
+            raise InvalidOption(f"quantize: group_size {self.group_size} is wider than any matrix of this model "
+                                f"(the widest has {widest} columns); choose at most {widest}")
 
     @property
     def calibrates(self) -> bool:  # type: ignore[override]

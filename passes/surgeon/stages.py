@@ -11,6 +11,9 @@ from fxslice.passes.surgeon.masked import MASKED_STRUCTURES, SurgeonMask
 from fxslice.passes.surgeon.surgeon import SurgeonPrune
 from fxslice.recipes import Stage, StageContext, StageResult
 
+#: how far below `target` (a fraction of the parameters) the removed share may fall before it counts as unmet
+UNMET = 0.005
+
 __all__ = ["Surgeon"]
 
 
@@ -29,6 +32,7 @@ class Surgeon(Stage):
     calibrates = True
 
     target: float = 0.2
+    strict: bool = False  # an unmet target (groups) is an error instead of a warning in the report
     shots: int = 4
     curvature: str = "kfac"
     structures: str = "groups"
@@ -62,6 +66,17 @@ class Surgeon(Stage):
                                   structures=self.structures, curvature=self.curvature, damp_a=self.damp_a,
                                   damp_g=self.damp_g, batch_size=self.batch_size, labels=self.labels,
                                   progress=context.progress)
+        before = program.num_parameters()
         result = self.run_passes(program, [surgeon], context)
         result.report = {"shots": [asdict(r) for r in surgeon.reports]}
+        if self.structures == "groups":
+            achieved = 1 - program.num_parameters() / before
+            result.report["achieved"] = round(achieved, 5)
+            if achieved < self.target - UNMET:
+                message = (f"surgeon: removed {achieved:.1%} of the parameters, short of the target {self.target:.1%}: "
+                           "only groups (MLP channels, key/value head groups) go, and the model kept what attention, "
+                           "norms and the token table need")
+                if self.strict:
+                    raise InvalidOption(message + " (strict)")
+                result.report["warning"] = message
         return result

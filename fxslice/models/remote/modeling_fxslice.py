@@ -1,8 +1,9 @@
 """A model compressed by fxslice, for stock transformers (`trust_remote_code=True`) with fxslice not installed.
 
 One file serves every architecture and every compression method, because the model's computation is data: a graph
-written by `torch.export.save`, kept as bytes in the buffer `program` of model.safetensors, whose first inputs are
-the weights. The weights are ordinary tensors in the same file under the names fxslice gave them
+of PyTorch operators written as JSON (`graph_data.py`, beside this file, reads it and can build nothing but calls of
+registered `torch.ops` operators: no pickle, no eval), kept as bytes in the buffer `program` of model.safetensors,
+whose first inputs are the weights. The weights are ordinary tensors in the same file under the names fxslice gave them
 (`weights.model.layers.0.self_attn.q_proj.weight`, ...), so `save_pretrained` and `push_to_hub` publish the model as
 it is. A program captured with a key/value cache generates one token per step on it; its cache is not a
 transformers `Cache` (the graph writes its own tensors in place), so the model prepares its inputs itself.
@@ -10,13 +11,14 @@ transformers `Cache` (the graph writes its own tensors in place), so the model p
 
 from __future__ import annotations
 
-import copy
-import io
+import json
 
 import torch
-from torch import nn
+from torch import fx, nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .graph_data import graph_from_data
 
 
 class FxsliceConfig(PretrainedConfig):
@@ -105,14 +107,16 @@ class FxsliceForCausalLM(PreTrainedModel, GenerationMixin):
         return False  # the graph keeps its own cache tensors
 
     def _graph(self, device: torch.device) -> nn.Module:
-        """The exported graph for `device`: read from the buffer once, then one copy per device in which ops that
-        name a device name this one."""
+        """The graph for `device`, read from the buffer (ops that name a device name this one)."""
         key = str(device)
         if key not in self._graphs:
-            if "read" not in self._graphs:
-                data = io.BytesIO(self.program.detach().cpu().numpy().tobytes())
-                self._graphs["read"] = torch.export.load(data).module()
-            gm = copy.deepcopy(self._graphs["read"])
+            try:
+                data = json.loads(self.program.detach().cpu().numpy().tobytes())
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"the 'program' buffer of this checkpoint is not a graph written as JSON ({exc}); "
+                                 "it was damaged or written by an fxslice before graph data, which this file does "
+                                 "not read") from None
+            gm = fx.GraphModule(nn.Module(), graph_from_data(data))
             # fxslice.core.graph.retarget_device, restated: this file must run where fxslice is not installed
             for node in gm.graph.nodes:
                 if node.op != "call_function":
@@ -121,7 +125,7 @@ class FxsliceForCausalLM(PreTrainedModel, GenerationMixin):
                 if isinstance(node.kwargs.get("device"), (torch.device, str)):
                     node.kwargs = {**node.kwargs, "device": device}
             gm.recompile()
-            self._graphs[key] = gm.to(device)
+            self._graphs[key] = gm
         return self._graphs[key]
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
