@@ -658,6 +658,15 @@ def _load_for_generation(model: str) -> Program:
     return cached or program
 
 
+OUT_OF_MEMORY = 9
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, or PyTorch's allocator failing (a RuntimeError that says so)."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise Interrupted()
 
@@ -681,6 +690,13 @@ def run() -> None:
         err.print(f"[bold red]error:[/] {type(exc).__name__}: ", end="")
         err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except (MemoryError, RuntimeError) as exc:
+        if _debug or not _out_of_memory(exc):
+            raise
+        err.print("[bold red]error:[/] out of memory: the model, its calibration statistics or a batch did not fit "
+                  "(try a smaller --batch-size or --calib-windows, --offload on a GPU, or a larger memory limit); "
+                  "nothing half-written was left", highlight=False)
+        sys.exit(OUT_OF_MEMORY)
     except Exception as exc:  # usage errors (typer's vendored click) carry their own message and exit code
         if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int) and not _debug:
             exc.show()

@@ -79,8 +79,9 @@ def test_the_hf_export_holds_the_weights_once_and_the_graph_none(tmp_path, expor
         graph = f.get_tensor("program")
     weights = {str(n.target) for n in program.graph.find_nodes(op="get_attr")}
     assert names == {f"weights.{w}" for w in weights} | {"program"}
-    exported = torch.export.load(__import__("io").BytesIO(graph.numpy().tobytes()))
-    assert not exported.state_dict and not exported.constants  # every weight is an input, stored once, outside
+    data = json.loads(graph.numpy().tobytes())  # the graph is data: operators, literals, input names
+    ops = {n["op"] for n in data["nodes"]}
+    assert ops == {"placeholder", "call_function", "output"}  # every weight is an input, stored once, outside
 
 
 def test_hf_export_refuses_an_existing_directory_and_leaves_nothing_on_failure(tmp_path, monkeypatch, exportable):

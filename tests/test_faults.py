@@ -53,7 +53,7 @@ def test_a_full_disk_at_any_point_of_the_save_is_one_error_and_leaves_nothing(tm
         if line.startswith("left"):
             assert line == f"left {sorted(saved)!r}", done.stdout
     for name in saved:
-        load(tmp_path / f"m{name}")  # whatever was written completely loads
+        load(tmp_path / name)  # whatever was written completely loads
 
 
 def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
@@ -175,8 +175,6 @@ def test_truncated_files_are_refused(saved_pair, tmp_path, victim, char_tokenize
 def test_a_graph_reading_weights_the_file_lacks_is_refused_without_a_traceback(saved_pair):
     a, _ = saved_pair
     record = json.loads((a / RECORD).read_text())
-    del record["graph_sha256"]  # as written by an older fxslice: the structural check still holds
-    (a / RECORD).write_text(json.dumps(record))
     from safetensors.torch import load_file, save_file
 
     weights = load_file(str(a / "model.safetensors"))
@@ -240,3 +238,92 @@ def test_capture_in_float64_gives_a_program_slicing_accepts(tiny_model_dir):
     windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     result = slicegpt(program, windows, constant_widths(0.25), batch_size=2)
     assert result.segments
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "hf"])
+def test_a_full_disk_during_export_is_one_error_and_leaves_nothing(tmp_path, fmt):
+    """The CLI's export under a file-size limit: one line, exit 8, no traceback (torch's zip writer would abort the
+    process), nothing left beside the model."""
+    save(capture_tiny(), tmp_path / "model")
+    done = _run("""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+        from fxslice.cli import run
+        sys.argv = ["fxslice"] + sys.argv[1:]
+        run()
+        """, "export", str(tmp_path / "model"), "--format", fmt, "--out", str(tmp_path / "out"))
+    assert done.returncode == SaveFailed.exit_code, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "nothing was left behind" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("where", ["inside the model", "an existing file", "a missing directory"])
+def test_export_refuses_outputs_it_must_not_write_before_loading(tmp_path, where):
+    save(capture_tiny(), tmp_path / "model")
+    (tmp_path / "taken.pt2").write_text("mine")
+    out = {"inside the model": tmp_path / "model" / "tokenizer" / "x.pt2", "an existing file": tmp_path / "taken.pt2",
+           "a missing directory": tmp_path / "missing" / "x.pt2"}[where]
+    done = subprocess.run([sys.executable, "-m", "fxslice.cli", "export", str(tmp_path / "model"), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 3
+    assert (tmp_path / "taken.pt2").read_text() == "mine"
+    load(tmp_path / "model")  # the model is untouched
+
+
+@pytest.mark.parametrize("command,message", [
+    (["eval", "{model}", "--eval", "none"], "nothing to measure"),
+    (["eval", "{model}", "--output", "{tmp}"], "is a directory"),
+    (["eval", "{model}", "--tasks", "x", "--include", "{tmp}/nope"], "not a directory"),
+    (["quantize", "{model}", "--search", "gp", "--out", "{tmp}/q"], "--budget-bits"),
+    (["quantize", "{model}", "--log", "{tmp}/log", "--out", "{tmp}/q"], "--budget-bits"),
+])
+def test_options_that_would_be_ignored_or_lose_the_result_are_refused_first(tmp_path, command, message):
+    save(capture_tiny(), tmp_path / "model")
+    args = [a.format(model=tmp_path / "model", tmp=tmp_path) for a in command]
+    done = subprocess.run([sys.executable, "-m", "fxslice.cli", *args], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
+
+
+def capture_tiny():
+    from fxslice import capture
+
+    return capture(tiny_causal_lm("llama"))
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"damp": -0.1}, "damp"), ({"damp": float("nan")}, "damp"), ({"damp": float("inf")}, "damp"),
+    ({"log": "x.jsonl"}, "needs search"),
+])
+def test_quantize_options_are_refused_when_the_stage_is_made(options, message):
+    from fxslice import InvalidOption
+    from fxslice.passes.quantize.stages import Quantize
+
+    with pytest.raises(InvalidOption, match=message):
+        Quantize(**options)
+
+
+def test_a_group_wider_than_every_matrix_is_refused_before_calibration(tiny):
+    from fxslice import InvalidOption, Recipe
+    from fxslice.passes.quantize.stages import Quantize
+    from fxslice.passes.rewrite.stages import Cleanup
+
+    _, program = tiny("llama")  # the widest matrix has 128 columns
+    recipe = Recipe((Cleanup(), Quantize(group_size=4096)))
+    with pytest.raises(InvalidOption, match="group_size 4096 is wider than any matrix"):
+        recipe.run(program)  # no calibration given: refused before it would be needed
+
+
+def test_an_unmet_pruning_target_is_a_warning_with_the_share_removed_or_an_error_when_strict(tiny):
+    from fxslice import InvalidOption
+    from fxslice.passes import prune_recipe
+
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    _, program = tiny("llama")
+    result = prune_recipe(target=0.95, shots=1, batch_size=4).run(program, calibration=calibration)
+    report = result.stages[1][1].report
+    assert report["achieved"] < 0.95 and "short of the target 95.0%" in report["warning"]
+    with pytest.raises(InvalidOption, match="short of the target"):
+        prune_recipe(target=0.95, shots=1, batch_size=4, strict=True).run(tiny("llama")[1], calibration=calibration)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fxslice import InvalidOption, PassManager
 from fxslice.analysis.linears import weight_kinds
+from fxslice.core.graph import set_tensor, tensor_of
 from fxslice.core.quantized import BITS
 from fxslice.passes.quantize import QuantizeWeights
 from fxslice.passes.quantize.allocation import BitAllocation
@@ -79,8 +80,27 @@ def test_a_logged_search_resumes_without_repeating_evaluations(tiny, tmp_path):
     again = log.read_text().splitlines()
     assert again[:3] == first and len(again) == 1 + 4
     assert len(result.stages[0][1].report["search"]["evaluations"]) == 4
-    with pytest.raises(InvalidOption, match="another search"):
+    with pytest.raises(InvalidOption, match="another search.*budget_bits"):
         Recipe((Quantize(evaluations=1, **{**options, "budget_bits": 11.0}),)).run(program.clone(), calibration=windows)
+    other = tiny("llama")[1]  # the same shapes, other weights: its log's evaluations do not apply
+    set_tensor(other.gm, "model.layers.0.mlp.up_proj.weight", tensor_of(other.gm, "model.layers.0.mlp.up_proj.weight") * 2)
+    with pytest.raises(InvalidOption, match="differs in: model"):
+        Recipe((Quantize(evaluations=2, **options),)).run(other, calibration=windows)
+    with pytest.raises(InvalidOption, match="differs in: calibration"):
+        Recipe((Quantize(evaluations=2, **options),)).run(program.clone(), calibration=windows.flip(1))
+    assert log.read_text().splitlines() == again  # nothing was appended by the refused runs
+
+
+@pytest.mark.parametrize("content", ["directory", "not json", "binary"])
+def test_a_log_that_is_not_a_search_log_is_refused_by_name(tiny, tmp_path, content):
+    log = tmp_path / "log"
+    if content == "directory":
+        log.mkdir()
+    else:
+        log.write_bytes(b"hello\n" if content == "not json" else bytes(range(256)))
+    stage = Quantize(search="mtgp", budget_bits=12.0, group_size=16, evaluations=1, log=str(log))
+    with pytest.raises(InvalidOption, match="--log"):
+        Recipe((stage,)).run(tiny("llama")[1], calibration=arithmetic_sequences(4, seed=1))
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -87,8 +87,8 @@ def test_recipes_round_trip_through_yaml_and_json(tmp_path_factory, sparsity, mu
     ("stages: [{stage: nope}]", "unknown stage 'nope'"),
     ("stages: [{stage: cleanup, causal: true}]", "no option 'causal'"),
     ("stages: [{stage: cleanup, version: 9}]", "version 9"),
-    ("stages: [{stage: 'json:dumps'}]", "not a Stage"),
-    ("stages: [{stage: 'no_such_module_xyz:Thing'}]", "cannot import"),
+    ("stages: [{stage: 'json:dumps'}]", "names code"),  # refused before anything is imported
+    ("stages: [{stage: 'no_such_module_xyz:Thing'}]", "names code"),
     ("stages: [{stage: cleanup}]\nextra: 1", "unknown key"),
     ("stages: [{stage: cleanup}\n", "not valid YAML"),
     ("calibration: {windows: 0}\nstages: [{stage: cleanup}]", "windows must be"),
@@ -100,11 +100,30 @@ def test_bad_recipe_files_are_one_clear_error(tmp_path, text, message):
         load_recipe(path)
 
 
+@pytest.mark.parametrize("text,message", [
+    ("stages: [{stage: 'json:dumps'}]", "not a Stage"),
+    ("stages: [{stage: 'no_such_module_xyz:Thing'}]", "cannot import"),
+    ("stages: [{stage: passes, passes: ['missing.py:Nope']}]", "file not found"),
+])
+def test_trusted_code_in_a_recipe_is_checked_while_it_is_read(tmp_path, text, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(InvalidOption, match=message):
+        load_recipe(path, trust_code=True)
+
+
+def test_a_binary_recipe_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(InvalidOption, match="not a text file"):
+        load_recipe(path)
+
+
 def test_a_user_stage_is_named_by_file_and_class(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "custom_recipe.py"
     path = tmp_path / "recipe.yaml"
     path.write_text(f"stages:\n  - {{stage: cleanup}}\n  - {{stage: '{example}:RoundWeights', bits: 4}}\n")
-    recipe = load_recipe(path)
+    recipe = load_recipe(path, trust_code=True)
     assert recipe.stages[1].kind == "round_weights" and recipe.stages[1].bits == 4
     assert isinstance(recipe.stages[1], Stage)
 
@@ -185,8 +204,8 @@ def test_cli_compress_runs_a_recipe_file_and_records_it(tmp_path, tiny_model_dir
 
 def test_the_example_recipe_file_loads_and_runs(tiny, monkeypatch):
     root = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(root)  # the recipe names its pass by a path relative to the repository
-    recipe = load_recipe(root / "examples" / "recipe.yaml")
+    monkeypatch.chdir(root.parent)  # the recipe names its pass by a path relative to its own folder, not to here
+    recipe = load_recipe(root / "examples" / "recipe.yaml", trust_code=True)
     assert [s.kind for s in recipe.stages] == ["cleanup", "slicegpt", "passes", "fuse_gqa"]
     assert recipe.calibration == Calibration(windows=32, length=2048)
     _, program = tiny("llama-tied")

@@ -283,7 +283,7 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> Program:
     if shapes != record["weights"]:
         raise CorruptModel(f"the weights in {root / WEIGHTS} disagree with the shapes recorded in {RECORD}")
     formats = record.get("quantized") or {}
-    if not legacy and header.get(_QUANTIZED_KEY) != json.dumps(formats, sort_keys=True):
+    if not legacy and header.get(_QUANTIZED_KEY, "{}") != json.dumps(formats, sort_keys=True):
         raise CorruptModel(f"the quantized formats in {RECORD} ('quantized') disagree with those written into "
                            f"{root / WEIGHTS}; the record was edited: save the model again")
     quantized = {}

@@ -97,6 +97,7 @@ class FxsliceForCausalLM(PreTrainedModel, GenerationMixin):
             _place(self.weights, name, torch.empty(shape, dtype=getattr(torch, dtype)), parameter)
         self.register_buffer("program", torch.zeros(config.program_bytes, dtype=torch.uint8))
         self._graphs: dict[str, nn.Module] = {}
+        self._data: dict | None = None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -110,13 +111,14 @@ class FxsliceForCausalLM(PreTrainedModel, GenerationMixin):
         """The graph for `device`, read from the buffer (ops that name a device name this one)."""
         key = str(device)
         if key not in self._graphs:
-            try:
-                data = json.loads(self.program.detach().cpu().numpy().tobytes())
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"the 'program' buffer of this checkpoint is not a graph written as JSON ({exc}); "
-                                 "it was damaged or written by an fxslice before graph data, which this file does "
-                                 "not read") from None
-            gm = fx.GraphModule(nn.Module(), graph_from_data(data))
+            if self._data is None:  # read once: the buffer moves with the model (to "meta" too)
+                try:
+                    self._data = json.loads(self.program.detach().cpu().numpy().tobytes())
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise ValueError(f"the 'program' buffer of this checkpoint is not a graph written as JSON ({exc}); "
+                                     "it was damaged or written by an fxslice before graph data, which this file "
+                                     "does not read") from None
+            gm = fx.GraphModule(nn.Module(), graph_from_data(self._data))
             # fxslice.core.graph.retarget_device, restated: this file must run where fxslice is not installed
             for node in gm.graph.nodes:
                 if node.op != "call_function":
