@@ -427,8 +427,12 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
 def export_(
     model_dir: Annotated[Path, typer.Argument(help="a directory written by `fxslice slice` / `prune` / `quantize` / `compress`")],
     path: Annotated[Path, typer.Option("--out", help="the file (pt2, onnx) or new directory (hf) to write")],
-    format_: Annotated[str, typer.Option("--format", help="pt2 (one torch.export archive, weights inside), onnx, or hf "
-                                                          "(a directory stock transformers loads)")] = "pt2",
+    format_: Annotated[str, typer.Option("--format", help="pt2 (one torch.export archive, weights inside), onnx, hf "
+                                                          "(a directory stock transformers loads) or gguf (one file "
+                                                          "llama.cpp runs)")] = "pt2",
+    weight_type: Annotated[str, typer.Option("--type", help="gguf: the type of float matrices: f32, f16, bf16, q8_0, "
+                                             "q5_1, q5_0, q4_1, q4_0 (weights fxslice quantized keep their own "
+                                             "integers)")] = "f16",
 ) -> None:
     """Export a saved model to something that loads without fxslice: `torch.export.load(path).module()` (pt2),
     `onnxruntime.InferenceSession(path)` (onnx) or `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`
@@ -438,11 +442,19 @@ def export_(
 
     if format_ not in FORMATS:
         raise InvalidOption(f"--format must be one of {', '.join(FORMATS)}, got {format_!r}")
+    if format_ == "gguf":
+        from fxslice.models.gguf_export import WEIGHT_TYPES
+
+        if weight_type not in WEIGHT_TYPES:
+            raise InvalidOption(f"--type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
     if path.resolve().is_relative_to(model_dir.resolve()):
         raise InvalidOption(f"--out {path} lies inside the model's own directory {model_dir}, whose files its record "
                             "checks; write the export somewhere else")
     with err.status(f"loading {model_dir} ..."):
         program = load(model_dir)  # checksums verified: an edited or truncated model is refused here
+    if format_ == "gguf":
+        _export_gguf(program, path, weight_type)
+        return
     with err.status(f"exporting to {path} ..."):
         {"pt2": export_pt2, "onnx": export_onnx, "hf": export_hf}[format_](program, path)
     if format_ == "hf":
@@ -456,6 +468,19 @@ def export_(
     outputs = "logits" + (", then the updated caches" if format_ == "onnx" and program.cache is not None else "")
     out.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {how}{inputs} -> {outputs}",
               highlight=False, markup=False)
+
+
+def _export_gguf(program: Program, path: Path, weight_type: str) -> None:
+    from fxslice.models.gguf_export import export_gguf
+
+    with err.status(f"exporting to {path} ..."):
+        report = export_gguf(program, path, weight_type=weight_type)
+    types = ", ".join(f"{count} {kind}" for kind, count in sorted(report.types.items()))
+    size = path.stat().st_size
+    lines = [f"wrote {path} ({size / 2**20:.1f} MiB, {8 * size / program.num_parameters():.2f} bits per parameter): "
+             f"llama.cpp architecture '{report.architecture}', tensors {types}", f"tokenizer {report.tokenizer}",
+             *report.notes[:5], *([f"... and {len(report.notes) - 5} more"] if len(report.notes) > 5 else [])]
+    out.print("\n".join(lines), highlight=False, markup=False)
 
 
 @app.command()

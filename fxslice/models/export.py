@@ -12,6 +12,8 @@ program names, the graph (with the weights as its first inputs, so it holds none
 the same file, a `config.json`, and one generic modeling file (`fxslice/models/remote/modeling_fxslice.py`, the same
 for every model) with the reader it imports (`graph_data.py`), which builds nothing but calls of PyTorch operators. `generate()` uses the program's KV cache when it has one. Quantized weights are stored dequantized.
 
+`gguf`: one file llama.cpp runs (`fxslice.models.gguf_export`), for programs that are a Llama-style decoder.
+
 `onnx`: the same program through `torch.onnx.export` (dynamo), one `.onnx` file that onnxruntime runs. A KV-cache
 program's caches become outputs (ONNX has no in-place inputs): inputs `input_ids, past_length, kv_0, ...`,
 outputs the logits and then every cache, updated, to feed into the next step.
@@ -39,7 +41,7 @@ from fxslice.models.remote.graph_data import GraphDataError, graph_to_data
 
 __all__ = ["export_pt2", "export_onnx", "export_hf", "FORMATS"]
 
-FORMATS = ("pt2", "onnx", "hf")
+FORMATS = ("pt2", "onnx", "hf", "gguf")
 REMOTE_CODE = Path(__file__).parent / "remote" / "modeling_fxslice.py"
 GRAPH_READER = Path(__file__).parent / "remote" / "graph_data.py"
 

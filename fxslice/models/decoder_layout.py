@@ -1,0 +1,308 @@
+"""Find, from the graph alone, whether a program computes a Llama-style decoder, and where each of its weights is.
+
+Runtimes such as llama.cpp implement one fixed computation: token table, then per layer an RMSNorm, rotary
+self-attention (any key/value grouping), a residual add, an RMSNorm, a SiLU-gated MLP, a residual add; a final
+RMSNorm and a head (tied or not). Widths may differ per layer (llama.cpp's `deci`), and a layer may lack its
+attention or MLP. `decoder_layout` reads that structure off the graph — norms, the linears that read them, which of
+them feed the attention's query, key and value, which one reads its output, which one passes through SiLU — with no
+model-type string, and then *proves* it: the layout's own reference computation (written below, the runtime's
+arithmetic) must give the program's logits in float64. A graph it does not describe is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fxslice.analysis.matchers import LinearUse, NormMatch, match_embedding, match_linear, match_norms
+from fxslice.core.errors import UnsupportedStructure
+from fxslice.core.graph import module_path, tensor_of
+from fxslice.core.program import Program
+
+__all__ = ["Attention", "Mlp", "Layer", "DecoderLayout", "decoder_layout", "reference_logits"]
+
+aten = torch.ops.aten
+_SDPA = {aten.scaled_dot_product_attention.default}
+_PASS_THROUGH = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default, aten.clone.default,
+                 aten.contiguous.default, aten.alias.default, aten.view.default, aten.reshape.default,
+                 aten._assert_tensor_metadata.default}
+
+
+@dataclass(frozen=True)
+class Attention:
+    q: str
+    k: str
+    v: str
+    o: str
+    heads: int
+    kv_heads: int
+
+
+@dataclass(frozen=True)
+class Mlp:
+    gate: str
+    up: str
+    down: str
+    width: int
+
+
+@dataclass(frozen=True)
+class Layer:
+    attention_norm: str | None  # weight names; a norm without a scale (fused away) is None
+    attention: Attention | None
+    mlp_norm: str | None
+    mlp: Mlp | None
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Where every weight of a Llama-style decoder is, by the program's weight names, and its hyperparameters."""
+
+    table: str
+    layers: tuple[Layer, ...]
+    output_norm: str | None
+    head: str  # the table's name when the head is tied
+    width: int
+    vocab: int
+    head_dim: int
+    eps: float
+    rope_base: float
+
+    @property
+    def tied(self) -> bool:
+        return self.head == self.table
+
+    @property
+    def uniform(self) -> bool:
+        """One MLP width and one head count for every layer (llama.cpp's `llama`; otherwise `deci`)."""
+        shapes = {(layer.attention.heads if layer.attention else None, layer.attention.kv_heads if layer.attention
+                   else None, layer.mlp.width if layer.mlp else None) for layer in self.layers}
+        return len(shapes) == 1 and None not in next(iter(shapes))
+
+
+def _refuse(reason: str, node: fx.Node | None = None) -> UnsupportedStructure:
+    where = f" (at {module_path(node) or node.name})" if node is not None else ""
+    return UnsupportedStructure(f"this program is not a Llama-style decoder that llama.cpp runs: {reason}{where}")
+
+
+def _keeps_values(node: fx.Node) -> bool:
+    """A cast, a reshape, or a slice that keeps everything (`hidden[:, -0:]`, what `logits_to_keep=0` leaves)."""
+    if node.target in _PASS_THROUGH:
+        return True
+    if node.target == aten.slice.Tensor:
+        start = node.args[2] if len(node.args) > 2 else 0
+        end = node.args[3] if len(node.args) > 3 else None
+        return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2**62))
+    return False
+
+
+def _source(node: object) -> object:
+    """`node` with casts, reshapes and whole slices walked back."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and _keeps_values(node):
+        node = node.args[0]
+    return node
+
+
+def _reaches(start: fx.Node, targets: set, limit: int = 40) -> tuple[fx.Node, int] | None:
+    """The first node calling one of `targets` downstream of `start` (breadth first), and which argument it got."""
+    seen, queue = {start}, deque([(start, 0)])
+    while queue:
+        node, depth = queue.popleft()
+        for user in node.users:
+            if user.op == "call_function" and user.target in targets:
+                index = next((i for i, a in enumerate(user.args) if a is node), -1)
+                return user, index
+            if user not in seen and depth < limit:
+                seen.add(user)
+                queue.append((user, depth + 1))
+    return None
+
+
+def _weight(gm: fx.GraphModule, use: LinearUse) -> torch.Tensor:
+    """The linear's weight as [out, in]."""
+    w = tensor_of(gm, use.weight)
+    return w if use.in_axis in (-1, 1) else w.T
+
+
+def _linear_name(gm: fx.GraphModule, use: LinearUse) -> str:
+    if use.bias is not None:
+        raise _refuse("a linear with a bias (llama.cpp's llama has none)", use.node)
+    if use.in_axis not in (-1, 1) or tensor_of(gm, use.weight).dim() != 2:
+        raise _refuse("a linear stored [in, out] or batched", use.node)
+    return str(use.weight.target)
+
+
+def _norm_name(gm: fx.GraphModule, norm: NormMatch) -> str | None:
+    if norm.centres or norm.bias is not None or norm.kind == "layer_norm":
+        raise _refuse("a LayerNorm (centring or shifting); llama.cpp's llama uses RMSNorm", norm.output)
+    if norm.weight is None:
+        return None
+    if norm.weight_offset != 0:
+        raise _refuse("a norm scaled by (1 + w)", norm.output)
+    return str(norm.weight.target)
+
+
+def _attention(gm: fx.GraphModule, readers: list[LinearUse], uses: list[LinearUse]) -> tuple[Attention, int]:
+    found = [_reaches(r.output, _SDPA) for r in readers]
+    if any(f is None for f in found) or len({f[0] for f in found}) != 1:
+        raise _refuse("three linears read a norm but do not feed one attention", readers[0].node)
+    sdpa = found[0][0]
+    by_slot = {index: use for (_, index), use in zip(found, readers, strict=True)}
+    if sorted(by_slot) != [0, 1, 2]:
+        raise _refuse("the linears reading the attention's norm are not its query, key and value", sdpa)
+    head_dim = int(sdpa.args[0].meta["val"].shape[-1])
+    scale = sdpa.kwargs.get("scale")
+    if scale is not None and not math.isclose(scale, head_dim**-0.5, rel_tol=1e-6):
+        raise _refuse(f"attention scaled by {scale}, not 1/sqrt({head_dim})", sdpa)
+    out = next((u for u in uses if _reaches_from(sdpa, u.input)), None)
+    if out is None:
+        raise _refuse("no linear reads the attention's output", sdpa)
+    q, k, v = (_weight(gm, by_slot[i]) for i in range(3))
+    if q.shape[0] % head_dim or k.shape[0] % head_dim or k.shape != v.shape:
+        raise _refuse(f"query and key widths {q.shape[0]}, {k.shape[0]} are not whole heads of {head_dim}", sdpa)
+    names = [_linear_name(gm, by_slot[i]) for i in range(3)]
+    return Attention(*names, _linear_name(gm, out), q.shape[0] // head_dim, k.shape[0] // head_dim), head_dim
+
+
+def _reaches_from(start: fx.Node, node: fx.Node, limit: int = 12) -> bool:
+    """Whether `node` is `start` or computed from it through at most `limit` single-input ops."""
+    for _ in range(limit):
+        if node is start:
+            return True
+        if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+            return False
+        node = node.args[0]
+    return node is start
+
+
+def _mlp(gm: fx.GraphModule, readers: list[LinearUse], uses: list[LinearUse]) -> Mlp:
+    gated = [r for r in readers if _reaches(r.output, {aten.silu.default}, limit=3) is not None]
+    if len(gated) != 1:
+        raise _refuse("two linears read a norm but exactly one of them must pass through SiLU (a gated MLP)",
+                      readers[0].node)
+    gate = gated[0]
+    up = next(r for r in readers if r is not gate)
+    product = _reaches(up.output, {aten.mul.Tensor}, limit=3)
+    down = next((u for u in uses if product is not None and _source(u.input) is product[0]), None)
+    if down is None or _reaches(gate.output, {aten.mul.Tensor}, limit=4)[0] is not product[0]:
+        raise _refuse("the gated MLP's product is not read by one linear", up.node)
+    width = _weight(gm, gate).shape[0]
+    return Mlp(_linear_name(gm, gate), _linear_name(gm, up), _linear_name(gm, down), width)
+
+
+def _rope_base(gm: fx.GraphModule, head_dim: int) -> float:
+    """The rotary base from the inverse frequencies the graph reads: `inv[i] = base^(-2i/head_dim)`."""
+    for node in gm.graph.find_nodes(op="get_attr"):
+        value = tensor_of(gm, node)
+        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == head_dim // 2 and \
+                value.numel() > 1 and float(value[0]) == 1.0:
+            base = float(value[1].double() ** (-head_dim / 2))
+            expected = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+            if torch.allclose(value.double(), expected, rtol=1e-5):
+                return float(round(base)) if abs(base - round(base)) < 1e-6 * base else base  # float32's rounding
+    raise _refuse("no rotary inverse frequencies of the form base^(-2i/d) (scaled or partial rotary)")
+
+
+def decoder_layout(program: Program) -> DecoderLayout:
+    """The layout of `program` as a Llama-style decoder, proven on the logits; else UnsupportedStructure why."""
+    gm = program.gm
+    tables = [t for n in gm.graph.nodes if (t := match_embedding(gm, n)) is not None]
+    if len(tables) != 1:
+        raise _refuse(f"{len(tables)} token tables (one expected)")
+    table = tables[0]
+    uses = [u for n in gm.graph.nodes if (u := match_linear(gm, n)) is not None]
+    norms = match_norms(gm)
+    if not norms:
+        raise _refuse("no norms")
+    readers = {id(norm): [u for u in uses if _source(u.input) is norm.output] for norm in norms}
+    eps = {norm.eps for norm in norms}
+    if len(eps) != 1:
+        raise _refuse(f"norms with different epsilons {sorted(eps)}")
+    *body, final = norms
+    if len(readers[id(final)]) != 1:
+        raise _refuse("the last norm is not read by the head alone", final.output)
+    head = readers[id(final)][0]
+    layers: list[Layer] = []
+    head_dim = None
+    for norm in body:
+        found = readers[id(norm)]
+        if len(found) == 3:
+            attention, head_dim = _attention(gm, found, uses)
+            layers.append(Layer(_norm_name(gm, norm), attention, None, None))
+        elif len(found) == 2:
+            mlp = _mlp(gm, found, uses)
+            last = layers[-1] if layers else None
+            if last is not None and last.mlp is None:
+                layers[-1] = Layer(last.attention_norm, last.attention, _norm_name(gm, norm), mlp)
+            else:
+                layers.append(Layer(None, None, _norm_name(gm, norm), mlp))
+        else:
+            raise _refuse(f"a norm read by {len(found)} linears (3 for attention, 2 for a gated MLP)", norm.output)
+    if head_dim is None:
+        raise _refuse("no attention")
+    if any(layer.attention is not None and layer.mlp is None for layer in layers):
+        raise _refuse("a layer with attention but no MLP, whose attention output llama.cpp's deci drops")
+    if layers[0].attention is None:
+        raise _refuse("a first layer without attention (llama.cpp reads the head size from the first layer)")
+    table_value = tensor_of(gm, table)
+    layout = DecoderLayout(
+        table=str(table.target), layers=tuple(layers), output_norm=_norm_name(gm, final),
+        head=str(head.weight.target) if head.weight is not table else str(table.target),
+        width=int(table_value.shape[1]), vocab=int(table_value.shape[0]), head_dim=head_dim, eps=float(eps.pop()),
+        rope_base=_rope_base(gm, head_dim))
+    _linear_name(gm, head)
+    _prove(program, layout)
+    return layout
+
+
+def reference_logits(layout: DecoderLayout, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """The logits a Llama-style runtime computes from `weights` (by the program's names) for token ids `ids`."""
+    def rms(x: torch.Tensor, name: str | None) -> torch.Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layout.eps)
+        return x * weights[name] if name else x
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+    batch, length = ids.shape
+    d = layout.head_dim
+    frequencies = layout.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * frequencies[None]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    h = weights[layout.table][ids]
+    for layer in layout.layers:
+        if layer.attention is not None:
+            a = layer.attention
+            x = rms(h, layer.attention_norm)
+            q = (x @ weights[a.q].T).view(batch, length, a.heads, d).transpose(1, 2)
+            k = (x @ weights[a.k].T).view(batch, length, a.kv_heads, d).transpose(1, 2)
+            v = (x @ weights[a.v].T).view(batch, length, a.kv_heads, d).transpose(1, 2)
+            k, v = (t.repeat_interleave(a.heads // a.kv_heads, 1) for t in (k, v))
+            out = torch.nn.functional.scaled_dot_product_attention(rotate(q), rotate(k), v, is_causal=True)
+            h = h + out.transpose(1, 2).reshape(batch, length, -1) @ weights[a.o].T
+        if layer.mlp is not None:
+            m = layer.mlp
+            x = rms(h, layer.mlp_norm)
+            h = h + (torch.nn.functional.silu(x @ weights[m.gate].T) * (x @ weights[m.up].T)) @ weights[m.down].T
+    return rms(h, layout.output_norm) @ weights[layout.head].T
+
+
+def _prove(program: Program, layout: DecoderLayout) -> None:
+    """The layout's reference computation must give the program's logits (float64, relative 1e-6)."""
+    exact = program.to(torch.float64)
+    names = {str(n.target) for n in exact.graph.find_nodes(op="get_attr")}
+    weights = {name: tensor_of(exact.gm, name).detach() for name in names}
+    ids = program.probe_input(batch=2, length=9)
+    with torch.no_grad():
+        expected = exact(ids)
+        got = reference_logits(layout, weights, ids)
+    error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
+    if not math.isfinite(error) or error > 1e-6:
+        raise _refuse(f"the weights found as a Llama-style decoder compute other logits (relative error {error:.2e}): "
+                      "the model has an op that layout lacks (biases on the residual, scaled embeddings, soft-capping, "
+                      "a non-causal mask, a scaled rotary, ...)")

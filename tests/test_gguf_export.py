@@ -1,0 +1,140 @@
+"""`--format gguf`: the real llama.cpp (llama-cpp-python) loads the exported file and computes fxslice's logits —
+to float tolerance for float exports, within the quantization's own error for quantized ones — on dense, tied,
+pruned (per-layer widths: llama.cpp's `deci`) and quantized tiny Llamas; structures llama.cpp lacks are refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fxslice import PassManager, UnsupportedStructure, capture
+from fxslice.models.decoder_layout import decoder_layout
+from fxslice.models.gguf_export import export_gguf
+from fxslice.models.io import load, save
+from fxslice.passes import CleanupIR, prune_recipe
+from fxslice.passes.quantize import QuantizeWeights
+from fxslice.testing import tiny_causal_lm
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (installed by .ci/run) runs the exported files")
+
+IDS = [5, 17, 3, 99, 42, 7, 64, 1, 120, 33, 8, 71]
+CALIBRATION = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+    """Logits of every position, computed by llama.cpp in a fresh process (its C logging kept out of pytest's)."""
+    code = f"""
+import sys, numpy as np, llama_cpp
+model = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+model.eval({ids!r})
+np.save(sys.argv[2], np.array(model.scores[:{len(ids)}], dtype=np.float32))
+"""
+    out = path.with_suffix(".npy")
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.load(out)
+
+
+def _program(kind: str):
+    model = tiny_causal_lm("llama-tied" if kind == "tied" else "llama")
+    program = capture(model)
+    PassManager([CleanupIR()]).run(program)
+    if kind == "pruned":
+        prune_recipe(target=0.3, shots=2, batch_size=4).run(program, calibration=CALIBRATION)
+    elif kind.startswith("q"):
+        bits = {"q4": 4, "q5": 5, "q8": 8}[kind]
+        PassManager([QuantizeWeights(bits, group_size=32, embeddings=8, head=8)]).run(program)
+    return program
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("kind", ["dense", "tied", "pruned"])
+def test_llama_cpp_computes_fxslices_logits_from_a_float_export(tmp_path, kind):
+    program = _program(kind)
+    report = export_gguf(program, tmp_path / "m.gguf", weight_type="f32")
+    assert report.architecture == ("deci" if kind == "pruned" else "llama")
+    expected = program(torch.tensor([IDS]))[0].detach().numpy()
+    got = _llama_cpp_logits(tmp_path / "m.gguf", IDS)
+    assert _relative(got, expected) < 1e-4
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_the_pruned_export_has_per_layer_widths(tmp_path):
+    import gguf
+
+    program = _program("pruned")
+    layout = decoder_layout(program)
+    assert not layout.uniform  # the Surgeon removed different amounts per layer
+    export_gguf(program, tmp_path / "m.gguf", weight_type="f32")
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert list(fields["deci.feed_forward_length"].contents()) == [layer.mlp.width for layer in layout.layers]
+    assert list(fields["deci.attention.head_count_kv"].contents()) == [layer.attention.kv_heads for layer in layout.layers]
+
+
+@pytest.mark.parametrize("kind", ["q4", "q5"])
+def test_fxslices_integers_reach_llama_cpp_exactly(tmp_path, kind):
+    """4- and 5-bit weights in groups of 32 are written as Q4_1 / Q5_1 blocks of the same integers: gguf's own
+    reader dequantizes them to fxslice's weights (up to the float16 rounding of `zero · scale`)."""
+    import gguf
+
+    program = _program(kind)
+    report = export_gguf(program, tmp_path / "m.gguf", weight_type="f32")
+    assert report.types[{"q4": "Q4_1", "q5": "Q5_1"}[kind]] == 14  # every linear of the body
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    mine = program.gm.get_parameter("model.layers.1.mlp.down_proj.weight").detach().numpy()
+    step = program.quantized["model.layers.1.mlp.down_proj.weight"].scale.max().item()
+    assert np.abs(values - mine).max() <= 2e-3 * step + 1e-7  # float16 rounding of the offset only
+    expected = program(torch.tensor([IDS]))[0].detach().numpy()
+    got = _llama_cpp_logits(tmp_path / "m.gguf", IDS)
+    assert _relative(got, expected) < 0.02  # llama.cpp rounds activations to 8 bits for quantized products
+
+
+@pytest.mark.parametrize("weight_type", ["f16", "q8_0", "q4_0"])
+def test_float_weights_quantized_at_export_run_within_their_own_error(tmp_path, weight_type):
+    program = _program("dense")
+    export_gguf(program, tmp_path / "m.gguf", weight_type=weight_type)
+    expected = program(torch.tensor([IDS]))[0].detach().numpy()
+    got = _llama_cpp_logits(tmp_path / "m.gguf", IDS)
+    assert _relative(got, expected) < {"f16": 1e-3, "q8_0": 0.02, "q4_0": 0.3}[weight_type]
+
+
+def test_a_saved_model_with_a_kv_cache_exports_through_the_cli(tmp_path):
+    from fxslice.models.kvcache import capture_cached
+
+    model = tiny_causal_lm("llama")
+    cached = capture_cached(model)
+    PassManager([CleanupIR()]).run(cached)
+    save(cached, tmp_path / "model")
+    done = subprocess.run([sys.executable, "-m", "fxslice.cli", "export", str(tmp_path / "model"), "--format", "gguf",
+                           "--type", "f32", "--out", str(tmp_path / "m.gguf")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "architecture 'llama'" in done.stdout
+    expected = load(tmp_path / "model")(torch.tensor([IDS]))[0].detach().numpy()
+    assert _relative(_llama_cpp_logits(tmp_path / "m.gguf", IDS), expected) < 1e-4
+
+
+@pytest.mark.parametrize("family,reason", [("qwen2", "bias"), ("gemma", "1 + w"), ("stablelm", "LayerNorm"),
+                                           ("gpt2", "token tables"), ("qwen3", "norm read by 0 linears")])
+def test_structures_llama_cpp_lacks_are_refused_naming_them(tmp_path, family, reason):
+    program = capture(tiny_causal_lm(family))
+    PassManager([CleanupIR()]).run(program)
+    with pytest.raises(UnsupportedStructure, match=reason):
+        export_gguf(program, tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_width_without_a_block_type_is_refused_naming_the_tensor(tmp_path):
+    program = capture(tiny_causal_lm("llama"))
+    PassManager([CleanupIR(), QuantizeWeights(3, group_size=32)]).run(program)
+    with pytest.raises(UnsupportedStructure, match=r"q_proj.weight' holds 3-bit integers"):
+        export_gguf(program, tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())
