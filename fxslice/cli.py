@@ -456,12 +456,17 @@ def export_(
         _export_gguf(program, path, weight_type)
         return
     with err.status(f"exporting to {path} ..."):
-        {"pt2": export_pt2, "onnx": export_onnx, "hf": export_hf}[format_](program, path)
+        written = {"pt2": export_pt2, "onnx": export_onnx, "hf": export_hf}[format_](program, path)
     if format_ == "hf":
         size = sum(f.stat().st_size for f in path.iterdir())
+        if written.remote_code is None:
+            out.print(f"wrote {path}/ ({size / 2**20:.1f} MiB): a stock Llama checkpoint, "
+                      "AutoModelForCausalLM.from_pretrained(path) with no remote code", highlight=False, markup=False)
+            return
         cache = "generate() with the KV cache" if program.cache is not None else "generate() without a KV cache"
         out.print(f"wrote {path}/ ({size / 2**20:.1f} MiB): AutoModelForCausalLM.from_pretrained(path, "
-                  f"trust_remote_code=True); {cache}", highlight=False, markup=False)
+                  f"trust_remote_code=True); {cache}\nremote code because {written.remote_code}",
+                  highlight=False, markup=False)
         return
     inputs = "(input_ids, past_length, *kv)" if program.cache is not None else "(input_ids)"
     how = "torch.export.load(path).module()" if format_ == "pt2" else "onnxruntime.InferenceSession(path): "

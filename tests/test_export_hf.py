@@ -50,7 +50,7 @@ torch.save({"beams_agree": torch.equal(beams, recomputed), "logits": logits, "to
 def test_transformers_loads_the_export_without_fxslice_and_generates_fxslices_tokens(kind, tmp_path, exportable):
     save(exportable(kind), tmp_path / "model")
     program = load(tmp_path / "model")
-    export_hf(program, tmp_path / "hf")
+    export_hf(program, tmp_path / "hf", stock=False)
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
     torch.save(ids, tmp_path / "ids.pt")
     done = subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS, str(tmp_path / "hf"), str(tmp_path / "ids.pt"),
@@ -73,7 +73,7 @@ def test_the_hf_export_holds_the_weights_once_and_the_graph_none(tmp_path, expor
     from safetensors import safe_open
 
     program = exportable("sliced")
-    export_hf(program, tmp_path / "hf")
+    assert export_hf(program, tmp_path / "hf").remote_code  # a sliced model's shortcuts: not a stock Llama
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         names = set(f.keys())
         graph = f.get_tensor("program")
@@ -98,3 +98,42 @@ def test_hf_export_refuses_an_existing_directory_and_leaves_nothing_on_failure(t
     with pytest.raises(Exception, match="nothing was left behind"):
         export_hf(program, tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+STOCK = """
+import sys, torch
+sys.modules["fxslice"] = None
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])  # no trust_remote_code
+ids = torch.load(sys.argv[2])
+torch.save({"class": type(model).__name__, "logits": model(ids).logits,
+            "tokens": model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)},
+           sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("kind", ["cached", "quantized", "tied"])
+def test_a_stock_shaped_model_exports_as_a_stock_llama_without_remote_code(tmp_path, exportable, kind):
+    from fxslice import capture
+    from fxslice.testing import tiny_causal_lm
+
+    program = capture(tiny_causal_lm("llama-tied")) if kind == "tied" else exportable(kind)
+    written = export_hf(program, tmp_path / "hf")
+    assert written.remote_code is None
+    assert not list((tmp_path / "hf").glob("*.py"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    torch.save(ids, tmp_path / "ids.pt")
+    done = subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "hf"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["class"] == "LlamaForCausalLM"
+    torch.testing.assert_close(got["logits"], program(ids), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got["tokens"], generate(program, ids, max_new_tokens=5))
+
+
+def test_per_layer_widths_fall_back_to_remote_code_and_say_why(tmp_path, exportable):
+    written = export_hf(exportable("pruned"), tmp_path / "hf")
+    assert written.remote_code is not None and "different widths" in written.remote_code

@@ -236,7 +236,7 @@ def test_a_crafted_program_tensor_in_an_hf_export_runs_nothing(tmp_path, tiny, p
     from fxslice.models.export import export_hf
 
     marker = tmp_path / "marker"
-    out = export_hf(tiny("llama")[1], tmp_path / "hf")
+    out = export_hf(tiny("llama")[1], tmp_path / "hf", stock=False).path
     tensors = load_file(str(out / "model.safetensors"))
     if payload == "pickle":
         content = pickle.dumps(_Payload(marker))

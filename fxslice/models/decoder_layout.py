@@ -86,7 +86,8 @@ class DecoderLayout:
 
 def _refuse(reason: str, node: fx.Node | None = None) -> UnsupportedStructure:
     where = f" (at {module_path(node) or node.name})" if node is not None else ""
-    return UnsupportedStructure(f"this program is not a Llama-style decoder that llama.cpp runs: {reason}{where}")
+    return UnsupportedStructure(f"this program is not a Llama-style decoder (what llama.cpp and stock Llama checkpoints "
+                                f"compute): {reason}{where}")
 
 
 def _keeps_values(node: fx.Node) -> bool:
@@ -136,14 +137,24 @@ def _linear_name(gm: fx.GraphModule, use: LinearUse) -> str:
     return str(use.weight.target)
 
 
-def _norm_name(gm: fx.GraphModule, norm: NormMatch) -> str | None:
+def _scaled(gm: fx.GraphModule, norm: NormMatch) -> tuple[str | None, fx.Node]:
+    """The norm's scale (a weight name, or None) and the value it gives: the matcher's, or, where a cast kept the
+    matcher from seeing it (a capture not cleaned up), the product with a vector weight right after the casts."""
     if norm.centres or norm.bias is not None or norm.kind == "layer_norm":
         raise _refuse("a LayerNorm (centring or shifting); llama.cpp's llama uses RMSNorm", norm.output)
-    if norm.weight is None:
-        return None
-    if norm.weight_offset != 0:
-        raise _refuse("a norm scaled by (1 + w)", norm.output)
-    return str(norm.weight.target)
+    if norm.weight is not None:
+        if norm.weight_offset != 0:
+            raise _refuse("a norm scaled by (1 + w)", norm.output)
+        return str(norm.weight.target), norm.output
+    products = [u for u in norm.output.users if u.op == "call_function" and _keeps_values(u)]
+    for node in [norm.output, *products]:
+        for user in node.users:
+            if user.target == aten.mul.Tensor:
+                other = user.args[0] if user.args[1] is node else user.args[1]
+                value = tensor_of(gm, other) if isinstance(other, fx.Node) and other.op == "get_attr" else None
+                if isinstance(value, torch.Tensor) and value.dim() == 1:
+                    return str(other.target), user
+    return None, norm.output
 
 
 def _attention(gm: fx.GraphModule, readers: list[LinearUse], uses: list[LinearUse]) -> tuple[Attention, int]:
@@ -218,7 +229,8 @@ def decoder_layout(program: Program) -> DecoderLayout:
     norms = match_norms(gm)
     if not norms:
         raise _refuse("no norms")
-    readers = {id(norm): [u for u in uses if _source(u.input) is norm.output] for norm in norms}
+    scaled = {id(norm): _scaled(gm, norm) for norm in norms}
+    readers = {id(norm): [u for u in uses if _source(u.input) is scaled[id(norm)][1]] for norm in norms}
     eps = {norm.eps for norm in norms}
     if len(eps) != 1:
         raise _refuse(f"norms with different epsilons {sorted(eps)}")
@@ -232,14 +244,14 @@ def decoder_layout(program: Program) -> DecoderLayout:
         found = readers[id(norm)]
         if len(found) == 3:
             attention, head_dim = _attention(gm, found, uses)
-            layers.append(Layer(_norm_name(gm, norm), attention, None, None))
+            layers.append(Layer(scaled[id(norm)][0], attention, None, None))
         elif len(found) == 2:
             mlp = _mlp(gm, found, uses)
             last = layers[-1] if layers else None
             if last is not None and last.mlp is None:
-                layers[-1] = Layer(last.attention_norm, last.attention, _norm_name(gm, norm), mlp)
+                layers[-1] = Layer(last.attention_norm, last.attention, scaled[id(norm)][0], mlp)
             else:
-                layers.append(Layer(None, None, _norm_name(gm, norm), mlp))
+                layers.append(Layer(None, None, scaled[id(norm)][0], mlp))
         else:
             raise _refuse(f"a norm read by {len(found)} linears (3 for attention, 2 for a gated MLP)", norm.output)
     if head_dim is None:
@@ -250,7 +262,7 @@ def decoder_layout(program: Program) -> DecoderLayout:
         raise _refuse("a first layer without attention (llama.cpp reads the head size from the first layer)")
     table_value = tensor_of(gm, table)
     layout = DecoderLayout(
-        table=str(table.target), layers=tuple(layers), output_norm=_norm_name(gm, final),
+        table=str(table.target), layers=tuple(layers), output_norm=scaled[id(final)][0],
         head=str(head.weight.target) if head.weight is not table else str(table.target),
         width=int(table_value.shape[1]), vocab=int(table_value.shape[0]), head_dim=head_dim, eps=float(eps.pop()),
         rope_base=_rope_base(gm, head_dim))

@@ -6,8 +6,10 @@ with the cache tensors updated in place, their per-layer `[heads, head_dim]` sha
 `fxslice.json` (`{"kv_cache": [[h, d], ...]}`; allocate `zeros(batch, h, length, d)` each). Quantized weights are
 stored dequantized: the archive runs in float, like the program.
 
-`hf`: a directory that stock transformers loads with `AutoModelForCausalLM.from_pretrained(DIR,
-trust_remote_code=True)` and `AutoTokenizer.from_pretrained(DIR)`: the weights in model.safetensors under their
+`hf`: a directory that stock transformers loads. When the program is a stock Llama after compression (one width in
+every layer; `fxslice.models.stock_hf`), it is that architecture's own checkpoint: `from_pretrained(DIR)`, no remote
+code. Otherwise `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` and
+`AutoTokenizer.from_pretrained(DIR)`: the weights in model.safetensors under their
 program names, the graph (with the weights as its first inputs, so it holds none) as JSON data in a byte buffer of
 the same file, a `config.json`, and one generic modeling file (`fxslice/models/remote/modeling_fxslice.py`, the same
 for every model) with the reader it imports (`graph_data.py`), which builds nothing but calls of PyTorch operators. `generate()` uses the program's KV cache when it has one. Quantized weights are stored dequantized.
@@ -28,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +42,7 @@ from fxslice.core.program import Program
 from fxslice.models.io import example_inputs, write_file
 from fxslice.models.remote.graph_data import GraphDataError, graph_to_data
 
-__all__ = ["export_pt2", "export_onnx", "export_hf", "FORMATS"]
+__all__ = ["export_pt2", "export_onnx", "export_hf", "HfExport", "FORMATS"]
 
 FORMATS = ("pt2", "onnx", "hf", "gguf")
 REMOTE_CODE = Path(__file__).parent / "remote" / "modeling_fxslice.py"
@@ -116,14 +119,61 @@ def weights_as_inputs(program: Program) -> tuple[fx.GraphModule, dict[str, torch
     return fx.GraphModule(keep, graph), weights
 
 
-def export_hf(program: Program, out_dir: str | os.PathLike) -> Path:
-    """Write `program` as a new transformers model directory at `out_dir` (written whole or not at all)."""
-    from safetensors.torch import save_file
+@dataclass(frozen=True)
+class HfExport:
+    """Where the hf export went, and why it needs remote code (None: a stock architecture's own checkpoint)."""
 
-    from fxslice.models.io import check_output_dir, save_tokenizer, write_directory
+    path: Path
+    remote_code: str | None
+
+
+def export_hf(program: Program, out_dir: str | os.PathLike, *, stock: bool = True) -> HfExport:
+    """Write `program` as a new transformers model directory at `out_dir` (written whole or not at all): a stock
+    Llama checkpoint where one computes the program (unless `stock=False`), else the generic remote-code model."""
+    from fxslice.models.io import check_output_dir
 
     out = Path(out_dir)
     check_output_dir(out)
+    if stock:
+        from fxslice.models.stock_hf import stock_llama
+
+        try:
+            config, weights = stock_llama(program)
+        except UnsupportedStructure as exc:
+            reason = str(exc)
+        else:
+            return HfExport(_write_hf(program, out, config, weights), None)
+    else:
+        reason = "asked for (stock=False)"
+    return HfExport(_export_remote(program, out), reason)
+
+
+def _write_hf(program: Program, out: Path, config: dict, tensors: dict[str, torch.Tensor],
+              extra_files: tuple[Path, ...] = ()) -> Path:
+    """config.json, model.safetensors, generation_config.json, the tokenizer and `extra_files`, all or nothing."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from fxslice.models.io import save_tokenizer, write_directory
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except SafetensorError as exc:
+            raise OSError(f"the weights could not be written ({exc})") from exc
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str), encoding="utf-8")
+        for file in extra_files:
+            shutil.copyfile(file, tmp / file.name)
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1), encoding="utf-8")
+        if program.tokenizer is not None:
+            save_tokenizer(program.tokenizer, tmp)
+
+    return write_directory(out, write)
+
+
+def _export_remote(program: Program, out: Path) -> Path:
+    """The generic model: the graph as data in the weights file, read by modeling_fxslice.py (remote code)."""
     gm, weights = weights_as_inputs(program)
     if any(n.op == "get_attr" for n in gm.graph.nodes):
         raise UnsupportedStructure("the graph holds subgraphs (higher-order ops), which the hf export cannot store")
@@ -153,20 +203,4 @@ def export_hf(program: Program, out_dir: str | os.PathLike) -> Path:
     }
     tensors = {f"weights.{name}": t.contiguous() for name, t in weights.items()}
     tensors["program"] = graph
-
-    def write(tmp: Path) -> None:
-        from safetensors import SafetensorError
-
-        try:
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        except SafetensorError as exc:
-            raise OSError(f"the weights could not be written ({exc})") from exc
-        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str), encoding="utf-8")
-        shutil.copyfile(REMOTE_CODE, tmp / REMOTE_CODE.name)
-        shutil.copyfile(GRAPH_READER, tmp / GRAPH_READER.name)
-        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1), encoding="utf-8")
-        if program.tokenizer is not None:
-            save_tokenizer(program.tokenizer, tmp)
-
-    return write_directory(out, write)
+    return _write_hf(program, out, config, tensors, (REMOTE_CODE, GRAPH_READER))

@@ -1,0 +1,61 @@
+"""A program that is a stock architecture after compression, written as that architecture's own checkpoint.
+
+When `decoder_layout` finds a Llama-style decoder with one width everywhere (dense, quantized, or pruned evenly),
+stock transformers' `LlamaForCausalLM` computes it: `config.json` from transformers' own `LlamaConfig` and the weights
+under its names load with `AutoModelForCausalLM.from_pretrained(DIR)` — no remote code — and so in every tool that
+reads Llama checkpoints (vLLM, SGLang, llama.cpp's converter). Quantized weights are written dequantized.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fxslice.core.errors import UnsupportedStructure
+from fxslice.core.graph import tensor_of
+from fxslice.core.program import Program
+from fxslice.models.decoder_layout import decoder_layout
+
+__all__ = ["stock_llama"]
+
+
+def stock_llama(program: Program) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json's content, weights by transformers' Llama names) for `program`, or UnsupportedStructure saying
+    why a stock Llama cannot compute it."""
+    import transformers
+
+    layout = decoder_layout(program)
+    if not layout.uniform:
+        raise UnsupportedStructure("its layers have different widths (heads or MLP channels per layer), which a stock "
+                                   "Llama config cannot state")
+    first = layout.layers[0]
+    source = program.config or {}
+    config = transformers.LlamaConfig(
+        vocab_size=layout.vocab, hidden_size=layout.width, intermediate_size=first.mlp.width,
+        num_hidden_layers=len(layout.layers), num_attention_heads=first.attention.heads,
+        num_key_value_heads=first.attention.kv_heads, head_dim=layout.head_dim, rms_norm_eps=layout.eps,
+        rope_theta=layout.rope_base, max_position_embeddings=source.get("max_position_embeddings") or 2048,
+        tie_word_embeddings=layout.tied, bos_token_id=source.get("bos_token_id"), eos_token_id=source.get("eos_token_id"),
+        pad_token_id=source.get("pad_token_id"))
+    data = config.to_dict()
+    data["architectures"] = ["LlamaForCausalLM"]
+    data["dtype"] = str(program.dtype).removeprefix("torch.")
+    gm = program.gm
+
+    def tensor(name: str | None) -> torch.Tensor:
+        value = tensor_of(gm, name) if name else torch.ones(layout.width, dtype=program.dtype)
+        return value.detach().contiguous().clone()
+
+    weights = {"model.embed_tokens.weight": tensor(layout.table), "model.norm.weight": tensor(layout.output_norm)}
+    if not layout.tied:
+        weights["lm_head.weight"] = tensor(layout.head)
+    for i, layer in enumerate(layout.layers):
+        a, m, prefix = layer.attention, layer.mlp, f"model.layers.{i}"
+        weights |= {f"{prefix}.input_layernorm.weight": tensor(layer.attention_norm),
+                    f"{prefix}.self_attn.q_proj.weight": tensor(a.q), f"{prefix}.self_attn.k_proj.weight": tensor(a.k),
+                    f"{prefix}.self_attn.v_proj.weight": tensor(a.v), f"{prefix}.self_attn.o_proj.weight": tensor(a.o),
+                    f"{prefix}.post_attention_layernorm.weight": tensor(layer.mlp_norm),
+                    f"{prefix}.mlp.gate_proj.weight": tensor(m.gate), f"{prefix}.mlp.up_proj.weight": tensor(m.up),
+                    f"{prefix}.mlp.down_proj.weight": tensor(m.down)}
+    return data, weights
