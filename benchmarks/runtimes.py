@@ -1,14 +1,16 @@
 """SmolLM2 compressed by fxslice and run by llama.cpp, against the dense model in llama.cpp and fxslice's own runtime,
 in one run; one JSON object.
 
-    python benchmarks/runtimes.py [--type q8_0] [--prune 0.166] [--shots 4] [--calib-windows 16] [--calib-length 512]
+    python benchmarks/runtimes.py [--type q8_0] [--prune 0.166] [--multiple 32] [--shots 4] [--calib-windows 16]
+                                  [--calib-length 512]
                                   [--pruned DIR] [--bits 4] [--eval-windows 8] [--eval-length 2048] [--prefill 512]
                                   [--new 128] [--threads 2] [--repeats 3] [--out DIR]
 
 Models: the shipped Q4_1 file as llama.cpp's own dense baseline; the dense model and the Surgeon's model (`--prune`, or
 a saved one with `--pruned DIR`) exported at `--type` (the same type, so that the ratio is the pruning's); each of them
 quantized by fxslice (GPTQ, `--bits` in groups of 32, tables 8-bit: exported as the Q4_1 / Q5_1 blocks of the same
-integers, tables Q8_0). Per GGUF file: its bytes, perplexity from llama.cpp's logits on the first `--eval-windows`
+integers, tables Q8_0) and, for comparison at the same type, by llama.cpp's own quantizer (`llama_model_quantize`
+from the float32 export, no importance matrix, its own choice for the token table). Per GGUF file: its bytes, perplexity from llama.cpp's logits on the first `--eval-windows`
 test windows (fxslice's windows: the same tokens), prefill of `--prefill` tokens and batch-1 greedy decoding of `--new`
 tokens (tokens/s, medians over `--repeats` after a warm-up); and fxslice's own runtime (the captured program with its
 KV cache, float32) on the same cases. Ratios are against the dense export at `--type`.
@@ -90,7 +92,7 @@ def _programs(args: argparse.Namespace, tokenizer, module) -> dict[str, object]:
         plain = capture_module(module)
         calibration = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length,
                                     count=args.calib_windows, seed=0)
-        result = prune_recipe(target=args.prune, shots=args.shots, batch_size=1).run(plain, calibration=calibration,
+        result = prune_recipe(target=args.prune, shots=args.shots, batch_size=1, multiple=args.multiple).run(plain, calibration=calibration,
                                                                                      progress=True)
         pruned = capture_cached(module)
         replay(result.passes, pruned, plain)
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--calib-length", type=int, default=512)
+    parser.add_argument("--multiple", type=int, default=32, help="MLP widths kept at multiples of this (GGUF blocks)")
     parser.add_argument("--pruned", default="", help="a saved pruned model instead of pruning here")
     parser.add_argument("--bits", type=int, default=4, help="fxslice's GPTQ width (4 or 5; 0: none)")
     parser.add_argument("--eval-windows", type=int, default=8)
@@ -139,6 +142,23 @@ def main() -> None:
         exports[name] = {"architecture": report.architecture, "types": dict(report.types),
                          "parameters": program.num_parameters()}
 
+    if args.bits in (4, 5):  # llama.cpp's own quantization of the same float weights to the same block type
+        import llama_cpp
+
+        ftype = {4: llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, 5: llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1}[args.bits]
+        for name in [n for n in programs if "+" not in n]:
+            source = folder / f"{name}.f32.gguf"
+            source.unlink(missing_ok=True)
+            export_gguf(programs[name], source, weight_type="f32")
+            target = folder / f"{name}+llama.cpp-q{args.bits}_1.gguf"
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.nthread = ftype, args.threads
+            if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+                raise RuntimeError(f"llama_model_quantize failed on {source}")
+            source.unlink()
+            files[target.stem] = target
+            exports[target.stem] = {"parameters": programs[name].num_parameters()}
+
     windows = token_windows(tokenizer, load_text("wikitext2:test"), args.eval_length)[: args.eval_windows]
     prompt = windows[0].tolist()
     rows: dict[str, dict] = {}
@@ -151,7 +171,7 @@ def main() -> None:
                       "prefill_tokens_per_s": round(statistics.median(s[0] for s in speeds), 1),
                       "decode_tokens_per_s": round(statistics.median(s[1] for s in speeds), 1),
                       **exports.get(name, {})}
-        del model
+        model.close()
     with torch.no_grad():
         for name, program in programs.items():
             if "+" in name:

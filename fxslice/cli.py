@@ -48,6 +48,16 @@ Dtype = Annotated[str, typer.Option(help="the weights' dtype for the run: float3
                                          "float64; the saved model keeps this dtype)")]
 
 
+def _status(message: str):
+    """A spinner on a terminal; elsewhere (a log, a pipe) the message as one line, so that a long step is seen."""
+    import contextlib
+
+    if err.is_terminal:
+        return err.status(message)
+    err.print(message, highlight=False, markup=False)
+    return contextlib.nullcontext()
+
+
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
     global _debug
@@ -55,7 +65,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebac
 
 
 def _capture(model: str) -> Program:
-    with err.status(f"loading and capturing {model} ..."):
+    with _status(f"loading and capturing {model} ..."):
         return capture(model)
 
 
@@ -71,7 +81,7 @@ def _capture_with_cache(model: str, device: torch.device | None = None, dtype: t
     from fxslice.models.capture import capture_module, load_model
     from fxslice.models.kvcache import capture_cached
 
-    with err.status(f"loading and capturing {model} ..."):
+    with _status(f"loading and capturing {model} ..."):
         module, tokenizer = load_model(model)
         if dtype is not None and dtype != torch.float32:
             module = module.to(dtype)
@@ -85,7 +95,7 @@ def _capture_with_cache(model: str, device: torch.device | None = None, dtype: t
     if offload and device is not None:
         program, cached = program.offload(device), (cached.offload(device) if cached is not None else None)
     elif device is not None and device.type != "cpu":
-        with err.status(f"moving to {device} ..."):
+        with _status(f"moving to {device} ..."):
             program, cached = program.to(device), (cached.to(device) if cached is not None else None)
     for p in (program, cached):
         if p is not None:
@@ -206,6 +216,8 @@ def prune(
     recover_lr: RecoverLr = 5e-4,
     strict: Annotated[bool, typer.Option("--strict", help="stop with an error when the target cannot be met (by "
                                          "default a warning with the share removed)")] = False,
+    multiple: Annotated[int, typer.Option(min=1, help="groups: every MLP keeps a multiple of this many channels (32 "
+                                          "for GGUF blocks and --format gguf of a 4-bit model, 64 for GPU tiles)")] = 1,
     device: Device = "auto",
     dtype: Dtype = "float32",
     offload: Offload = False,
@@ -219,10 +231,11 @@ def prune(
 
     data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size)
     recipe = prune_recipe(method=method, target=target, shots=shots, structures=structures, batch_size=batch_size,
-                          calibration=data, strict=strict)
+                          calibration=data, strict=strict, multiple=multiple)
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
-              {"method": method, "target": target, "shots": shots, "structures": structures}, device, dtype, offload)
+              {"method": method, "target": target, "shots": shots, "structures": structures, "multiple": multiple},
+              device, dtype, offload)
 
 
 @app.command()
@@ -388,7 +401,7 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
         **result.record(),
     }
     start = time.perf_counter()
-    with err.status(f"saving to {out_dir} ..."):
+    with _status(f"saving to {out_dir} ..."):
         if cached is not None:  # the same passes, the same bases: generation gets the new weights and a cache
             try:
                 replay(result.passes, cached, program)
@@ -450,12 +463,12 @@ def export_(
     if path.resolve().is_relative_to(model_dir.resolve()):
         raise InvalidOption(f"--out {path} lies inside the model's own directory {model_dir}, whose files its record "
                             "checks; write the export somewhere else")
-    with err.status(f"loading {model_dir} ..."):
+    with _status(f"loading {model_dir} ..."):
         program = load(model_dir)  # checksums verified: an edited or truncated model is refused here
     if format_ == "gguf":
         _export_gguf(program, path, weight_type)
         return
-    with err.status(f"exporting to {path} ..."):
+    with _status(f"exporting to {path} ..."):
         written = {"pt2": export_pt2, "onnx": export_onnx, "hf": export_hf}[format_](program, path)
     if format_ == "hf":
         size = sum(f.stat().st_size for f in path.iterdir())
@@ -478,7 +491,7 @@ def export_(
 def _export_gguf(program: Program, path: Path, weight_type: str) -> None:
     from fxslice.models.gguf_export import export_gguf
 
-    with err.status(f"exporting to {path} ..."):
+    with _status(f"exporting to {path} ..."):
         report = export_gguf(program, path, weight_type=weight_type)
     types = ", ".join(f"{count} {kind}" for kind, count in sorted(report.types.items()))
     size = path.stat().st_size
@@ -503,9 +516,9 @@ def upgrade(
         raise InvalidOption("reading an old model's graph.pt2 unpickles it, which can run code hidden in it; if you "
                             "trust whoever wrote it, add --trust-pickle")
     check_output_dir(out_dir)
-    with err.status(f"loading {model_dir} ..."):
+    with _status(f"loading {model_dir} ..."):
         program = load(model_dir, trust_pickle=True)
-    with err.status(f"saving to {out_dir} ..."):
+    with _status(f"saving to {out_dir} ..."):
         save(program, out_dir, program.record)  # what save itself records (checksums, formats) is written anew
     out.print(f"saved {out_dir}: loads without unpickling", highlight=False, markup=False)
 
@@ -550,7 +563,7 @@ def eval_(
 
         require_lm_eval()  # a missing lm-eval is said before the model loads
     target = resolve_device(device)
-    with err.status(f"loading {model_dir} ..."):
+    with _status(f"loading {model_dir} ..."):
         program = load(model_dir)
         parameters = program.num_parameters()
         if target != program.device:
@@ -682,7 +695,7 @@ def _load_for_generation(model: str) -> Program:
     from fxslice.models.io import RECORD, load
 
     if (Path(model) / RECORD).is_file():
-        with err.status(f"loading {model} ..."):
+        with _status(f"loading {model} ..."):
             return load(model)
     program, cached = _capture_with_cache(model)
     return cached or program

@@ -75,3 +75,17 @@ def test_analysis_is_cached_until_the_graph_changes(tiny):
     PassManager([CorruptAWeight()]).run(program)  # modified=True bumps the version
     program.analysis(count_nodes)
     assert len(calls) == 2
+
+
+def test_progress_off_a_terminal_is_plain_lines_with_count_and_time_left(capsys, monkeypatch):
+    from fxslice.core import progress
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY", 0.0)
+    assert list(progress.progress_bar(range(3), "calibration")) == [0, 1, 2]
+    with progress.StepProgress(2, "recovery") as bar:
+        bar.advance("loss 2.31")
+        bar.advance("loss 2.20")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("calibration: 1/3 in ") and "s left" in lines[0]
+    assert lines[2].startswith("calibration: 3/3 in ") and "left" not in lines[2]
+    assert lines[3].startswith("recovery: 1/2") and lines[3].endswith("loss 2.31") and len(lines) == 5

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from fxslice import InvalidOption, PassManager
 from fxslice.analysis.groups import group_analysis
 from fxslice.evaluation.perplexity import perplexity
-from fxslice.passes import STAGES, CleanupIR
+from fxslice.passes import STAGES, CleanupIR, prune_recipe
 from fxslice.passes.rewrite.stages import Cleanup
 from fxslice.passes.surgeon import SurgeonPrune
 from fxslice.passes.surgeon.obs import column_cost, damped_inverse, remove_columns, remove_rows, row_cost
@@ -160,3 +160,17 @@ def test_a_model_without_removable_groups_is_refused_naming_what_blocks_them(pla
         PassManager([SurgeonPrune(CALIBRATION[:, :8] % 20, target=0.2, shots=1)]).run(plain_program)
     message = str(refused.value)
     assert "head.weight: reaches the graph's output at output" in message  # the weight, the reason and the node
+
+
+def test_multiple_leaves_every_mlp_a_whole_number_of_blocks(tiny):
+    """`multiple=32`: each MLP keeps a multiple of 32 channels (GGUF blocks), the target still within a block's
+    worth of parameters per layer, and the model still computes."""
+    from fxslice.models.decoder_layout import decoder_layout
+
+    _, program = tiny("llama")  # MLP width 128
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    dense = program.num_parameters()
+    prune_recipe(target=0.3, shots=2, batch_size=4, multiple=32).run(program, calibration=calibration)
+    widths = [layer.mlp.width for layer in decoder_layout(program).layers]
+    assert all(w % 32 == 0 and 0 < w < 128 for w in widths), widths
+    assert abs((1 - program.num_parameters() / dense) - 0.3) < 0.1

@@ -40,6 +40,7 @@ class Surgeon(Stage):
     damp_g: float = 0.01  # G's (inverted for rows only: the masked structures)
     labels: str = "data"
     batch_size: int = 1
+    multiple: int = 1  # groups: every MLP keeps a multiple of this many channels (32: GGUF blocks; 64: GPU tiles)
 
     def __post_init__(self) -> None:
         if self.structures not in ("groups", *MASKED_STRUCTURES):
@@ -53,14 +54,14 @@ class Surgeon(Stage):
             raise InvalidOption(f"surgeon: target must be in (0, 1), got {self.target!r}")
         if self.structures == "2:4" and self.target > 0.5:
             raise InvalidOption(f"surgeon: 2:4 zeroes at most half the weights; target must be ≤ 0.5, got {self.target}")
-        self.require_positive_ints("shots")
+        self.require_positive_ints("shots", "multiple")
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         surgeon: SurgeonPrune | SurgeonMask
         if self.structures == "groups":
             surgeon = SurgeonPrune(context.windows(self.kind), target=self.target, shots=self.shots,
-                                   curvature=self.curvature, damp_a=self.damp_a,
-                                   batch_size=self.batch_size, labels=self.labels, progress=context.progress)
+                                   curvature=self.curvature, damp_a=self.damp_a, batch_size=self.batch_size,
+                                   labels=self.labels, multiple=self.multiple, progress=context.progress)
         else:
             surgeon = SurgeonMask(context.windows(self.kind), target=self.target, shots=self.shots,
                                   structures=self.structures, curvature=self.curvature, damp_a=self.damp_a,

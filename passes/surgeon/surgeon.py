@@ -53,14 +53,17 @@ class SurgeonPrune(SurgeonPass):
     name = "surgeon_prune"
 
     def __init__(self, windows: torch.Tensor, *, target: float, shots: int = 4, curvature: str = "kfac",
-                 damp_a: float = 0.01, batch_size: int = 1, labels: str = "data", progress: bool = False):
+                 damp_a: float = 0.01, batch_size: int = 1, labels: str = "data", multiple: int = 1,
+                 progress: bool = False):
         super().__init__(windows, shots=shots, curvature=curvature, batch_size=batch_size, labels=labels,
                          progress=progress)
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target < 1.0:
             raise InvalidOption(f"surgeon: target (the fraction of parameters to remove) must be in (0, 1), got {target!r}")
         if not damp_a > 0:
             raise InvalidOption(f"surgeon: damping must be positive, got damp_a={damp_a}")
-        self.target, self.damp_a = float(target), damp_a
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+            raise InvalidOption(f"surgeon: multiple must be a positive integer, got {multiple!r}")
+        self.target, self.damp_a, self.multiple = float(target), damp_a, multiple
         self._last_loss: float | None = None
         self.reports: list[ShotReport] = []
 
@@ -97,6 +100,8 @@ class SurgeonPrune(SurgeonPass):
         costs = [self._cost(g, matrices, curv, obd) for g in candidates]
         sizes = [self._size(g, groups.linears, program) for g in candidates]
         chosen = self._select(candidates, costs, sizes, program.num_parameters() - goal)
+        if self.multiple > 1:
+            chosen = _round_widths(candidates, costs, sizes, chosen, groups.groups, self.multiple)
         rows: dict[str, list[int]] = defaultdict(list)
         cols: dict[str, list[int]] = defaultdict(list)
         for i in chosen:
@@ -190,6 +195,33 @@ class SurgeonPrune(SurgeonPass):
             chosen.append(i)
             covered += sizes[i]
         return chosen
+
+
+def _round_widths(groups: list[DimensionGroup], costs: list[float], sizes: list[int], chosen: list[int],
+                  every: list[DimensionGroup], multiple: int) -> list[int]:
+    """`chosen` adjusted so that every MLP keeps a multiple of `multiple` channels (GGUF blocks of 32, GPU tiles):
+    per MLP, the few channels over a multiple go too (the cheapest not chosen) or, when fewer than half a multiple
+    short of the next one, the dearest chosen stay."""
+    width: dict[tuple[str, ...], int] = defaultdict(int)
+    for g in every:
+        if g.kind == "mlp_channel":
+            width[g.weights] += 1
+    picked = set(chosen)
+    for family, channels in width.items():
+        mine = [i for i, g in enumerate(groups) if g.weights == family and g.kind == "mlp_channel"]
+        gone = [i for i in mine if i in picked]
+        over = (channels - len(gone)) % multiple
+        if not over:
+            continue
+        cost = lambda i: costs[i] / max(sizes[i], 1)  # noqa: E731 - the ranking `_select` uses
+        spare = sorted((i for i in mine if i not in picked), key=cost)
+        if over <= multiple // 2 and len(spare) >= over and channels - len(gone) - over >= multiple:
+            picked |= set(spare[:over])
+        elif len(gone) >= multiple - over:
+            picked -= set(sorted(gone, key=cost)[len(gone) - (multiple - over):])
+        elif len(spare) >= over:
+            picked |= set(spare[:over])
+    return sorted(picked)
 
 
 def _or_eye(m: torch.Tensor | None, n: int) -> torch.Tensor:
