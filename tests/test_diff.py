@@ -51,3 +51,42 @@ def test_diff_reports_parameter_shape_changes(tiny):
 
     record = PassManager([shrink_head]).run(program).records[0]
     assert ("lm_head.weight", "reshaped", "[128, 64] -> [128, 32]") in record.params
+
+
+def test_a_pass_that_edits_but_reports_no_change_is_named(tiny):
+    import pytest
+    import torch
+
+    from fxslice import PassCheckFailed, PassManager
+
+    _, program = tiny("llama")
+
+    def forgets_to_say(program):
+        node = next(n for n in program.graph.nodes if n.target == torch.ops.aten.rsqrt.default)
+        with program.graph.inserting_after(node):
+            doubled = program.graph.call_function(torch.ops.aten.mul.Tensor, (node, 2.0))
+        node.replace_all_uses_with(doubled)
+        doubled.args = (node, 2.0)
+        # no return: reads as modified=False
+
+    with pytest.raises(PassCheckFailed, match="pass 'forgets_to_say' changed the graph .* reported modified=False"):
+        PassManager([forgets_to_say]).run(program)
+
+
+def test_a_changed_literal_shows_in_the_diff(tiny):
+    import torch
+
+    from fxslice import PassManager
+
+    _, program = tiny("llama")
+
+    def another_eps(program):
+        node = next(n for n in program.graph.nodes if n.target == torch.ops.aten.add.Tensor
+                    and isinstance(n.args[1], float))
+        node.args = (node.args[0], 1e-5)
+        return True
+
+    result = PassManager([another_eps]).run(program)
+    assert len(result.records[0].rewired) == 1
+    text = result.text()
+    assert "rewired" in text and "1e-06" in text and "1e-05" in text

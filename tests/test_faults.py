@@ -327,3 +327,23 @@ def test_an_unmet_pruning_target_is_a_warning_with_the_share_removed_or_an_error
     assert report["achieved"] < 0.95 and "short of the target 95.0%" in report["warning"]
     with pytest.raises(InvalidOption, match="short of the target"):
         prune_recipe(target=0.95, shots=1, batch_size=4, strict=True).run(tiny("llama")[1], calibration=calibration)
+
+
+@pytest.mark.parametrize("signal_name,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_during_export_exits_non_zero_and_leaves_nothing(tmp_path, signal_name, code):
+    save(capture_tiny(), tmp_path / "model")
+    done = _run(f"""
+        import os, signal, sys, torch
+        real = torch.export.save
+        def interrupted(*args, **kwargs):
+            real(*args, **kwargs)
+            os.kill(os.getpid(), signal.{signal_name})
+        torch.export.save = interrupted
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from fxslice.cli import run
+        sys.argv = ["fxslice"] + sys.argv[1:]
+        run()
+        """, "export", str(tmp_path / "model"), "--out", str(tmp_path / "out.pt2"))
+    assert done.returncode == code, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

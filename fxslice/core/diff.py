@@ -27,6 +27,20 @@ class NodeInfo:
     target: str
     inputs: tuple[str, ...]
     module: str
+    arguments: str = ""  # every argument and keyword, literals included, other nodes by name
+
+
+def _arguments(node: fx.Node) -> str:
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: _Name(n.name))
+    text = ", ".join([*(repr(a) for a in args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+    return text
+
+
+class _Name(str):
+    """A node's name that prints bare inside an argument list."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 @dataclass(frozen=True)
@@ -41,13 +55,17 @@ class GraphSnapshot:
     nodes: dict[str, NodeInfo]
     params: dict[str, ParamInfo]
 
+    def same(self, other: GraphSnapshot) -> bool:
+        """No node, argument, literal or weight (identity, shape, dtype, in-place version) differs."""
+        return self.nodes == other.nodes and self.params == other.params
+
     @staticmethod
     def take(gm: fx.GraphModule) -> GraphSnapshot:
         nodes = {}
         for n in gm.graph.nodes:
             inputs = tuple(a.name for a in n.all_input_nodes)
             target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-            nodes[n.name] = NodeInfo(n.name, n.op, str(target), inputs, G.module_path(n))
+            nodes[n.name] = NodeInfo(n.name, n.op, str(target), inputs, G.module_path(n), _arguments(n))
         params = {}
         for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
             params[name] = ParamInfo(tuple(t.shape), str(t.dtype).replace("torch.", ""), (id(t), t.data_ptr(), t._version))
@@ -130,7 +148,7 @@ def _group(module: str) -> str:
 
 
 def _describe(n: NodeInfo) -> str:
-    return f"{n.name} = {n.target}({', '.join(n.inputs)})" if n.op == "call_function" else f"{n.name} ({n.op} {n.target})"
+    return f"{n.name} = {n.target}({n.arguments})" if n.op == "call_function" else f"{n.name} ({n.op} {n.target})"
 
 
 def _collapsed(lines: list[tuple[str, str]], limit: int) -> list[str]:
@@ -165,7 +183,8 @@ def render_text(records: list[PassRecord], *, limit: int = 12) -> str:
                 out += _collapsed([(n.module, _describe(n)) for n in items], limit)
         if rec.rewired:
             out.append("  rewired:")
-            rows = [(new.module, f"{new.name}: ({', '.join(old.inputs)}) -> ({', '.join(new.inputs)})") for old, new in rec.rewired]
+            rows = [(new.module, f"{new.name}: {old.target}({old.arguments}) -> {new.target}({new.arguments})")
+                    for old, new in rec.rewired]
             out += _collapsed(rows, limit)
         if rec.params:
             out.append("  parameters:")

@@ -260,20 +260,30 @@ def _refresh_vals(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
 
 def propagate_fake_values(gm: fx.GraphModule, inputs: dict[str, dict[str, Any]]) -> None:
     """Give every node a fake `val`, as capture does, from the inputs' shapes alone: `inputs` maps each placeholder
-    to `{"shape": [...], "dtype": name}`, a size given by name being symbolic (one name, one size) — what a graph
-    read from data needs before passes can reason about it. Raises ValueError naming a node whose op fails."""
+    to `{"shape": [...], "dtype": name, "hints": [...]}`, a size given by name being symbolic (one name, one size;
+    `hints`, optional, the capture's example sizes) — what a graph read from data needs before passes can reason
+    about it. Raises ValueError naming a node whose op fails."""
     from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     mode = FakeTensorMode(shape_env=ShapeEnv())
-    hints: dict[str, int] = {}  # distinct sizes per name, so that duck sizing keeps different names apart
+    hints: dict[str, int] = {}  # one example size per name, distinct, so that duck sizing keeps names apart
+
+    def hint(name: str, stored: int | None) -> int:
+        if name not in hints:  # the capture's own example size where known: older torch specialises on it
+            used = set(hints.values())
+            hints[name] = stored if stored is not None and stored not in used else \
+                next(h for h in range(2 + 5 * len(hints), 2**31) if h not in used)
+        return hints[name]
+
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             spec = inputs.get(node.name)
             if spec is None:
                 raise ValueError(f"input '{node.name}' has no stored shape")
-            sizes = [s if isinstance(s, int) else hints.setdefault(s, 2 + 5 * len(hints)) for s in spec["shape"]]
+            stored = spec.get("hints") or [None] * len(spec["shape"])
+            sizes = [s if isinstance(s, int) else hint(s, h) for s, h in zip(spec["shape"], stored, strict=True)]
             dynamic = [DimDynamic.STATIC if isinstance(s, int) else DimDynamic.DYNAMIC for s in spec["shape"]]
             real = torch.zeros(sizes, dtype=getattr(torch, spec["dtype"]))
             node.meta["val"] = mode.from_tensor(real, source=ConstantSource(node.name),

@@ -2,7 +2,9 @@
 
 A pass declares `requires` (preconditions), `ensures` (postconditions) and whether it is
 `exact` (must preserve the model's function) or lossy. The manager runs a pipeline and, after
-every pass, checks the graph (lint, one `input_ids` input that is still used, every weight
+every pass, compares a snapshot of the graph (nodes, arguments and literals, weights and their in-place versions)
+with the one before, so that a pass that edits but reports `modified=False` is named rather than leaving the program
+running stale code for the next pass to be blamed for; it checks the graph (lint, one `input_ids` input that is still used, every weight
 resolvable), optionally checks numerically that an exact pass did not change the logits, records
 what the pass changed (see `fxslice.core.diff`), and names the pass when anything fails.
 """
@@ -153,13 +155,20 @@ class PassManager:
             except Exception as exc:
                 raise PassCheckFailed(f"pass '{name}' raised {type(exc).__name__}: {exc}") from exc
             elapsed = time.perf_counter() - start
+            after = GraphSnapshot.take(program.gm)
+            if not result.modified and not after.same(before):
+                program.gm.recompile()  # the program must not keep running the old code
+                program.mark_changed()
+                raise PassCheckFailed(f"pass '{name}' changed the graph or its weights but reported modified=False; "
+                                      "return PassResult(True) (a function pass: return True) when it edits")
             if result.modified:
                 G.drop_unused_weights(program.gm)
             try:
                 check_program(program)
             except AssertionError as exc:
                 raise PassCheckFailed(f"pass '{name}' left a broken graph: {exc}") from exc
-            record = PassRecord.between(name, p.exact, before, GraphSnapshot.take(program.gm), result, elapsed)
+            record = PassRecord.between(name, p.exact, before, after if not result.modified else
+                                        GraphSnapshot.take(program.gm), result, elapsed)
             record.stamp(program.gm)
             records.append(record)
             if reference is not None and result.modified:

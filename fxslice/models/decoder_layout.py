@@ -198,8 +198,9 @@ def _mlp(gm: fx.GraphModule, readers: list[LinearUse], uses: list[LinearUse]) ->
     gate = gated[0]
     up = next(r for r in readers if r is not gate)
     product = _reaches(up.output, {aten.mul.Tensor}, limit=3)
+    gated_product = _reaches(gate.output, {aten.mul.Tensor}, limit=4)
     down = next((u for u in uses if product is not None and _source(u.input) is product[0]), None)
-    if down is None or _reaches(gate.output, {aten.mul.Tensor}, limit=4)[0] is not product[0]:
+    if down is None or gated_product is None or gated_product[0] is not product[0]:
         raise _refuse("the gated MLP's product is not read by one linear", up.node)
     width = _weight(gm, gate).shape[0]
     return Mlp(_linear_name(gm, gate), _linear_name(gm, up), _linear_name(gm, down), width)

@@ -104,8 +104,11 @@ def _shape(node: fx.Node) -> dict[str, Any] | None:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return node.meta.get("value")  # as read, before fake values were given
+    hints = [getattr(getattr(s, "node", None), "hint", None) for s in val.shape]
     return {"shape": [int(s) if isinstance(s, int) else str(s) for s in val.shape],
-            "dtype": str(val.dtype).removeprefix("torch.")}
+            "dtype": str(val.dtype).removeprefix("torch."),
+            "hints": [h if isinstance(h, int) and not isinstance(s, int) else None for h, s in zip(hints, val.shape,
+                                                                                                   strict=True)]}
 
 
 def graph_to_data(graph: fx.Graph) -> dict[str, Any]:
@@ -197,9 +200,12 @@ def _read(value: Any, nodes: dict[str, fx.Node], where: str) -> Any:
 
 
 def _check_shape(value: Any, where: str) -> dict[str, Any]:
+    hints = value.get("hints") if isinstance(value, dict) else None
     ok = (isinstance(value, dict) and isinstance(value.get("shape"), list) and isinstance(value.get("dtype"), str)
           and all((isinstance(s, int) and not isinstance(s, bool) and s >= 0) or (isinstance(s, str) and len(s) < 64)
-                  for s in value["shape"]))
+                  for s in value["shape"])
+          and (hints is None or (isinstance(hints, list) and len(hints) == len(value["shape"]) and all(
+              h is None or (isinstance(h, int) and not isinstance(h, bool) and 2 <= h < 2**31) for h in hints))))
     if not ok or not isinstance(getattr(torch, value["dtype"], None) if _IDENTIFIER.match(value["dtype"]) else None,
                                 torch.dtype):
         raise GraphDataError(f"{where}: 'value' must be {{shape: [sizes or names], dtype: name}}, got {value!r:.80}")
