@@ -1,6 +1,9 @@
-"""A custom pass in ~20 lines: fold a constant scale `y = x * c` into the linear that reads it.
+"""A custom pass in ~25 lines: fold a constant scale `y = x * c` into the linear that reads it.
 
     x * c -> linear(., W, b)   becomes   linear(x, c * W, b)
+
+Only where nothing else reads `W`: a weight tied to another use (an embedding table shared with the head) would be
+scaled for that use too, so such a scale is left alone.
 
 Run it:  python examples/custom_pass.py
 """
@@ -24,13 +27,22 @@ class FoldScaleIntoLinear(Pass):
             readers = list(node.users)
             if not readers or any(u.target != aten.linear.default or u.args[0] is not node for u in readers):
                 continue
-            for linear in readers:
-                weight = linear.args[1]
-                set_tensor(program.gm, weight.target, tensor_of(program.gm, weight) * node.args[1])
+            weights = {str(u.args[1].target) for u in readers}
+            if any(_read_elsewhere(program, w, readers) for w in weights):
+                continue
+            for weight in weights:
+                set_tensor(program.gm, weight, tensor_of(program.gm, weight) * node.args[1])
             node.replace_all_uses_with(node.args[0])
             program.graph.erase_node(node)
             changed = True
         return PassResult(changed)
+
+
+def _read_elsewhere(program, weight, readers):
+    """Whether the tensor `weight` (under any name: ties) is used by a node other than `readers`."""
+    tensor = tensor_of(program.gm, weight)
+    uses = [u for n in program.graph.find_nodes(op="get_attr") if tensor_of(program.gm, n) is tensor for u in n.users]
+    return any(u not in readers for u in uses)
 
 
 class Scaled(nn.Module):

@@ -306,3 +306,37 @@ def test_a_weights_file_swapped_for_another_models_is_refused(tmp_path, tiny):
     _rewrite(a, WEIGHTS, (b / WEIGHTS).read_bytes())
     with pytest.raises(CorruptModel, match="disagree"):
         load(a)
+
+
+def _legacy(root: Path, program) -> None:
+    """Turn a saved model into what fxslice wrote before graph.json: the graph as a torch.export archive whose
+    weights were left out (they are in the safetensors file)."""
+    import io as bytes_io
+
+    from fxslice.models.io import example_inputs
+
+    args, shapes = example_inputs(program)
+    exported = torch.export.export(program.gm, args, dynamic_shapes=shapes, strict=False)
+    for name, value in list(exported.state_dict.items()):
+        empty = torch.zeros(0, dtype=value.dtype)
+        exported.state_dict[name] = torch.nn.Parameter(empty, requires_grad=False) if isinstance(
+            value, torch.nn.Parameter) else empty
+    buffer = bytes_io.BytesIO()
+    torch.export.save(exported, buffer)
+    (root / GRAPH).unlink()
+    _rewrite(root, LEGACY_GRAPH, buffer.getvalue())
+
+
+def test_an_old_model_converts_only_when_the_user_trusts_it(tmp_path, tiny):
+    program = tiny("llama")[1]
+    old = save(program, tmp_path / "old")
+    _legacy(old, program)
+    command = [sys.executable, "-m", "fxslice.cli", "upgrade", str(old), "--out", str(tmp_path / "new")]
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode == InvalidOption.exit_code and "--trust-pickle" in refused.stderr
+    assert not (tmp_path / "new").exists()
+    done = subprocess.run([*command, "--trust-pickle"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    new = load(tmp_path / "new")  # no trust needed any more
+    ids = program.probe_input()
+    assert torch.equal(new(ids), program(ids)) and (tmp_path / "new" / GRAPH).is_file()
