@@ -39,7 +39,7 @@ from fxslice.data import load_text, token_windows  # noqa: E402
 from fxslice.evaluation.perplexity import perplexity  # noqa: E402
 from fxslice.models.capture import capture_module, default_model_path, load_model  # noqa: E402
 from fxslice.models.gguf_export import export_gguf  # noqa: E402
-from fxslice.models.io import load  # noqa: E402
+from fxslice.models.io import load, save  # noqa: E402
 from fxslice.models.kvcache import capture_cached  # noqa: E402
 from fxslice.passes import CleanupIR, prune_recipe  # noqa: E402
 from fxslice.passes.quantize import QuantizeWeights  # noqa: E402
@@ -84,6 +84,7 @@ def _llama_cpp_speeds(model, prompt: list[int], prefill: int, new: int) -> tuple
 def _programs(args: argparse.Namespace, tokenizer, module) -> dict[str, object]:
     """The fxslice programs to export, by name (KV-cache captures, so that fxslice's own decoding uses the cache)."""
     dense = capture_cached(module)
+    dense.tokenizer, dense.source = tokenizer, "smollm2"
     PassManager([CleanupIR()]).run(dense)
     programs = {"dense": dense}
     if args.pruned:
@@ -95,8 +96,11 @@ def _programs(args: argparse.Namespace, tokenizer, module) -> dict[str, object]:
         result = prune_recipe(target=args.prune, shots=args.shots, batch_size=1, multiple=args.multiple).run(plain, calibration=calibration,
                                                                                      progress=True)
         pruned = capture_cached(module)
+        pruned.tokenizer, pruned.source = tokenizer, "smollm2"
         replay(result.passes, pruned, plain)
         programs["pruned"] = pruned
+        if args.out and not (Path(args.out) / "pruned-model").exists():  # to reuse with --pruned
+            save(pruned, Path(args.out) / "pruned-model", {"source": "smollm2", "passes": [p.name for p in result.passes]})
     if args.bits:
         calibration = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length,
                                     count=args.calib_windows, seed=0)

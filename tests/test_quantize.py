@@ -303,3 +303,20 @@ def test_a_hadamard_rotation_after_slicing_is_exact_and_adds_nothing(allocation)
     assert program.num_parameters() == size and weight_kinds(program).shortcuts == shortcuts
     with pytest.raises(InvalidOption, match="already sliced"):
         Recipe((*recipe, Rotate(rotation="random")))
+
+
+def test_gptq_on_a_kv_cache_capture_chooses_the_plain_captures_integers():
+    """Calibration runs a KV-cache graph on whole windows from an empty cache: a saved model (which keeps its cache)
+    quantizes like the plain capture, integer for integer."""
+    from fxslice import PassManager, capture
+    from fxslice.models.kvcache import capture_cached
+    from fxslice.passes.quantize import QuantizeWeights
+    from fxslice.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("llama")
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    plain, cached = capture(model), capture_cached(model)
+    for program in (plain, cached):
+        PassManager([QuantizeWeights(4, group_size=32, method="gptq", windows=windows)]).run(program)
+    assert plain.quantized.keys() == cached.quantized.keys()
+    assert all(torch.equal(plain.quantized[k].q, cached.quantized[k].q) for k in plain.quantized)

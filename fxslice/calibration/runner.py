@@ -46,12 +46,20 @@ class StagedRunner:
 
     def __init__(self, program: Program, batches: Sequence[torch.Tensor]):
         self.program = program
-        placeholder = next(iter(program.graph.find_nodes(op="placeholder")))
-        device = program.device
-        self.envs: list[Env] = [{placeholder: batch.to(device)} for batch in shard(batches)]
-        self.done: set[fx.Node] = {placeholder}
+        self.envs: list[Env] = [self._inputs(batch) for batch in shard(batches)]
+        self.done: set[fx.Node] = set(program.graph.find_nodes(op="placeholder"))
         #: the most weight bytes one stage copied to the device (0 unless the program is offloaded)
         self.peak_staged_bytes = 0
+
+    def _inputs(self, batch: torch.Tensor) -> Env:
+        """The graph's inputs for one batch; a KV-cache graph computes the whole windows from an empty cache."""
+        program, device = self.program, self.program.device
+        placeholders = list(program.graph.find_nodes(op="placeholder"))
+        env: Env = {placeholders[0]: batch.to(device)}
+        if program.cache is not None:
+            kv = program.cache.allocate(batch.shape[0], batch.shape[1], program.dtype, device)
+            env |= {placeholders[1]: torch.tensor(0, device=device), **dict(zip(placeholders[2:], kv, strict=True))}
+        return env
 
     def _weights(self, todo: list[fx.Node]) -> WeightSource:
         device = self.program.execution_device
