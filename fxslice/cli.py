@@ -54,7 +54,7 @@ def _status(message: str):
 
     if err.is_terminal:
         return err.status(message)
-    err.print(message, highlight=False, markup=False)
+    err.print(message, highlight=False, markup=False, soft_wrap=True)
     return contextlib.nullcontext()
 
 
@@ -463,6 +463,9 @@ def export_(
     if path.resolve().is_relative_to(model_dir.resolve()):
         raise InvalidOption(f"--out {path} lies inside the model's own directory {model_dir}, whose files its record "
                             "checks; write the export somewhere else")
+    from fxslice.models.io import check_output_dir
+
+    check_output_dir(path)  # before loading: a typo in --out should not cost a load
     with _status(f"loading {model_dir} ..."):
         program = load(model_dir)  # checksums verified: an edited or truncated model is refused here
     if format_ == "gguf":

@@ -46,17 +46,22 @@ torch.save({"beams_agree": torch.equal(beams, recomputed), "logits": logits, "to
             "parameters": sum(p.numel() for p in model.parameters())}, out_path)
 """
 
+def _in_transformers(code: str, tmp_path, ids: torch.Tensor) -> dict:
+    """Run `code` on the export in tmp_path/hf in a fresh process where `import fxslice` fails; what it saved."""
+    torch.save(ids, tmp_path / "ids.pt")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hf"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
 @pytest.mark.parametrize("kind", ["sliced", "sliced+cache", "pruned", "quantized"])
 def test_transformers_loads_the_export_without_fxslice_and_generates_fxslices_tokens(kind, tmp_path, exportable):
     save(exportable(kind), tmp_path / "model")
     program = load(tmp_path / "model")
     export_hf(program, tmp_path / "hf", stock=False)
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    torch.save(ids, tmp_path / "ids.pt")
-    done = subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS, str(tmp_path / "hf"), str(tmp_path / "ids.pt"),
-                           str(tmp_path / "out.pt")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    got = _in_transformers(LOAD_WITH_TRANSFORMERS, tmp_path, ids)
     torch.testing.assert_close(got["logits"], program(ids), rtol=1e-5, atol=1e-5)
     assert torch.equal(got["tokens"], generate(program, ids, max_new_tokens=6))
     # with a cache the prompt runs once and then one token per step; without one, every step reads everything
@@ -124,11 +129,7 @@ def test_a_stock_shaped_model_exports_as_a_stock_llama_without_remote_code(tmp_p
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "llama" and "auto_map" not in config
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    torch.save(ids, tmp_path / "ids.pt")
-    done = subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "hf"), str(tmp_path / "ids.pt"),
-                           str(tmp_path / "out.pt")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    got = _in_transformers(STOCK, tmp_path, ids)
     assert got["class"] == "LlamaForCausalLM"
     torch.testing.assert_close(got["logits"], program(ids), rtol=1e-5, atol=1e-5)
     assert torch.equal(got["tokens"], generate(program, ids, max_new_tokens=5))

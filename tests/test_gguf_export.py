@@ -40,7 +40,7 @@ np.save(sys.argv[2], np.array(model.scores[:{len(ids)}], dtype=np.float32))
     return np.load(out)
 
 
-def _program(kind: str):
+def _program(kind: str, group_size: int = 32):
     model = tiny_causal_lm("llama-tied" if kind == "tied" else "llama")
     program = capture(model)
     PassManager([CleanupIR()]).run(program)
@@ -48,8 +48,16 @@ def _program(kind: str):
         prune_recipe(target=0.3, shots=2, batch_size=4).run(program, calibration=CALIBRATION)
     elif kind.startswith("q"):
         bits = {"q4": 4, "q5": 5, "q8": 8}[kind]
-        PassManager([QuantizeWeights(bits, group_size=32, embeddings=8, head=8)]).run(program)
+        PassManager([QuantizeWeights(bits, group_size=group_size, embeddings=8, head=8)]).run(program)
     return program
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -79,13 +87,14 @@ def test_the_pruned_export_has_per_layer_widths(tmp_path):
     assert list(fields["deci.attention.head_count_kv"].contents()) == [layer.attention.kv_heads for layer in layout.layers]
 
 
-@pytest.mark.parametrize("kind", ["q4", "q5"])
-def test_fxslices_integers_reach_llama_cpp_exactly(tmp_path, kind):
-    """4- and 5-bit weights in groups of 32 are written as Q4_1 / Q5_1 blocks of the same integers: gguf's own
-    reader dequantizes them to fxslice's weights (up to the float16 rounding of `zero · scale`)."""
+@pytest.mark.parametrize("kind,group_size", [("q4", 32), ("q5", 32), ("q4", 64)])
+def test_fxslices_integers_reach_llama_cpp_exactly(tmp_path, kind, group_size):
+    """4- and 5-bit weights in groups of 32 (or 64: two blocks sharing a scale) are written as Q4_1 / Q5_1 blocks of
+    the same integers: gguf's own reader dequantizes them to fxslice's weights (up to the float16 rounding of
+    `zero · scale`)."""
     import gguf
 
-    program = _program(kind)
+    program = _program(kind, group_size)
     report = export_gguf(program, tmp_path / "m.gguf", weight_type="f32")
     assert report.types[{"q4": "Q4_1", "q5": "Q5_1"}[kind]] == 14  # every linear of the body
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
@@ -120,6 +129,7 @@ def test_a_saved_model_with_a_kv_cache_exports_through_the_cli(tmp_path):
                            "--type", "f32", "--out", str(tmp_path / "m.gguf")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "architecture 'llama'" in done.stdout
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600: a file to share
     expected = load(tmp_path / "model")(torch.tensor([IDS]))[0].detach().numpy()
     assert _relative(_llama_cpp_logits(tmp_path / "m.gguf", IDS), expected) < 1e-4
 

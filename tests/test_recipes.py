@@ -82,34 +82,26 @@ def test_recipes_round_trip_through_yaml_and_json(tmp_path_factory, sparsity, mu
     assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())), STAGES) == recipe
 
 
-@pytest.mark.parametrize("text,message", [
-    ("stages: []", "non-empty list"),
-    ("stages: [{stage: nope}]", "unknown stage 'nope'"),
-    ("stages: [{stage: cleanup, causal: true}]", "no option 'causal'"),
-    ("stages: [{stage: cleanup, version: 9}]", "version 9"),
-    ("stages: [{stage: 'json:dumps'}]", "names code"),  # refused before anything is imported
-    ("stages: [{stage: 'no_such_module_xyz:Thing'}]", "names code"),
-    ("stages: [{stage: cleanup}]\nextra: 1", "unknown key"),
-    ("stages: [{stage: cleanup}\n", "not valid YAML"),
-    ("calibration: {windows: 0}\nstages: [{stage: cleanup}]", "windows must be"),
+@pytest.mark.parametrize("text,message,trust", [
+    ("stages: []", "non-empty list", False),
+    ("stages: [{stage: nope}]", "unknown stage 'nope'", False),
+    ("stages: [{stage: cleanup, causal: true}]", "no option 'causal'", False),
+    ("stages: [{stage: cleanup, version: 9}]", "version 9", False),
+    ("stages: [{stage: 'json:dumps'}]", "names code", False),  # refused before anything is imported
+    ("stages: [{stage: 'no_such_module_xyz:Thing'}]", "names code", False),
+    ("stages: [{stage: cleanup}]\nextra: 1", "unknown key", False),
+    ("stages: [{stage: cleanup}\n", "not valid YAML", False),
+    ("calibration: {windows: 0}\nstages: [{stage: cleanup}]", "windows must be", False),
+    # trusted code is imported and checked while the recipe is read
+    ("stages: [{stage: 'json:dumps'}]", "not a Stage", True),
+    ("stages: [{stage: 'no_such_module_xyz:Thing'}]", "cannot import", True),
+    ("stages: [{stage: passes, passes: ['missing.py:Nope']}]", "file not found", True),
 ])
-def test_bad_recipe_files_are_one_clear_error(tmp_path, text, message):
+def test_bad_recipe_files_are_one_clear_error(tmp_path, text, message, trust):
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
     with pytest.raises(InvalidOption, match=message):
-        load_recipe(path)
-
-
-@pytest.mark.parametrize("text,message", [
-    ("stages: [{stage: 'json:dumps'}]", "not a Stage"),
-    ("stages: [{stage: 'no_such_module_xyz:Thing'}]", "cannot import"),
-    ("stages: [{stage: passes, passes: ['missing.py:Nope']}]", "file not found"),
-])
-def test_trusted_code_in_a_recipe_is_checked_while_it_is_read(tmp_path, text, message):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(text)
-    with pytest.raises(InvalidOption, match=message):
-        load_recipe(path, trust_code=True)
+        load_recipe(path, trust_code=trust)
 
 
 def test_a_binary_recipe_file_is_one_clear_error(tmp_path):

@@ -313,7 +313,11 @@ def _prove(program: Program, layout: DecoderLayout) -> None:
     ids = program.probe_input(batch=2, length=9)
     with torch.no_grad():
         expected = exact(ids)
-        got = reference_logits(layout, weights, ids)
+        try:
+            got = reference_logits(layout, weights, ids)
+        except RuntimeError as exc:  # shapes that do not compose: the weights found are not such a decoder's
+            raise _refuse(f"the weights found do not compose as a Llama-style decoder ({str(exc).splitlines()[0]}); "
+                          "a sliced model's shortcut matrices, say") from None
     error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
     if not math.isfinite(error) or error > 1e-6:
         raise _refuse(f"the weights found as a Llama-style decoder compute other logits (relative error {error:.2e}): "

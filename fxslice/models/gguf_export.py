@@ -4,8 +4,8 @@ The structure comes from the graph (`decoder_layout`, proven on the logits): equ
 llama.cpp's `llama` architecture, per-layer head counts and MLP widths (what the Surgeon leaves) its `deci`
 architecture. Weights keep what fxslice made of them:
 
-- a weight fxslice quantized to 4 or 5 bits in groups of 32 is written as the GGUF block type that holds those very
-  integers (Q4_1 / Q5_1: `w = d·q + m` with `d` its float16 scale and `m = −zero·d` rounded to float16), so GPTQ's
+- a weight fxslice quantized to 4 or 5 bits in groups of 32 (or 64, 96, ...: each group is whole blocks of 32 that
+  share its scale) is written as the GGUF block type that holds those very integers (Q4_1 / Q5_1: `w = d·q + m` with `d` its float16 scale and `m = −zero·d` rounded to float16), so GPTQ's
   and the width search's choices reach llama.cpp; 8-bit weights are re-rounded to Q8_0 (symmetric, within half a
   step); other widths or group sizes have no block type and are refused by name;
 - float weights are written as `weight_type` (f32, f16, bf16, or quantized by the `gguf` package's reference
@@ -70,7 +70,8 @@ def _rope_order(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _pack_exact(q: QuantizedWeight, heads: int | None, gguf: Any) -> tuple[np.ndarray, Any]:
     """The integers, scales and zero points of `q` as Q4_1 / Q5_1 blocks (one row of blocks per output row)."""
-    ints, scale, zero = q.q, q.scale, q.zero
+    ints = q.q
+    scale, zero = q.expand(q.scale)[:, ::_BLOCK], q.expand(q.zero)[:, ::_BLOCK]  # a group of 64 is two blocks
     if heads:
         ints, scale, zero = (_rope_order(t, heads) for t in (ints, scale, zero))
     out, cols = q.shape
@@ -91,7 +92,7 @@ def _matrix(name: str, value: torch.Tensor, q: QuantizedWeight | None, heads: in
     """One 2-D weight as GGUF data and type (see the module docstring for the rules)."""
     kinds = gguf.GGMLQuantizationType
     if q is not None:
-        whole = q.group_size == _BLOCK and q.shape[1] % _BLOCK == 0 and not q.transposed
+        whole = q.group_size % _BLOCK == 0 and q.shape[1] % _BLOCK == 0 and not q.transposed
         if q.bits in _EXACT and whole:
             return _pack_exact(q, heads, gguf)
         if q.bits == 8 and q.shape[1] % _BLOCK == 0:
@@ -99,7 +100,7 @@ def _matrix(name: str, value: torch.Tensor, q: QuantizedWeight | None, heads: in
         else:
             raise UnsupportedStructure(
                 f"'{name}' holds {q.bits}-bit integers in groups of {q.group_size}, which no GGUF block type stores: "
-                "quantize with --bits 4 or 5 and --group-size 32 for an exact export (8 bits go to Q8_0), or export "
+                "quantize with --bits 4 or 5 and a --group-size that is a multiple of 32 for an exact export (8 bits go to Q8_0), or export "
                 "the float model and let --type quantize it")
     matrix = value.detach().to(torch.float32)
     if heads:

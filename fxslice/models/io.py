@@ -118,9 +118,9 @@ def _graph_json(program: Program) -> bytes:
 def check_output_dir(out: Path) -> None:
     """Refuse an output path that cannot be written, before any long work."""
     if out.exists():
-        raise InvalidOption(f"output directory {out} already exists; choose another path or remove it first")
+        raise InvalidOption(f"the output {out} already exists; choose another path or remove it first")
     if not out.parent.is_dir():
-        raise InvalidOption(f"the parent of the output directory is {'not a directory' if out.parent.exists() else 'missing'}: "
+        raise InvalidOption(f"the folder of the output is {'not a directory' if out.parent.exists() else 'missing'}: "
                             f"{out.parent}")
     if not os.access(out.parent, os.W_OK):
         raise InvalidOption(f"cannot write to {out.parent}: permission denied")
@@ -192,6 +192,9 @@ def write_file(out: Path, write: Callable[[str], None]) -> Path:
         raise SaveFailed(f"cannot create a file in {out.parent}: {exc.strerror or exc}") from None
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would become the file's mode: a file to share is readable
         os.replace(tmp, out)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
