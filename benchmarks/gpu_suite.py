@@ -115,7 +115,7 @@ def correctness(args: argparse.Namespace, device: str, dtype: torch.dtype) -> di
         archive = torch.export.load(str(Path(tmp) / "m.pt2")).module()
         out["pt2_runs"] = tuple(archive(ids.cpu()).shape) == (1, 16, loaded.vocab_size)
         written = export_hf(loaded.to("cpu"), Path(tmp) / "hf")
-        out["hf_stock"] = written.remote_code is None
+        out["hf"] = "stock Llama" if written.remote_code is None else f"remote code ({written.remote_code[-80:]})"
     return out
 
 

@@ -21,7 +21,8 @@ def test_the_gpu_suite_runs_every_section_on_the_cpu_small(tmp_path):
     for name, figures in sections.items():
         assert "error" not in figures, (name, figures.get("error"), figures.get("trace"))
     correctness = sections["correctness"]
-    assert correctness["generate_equal_after_load"] and correctness["pt2_runs"] and correctness["hf_stock"]
+    assert correctness["generate_equal_after_load"] and correctness["pt2_runs"]
+    assert correctness["hf"].startswith("remote code")  # the Surgeon left per-layer widths: no stock config holds them
     assert abs(correctness["perplexity_ratio"] - 1) < 1e-4  # float32 on the CPU against itself
     assert sections["inference"]["pruned_prefill_1x64_tokens_per_s"] > 0
     assert sections["shapes"]["small"]["parameters"] > 0
