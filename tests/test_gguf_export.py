@@ -150,3 +150,12 @@ def test_a_width_without_a_block_type_is_refused_naming_the_tensor(tmp_path):
     with pytest.raises(UnsupportedStructure, match=r"q_proj.weight' holds 3-bit integers"):
         export_gguf(program, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_sliced_model_is_refused_not_a_traceback(tmp_path):
+    from fxslice.passes import slicegpt_recipe
+
+    program = capture(tiny_causal_lm("llama"))
+    slicegpt_recipe(sparsity=0.25, batch_size=4).run(program, calibration=CALIBRATION)
+    with pytest.raises(UnsupportedStructure, match="not a Llama-style decoder"):
+        export_gguf(program, tmp_path / "m.gguf")

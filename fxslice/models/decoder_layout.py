@@ -318,6 +318,9 @@ def _prove(program: Program, layout: DecoderLayout) -> None:
         except RuntimeError as exc:  # shapes that do not compose: the weights found are not such a decoder's
             raise _refuse(f"the weights found do not compose as a Llama-style decoder ({str(exc).splitlines()[0]}); "
                           "a sliced model's shortcut matrices, say") from None
+    if got.shape != expected.shape:
+        raise _refuse(f"the weights found give logits of shape {tuple(got.shape)}, the program "
+                      f"{tuple(expected.shape)}: a sliced model's shortcut matrices, say")
     error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
     if not math.isfinite(error) or error > 1e-6:
         raise _refuse(f"the weights found as a Llama-style decoder compute other logits (relative error {error:.2e}): "
