@@ -456,10 +456,9 @@ def export_(
     if format_ not in FORMATS:
         raise InvalidOption(f"--format must be one of {', '.join(FORMATS)}, got {format_!r}")
     if format_ == "gguf":
-        from fxslice.models.gguf_export import WEIGHT_TYPES
+        from fxslice.models.gguf_export import check_weight_type
 
-        if weight_type not in WEIGHT_TYPES:
-            raise InvalidOption(f"--type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
+        check_weight_type(weight_type)
     if path.resolve().is_relative_to(model_dir.resolve()):
         raise InvalidOption(f"--out {path} lies inside the model's own directory {model_dir}, whose files its record "
                             "checks; write the export somewhere else")

@@ -32,8 +32,7 @@ class NodeInfo:
 
 def _arguments(node: fx.Node) -> str:
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: _Name(n.name))
-    text = ", ".join([*(repr(a) for a in args), *(f"{k}={v!r}" for k, v in kwargs.items())])
-    return text
+    return ", ".join([*(repr(a) for a in args), *(f"{k}={v!r}" for k, v in kwargs.items())])
 
 
 class _Name(str):

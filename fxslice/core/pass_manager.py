@@ -155,20 +155,19 @@ class PassManager:
             except Exception as exc:
                 raise PassCheckFailed(f"pass '{name}' raised {type(exc).__name__}: {exc}") from exc
             elapsed = time.perf_counter() - start
+            if result.modified:
+                G.drop_unused_weights(program.gm)
             after = GraphSnapshot.take(program.gm)
             if not result.modified and not after.same(before):
                 program.gm.recompile()  # the program must not keep running the old code
                 program.mark_changed()
                 raise PassCheckFailed(f"pass '{name}' changed the graph or its weights but reported modified=False; "
                                       "return PassResult(True) (a function pass: return True) when it edits")
-            if result.modified:
-                G.drop_unused_weights(program.gm)
             try:
                 check_program(program)
             except AssertionError as exc:
                 raise PassCheckFailed(f"pass '{name}' left a broken graph: {exc}") from exc
-            record = PassRecord.between(name, p.exact, before, after if not result.modified else
-                                        GraphSnapshot.take(program.gm), result, elapsed)
+            record = PassRecord.between(name, p.exact, before, after, result, elapsed)
             record.stamp(program.gm)
             records.append(record)
             if reference is not None and result.modified:

@@ -49,15 +49,15 @@ def progress_bar(items: Iterable[T], description: str, *, enabled: bool = True, 
     if not enabled:
         yield from items
         return
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)  # type: ignore[arg-type]
     if _plain():
-        lines = _Lines(description, total if total is not None else (len(items) if hasattr(items, "__len__") else None))  # type: ignore[arg-type]
+        lines = _Lines(description, total)
         for item in items:
             yield item
             lines.advance()
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=False, console=Console(stderr=True)) as bar:
-        total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)  # type: ignore[arg-type]
         task = bar.add_task(description, total=total)
         for item in items:
             yield item

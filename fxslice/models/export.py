@@ -39,7 +39,7 @@ from torch import fx
 from fxslice.core.errors import InvalidOption, UnsupportedStructure
 from fxslice.core.graph import tensor_of
 from fxslice.core.program import Program
-from fxslice.models.io import example_inputs, write_file
+from fxslice.models.io import check_output_dir, example_inputs, write_file
 from fxslice.models.remote.graph_data import GraphDataError, graph_to_data
 
 __all__ = ["export_pt2", "export_onnx", "export_hf", "HfExport", "FORMATS"]
@@ -49,17 +49,10 @@ REMOTE_CODE = Path(__file__).parent / "remote" / "modeling_fxslice.py"
 GRAPH_READER = Path(__file__).parent / "remote" / "graph_data.py"
 
 
-def _check_new_file(out: Path) -> None:
-    if out.exists() or out.is_symlink():
-        raise InvalidOption(f"{out} already exists; choose another path or remove it first")
-    if not out.parent.is_dir():
-        raise InvalidOption(f"the directory {out.parent} does not exist")
-
-
 def export_pt2(program: Program, path: str | os.PathLike) -> Path:
     """Write `program` as one self-contained `.pt2` file at `path` (a new file; written whole or not at all)."""
     out = Path(path)
-    _check_new_file(out)
+    check_output_dir(out)
     args, shapes = example_inputs(program)
     with torch.no_grad():
         exported = torch.export.export(program.gm, args, dynamic_shapes=shapes, strict=False)
@@ -75,7 +68,7 @@ def export_pt2(program: Program, path: str | os.PathLike) -> Path:
 def export_onnx(program: Program, path: str | os.PathLike) -> Path:
     """Write `program` as one `.onnx` file at `path`; where the exporter cannot take an op, one error naming it."""
     out = Path(path)
-    _check_new_file(out)
+    check_output_dir(out)
     gm = program.gm
     if program.cache is not None:  # return the caches the graph writes in place
         gm = copy.deepcopy(gm)
@@ -130,8 +123,6 @@ class HfExport:
 def export_hf(program: Program, out_dir: str | os.PathLike, *, stock: bool = True) -> HfExport:
     """Write `program` as a new transformers model directory at `out_dir` (written whole or not at all): a stock
     Llama checkpoint where one computes the program (unless `stock=False`), else the generic remote-code model."""
-    from fxslice.models.io import check_output_dir
-
     out = Path(out_dir)
     check_output_dir(out)
     if stock:

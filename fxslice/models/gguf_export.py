@@ -34,7 +34,7 @@ from fxslice.core.program import Program
 from fxslice.core.quantized import QuantizedWeight
 from fxslice.models.decoder_layout import DecoderLayout, decoder_layout
 
-__all__ = ["export_gguf", "GgufExport", "WEIGHT_TYPES"]
+__all__ = ["export_gguf", "check_weight_type", "GgufExport", "WEIGHT_TYPES"]
 
 #: what `weight_type` accepts for float matrices
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -215,16 +215,20 @@ def _bpe(tokenizer: Any) -> tuple[dict[str, int], list[str]] | None:
     return ranks, merges
 
 
-def export_gguf(program: Program, path: str | os.PathLike, *, weight_type: str = "f16") -> GgufExport:
-    """Write `program` as a new GGUF file at `path` (whole or not at all); see the module docstring."""
-    from fxslice.models.io import write_file
-
+def check_weight_type(weight_type: str) -> None:
+    """The one check of `--type` (the CLI calls it before loading the model)."""
     if weight_type not in WEIGHT_TYPES:
         raise InvalidOption(f"--type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
+
+
+def export_gguf(program: Program, path: str | os.PathLike, *, weight_type: str = "f16") -> GgufExport:
+    """Write `program` as a new GGUF file at `path` (whole or not at all); see the module docstring."""
+    from fxslice.models.io import check_output_dir, write_file
+
+    check_weight_type(weight_type)
     gguf = _gguf()
     out = Path(path)
-    if out.exists() or not out.parent.is_dir():
-        raise InvalidOption(f"{out} already exists or its directory is missing; choose a new file")
+    check_output_dir(out)
     layout = decoder_layout(program)
     architecture = "llama" if layout.uniform else "deci"
     report = GgufExport(out, architecture)

@@ -39,8 +39,7 @@ from fxslice.models.record import check_record
 from fxslice.models.remote.graph_data import GraphDataError, graph_from_data, graph_to_data
 
 __all__ = ["save", "load", "check_output_dir", "example_inputs", "write_directory", "write_file", "save_tokenizer",
-           "RECORD", "WEIGHTS",
-           "GRAPH", "LEGACY_GRAPH"]
+           "RECORD", "WEIGHTS", "GRAPH", "LEGACY_GRAPH"]
 
 RECORD, WEIGHTS, GRAPH, TOKENIZER = "fxslice.json", "model.safetensors", "graph.json", "tokenizer"
 LEGACY_GRAPH = "graph.pt2"  # a torch.export archive: reading it unpickles (fxslice before graph.json)
@@ -117,7 +116,7 @@ def _graph_json(program: Program) -> bytes:
 
 def check_output_dir(out: Path) -> None:
     """Refuse an output path that cannot be written, before any long work."""
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise InvalidOption(f"the output {out} already exists; choose another path or remove it first")
     if not out.parent.is_dir():
         raise InvalidOption(f"the folder of the output is {'not a directory' if out.parent.exists() else 'missing'}: "

@@ -87,7 +87,6 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
             "bytes": nbytes, "bits_per_parameter": round(8 * nbytes / candidate.num_parameters(), 4),
             "widths": width_counts(widths)}
 
-
     def spends(x: list[float], least: float) -> bool:
         return least <= allocation.nbytes(x) <= budget
 
