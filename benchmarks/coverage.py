@@ -164,7 +164,7 @@ def run_one(model_type: str, variant: str) -> dict:
         row["capture_error"] = relative_error(captured, eager)
         if not row["capture_error"] <= 1e-10:
             return {**row, "outcome": "capture_differs"}
-        PassManager(exact_pipeline(random_orthogonal(7))).run(program)
+        PassManager(exact_pipeline(random_orthogonal(7)), check_numerics=False).run(program)
         row["rotate_error"] = relative_error(program(ids), captured)
         if not row["rotate_error"] <= 1e-9:
             return {**row, "outcome": "silent_error"}

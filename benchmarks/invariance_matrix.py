@@ -27,7 +27,7 @@ def max_relative_error(program, dtype) -> float:
     ids = program.probe_input()
     with torch.no_grad():
         before = program(ids).double()
-        PassManager(exact_pipeline(random_orthogonal(7))).run(program)
+        PassManager(exact_pipeline(random_orthogonal(7)), check_numerics=False).run(program)
         after = program(ids).double()
     return relative_error(after, before)
 

@@ -20,7 +20,16 @@ from fxslice.core.errors import (
     SaveFailed,
     UnsupportedStructure,
 )
-from fxslice.core.pass_manager import Pass, PassManager, PassResult, PipelineResult, as_pass, check_program, replay
+from fxslice.core.pass_manager import (
+    Pass,
+    PassManager,
+    PassResult,
+    PipelineResult,
+    as_pass,
+    check_program,
+    checked_pass,
+    replay,
+)
 from fxslice.core.program import Program
 from fxslice.core.version import __version__
 from fxslice.models.capture import DEFAULT_MODEL, capture, capture_module
@@ -30,6 +39,6 @@ from fxslice.recipes import Recipe, Stage
 __all__ = [
     "BadInput", "CaptureError", "CorruptModel", "DEFAULT_MODEL", "FxsliceError", "InvalidOption", "Pass",
     "PassCheckFailed", "SaveFailed", "PassManager", "PassResult", "PipelineResult", "Program", "Recipe", "Stage",
-    "UnsupportedStructure", "__version__", "as_pass", "capture", "capture_module", "check_program", "load", "replay",
+    "UnsupportedStructure", "__version__", "as_pass", "capture", "capture_module", "check_program", "checked_pass", "load", "replay",
     "save",
 ]

@@ -14,6 +14,7 @@ from fxslice.core.errors import FxsliceError, Interrupted, InvalidOption, PassCh
 from fxslice.core.pass_manager import PassManager
 from fxslice.core.program import Program
 from fxslice.models.capture import DEFAULT_MODEL, capture
+from fxslice.passes.catalogue import PASSES
 from fxslice.recipes import Recipe
 
 if TYPE_CHECKING:
@@ -128,7 +129,8 @@ def inspect(
 @app.command()
 def diff(
     model: ModelArg = DEFAULT_MODEL,
-    pass_: Annotated[list[str], typer.Option("--pass", "-p", help="pass to run (repeatable): built-in name or module:Name")] = ["cleanup"],  # noqa: B006
+    pass_: Annotated[list[str], typer.Option("--pass", "-p", help=f"pass to run (repeatable): a built-in ({', '.join(PASSES)}) "
+                                             "or module:Name / file.py:Name")] = ["cleanup_ir"],  # noqa: B006
     html: Annotated[Path | None, typer.Option(help="also write a self-contained HTML view here")] = None,
     check: Annotated[bool, typer.Option(help="check numerically that exact passes keep the logits")] = True,
 ) -> None:
@@ -390,12 +392,10 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
         "passes": [p.name for p in result.passes],
         "device": str(target), "dtype": dtype, "offload": offload,
         **extra,
-        "widths": [r.kept for r in segments],
-        "variance_kept": [round(r.variance_kept, 5) for r in segments],
+        **({"widths": [r.kept for r in segments], "variance_kept": [round(r.variance_kept, 5) for r in segments]}
+           if segments else {}),  # only a run that sliced says how
         "calibration": None if recipe.calibration is None else dataclasses.asdict(recipe.calibration),
         "evaluation": {"source": evaluation, "windows": 0 if test is None else len(test), "length": eval_length},
-        "dense_parameters": result.dense_parameters,
-        "sliced_parameters": result.parameters,
         "perplexity": ppl,
         "recipe": recipe.to_dict(),
         **result.record(),

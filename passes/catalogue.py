@@ -3,11 +3,15 @@ any list of passes, built-in or a user's own."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from fxslice.core import InvalidOption, Pass, Program, as_pass
+from torch.fx.passes.infra.pass_base import PassBase
+
+from fxslice.core import InvalidOption, Pass, Program, checked_pass
 from fxslice.core.imports import import_object
 from fxslice.passes.quantize import Int4Kernels
 from fxslice.passes.quantize.stages import Quantize
@@ -22,9 +26,10 @@ from fxslice.recipes import Recipe, Stage, StageContext, StageResult
 
 __all__ = ["PASSES", "STAGES", "RunPasses", "load_pass", "load_recipe"]
 
-#: built-in passes by name, each a factory with default options
+#: built-in passes by the name they report (`Pass.name`; `rotate_random` is rotate_stream with a random basis),
+#: each a factory with default options
 PASSES: dict[str, Callable[[], Pass]] = {
-    "cleanup": CleanupIR,
+    "cleanup_ir": CleanupIR,
     "unstack_weights": UnstackWeights,
     "causal_attention": CausalAttention,
     "project_norm_writers": ProjectNormWriters,
@@ -35,38 +40,67 @@ PASSES: dict[str, Callable[[], Pass]] = {
     "rotate_random": lambda: RotateStream(random_orthogonal(0)),
     "int4_kernels": Int4Kernels,
 }
+#: names recipes written earlier use
+ALIASES = {"cleanup": "cleanup_ir"}
 
 
-def load_pass(spec: str) -> Pass:
-    """A built-in pass name, or `module.path:Name` / `file.py:Name` naming a Pass class, instance or function."""
+PassSpec = str | Mapping[str, Any]
+
+
+def load_pass(spec: PassSpec) -> Pass:
+    """A built-in pass name, or `module.path:Name` / `file.py:Name` naming a Pass class, instance or function; or a
+    mapping `{pass: NAME, **arguments}` whose arguments go to the pass class's constructor."""
+    arguments: dict[str, Any] = {}
+    if isinstance(spec, Mapping):
+        arguments = {str(k): v for k, v in spec.items() if k != "pass"}
+        spec = spec.get("pass", "")
+        if not isinstance(spec, str) or not spec:
+            raise InvalidOption(f"a pass with arguments is {{pass: NAME, argument: value, ...}}; got no pass name in {arguments}")
+    spec = ALIASES.get(spec, spec)
     if spec in PASSES:
-        return PASSES[spec]()
+        return _construct(PASSES[spec], spec, arguments)
     if ":" not in spec:
         raise InvalidOption(f"unknown pass '{spec}'; built-in: {', '.join(PASSES)}; or give module:Name / file.py:Name")
     obj = import_object(spec, "pass")
-    if isinstance(obj, type) and issubclass(obj, Pass):
-        return obj()
-    if isinstance(obj, Pass):
-        return obj
-    if callable(obj):
-        return as_pass(obj)
-    raise InvalidOption(f"'{spec}' is neither a Pass nor a function")
+    if isinstance(obj, type) and issubclass(obj, (Pass, PassBase)):
+        obj = _construct(obj, spec, arguments)
+    elif arguments:
+        raise InvalidOption(f"'{spec}' is not a class, so it takes no arguments (got {', '.join(arguments)}); "
+                            "name a Pass class whose constructor takes them")
+    if not isinstance(obj, Pass | PassBase) and not callable(obj):
+        raise InvalidOption(f"'{spec}' is neither a Pass nor a function")
+    return checked_pass(obj)  # a pass that does not say whether it is exact is refused with the recipe
+
+
+def _construct(make: Callable[..., Any], spec: str, arguments: dict[str, Any]) -> Any:
+    """`make(**arguments)`, or InvalidOption saying which arguments the pass takes."""
+    try:
+        inspect.signature(make).bind(**arguments)
+    except TypeError as exc:
+        try:
+            takes = ", ".join(inspect.signature(make).parameters) or "none"
+        except (TypeError, ValueError):
+            takes = "unknown"
+        raise InvalidOption(f"pass '{spec}': {exc} (its arguments: {takes})") from None
+    return make(**arguments)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunPasses(Stage):
-    """Run the named passes (built-in names or `module:Name` / `file.py:Name`); with `check_numerics`, an
-    exact pass that changes the logits stops the recipe, naming the pass."""
+    """Run the named passes: built-in names or `module:Name` / `file.py:Name`, each optionally with arguments
+    (`{pass: file.py:DropLastLayers, n: 2}`). Exact passes are proved in float64 and lossy ones measured unless
+    `check_numerics` is off; an exact pass that changes the logits stops the recipe, naming the pass."""
 
     kind = "passes"
     code_fields = ("passes",)
 
-    passes: tuple[str, ...] = ()
+    passes: tuple[PassSpec, ...] = ()
     check_numerics: bool = True
 
     def __post_init__(self) -> None:
-        if not self.passes or not all(isinstance(p, str) for p in self.passes):
-            raise InvalidOption(f"passes: give a non-empty list of pass names, got {self.passes!r}")
+        if not self.passes or not all(isinstance(p, str | Mapping) for p in self.passes):
+            raise InvalidOption(f"passes: give a non-empty list of pass names (or {{pass: NAME, argument: value}}), "
+                                f"got {self.passes!r}")
         for spec in self.passes:  # every name imported and checked now, before a model is loaded
             load_pass(spec)
 

@@ -31,7 +31,7 @@ def test_cli_slice_then_eval_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "perplexity   dense" in result.stdout and "saved" in result.stdout
     record = json.loads((out / "fxslice.json").read_text())
-    assert record["sliced_parameters"] < record["dense_parameters"]  # at 30%, shortcuts included
+    assert record["parameters"] < record["dense_parameters"]  # at 30%, shortcuts included
     assert record["widths"] == [400] * 61 and record["calibration"]["windows"] == 4
     assert math.isfinite(record["perplexity"]["compressed"]) and record["perplexity"]["dense"] > 1
     again = subprocess.run(cmd, capture_output=True, text=True)

@@ -25,9 +25,12 @@ class RMSVariant(nn.Module):
 
     def forward(self, x):
         h = x.to(torch.float32) if self.upcast else x
-        sq = h.pow(2) if self.square == "pow" else h * h
+        sq = h.pow(2) if self.square == "pow" else h.square() if self.square == "square" else h * h
         variance = sq.mean(-1, keepdim=True) + self.eps
-        h = h * (torch.rsqrt(variance) if self.root == "rsqrt" else torch.pow(variance, -0.5))  # Gemma-4: pow
+        if self.root in ("sqrt", "pow_half"):  # x / sqrt(v): the textbook spelling
+            h = h / (torch.sqrt(variance) if self.root == "sqrt" else variance ** 0.5)
+        else:
+            h = h * (torch.rsqrt(variance) if self.root == "rsqrt" else torch.pow(variance, -0.5))  # Gemma-4: pow
         h = h.to(x.dtype) if self.upcast else h
         if self.weight_kind == "right":
             h = h * self.weight
@@ -54,7 +57,8 @@ class Norms(nn.Module):
 
 
 RMS_VARIANTS = [*itertools.product(["pow", "mul"], ["right", "left", "gemma", "none"], [False, True], ["rsqrt"]),
-                ("pow", "right", True, "pow"), ("mul", "none", False, "pow")]
+                ("pow", "right", True, "pow"), ("mul", "none", False, "pow"), ("square", "right", False, "rsqrt"),
+                ("square", "left", True, "sqrt"), ("pow", "right", False, "sqrt"), ("mul", "left", False, "pow_half")]
 
 
 @pytest.mark.parametrize("square,weight,upcast,root", RMS_VARIANTS)
@@ -75,6 +79,25 @@ def test_decomposed_rms_variants_are_matched_and_fused_exactly(square, weight, u
     fuse = next(r for r in result.records if r.name == "fuse_norms")
     assert fuse.modified  # every variant divides by the current width (mean), which fusion makes explicit
     assert torch.ops.aten.mean.dim not in {n.target for n in program.graph.nodes}
+
+
+class WeightInsideTheRoot(nn.Module):
+    """`w * x / sqrt(mean(x²) + eps)`: scaled before normalising, a spelling the matchers do not fit."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width) + 0.5)
+
+    def forward(self, x):
+        return self.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+def test_a_norm_spelled_in_an_unrecognised_way_is_refused_as_a_norm():
+    from fxslice import UnsupportedStructure
+
+    program = capture(Norms(WeightInsideTheRoot)).to(torch.float64)
+    with pytest.raises(UnsupportedStructure, match=r"(?s)looks like a norm .* does not recognise; recognised: .* in module 'n1'"):
+        PassManager(exact_pipeline(random_orthogonal(1))).run(program)
 
 
 class ScaledStream(Norms):

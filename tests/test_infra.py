@@ -17,7 +17,7 @@ class CorruptAWeight(Pass):
         return PassResult(True)
 
 
-@as_pass(name="drop_output_dependency")
+@as_pass(name="drop_output_dependency", exact=True)
 def break_signature(program):
     """Feeds the model constant tokens: input_ids becomes unused."""
     input_ids = next(n for n in program.graph.nodes if n.op == "placeholder")
@@ -50,6 +50,7 @@ def test_manager_catches_a_broken_graph(tiny):
 def test_requires_is_checked_before_the_pass_runs(tiny):
     class NeedsNothing(Pass):
         name = "needs_bias"
+        exact = True
 
         def requires(self, program):
             raise PassCheckFailed("needs_bias: the model has no bias")

@@ -158,7 +158,7 @@ def test_a_calibrating_stage_without_data_is_refused(tiny):
 def test_a_custom_pass_stage_checks_exactness(tiny, tmp_path):
     bad = tmp_path / "bad_pass.py"
     bad.write_text("import torch\nfrom fxslice import as_pass\nfrom fxslice.core.graph import set_tensor, tensor_of\n\n"
-                   "@as_pass(name='scale_head')\ndef scale_head(program):\n"
+                   "@as_pass(name='scale_head', exact=True)\ndef scale_head(program):\n"
                    "    set_tensor(program.gm, 'lm_head.weight', tensor_of(program.gm, 'lm_head.weight') * 2)\n"
                    "    return True\n")
     _, program = tiny("llama")

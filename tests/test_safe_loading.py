@@ -272,7 +272,7 @@ def test_a_recipe_naming_code_runs_nothing_without_trust_code(tmp_path, monkeypa
     marker = tmp_path / "marker"
     folder = tmp_path / "recipes"
     folder.mkdir()
-    (folder / "mine.py").write_text(USER_STAGE.format(marker=str(marker)) + "\ndef my_pass(gm):\n    return False\n")
+    (folder / "mine.py").write_text(USER_STAGE.format(marker=str(marker)) + "\nfrom fxslice import as_pass\n@as_pass(exact=True)\ndef my_pass(gm):\n    return False\n")
     entry = "{stage: mine.py:MyCleanup}" if where == "stage" else "{stage: passes, passes: [cleanup, mine.py:my_pass]}"
     (folder / "r.yaml").write_text(f"stages:\n  - {entry}\n")
     monkeypatch.chdir(tmp_path)  # the file is found from the recipe's folder, not from here

@@ -174,3 +174,20 @@ def test_multiple_leaves_every_mlp_a_whole_number_of_blocks(tiny):
     widths = [layer.mlp.width for layer in decoder_layout(program).layers]
     assert all(w % 32 == 0 and 0 < w < 128 for w in widths), widths
     assert abs((1 - program.num_parameters() / dense) - 0.3) < 0.1
+
+
+def test_a_target_beyond_the_removable_groups_is_refused_with_the_reachable_maximum(tiny):
+    """A tiny model whose table is most of its parameters cannot lose 90 %: refused before any calibration,
+    naming the maximum; at that maximum every layer keeps a head group and an MLP channel."""
+    _, program = tiny("llama")
+    PassManager([CleanupIR()]).run(program)
+    surgeon = SurgeonPrune(CALIBRATION, target=0.9, shots=1, batch_size=4)
+    reach = surgeon.reachable(program)
+    assert 0.2 < reach < 0.9
+    with pytest.raises(InvalidOption, match=rf"at most {reach:.1%} .* give target ≤ {int(reach * 1000) / 1000}"):
+        PassManager([surgeon]).run(program)
+    PassManager([SurgeonPrune(CALIBRATION, target=int(reach * 1000) / 1000, shots=1, batch_size=4)]).run(program)
+    from fxslice.models.decoder_layout import decoder_layout
+
+    layers = decoder_layout(program).layers
+    assert all(layer.mlp.width >= 1 and layer.attention.kv_heads >= 1 for layer in layers)

@@ -245,9 +245,25 @@ def _centred(node: fx.Node) -> bool:
             and bool(mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)))
 
 
+#: inverse roots, applied by multiplying: rsqrt(v), v ** -0.5
+_INVERSE_ROOTS = (aten.rsqrt.default,)
+#: roots, applied by dividing: sqrt(v), v ** 0.5
+_ROOTS = (aten.sqrt.default,)
+
+
+def _root_kind(node: fx.Node) -> Any:
+    """aten.mul.Tensor for an inverse root (x * rsqrt(v)), aten.div.Tensor for a root (x / sqrt(v)), else None."""
+    if node.target in _INVERSE_ROOTS or (node.target == aten.pow.Tensor_Scalar and node.args[1] == -0.5):
+        return aten.mul.Tensor
+    if node.target in _ROOTS or (node.target == aten.pow.Tensor_Scalar and node.args[1] == 0.5):
+        return aten.div.Tensor
+    return None
+
+
 def _match_decomposed_rms(gm: fx.GraphModule, rsqrt: fx.Node) -> NormMatch | None:
-    """x * rsqrt(mean(x^2, -1, keepdim) + eps), or sum(x^2)/D; squares by pow or x*x; casts allowed; the root may be
-    spelled pow(., -0.5) (Gemma-4)."""
+    """x * rsqrt(mean(x^2, -1, keepdim) + eps) or x / sqrt(...), or sum(x^2)/D; squares by pow, square or x*x;
+    casts allowed; the roots may be spelled pow(., ±0.5) (Gemma-4). The table of spellings: docs, "Norms"."""
+    apply = _root_kind(rsqrt)
     add = rsqrt.args[0]
     if not (isinstance(add, fx.Node) and add.target == aten.add.Tensor and isinstance(add.args[1], (int, float))):
         return None
@@ -271,12 +287,17 @@ def _match_decomposed_rms(gm: fx.GraphModule, rsqrt: fx.Node) -> NormMatch | Non
         return None
     if square.target == aten.pow.Tensor_Scalar and square.args[1] == 2:
         x = square.args[0]
+    elif square.target == aten.square.default:
+        x = square.args[0]
     elif square.target == aten.mul.Tensor and _same_value(square.args[0], square.args[1]):
         x = square.args[0]
     else:
         return None
-    # `x * rsqrt(...)`, where a hand-written LayerNorm may compute `x` (= x0 - mean(x0)) a second time
-    scaled = [u for u in rsqrt.users if u.target == aten.mul.Tensor and any(_same_value(a, x) for a in u.args)]
+    # `x * rsqrt(...)` or `x / sqrt(...)`, where a hand-written LayerNorm may compute `x` (= x0 - mean(x0)) again
+    if apply == aten.mul.Tensor:
+        scaled = [u for u in rsqrt.users if u.target == apply and any(_same_value(a, x) for a in u.args)]
+    else:
+        scaled = [u for u in rsqrt.users if u.target == apply and _same_value(u.args[0], x) and u.args[1] is rsqrt]
     if len(rsqrt.users) != 1 or len(scaled) != 1:
         return None
     normalized = scaled[0]
@@ -340,7 +361,7 @@ def match_norm(gm: fx.GraphModule, node: fx.Node) -> NormMatch | None:
         output, w2, off, b2, affine = _match_affine(gm, node, shape[0])
         return NormMatch("rms_norm", x, node, output, float(eps), shape[0], w if w is not None else w2,
                          w_off if w is not None else off, b2, False, frozenset({node, *affine}))
-    if node.target == aten.rsqrt.default or (node.target == aten.pow.Tensor_Scalar and node.args[1] == -0.5):
+    if _root_kind(node) is not None:
         return _match_decomposed_rms(gm, node)
     return None
 

@@ -416,6 +416,8 @@ def stream_analysis(program: Program) -> Stream:
                 pass
             elif user.op == "output":
                 violations.append(Violation(node, "the residual stream is an output of the model"))
+            elif _looks_like_a_norm(node, norm_internal):
+                violations.append(Violation(user, NORM_LIKE))
             else:
                 violations.append(Violation(user, "an operation on the residual stream that is not linear"))
 
@@ -446,6 +448,28 @@ def stream_analysis(program: Program) -> Stream:
         for src, add, use in sorted(shortcut_edges, key=lambda e: order[e[1]])
     )
     return Stream(width, segments, shortcuts, tuple(violations))
+
+
+NORM_LIKE = ("this looks like a norm (a mean of squares under a root) spelled in a way fxslice does not recognise; "
+             "recognised: x * rsqrt(mean(x²) + eps) * w and x / sqrt(mean(x²) + eps) * w (the weight on either side, "
+             "squares as x**2, x.square() or x * x, sum(x²) / d for the mean), F.rms_norm, F.layer_norm; write it as "
+             "one of those (scale after normalising, not before)")
+
+
+def _looks_like_a_norm(x: fx.Node, recognised: set[fx.Node], hops: int = 4) -> bool:
+    """Whether a square of `x` (not inside a `recognised` norm) is reduced and taken a root of within a few ops: a
+    norm the matchers did not fit."""
+    squares = [u for u in x.users if u not in recognised and u.target in (aten.square.default, aten.mul.Tensor, aten.pow.Tensor_Scalar)
+               and (u.target != aten.pow.Tensor_Scalar or u.args[1] == 2)
+               and (u.target != aten.mul.Tensor or (len(u.args) == 2 and u.args[0] is u.args[1]))]
+    frontier, reduced = squares, False
+    for _ in range(hops):
+        frontier = [u for n in frontier for u in n.users]
+        reduced |= any(n.target in (aten.mean.dim, aten.sum.dim_IntList) for n in frontier)
+        if reduced and any(n.target in (aten.rsqrt.default, aten.sqrt.default)
+                           or (n.target == aten.pow.Tensor_Scalar and abs(n.args[1]) == 0.5) for n in frontier):
+            return True
+    return False
 
 
 def _downstream_of_a_sum(node: fx.Node, gm: fx.GraphModule) -> bool:

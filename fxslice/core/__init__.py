@@ -15,11 +15,20 @@ from fxslice.core.errors import (
     UnsupportedStructure,
 )
 from fxslice.core.numerics import TOLERANCE, relative_error
-from fxslice.core.pass_manager import Pass, PassManager, PassResult, PipelineResult, as_pass, check_program, replay
+from fxslice.core.pass_manager import (
+    Pass,
+    PassManager,
+    PassResult,
+    PipelineResult,
+    as_pass,
+    check_program,
+    checked_pass,
+    replay,
+)
 from fxslice.core.program import Program
 
 __all__ = [
     "BadInput", "CaptureError", "CorruptModel", "FxsliceError", "InvalidOption", "PassCheckFailed", "SaveFailed",
     "UnsupportedStructure", "TOLERANCE", "relative_error", "Pass", "PassManager", "PassResult", "PipelineResult",
-    "as_pass", "check_program", "replay", "Program",
+    "as_pass", "check_program", "checked_pass", "replay", "Program",
 ]

@@ -84,7 +84,12 @@ class PassRecord:
     rewired: list[tuple[NodeInfo, NodeInfo]] = field(default_factory=list)
     params: list[tuple[str, str, str]] = field(default_factory=list)  # (name, change, detail)
     info: dict[str, Any] = field(default_factory=dict)
+    #: how far the logits moved on the manager's probe, in the program's dtype (an exact pass: its round-off)
     max_relative_error: float | None = None
+    #: how an exact pass was checked: "float64" (proved on a float64 copy), the program's dtype only, or "" (not)
+    checked: str = ""
+    float64_error: float | None = None  # the logits' relative change on the float64 copy
+    unproved: str = ""  # why an exact pass was not proved in float64
 
     @staticmethod
     def between(name: str, exact: bool, before: GraphSnapshot, after: GraphSnapshot, result: Any, seconds: float) -> PassRecord:
@@ -124,12 +129,23 @@ class PassRecord:
     def changed_node_names(self) -> set[str]:
         return {n.name for n in self.added} | {new.name for _, new in self.rewired}
 
+    def check_text(self) -> str:
+        """How the logits were checked, in words: `proved in float64 (2e-16), own dtype 3.1e-07`."""
+        if self.max_relative_error is None:
+            return ""
+        if not self.exact:
+            return f"logits moved {self.max_relative_error:.2g}"
+        if self.float64_error is not None:
+            return f"proved in float64 ({self.float64_error:.2g}), own dtype {self.max_relative_error:.2g}"
+        text = f"checked in {self.checked} ({self.max_relative_error:.2g})"
+        return f"{text}, not proved in float64: {self.unproved}" if self.unproved else text
+
     def summary(self) -> str:
         kind = "exact" if self.exact else "lossy"
-        err = "" if self.max_relative_error is None else f", max rel. error {self.max_relative_error:.2g}"
+        check = self.check_text()
         return (
-            f"{self.name} ({kind}, {self.seconds:.2f}s{err}): +{len(self.added)} nodes, -{len(self.removed)} nodes, "
-            f"{len(self.rewired)} rewired, {len(self.params)} parameters changed"
+            f"{self.name} ({kind}, {self.seconds:.2f}s{', ' + check if check else ''}): +{len(self.added)} nodes, "
+            f"-{len(self.removed)} nodes, {len(self.rewired)} rewired, {len(self.params)} parameters changed"
         )
 
 

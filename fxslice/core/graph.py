@@ -22,6 +22,7 @@ __all__ = [
     "module_path",
     "retarget_float_casts",
     "erase_unused",
+    "CHECK_OPS",
     "is_param",
     "infer_val",
     "refresh_vals",
@@ -349,11 +350,57 @@ def drop_unused_weights(gm: fx.GraphModule) -> int:
     return dropped
 
 
+#: ops that only check their inputs (their output is unused by design): dead when what they check is dead
+CHECK_OPS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten._assert_async.msg,
+             aten.sym_constrain_range_for_size.default}
+
+
+def _pure(node: fx.Node) -> bool:
+    """Whether `node` can go when nothing reads it: it computes a value and writes nothing (a random or
+    nondeterministic op such as SDPA counts as pure here: an inference graph does not keep its state)."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function" or mutates(node):
+        return False
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) or getattr(target, "__module__", "") in ("_operator", "operator") \
+        or target in (torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_float, torch.sym_int, torch.sym_sqrt)
+
+
+def _unread_input_writes(placeholder: fx.Node) -> list[fx.Node]:
+    """The in-place writes into `placeholder` (a KV cache's `index_copy_`) when nothing else alive reads it: no one
+    uses their results and its other readers only ask for its sizes. Empty otherwise."""
+    writes = [u for u in placeholder.users if mutates(u) and u.args and u.args[0] is placeholder]
+    others = [u for u in placeholder.users if u not in writes]
+    if not writes or any(w.users for w in writes) or any(u.target is not aten.sym_size.int for u in others):
+        return []
+    return writes
+
+
 def erase_unused(gm: fx.GraphModule) -> int:
-    """Dead-code elimination (placeholders and in-place ops stay); returns how many nodes went."""
-    before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
-    return before - len(gm.graph.nodes)
+    """Dead-code elimination that knows which ops are pure; returns how many nodes went.
+
+    Unlike torch.fx's, it removes unused nondeterministic ops (SDPA), checks (`_assert_tensor_metadata`) of values
+    nothing else reads, and the in-place writes into a graph input (a KV cache) that nothing alive reads any more:
+    a dropped layer's attention takes its cache updates with it. Placeholders always stay."""
+    graph = gm.graph
+    before = len(graph.nodes)
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op in ("placeholder", "output") or node.target in CHECK_OPS:
+                continue
+            if _pure(node) and all(u.op == "call_function" and u.target in CHECK_OPS for u in node.users):
+                for check in list(node.users):
+                    graph.erase_node(check)
+                graph.erase_node(node)
+                changed = True
+        for placeholder in graph.find_nodes(op="placeholder"):
+            for write in _unread_input_writes(placeholder):
+                graph.erase_node(write)
+                changed = True
+    return before - len(graph.nodes)
 
 
 def infer_val(node: fx.Node) -> None:

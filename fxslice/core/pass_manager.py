@@ -1,12 +1,15 @@
 """Pass infrastructure, after torch.fx's `passes/infra`: a pass, its result, and a manager.
 
-A pass declares `requires` (preconditions), `ensures` (postconditions) and whether it is
-`exact` (must preserve the model's function) or lossy. The manager runs a pipeline and, after
-every pass, compares a snapshot of the graph (nodes, arguments and literals, weights and their in-place versions)
-with the one before, so that a pass that edits but reports `modified=False` is named rather than leaving the program
-running stale code for the next pass to be blamed for; it checks the graph (lint, one `input_ids` input that is still used, every weight
-resolvable), optionally checks numerically that an exact pass did not change the logits, records
-what the pass changed (see `fxslice.core.diff`), and names the pass when anything fails.
+A pass declares `requires` (preconditions), `ensures` (postconditions) and whether it is `exact` (keeps the
+model's function) or lossy; it must say which. After every pass the manager
+
+- compares a snapshot of the graph (nodes, arguments and literals, weights and their in-place versions) with the one
+  before, so that a pass that edits but reports `modified=False` is named, not the next pass that recompiles;
+- checks the graph (lint, the program's inputs, `input_ids` still used, every weight resolvable);
+- with `check_numerics` (the default) proves an exact pass on a float64 copy of the program, on two probe shapes,
+  where float32 round-off cannot hide a small change (GELU -> its tanh approximation moves logits by ~1e-5), checks
+  the logits again in the program's own dtype, and measures what a lossy pass moved;
+- records what the pass changed and how it was checked (see `fxslice.core.diff`), and names the pass on failure.
 """
 
 from __future__ import annotations
@@ -17,17 +20,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.fx.passes.infra.pass_base import PassBase
 
 from fxslice.core import graph as G
 from fxslice.core.diff import GraphSnapshot, PassRecord
-from fxslice.core.errors import FxsliceError, PassCheckFailed
+from fxslice.core.errors import FxsliceError, InvalidOption, PassCheckFailed
 from fxslice.core.numerics import TOLERANCE, relative_error
 from fxslice.core.program import Program
 from fxslice.core.progress import progress_bar
 
-__all__ = ["Pass", "PassResult", "PassManager", "PipelineResult", "as_pass", "check_program", "replay", "TOLERANCE"]
+__all__ = ["Pass", "PassResult", "PassManager", "PipelineResult", "as_pass", "checked_pass", "check_program", "replay", "TOLERANCE",
+           "PROBE_SHAPES", "FLOAT64_PROOF_BYTES"]
 
-
+#: (batch, length) of the probes an exact pass is proved on: two shapes, so a pass that bakes a size in fails
+PROBE_SHAPES = ((2, 12), (1, 7))
+#: the largest float64 copy (bytes of weights) the manager makes to prove exact passes; above it, the program's own
+#: dtype is the only check, and the record says so
+FLOAT64_PROOF_BYTES = 4 * 2**30
 
 @dataclass(frozen=True)
 class PassResult:
@@ -35,11 +44,24 @@ class PassResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _result(out: Any, name: str) -> PassResult:
+    """What a pass returned, as a PassResult: a bool is accepted, anything else is refused by name."""
+    if isinstance(out, PassResult):
+        return out
+    if isinstance(out, bool):
+        return PassResult(out)
+    raise InvalidOption(f"pass '{name}' returned {type(out).__name__}: return True when it edited the graph or its "
+                        "weights, False when it did not, or a PassResult(modified, info)")
+
+
 class Pass:
-    """Base class. Subclasses set `name`/`exact` and implement `call`; `requires`/`ensures` raise on failure."""
+    """Base class. Subclasses set `name` and `exact` and implement `call`; `requires`/`ensures` raise on failure.
+
+    `exact` has no default: a pass says whether it keeps the model's function (`True`: the manager proves it on a
+    float64 copy) or not (`False`: the manager measures and records how far it moved the logits)."""
 
     name: str = ""
-    exact: bool = True
+    exact: bool | None = None
 
     def requires(self, program: Program) -> None:  # noqa: B027 - optional hook
         """Raise if the pass cannot run on `program`."""
@@ -47,17 +69,18 @@ class Pass:
     def ensures(self, program: Program) -> None:  # noqa: B027 - optional hook
         """Raise if the pass did not leave `program` as promised."""
 
-    def call(self, program: Program) -> PassResult:
+    def call(self, program: Program) -> PassResult | bool:
         raise NotImplementedError
 
     def replay(self) -> Pass:
         """This pass with every data-dependent choice fixed, to repeat it on another capture of the
-        same model (see `replay`). Deterministic passes return themselves; calibrating ones override."""
+        same model (see `replay`), or on the manager's float64 copy. Deterministic passes return themselves;
+        calibrating ones override."""
         return self
 
     def __call__(self, program: Program) -> PassResult:
         self.requires(program)
-        result = self.call(program)
+        result = _result(self.call(program), self.name or type(self).__name__)
         if result.modified:
             program.gm.recompile()
             program.mark_changed()
@@ -65,25 +88,59 @@ class Pass:
         return result
 
     def __repr__(self) -> str:
-        return f"<{'exact' if self.exact else 'lossy'} pass {self.name or type(self).__name__}>"
+        kind = {True: "exact", False: "lossy"}.get(self.exact, "undeclared")  # type: ignore[arg-type]
+        return f"<{kind} pass {self.name or type(self).__name__}>"
 
 
 class _FunctionPass(Pass):
-    def __init__(self, fn: Callable[[Program], bool | PassResult], name: str, exact: bool):
+    def __init__(self, fn: Callable[[Program], bool | PassResult], name: str, exact: bool | None):
         self.fn, self.name, self.exact = fn, name, exact
 
     def call(self, program: Program) -> PassResult:
-        out = self.fn(program)
-        return out if isinstance(out, PassResult) else PassResult(bool(out))
+        return _result(self.fn(program), self.name)
 
 
-def as_pass(fn: Callable | None = None, *, name: str | None = None, exact: bool = True) -> Any:
-    """Turn `fn(program) -> bool | PassResult` into a Pass; usable bare or with arguments."""
+class _TorchFxPass(Pass):
+    """A torch.fx `PassBase` (it edits a GraphModule): the program takes the module it returns."""
 
-    def wrap(f: Callable) -> Pass:
+    def __init__(self, base: PassBase, name: str, exact: bool | None):
+        self.base, self.name, self.exact = base, name, exact
+
+    def call(self, program: Program) -> PassResult:
+        out = self.base(program.gm)
+        if out is None:
+            return PassResult(True)  # PassBase may edit in place and return nothing; the manager checks anyway
+        if out.graph_module is not program.gm:
+            program.gm = out.graph_module
+        return PassResult(bool(out.modified))
+
+
+def as_pass(fn: Callable | PassBase | None = None, *, name: str | None = None, exact: bool | None = None) -> Any:
+    """Turn `fn(program) -> bool | PassResult`, or a torch.fx `PassBase`, into a Pass; usable bare or with
+    arguments. Say `exact=True` or `exact=False`: a manager refuses a pass that does not say."""
+
+    def wrap(f: Callable | PassBase) -> Pass:
+        if isinstance(f, PassBase):
+            return _TorchFxPass(f, name or type(f).__name__, exact)
         return _FunctionPass(f, name or f.__name__, exact)
 
     return wrap(fn) if fn is not None else wrap
+
+
+def checked_pass(p: Any) -> Pass:
+    """What a manager accepts: a Pass or a function, each saying whether it is exact."""
+    if isinstance(p, PassBase):
+        raise InvalidOption(f"'{type(p).__name__}' is a torch.fx PassBase; wrap it as fxslice.as_pass({type(p).__name__}"
+                            "(...), exact=True) or exact=False, so that the manager knows what to check")
+    if not isinstance(p, Pass):
+        if not callable(p):
+            raise InvalidOption(f"{p!r} is not a pass: give a fxslice.Pass or a function of the program")
+        p = as_pass(p)
+    if not isinstance(p.exact, bool):
+        raise InvalidOption(f"pass '{p.name or type(p).__name__}' does not say whether it is exact: set exact = True "
+                            "(it keeps the model's function; the manager proves it in float64) or exact = False "
+                            "(lossy; the manager measures its change to the logits) — as_pass(fn, exact=...) for a function")
+    return p
 
 
 def check_program(program: Program) -> None:
@@ -101,6 +158,43 @@ def check_program(program: Program) -> None:
             except AttributeError:
                 raise AssertionError(f"get_attr '{node.target}' names no parameter or buffer") from None
             assert isinstance(value, torch.Tensor), f"get_attr '{node.target}' is not a tensor"
+
+
+class _Float64Copy:
+    """A float64 copy of the program that the exact passes are replayed on, with its logits on the probes.
+
+    One copy serves a run of exact passes (each replayed on it in turn); a lossy pass ends it, and the next exact
+    pass starts a fresh one."""
+
+    def __init__(self, program: Program):
+        self.program = program.to(torch.float64)
+        self.probes = [program.probe_input(batch=b, length=t, seed=i) for i, (b, t) in enumerate(PROBE_SHAPES)]
+        self.logits = self._logits()
+
+    def _logits(self) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [self.program(x).detach() for x in self.probes]
+
+    def prove(self, p: Pass) -> float:
+        """Replay `p` on the copy; the largest relative change of its logits."""
+        result = p.replay()(self.program)
+        if result.modified:
+            G.drop_unused_weights(self.program.gm)
+        before, self.logits = self.logits, self._logits()
+        return max(relative_error(a, b) for a, b in zip(self.logits, before, strict=True))
+
+
+def _float64_copy(program: Program) -> tuple[_Float64Copy | None, str]:
+    """A float64 copy to prove exact passes on, or None and why there is none."""
+    if program.dtype == torch.float64:
+        return None, ""  # the program itself is the float64 check
+    size = 8 * sum(t.numel() for t in program.gm.parameters()) + 8 * sum(t.numel() for t in program.gm.buffers())
+    if size > FLOAT64_PROOF_BYTES:
+        return None, f"a float64 copy would take {size / 2**30:.1f} GiB (more than FLOAT64_PROOF_BYTES)"
+    try:
+        return _Float64Copy(program), ""
+    except Exception as exc:  # a program that cannot run in float64 (packed kernels, say) keeps its dtype's check
+        return None, f"no float64 copy: {type(exc).__name__}: {exc}"
 
 
 @dataclass
@@ -125,17 +219,21 @@ class PipelineResult:
 
 
 class PassManager:
-    """Run passes in order, check after each one, and record what each changed."""
+    """Run passes in order, check after each one, and record what each changed and how it was checked.
+
+    `check_numerics` (default on) proves exact passes in float64 and measures lossy ones on small probes: it costs a
+    float64 copy of the weights while exact passes run (none above `FLOAT64_PROOF_BYTES`) and a few short forward
+    passes. Turn it off only for a pipeline checked elsewhere (a pass that runs passes of its own, say)."""
 
     def __init__(
         self,
         passes: Sequence[Pass | Callable],
         *,
-        check_numerics: bool = False,
+        check_numerics: bool = True,
         probe: torch.Tensor | None = None,
         progress: bool = False,
     ):
-        self.passes = [p if isinstance(p, Pass) else as_pass(p) for p in passes]
+        self.passes = [checked_pass(p) for p in passes]
         self.check_numerics = check_numerics
         self.probe = probe
         self.progress = progress
@@ -143,9 +241,13 @@ class PassManager:
     def run(self, program: Program) -> PipelineResult:
         probe = self.probe if self.probe is not None else program.probe_input()
         reference = self._logits(program, probe) if self.check_numerics else None
+        copy64: _Float64Copy | None = None
         records = []
         for p in progress_bar(self.passes, "passes", enabled=self.progress):
             name = p.name or type(p).__name__
+            no_proof = ""
+            if self.check_numerics and p.exact and copy64 is None:
+                copy64, no_proof = _float64_copy(program)
             before = GraphSnapshot.take(program.gm)
             start = time.perf_counter()
             try:
@@ -170,19 +272,46 @@ class PassManager:
             record = PassRecord.between(name, p.exact, before, after, result, elapsed)
             record.stamp(program.gm)
             records.append(record)
-            if reference is not None and result.modified:
-                logits = self._logits(program, probe)
-                if p.exact:
-                    err = relative_error(logits, reference)
-                    record.max_relative_error = err
-                    tol = TOLERANCE.get(program.dtype, 1e-4)
-                    if not err <= tol:
-                        raise PassCheckFailed(
-                            f"exact pass '{name}' changed the logits: max relative error {err:.3g} > {tol:g} "
-                            f"({program.dtype}); the pass is wrong for this graph or should be marked lossy"
-                        )
-                reference = logits
+            if reference is None or not result.modified:
+                continue
+            if p.exact:
+                copy64 = self._prove(p, name, program, copy64, record, no_proof)
+            else:
+                copy64 = None  # the copy no longer follows the program
+            logits = self._logits(program, probe)
+            err = relative_error(logits, reference)
+            record.max_relative_error = err
+            tol = TOLERANCE.get(program.dtype, 1e-4)
+            if p.exact and not err <= tol:
+                raise PassCheckFailed(
+                    f"exact pass '{name}' changed the logits: max relative error {err:.3g} > {tol:g} "
+                    f"({program.dtype}); the pass is wrong for this graph or should be marked lossy"
+                )
+            reference = logits
         return PipelineResult(program, records, self.passes)
+
+    @staticmethod
+    def _prove(p: Pass, name: str, program: Program, copy64: _Float64Copy | None, record: PassRecord,
+               no_proof: str) -> _Float64Copy | None:
+        """Replay the exact pass `p` on the float64 copy and refuse it if the logits moved there."""
+        if copy64 is None:
+            record.checked = "float64" if program.dtype == torch.float64 else str(program.dtype).replace("torch.", "")
+            record.unproved = no_proof
+            return None
+        try:
+            err = copy64.prove(p)
+        except Exception as exc:  # the pass ran on the program but not on its float64 copy: say so, keep the dtype check
+            record.checked = str(program.dtype).replace("torch.", "")
+            record.unproved = f"its replay on a float64 copy failed: {type(exc).__name__}: {exc}"
+            return None
+        record.checked, record.float64_error = "float64", err
+        tol = TOLERANCE[torch.float64]
+        if not err <= tol:
+            raise PassCheckFailed(
+                f"exact pass '{name}' changed the logits of a float64 copy of the program by {err:.3g} (relative; "
+                f"allowed {tol:g}, on inputs of shapes {', '.join(map(str, PROBE_SHAPES))}): it is not exact; "
+                "declare it exact = False, or fix it")
+        return copy64
 
     @staticmethod
     def _logits(program: Program, probe: torch.Tensor) -> torch.Tensor:
@@ -190,25 +319,25 @@ class PassManager:
             return program(probe).detach().to(torch.float64)
 
 
-
-
-
 def replay(passes: Sequence[Pass], target: Program, reference: Program) -> PipelineResult:
     """Repeat `passes`, already run on `reference`, on `target`: another capture of the same model
     (with a KV cache, say). Both must end with the same weights under the same names; `target` then
     shares `reference`'s tensors. Raises PassCheckFailed naming the first weight that differs."""
-    result = PassManager([p.replay() for p in passes]).run(target)
+    result = PassManager([p.replay() for p in passes], check_numerics=False).run(target)  # checked on `reference`
+    names = ", ".join(dict.fromkeys(p.name or type(p).__name__ for p in passes))
     for node in target.graph.find_nodes(op="get_attr"):
         name = str(node.target)
         mine = G.tensor_of(target.gm, node)
         try:
             theirs = G.tensor_of(reference.gm, node)
         except AttributeError:
-            raise PassCheckFailed(f"replay: weight '{name}' exists only in the replayed graph; "
-                                  "the two captures are not of the same model") from None
+            raise PassCheckFailed(f"replay: weight '{name}' is still read by the replayed graph but not by the "
+                                  f"program it follows: one of the passes ({names}) removed it there and not here "
+                                  "(a pass that finds what it removes from the graph follows both)") from None
         if mine.shape != theirs.shape or not torch.equal(mine, theirs):
-            raise PassCheckFailed(f"replay: weight '{name}' differs from the compiled program's "
-                                  f"({tuple(mine.shape)} vs {tuple(theirs.shape)}); the captures diverge")
+            raise PassCheckFailed(f"replay: weight '{name}' came out {'different' if mine.shape == theirs.shape else 'of another shape'} "
+                                  f"({tuple(mine.shape)} vs {tuple(theirs.shape)}) after {names}: a pass chose "
+                                  "differently on the two graphs; its replay() must fix every data-dependent choice")
         owner, attr = G.owner_of(target.gm, name)
         (owner._parameters if attr in owner._parameters else owner._buffers if attr in owner._buffers
          else owner.__dict__)[attr] = theirs  # the very same object: a tie stays one tensor

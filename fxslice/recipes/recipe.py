@@ -91,6 +91,9 @@ class RecipeResult:
                     "name": r.name, "exact": r.exact, "modified": r.modified, "seconds": round(r.seconds, 3),
                     "nodes_added": len(r.added), "nodes_removed": len(r.removed), "nodes_rewired": len(r.rewired),
                     "parameters_changed": len(r.params), "summary": r.summary(),
+                    **({"logits_moved": r.max_relative_error} if r.max_relative_error is not None else {}),
+                    **({"checked": r.checked} if r.checked else {}),
+                    **({"float64_error": r.float64_error} if r.float64_error is not None else {}),
                 } for r in result.records],
             } for stage, result in self.stages],
         }
@@ -193,7 +196,7 @@ class Recipe:
                 stage_cls = resolve_stage(rebase(name, folder) if folder else name, catalogue)
                 for field in stage_cls.code_fields:
                     if folder and isinstance(entry.get(field), list):
-                        entry[field] = [rebase(v, folder) if names_code(v) else v for v in entry[field]]
+                        entry[field] = [_rebased(v, folder) for v in entry[field]]
                 stages.append(stage_cls.from_dict(entry))
             except TypeError as exc:
                 raise InvalidOption(f"recipe stage {i} '{name}': {exc}") from exc
@@ -245,11 +248,26 @@ def _check_trusted(entries: list[dict[str, Any]], catalogue: Mapping[str, type[S
             continue
         for field in getattr(catalogue.get(stage), "code_fields", ()):
             values = entry.get(field)
-            named += [f"stage {i} {field} '{v}'" for v in (values if isinstance(values, list) else [values])
-                      if names_code(v)]
+            named += [f"stage {i} {field} '{v}'" for v in _strings(values) if names_code(v)]
     if named:
         raise InvalidOption(f"this recipe names code ({', '.join(named)}), and a recipe that names code runs it when "
                             "read. If you trust it, say so: --trust-code on the command line, trust_code=True in Python")
+
+
+def _strings(value: Any) -> list[Any]:
+    """Every plain value inside a code field: a name, a list of names, entries with arguments (`{pass: NAME, ...}`)."""
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    if isinstance(value, Mapping):
+        return [s for v in value.values() for s in _strings(v)]
+    return [value]
+
+
+def _rebased(value: Any, folder: Path) -> Any:
+    """`value` with every `file.py:Name` inside it resolved from the recipe's folder."""
+    if isinstance(value, Mapping):
+        return {k: _rebased(v, folder) for k, v in value.items()}
+    return rebase(value, folder) if names_code(value) else value
 
 
 def resolve_stage(name: str, catalogue: Mapping[str, type[Stage]]) -> type[Stage]:

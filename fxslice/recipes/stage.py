@@ -82,8 +82,9 @@ class Stage:
                 raise InvalidOption(f"{self.kind}: {name} must be a positive integer, got {value!r}")
 
     def run_passes(self, program: Program, passes: Sequence[Pass], context: StageContext, *,
-                   check_numerics: bool = False) -> StageResult:
-        """Run `passes` through one PassManager and keep their records: the common body of `run`."""
+                   check_numerics: bool = True) -> StageResult:
+        """Run `passes` through one PassManager and keep their records (exact passes proved in float64, the
+        lossy ones' change to the logits measured): the common body of `run`."""
         start = time.perf_counter()
         pipeline = PassManager(passes, check_numerics=check_numerics).run(program)
         return StageResult(list(pipeline.passes), pipeline.records, seconds=time.perf_counter() - start)

@@ -62,11 +62,11 @@ def check_exact_pass(
         for dtype in dtypes:
             where = f"{pass_name} on {name} ({dtype})"
             program = original.to(dtype)
-            PassManager(list(prepare())).run(program)
+            PassManager(list(prepare()), check_numerics=False).run(program)
             inputs = _probe_inputs(program)
             names_before = program.input_names
             before = _outputs(program, inputs)
-            result = PassManager([make_pass()]).run(program)  # the manager lints and checks the inputs
+            result = PassManager([make_pass()], check_numerics=False).run(program)  # lints, checks the inputs
             record = result.records[0]
             assert record.modified or not must_modify, f"{where}: the pass changed nothing"
             program.gm.graph.lint()
@@ -78,7 +78,7 @@ def check_exact_pass(
                 errors.append(relative_error(a, b))
             tol = TOLERANCE[dtype]
             assert max(errors) <= tol, f"{where}: max relative error {max(errors):.3g} > {tol:g}"
-            again = PassManager([make_pass()]).run(program)
+            again = PassManager([make_pass()], check_numerics=False).run(program)
             assert not again.records[0].modified, f"{where}: a second run changed the graph again (not idempotent)"
             reports.append(ExactPassReport(name, dtype, record.modified, max(errors)))
     return reports
@@ -89,10 +89,10 @@ def check_pass_leaves_alone(make_pass: Callable[[], Pass], programs: Iterable[tu
     """The pass reports no change on programs it does not apply to, and indeed changes nothing."""
     for name, original in programs:
         program = original.clone()
-        PassManager(list(prepare())).run(program)
+        PassManager(list(prepare()), check_numerics=False).run(program)
         code, weights = program.gm.code, _weights(program)
         check = make_pass()
-        result = PassManager([check]).run(program)
+        result = PassManager([check], check_numerics=False).run(program)
         where = f"{check.name or type(check).__name__} on {name}"
         assert not result.records[0].modified, f"{where}: reported a change on a graph it does not apply to"
         assert program.gm.code == code, f"{where}: the graph's code changed"

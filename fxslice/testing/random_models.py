@@ -228,7 +228,7 @@ def compile_and_compare(spec: ModelSpec, pipeline: Callable[[], Sequence], *, to
     with torch.no_grad():
         before = program(ids)
     try:
-        PassManager(list(pipeline())).run(program)
+        PassManager(list(pipeline()), check_numerics=False).run(program)  # measured below, with its own message
     except UnsupportedStructure as exc:
         message = str(exc)
         assert "node '" in message, f"refusal without a node for {spec}: {message}"

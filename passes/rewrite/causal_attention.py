@@ -143,5 +143,5 @@ class CausalAttention(Pass):
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             rewritten += 1
-        removed = erase_unused(program.gm)
+        removed = erase_unused(program.gm) if rewritten else 0
         return PassResult(rewritten > 0, {"rewritten": rewritten, "removed": removed})

@@ -76,5 +76,5 @@ class FuseRepeatKV(Pass):
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             fused += 1
-        removed = erase_unused(program.gm)
+        removed = erase_unused(program.gm) if fused else 0
         return PassResult(fused > 0, {"fused": fused, "removed": removed})

@@ -16,13 +16,14 @@ costs, no update), "activations" (`G = I`: L-OBD), "identity" (magnitude: no upd
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from fxslice import InvalidOption, PassManager, PassResult, Program, UnsupportedStructure
-from fxslice.analysis.groups import DimensionGroup, group_analysis
+from fxslice.analysis.groups import DimensionGroup, Groups, group_analysis
 from fxslice.calibration.gradients import mean_loss
 from fxslice.calibration.moments import linear_statistics
 from fxslice.core.graph import set_tensor, tensor_of
@@ -69,6 +70,14 @@ class SurgeonPrune(SurgeonPass):
 
     def call(self, program: Program) -> PassResult:
         dense = program.num_parameters()
+        reach = self.reachable(program)
+        if reach == 0:
+            _refuse_without_groups(program.analysis(group_analysis))
+        if self.target > reach:
+            raise InvalidOption(f"surgeon: target {self.target:.1%} is more than this model's groups can give: at most "
+                                f"{reach:.1%} of its {dense:,} parameters can go (MLP channels and key/value head "
+                                "groups, each layer keeping one head group and one multiple of MLP channels; the token "
+                                f"table, norms and the residual width stay); give target ≤ {math.floor(reach * 1000) / 1000}")
         self.reports, self.updated, self._last_loss = [], [], None
         for shot in progress_bar(range(1, self.shots + 1), "surgeon shots", enabled=self.progress):
             goal = round(dense * (1.0 - self.target * shot / self.shots))
@@ -82,9 +91,7 @@ class SurgeonPrune(SurgeonPass):
         removable = removable_groups(groups)
         candidates = [g for i, g in enumerate(groups.groups) if i in removable]
         if not candidates:
-            reasons = "\n".join(f"  {w}: {why}" for w, why in list(groups.blocked.items())[:8])
-            raise UnsupportedStructure(f"surgeon: the graph has no removable dimension groups; what blocks them:\n"
-                                       f"{reasons}\n  what to do: `fxslice inspect MODEL --groups` lists them all")
+            _refuse_without_groups(groups)
         readers = sorted({u.weight for g in candidates for u in g.cols})
         batches = list(self.windows.split(self.batch_size))
         loss_before = self._last_loss if self._last_loss is not None else mean_loss(program, batches)
@@ -127,7 +134,7 @@ class SurgeonPrune(SurgeonPass):
                 written[str(bias.target)] = value
         program.mark_changed()
         self.updated.append(written)
-        PassManager([RemoveDeadGroups()]).run(program)
+        PassManager([RemoveDeadGroups()], check_numerics=False).run(program)
         per_module: dict[str, int] = defaultdict(int)
         for i in chosen:
             per_module[candidates[i].module.rpartition(".")[0]] += 1
@@ -169,16 +176,30 @@ class SurgeonPrune(SurgeonPass):
                 n += 1
         return n
 
-    @staticmethod
-    def _select(groups: list[DimensionGroup], costs: list[float], sizes: list[int], needed: int) -> list[int]:
+    def _kept(self, kind: str) -> int:
+        """Groups of a kind each block keeps: one head group (a layer of zero heads cannot be written as a view),
+        one multiple of MLP channels (an MLP of width 0 is a different architecture)."""
+        return self.multiple if kind == "mlp_channel" else 1
+
+    def reachable(self, program: Program) -> float:
+        """The largest fraction of `program`'s parameters this pass can remove: every removable group but the
+        ones each block keeps (`_kept`), the smallest of them counted as kept."""
+        groups = program.analysis(group_analysis)
+        removable = removable_groups(groups)
+        families: dict[tuple[tuple[str, ...], str], list[int]] = defaultdict(list)
+        for i, g in enumerate(groups.groups):
+            if i in removable:
+                families[(g.weights, g.kind)].append(self._size(g, groups.linears, program))
+        gone = sum(sum(sorted(sizes)[self._kept(kind):]) for (_, kind), sizes in families.items())
+        return gone / max(program.num_parameters(), 1)
+
+    def _select(self, groups: list[DimensionGroup], costs: list[float], sizes: list[int], needed: int) -> list[int]:
         """The cheapest groups per parameter, across all layers, until `needed` parameters are covered; a group
         that would overshoot by more than the smallest group is passed over for cheaper-to-fit ones, so the
-        count lands within one group of the target. Attention keeps at least one head group per layer (a
-        layer of zero heads cannot be written as a view)."""
-        heads_left: dict[tuple[str, ...], int] = defaultdict(int)
+        count lands within one group of the target. Each block keeps what `_kept` says."""
+        left: dict[tuple[tuple[str, ...], str], int] = defaultdict(int)
         for g in groups:
-            if g.kind == "heads":
-                heads_left[g.weights] += 1
+            left[(g.weights, g.kind)] += 1
         order = sorted(range(len(groups)), key=lambda i: costs[i] / max(sizes[i], 1))
         smallest = min(sizes) if sizes else 0
         chosen, covered = [], 0
@@ -188,13 +209,18 @@ class SurgeonPrune(SurgeonPass):
             if covered + sizes[i] > needed + smallest:
                 continue
             g = groups[i]
-            if g.kind == "heads":
-                if heads_left[g.weights] <= 1:
-                    continue
-                heads_left[g.weights] -= 1
+            if left[(g.weights, g.kind)] <= self._kept(g.kind):
+                continue
+            left[(g.weights, g.kind)] -= 1
             chosen.append(i)
             covered += sizes[i]
         return chosen
+
+
+def _refuse_without_groups(groups: Groups) -> None:
+    reasons = "\n".join(f"  {w}: {why}" for w, why in list(groups.blocked.items())[:8])
+    raise UnsupportedStructure(f"surgeon: the graph has no removable dimension groups; what blocks them:\n"
+                               f"{reasons}\n  what to do: `fxslice inspect MODEL --groups` lists them all")
 
 
 def _round_widths(groups: list[DimensionGroup], costs: list[float], sizes: list[int], chosen: list[int],
