@@ -248,3 +248,65 @@ def test_smollm2_capture_equals_eager(smollm2):
     print(f"SmolLM2-135M: max abs diff exported vs eager = {diff:.3g}")
     assert diff <= 1e-5
     assert program.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+class _NanoGPTStyle(torch.nn.Module):
+    """A model of one's own: tokens as `idx`, an optional `targets`, a dict out with the logits under a key."""
+
+    def __init__(self, width=16, vocab=40, output="dict"):
+        super().__init__()
+        self.output = output
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.norms = torch.nn.ModuleList([torch.nn.RMSNorm(width), torch.nn.RMSNorm(width)])
+        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+        for norm in self.norms:
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+
+    def forward(self, idx, targets=None):
+        h = self.embed(idx)
+        h = h + self.down(torch.relu(self.up(self.norms[0](h))))
+        logits = self.head(self.norms[1](h))
+        if self.output == "dict":
+            return {"loss": None, "logits": logits}
+        if self.output == "tuple":
+            return logits, None
+        return {"scores": logits}
+
+
+@pytest.mark.parametrize("output", ["dict", "tuple"])
+def test_a_plain_module_with_its_own_names_and_outputs_captures_with_dynamic_shapes_and_slices(output):
+    from fxslice.passes import slicegpt_recipe
+
+    torch.manual_seed(0)
+    model = _NanoGPTStyle(output=output).double()
+    program = capture(model)
+    assert program.static_shape is None and program.input_names == ["input_ids"]
+    ids = program.probe_input(batch=3, length=9)
+    want = model(ids)["logits"] if output == "dict" else model(ids)[0]
+    assert torch.allclose(program(ids), want, rtol=0, atol=1e-12)
+    calibration = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(1))
+    slicegpt_recipe(sparsity=0.25).run(program, calibration=calibration)
+    assert program(ids).shape == (3, 9, 40) and program.num_parameters() < sum(p.numel() for p in model.parameters())
+
+
+def test_a_plain_module_whose_logits_are_elsewhere_is_told_how_to_name_them():
+    model = _NanoGPTStyle(output="scores")
+    with pytest.raises(CaptureError, match=r"keys \['scores'\] and no 'logits'; name the logits: capture\(model, logits=KEY\)"):
+        capture(model)
+    program = capture(model, logits="scores")
+    ids = program.probe_input()
+    assert torch.allclose(program(ids), model(ids)["scores"])
+
+
+def test_a_module_that_needs_more_than_tokens_is_refused_with_the_contract():
+    class NeedsMask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+
+        def forward(self, tokens, mask):
+            return self.embed(tokens) * mask
+
+    with pytest.raises(CaptureError, match="also requires mask: capture takes a module called on one tensor"):
+        capture(NeedsMask())

@@ -8,11 +8,13 @@ and sequence sizes. The exported module is then reduced to a plain GraphModule w
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.metadata
 import inspect
 import os
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,16 +91,18 @@ def load_model(name: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -
     return model.eval(), tokenizer
 
 
-def capture(model: str | os.PathLike | nn.Module = DEFAULT_MODEL, *, dtype: torch.dtype | None = None) -> Program:
+def capture(model: str | os.PathLike | nn.Module = DEFAULT_MODEL, *, dtype: torch.dtype | None = None,
+            logits: str | int | None = None) -> Program:
     """Capture a model given by name/path (with its tokenizer), loaded in `dtype` (float32 by default), or as an
-    nn.Module, in its own dtype. Below float32 the model's own float32 islands (norms, rotary) stay, as in
-    transformers; in float64 they are lifted too, so that an exactness check sees float64 throughout."""
+    nn.Module, in its own dtype (the module's contract: `capture_module`; `logits` names where its output holds
+    them). Below float32 the model's own float32 islands (norms, rotary) stay, as in transformers; in float64 they
+    are lifted too, so that an exactness check sees float64 throughout."""
     if isinstance(model, nn.Module):
         own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         if dtype is not None and dtype != own:
             raise InvalidOption(f"capture: the module is in {own}; convert it (model.to({dtype})) before capturing "
                                 "it in another dtype")
-        return capture_module(model)
+        return capture_module(model, logits=logits)
     dtype = dtype or torch.float32
     module, tokenizer = load_model(model, dtype=dtype)
     program = capture_module(module)
@@ -109,21 +113,33 @@ def capture(model: str | os.PathLike | nn.Module = DEFAULT_MODEL, *, dtype: torc
     return program
 
 
-def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
-    """Export `model(input_ids, use_cache=False)` and reduce it to `gm(input_ids) -> logits`."""
+def capture_module(model: nn.Module, *, example_length: int = 16, logits: str | int | None = None) -> Program:
+    """Export `model` called on token ids and reduce it to `gm(input_ids) -> logits`.
+
+    The contract: `forward` takes the token ids as `input_ids` or as its first positional argument (any name), and
+    nothing else it requires; `use_cache=False` is passed where it is accepted. The output is the logits tensor, or
+    holds it: `.logits`, a mapping's "logits", the first tensor of a tuple or dataclass, or what `logits` names (a
+    key, attribute or index)."""
     from torch.export import Dim
 
     model = model.eval()
     config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None) or 2
+    vocab = getattr(config, "vocab_size", None) or _table_rows(model) or 2
     example = torch.randint(0, vocab, (2, example_length))
-    kwargs: dict[str, Any] = {"input_ids": example, "use_cache": False}
-    shapes: dict[str, Any] = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "use_cache": None}
-    root, traced = "", model
-    if "use_cache" not in inspect.signature(model.forward).parameters:
-        root, traced = "model", _WithoutCache(model)
-        kwargs.pop("use_cache")
-        shapes.pop("use_cache")
+    params = inspect.signature(model.forward).parameters
+    if config is not None and {"input_ids", "use_cache"} <= set(params) and logits is None:
+        root, traced, kwargs = "", model, {"input_ids": example, "use_cache": False}  # a transformers model
+        shapes: dict[str, Any] = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "use_cache": None}
+    else:
+        root, traced, kwargs = "model", _TokensToLogits(model, logits), {"input_ids": example}
+        shapes = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}}
+        try:  # the output contract, checked on a real call before torch.export hides the reason
+            with torch.no_grad():
+                traced(example[:1, :2])
+        except CaptureError:
+            raise
+        except Exception:  # noqa: BLE001 - the export below reports what fails
+            pass
     errors = []
     for attempt in (shapes, None):
         try:
@@ -158,39 +174,98 @@ def capture_module(model: nn.Module, *, example_length: int = 16) -> Program:
     )
 
 
+def _table_rows(model: nn.Module) -> int | None:
+    """The first embedding table's row count: the vocabulary a model without a config reads."""
+    return next((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
 def _check_other_shape(traced: nn.Module, exported: fx.GraphModule, vocab: int, length: int) -> None:
     """Run the export on another batch size and length against the model: a size baked into the graph as a
     constant (CpmAnt's prompt offsets) passes export with dynamic shapes, then fails or differs on other inputs."""
     other = torch.randint(0, vocab, (1, max(2, length - 3)))
-    kwargs = {"input_ids": other} if isinstance(traced, _WithoutCache) else {"input_ids": other, "use_cache": False}
-    got = _logits(exported(**kwargs))  # raises where a size was baked in
+    kwargs = {"input_ids": other} if isinstance(traced, _TokensToLogits) else {"input_ids": other, "use_cache": False}
+    got = logits_of(exported(**kwargs))  # raises where a size was baked in
     try:
-        want = _logits(traced(**kwargs))
+        want = logits_of(traced(**kwargs))
     except RuntimeError:  # no float64 kernel for some op (transformers' grouped experts): compare with float32
         if not any(p.dtype == torch.float64 for p in traced.parameters()):
             return
         try:
-            want = _logits(copy.deepcopy(traced).float()(**kwargs))
+            want = logits_of(copy.deepcopy(traced).float()(**kwargs))
         except RuntimeError:
             return
     if want.shape != got.shape or not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3 * want.abs().max().item()):
         raise RuntimeError(f"the export with dynamic shapes differs from the model at shape {tuple(other.shape)}")
 
 
-def _logits(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output[0]
+CONTRACT = ("capture takes a module called on one tensor of token ids (as `input_ids` or its first positional "
+            "argument) that returns the logits or something holding them (`.logits`, a mapping's 'logits', the first "
+            "tensor of a tuple or dataclass)")
 
 
-class _WithoutCache(nn.Module):
-    """`model(input_ids, use_cache=False)` as a module of one tensor input: torch.export cannot give dynamic
-    shapes to a call whose `use_cache` goes through `**kwargs` (GPT-1, Granite-MoE and others)."""
+def logits_of(output: Any, key: str | int | None = None) -> torch.Tensor:
+    """The logits in a model's output: what `key` names, else the tensor itself, `.logits`, a mapping's "logits",
+    or the first tensor of a tuple, list or dataclass."""
+    if key is not None:
+        try:
+            found = output[key] if isinstance(output, Mapping | tuple | list) else getattr(output, str(key))
+        except (KeyError, IndexError, AttributeError):
+            raise CaptureError(f"the model's output ({type(output).__name__}) has no {key!r}") from None
+        return _tensor(found, f"{key!r} of the output")
+    if isinstance(output, torch.Tensor):
+        return output
+    if getattr(output, "logits", None) is not None:
+        return _tensor(output.logits, ".logits")
+    if isinstance(output, Mapping):
+        if "logits" in output:
+            return _tensor(output["logits"], "output['logits']")
+        raise CaptureError(f"the model returns a mapping with keys {list(output)} and no 'logits'; name the logits: "
+                           "capture(model, logits=KEY)")
+    values = [getattr(output, f.name) for f in dataclasses.fields(output)] if dataclasses.is_dataclass(output) \
+        else list(output) if isinstance(output, tuple | list) else []
+    first = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    if first is None:
+        raise CaptureError(f"the model returned {type(output).__name__}, which holds no tensor: {CONTRACT}")
+    return first
 
-    def __init__(self, model: nn.Module) -> None:
+
+def _tensor(value: Any, where: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise CaptureError(f"{where} is {type(value).__name__}, not the logits tensor: {CONTRACT}")
+    return value
+
+
+class _TokensToLogits(nn.Module):
+    """`model` called the way its signature asks, as one tensor in and the logits out: what torch.export gives
+    dynamic shapes to (a `use_cache` through `**kwargs`, GPT-1's, would not get them) and what a Program is."""
+
+    def __init__(self, model: nn.Module, logits: str | int | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.logits = model, logits
+        params = inspect.signature(model.forward).parameters
+        positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if "input_ids" in params:
+            tokens = params["input_ids"]
+        elif positional:
+            tokens = positional[0]
+        else:
+            raise CaptureError(f"{type(model).__name__}.forward takes no positional argument for the tokens: {CONTRACT}")
+        required = [p.name for p in params.values() if p is not tokens and p.default is p.empty
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if required:
+            raise CaptureError(f"{type(model).__name__}.forward also requires {', '.join(required)}: {CONTRACT}; give "
+                               "them defaults or wrap the model")
+        takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        self.by_name = tokens.kind != tokens.POSITIONAL_ONLY
+        self.tokens = tokens.name
+        self.extra = {"use_cache": False} if "use_cache" in params or takes_kwargs else {}
 
-    def forward(self, input_ids: torch.Tensor) -> Any:
-        return self.model(input_ids=input_ids, use_cache=False)
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.by_name:
+            out = self.model(**{self.tokens: input_ids}, **self.extra)
+        else:
+            out = self.model(input_ids, **self.extra)
+        return logits_of(out, self.logits)
 
 
 def plain_graph_module(unlifted: fx.GraphModule, *, inputs: list[str] | None = None, root: str = "") -> fx.GraphModule:
