@@ -7,7 +7,8 @@ stages are in `fxslice.passes` and use nothing but this public API.
 
 Layers, each importing only those before it: `core` (program, passes, graph utilities, errors) ->
 `analysis` (matchers, residual stream, roles) -> `calibration` (staged runner, observers, gradients);
-`data`, `models` (capture, save/load), `evaluation` and `recipes` beside them; `cli` on top.
+`data`, `models` (capture, save/load), `evaluation` and `recipes` beside them; `jobs` (`compress`: the whole
+job in one call) above them; `cli` on top.
 """
 
 from fxslice.core.errors import (
@@ -32,13 +33,14 @@ from fxslice.core.pass_manager import (
 )
 from fxslice.core.program import Program
 from fxslice.core.version import __version__
+from fxslice.jobs import Report, compress
 from fxslice.models.capture import DEFAULT_MODEL, capture, capture_module
 from fxslice.models.io import load, save
 from fxslice.recipes import Recipe, Stage
 
 __all__ = [
     "BadInput", "CaptureError", "CorruptModel", "DEFAULT_MODEL", "FxsliceError", "InvalidOption", "Pass",
-    "PassCheckFailed", "SaveFailed", "PassManager", "PassResult", "PipelineResult", "Program", "Recipe", "Stage",
-    "UnsupportedStructure", "__version__", "as_pass", "capture", "capture_module", "check_program", "checked_pass", "load", "replay",
-    "save",
+    "PassCheckFailed", "SaveFailed", "PassManager", "PassResult", "PipelineResult", "Program", "Recipe", "Report", "Stage",
+    "UnsupportedStructure", "__version__", "as_pass", "capture", "capture_module", "check_program", "checked_pass", "compress", "load",
+    "replay", "save",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -10,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from fxslice.core.errors import FxsliceError, Interrupted, InvalidOption, PassCheckFailed
+from fxslice.core.errors import FxsliceError, Interrupted, InvalidOption
 from fxslice.core.pass_manager import PassManager
 from fxslice.core.program import Program
 from fxslice.models.capture import DEFAULT_MODEL, capture
@@ -21,8 +20,8 @@ if TYPE_CHECKING:
     import torch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SliceGPT as a graph-transform compiler over torch.fx.")
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)  # piped output keeps whole lines (no wrap at 80 columns)
+out = Console(soft_wrap=True)
 _debug = False
 
 ModelArg = Annotated[str, typer.Argument(help="hub name, HF directory, .gguf file, or 'smollm2' (the embedded default)")]
@@ -68,40 +67,6 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebac
 def _capture(model: str) -> Program:
     with _status(f"loading and capturing {model} ..."):
         return capture(model)
-
-
-def _capture_with_cache(model: str, device: torch.device | None = None, dtype: torch.dtype | None = None,
-                        offload: bool = False) -> tuple[Program, Program | None]:
-    """The plain capture (for calibration) and, where the model allows it, one with a KV cache (for generation);
-    the model converted to `dtype` before capture (so its own casts around norms stay), both moved to `device`, or
-    with `offload` computing there while their weights stay in host memory."""
-    import torch
-
-    from fxslice.core.errors import CaptureError
-    from fxslice.core.health import check_finite
-    from fxslice.models.capture import capture_module, load_model
-    from fxslice.models.kvcache import capture_cached
-
-    with _status(f"loading and capturing {model} ..."):
-        module, tokenizer = load_model(model)
-        if dtype is not None and dtype != torch.float32:
-            module = module.to(dtype)
-        program = capture_module(module)
-        check_finite(program)  # a broken model is refused as such, not as a cache that decodes wrongly
-        try:
-            cached = capture_cached(module)
-        except CaptureError as exc:
-            err.print(f"[yellow]note:[/] {exc}; the saved model will generate without a KV cache", highlight=False)
-            cached = None
-    if offload and device is not None:
-        program, cached = program.offload(device), (cached.offload(device) if cached is not None else None)
-    elif device is not None and device.type != "cpu":
-        with _status(f"moving to {device} ..."):
-            program, cached = program.to(device), (cached.to(device) if cached is not None else None)
-    for p in (program, cached):
-        if p is not None:
-            p.tokenizer, p.source = tokenizer, str(model)
-    return program, cached
 
 
 @app.command()
@@ -341,99 +306,17 @@ def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float) -> Recipe:
 
 def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_windows: int | None, eval_length: int,
               batch_size: int, extra: dict, device: str = "cpu", dtype: str = "float32", offload: bool = False) -> None:
-    """Capture, evaluate, run the recipe, evaluate, replay on the KV-cache capture, save: `slice` and `compress`."""
-    import time
+    """`fxslice.compress` with the command's flags, its progress on stderr and its report on stdout."""
+    from fxslice.jobs import compress
 
-    import torch
+    report = compress(model, recipe, out=out_dir, evaluation=evaluation, eval_windows=eval_windows,
+                      eval_length=eval_length, batch_size=batch_size, device=device, dtype=dtype, offload=offload,
+                      options=extra, progress=True, status=_status, note=_note)
+    out.print(str(report), highlight=False, markup=False)
 
-    from fxslice.core.devices import resolve_device, resolve_dtype
-    from fxslice.core.health import check_finite, check_tokens
-    from fxslice.core.pass_manager import replay
-    from fxslice.data import load_text, token_windows
-    from fxslice.evaluation.perplexity import perplexity
-    from fxslice.models.io import check_output_dir, save
-    from fxslice.passes.slicegpt import SliceStream
 
-    check_output_dir(out_dir)  # before the long work: a typo in --out should not cost a calibration
-    target = resolve_device(device)
-    precision = resolve_dtype(dtype, target)
-    calibrating = [s.kind for s in recipe.stages if s.calibrates]
-    if calibrating and recipe.calibration is None:
-        raise InvalidOption(f"stage '{calibrating[0]}' calibrates but the recipe has no calibration section; add "
-                            "e.g. `calibration: {source: wikitext2:validation, windows: 32, length: 2048}`")
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    program, cached = _capture_with_cache(model, target, precision, offload)
-    seconds["capture"] = time.perf_counter() - start
-    check_finite(program)
-    if program.tokenizer is None:
-        raise InvalidOption(f"{model} comes without a tokenizer; compression needs one to read text")
-    check_tokens(program, torch.zeros(0, dtype=torch.long), program.tokenizer)
-    recipe.check(program)  # options that do not fit this model, before calibration and evaluation
-    calib = recipe.calibration.load(program) if recipe.calibration is not None else None
-    test = None
-    if evaluation != "none":
-        context = (program.config or {}).get("max_position_embeddings")
-        test = token_windows(program.tokenizer, load_text(evaluation), eval_length, max_length=context)
-        test = test[:eval_windows] if eval_windows else test
-    ppl: dict[str, float] = {}
-    if test is not None:
-        start = time.perf_counter()
-        ppl["dense"] = perplexity(program, test, batch_size=batch_size, progress=True)
-        seconds["evaluate_dense"] = time.perf_counter() - start
-    result = recipe.run(program, calibration=calib, progress=True)
-    seconds.update({stage.kind: r.seconds for stage, r in result.stages})
-    if test is not None:
-        start = time.perf_counter()
-        ppl["compressed"] = perplexity(program, test, batch_size=batch_size, progress=True)
-        seconds["evaluate_compressed"] = time.perf_counter() - start
-    segments = [r for p in result.passes if isinstance(p, SliceStream) for r in p.reports]
-    record = {
-        "passes": [p.name for p in result.passes],
-        "device": str(target), "dtype": dtype, "offload": offload,
-        **extra,
-        **({"widths": [r.kept for r in segments], "variance_kept": [round(r.variance_kept, 5) for r in segments]}
-           if segments else {}),  # only a run that sliced says how
-        "calibration": None if recipe.calibration is None else dataclasses.asdict(recipe.calibration),
-        "evaluation": {"source": evaluation, "windows": 0 if test is None else len(test), "length": eval_length},
-        "perplexity": ppl,
-        "recipe": recipe.to_dict(),
-        **result.record(),
-    }
-    start = time.perf_counter()
-    with _status(f"saving to {out_dir} ..."):
-        if cached is not None:  # the same passes, the same bases: generation gets the new weights and a cache
-            try:
-                replay(result.passes, cached, program)
-            except PassCheckFailed as exc:
-                err.print(f"[yellow]note:[/] the KV-cache capture cannot follow ({exc}); the saved model will "
-                          "generate without a KV cache", highlight=False)
-                cached = None
-        save(cached or program, out_dir, record)
-    seconds["save"] = time.perf_counter() - start
-    lines = [
-        f"parameters   dense {result.dense_parameters:,}   compressed {result.parameters:,} "
-        f"({result.parameters / result.dense_parameters:.1%}, shortcuts and any untied head included)",
-    ]
-    if segments:
-        lines.append(f"widths       {sorted(set(record['widths']))} of {segments[0].width}")
-    if ppl:
-        lines.append(f"perplexity   dense {ppl['dense']:.3f}   compressed {ppl.get('compressed', float('nan')):.3f}   "
-                     f"({len(test)} windows of {eval_length} tokens, {evaluation})")
-    for stage, stage_result in result.stages:
-        if stage.kind == "quantize":
-            report = stage_result.report
-            lines.append(f"bytes        {report['bytes']:,} ({report['bits_per_parameter']:.2f} bits per parameter, "
-                         "scales and float tensors included)")
-        if stage.kind == "recover" and stage_result.report.get("held_out_before") is not None:
-            report = stage_result.report
-            lines.append(f"recovery     {report['steps']} steps, {report['tokens']:,} tokens: held-out loss "
-                         f"{report['held_out_before']:.4f} -> {report['held_out_after']:.4f}")
-    lines += [f"warning      segment {r.index} ({r.module}): {r.warning}" for r in segments if r.warning]
-    lines += [f"warning      {r.report['warning']}" for _, r in result.stages if r.report.get("warning")]
-    lines.append("seconds      " + "  ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
-    lines.append(f"saved        {out_dir}")
-    out.print("\n".join(lines), highlight=False, markup=False)
+def _note(message: str) -> None:
+    err.print(f"note: {message}", highlight=False, markup=False)
 
 
 @app.command(name="export")
@@ -699,7 +582,9 @@ def _load_for_generation(model: str) -> Program:
     if (Path(model) / RECORD).is_file():
         with _status(f"loading {model} ..."):
             return load(model)
-    program, cached = _capture_with_cache(model)
+    from fxslice.jobs import capture_with_cache
+
+    program, cached = capture_with_cache(model, status=_status, note=_note)
     return cached or program
 
 

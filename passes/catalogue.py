@@ -13,6 +13,7 @@ from torch.fx.passes.infra.pass_base import PassBase
 
 from fxslice.core import InvalidOption, Pass, Program, checked_pass
 from fxslice.core.imports import import_object
+from fxslice.passes.facts import CAPTURED, FACTS
 from fxslice.passes.quantize import Int4Kernels
 from fxslice.passes.quantize.stages import Quantize
 from fxslice.passes.recovery import MergeAdapters
@@ -96,13 +97,29 @@ class RunPasses(Stage):
 
     passes: tuple[PassSpec, ...] = ()
     check_numerics: bool = True
+    # facts (`fxslice.passes.facts`) the passes need before them and leave behind, so that a recipe orders them
+    # among the built-in stages: `needs_facts: [clean]`, `provides_facts: [pruned]`
+    needs_facts: tuple[str, ...] = ()
+    provides_facts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.passes or not all(isinstance(p, str | Mapping) for p in self.passes):
             raise InvalidOption(f"passes: give a non-empty list of pass names (or {{pass: NAME, argument: value}}), "
                                 f"got {self.passes!r}")
+        for name in ("needs_facts", "provides_facts"):
+            unknown = sorted(set(getattr(self, name)) - set(FACTS))
+            if unknown:
+                raise InvalidOption(f"passes: {name} {unknown} are not facts; known: {', '.join(FACTS)}")
         for spec in self.passes:  # every name imported and checked now, before a model is loaded
             load_pass(spec)
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({CAPTURED, *self.needs_facts})
+
+    @property
+    def provides(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset(self.provides_facts)
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         return self.run_passes(program, [load_pass(p) for p in self.passes], context, check_numerics=self.check_numerics)

@@ -3,7 +3,7 @@ a stage of one method can refuse what another leaves behind."""
 
 from fxslice.recipes import CAPTURED
 
-__all__ = ["CAPTURED", "CLEAN", "GQA_FUSED", "SLICED", "ROTATED", "PRUNED", "QUANTIZED", "RECOVERED"]
+__all__ = ["CAPTURED", "CLEAN", "GQA_FUSED", "SLICED", "ROTATED", "PRUNED", "QUANTIZED", "RECOVERED", "FACTS"]
 
 CLEAN = "clean"  # CleanupIR ran: the analyses' precondition
 GQA_FUSED = "gqa_fused"  # attention reads K/V heads without copies: stream and group analyses see a changed graph
@@ -12,3 +12,6 @@ ROTATED = "rotated"
 PRUNED = "pruned"  # dimension groups were removed
 QUANTIZED = "quantized"
 RECOVERED = "recovered"  # fine-tuned after compression (adapters merged: same structure, new weights)
+
+#: every fact, for a stage that declares its own (`passes` with `needs_facts` / `provides_facts`)
+FACTS = (CAPTURED, CLEAN, GQA_FUSED, SLICED, ROTATED, PRUNED, QUANTIZED, RECOVERED)

@@ -32,7 +32,9 @@ def test_cli_slice_then_eval_end_to_end(tmp_path):
     assert "perplexity   dense" in result.stdout and "saved" in result.stdout
     record = json.loads((out / "fxslice.json").read_text())
     assert record["parameters"] < record["dense_parameters"]  # at 30%, shortcuts included
-    assert record["widths"] == [400] * 61 and record["calibration"]["windows"] == 4
+    slicing = next(s for s in record["stages"] if s["stage"] == "slicegpt")["report"]
+    assert slicing["widths"] == [400] * 61 and record["calibration"]["windows"] == 4
+    assert "widths       [400] of 576" in result.stdout
     assert math.isfinite(record["perplexity"]["compressed"]) and record["perplexity"]["dense"] > 1
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr

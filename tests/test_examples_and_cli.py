@@ -1,3 +1,4 @@
+import os
 import runpy
 import subprocess
 import sys
@@ -56,6 +57,12 @@ def test_cli_inspect_and_diff_on_a_local_model(tmp_path):
     diff = subprocess.run([*run, "diff", str(tmp_path / "gpt2"), "--html", str(page)], capture_output=True, text=True)
     assert diff.returncode == 0, diff.stderr
     assert "cleanup_ir" in diff.stdout and page.read_text().startswith("<!doctype html>")
+    assert "proved in float64" in diff.stdout  # the CLI proves exact passes as Python does
+    removed = [line for line in diff.stdout.splitlines() if "_assert_tensor_metadata.default(" in line]
+    assert removed and all(line.rstrip().endswith(")") or "  x" in line for line in removed)  # piped: no wrap
+    assert any(len(line) > 100 for line in diff.stdout.splitlines())
+    listed = subprocess.run([*run, "diff", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
+    assert "cleanup_ir" in listed.stdout and "fuse_norms" in listed.stdout
 
 
 def test_cli_error_is_one_message_with_its_exit_code(tmp_path):

@@ -322,11 +322,14 @@ def test_an_unmet_pruning_target_is_a_warning_with_the_share_removed_or_an_error
 
     calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     _, program = tiny("llama")
-    result = prune_recipe(target=0.95, shots=1, batch_size=4).run(program, calibration=calibration)
+    with pytest.raises(InvalidOption, match=r"target 95.0% is more than this model's groups can give: at most"):
+        prune_recipe(target=0.95, shots=1, batch_size=4).run(program, calibration=calibration)
+    result = prune_recipe(target=0.66, shots=1, batch_size=4).run(tiny("llama")[1], calibration=calibration)
     report = result.stages[1][1].report
-    assert report["achieved"] < 0.95 and "short of the target 95.0%" in report["warning"]
+    assert report["achieved"] < 0.655 and "short of the target 66.0%" in report["warning"]
+    assert f"warning      {report['warning']}" in result.stages[1][0].summary(result.stages[1][1])
     with pytest.raises(InvalidOption, match="short of the target"):
-        prune_recipe(target=0.95, shots=1, batch_size=4, strict=True).run(tiny("llama")[1], calibration=calibration)
+        prune_recipe(target=0.66, shots=1, batch_size=4, strict=True).run(tiny("llama")[1], calibration=calibration)
 
 
 @pytest.mark.parametrize("signal_name,code", [("SIGINT", 130), ("SIGTERM", 143)])

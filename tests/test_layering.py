@@ -22,6 +22,7 @@ ALLOWED = {
     "evaluation": {"core", "data"},
     "recipes": {"core", "data"},
     "testing": {"core", "analysis", "models", "passes"},
+    "jobs": {"core", "analysis", "calibration", "data", "models", "evaluation", "recipes"},
 }
 
 

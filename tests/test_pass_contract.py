@@ -204,3 +204,21 @@ def test_a_pass_given_arguments_it_does_not_take_is_refused_with_what_it_takes(t
         load_pass({"pass": f"{tmp_path}/drop_layers.py:DropLastLayers", "n": 0})
     with pytest.raises(InvalidOption, match="no pass name"):
         load_pass({"n": 1})
+
+
+def test_a_passes_stage_declares_the_facts_a_recipe_orders_it_by():
+    from fxslice import Recipe
+    from fxslice.passes import RunPasses
+    from fxslice.passes.rewrite.stages import Cleanup
+    from fxslice.passes.surgeon.stages import Surgeon
+
+    needs_clean = RunPasses(passes=("fuse_norms",), needs_facts=("clean",))
+    with pytest.raises(InvalidOption, match="needs clean, which no earlier stage provides"):
+        Recipe((needs_clean,))
+    Recipe((Cleanup(), needs_clean))
+    with pytest.raises(InvalidOption, match="quantized"):
+        Recipe((Cleanup(), RunPasses(passes=("cleanup_ir",), provides_facts=("quantized",)), Surgeon()))
+    with pytest.raises(InvalidOption, match=r"needs_facts \['tidy'\] are not facts"):
+        RunPasses(passes=("cleanup_ir",), needs_facts=("tidy",))
+    stage = RunPasses(passes=("cleanup", {"pass": "fuse_norms"}), provides_facts=("clean",))
+    assert RunPasses.from_dict(stage.to_dict()) == stage

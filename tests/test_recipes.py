@@ -180,7 +180,9 @@ def test_cli_compress_runs_a_recipe_file_and_records_it(tmp_path, tiny_model_dir
     assert "perplexity   dense" in done.stdout and "compressed" in done.stdout
     record = json.loads((out / "fxslice.json").read_text())
     assert load_recipe(recipe) == Recipe.from_dict(record["recipe"], STAGES)
-    assert record["widths"] == [48] * 5 and record["parameters"] < record["dense_parameters"]
+    slicing = next(s for s in record["stages"] if s["stage"] == "slicegpt")["report"]
+    assert slicing["widths"] == [48] * 5 and record["parameters"] < record["dense_parameters"]
+    assert "widths" not in record  # one place for each figure: the stage that produced it
     assert [s["stage"] for s in record["stages"]] == ["cleanup", "slicegpt", "fuse_gqa"]
     uncalibrated = tmp_path / "uncalibrated.yaml"
     uncalibrated.write_text("stages:\n  - {stage: cleanup}\n  - {stage: slicegpt, sparsity: 0.25}\n")

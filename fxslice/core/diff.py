@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx
 
 from fxslice.core import graph as G
@@ -47,6 +48,13 @@ class ParamInfo:
     shape: tuple[int, ...]
     dtype: str
     identity: tuple[int, int, int]  # id, data_ptr, version: changes whenever the values may have
+    norm: float | None = None  # the Frobenius norm of a float tensor (what a diff shows of changed values)
+
+
+def _norm(t: torch.Tensor) -> float | None:
+    if not t.is_floating_point() or t.device.type == "meta" or not t.numel():
+        return None
+    return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64))
 
 
 @dataclass
@@ -67,7 +75,8 @@ class GraphSnapshot:
             nodes[n.name] = NodeInfo(n.name, n.op, str(target), inputs, G.module_path(n), _arguments(n))
         params = {}
         for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
-            params[name] = ParamInfo(tuple(t.shape), str(t.dtype).replace("torch.", ""), (id(t), t.data_ptr(), t._version))
+            params[name] = ParamInfo(tuple(t.shape), str(t.dtype).replace("torch.", ""), (id(t), t.data_ptr(), t._version),
+                                     _norm(t))
         return GraphSnapshot(nodes, params)
 
 
@@ -111,8 +120,9 @@ class PassRecord:
                 rec.params.append((key, "reshaped", f"{_shape(old.shape)} -> {_shape(new.shape)}"))
             elif old.dtype != new.dtype:
                 rec.params.append((key, "dtype", f"{old.dtype} -> {new.dtype}"))
-            elif old.identity != new.identity:
-                rec.params.append((key, "values", _shape(new.shape)))
+            elif old.identity != new.identity or old.norm != new.norm:
+                norms = f", norm {old.norm:.6g} -> {new.norm:.6g}" if old.norm is not None and new.norm is not None else ""
+                rec.params.append((key, "values", _shape(new.shape) + norms))
         return rec
 
     def stamp(self, gm: fx.GraphModule) -> None:

@@ -70,6 +70,12 @@ class Stage:
     def run(self, program: Program, context: StageContext) -> StageResult:
         raise NotImplementedError
 
+    def summary(self, result: StageResult) -> list[str]:
+        """Lines a person reads after the run (`fxslice.Report` prints them): what this stage did, in its own words.
+        By default the report's warning, if any; stages override it to say more."""
+        warning = result.report.get("warning")
+        return [f"warning      {warning}"] if warning else []
+
     def check(self, program: Program) -> None:
         """Refuse options that do not fit `program` (InvalidOption naming the option) before any work starts: a
         recipe checks every stage on the captured program before it calibrates."""

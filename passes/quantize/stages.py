@@ -75,6 +75,11 @@ class Quantize(Stage):
     def calibrates(self) -> bool:  # type: ignore[override]
         return self.method == "gptq" or self.search != "none"
 
+    def summary(self, result: StageResult) -> list[str]:
+        report = result.report
+        return [f"bytes        {report['bytes']:,} ({report['bits_per_parameter']:.2f} bits per parameter, "
+                "scales and float tensors included)"]
+
     def run(self, program: Program, context: StageContext) -> StageResult:
         windows = context.windows(self.kind) if self.calibrates else None
         bits: int | dict[str, int] = self.bits

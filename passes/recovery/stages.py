@@ -54,6 +54,13 @@ class Recover(Stage):
         """Only without a text of its own does it need the recipe's calibration windows."""
         return not self.text
 
+    def summary(self, result: StageResult) -> list[str]:
+        report = result.report
+        if report.get("held_out_before") is None:
+            return []
+        return [f"recovery     {report['steps']} steps, {report['tokens']:,} tokens: held-out loss "
+                f"{report['held_out_before']:.4f} -> {report['held_out_after']:.4f}"]
+
     def windows(self, program: Program, context: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(training windows, held-out windows), shuffled with the seed."""
         if not self.text:

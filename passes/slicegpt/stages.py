@@ -109,6 +109,7 @@ class SliceGPT(Stage):
             "widths": [r.kept for r in slicer.reports],
             "variance_kept": [round(r.variance_kept, 5) for r in slicer.reports],
             "warnings": {str(r.index): r.warning for r in slicer.reports if r.warning},
+            "stream_width": slicer.reports[0].width if slicer.reports else None,
         }
         if self.refit != "off":
             before, after = reconstruction_errors(refit.fits)
@@ -123,6 +124,11 @@ class SliceGPT(Stage):
             result.report["head_correction"] = {"rank": c.rank, "parameters": c.parameters,
                                                 "restored": round(c.restored, 6), "centred": c.centred}
         return result
+
+    def summary(self, result: StageResult) -> list[str]:
+        report = result.report
+        lines = [f"widths       {sorted(set(report['widths']))} of {report['stream_width']}"] if report["widths"] else []
+        return lines + [f"warning      segment {k}: {w}" for k, w in report["warnings"].items()]
 
     def _loss_aware_widths(self, program: Program, windows, rule: ConstantWidths, context: StageContext) -> list[int]:
         """The constant widths' parameter count, spent where the loss needs it (on the fused program)."""

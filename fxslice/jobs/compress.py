@@ -1,0 +1,203 @@
+"""`compress(model, recipe)`: the job behind `fxslice compress|slice|prune|quantize`, as one library call.
+
+It owns the steps every caller used to assemble by hand: capture (with a KV-cache capture beside it for
+generation), the health checks, calibration text, perplexity before and after, the recipe, the replay of its passes
+on the KV-cache capture, one record and the save. The CLI turns flags into a recipe and prints the `Report`; the
+examples and benchmarks call the same function, so that every saved model carries the same record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxslice.core.devices import resolve_device, resolve_dtype
+from fxslice.core.errors import CaptureError, InvalidOption, PassCheckFailed
+from fxslice.core.health import check_finite, check_tokens
+from fxslice.core.pass_manager import replay
+from fxslice.core.program import Program
+from fxslice.data import load_text, token_windows
+from fxslice.evaluation.perplexity import perplexity
+from fxslice.models.capture import capture_module, load_model
+from fxslice.models.io import check_output_dir, save
+from fxslice.models.kvcache import capture_cached
+from fxslice.recipes import Recipe, RecipeResult
+
+__all__ = ["Report", "capture_with_cache", "compress"]
+
+
+@dataclass
+class Report:
+    """What a compression did: the program, the recipe's result, the measurements and the record saved with it."""
+
+    program: Program
+    result: RecipeResult
+    record: dict[str, Any]
+    perplexity: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    out: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """The summary a person reads: parameters, each stage's own lines, perplexity, time, where it went."""
+        r = self.result
+        lines = [f"parameters   dense {r.dense_parameters:,}   compressed {r.parameters:,} "
+                 f"({r.parameters / r.dense_parameters:.1%}, shortcuts and any untied head included)"]
+        for stage, stage_result in r.stages:
+            lines += stage.summary(stage_result)
+        if self.perplexity:
+            evaluation = self.record["evaluation"]
+            lines.append(f"perplexity   dense {self.perplexity['dense']:.3f}   compressed "
+                         f"{self.perplexity.get('compressed', float('nan')):.3f}   ({evaluation['windows']} windows "
+                         f"of {evaluation['length']} tokens, {evaluation['source']})")
+        lines.append("seconds      " + "  ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
+        if self.out is not None:
+            lines.append(f"saved        {self.out}")
+        return lines
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _say(message: str) -> contextlib.AbstractContextManager[None]:
+    """The default status: the message as one line on stderr (a log, a notebook, a pipe all show it)."""
+    print(message, file=sys.stderr, flush=True)
+    return contextlib.nullcontext()
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def compress(
+    model: str | os.PathLike | nn.Module,
+    recipe: Recipe,
+    *,
+    out: str | os.PathLike | None = None,
+    evaluation: str | None = "wikitext2:test",
+    eval_windows: int | None = None,
+    eval_length: int = 2048,
+    batch_size: int = 1,
+    device: str = "cpu",
+    dtype: str = "float32",
+    offload: bool = False,
+    options: dict[str, Any] | None = None,
+    progress: bool = True,
+    status: Callable[[str], contextlib.AbstractContextManager[Any]] = _say,
+    note: Callable[[str], None] = _note,
+) -> Report:
+    """Compress `model` (a hub name, a directory, a .gguf file, "smollm2", or an nn.Module with its own tokenizer
+    given as `model.tokenizer`) with `recipe`; measure perplexity on `evaluation` (None: skip) before and after;
+    save to `out` when given (checked before any work). `options` are recorded as given (the CLI's flags).
+    `status` and `note` show progress and remarks (a line on stderr by default)."""
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        check_output_dir(out_dir)  # before the long work: a typo in `out` should not cost a calibration
+    if not isinstance(eval_length, int) or eval_length < 2:
+        raise InvalidOption(f"eval_length must be an integer ≥ 2, got {eval_length!r}")
+    target = resolve_device(device)
+    precision = resolve_dtype(dtype, target)
+    calibrating = [s.kind for s in recipe.stages if s.calibrates]
+    if calibrating and recipe.calibration is None:
+        raise InvalidOption(f"stage '{calibrating[0]}' calibrates but the recipe has no calibration section; add "
+                            "e.g. `calibration: {source: wikitext2:validation, windows: 32, length: 2048}`")
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "capture"):
+        program, cached = capture_with_cache(model, target, precision, offload, status, note)
+    if program.tokenizer is None:
+        raise InvalidOption(f"{program.model_class} comes without a tokenizer; compression needs one to read text")
+    check_tokens(program, torch.zeros(0, dtype=torch.long), program.tokenizer)
+    recipe.check(program)  # options that do not fit this model, before calibration and evaluation
+    calibration = recipe.calibration.load(program) if recipe.calibration is not None else None
+    test = None
+    if evaluation not in (None, "none"):
+        context = (program.config or {}).get("max_position_embeddings")
+        test = token_windows(program.tokenizer, load_text(evaluation), eval_length, max_length=context)
+        test = test[:eval_windows] if eval_windows else test
+    ppl: dict[str, float] = {}
+    if test is not None:
+        with _timed(seconds, "evaluate_dense"):
+            ppl["dense"] = perplexity(program, test, batch_size=batch_size, progress=progress)
+    result = recipe.run(program, calibration=calibration, progress=progress)
+    seconds.update({stage.kind: r.seconds for stage, r in result.stages})
+    if test is not None:
+        with _timed(seconds, "evaluate_compressed"):
+            ppl["compressed"] = perplexity(program, test, batch_size=batch_size, progress=progress)
+    record = {
+        "passes": [p.name for p in result.passes],
+        "device": str(target), "dtype": dtype, "offload": offload,
+        **(options or {}),
+        "calibration": None if recipe.calibration is None else dataclasses.asdict(recipe.calibration),
+        "evaluation": {"source": evaluation or "none", "windows": 0 if test is None else len(test), "length": eval_length},
+        "perplexity": ppl,
+        "recipe": recipe.to_dict(),
+        **result.record(),
+    }
+    notes: list[str] = []
+    if cached is not None:  # the same passes, the same bases: generation gets the new weights and a cache
+        try:
+            replay(result.passes, cached, program)
+        except PassCheckFailed as exc:
+            notes.append(f"the KV-cache capture cannot follow ({exc}); the saved model generates without a KV cache")
+            note(notes[-1])
+            cached = None
+    if out_dir is not None:
+        with _timed(seconds, "save"), status(f"saving to {out_dir} ..."):
+            save(cached or program, out_dir, record)
+    return Report(program, result, record, ppl, seconds, out_dir, notes)
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = time.perf_counter() - start
+
+
+def capture_with_cache(model: str | os.PathLike | nn.Module, device: torch.device = torch.device("cpu"),
+                       dtype: torch.dtype = torch.float32, offload: bool = False,
+                       status: Callable[[str], contextlib.AbstractContextManager[Any]] = _say,
+                       note: Callable[[str], None] = _note) -> tuple[Program, Program | None]:
+    """The plain capture (for calibration) and, where the model allows it, one with a KV cache (for generation);
+    the model converted to `dtype` before capture (so its own casts around norms stay), both moved to `device`, or
+    with `offload` computing there while their weights stay in host memory."""
+    name = type(model).__name__ if isinstance(model, nn.Module) else str(model)
+    with status(f"loading and capturing {name} ..."):
+        if isinstance(model, nn.Module):  # the caller's module is not converted behind their back
+            module, tokenizer = model, getattr(model, "tokenizer", None)
+            own = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+            if own != dtype:
+                raise InvalidOption(f"the module is in {own}, not {dtype}; convert it (model.to(...)) or pass "
+                                    f"dtype={str(own).removeprefix('torch.')!r}")
+        else:
+            module, tokenizer = load_model(model)
+            if dtype != torch.float32:
+                module = module.to(dtype)
+        program = capture_module(module)
+        check_finite(program)  # a broken model is refused as such, not as a cache that decodes wrongly
+        try:
+            cached = capture_cached(module)
+        except CaptureError as exc:
+            note(f"{exc}; the saved model will generate without a KV cache")
+            cached = None
+    if offload:
+        program, cached = program.offload(device), (cached.offload(device) if cached is not None else None)
+    elif device.type != "cpu":
+        with status(f"moving to {device} ..."):
+            program, cached = program.to(device), (cached.to(device) if cached is not None else None)
+    for p in (program, cached):
+        if p is not None:
+            p.tokenizer, p.source = tokenizer, name
+    return program, cached

@@ -1,0 +1,62 @@
+"""`fxslice.compress`: the whole job as one call, the same record the CLI writes."""
+
+import json
+
+import pytest
+import torch
+
+import fxslice
+from fxslice import InvalidOption
+from fxslice.passes import prune_recipe, slicegpt_recipe
+from fxslice.recipes import Calibration
+
+
+def _text(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    return str(path)
+
+
+def test_compress_runs_the_whole_job_and_saves_what_load_reads(tmp_path, tiny_model_dir):
+    text = _text(tmp_path)
+    recipe = slicegpt_recipe(sparsity=0.25, multiple=4, calibration=Calibration(source=text, windows=4, length=32))
+    notes = []
+    report = fxslice.compress(str(tiny_model_dir("llama")), recipe, out=tmp_path / "out", evaluation=text,
+                              eval_windows=3, eval_length=32, options={"why": "test"}, progress=False,
+                              note=notes.append)
+    assert isinstance(report, fxslice.Report) and not notes
+    assert report.result.parameters < report.result.dense_parameters
+    assert set(report.perplexity) == {"dense", "compressed"} and all(v > 1 for v in report.perplexity.values())
+    text_report = str(report)
+    assert "widths       [48] of 64" in text_report and "perplexity   dense" in text_report
+    assert f"saved        {tmp_path / 'out'}" in text_report
+    saved = json.loads((tmp_path / "out" / "fxslice.json").read_text())
+    assert saved["why"] == "test" and saved["perplexity"] == report.perplexity
+    assert saved["evaluation"] == {"source": text, "windows": 3, "length": 32}
+    assert [s["stage"] for s in saved["stages"]] == ["cleanup", "slicegpt", "fuse_gqa"]
+    loaded = fxslice.load(tmp_path / "out")
+    ids = report.program.probe_input(batch=1, length=6)
+    assert torch.allclose(loaded(ids), report.program(ids), atol=1e-5)
+    assert loaded.cache is not None  # the KV-cache capture followed the recipe
+
+
+def test_compress_takes_a_module_with_its_tokenizer_and_skips_evaluation(tmp_path, char_tokenizer):
+    from fxslice.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("llama")
+    model.tokenizer = char_tokenizer
+    recipe = prune_recipe(target=0.2, shots=1, calibration=Calibration(source=_text(tmp_path), windows=4, length=32))
+    report = fxslice.compress(model, recipe, evaluation=None, progress=False)
+    assert report.out is None and report.perplexity == {} and "perplexity" not in str(report)
+    assert report.record["evaluation"]["windows"] == 0
+    assert report.result.parameters < report.result.dense_parameters
+    with pytest.raises(InvalidOption, match="the module is in torch.float32, not torch.bfloat16"):
+        fxslice.compress(model, recipe, evaluation=None, dtype="bfloat16", progress=False)
+
+
+def test_compress_checks_the_output_before_any_work(tmp_path, tiny_model_dir):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    recipe = slicegpt_recipe(sparsity=0.25, calibration=Calibration(source=_text(tmp_path), windows=4, length=32))
+    with pytest.raises(fxslice.FxsliceError, match="taken"):
+        fxslice.compress("does-not-exist-anywhere", recipe, out=tmp_path / "taken", progress=False)
