@@ -1,6 +1,6 @@
 """The quality frontier: perplexity against real parameter count for every recipe measured, as one PNG and one JSON.
 
-    python benchmarks/frontier.py [--windows 148] [--out benchmarks/frontier.png] [FILES...]
+    python benchmarks/frontier.py [--windows 148] [--out docs/images/frontier.png] [FILES...]
 
 Reads the raw outputs of `quality.py` and `pruning.py` (and hand-kept figures with their commands, for runs whose raw
 output was not saved) and draws every row evaluated on the same number of test windows (148: the whole WikiText-2
@@ -130,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="*", help="raw outputs (default: benchmarks/results/*.json)")
     parser.add_argument("--windows", type=int, default=WHOLE_SPLIT, help="test windows the rows must be evaluated on")
-    parser.add_argument("--out", default="benchmarks/frontier.png")
+    parser.add_argument("--out", default="docs/images/frontier.png")
     args = parser.parse_args()
     files = args.files or sorted(glob.glob(str(Path(__file__).parent / "results" / "*.json")))
     points, dense = collect(files, args.windows)

@@ -1,6 +1,6 @@
 """Perplexity against bytes for every quantized model measured on one protocol, as one PNG and one JSON object.
 
-    python benchmarks/quantized_frontier.py [--windows 8] [--out benchmarks/quantized-frontier.png] [FILES...]
+    python benchmarks/quantized_frontier.py [--windows 8] [--out docs/images/quantized-frontier.png] [FILES...]
 
 Reads raw outputs of `quantization.py` (default: the runs listed in `RUNS`) and keeps the rows evaluated on the same
 test windows with the same calibration, so no point is compared with one measured on other text. Each model family
@@ -92,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="*", help="raw outputs of quantization.py (default: RUNS)")
     parser.add_argument("--windows", type=int, default=8, help="test windows the rows must have been evaluated on")
-    parser.add_argument("--out", default="benchmarks/quantized-frontier.png", help="PNG to write ('' for none)")
+    parser.add_argument("--out", default="docs/images/quantized-frontier.png", help="PNG to write ('' for none)")
     args = parser.parse_args()
     paths = [Path(f) for f in args.files] or [RESULTS / name for name in RUNS if (RESULTS / name).exists()]
     found = points(paths, args.windows)

@@ -19,7 +19,8 @@ from fxslice.recipes import Recipe
 if TYPE_CHECKING:
     import torch
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="SliceGPT as a graph-transform compiler over torch.fx.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress transformer language models: SliceGPT, The LLM "
+                  "Surgeon and quantization as passes over one torch.fx graph.")
 err = Console(stderr=True, soft_wrap=True)  # piped output keeps whole lines (no wrap at 80 columns)
 out = Console(soft_wrap=True)
 _debug = False
@@ -129,11 +130,11 @@ def slice_(
     seed: CalibSeed = 0,
     untie: Annotated[bool, typer.Option("--untie", help="untie a tied head: better perplexity, V x d more parameters")] = False,
     shared_basis: Annotated[bool, typer.Option("--shared-basis", help="one basis per block (attention and MLP halves): "
-                                               "half the shortcut matrices, faster decoding, slightly worse perplexity (README)")] = False,
+                                               "half the shortcut matrices, faster decoding, slightly worse perplexity (docs/methods/slicegpt.md)")] = False,
     allocation: Annotated[str, typer.Option(help="segment widths: 'constant', or 'loss_aware' (the same parameter count "
-                                            "spent where the loss's curvature says, README)")] = "constant",
+                                            "spent where the loss's curvature says; benchmarks/README.md)")] = "constant",
     head_rank: Annotated[int, typer.Option(min=0, help="a tied head kept tied gets a rank-r correction of what the "
-                                           "sliced table lost: r (d + V) parameters (README)")] = 0,
+                                           "sliced table lost: r (d + V) parameters (docs/methods/slicegpt.md)")] = 0,
     recover_steps: RecoverSteps = 0,
     recover_text: RecoverText = "wikitext2:validation",
     recover_lr: RecoverLr = 5e-4,

@@ -10,7 +10,7 @@ fit whose statistics are three sums of outer products. Linears are fitted in gra
 inputs that the fits before it produce. Where nothing was removed, W is the exact minimiser and the refit changes
 nothing; otherwise the calibration reconstruction error can only go down.
 
-Measured on SmolLM2 at 25 % (README, "Refit"): every error goes down and the perplexity does not follow (74.85 without;
+Measured on SmolLM2 at 25 % (benchmarks/README.md, "Refit"): every error goes down and the perplexity does not follow (74.85 without;
 107.89 readers, 76.41 writers, 87.79 both): a reader's output error is not the loss, and the writers learn the
 calibration text. So it is off by default; it stays as a tested building block for objectives that weight errors
 by what the loss sees.
@@ -180,7 +180,7 @@ class RefitLinears(Pass):
                 why = "not a plain matrix (experts)"
             elif role_of(use.node) == TIED_HEAD_PROJECTION:
                 why = ("a tied head's projection: its output is in the embedding's basis (fitted through the table to "
-                       "the logits, it made SmolLM2 worse: README)")
+                       "the logits, it made SmolLM2 worse: benchmarks/README.md)")
             elif out_map is None and use.output.meta["val"].shape[-1] != ref_use.output.meta["val"].shape[-1]:
                 why = "its output was compressed too"
             elif out_map is not None and use.output.meta["val"].shape[-1] != out_map.shape[1]:

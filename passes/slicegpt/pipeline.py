@@ -39,7 +39,7 @@ def slicegpt(
 ) -> SliceResult:
     """Slice `program` in place; `windows` are the calibration token windows [n, length].
 
-    `keep_ties=False` unties a tied head (better perplexity, a V x d table more; see README).
+    `keep_ties=False` unties a tied head (better perplexity, a V x d table more; see docs/methods/slicegpt.md).
     `share=per_block` gives both halves of a block one basis: half the shortcut matrices, some quality."""
     from fxslice.passes.presets import slicegpt_recipe
 

@@ -34,7 +34,7 @@ class SliceGPT(Stage):
     its width from the loss's curvature along the directions slicing removes (`widths.py`), measured by a
     forward and backward pass over the first `sensitivity_windows` calibration windows. `refit` then fits
     the linears at the sliced stream in closed form to the unsliced model's outputs (`RefitLinears`): "readers",
-    "writers" or "both" ("off" by default: README, measured on SmolLM2). `head_rank` r > 0 gives a tied head, kept
+    "writers" or "both" ("off" by default: benchmarks/README.md, measured on SmolLM2). `head_rank` r > 0 gives a tied head, kept
     tied, a rank-r correction of what the sliced table lost (`CorrectTiedHead`: r (d + V) parameters)."""
 
     kind = "slicegpt"
