@@ -24,6 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress tra
 err = Console(stderr=True, soft_wrap=True)  # piped output keeps whole lines (no wrap at 80 columns)
 out = Console(soft_wrap=True)
 _debug = False
+_quiet = False
 
 ModelArg = Annotated[str, typer.Argument(help="hub name, HF directory, .gguf file, or 'smollm2' (the embedded default)")]
 
@@ -53,6 +54,8 @@ def _status(message: str):
     """A spinner on a terminal; elsewhere (a log, a pipe) the message as one line, so that a long step is seen."""
     import contextlib
 
+    if _quiet:
+        return contextlib.nullcontext()
     if err.is_terminal:
         return err.status(message)
     err.print(message, highlight=False, markup=False, soft_wrap=True)
@@ -60,9 +63,17 @@ def _status(message: str):
 
 
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
-    global _debug
-    _debug = debug
+def main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or status lines on stderr (results "
+                                             "and errors still print)")] = False) -> None:
+    global _debug, _quiet
+    _debug, _quiet = debug, quiet
+    if quiet:  # transformers' and the hub's own bars (loading weights) too
+        import os
+
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _capture(model: str) -> Program:
@@ -105,7 +116,7 @@ def diff(
 
     pipeline = [load_pass(s) for s in pass_]
     program = _capture(model)
-    result = PassManager(pipeline, check_numerics=check, progress=True).run(program)
+    result = PassManager(pipeline, check_numerics=check, progress=not _quiet).run(program)
     out.print(result.text(), highlight=False, markup=False)
     if html is not None:
         tmp = html.with_name(html.name + ".partial")
@@ -117,7 +128,7 @@ def diff(
 @app.command(name="slice")
 def slice_(
     model: ModelArg = DEFAULT_MODEL,
-    sparsity: Annotated[float, typer.Option(help="fraction of the stream width to remove, in (0, 1)")] = 0.25,
+    sparsity: Annotated[float, typer.Option(help="fraction of the stream width to remove, in [0, 1) (0: rotate only)")] = 0.25,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the sliced model")] = Path("sliced"),
     calibration: CalibrationText = "wikitext2:validation",
     calib_windows: CalibWindows = 32,
@@ -149,8 +160,6 @@ def slice_(
     from fxslice.passes import slicegpt_recipe
     from fxslice.recipes import Calibration
 
-    if not 0.0 < sparsity < 1.0:
-        raise InvalidOption(f"--sparsity must be in (0, 1), got {sparsity}")
     recipe = slicegpt_recipe(sparsity=sparsity, multiple=multiple, keep_ties=not untie, shared_basis=shared_basis,
                              batch_size=batch_size, allocation=allocation, head_rank=head_rank, calibration=Calibration(
                                  source=calibration, windows=calib_windows, length=calib_length, seed=seed,
@@ -312,7 +321,7 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
 
     report = compress(model, recipe, out=out_dir, evaluation=evaluation, eval_windows=eval_windows,
                       eval_length=eval_length, batch_size=batch_size, device=device, dtype=dtype, offload=offload,
-                      options=extra, progress=True, status=_status, note=_note)
+                      options=extra, progress=not _quiet, status=_status, note=_note)
     out.print(str(report), highlight=False, markup=False)
 
 
@@ -459,7 +468,7 @@ def eval_(
     if evaluation != "none":
         test = token_windows(program.tokenizer, load_text(evaluation), eval_length)
         test = test[:eval_windows] if eval_windows else test
-        value = perplexity(program, test, batch_size=batch_size, progress=True)
+        value = perplexity(program, test, batch_size=batch_size, progress=not _quiet)
         figures["perplexity"] = {"value": value, "source": evaluation, "windows": len(test), "length": eval_length}
         out.print(f"perplexity {value:.3f}  ({len(test)} windows of {eval_length} tokens, {evaluation}; "
                   f"{parameters:,} parameters)", highlight=False, markup=False)

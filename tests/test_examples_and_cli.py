@@ -63,6 +63,10 @@ def test_cli_inspect_and_diff_on_a_local_model(tmp_path):
     assert any(len(line) > 100 for line in diff.stdout.splitlines())
     listed = subprocess.run([*run, "diff", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
     assert "cleanup_ir" in listed.stdout and "fuse_norms" in listed.stdout
+    assert "loading and capturing" in diff.stderr and "passes" in diff.stderr  # status and progress, off a terminal
+    quiet = subprocess.run([*run, "--quiet", "diff", str(tmp_path / "gpt2")], capture_output=True, text=True)
+    assert quiet.returncode == 0 and "proved in float64" in quiet.stdout
+    assert quiet.stderr == "", quiet.stderr
 
 
 def test_cli_error_is_one_message_with_its_exit_code(tmp_path):
