@@ -128,7 +128,7 @@ def diff(
 @app.command(name="slice")
 def slice_(
     model: ModelArg = DEFAULT_MODEL,
-    sparsity: Annotated[float, typer.Option(help="fraction of the stream width to remove, in [0, 1) (0: rotate only)")] = 0.25,
+    sparsity: Annotated[float, typer.Option(help="fraction of the stream width to remove, in (0, 1)")] = 0.25,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the sliced model")] = Path("sliced"),
     calibration: CalibrationText = "wikitext2:validation",
     calib_windows: CalibWindows = 32,

@@ -250,7 +250,7 @@ class PassManager:
         for p in progress_bar(self.passes, "passes", enabled=self.progress):
             name = p.name or type(p).__name__
             no_proof = ""
-            if self.check_numerics and p.exact and copy64 is None:
+            if reference is not None and p.exact and copy64 is None:
                 copy64, no_proof = _float64_copy(program)
             before = GraphSnapshot.take(program.gm)
             start = time.perf_counter()

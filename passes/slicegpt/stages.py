@@ -68,6 +68,9 @@ class SliceGPT(Stage):
                                 f"{'both' if self.sparsity is not None else 'neither'}")
         if self.sparsity is not None:
             ConstantWidths(self.sparsity, self.multiple)  # validates both
+            if self.sparsity == 0:
+                raise InvalidOption("slicegpt: sparsity 0 slices nothing (the rotated model is larger by its shortcut "
+                                    "matrices); give a sparsity in (0, 1)")
         elif not callable(self.widths) and not all(isinstance(w, int) and w > 0 for w in self.widths):
             raise InvalidOption(f"slicegpt: widths must be positive integers, got {list(self.widths)}")
         self.require_positive_ints("batch_size")
