@@ -162,8 +162,7 @@ def slice_(
 
     recipe = slicegpt_recipe(sparsity=sparsity, multiple=multiple, keep_ties=not untie, shared_basis=shared_basis,
                              batch_size=batch_size, allocation=allocation, head_rank=head_rank, calibration=Calibration(
-                                 source=calibration, windows=calib_windows, length=calib_length, seed=seed,
-                                 batch_size=batch_size))
+                                 source=calibration, windows=calib_windows, length=calib_length, seed=seed))
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
     if save_recipe is not None:
         recipe.save(save_recipe)
@@ -206,7 +205,7 @@ def prune(
     from fxslice.passes import prune_recipe
     from fxslice.recipes import Calibration
 
-    data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size)
+    data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed)
     recipe = prune_recipe(method=method, target=target, shots=shots, structures=structures, batch_size=batch_size,
                           calibration=data, strict=strict, multiple=multiple)
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
@@ -261,7 +260,7 @@ def quantize(
     from fxslice.passes.slicegpt.stages import Rotate
     from fxslice.recipes import Calibration
 
-    data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed, batch_size=batch_size)
+    data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed)
     searching = {"--search": search, "--evaluations": evaluations, "--spread": spread, "--log": log or None}
     if not budget_bits:
         given = [name for name, value in searching.items() if value is not None]

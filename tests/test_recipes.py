@@ -67,7 +67,7 @@ def test_stages_are_frozen_and_keyword_only():
 
 
 @settings(max_examples=30, deadline=None)
-@given(sparsity=st.floats(0.0, 0.95), multiple=st.integers(1, 64), keep_ties=st.booleans(), shared=st.booleans(),
+@given(sparsity=st.floats(0.0, 0.95, exclude_min=True), multiple=st.integers(1, 64), keep_ties=st.booleans(), shared=st.booleans(),
        batch=st.integers(1, 16), windows=st.integers(1, 512), seed=st.integers(0, 2**31), causal=st.booleans(),
        suffix=st.sampled_from([".yaml", ".yml", ".json"]))
 def test_recipes_round_trip_through_yaml_and_json(tmp_path_factory, sparsity, multiple, keep_ties, shared, batch,
@@ -263,3 +263,12 @@ def test_the_slice_rotate_quantize_example_keeps_shortcuts_at_8_bits(tiny):
     assert kinds.shortcuts and {program.quantized[n].bits for n in kinds.shortcuts} == {8}
     assert {program.quantized[n].bits for n in set(kinds.linears) - kinds.shortcuts} == {4}
     assert program.num_bytes() < dense_bytes / 3
+
+
+def test_a_recipe_written_with_the_old_calibration_batch_size_reads_with_a_warning(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("calibration: {source: wikitext2:validation, windows: 4, length: 64, batch_size: 2}\n"
+                    "stages: [{stage: cleanup}]\n")
+    with pytest.warns(UserWarning, match="batch_size is ignored"):
+        recipe = load_recipe(path)
+    assert recipe.calibration.windows == 4 and "batch_size" not in recipe.to_dict()["calibration"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,9 @@ class Calibration:
     windows: int = 32
     length: int = 2048
     seed: int = 0
-    batch_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("windows", "length", "batch_size"):
+        for name in ("windows", "length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidOption(f"calibration {name} must be a positive integer, got {value!r}")
@@ -201,6 +201,9 @@ class Recipe:
             except TypeError as exc:
                 raise InvalidOption(f"recipe stage {i} '{name}': {exc}") from exc
         calib = data.get("calibration")
+        if isinstance(calib, Mapping) and "batch_size" in calib:  # recipes written before it went: it did nothing
+            warnings.warn("recipe calibration: batch_size is ignored (each stage has its own); remove it", stacklevel=2)
+            calib = {k: v for k, v in calib.items() if k != "batch_size"}
         try:
             calibration = Calibration(**calib) if calib is not None else None
         except TypeError as exc:
