@@ -7,8 +7,8 @@ model's function) or lossy; it must say which. After every pass the manager
   before, so that a pass that edits but reports `modified=False` is named, not the next pass that recompiles;
 - checks the graph (lint, the program's inputs, `input_ids` still used, every weight resolvable);
 - with `check_numerics` (the default) proves an exact pass on a float64 copy of the program, on two probe shapes,
-  where float32 round-off cannot hide a small change (GELU -> its tanh approximation moves logits by ~1e-5), checks
-  the logits again in the program's own dtype, and measures what a lossy pass moved;
+  where float32's tolerance cannot hide a small change (GELU -> its tanh approximation moves a tiny GPT-NeoX's
+  logits by 5e-5), checks the logits again in the program's own dtype, and measures what a lossy pass moved;
 - records what the pass changed and how it was checked (see `fxslice.core.diff`), and names the pass on failure.
 """
 

@@ -45,7 +45,8 @@ def slicegpt(
 
     if share not in (None, per_block):
         raise InvalidOption("slicegpt(): share is None or per_block; for another grouping run SliceStream yourself")
-    if isinstance(widths, ConstantWidths):
+    # a recipe's sparsity is in (0, 1); full width (a change of basis only, what tests compare with) goes as a rule
+    if isinstance(widths, ConstantWidths) and widths.sparsity > 0:
         rule: dict = {"sparsity": widths.sparsity, "multiple": widths.multiple}
     else:
         rule = {"widths": widths if callable(widths) else tuple(int(w) for w in widths)}
