@@ -49,8 +49,9 @@ def drop_layer(program: Program, module: str) -> int:
         modules = sorted({module_path(w.output).rpartition(".")[0] for w in stream.writers if w.kind == "linear"})
         raise InvalidOption(f"no branch of '{module}' writes into the residual stream; modules that do: "
                             f"{', '.join(modules[:6])}{', ...' if len(modules) > 6 else ''}")
+    order = {node: i for i, node in enumerate(program.graph.nodes)}
     removed = 0
-    for writer in sorted(writers, key=lambda w: -list(program.graph.nodes).index(w.output)):
+    for writer in sorted(writers, key=lambda w: -order[w.output]):  # the last first: each sum still has its inputs
         removed += remove_writer(program, writer)
     config = program.config
     if config is not None and isinstance(config.get("num_hidden_layers"), int):

@@ -28,7 +28,7 @@ from fxslice.core.pass_manager import replay
 from fxslice.core.program import Program
 from fxslice.data import load_text, token_windows
 from fxslice.evaluation.perplexity import perplexity
-from fxslice.models.capture import capture_module, load_model
+from fxslice.models.capture import capture_module, check_module_dtype, load_model
 from fxslice.models.io import check_output_dir, save
 from fxslice.models.kvcache import capture_cached
 from fxslice.recipes import Recipe, RecipeResult
@@ -175,12 +175,9 @@ def capture_with_cache(model: str | os.PathLike | nn.Module, device: torch.devic
     with `offload` computing there while their weights stay in host memory."""
     name = type(model).__name__ if isinstance(model, nn.Module) else str(model)
     with status(f"loading and capturing {name} ..."):
-        if isinstance(model, nn.Module):  # the caller's module is not converted behind their back
+        if isinstance(model, nn.Module):
+            check_module_dtype(model, dtype)
             module, tokenizer = model, getattr(model, "tokenizer", None)
-            own = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-            if own != dtype:
-                raise InvalidOption(f"the module is in {own}, not {dtype}; convert it (model.to(...)) or pass "
-                                    f"dtype={str(own).removeprefix('torch.')!r}")
         else:
             module, tokenizer = load_model(model)
             if dtype != torch.float32:

