@@ -33,16 +33,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from speed import decode_run, prefill_run  # noqa: E402 - fxslice's own timing loops
 
-from fxslice import PassManager  # noqa: E402
-from fxslice.core.pass_manager import replay  # noqa: E402
+from fxslice import PassManager, compress  # noqa: E402
 from fxslice.data import load_text, token_windows  # noqa: E402
 from fxslice.evaluation.perplexity import perplexity  # noqa: E402
-from fxslice.models.capture import capture_module, default_model_path, load_model  # noqa: E402
+from fxslice.models.capture import default_model_path, load_model  # noqa: E402
 from fxslice.models.gguf_export import export_gguf  # noqa: E402
-from fxslice.models.io import load, save  # noqa: E402
+from fxslice.models.io import load  # noqa: E402
 from fxslice.models.kvcache import capture_cached  # noqa: E402
 from fxslice.passes import CleanupIR, prune_recipe  # noqa: E402
 from fxslice.passes.quantize import QuantizeWeights  # noqa: E402
+from fxslice.recipes import Calibration  # noqa: E402
 
 
 def _llama(path: Path, threads: int, context: int):
@@ -90,17 +90,13 @@ def _programs(args: argparse.Namespace, tokenizer, module) -> dict[str, object]:
     if args.pruned:
         programs["pruned"] = load(args.pruned)
     elif args.prune:
-        plain = capture_module(module)
-        calibration = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length,
-                                    count=args.calib_windows, seed=0)
-        result = prune_recipe(target=args.prune, shots=args.shots, batch_size=1, multiple=args.multiple).run(plain, calibration=calibration,
-                                                                                     progress=True)
-        pruned = capture_cached(module)
-        pruned.tokenizer, pruned.source = tokenizer, "smollm2"
-        replay(result.passes, pruned, plain)
-        programs["pruned"] = pruned
-        if args.out and not (Path(args.out) / "pruned-model").exists():  # to reuse with --pruned
-            save(pruned, Path(args.out) / "pruned-model", {"source": "smollm2", "passes": [p.name for p in result.passes]})
+        out = Path(args.out) / "pruned-model" if args.out else None  # to reuse with --pruned
+        calibration = Calibration(windows=args.calib_windows, length=args.calib_length)
+        recipe = prune_recipe(target=args.prune, shots=args.shots, multiple=args.multiple, calibration=calibration)
+        report = compress("smollm2", recipe, out=None if out is None or out.exists() else out, evaluation=None)
+        if report.cached is None:
+            raise SystemExit("the pruned model has no KV-cache capture to decode with: " + "; ".join(report.notes))
+        programs["pruned"] = report.cached
     if args.bits:
         calibration = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length,
                                     count=args.calib_windows, seed=0)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from fxslice.passes.rewrite.stages import Cleanup, FuseGQA
 from fxslice.passes.slicegpt.stages import SliceGPT
+from fxslice.passes.surgeon.options import METHODS
 from fxslice.passes.surgeon.stages import Surgeon
 from fxslice.recipes import Calibration, Recipe
 
 __all__ = ["slicegpt_recipe", "prune_recipe", "PRUNING_METHODS"]
 
-#: `fxslice prune --method` -> the Surgeon stage's curvature
-PRUNING_METHODS = {"surgeon": "kfac", "kobd": "kobd", "lobd": "activations", "magnitude": "identity"}
+#: `fxslice prune --method`, the Surgeon stage's `method`
+PRUNING_METHODS = tuple(METHODS)
 
 
 def slicegpt_recipe(*, calibration: Calibration | None = None, **options) -> Recipe:
@@ -22,9 +23,5 @@ def slicegpt_recipe(*, calibration: Calibration | None = None, **options) -> Rec
 
 def prune_recipe(*, method: str = "surgeon", calibration: Calibration | None = None, **options) -> Recipe:
     """Structured pruning of dimension groups: clean up, prune (`options` are the `Surgeon` stage's), fuse GQA."""
-    from fxslice.core import InvalidOption
-
-    if method not in PRUNING_METHODS:
-        raise InvalidOption(f"--method must be one of {', '.join(PRUNING_METHODS)}, got {method!r}")
-    return Recipe((Cleanup(), Surgeon(curvature=PRUNING_METHODS[method], **options), FuseGQA()), calibration,
+    return Recipe((Cleanup(), Surgeon(method=method, **options), FuseGQA()), calibration,
                   name=f"prune-{method}")

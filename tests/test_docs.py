@@ -10,8 +10,19 @@ ROOT = Path(__file__).resolve().parents[1]
 GUIDES = [ROOT / "docs" / "writing-passes.md"]
 
 
+#: the pages whose code uses the default model and full-size calibration: run on a tiny Llama, sizes shrunk
+ON_A_TINY_MODEL = [ROOT / "README.md", ROOT / "docs" / "python.md"]
+#: full-size numbers in those pages -> what a tiny model with a character tokenizer takes in seconds
+SHRINK = {"length=2048": "length=32", "length=512": "length=32", "windows=32": "windows=4", "windows=8": "windows=4",
+          "eval_windows=16": "eval_windows=2", "2048)[:16]": "32)[:2]", "max_new_tokens=40": "max_new_tokens=5"}
+#: written before a block that cannot run here, with the reason
+NOT_RUN = "<!-- not run:"
+
+
 def python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    """The page's Python blocks, less those marked `<!-- not run: why -->` on the line before."""
+    return [code for marker, code in re.findall(r"(<!-- not run:[^>]*-->\n)?```python\n(.*?)```", text, flags=re.DOTALL)
+            if not marker]
 
 
 @pytest.mark.parametrize("guide", GUIDES, ids=[g.name for g in GUIDES])
@@ -29,6 +40,26 @@ def test_every_python_block_of_a_guide_runs(guide, monkeypatch, capsys):
     if guide.name == "writing-passes.md":
         assert "gelu_to_tanh (lossy" in printed and "logits moved" in printed
         assert "changed the logits of a float64 copy" in printed and "proved in float64" in printed
+
+
+@pytest.mark.parametrize("page", ON_A_TINY_MODEL, ids=[p.name for p in ON_A_TINY_MODEL])
+def test_every_python_block_of_a_page_runs_on_a_tiny_model(page, tiny_model_dir, tmp_path, monkeypatch):
+    """The README's and the Python guide's code, as written, but on a tiny Llama (its directory in place of
+    "smollm2") with small windows, in an empty folder: what it saves and loads, it saves and loads there."""
+    model = tiny_model_dir("llama")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__guide__"}
+    blocks = python_blocks(page.read_text(encoding="utf-8"))
+    assert blocks, f"{page.name} has no Python block to run"
+    for i, block in enumerate(blocks):
+        code = block.replace('"smollm2"', repr(str(model)))
+        for full, small in SHRINK.items():
+            code = code.replace(full, small)
+        try:
+            exec(compile(code, f"{page.name}[block {i}]", "exec"), namespace)
+        except Exception as exc:
+            raise AssertionError(f"{page.name}, Python block {i} failed: {type(exc).__name__}: {exc}\n{code}") from exc
+    assert any(p.is_dir() for p in tmp_path.iterdir()), "the page's code saved no model"
 
 
 def test_the_cli_reference_is_what_the_cli_says():

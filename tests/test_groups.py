@@ -2,6 +2,8 @@
 and groups that must not be removed, with the reason."""
 
 import pytest
+import transformers
+from packaging.version import Version
 
 from fxslice import PassManager
 from fxslice.analysis.groups import group_analysis
@@ -16,7 +18,10 @@ EXPECTED = {
     "gpt2": (512, 8, (48, 16)),  # Conv1D (addmm) and a split of c_attn
     "gpt_neox": (256, 8, (48, 16)),  # heads interleaved in query_key_value
     "opt": (256, 8, (48, 16)),
-    "falcon": (512, 0, None),  # multi-query attention through an index op: heads blocked
+    # Falcon's multi-query attention: until transformers 5.24 its one key/value head reached the query heads through
+    # an index op and broadcast_to, which hide the heads (blocked); from 5.25 Falcon uses the shared attention
+    # (view, expand, SDPA) and each layer is one group: 4 query heads + k + v rows, the dense's 64 columns
+    "falcon": (512, 2, (96, 64)) if Version(transformers.__version__) >= Version("5.25") else (512, 0, None),
     "gemma2": (256, 0, None),  # eager attention (matmul): heads blocked
     "olmo2": (256, 0, None),  # q/k norm over all heads at once: heads blocked
     "mixtral": (0, 4, (64, 32)),  # experts' grouped matmuls are not grouped

@@ -10,7 +10,7 @@ from fxslice.analysis.groups import group_analysis
 from fxslice.evaluation.perplexity import perplexity
 from fxslice.passes import STAGES, CleanupIR, prune_recipe
 from fxslice.passes.rewrite.stages import Cleanup
-from fxslice.passes.surgeon import SurgeonPrune
+from fxslice.passes.surgeon import SurgeonMask, SurgeonPrune
 from fxslice.passes.surgeon.obs import column_cost, damped_inverse, remove_columns, remove_rows, row_cost
 from fxslice.passes.surgeon.stages import Surgeon
 from fxslice.recipes import Recipe
@@ -104,13 +104,41 @@ def test_predicted_loss_increase_tracks_the_measured_one_for_small_steps(tiny):
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"target": 1.2}, "target"), ({"shots": 0}, "shots"), ({"curvature": "hessian"}, "curvature"),
+    ({"target": 1.2}, "target"), ({"shots": 0}, "shots"), ({"method": "kfac"}, "method must be one of surgeon, kobd"),
     ({"structures": "rows_cols"}, "structures must be"), ({"labels": "mine"}, "labels"),
-    ({"structures": "2:4", "target": 0.6}, "at most half"),
+    ({"structures": "2:4", "target": 0.6}, r"\(0, 0.5\]"), ({"target": 1.0}, r"\(0, 1\)"),
 ])
 def test_bad_surgeon_options_are_refused(options, message):
     with pytest.raises(InvalidOption, match=message):
         Surgeon(**options)
+
+
+@pytest.mark.parametrize("structures", ["groups", "unstructured", "2:4"])
+def test_the_stage_and_its_passes_take_the_same_targets(structures):
+    """One check for `target`: what the stage accepts its pass accepts, and what it refuses the pass refuses too."""
+    from fxslice.passes.surgeon.options import check_target
+
+    windows = torch.zeros(1, 4, dtype=torch.long)
+    for target in (0.0, 0.3, 0.5, 0.6, 1.0):
+        accepted = []
+        for build in (lambda t: Surgeon(target=t, structures=structures),
+                      lambda t: SurgeonPrune(windows, target=t) if structures == "groups"
+                      else SurgeonMask(windows, target=t, structures=structures),
+                      lambda t: check_target(t, structures)):
+            try:
+                build(target)
+                accepted.append(True)
+            except InvalidOption:
+                accepted.append(False)
+        assert len(set(accepted)) == 1, (structures, target, accepted)
+
+
+def test_a_recipe_written_with_curvature_reads_as_the_method_with_a_warning():
+    data = {"stages": [{"stage": "cleanup"}, {"stage": "surgeon", "target": 0.2, "curvature": "activations"}]}
+    with pytest.warns(UserWarning, match="now 'method: lobd'"):
+        recipe = Recipe.from_dict(data, STAGES)
+    assert recipe.stages[1].method == "lobd"
+    assert "curvature" not in recipe.stages[1].to_dict()
 
 
 def test_the_surgeon_stage_runs_after_slicegpt_and_reports_every_shot(tiny):
@@ -150,7 +178,7 @@ def test_cli_prune_saves_a_smaller_model_that_reloads_and_generates(tmp_path, ti
                                capture_output=True, text=True)
     assert generated.returncode == 0, generated.stderr[-2000:]
     bad = subprocess.run([*cmd[:4], "x", "--method", "obs", "--out", str(tmp_path / "o2")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--method must be one of" in bad.stderr
+    assert bad.returncode == 2 and "method must be one of surgeon, kobd, lobd, magnitude" in bad.stderr
 
 
 def test_a_model_without_removable_groups_is_refused_naming_what_blocks_them(plain_program):

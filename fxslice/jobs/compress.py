@@ -35,6 +35,9 @@ from fxslice.recipes import Recipe, RecipeResult
 
 __all__ = ["Report", "capture_with_cache", "compress"]
 
+#: tokens per evaluation window unless given: the papers' 2048, or the model's context where it is shorter
+DEFAULT_EVAL_LENGTH = 2048
+
 
 @dataclass
 class Report:
@@ -47,6 +50,7 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     out: Path | None = None
     notes: list[str] = field(default_factory=list)
+    cached: Program | None = None  # the KV-cache capture with the compressed weights (generation), where it follows
 
     def lines(self) -> list[str]:
         """The summary a person reads: parameters, each stage's own lines, perplexity, time, where it went."""
@@ -86,7 +90,7 @@ def compress(
     out: str | os.PathLike | None = None,
     evaluation: str | None = "wikitext2:test",
     eval_windows: int | None = None,
-    eval_length: int = 2048,
+    eval_length: int | None = None,
     batch_size: int = 1,
     device: str = "cpu",
     dtype: str = "float32",
@@ -97,13 +101,13 @@ def compress(
     note: Callable[[str], None] = _note,
 ) -> Report:
     """Compress `model` (a hub name, a directory, a .gguf file, "smollm2", or an nn.Module with its own tokenizer
-    given as `model.tokenizer`) with `recipe`; measure perplexity on `evaluation` (None: skip) before and after;
-    save to `out` when given (checked before any work). `options` are recorded as given (the CLI's flags).
+    given as `model.tokenizer`) with `recipe`; measure perplexity on `evaluation` (None: skip) before and after,
+    on its first `eval_windows` windows (all when None) of `eval_length` tokens (2048, or the model's context); save to `out` when given (checked before any work). `options` are recorded as given (the CLI's flags).
     `status` and `note` show progress and remarks (a line on stderr by default)."""
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         check_output_dir(out_dir)  # before the long work: a typo in `out` should not cost a calibration
-    if not isinstance(eval_length, int) or eval_length < 2:
+    if eval_length is not None and (not isinstance(eval_length, int) or eval_length < 2):
         raise InvalidOption(f"eval_length must be an integer ≥ 2, got {eval_length!r}")
     target = resolve_device(device)
     precision = resolve_dtype(dtype, target)
@@ -122,6 +126,7 @@ def compress(
     test = None
     if evaluation not in (None, "none"):
         context = (program.config or {}).get("max_position_embeddings")
+        eval_length = eval_length or min(DEFAULT_EVAL_LENGTH, context or DEFAULT_EVAL_LENGTH)
         test = token_windows(program.tokenizer, load_text(evaluation), eval_length, max_length=context)
         test = test[:eval_windows] if eval_windows else test
     ppl: dict[str, float] = {}
@@ -154,7 +159,7 @@ def compress(
     if out_dir is not None:
         with _timed(seconds, "save"), status(f"saving to {out_dir} ..."):
             save(cached or program, out_dir, record)
-    return Report(program, result, record, ppl, seconds, out_dir, notes)
+    return Report(program, result, record, ppl, seconds, out_dir, notes, cached)
 
 
 @contextlib.contextmanager

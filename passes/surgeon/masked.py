@@ -35,11 +35,9 @@ from fxslice.passes.surgeon.curvature import (
 )
 from fxslice.passes.surgeon.linears import decoder_linears, matrix_of, store_matrix
 from fxslice.passes.surgeon.obs import StructureCosts, remove_elements, remove_rows_and_columns, structure_costs
+from fxslice.passes.surgeon.options import MASKED_STRUCTURES, check_target
 
 __all__ = ["SurgeonMask", "MaskReport", "MASKED_STRUCTURES"]
-
-MASKED_STRUCTURES = ("rows_columns", "unstructured", "2:4")
-
 
 @dataclass(frozen=True)
 class MaskReport:
@@ -63,10 +61,7 @@ class SurgeonMask(SurgeonPass):
                          progress=progress)
         if structures not in MASKED_STRUCTURES:
             raise InvalidOption(f"surgeon: masked structures must be one of {MASKED_STRUCTURES}, got {structures!r}")
-        limit = 0.5 if structures == "2:4" else 1.0
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target < limit + 1e-12:
-            raise InvalidOption(f"surgeon: target (the fraction of decoder-linear weights to zero) must be in "
-                                f"(0, {limit:g}{']' if limit < 1 else ')'} for structures={structures!r}, got {target!r}")
+        target = check_target(target, structures)
         if not (damp_a > 0 and damp_g > 0):
             raise InvalidOption(f"surgeon: damping must be positive, got damp_a={damp_a}, damp_g={damp_g}")
         self.target, self.structures, self.damp_a, self.damp_g = float(target), structures, damp_a, damp_g

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from fxslice.core import InvalidOption, Program
 from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED, PRUNED, QUANTIZED
-from fxslice.passes.surgeon.curvature import CURVATURES
-from fxslice.passes.surgeon.masked import MASKED_STRUCTURES, SurgeonMask
+from fxslice.passes.surgeon.masked import SurgeonMask
+from fxslice.passes.surgeon.options import METHODS, check_target, curvature_of
 from fxslice.passes.surgeon.surgeon import SurgeonPrune
 from fxslice.recipes import Stage, StageContext, StageResult
 
@@ -34,7 +36,7 @@ class Surgeon(Stage):
     target: float = 0.2
     strict: bool = False  # an unmet target (groups) is an error instead of a warning in the report
     shots: int = 4
-    curvature: str = "kfac"
+    method: str = "surgeon"  # or kobd, lobd, magnitude (the paper's baselines): `options.METHODS`
     structures: str = "groups"
     damp_a: float = 0.01  # A's damping, a fraction of its mean diagonal
     damp_g: float = 0.01  # G's (inverted for rows only: the masked structures)
@@ -43,28 +45,35 @@ class Surgeon(Stage):
     multiple: int = 1  # groups: every MLP keeps a multiple of this many channels (32: GGUF blocks; 64: GPU tiles)
 
     def __post_init__(self) -> None:
-        if self.structures not in ("groups", *MASKED_STRUCTURES):
-            raise InvalidOption(f"surgeon: structures must be 'groups' (what shrinks the model) or one of the "
-                                f"paper's zero-masked {MASKED_STRUCTURES}, got {self.structures!r}")
-        if self.curvature not in CURVATURES:
-            raise InvalidOption(f"surgeon: curvature must be one of {CURVATURES}, got {self.curvature!r}")
+        curvature_of(self.method)
+        check_target(self.target, self.structures)
         if self.labels not in ("data", "sampled"):
             raise InvalidOption(f"surgeon: labels must be 'data' or 'sampled', got {self.labels!r}")
-        if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or not 0 < self.target < 1:
-            raise InvalidOption(f"surgeon: target must be in (0, 1), got {self.target!r}")
-        if self.structures == "2:4" and self.target > 0.5:
-            raise InvalidOption(f"surgeon: 2:4 zeroes at most half the weights; target must be ≤ 0.5, got {self.target}")
         self.require_positive_ints("shots", "multiple")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Stage:
+        if "curvature" in data:  # recipes written before the stage took the CLI's word for the same choice
+            data = dict(data)
+            curvature = data.pop("curvature")
+            names = {v: k for k, v in METHODS.items()}
+            if curvature not in names:
+                raise InvalidOption(f"surgeon: curvature {curvature!r} is not one of {', '.join(names)}; "
+                                    f"write method: one of {', '.join(METHODS)}")
+            warnings.warn(f"surgeon: 'curvature: {curvature}' is now 'method: {names[curvature]}'; "
+                          "update the recipe", stacklevel=2)
+            data.setdefault("method", names[curvature])
+        return super().from_dict(data)
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         surgeon: SurgeonPrune | SurgeonMask
         if self.structures == "groups":
             surgeon = SurgeonPrune(context.windows(self.kind), target=self.target, shots=self.shots,
-                                   curvature=self.curvature, damp_a=self.damp_a, batch_size=self.batch_size,
+                                   curvature=curvature_of(self.method), damp_a=self.damp_a, batch_size=self.batch_size,
                                    labels=self.labels, multiple=self.multiple, progress=context.progress)
         else:
             surgeon = SurgeonMask(context.windows(self.kind), target=self.target, shots=self.shots,
-                                  structures=self.structures, curvature=self.curvature, damp_a=self.damp_a,
+                                  structures=self.structures, curvature=curvature_of(self.method), damp_a=self.damp_a,
                                   damp_g=self.damp_g, batch_size=self.batch_size, labels=self.labels,
                                   progress=context.progress)
         before = program.num_parameters()

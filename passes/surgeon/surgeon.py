@@ -33,6 +33,7 @@ from fxslice.passes.surgeon.base import SurgeonPass
 from fxslice.passes.surgeon.curvature import Factors, factors, needs_activations, needs_gradients, updates
 from fxslice.passes.surgeon.linears import matrix_of, store_matrix
 from fxslice.passes.surgeon.obs import column_cost, remove_columns
+from fxslice.passes.surgeon.options import check_target
 
 __all__ = ["SurgeonPrune", "ShotReport"]
 
@@ -58,13 +59,11 @@ class SurgeonPrune(SurgeonPass):
                  progress: bool = False):
         super().__init__(windows, shots=shots, curvature=curvature, batch_size=batch_size, labels=labels,
                          progress=progress)
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target < 1.0:
-            raise InvalidOption(f"surgeon: target (the fraction of parameters to remove) must be in (0, 1), got {target!r}")
         if not damp_a > 0:
             raise InvalidOption(f"surgeon: damping must be positive, got damp_a={damp_a}")
         if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
             raise InvalidOption(f"surgeon: multiple must be a positive integer, got {multiple!r}")
-        self.target, self.damp_a, self.multiple = float(target), damp_a, multiple
+        self.target, self.damp_a, self.multiple = check_target(target, "groups"), damp_a, multiple
         self._last_loss: float | None = None
         self.reports: list[ShotReport] = []
 
