@@ -121,3 +121,29 @@ def test_nothing_imports_a_bare_passes_package():
 def test_the_layer_table_covers_every_package():
     packages = {p.name for p in (ROOT / "fxslice").iterdir() if (p / "__init__.py").is_file()}
     assert packages == set(ALLOWED), f"add new packages to ALLOWED: {sorted(packages ^ set(ALLOWED))}"
+
+
+def test_the_command_line_builds_stages_but_never_asks_which_method_ran():
+    """The CLI turns flags into stages; what a stage did, it hears from the stage (`Stage.summary`), so no
+    `isinstance(x, SomePass)` and no `stage.kind == "quantize"` anywhere above `passes/`."""
+    from fxslice.passes import STAGES
+
+    kinds = set(STAGES)
+    bad = []
+    for path in _python_files("fxslice"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        built_in = {name for module, names, _ in _imports(path) if module.startswith("fxslice.passes") for name in names}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass"):
+                classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno} isinstance(..., {c.id})" for c in classes
+                        if isinstance(c, ast.Name) and c.id in built_in]
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                asks_kind = any(isinstance(s, ast.Attribute) and s.attr == "kind" for s in sides)
+                names = {s.value for s in sides if isinstance(s, ast.Constant) and isinstance(s.value, str)}
+                names |= {e.value for s in sides if isinstance(s, (ast.Tuple, ast.Set, ast.List))
+                          for e in s.elts if isinstance(e, ast.Constant)}
+                if asks_kind and names & kinds:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} compares a stage's kind with {sorted(names & kinds)}")
+    assert not bad, "the CLI and the job must not know methods by name:\n" + "\n".join(bad)

@@ -127,7 +127,7 @@ def test_per_weight_widths_and_float_tables(tiny):
 
 @pytest.mark.parametrize(("options", "message"), [
     (dict(bits=7), "bits"), (dict(group_size=0), "group_size"), (dict(method="awq"), "method"),
-    (dict(embeddings=1), "bits"),
+    (dict(embeddings=1), "bits"), (dict(budget_bits=4.5), "does nothing without a search"),
 ])
 def test_bad_quantize_options_are_refused(options, message):
     with pytest.raises(InvalidOption, match=message):

@@ -64,6 +64,9 @@ class Quantize(Stage):
         check_damp(self.damp)
         if self.search == "none" and self.log:
             raise InvalidOption("quantize: log records a search's evaluations; it needs search and budget_bits")
+        if self.search == "none" and self.budget_bits is not None:
+            raise InvalidOption(f"quantize: budget_bits={self.budget_bits} does nothing without a search; give "
+                                f"search='mtgp' (or one of {SEARCHES}) to choose widths under it, or leave it out")
 
     def check(self, program: Program) -> None:
         widest = max((max(p.shape) for p in program.gm.parameters() if p.dim() == 2), default=0)
