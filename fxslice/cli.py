@@ -220,6 +220,8 @@ def quantize(
     bits: Annotated[int, typer.Option(help="bits of every linear of the body: 2, 3, 4, 5, 6 or 8")] = 4,
     group_size: Annotated[int, typer.Option(min=1, help="columns sharing one scale and zero point")] = 64,
     method: Annotated[str, typer.Option(help="gptq (calibrated, error-compensating) or rtn (round to nearest)")] = "gptq",
+    grid: Annotated[str, typer.Option(help="zero_point (an integer per group: GPTQ checkpoints) or offset (a float16 "
+                                      "per group: llama.cpp's Q4_1/Q5_1, exported exactly)")] = "zero_point",
     embeddings: Annotated[int, typer.Option(min=0, help="bits of token tables, a tied head with them (0: keep float)")] = 8,
     head: Annotated[int, typer.Option(min=0, help="bits of an untied head (0: keep float)")] = 8,
     shortcuts: Annotated[int, typer.Option(min=0, help="bits of a sliced model's shortcut matrices (0: keep float); "
@@ -270,12 +272,13 @@ def quantize(
     searched = (dict(search=search or "mtgp", budget_bits=budget_bits, evaluations=evaluations or 6,
                      spread=spread or 1, log=log, search_tables=search_tables)
                 if budget_bits else {})
-    stage = Quantize(bits=bits, group_size=group_size, method=method, embeddings=embeddings or None, head=head or None,
-                     shortcuts=shortcuts or None, batch_size=batch_size, **searched)
+    stage = Quantize(bits=bits, group_size=group_size, method=method, grid=grid, embeddings=embeddings or None,
+                     head=head or None, shortcuts=shortcuts or None, batch_size=batch_size, **searched)
     stages = (Cleanup(), *([Rotate(rotation="hadamard")] if rotate else []), stage)
     recipe = Recipe(stages, data if stage.calibrates else None, name=f"quantize-{method}")
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
-              {"bits": bits, "group_size": group_size, "method": method, "rotate": rotate, **searched}, device, dtype, offload)
+              {"bits": bits, "group_size": group_size, "method": method, "grid": grid, "rotate": rotate, **searched},
+              device, dtype, offload)
 
 
 @app.command()

@@ -40,7 +40,7 @@ np.save(sys.argv[2], np.array(model.scores[:{len(ids)}], dtype=np.float32))
     return np.load(out)
 
 
-def _program(kind: str, group_size: int = 32):
+def _program(kind: str, group_size: int = 32, grid: str = "zero_point"):
     model = tiny_causal_lm("llama-tied" if kind == "tied" else "llama")
     program = capture(model)
     PassManager([CleanupIR()]).run(program)
@@ -48,7 +48,7 @@ def _program(kind: str, group_size: int = 32):
         prune_recipe(target=0.3, shots=2, batch_size=4).run(program, calibration=CALIBRATION)
     elif kind.startswith("q"):
         bits = {"q4": 4, "q5": 5, "q8": 8}[kind]
-        PassManager([QuantizeWeights(bits, group_size=group_size, embeddings=8, head=8)]).run(program)
+        PassManager([QuantizeWeights(bits, group_size=group_size, embeddings=8, head=8, grid=grid)]).run(program)
     return program
 
 
@@ -87,14 +87,15 @@ def test_the_pruned_export_has_per_layer_widths(tmp_path):
     assert list(fields["deci.attention.head_count_kv"].contents()) == [layer.attention.kv_heads for layer in layout.layers]
 
 
-@pytest.mark.parametrize("kind,group_size", [("q4", 32), ("q5", 32), ("q4", 64)])
-def test_fxslices_integers_reach_llama_cpp_exactly(tmp_path, kind, group_size):
+@pytest.mark.parametrize("kind,group_size,grid", [("q4", 32, "zero_point"), ("q5", 32, "zero_point"),
+                                                   ("q4", 64, "zero_point"), ("q4", 32, "offset"), ("q5", 64, "offset")])
+def test_fxslices_integers_reach_llama_cpp_exactly(tmp_path, kind, group_size, grid):
     """4- and 5-bit weights in groups of 32 (or 64: two blocks sharing a scale) are written as Q4_1 / Q5_1 blocks of
-    the same integers: gguf's own reader dequantizes them to fxslice's weights (up to the float16 rounding of
-    `zero · scale`)."""
+    the same integers: gguf's own reader dequantizes them to fxslice's weights — bit for bit on an offset grid
+    (Q4_1's own), up to the float16 rounding of `zero · scale` on a zero-point grid."""
     import gguf
 
-    program = _program(kind, group_size)
+    program = _program(kind, group_size, grid)
     report = export_gguf(program, tmp_path / "m.gguf", weight_type="f32")
     assert report.types[{"q4": "Q4_1", "q5": "Q5_1"}[kind]] == 14  # every linear of the body
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
@@ -102,8 +103,11 @@ def test_fxslices_integers_reach_llama_cpp_exactly(tmp_path, kind, group_size):
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     mine = program.gm.get_parameter("model.layers.1.mlp.down_proj.weight").detach().numpy()
     q = program.quantized["model.layers.1.mlp.down_proj.weight"]
-    offset = (q.zero * q.scale).abs().max().item()
-    assert np.abs(values - mine).max() <= offset * 2**-11  # half a float16 step of the offset `zero · scale`, only
+    if grid == "offset":
+        assert np.array_equal(values, mine)
+    else:
+        offset = (q.zero * q.scale).abs().max().item()
+        assert np.abs(values - mine).max() <= offset * 2**-11  # half a float16 step of the offset `zero · scale`
     expected = program(torch.tensor([IDS]))[0].detach().numpy()
     got = _llama_cpp_logits(tmp_path / "m.gguf", IDS)
     assert _relative(got, expected) < 0.02  # llama.cpp rounds activations to 8 bits for quantized products

@@ -76,12 +76,13 @@ class _OneLinear(torch.nn.Module):
 
 
 @settings(max_examples=12, deadline=None)
-@given(st.integers(1, 70), st.integers(1, 150), st.sampled_from([32, 64, 128, 256]), st.integers(0, 2**31))
-def test_any_width_runs_on_the_kernel_padded_and_cut_back(out, cols, group, seed):
+@given(st.integers(1, 70), st.integers(1, 150), st.sampled_from([32, 64, 128, 256]), st.integers(0, 2**31),
+       st.sampled_from(["zero_point", "offset"]))
+def test_any_width_runs_on_the_kernel_padded_and_cut_back(out, cols, group, seed, grid):
     from fxslice import capture_module
 
     program = capture_module(_OneLinear(8, cols, out, seed))
-    PassManager([QuantizeWeights(4, group_size=group, embeddings=None, head=4)]).run(program)
+    PassManager([QuantizeWeights(4, group_size=group, embeddings=None, head=4, grid=grid)]).run(program)
     q = program.quantized["head.weight"]
     assert int4_eligibility(q) is None
     rows, padded = packed_shape(q)

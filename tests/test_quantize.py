@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fxslice import InvalidOption, PassManager, Program, capture, load
 from fxslice.analysis.linears import weight_kinds
-from fxslice.core.quantized import BITS, QuantizedWeight, pack_bits, unpack_bits
+from fxslice.core.quantized import BITS, GRIDS, QuantizedWeight, pack_bits, unpack_bits
 from fxslice.models.io import save
 from fxslice.passes.quantize import QuantizeWeights, gptq
 from fxslice.passes.quantize.stages import Quantize
@@ -37,13 +37,26 @@ def test_packing_refuses_values_that_do_not_fit():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.sampled_from(BITS), st.integers(1, 40), st.integers(1, 70), st.integers(1, 32), st.integers(0, 2**31))
-def test_round_to_nearest_is_within_half_a_step_of_every_weight(bits, rows, cols, group, seed):
-    m = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 3
-    q = QuantizedWeight.from_matrix(m, bits, group)
+@given(st.sampled_from(BITS), st.integers(1, 40), st.integers(1, 70), st.integers(1, 32), st.integers(0, 2**31),
+       st.sampled_from(GRIDS), st.floats(-3, 3))
+def test_round_to_nearest_is_within_half_a_step_of_every_weight(bits, rows, cols, group, seed, grid, shift):
+    m = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 3 + shift
+    q = QuantizedWeight.from_matrix(m, bits, group, grid=grid)
     assert q.q.min() >= 0 and q.q.max() < 1 << bits
     error = (q.dequantize() - m).abs()
     assert (error <= q.expand(q.scale) * 0.5 * (1 + 1e-3) + 1e-6).all()
+    back = QuantizedWeight.from_tensors("w", q.tensors("w"), q.meta())
+    assert torch.equal(back.dequantize(), q.dequantize())
+    assert sum(t.numel() * t.element_size() for t in q.tensors("w").values()) == q.nbytes
+
+
+def test_an_offset_grid_fits_a_one_signed_group_tighter_than_a_zero_point():
+    """A group of positive weights: the integer zero point must keep 0 on the grid and spends levels below the
+    smallest weight; the float offset starts at it, so its step is smaller and its error too."""
+    m = torch.rand(16, 64, generator=torch.Generator().manual_seed(0)) + 1.0  # weights in [1, 2)
+    zero, offset = (QuantizedWeight.from_matrix(m, 4, 32, grid=g) for g in GRIDS)
+    assert (offset.scale < 0.6 * zero.scale).all()
+    assert (offset.dequantize() - m).abs().max() < 0.6 * (zero.dequantize() - m).abs().max()
 
 
 def _layer_error(m: torch.Tensor, q: QuantizedWeight, h: torch.Tensor) -> float:
@@ -57,13 +70,17 @@ def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
     assert torch.equal(gptq(m, h, 3, 16).q, QuantizedWeight.from_matrix(m, 3, 16).q)
 
 
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_gptq_beats_round_to_nearest_on_the_layer_error_when_inputs_correlate(bits):
+def test_gptq_beats_round_to_nearest_on_the_layer_error_when_inputs_correlate(bits, grid):
     gen = torch.Generator().manual_seed(bits)
     m = torch.randn(32, 96, generator=gen)
     x = torch.randn(512, 96, generator=gen) @ (torch.eye(96) + 0.5 * torch.randn(96, 96, generator=gen))
     h = x.T @ x
-    assert _layer_error(m, gptq(m, h, bits, 32), h) < 0.8 * _layer_error(m, QuantizedWeight.from_matrix(m, bits, 32), h)
+    rtn = QuantizedWeight.from_matrix(m, bits, 32, grid=grid)
+    for act_order in (False, True):
+        q = gptq(m, h, bits, 32, grid=grid, act_order=act_order)
+        assert q.grid == grid and _layer_error(m, q, h) < 0.8 * _layer_error(m, rtn, h)
 
 
 @pytest.fixture
@@ -87,11 +104,12 @@ def test_gptq_beats_round_to_nearest_on_a_trained_model(counting):
     assert losses["gptq"] - losses["dense"] < 0.8 * (losses["rtn"] - losses["dense"]), losses
 
 
-@pytest.mark.parametrize("name", ["llama-tied", "gpt2", "llama"])
-def test_a_saved_quantized_model_reloads_with_identical_logits_and_reports_its_file_bytes(tiny, name, tmp_path):
+@pytest.mark.parametrize("name,grid", [("llama-tied", "zero_point"), ("gpt2", "zero_point"), ("llama", "zero_point"),
+                                       ("llama-tied", "offset"), ("gpt2", "offset")])
+def test_a_saved_quantized_model_reloads_with_identical_logits_and_reports_its_file_bytes(tiny, name, grid, tmp_path):
     _, program = tiny(name)
     dense_bytes = program.num_bytes()
-    PassManager([QuantizeWeights(4, group_size=16)]).run(program)
+    PassManager([QuantizeWeights(4, group_size=16, grid=grid)]).run(program)
     x = program.probe_input()
     before = program(x)
     save(program, tmp_path / "q")
@@ -128,6 +146,7 @@ def test_per_weight_widths_and_float_tables(tiny):
 @pytest.mark.parametrize(("options", "message"), [
     (dict(bits=7), "bits"), (dict(group_size=0), "group_size"), (dict(method="awq"), "method"),
     (dict(embeddings=1), "bits"), (dict(budget_bits=4.5), "does nothing without a search"),
+    (dict(grid="symmetric"), "grid must be one of"),
 ])
 def test_bad_quantize_options_are_refused(options, message):
     with pytest.raises(InvalidOption, match=message):

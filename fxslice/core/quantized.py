@@ -1,11 +1,16 @@
 """Group-wise integer weights: the format a quantized program stores, and the arithmetic both sides of it share.
 
 A matrix `W` [out, in] is cut along `in` into groups of `group_size` columns (the last may be shorter); every
-(row, group) gets an asymmetric grid of `2^bits` levels, `w ≈ (q - zero) · scale`, with `q` and `zero` integers
-in `[0, 2^bits)` and `scale` in float16. What is stored is exactly that: `q` and `zero` packed `bits` to the
-bit, the scales as float16 — so the bytes on disk are the bytes the record reports, scales included. In
-memory the program keeps computing with `dequantize()` of it (the same numbers, to the last bit, after a save
-and a load).
+(row, group) gets an asymmetric grid of `2^bits` levels, anchored one of two ways (`GRIDS`):
+
+    zero_point  w ≈ (q − zero) · scale, `zero` an integer in [0, 2^bits) (GPTQ checkpoints, compressed-tensors)
+    offset      w ≈ q · scale + offset, `offset` a float16 (llama.cpp's Q4_1 / Q5_1 blocks: d·q + m)
+
+`q` is an integer in [0, 2^bits), `scale` a float16. An integer zero point puts 0 exactly on the grid and costs
+`bits` per group; a float offset spans exactly [min, max] of the group (no level spent below 0 for a group of
+positive weights) and costs 16. What is stored is exactly that: `q` (and `zero`) packed `bits` to the bit, scales
+and offsets as float16 — so the bytes on disk are the bytes the record reports. In memory the program keeps
+computing with `dequantize()` of it (the same numbers, to the last bit, after a save and a load).
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import torch
 
 from fxslice.core.errors import InvalidOption
 
-__all__ = ["QuantizedWeight", "pack_bits", "unpack_bits", "group_grid", "packed_nbytes", "check_format", "BITS"]
+__all__ = ["QuantizedWeight", "pack_bits", "unpack_bits", "group_grid", "packed_nbytes", "check_format", "BITS",
+           "GRIDS", "to_levels", "from_levels", "stored_shapes"]
 
 #: bit widths a weight can take
 BITS = (2, 3, 4, 5, 6, 8)
+#: how a group's grid is anchored: an integer zero point, or a float16 offset (its minimum)
+GRIDS = ("zero_point", "offset")
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -43,19 +51,41 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (stream << torch.arange(bits, dtype=torch.int64)).sum(1)
 
 
-def group_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max grid for each row of `w` [rows, group] (zero always on it): (scales, float16-representable, and
-    zero points as integral floats)."""
+def _half(x: torch.Tensor, *, up: bool) -> torch.Tensor:
+    """`x` rounded to a float16 value, never below it (`up`) or never above it."""
+    half = x.to(torch.float16)
+    wrong = half.to(x.dtype) < x if up else half.to(x.dtype) > x
+    return torch.where(wrong, torch.nextafter(half, torch.full_like(half, torch.inf if up else -torch.inf)), half).to(x.dtype)
+
+
+def group_grid(w: torch.Tensor, bits: int, grid: str = "zero_point") -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max grid for each row of `w` [rows, group]: (scales, float16-representable, and the anchor: zero points
+    as integral floats, with 0 always on the grid, or float16 offsets at the rows' minima). Rounded outwards, so
+    the grid still spans [min, max] and no weight is clamped."""
     top = (1 << bits) - 1
+    if grid == "offset":
+        offset = _half(w.min(-1).values, up=False)
+        scale = _half((w.max(-1).values - offset) / top, up=True)
+        return torch.where(scale > 0, scale, torch.ones_like(scale)), offset
     low = w.min(-1).values.clamp(max=0)
     high = w.max(-1).values.clamp(min=0)
-    exact = (high - low) / top
-    half = exact.to(torch.float16)
-    half = torch.where(half.to(exact.dtype) < exact, torch.nextafter(half, torch.full_like(half, torch.inf)), half)
-    scale = half.to(w.dtype)  # float16 rounded up: the grid still spans [low, high], so no weight is clamped
+    scale = _half((high - low) / top, up=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale is exact
     zero = torch.round(-low / scale).clamp(0, top)
     return scale, zero
+
+
+def to_levels(w: torch.Tensor, scale: torch.Tensor, anchor: torch.Tensor, bits: int, grid: str) -> torch.Tensor:
+    """`w` to the nearest of the grid's integer levels (as floats), elementwise against `scale` and `anchor`."""
+    top = (1 << bits) - 1
+    if grid == "offset":
+        return torch.round((w - anchor) / scale).clamp_(0, top)
+    return (torch.round(w / scale) + anchor).clamp_(0, top)
+
+
+def from_levels(q: torch.Tensor, scale: torch.Tensor, anchor: torch.Tensor, grid: str) -> torch.Tensor:
+    """The weights integer levels `q` stand for."""
+    return q * scale + anchor if grid == "offset" else (q - anchor) * scale
 
 
 @dataclass
@@ -67,9 +97,10 @@ class QuantizedWeight:
     shape: tuple[int, int]  # the matrix's [out, in]
     q: torch.Tensor  # int64 [out, in]
     scale: torch.Tensor  # float32 holding float16 values [out, groups]
-    zero: torch.Tensor  # int64 [out, groups]
+    zero: torch.Tensor  # the anchor [out, groups]: int64 zero points, or float32 holding float16 offsets
     transposed: bool = False
     dtype: torch.dtype = torch.float32
+    grid: str = "zero_point"  # or "offset": see GRIDS
 
     @property
     def groups(self) -> int:
@@ -81,69 +112,92 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The parameter as the program computes with it (its own layout and dtype)."""
-        m = (self.q - self.expand(self.zero)).to(torch.float32) * self.expand(self.scale).to(torch.float32)
+        m = from_levels(self.q.to(torch.float32), self.expand(self.scale).to(torch.float32),
+                        self.expand(self.zero).to(torch.float32), self.grid)
         return (m.T if self.transposed else m).contiguous().to(self.dtype)
 
     @property
     def nbytes(self) -> int:
         """Bytes as stored: packed integers, packed zero points, float16 scales."""
-        return packed_nbytes(self.shape, self.bits, self.group_size)
+        return packed_nbytes(self.shape, self.bits, self.group_size, self.grid)
 
     @classmethod
     def from_matrix(cls, m: torch.Tensor, bits: int, group_size: int, *, transposed: bool = False,
-                    dtype: torch.dtype | None = None) -> QuantizedWeight:
+                    dtype: torch.dtype | None = None, grid: str = "zero_point") -> QuantizedWeight:
         """Round-to-nearest on a min-max grid per group of `m` [out, in]."""
-        check_format(bits, group_size)
+        check_format(bits, group_size, grid)
         out, cols = m.shape
         work = m.detach().to(torch.float32)
         pad = (-cols) % group_size
         padded = torch.cat([work, work[:, -1:].expand(out, pad)], 1) if pad else work  # repeats keep min/max
-        scale, zero = group_grid(padded.view(out, -1, group_size), bits)
-        weight = cls(bits, group_size, (out, cols), torch.zeros(0), scale, zero.to(torch.int64), transposed,
-                     dtype or m.dtype)
+        scale, anchor = group_grid(padded.view(out, -1, group_size), bits, grid)
+        weight = cls(bits, group_size, (out, cols), torch.zeros(0), scale,
+                     anchor if grid == "offset" else anchor.to(torch.int64), transposed, dtype or m.dtype, grid)
         weight.q = weight.round(work)
         return weight
 
     def round(self, m: torch.Tensor, columns: slice = slice(None)) -> torch.Tensor:
         """`m`'s columns (`columns` of the matrix) to integers on this weight's grid."""
         scale = self.expand(self.scale)[:, columns]
-        zero = self.expand(self.zero)[:, columns]
-        return (torch.round(m.to(torch.float32) / scale) + zero).clamp(0, (1 << self.bits) - 1).to(torch.int64)
+        anchor = self.expand(self.zero)[:, columns].to(torch.float32)
+        return to_levels(m.to(torch.float32), scale, anchor, self.bits, self.grid).to(torch.int64)
 
     # storage --------------------------------------------------------------------------------------------
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """What goes into the safetensors file for the parameter `name`."""
-        return {f"{name}.qweight": pack_bits(self.q, self.bits), f"{name}.qzeros": pack_bits(self.zero, self.bits),
-                f"{name}.scales": self.scale.to(torch.float16)}
+        anchor = ({f"{name}.offsets": self.zero.to(torch.float16)} if self.grid == "offset"
+                  else {f"{name}.qzeros": pack_bits(self.zero, self.bits)})
+        return {f"{name}.qweight": pack_bits(self.q, self.bits), **anchor, f"{name}.scales": self.scale.to(torch.float16)}
 
     def meta(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "shape": list(self.shape),
-                "transposed": self.transposed, "dtype": str(self.dtype).replace("torch.", "")}
+                "transposed": self.transposed, "dtype": str(self.dtype).replace("torch.", ""),
+                **({"grid": self.grid} if self.grid != "zero_point" else {})}
 
     @classmethod
     def from_tensors(cls, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> QuantizedWeight:
         bits, group_size, (out, cols) = int(meta["bits"]), int(meta["group_size"]), meta["shape"]
-        check_format(bits, group_size)
+        grid = meta.get("grid", "zero_point")
+        check_format(bits, group_size, grid)
         groups = math.ceil(cols / group_size)
         q = unpack_bits(tensors[f"{name}.qweight"], bits, out * cols).view(out, cols)
-        zero = unpack_bits(tensors[f"{name}.qzeros"], bits, out * groups).view(out, groups)
+        if grid == "offset":
+            zero = tensors[f"{name}.offsets"].to(torch.float32)
+        else:
+            zero = unpack_bits(tensors[f"{name}.qzeros"], bits, out * groups).view(out, groups)
         scale = tensors[f"{name}.scales"].to(torch.float32)
-        if tuple(scale.shape) != (out, groups):
-            raise InvalidOption(f"'{name}': scales of shape {tuple(scale.shape)}, expected {(out, groups)}")
+        for what, t in (("scales", scale), ("offsets" if grid == "offset" else "zero points", zero)):
+            if tuple(t.shape) != (out, groups):
+                raise InvalidOption(f"'{name}': {what} of shape {tuple(t.shape)}, expected {(out, groups)}")
         return cls(bits, group_size, (out, cols), q, scale, zero, bool(meta["transposed"]),
-                   getattr(torch, meta.get("dtype", "float32")))
+                   getattr(torch, meta.get("dtype", "float32")), grid)
 
 
-def packed_nbytes(shape: tuple[int, int], bits: int, group_size: int) -> int:
-    """Bytes of an [out, in] matrix stored at `bits` with `group_size` columns per float16 scale and zero point."""
+def stored_shapes(name: str, bits: int, group_size: int, shape: tuple[int, int] | list[int],
+                  grid: str = "zero_point") -> dict[str, list[int]]:
+    """The tensors a quantized weight `name` is stored as, with their shapes (packed ones are flat uint8)."""
     out, cols = shape
     groups = math.ceil(cols / group_size)
-    return math.ceil(out * cols * bits / 8) + math.ceil(out * groups * bits / 8) + 2 * out * groups
+    anchor = ({f"{name}.offsets": [out, groups]} if grid == "offset"
+              else {f"{name}.qzeros": [math.ceil(out * groups * bits / 8)]})
+    return {f"{name}.qweight": [math.ceil(out * cols * bits / 8)], **anchor, f"{name}.scales": [out, groups]}
 
 
-def check_format(bits: int, group_size: int) -> None:
+def packed_nbytes(shape: tuple[int, int], bits: int, group_size: int, grid: str = "zero_point") -> int:
+    """Bytes of an [out, in] matrix stored at `bits` with `group_size` columns per float16 scale and per anchor
+    (a `bits`-wide zero point, or a float16 offset)."""
+    out, cols = shape
+    groups = math.ceil(cols / group_size)
+    anchors = 2 * out * groups if grid == "offset" else math.ceil(out * groups * bits / 8)
+    return math.ceil(out * cols * bits / 8) + anchors + 2 * out * groups
+
+
+def check_format(bits: int, group_size: int, grid: str = "zero_point") -> None:
     if bits not in BITS:
         raise InvalidOption(f"bits must be one of {BITS}, got {bits!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise InvalidOption(f"group_size must be a positive integer, got {group_size!r}")
+    if grid not in GRIDS:
+        raise InvalidOption(f"grid must be one of {GRIDS} (an integer zero point, or llama.cpp's float offset), "
+                            f"got {grid!r}")

@@ -5,7 +5,8 @@ llama.cpp's `llama` architecture, per-layer head counts and MLP widths (what the
 architecture. Weights keep what fxslice made of them:
 
 - a weight fxslice quantized to 4 or 5 bits in groups of 32 (or 64, 96, ...: each group is whole blocks of 32 that
-  share its scale) is written as the GGUF block type that holds those very integers (Q4_1 / Q5_1: `w = d·q + m` with `d` its float16 scale and `m = −zero·d` rounded to float16), so GPTQ's
+  share its scale) is written as the GGUF block type that holds those very integers (Q4_1 / Q5_1: `w = d·q + m` with `d` its float16 scale and `m` its float16 offset — exactly, for
+  `grid="offset"` — or `−zero·d` rounded to float16 for an integer zero point), so GPTQ's
   and the width search's choices reach llama.cpp; 8-bit weights are re-rounded to Q8_0 (symmetric, within half a
   step); other widths or group sizes have no block type and are refused by name;
 - float weights are written as `weight_type` (f32, f16, bf16, or quantized by the `gguf` package's reference
@@ -77,7 +78,8 @@ def _pack_exact(q: QuantizedWeight, heads: int | None, gguf: Any) -> tuple[np.nd
     out, cols = q.shape
     blocks = ints.reshape(out * cols // _BLOCK, _BLOCK).numpy().astype(np.uint8)
     d = scale.reshape(-1, 1).numpy().astype(np.float16)
-    m = (-(zero.double() * scale.double())).reshape(-1, 1).numpy().astype(np.float16)
+    offset = zero if q.grid == "offset" else -(zero.double() * scale.double())  # an offset grid is Q4_1's own: exact
+    m = offset.reshape(-1, 1).numpy().astype(np.float16)
     low = blocks & 0x0F
     nibbles = (low[:, :16] | (low[:, 16:] << 4)).astype(np.uint8)
     parts = [d.view(np.uint8), m.view(np.uint8)]

@@ -33,7 +33,7 @@ from torch import fx, nn
 from fxslice.core.errors import CorruptModel, InvalidOption, SaveFailed, UnsupportedStructure
 from fxslice.core.graph import DEVICE_BOUND, device_bound, propagate_fake_values, set_tensor, tensor_of
 from fxslice.core.program import Program, program_inputs
-from fxslice.core.quantized import QuantizedWeight
+from fxslice.core.quantized import QuantizedWeight, stored_shapes
 from fxslice.models.kvcache import CacheLayout
 from fxslice.models.record import check_record
 from fxslice.models.remote.graph_data import GraphDataError, graph_from_data, graph_to_data
@@ -294,8 +294,8 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> Program:
             quantized[name] = QuantizedWeight.from_tensors(name, weights, meta)
         except (KeyError, InvalidOption, RuntimeError) as exc:
             raise CorruptModel(f"the quantized weight '{name}' in {root / WEIGHTS} cannot be read: {exc}") from None
-        for suffix in (".qweight", ".qzeros", ".scales"):
-            del weights[name + suffix]
+        for tensor in stored_shapes(name, meta["bits"], meta["group_size"], meta["shape"], quantized[name].grid):
+            del weights[tensor]
         weights[name] = quantized[name].dequantize()
     layout = CacheLayout.from_json(record["kv_cache"]) if record.get("kv_cache") else None
     inputs = program_inputs(None if layout is None else len(layout.shapes))

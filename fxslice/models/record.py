@@ -7,7 +7,6 @@ passes, perplexities, the recipe) are the user's to read and are not checked her
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 
 from fxslice.core.errors import CorruptModel
-from fxslice.core.quantized import BITS
+from fxslice.core.quantized import BITS, GRIDS, stored_shapes
 
 __all__ = ["check_record", "check_quantized_format"]
 
@@ -78,10 +77,15 @@ def check_record(record: Any, path: Path) -> dict[str, Any]:
 
 def check_quantized_format(name: str, meta: Any, stored: dict[str, list[int]], path: Path) -> None:
     """A quantized weight's format is consistent with the sizes of the tensors stored for it: its packed integers
-    hold exactly `out·in·bits` bits, its zero points `out·groups·bits`, its scales are `[out, groups]`."""
+    hold exactly `out·in·bits` bits, its zero points `out·groups·bits` (or its float16 offsets are `[out, groups]`),
+    its scales are `[out, groups]`."""
     where = f"{path}: quantized weight '{name}'"
-    if not isinstance(meta, dict) or set(meta) != {"bits", "group_size", "shape", "transposed", "dtype"}:
-        raise CorruptModel(f"{where} must be {{bits, group_size, shape, transposed, dtype}}, got {meta!r:.120}")
+    keys = {"bits", "group_size", "shape", "transposed", "dtype"}
+    if not isinstance(meta, dict) or not keys <= set(meta) <= keys | {"grid"}:
+        raise CorruptModel(f"{where} must be {{bits, group_size, shape, transposed, dtype[, grid]}}, got {meta!r:.120}")
+    grid = meta.get("grid", "zero_point")
+    if grid not in GRIDS:
+        raise CorruptModel(f"{where}: field 'grid' must be one of {GRIDS}, got {grid!r:.40}")
     bits, group_size, shape = meta["bits"], meta["group_size"], meta["shape"]
     if bits not in BITS or isinstance(bits, bool):
         raise CorruptModel(f"{where}: field 'bits' must be one of {BITS}, got {bits!r}")
@@ -91,12 +95,8 @@ def check_quantized_format(name: str, meta: Any, stored: dict[str, list[int]], p
         raise CorruptModel(f"{where}: field 'shape' must be [out, in], got {shape!r:.60}")
     if not isinstance(meta["transposed"], bool) or not _dtype(meta["dtype"]):
         raise CorruptModel(f"{where}: field 'transposed' must be true or false and 'dtype' a torch dtype name")
-    out, cols = shape
-    groups = math.ceil(cols / group_size)
-    expected = {f"{name}.qweight": [math.ceil(out * cols * bits / 8)], f"{name}.qzeros": [math.ceil(out * groups * bits / 8)],
-                f"{name}.scales": [out, groups]}
-    for tensor, size in expected.items():
+    for tensor, size in stored_shapes(name, bits, group_size, shape, grid).items():
         if stored.get(tensor) != size:
-            raise CorruptModel(f"{where}: {bits} bits in groups of {group_size} over {out}x{cols} need '{tensor}' of "
+            raise CorruptModel(f"{where}: {bits} bits in groups of {group_size} over {shape[0]}x{shape[1]} need '{tensor}' of "
                                f"shape {size}, the weights file holds {stored.get(tensor)}; the record and the weights "
                                "disagree")

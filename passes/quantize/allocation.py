@@ -35,6 +35,7 @@ class BitAllocation:
     tables: tuple[str, ...] = ()  # token tables whose one width the allocation decides
     table_shapes: tuple[tuple[int, int], ...] = ()
     table_choices: tuple[int, ...] = ()  # their widths, narrowest first; the widest is the uniform point's
+    grid: str = "zero_point"  # how each group is anchored: its bytes differ (`fxslice.core.quantized.GRIDS`)
 
     @property
     def dim(self) -> int:
@@ -43,7 +44,7 @@ class BitAllocation:
 
     @classmethod
     def of(cls, program: Program, *, group_size: int, embeddings: int | None, head: int | None,
-           shortcuts: int | None = 8, search_tables: bool = False) -> BitAllocation:
+           shortcuts: int | None = 8, search_tables: bool = False, grid: str = "zero_point") -> BitAllocation:
         """The body's linears, in execution order; an untied head and a slicing's shortcut matrices keep the
         widths given here (`QuantizeWeights`' own options), in `fixed_bytes`. Token tables keep `embeddings`
         bits, or with `search_tables` take any width up to it."""
@@ -72,12 +73,12 @@ class BitAllocation:
                 continue
             width = (embeddings if target in kinds.tables else head if target == kinds.head
                      else shortcuts if target in kinds.shortcuts else None)
-            fixed += packed_nbytes(tuple(w.shape), width, group_size) if width and w.dim() == 2 else w.numel() * w.element_size()
+            fixed += packed_nbytes(tuple(w.shape), width, group_size, grid) if width and w.dim() == 2 else w.numel() * w.element_size()
         depth = [i / max(1, len(names) - 1) for i in range(len(names))]
         return cls(tuple(names), tuple(depth), tuple("attention" if n in attention else "mlp" for n in names),
                    tuple(shapes), fixed, group_size, tables=tuple(t for t, _ in tables),
                    table_shapes=tuple(s for _, s in tables),
-                   table_choices=tuple(b for b in BITS if b <= embeddings) if tables and embeddings else ())
+                   table_choices=tuple(b for b in BITS if b <= embeddings) if tables and embeddings else (), grid=grid)
 
     def around(self, bits: int, spread: int) -> BitAllocation:
         """The same space with each linear choosing among `bits` and `spread` widths either side of it, and the
@@ -100,7 +101,7 @@ class BitAllocation:
     def nbytes(self, x: list[float]) -> int:
         """The model's bytes at `x`: what `Program.num_bytes()` will say after quantizing with these widths."""
         widths = self.widths(x)
-        return self.fixed_bytes + sum(packed_nbytes(shape, widths[name], self.group_size) for name, shape in
+        return self.fixed_bytes + sum(packed_nbytes(shape, widths[name], self.group_size, self.grid) for name, shape in
                                       zip(self.names + self.tables, self.shapes + self.table_shapes, strict=True))
 
     def uniform(self, bits: int) -> list[float]:

@@ -13,7 +13,7 @@ import math
 import torch
 
 from fxslice import InvalidOption
-from fxslice.core.quantized import QuantizedWeight, check_format, group_grid
+from fxslice.core.quantized import QuantizedWeight, check_format, from_levels, group_grid, to_levels
 
 __all__ = ["gptq", "check_damp"]
 
@@ -27,11 +27,12 @@ def check_damp(damp: float) -> None:
 
 def gptq(m: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, damp: float = 0.01,
          block: int = 128, act_order: bool = False, transposed: bool = False,
-         dtype: torch.dtype | None = None) -> QuantizedWeight:
+         dtype: torch.dtype | None = None, grid: str = "zero_point") -> QuantizedWeight:
     """`m` [out, in] quantized against `h` [in, in]; `damp` is a fraction of the mean diagonal. `act_order`
     quantizes the columns with the largest input energy first, on grids fitted beforehand per stored group
-    (the "static groups" of later GPTQ implementations: the order changes, the storage format does not)."""
-    check_format(bits, group_size)
+    (the "static groups" of later GPTQ implementations: the order changes, the storage format does not).
+    `grid`: how each group's grid is anchored (`fxslice.core.quantized.GRIDS`)."""
+    check_format(bits, group_size, grid)
     out, cols = m.shape
     w = m.detach().to(torch.float32).clone()
     h = h.detach().to(torch.float32).clone()
@@ -40,15 +41,13 @@ def gptq(m: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, damp: 
     w[:, dead] = 0
     h += damp * torch.diagonal(h).mean() * torch.eye(cols)
     groups = math.ceil(cols / group_size)
-    top = (1 << bits) - 1
     scale = torch.ones(out, groups)
-    zero = torch.zeros(out, groups, dtype=torch.int64)
+    zero = torch.zeros(out, groups)  # the anchor: integral zero points or float offsets
     order = torch.arange(cols)
     if act_order:
         order = torch.argsort(torch.diagonal(h), descending=True)
         for g in range(groups):
-            s, z = group_grid(w[:, g * group_size: (g + 1) * group_size], bits)
-            scale[:, g], zero[:, g] = s, z.to(torch.int64)
+            scale[:, g], zero[:, g] = group_grid(w[:, g * group_size: (g + 1) * group_size], bits, grid)
         w, h = w[:, order], h[order][:, order]
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros(out, cols, dtype=torch.int64)
@@ -64,13 +63,13 @@ def gptq(m: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, damp: 
             g = column // group_size
             if not act_order and column % group_size == 0:
                 span = chunk[i: min(i + group_size, end - start)].T
-                s, z = group_grid(span, bits)
-                scale[:, g], zero[:, g] = s, z.to(torch.int64)
+                scale[:, g], zero[:, g] = group_grid(span, bits, grid)
             s, z = scale[:, g], zero[:, g]
-            ints = (torch.round(chunk[i] / s) + z).clamp_(0, top)
+            ints = to_levels(chunk[i], s, z, bits, grid)
             q[:, column] = ints.to(torch.int64)
-            error = (chunk[i] - (ints - z) * s) / inv[i, i]
+            error = (chunk[i] - from_levels(ints, s, z, grid)) / inv[i, i]
             chunk[i:].addr_(inv[i, i:], error, alpha=-1)
             errors[i] = error
         wt[end:] -= inverse[start:end, end:].T @ errors
-    return QuantizedWeight(bits, group_size, (out, cols), q, scale, zero, transposed, dtype or m.dtype)
+    anchor = zero if grid == "offset" else zero.to(torch.int64)
+    return QuantizedWeight(bits, group_size, (out, cols), q, scale, anchor, transposed, dtype or m.dtype, grid)

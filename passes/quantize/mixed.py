@@ -39,7 +39,7 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
                       embeddings: int | None, head: int | None, shortcuts: int | None = 8, search: str = "mtgp",
                       evaluations: int = 6, expensive_every: int = 4, cheap_windows: int = 4, seed: int = 0,
                       log: str | Path | None = None, fill: float = 0.95, spread: int = 1,
-                      search_tables: bool = True,
+                      search_tables: bool = True, grid: str = "zero_point",
                       progress: bool = False) -> tuple[dict[str, int], SearchResult, BitAllocation]:
     """Widths per linear that keep the whole model within `budget_bits` per parameter on average (tables,
     scales and float tensors included), found by `search` with `evaluations` expensive evaluations.
@@ -54,7 +54,7 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
     if search not in SEARCHES:
         raise InvalidOption(f"quantize: search must be one of {SEARCHES}, got {search!r}")
     allocation = BitAllocation.of(program, group_size=group_size, embeddings=embeddings, head=head,
-                                  shortcuts=shortcuts, search_tables=search_tables)
+                                  shortcuts=shortcuts, search_tables=search_tables, grid=grid)
     budget = budget_bits * program.num_parameters() / 8
     smallest = allocation.nbytes(allocation.uniform(allocation.choices[0]))
     if smallest > budget:  # every search starts from a uniform point
@@ -67,7 +67,8 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
     start = allocation.uniform(widest)
     settings = {"search": search, "budget_bits": budget_bits, "group_size": group_size, "seed": seed,
                 "embeddings": embeddings, "head": head, "shortcuts": shortcuts, "expensive_every": expensive_every,
-                "cheap_windows": cheap_windows, "fill": fill, "spread": spread, "search_tables": search_tables}
+                "cheap_windows": cheap_windows, "fill": fill, "spread": spread, "search_tables": search_tables,
+                **({"grid": grid} if grid != "zero_point" else {})}
     history, record = _resume(log, program, windows, settings, allocation)
     kinds = program.analysis(weight_kinds)
     observed = [*allocation.names, *([kinds.head] if head and kinds.head else []),
@@ -81,7 +82,7 @@ def search_allocation(program: Program, windows: torch.Tensor, *, budget_bits: f
         widths = allocation.widths(x)
         method = "gptq" if task == EXPENSIVE else "rtn"
         PassManager([QuantizeWeights(widths, group_size=group_size, method=method, statistics=statistics,
-                                     embeddings=embeddings, head=head, shortcuts=shortcuts)],
+                                     embeddings=embeddings, head=head, shortcuts=shortcuts, grid=grid)],
                     check_numerics=False).run(candidate)  # a candidate: measured by its loss
         nbytes = candidate.num_bytes()
         return -mean_loss(candidate, batches[task]), {

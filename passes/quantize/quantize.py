@@ -34,6 +34,8 @@ class QuantizeWeights(Pass):
     compound over depth (SmolLM2 sliced by 25 %: perplexity 123 in float, 1,485 with only its 60 shortcuts at 4
     bits; the rest at 4 bits: 163 with the shortcuts in float, 168 with them at 8). `method`: "rtn" (round to
     nearest) or "gptq" (needs calibration `windows`; tables are always rounded: no Hessian covers both their uses).
+    `grid`: an integer zero point per group (GPTQ checkpoints) or a float16 offset (llama.cpp's Q4_1 / Q5_1: exported
+    to those blocks exactly, and a tighter fit for groups whose weights all have one sign).
     Weights already quantized are left as they are."""
 
     name = "quantize_weights"
@@ -42,13 +44,14 @@ class QuantizeWeights(Pass):
     def __init__(self, bits: int | Mapping[str, int] = 4, *, group_size: int = 64, method: str = "rtn",
                  windows: torch.Tensor | None = None, embeddings: int | None = 8, head: int | None = 8,
                  shortcuts: int | None = 8, damp: float = 0.01, act_order: bool = True, batch_size: int = 1,
-                 statistics: LinearStatistics | None = None, progress: bool = False):
+                 statistics: LinearStatistics | None = None, grid: str = "zero_point", progress: bool = False):
         if method not in QUANTIZERS:
             raise InvalidOption(f"quantize: method must be one of {QUANTIZERS}, got {method!r}")
         if method == "gptq" and statistics is None and (windows is None or windows.dim() != 2 or windows.numel() == 0):
             raise InvalidOption("quantize: GPTQ needs calibration windows (an [n, length] tensor of token ids)")
         for width in ([*bits.values()] if isinstance(bits, Mapping) else [bits]) + [b for b in (embeddings, head, shortcuts) if b]:
-            check_format(width, group_size)
+            check_format(width, group_size, grid)
+        self.grid = grid
         self.bits, self.group_size, self.method, self.windows = bits, group_size, method, windows
         self.embeddings, self.head, self.shortcuts = embeddings, head, shortcuts
         check_damp(damp)
@@ -94,9 +97,10 @@ class QuantizeWeights(Pass):
             m = weight.T if transposed else weight
             if stats is not None and hessian and name in stats.inputs:
                 q = gptq(m, stats.A(name), width, self.group_size, damp=self.damp, act_order=self.act_order,
-                         transposed=transposed, dtype=weight.dtype)
+                         transposed=transposed, dtype=weight.dtype, grid=self.grid)
             else:
-                q = QuantizedWeight.from_matrix(m, width, self.group_size, transposed=transposed, dtype=weight.dtype)
+                q = QuantizedWeight.from_matrix(m, width, self.group_size, transposed=transposed, dtype=weight.dtype,
+                                                grid=self.grid)
             _store(program, name, q)
             self.done[name] = q
         return PassResult(True, {"weights": len(plan), "bytes": program.num_bytes()})

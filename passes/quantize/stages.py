@@ -37,6 +37,7 @@ class Quantize(Stage):
     shortcuts: int | None = 8  # a slicing's basis changes between segments: errors there compound over depth
     damp: float = 0.01
     act_order: bool = True  # GPTQ in order of input energy: 3-bit SmolLM2 is worse than RTN without it
+    grid: str = "zero_point"  # or "offset": a float16 offset per group, llama.cpp's Q4_1 / Q5_1 (see GRIDS)
     batch_size: int = 1
     # mixed precision: search="mtgp" (or the baselines "gp", "random") chooses per-linear widths instead of `bits`
     search: str = "none"
@@ -53,7 +54,7 @@ class Quantize(Stage):
         if self.method not in QUANTIZERS:
             raise InvalidOption(f"quantize: method must be one of {QUANTIZERS}, got {self.method!r}")
         for width in (self.bits, *(b for b in (self.embeddings, self.head, self.shortcuts) if b is not None)):
-            check_format(width, self.group_size)
+            check_format(width, self.group_size, self.grid)
         if self.search not in ("none", *SEARCHES):
             raise InvalidOption(f"quantize: search must be 'none' or one of {SEARCHES}, got {self.search!r}")
         if self.search != "none" and (self.budget_bits is None or not 0 < self.budget_bits < 32):
@@ -92,12 +93,11 @@ class Quantize(Stage):
                 program, windows, budget_bits=self.budget_bits, group_size=self.group_size,
                 embeddings=self.embeddings, head=self.head, shortcuts=self.shortcuts, search=self.search, evaluations=self.evaluations,
                 expensive_every=self.expensive_every, cheap_windows=self.cheap_windows, seed=self.seed,
-                spread=self.spread, search_tables=self.search_tables,
+                spread=self.spread, search_tables=self.search_tables, grid=self.grid,
                 log=self.log or None, progress=context.progress)
         quantize = QuantizeWeights(bits, group_size=self.group_size, method=self.method, windows=windows,
                                    embeddings=self.embeddings, head=self.head, shortcuts=self.shortcuts,
-                                   damp=self.damp,
-                                   act_order=self.act_order,
+                                   damp=self.damp, act_order=self.act_order, grid=self.grid,
                                    batch_size=self.batch_size, progress=context.progress)
         result = self.run_passes(program, [quantize], context)
         params = program.num_parameters()
