@@ -101,10 +101,11 @@ def _programs(args: argparse.Namespace, tokenizer, module) -> dict[str, object]:
         calibration = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length,
                                     count=args.calib_windows, seed=0)
         for name in list(programs):
-            quantized = programs[name].clone()
-            PassManager([QuantizeWeights(args.bits, group_size=32, method="gptq", windows=calibration, embeddings=8,
-                                         head=8)]).run(quantized)
-            programs[f"{name}+gptq{args.bits}"] = quantized
+            for grid in args.grids.split(","):
+                quantized = programs[name].clone()
+                PassManager([QuantizeWeights(args.bits, group_size=32, method="gptq", windows=calibration, embeddings=8,
+                                             head=8, grid=grid)]).run(quantized)
+                programs[f"{name}+gptq{args.bits}-{grid}"] = quantized
     return programs
 
 
@@ -118,6 +119,8 @@ def main() -> None:
     parser.add_argument("--multiple", type=int, default=32, help="MLP widths kept at multiples of this (GGUF blocks)")
     parser.add_argument("--pruned", default="", help="a saved pruned model instead of pruning here")
     parser.add_argument("--bits", type=int, default=4, help="fxslice's GPTQ width (4 or 5; 0: none)")
+    parser.add_argument("--grids", default="zero_point,offset",
+                        help="fxslice's GPTQ grids, comma-separated: zero_point (integer) and/or offset (Q4_1's own)")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--eval-length", type=int, default=2048)
     parser.add_argument("--prefill", type=int, default=512)
@@ -194,6 +197,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct", "cpu": platform.processor() or platform.machine(), "threads": args.threads,
         "torch": torch.__version__, "llama_cpp_python": _version("llama-cpp-python"), "type": args.type,
         "prune": None if args.pruned else args.prune, "pruned_dir": args.pruned or None, "bits": args.bits,
+        "grids": args.grids.split(","),
         "calibration": {"windows": args.calib_windows, "length": args.calib_length, "shots": args.shots},
         "eval": {"windows": args.eval_windows, "length": args.eval_length}, "prefill": args.prefill, "new": args.new,
         "repeats": args.repeats, "reference": "dense", "results": rows}, indent=1))
