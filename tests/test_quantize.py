@@ -167,13 +167,14 @@ def test_cli_quantize_saves_packed_weights_that_reload_and_generate(tmp_path, ti
 
     out = tmp_path / "q4"
     cmd = [sys.executable, "-m", "fxslice.cli", "quantize", str(tiny_model_dir("llama")), "--bits", "4", "--group-size",
-           "16", "--calib-windows", "4", "--calib-length", "32", "--eval-windows", "2", "--eval-length", "32",
-           "--out", str(out)]
+           "16", "--grid", "offset", "--calib-windows", "4", "--calib-length", "32", "--eval-windows", "2",
+           "--eval-length", "32", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "bits per parameter" in done.stdout
     record = json.loads((out / "fxslice.json").read_text())
     assert [s["stage"] for s in record["stages"]] == ["cleanup", "quantize"]
+    assert {q.get("grid") for q in record["quantized"].values()} == {"offset"}
     back = load(out)
     assert back.num_bytes() == record["stages"][1]["report"]["bytes"] and back.cache is not None
     generated = subprocess.run([sys.executable, "-m", "fxslice.cli", "generate", str(out), "abc", "--max-new-tokens", "4"],
