@@ -166,9 +166,7 @@ def slice_(
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
     if save_recipe is not None:
         recipe.save(save_recipe)
-    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {
-        "sparsity": sparsity, "width_multiple": multiple, "shared_basis": shared_basis, "allocation": allocation,
-        "head": "untied" if untie else "tied where the model ties it", "head_rank": head_rank}, device, dtype, offload)
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload)
 
 
 @app.command()
@@ -209,9 +207,7 @@ def prune(
     recipe = prune_recipe(method=method, target=target, shots=shots, structures=structures, batch_size=batch_size,
                           calibration=data, strict=strict, multiple=multiple)
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
-    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
-              {"method": method, "target": target, "shots": shots, "structures": structures, "multiple": multiple},
-              device, dtype, offload)
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload)
 
 
 @app.command()
@@ -276,9 +272,7 @@ def quantize(
                      head=head or None, shortcuts=shortcuts or None, batch_size=batch_size, **searched)
     stages = (Cleanup(), *([Rotate(rotation="hadamard")] if rotate else []), stage)
     recipe = Recipe(stages, data if stage.calibrates else None, name=f"quantize-{method}")
-    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size,
-              {"bits": bits, "group_size": group_size, "method": method, "grid": grid, "rotate": rotate, **searched},
-              device, dtype, offload)
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload)
 
 
 @app.command()
@@ -303,7 +297,7 @@ def compress(
     from fxslice.passes import load_recipe
 
     recipe = load_recipe(recipe_file, trust_code=trust_code)  # validated before anything is loaded
-    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, {}, device, dtype, offload)
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload)
 
 
 def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float) -> Recipe:
@@ -317,13 +311,14 @@ def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float) -> Recipe:
 
 
 def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_windows: int | None, eval_length: int,
-              batch_size: int, extra: dict, device: str = "cpu", dtype: str = "float32", offload: bool = False) -> None:
-    """`fxslice.compress` with the command's flags, its progress on stderr and its report on stdout."""
+              batch_size: int, device: str = "cpu", dtype: str = "float32", offload: bool = False) -> None:
+    """`fxslice.compress` with the command's flags, its progress on stderr and its report on stdout. Every option of
+    the method is in the recipe, which the record holds: nothing is written twice."""
     from fxslice.jobs import compress
 
     report = compress(model, recipe, out=out_dir, evaluation=evaluation, eval_windows=eval_windows,
                       eval_length=eval_length, batch_size=batch_size, device=device, dtype=dtype, offload=offload,
-                      options=extra, progress=not _quiet, status=_status, note=_note)
+                      progress=not _quiet, status=_status, note=_note)
     out.print(str(report), highlight=False, markup=False)
 
 

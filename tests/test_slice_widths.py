@@ -99,7 +99,7 @@ def test_cli_slices_with_loss_aware_widths(tmp_path, tiny_model_dir):
                                "--out", str(out)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
         record = json.loads((out / "fxslice.json").read_text())
-        assert record["allocation"] == allocation
+        assert record["recipe"]["stages"][1]["allocation"] == allocation
         sizes[allocation] = record["parameters"]
     assert sizes["loss_aware"] <= sizes["constant"]
     bad = subprocess.run([sys.executable, "-m", "fxslice.cli", "slice", source, "--allocation", "spectrum", "--out",
