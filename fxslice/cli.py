@@ -216,8 +216,9 @@ def quantize(
     bits: Annotated[int, typer.Option(help="bits of every linear of the body: 2, 3, 4, 5, 6 or 8")] = 4,
     group_size: Annotated[int, typer.Option(min=1, help="columns sharing one scale and zero point")] = 64,
     method: Annotated[str, typer.Option(help="gptq (calibrated, error-compensating) or rtn (round to nearest)")] = "gptq",
-    grid: Annotated[str, typer.Option(help="zero_point (an integer per group: GPTQ checkpoints) or offset (a float16 "
-                                      "per group: llama.cpp's Q4_1/Q5_1, exported exactly)")] = "zero_point",
+    grid: Annotated[str, typer.Option(help="zero_point (an integer per group: GPTQ checkpoints), offset (a float16 per "
+                                      "group: llama.cpp's Q4_1/Q5_1) or symmetric (no anchor: Q4_0/Q8_0, and "
+                                      "compressed-tensors for --format hf); each exports exactly")] = "zero_point",
     embeddings: Annotated[int, typer.Option(min=0, help="bits of token tables, a tied head with them (0: keep float)")] = 8,
     head: Annotated[int, typer.Option(min=0, help="bits of an untied head (0: keep float)")] = 8,
     shortcuts: Annotated[int, typer.Option(min=0, help="bits of a sliced model's shortcut matrices (0: keep float); "

@@ -87,23 +87,26 @@ def test_the_pruned_export_has_per_layer_widths(tmp_path):
     assert list(fields["deci.attention.head_count_kv"].contents()) == [layer.attention.kv_heads for layer in layout.layers]
 
 
-@pytest.mark.parametrize("kind,group_size,grid", [("q4", 32, "zero_point"), ("q5", 32, "zero_point"),
-                                                   ("q4", 64, "zero_point"), ("q4", 32, "offset"), ("q5", 64, "offset")])
+@pytest.mark.parametrize("kind,group_size,grid", [
+    ("q4", 32, "zero_point"), ("q5", 32, "zero_point"), ("q4", 64, "zero_point"), ("q4", 32, "offset"),
+    ("q5", 64, "offset"), ("q4", 32, "symmetric"), ("q5", 64, "symmetric"), ("q8", 32, "symmetric")])
 def test_fxslices_integers_reach_llama_cpp_exactly(tmp_path, kind, group_size, grid):
-    """4- and 5-bit weights in groups of 32 (or 64: two blocks sharing a scale) are written as Q4_1 / Q5_1 blocks of
-    the same integers: gguf's own reader dequantizes them to fxslice's weights — bit for bit on an offset grid
-    (Q4_1's own), up to the float16 rounding of `zero · scale` on a zero-point grid."""
+    """4-, 5- and symmetric 8-bit weights in groups of 32 (or 64: two blocks sharing a scale) are written as GGUF
+    blocks of the same integers (Q4_1 / Q5_1, symmetric: Q4_0 / Q5_0 / Q8_0): gguf's own reader dequantizes them to
+    fxslice's weights — bit for bit on an offset or symmetric grid, up to the float16 rounding of `zero · scale` on
+    a zero-point grid."""
     import gguf
 
     program = _program(kind, group_size, grid)
     report = export_gguf(program, tmp_path / "m.gguf", weight_type="f32")
-    assert report.types[{"q4": "Q4_1", "q5": "Q5_1"}[kind]] == 14  # every linear of the body
+    block = {"q4": "Q4", "q5": "Q5", "q8": "Q8"}[kind] + ("_0" if grid == "symmetric" else "_1")
+    assert report.types[block] >= 14  # every linear of the body (and at 8 bits the table)
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     mine = program.gm.get_parameter("model.layers.1.mlp.down_proj.weight").detach().numpy()
     q = program.quantized["model.layers.1.mlp.down_proj.weight"]
-    if grid == "offset":
+    if grid != "zero_point":
         assert np.array_equal(values, mine)
     else:
         offset = (q.zero * q.scale).abs().max().item()

@@ -44,17 +44,27 @@ def test_round_to_nearest_is_within_half_a_step_of_every_weight(bits, rows, cols
     q = QuantizedWeight.from_matrix(m, bits, group, grid=grid)
     assert q.q.min() >= 0 and q.q.max() < 1 << bits
     error = (q.dequantize() - m).abs()
-    assert (error <= q.expand(q.scale) * 0.5 * (1 + 1e-3) + 1e-6).all()
+    assert (error <= q.expand(q.scale).abs() * 0.5 * (1 + 1e-3) + 1e-6).all()
     back = QuantizedWeight.from_tensors("w", q.tensors("w"), q.meta())
     assert torch.equal(back.dequantize(), q.dequantize())
     assert sum(t.numel() * t.element_size() for t in q.tensors("w").values()) == q.nbytes
+
+
+def test_a_symmetric_grid_stores_no_anchor_and_mirrors_its_levels_toward_the_larger_side():
+    """Levels −8..7 times the scale: a group whose largest magnitude is positive takes a negative scale, so that
+    its largest weight lands on the extra level, and nothing is clamped either way."""
+    for sign in (1.0, -1.0):
+        m = sign * torch.tensor([[8.0, -7.0, 1.0, 3.0] * 8])
+        q = QuantizedWeight.from_matrix(m, 4, 32, grid="symmetric")
+        assert float(q.scale) == -sign and torch.equal(q.dequantize(), m)
+        assert set(q.tensors("w")) == {"w.qweight", "w.scales"}
 
 
 def test_an_offset_grid_fits_a_one_signed_group_tighter_than_a_zero_point():
     """A group of positive weights: the integer zero point must keep 0 on the grid and spends levels below the
     smallest weight; the float offset starts at it, so its step is smaller and its error too."""
     m = torch.rand(16, 64, generator=torch.Generator().manual_seed(0)) + 1.0  # weights in [1, 2)
-    zero, offset = (QuantizedWeight.from_matrix(m, 4, 32, grid=g) for g in GRIDS)
+    zero, offset = (QuantizedWeight.from_matrix(m, 4, 32, grid=g) for g in ("zero_point", "offset"))
     assert (offset.scale < 0.6 * zero.scale).all()
     assert (offset.dequantize() - m).abs().max() < 0.6 * (zero.dequantize() - m).abs().max()
 
@@ -105,7 +115,7 @@ def test_gptq_beats_round_to_nearest_on_a_trained_model(counting):
 
 
 @pytest.mark.parametrize("name,grid", [("llama-tied", "zero_point"), ("gpt2", "zero_point"), ("llama", "zero_point"),
-                                       ("llama-tied", "offset"), ("gpt2", "offset")])
+                                       ("llama-tied", "offset"), ("gpt2", "offset"), ("llama", "symmetric")])
 def test_a_saved_quantized_model_reloads_with_identical_logits_and_reports_its_file_bytes(tiny, name, grid, tmp_path):
     _, program = tiny(name)
     dense_bytes = program.num_bytes()
@@ -146,7 +156,7 @@ def test_per_weight_widths_and_float_tables(tiny):
 @pytest.mark.parametrize(("options", "message"), [
     (dict(bits=7), "bits"), (dict(group_size=0), "group_size"), (dict(method="awq"), "method"),
     (dict(embeddings=1), "bits"), (dict(budget_bits=4.5), "does nothing without a search"),
-    (dict(grid="symmetric"), "grid must be one of"),
+    (dict(grid="nf4"), "grid must be one of"),
 ])
 def test_bad_quantize_options_are_refused(options, message):
     with pytest.raises(InvalidOption, match=message):

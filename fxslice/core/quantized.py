@@ -1,14 +1,17 @@
 """Group-wise integer weights: the format a quantized program stores, and the arithmetic both sides of it share.
 
 A matrix `W` [out, in] is cut along `in` into groups of `group_size` columns (the last may be shorter); every
-(row, group) gets an asymmetric grid of `2^bits` levels, anchored one of two ways (`GRIDS`):
+(row, group) gets a grid of `2^bits` levels, anchored one of three ways (`GRIDS`):
 
-    zero_point  w ≈ (q − zero) · scale, `zero` an integer in [0, 2^bits) (GPTQ checkpoints, compressed-tensors)
+    zero_point  w ≈ (q − zero) · scale, `zero` an integer in [0, 2^bits) (GPTQ checkpoints)
     offset      w ≈ q · scale + offset, `offset` a float16 (llama.cpp's Q4_1 / Q5_1 blocks: d·q + m)
+    symmetric   w ≈ (q − 2^(bits−1)) · scale, no anchor stored; the scale's sign puts the extra negative level on
+                the side of the group's larger magnitude (llama.cpp's Q4_0 / Q8_0; compressed-tensors' symmetric
+                int, what transformers and vLLM load)
 
 `q` is an integer in [0, 2^bits), `scale` a float16. An integer zero point puts 0 exactly on the grid and costs
 `bits` per group; a float offset spans exactly [min, max] of the group (no level spent below 0 for a group of
-positive weights) and costs 16. What is stored is exactly that: `q` (and `zero`) packed `bits` to the bit, scales
+positive weights) and costs 16; a symmetric grid costs nothing and spans [−max|w|, max|w|]. What is stored is exactly that: `q` (and `zero`) packed `bits` to the bit, scales
 and offsets as float16 — so the bytes on disk are the bytes the record reports. In memory the program keeps
 computing with `dequantize()` of it (the same numbers, to the last bit, after a save and a load).
 """
@@ -27,8 +30,8 @@ __all__ = ["QuantizedWeight", "pack_bits", "unpack_bits", "group_grid", "packed_
 
 #: bit widths a weight can take
 BITS = (2, 3, 4, 5, 6, 8)
-#: how a group's grid is anchored: an integer zero point, or a float16 offset (its minimum)
-GRIDS = ("zero_point", "offset")
+#: how a group's grid is anchored: an integer zero point, a float16 offset (its minimum), or the middle level
+GRIDS = ("zero_point", "offset", "symmetric")
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -67,6 +70,14 @@ def group_grid(w: torch.Tensor, bits: int, grid: str = "zero_point") -> tuple[to
         offset = _half(w.min(-1).values, up=False)
         scale = _half((w.max(-1).values - offset) / top, up=True)
         return torch.where(scale > 0, scale, torch.ones_like(scale)), offset
+    if grid == "symmetric":  # levels −half..half−1 times the scale: a negative scale mirrors them
+        half = 1 << (bits - 1)
+        low, high = (-w.min(-1).values).clamp(min=0), w.max(-1).values.clamp(min=0)
+        positive = torch.maximum(low / half, high / (half - 1))
+        negative = torch.maximum(low / (half - 1), high / half)
+        magnitude = _half(torch.minimum(positive, negative), up=True)
+        magnitude = torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
+        return torch.where(positive <= negative, magnitude, -magnitude), torch.full_like(magnitude, half)
     low = w.min(-1).values.clamp(max=0)
     high = w.max(-1).values.clamp(min=0)
     scale = _half((high - low) / top, up=True)
@@ -97,10 +108,10 @@ class QuantizedWeight:
     shape: tuple[int, int]  # the matrix's [out, in]
     q: torch.Tensor  # int64 [out, in]
     scale: torch.Tensor  # float32 holding float16 values [out, groups]
-    zero: torch.Tensor  # the anchor [out, groups]: int64 zero points, or float32 holding float16 offsets
+    zero: torch.Tensor  # the anchor [out, groups]: int64 zero points (symmetric: all 2^(bits−1)), or float32 offsets
     transposed: bool = False
     dtype: torch.dtype = torch.float32
-    grid: str = "zero_point"  # or "offset": see GRIDS
+    grid: str = "zero_point"  # or "offset", "symmetric": see GRIDS
 
     @property
     def groups(self) -> int:
@@ -147,7 +158,7 @@ class QuantizedWeight:
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """What goes into the safetensors file for the parameter `name`."""
         anchor = ({f"{name}.offsets": self.zero.to(torch.float16)} if self.grid == "offset"
-                  else {f"{name}.qzeros": pack_bits(self.zero, self.bits)})
+                  else {} if self.grid == "symmetric" else {f"{name}.qzeros": pack_bits(self.zero, self.bits)})
         return {f"{name}.qweight": pack_bits(self.q, self.bits), **anchor, f"{name}.scales": self.scale.to(torch.float16)}
 
     def meta(self) -> dict:
@@ -164,6 +175,8 @@ class QuantizedWeight:
         q = unpack_bits(tensors[f"{name}.qweight"], bits, out * cols).view(out, cols)
         if grid == "offset":
             zero = tensors[f"{name}.offsets"].to(torch.float32)
+        elif grid == "symmetric":
+            zero = torch.full((out, groups), 1 << (bits - 1), dtype=torch.int64)
         else:
             zero = unpack_bits(tensors[f"{name}.qzeros"], bits, out * groups).view(out, groups)
         scale = tensors[f"{name}.scales"].to(torch.float32)
@@ -179,17 +192,17 @@ def stored_shapes(name: str, bits: int, group_size: int, shape: tuple[int, int] 
     """The tensors a quantized weight `name` is stored as, with their shapes (packed ones are flat uint8)."""
     out, cols = shape
     groups = math.ceil(cols / group_size)
-    anchor = ({f"{name}.offsets": [out, groups]} if grid == "offset"
+    anchor = ({f"{name}.offsets": [out, groups]} if grid == "offset" else {} if grid == "symmetric"
               else {f"{name}.qzeros": [math.ceil(out * groups * bits / 8)]})
     return {f"{name}.qweight": [math.ceil(out * cols * bits / 8)], **anchor, f"{name}.scales": [out, groups]}
 
 
 def packed_nbytes(shape: tuple[int, int], bits: int, group_size: int, grid: str = "zero_point") -> int:
     """Bytes of an [out, in] matrix stored at `bits` with `group_size` columns per float16 scale and per anchor
-    (a `bits`-wide zero point, or a float16 offset)."""
+    (a `bits`-wide zero point, a float16 offset, or none for a symmetric grid)."""
     out, cols = shape
     groups = math.ceil(cols / group_size)
-    anchors = 2 * out * groups if grid == "offset" else math.ceil(out * groups * bits / 8)
+    anchors = {"offset": 2 * out * groups, "symmetric": 0}.get(grid, math.ceil(out * groups * bits / 8))
     return math.ceil(out * cols * bits / 8) + anchors + 2 * out * groups
 
 
@@ -199,5 +212,5 @@ def check_format(bits: int, group_size: int, grid: str = "zero_point") -> None:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise InvalidOption(f"group_size must be a positive integer, got {group_size!r}")
     if grid not in GRIDS:
-        raise InvalidOption(f"grid must be one of {GRIDS} (an integer zero point, or llama.cpp's float offset), "
+        raise InvalidOption(f"grid must be one of {GRIDS} (an integer zero point, llama.cpp's float offset, or none), "
                             f"got {grid!r}")

@@ -5,9 +5,10 @@ llama.cpp's `llama` architecture, per-layer head counts and MLP widths (what the
 architecture. Weights keep what fxslice made of them:
 
 - a weight fxslice quantized to 4 or 5 bits in groups of 32 (or 64, 96, ...: each group is whole blocks of 32 that
-  share its scale) is written as the GGUF block type that holds those very integers (Q4_1 / Q5_1: `w = d·q + m` with `d` its float16 scale and `m` its float16 offset — exactly, for
-  `grid="offset"` — or `−zero·d` rounded to float16 for an integer zero point), so GPTQ's
-  and the width search's choices reach llama.cpp; 8-bit weights are re-rounded to Q8_0 (symmetric, within half a
+  share its scale) is written as the GGUF block type that holds those very integers: Q4_1 / Q5_1 (`w = d·q + m`,
+  `d` its float16 scale, `m` its float16 offset — exactly, for `grid="offset"` — or `−zero·d` rounded to float16
+  for an integer zero point), or for `grid="symmetric"` Q4_0 / Q5_0 (and Q8_0 at 8 bits), exactly; so GPTQ's
+  and the width search's choices reach llama.cpp. Other 8-bit weights are re-rounded to Q8_0 (within half a
   step); other widths or group sizes have no block type and are refused by name;
 - float weights are written as `weight_type` (f32, f16, bf16, or quantized by the `gguf` package's reference
   quantizers: q8_0, q5_1, q5_0, q4_1, q4_0); a matrix whose rows are not whole blocks of 32 stays f16;
@@ -40,8 +41,9 @@ __all__ = ["export_gguf", "check_weight_type", "GgufExport", "WEIGHT_TYPES"]
 #: what `weight_type` accepts for float matrices
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 _BLOCK = 32
-#: fxslice's bits (groups of 32) -> the GGUF type that stores the same integers
-_EXACT = {4: "Q4_1", 5: "Q5_1"}
+#: fxslice's (bits, grid) in groups of 32 -> the GGUF type that stores the same integers
+_EXACT = {(4, "zero_point"): "Q4_1", (5, "zero_point"): "Q5_1", (4, "offset"): "Q4_1", (5, "offset"): "Q5_1",
+          (4, "symmetric"): "Q4_0", (5, "symmetric"): "Q5_0", (8, "symmetric"): "Q8_0"}
 
 
 @dataclass
@@ -70,23 +72,28 @@ def _rope_order(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _pack_exact(q: QuantizedWeight, heads: int | None, gguf: Any) -> tuple[np.ndarray, Any]:
-    """The integers, scales and zero points of `q` as Q4_1 / Q5_1 blocks (one row of blocks per output row)."""
+    """The integers, scales and anchors of `q` as GGUF blocks of 32 (one row of blocks per output row): Q4_1 / Q5_1
+    (`d`, `m`, the integers), or for a symmetric grid Q4_0 / Q5_0 / Q8_0 (`d`, the integers about the middle)."""
     ints = q.q
     scale, zero = q.expand(q.scale)[:, ::_BLOCK], q.expand(q.zero)[:, ::_BLOCK]  # a group of 64 is two blocks
     if heads:
         ints, scale, zero = (_rope_order(t, heads) for t in (ints, scale, zero))
     out, cols = q.shape
-    blocks = ints.reshape(out * cols // _BLOCK, _BLOCK).numpy().astype(np.uint8)
-    d = scale.reshape(-1, 1).numpy().astype(np.float16)
-    offset = zero if q.grid == "offset" else -(zero.double() * scale.double())  # an offset grid is Q4_1's own: exact
-    m = offset.reshape(-1, 1).numpy().astype(np.float16)
-    low = blocks & 0x0F
-    nibbles = (low[:, :16] | (low[:, 16:] << 4)).astype(np.uint8)
-    parts = [d.view(np.uint8), m.view(np.uint8)]
-    if q.bits == 5:
-        parts.append(np.packbits((blocks >> 4).reshape(-1, 1, _BLOCK), axis=-1, bitorder="little").reshape(-1, 4))
-    data = np.concatenate([*parts, nibbles], axis=-1).reshape(out, -1)
-    return data, getattr(gguf.GGMLQuantizationType, _EXACT[q.bits])
+    blocks = ints.reshape(out * cols // _BLOCK, _BLOCK).numpy()
+    parts = [scale.reshape(-1, 1).numpy().astype(np.float16).view(np.uint8)]
+    if q.grid != "symmetric":
+        offset = zero if q.grid == "offset" else -(zero.double() * scale.double())  # an offset grid is Q4_1's own
+        parts.append(offset.reshape(-1, 1).numpy().astype(np.float16).view(np.uint8))
+    if q.bits == 8:  # Q8_0: signed bytes, x = q·d
+        parts.append((blocks - 128).astype(np.int8).view(np.uint8))
+    else:
+        blocks = blocks.astype(np.uint8)
+        if q.bits == 5:  # the fifth bits first, 32 in 4 bytes
+            parts.append(np.packbits((blocks >> 4).reshape(-1, 1, _BLOCK), axis=-1, bitorder="little").reshape(-1, 4))
+        low = blocks & 0x0F
+        parts.append((low[:, :16] | (low[:, 16:] << 4)).astype(np.uint8))
+    data = np.concatenate(parts, axis=-1).reshape(out, -1)
+    return data, getattr(gguf.GGMLQuantizationType, _EXACT[q.bits, q.grid])
 
 
 def _matrix(name: str, value: torch.Tensor, q: QuantizedWeight | None, heads: int | None, weight_type: str,
@@ -95,15 +102,16 @@ def _matrix(name: str, value: torch.Tensor, q: QuantizedWeight | None, heads: in
     kinds = gguf.GGMLQuantizationType
     if q is not None:
         whole = q.group_size % _BLOCK == 0 and q.shape[1] % _BLOCK == 0 and not q.transposed
-        if q.bits in _EXACT and whole:
+        if (q.bits, q.grid) in _EXACT and whole:
             return _pack_exact(q, heads, gguf)
         if q.bits == 8 and q.shape[1] % _BLOCK == 0:
-            weight_type = "q8_0"
+            weight_type = "q8_0"  # re-rounded, within half a step
         else:
             raise UnsupportedStructure(
-                f"'{name}' holds {q.bits}-bit integers in groups of {q.group_size}, which no GGUF block type stores: "
-                "quantize with --bits 4 or 5 and a --group-size that is a multiple of 32 for an exact export (8 bits go to Q8_0), or export "
-                "the float model and let --type quantize it")
+                f"'{name}' holds {q.bits}-bit integers ({q.grid} grid) in groups of {q.group_size}, which no GGUF block "
+                "type stores: quantize with --bits 4 or 5 (or 8 with --grid symmetric) and a --group-size that is a "
+                "multiple of 32 for an exact export (other 8-bit weights go to Q8_0), or export the float model and let "
+                "--type quantize it")
     matrix = value.detach().to(torch.float32)
     if heads:
         matrix = _rope_order(matrix, heads)
