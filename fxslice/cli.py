@@ -366,8 +366,14 @@ def export_(
     if format_ == "hf":
         size = sum(f.stat().st_size for f in path.iterdir())
         if written.remote_code is None:
+            integers = ("; quantized linears as compressed-tensors integers (pip install compressed-tensors to load)"
+                        if (path / "config.json").read_text(encoding="utf-8").count('"quantization_config"') else "")
             out.print(f"wrote {path}/ ({size / 2**20:.1f} MiB): a stock Llama checkpoint, "
-                      "AutoModelForCausalLM.from_pretrained(path) with no remote code", highlight=False, markup=False)
+                      f"AutoModelForCausalLM.from_pretrained(path) with no remote code{integers}",
+                      highlight=False, markup=False)
+            reasons = sorted(set(written.dequantized.values()))
+            if reasons:
+                _note(f"{len(written.dequantized)} quantized weight(s) written in float: " + "; ".join(reasons))
             return
         cache = "generate() with the KV cache" if program.cache is not None else "generate() without a KV cache"
         out.print(f"wrote {path}/ ({size / 2**20:.1f} MiB): AutoModelForCausalLM.from_pretrained(path, "

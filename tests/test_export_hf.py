@@ -138,3 +138,37 @@ def test_a_stock_shaped_model_exports_as_a_stock_llama_without_remote_code(tmp_p
 def test_per_layer_widths_fall_back_to_remote_code_and_say_why(tmp_path, exportable):
     written = export_hf(exportable("pruned"), tmp_path / "hf")
     assert written.remote_code is not None and "different widths" in written.remote_code
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_integers_reach_transformers_as_compressed_tensors(tmp_path, bits):
+    """A stock-shaped model quantized on a symmetric grid keeps its integers in the checkpoint (pack-quantized
+    compressed-tensors, what llm-compressor writes and vLLM serves): transformers, without fxslice, decompresses
+    them to fxslice's weights and computes its logits; the tied table, an embedding, stays float, and says so."""
+    pytest.importorskip("compressed_tensors")
+    from fxslice import PassManager, capture
+    from fxslice.passes import CleanupIR
+    from fxslice.passes.quantize import QuantizeWeights
+    from fxslice.testing import tiny_causal_lm
+
+    program = capture(tiny_causal_lm("llama-tied"))
+    PassManager([CleanupIR()]).run(program)
+    PassManager([QuantizeWeights(bits, group_size=32, grid="symmetric", embeddings=8)]).run(program)
+    written = export_hf(program, tmp_path / "hf")
+    assert written.remote_code is None
+    assert list(written.dequantized) == ["model.embed_tokens.weight"]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    [group] = config["quantization_config"]["config_groups"].values()
+    assert group["weights"] == {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    assert len(group["targets"]) == 14  # every linear of the body
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        packed = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".weight_packed")}
+    assert len(packed) == 14 and all(t.dtype == torch.int32 for t in packed.values())
+    levels = sum(t.numel() for t in packed.values()) * 32 / bits  # the integers, packed without a bit to spare
+    assert levels == sum(q.q.numel() for q in program.quantized.values()) - 128 * 64  # all but the table
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    got = _in_transformers(STOCK, tmp_path, ids)
+    assert got["class"] == "LlamaForCausalLM"
+    torch.testing.assert_close(got["logits"], program(ids), rtol=1e-5, atol=1e-5)

@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -114,10 +114,12 @@ def weights_as_inputs(program: Program) -> tuple[fx.GraphModule, dict[str, torch
 
 @dataclass(frozen=True)
 class HfExport:
-    """Where the hf export went, and why it needs remote code (None: a stock architecture's own checkpoint)."""
+    """Where the hf export went, why it needs remote code (None: a stock architecture's own checkpoint), and which
+    quantized weights a stock checkpoint holds in float, with the reason (the others are compressed-tensors integers)."""
 
     path: Path
     remote_code: str | None
+    dequantized: dict[str, str] = field(default_factory=dict)
 
 
 def export_hf(program: Program, out_dir: str | os.PathLike, *, stock: bool = True) -> HfExport:
@@ -126,14 +128,23 @@ def export_hf(program: Program, out_dir: str | os.PathLike, *, stock: bool = Tru
     out = Path(out_dir)
     check_output_dir(out)
     if stock:
+        from fxslice.models.compressed_tensors import compress_linears
         from fxslice.models.stock_hf import stock_llama
 
         try:
-            config, weights = stock_llama(program)
+            config, weights, sources = stock_llama(program)
         except UnsupportedStructure as exc:
             reason = str(exc)
         else:
-            return HfExport(_write_hf(program, out, config, weights), None)
+            linears = {hf: program.quantized[source] for hf, source in sources.items()
+                       if source in program.quantized and hf != "model.embed_tokens.weight"}
+            compressed = compress_linears(weights, linears, program.dtype)
+            if compressed.config is not None:
+                config["quantization_config"] = compressed.config
+            dequantized = {**compressed.skipped, **{hf: "a token table (an embedding, which compressed-tensors does "
+                                                    "not pack)" for hf, source in sources.items()
+                                                    if source in program.quantized and hf not in linears}}
+            return HfExport(_write_hf(program, out, config, compressed.tensors), None, dequantized)
     else:
         reason = "asked for (stock=False)"
     return HfExport(_export_remote(program, out), reason)

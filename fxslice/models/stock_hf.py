@@ -3,7 +3,8 @@
 When `decoder_layout` finds a Llama-style decoder with one width everywhere (dense, quantized, or pruned evenly),
 stock transformers' `LlamaForCausalLM` computes it: `config.json` from transformers' own `LlamaConfig` and the weights
 under its names load with `AutoModelForCausalLM.from_pretrained(DIR)` — no remote code — and so in every tool that
-reads Llama checkpoints (vLLM, SGLang, llama.cpp's converter). Quantized weights are written dequantized.
+reads Llama checkpoints (vLLM, SGLang, llama.cpp's converter). Quantized linears on a symmetric grid are written as
+compressed-tensors integers (`fxslice.models.compressed_tensors`); other quantized weights are written dequantized.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from fxslice.models.decoder_layout import decoder_layout
 __all__ = ["stock_llama"]
 
 
-def stock_llama(program: Program) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config.json's content, weights by transformers' Llama names) for `program`, or UnsupportedStructure saying
-    why a stock Llama cannot compute it."""
+def stock_llama(program: Program) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+    """(config.json's content, weights by transformers' Llama names, each of those names -> the program's weight it
+    holds) for `program`, or UnsupportedStructure saying why a stock Llama cannot compute it."""
     import transformers
 
     layout = decoder_layout(program)
@@ -47,15 +48,16 @@ def stock_llama(program: Program) -> tuple[dict[str, Any], dict[str, torch.Tenso
         value = tensor_of(gm, name) if name else torch.ones(layout.width, dtype=program.dtype)
         return value.detach().contiguous().clone()
 
-    weights = {"model.embed_tokens.weight": tensor(layout.table), "model.norm.weight": tensor(layout.output_norm)}
+    names = {"model.embed_tokens.weight": layout.table, "model.norm.weight": layout.output_norm}
     if not layout.tied:
-        weights["lm_head.weight"] = tensor(layout.head)
+        names["lm_head.weight"] = layout.head
     for i, layer in enumerate(layout.layers):
         a, m, prefix = layer.attention, layer.mlp, f"model.layers.{i}"
-        weights |= {f"{prefix}.input_layernorm.weight": tensor(layer.attention_norm),
-                    f"{prefix}.self_attn.q_proj.weight": tensor(a.q), f"{prefix}.self_attn.k_proj.weight": tensor(a.k),
-                    f"{prefix}.self_attn.v_proj.weight": tensor(a.v), f"{prefix}.self_attn.o_proj.weight": tensor(a.o),
-                    f"{prefix}.post_attention_layernorm.weight": tensor(layer.mlp_norm),
-                    f"{prefix}.mlp.gate_proj.weight": tensor(m.gate), f"{prefix}.mlp.up_proj.weight": tensor(m.up),
-                    f"{prefix}.mlp.down_proj.weight": tensor(m.down)}
-    return data, weights
+        names |= {f"{prefix}.input_layernorm.weight": layer.attention_norm,
+                  f"{prefix}.self_attn.q_proj.weight": a.q, f"{prefix}.self_attn.k_proj.weight": a.k,
+                  f"{prefix}.self_attn.v_proj.weight": a.v, f"{prefix}.self_attn.o_proj.weight": a.o,
+                  f"{prefix}.post_attention_layernorm.weight": layer.mlp_norm,
+                  f"{prefix}.mlp.gate_proj.weight": m.gate, f"{prefix}.mlp.up_proj.weight": m.up,
+                  f"{prefix}.mlp.down_proj.weight": m.down}
+    sources = {hf: source for hf, source in names.items() if source}
+    return data, {hf: tensor(source) for hf, source in names.items()}, sources
