@@ -3,13 +3,15 @@ in one run; one JSON object.
 
     python benchmarks/runtimes.py [--type q8_0] [--prune 0.166] [--multiple 32] [--shots 4] [--calib-windows 16]
                                   [--calib-length 512]
-                                  [--pruned DIR] [--bits 4] [--eval-windows 8] [--eval-length 2048] [--prefill 512]
+                                  [--pruned DIR] [--bits 4] [--grids zero_point,offset] [--eval-windows 8]
+                                  [--eval-length 2048] [--prefill 512]
                                   [--new 128] [--threads 2] [--repeats 3] [--out DIR]
 
 Models: the shipped Q4_1 file as llama.cpp's own dense baseline; the dense model and the Surgeon's model (`--prune`, or
 a saved one with `--pruned DIR`) exported at `--type` (the same type, so that the ratio is the pruning's); each of them
-quantized by fxslice (GPTQ, `--bits` in groups of 32, tables 8-bit: exported as the Q4_1 / Q5_1 blocks of the same
-integers, tables Q8_0) and, for comparison at the same type, by llama.cpp's own quantizer (`llama_model_quantize`
+quantized by fxslice (GPTQ, `--bits` in groups of 32 on each of `--grids`, tables 8-bit: exported as the Q4_1 / Q5_1
+blocks of the same integers, Q4_0 / Q5_0 for a symmetric grid, tables Q8_0) and, for comparison at the same types, by
+llama.cpp's own quantizer (`llama_model_quantize`
 from the float32 export, no importance matrix, its own choice for the token table). Per GGUF file: its bytes, perplexity from llama.cpp's logits on the first `--eval-windows`
 test windows (fxslice's windows: the same tokens), prefill of `--prefill` tokens and batch-1 greedy decoding of `--new`
 tokens (tokens/s, medians over `--repeats` after a warm-up); and fxslice's own runtime (the captured program with its
@@ -120,7 +122,8 @@ def main() -> None:
     parser.add_argument("--pruned", default="", help="a saved pruned model instead of pruning here")
     parser.add_argument("--bits", type=int, default=4, help="fxslice's GPTQ width (4 or 5; 0: none)")
     parser.add_argument("--grids", default="zero_point,offset",
-                        help="fxslice's GPTQ grids, comma-separated: zero_point (integer) and/or offset (Q4_1's own)")
+                        help="fxslice's GPTQ grids, comma-separated: zero_point (integer), offset (Q4_1's own), "
+                        "symmetric (Q4_0's)")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--eval-length", type=int, default=2048)
     parser.add_argument("--prefill", type=int, default=512)
@@ -145,22 +148,23 @@ def main() -> None:
         exports[name] = {"architecture": report.architecture, "types": dict(report.types),
                          "parameters": program.num_parameters()}
 
-    if args.bits in (4, 5):  # llama.cpp's own quantization of the same float weights to the same block type
+    if args.bits in (4, 5):  # llama.cpp's own quantization of the same float weights to the same block types
         import llama_cpp
 
-        ftype = {4: llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, 5: llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1}[args.bits]
+        kinds = {f"q{args.bits}_0" if g == "symmetric" else f"q{args.bits}_1" for g in args.grids.split(",")}
         for name in [n for n in programs if "+" not in n]:
             source = folder / f"{name}.f32.gguf"
             source.unlink(missing_ok=True)
             export_gguf(programs[name], source, weight_type="f32")
-            target = folder / f"{name}+llama.cpp-q{args.bits}_1.gguf"
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype, params.nthread = ftype, args.threads
-            if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
-                raise RuntimeError(f"llama_model_quantize failed on {source}")
+            for kind in sorted(kinds):
+                target = folder / f"{name}+llama.cpp-{kind}.gguf"
+                params = llama_cpp.llama_model_quantize_default_params()
+                params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}"), args.threads
+                if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+                    raise RuntimeError(f"llama_model_quantize failed on {source}")
+                files[target.stem] = target
+                exports[target.stem] = {"parameters": programs[name].num_parameters()}
             source.unlink()
-            files[target.stem] = target
-            exports[target.stem] = {"parameters": programs[name].num_parameters()}
 
     windows = token_windows(tokenizer, load_text("wikitext2:test"), args.eval_length)[: args.eval_windows]
     prompt = windows[0].tolist()
