@@ -7,6 +7,7 @@ import torch
 
 import fxslice
 from fxslice import InvalidOption
+from fxslice.evaluation.generate import generate
 from fxslice.passes import prune_recipe, slicegpt_recipe
 from fxslice.recipes import Calibration
 
@@ -50,6 +51,10 @@ def test_compress_takes_a_module_with_its_tokenizer_and_skips_evaluation(tmp_pat
     assert report.out is None and report.perplexity == {} and "perplexity" not in str(report)
     assert report.record["evaluation"]["windows"] == 0
     assert report.result.parameters < report.result.dense_parameters
+    # the KV-cache capture carries the pruned weights: it decodes the tokens the plain program computes
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    assert report.cached is not None and report.cached.num_parameters() == report.program.num_parameters()
+    torch.testing.assert_close(generate(report.cached, ids, max_new_tokens=4), generate(report.program, ids, max_new_tokens=4))
     with pytest.raises(InvalidOption, match="the module is in torch.float32, not torch.bfloat16"):
         fxslice.compress(model, recipe, evaluation=None, dtype="bfloat16", progress=False)
 
