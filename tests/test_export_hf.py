@@ -172,3 +172,24 @@ def test_symmetric_integers_reach_transformers_as_compressed_tensors(tmp_path, b
     got = _in_transformers(STOCK, tmp_path, ids)
     assert got["class"] == "LlamaForCausalLM"
     torch.testing.assert_close(got["logits"], program(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_our_packing_is_compressed_tensors_own_for_every_width_and_shape():
+    """The int32 words we write are the words compressed-tensors' own packer writes, for every width and for rows
+    that are not whole words (hypothesis)."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from fxslice.core.quantized import BITS, QuantizedWeight
+    from fxslice.models.compressed_tensors import packed_rows
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.sampled_from(BITS), st.integers(1, 9), st.integers(1, 140), st.integers(0, 2**31))
+    def check(bits, rows, cols, seed):
+        m = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+        q = QuantizedWeight.from_matrix(m, bits, cols, grid="symmetric")
+        assert torch.equal(packed_rows(q), pack_to_int32((q.q - (1 << (bits - 1))).to(torch.int8), bits))
+
+    check()

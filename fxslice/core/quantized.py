@@ -11,9 +11,10 @@ A matrix `W` [out, in] is cut along `in` into groups of `group_size` columns (th
 
 `q` is an integer in [0, 2^bits), `scale` a float16. An integer zero point puts 0 exactly on the grid and costs
 `bits` per group; a float offset spans exactly [min, max] of the group (no level spent below 0 for a group of
-positive weights) and costs 16; a symmetric grid costs nothing and spans [−max|w|, max|w|]. What is stored is exactly that: `q` (and `zero`) packed `bits` to the bit, scales
-and offsets as float16 — so the bytes on disk are the bytes the record reports. In memory the program keeps
-computing with `dequantize()` of it (the same numbers, to the last bit, after a save and a load).
+positive weights) and costs 16; a symmetric grid costs nothing and spans [−max|w|, max|w|]. What is stored is
+exactly that: `q` and zero points packed `bits` to the bit, scales and offsets as float16 — so the bytes on disk
+are the bytes the record reports. In memory the program keeps computing with `dequantize()` of it (the same
+numbers, to the last bit, after a save and a load).
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def _half(x: torch.Tensor, *, up: bool) -> torch.Tensor:
 
 def group_grid(w: torch.Tensor, bits: int, grid: str = "zero_point") -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max grid for each row of `w` [rows, group]: (scales, float16-representable, and the anchor: zero points
-    as integral floats, with 0 always on the grid, or float16 offsets at the rows' minima). Rounded outwards, so
-    the grid still spans [min, max] and no weight is clamped."""
+    as integral floats with 0 always on the grid, float16 offsets at the rows' minima, or for a symmetric grid the
+    middle level 2^(bits−1)). Rounded outwards, so the grid spans the row and no weight is clamped."""
     top = (1 << bits) - 1
     if grid == "offset":
         offset = _half(w.min(-1).values, up=False)
@@ -129,7 +130,8 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes as stored: packed integers, packed zero points, float16 scales."""
+        """Bytes as stored: packed integers, float16 scales, and the anchors (packed zero points, float16 offsets or
+        nothing)."""
         return packed_nbytes(self.shape, self.bits, self.group_size, self.grid)
 
     @classmethod

@@ -1,5 +1,5 @@
-"""Quantized linears of a stock checkpoint in the compressed-tensors format (what llm-compressor writes), so that
-transformers (with the `compressed-tensors` package) and vLLM load fxslice's integers instead of float copies.
+"""Quantized linears of a stock checkpoint in the compressed-tensors format (what llm-compressor writes and vLLM
+serves), so that transformers (with the `compressed-tensors` package) loads fxslice's integers instead of float copies.
 
 Symmetric grids are written as `pack-quantized` groups: per linear `weight_packed` (int32 words, each row a
 little-endian bit stream of its levels `q` in [0, 2^bits), the format's signed values offset by 2^(bits−1)),
@@ -20,7 +20,7 @@ import torch
 
 from fxslice.core.quantized import QuantizedWeight, pack_bits
 
-__all__ = ["CompressedLinears", "compress_linears"]
+__all__ = ["CompressedLinears", "compress_linears", "packed_rows"]
 
 
 @dataclass
@@ -33,13 +33,13 @@ class CompressedLinears:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _packed_rows(q: QuantizedWeight) -> torch.Tensor:
-    """[out, ceil(in·bits/32)] int32: each row's levels as one little-endian bit stream."""
+def packed_rows(q: QuantizedWeight) -> torch.Tensor:
+    """[out, ceil(in·bits/32)] int32: each row's levels as one little-endian bit stream. Rows padded to a multiple
+    of 32 levels fill whole words, so the matrix packs in one call; the padding's words are cut off again."""
     out, cols = q.shape
-    words = math.ceil(cols * q.bits / 32)
-    rows = [pack_bits(row, q.bits) for row in q.q]
-    padded = torch.stack([torch.nn.functional.pad(r, (0, 4 * words - r.numel())) for r in rows])
-    return padded.view(torch.int32).reshape(out, words)
+    levels = torch.nn.functional.pad(q.q, (0, (-cols) % 32))
+    words = pack_bits(levels, q.bits).view(torch.int32).reshape(out, -1)
+    return words[:, : math.ceil(cols * q.bits / 32)].contiguous()
 
 
 def compress_linears(tensors: dict[str, torch.Tensor], quantized: dict[str, QuantizedWeight],
@@ -57,9 +57,12 @@ def compress_linears(tensors: dict[str, torch.Tensor], quantized: dict[str, Quan
         if q.transposed or not name.endswith(".weight"):
             skipped[name] = "not a linear's [out, in] weight"
             continue
+        if q.shape[1] % q.group_size:
+            skipped[name] = f"its {q.shape[1]} columns are not whole groups of {q.group_size}"
+            continue
         module = name.removesuffix(".weight")
         del out[name]
-        out[f"{module}.weight_packed"] = _packed_rows(q)
+        out[f"{module}.weight_packed"] = packed_rows(q)
         out[f"{module}.weight_scale"] = q.scale.to(dtype)
         out[f"{module}.weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
         groups.setdefault((q.bits, q.group_size), []).append(module)
