@@ -22,10 +22,16 @@ EXPECTED = {
     # an index op and broadcast_to, which hide the heads (blocked); from 5.25 Falcon uses the shared attention
     # (view, expand, SDPA) and each layer is one group: 4 query heads + k + v rows, the dense's 64 columns
     "falcon": (512, 2, (96, 64)) if Version(transformers.__version__) >= Version("5.25") else (512, 0, None),
-    "gemma2": (256, 0, None),  # eager attention (matmul): heads blocked
+    "gemma2": (256, 0, None),  # eager attention (matmul): heads blocked; see ATTENTION_DEPENDENT
     "olmo2": (256, 0, None),  # q/k norm over all heads at once: heads blocked
     "mixtral": (0, 4, (64, 32)),  # experts' grouped matmuls are not grouped
 }
+
+
+#: families whose default attention changed within the declared transformers range: Gemma-2 defaults to eager
+#: attention (a matmul, whose heads the analysis does not follow: blocked) in 5.24, to SDPA in 5.15 (heads found,
+#: as for Llama); the expectation follows the attention the installed transformers builds
+ATTENTION_DEPENDENT = {"gemma2": (256, 4, (64, 32))}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +54,11 @@ def analysed():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_groups_per_family(analysed, name):
     mlp, heads, shape = EXPECTED[name]
+    if name in ATTENTION_DEPENDENT:
+        from fxslice.testing import tiny_causal_lm
+
+        if tiny_causal_lm(name).config._attn_implementation != "eager":
+            mlp, heads, shape = ATTENTION_DEPENDENT[name]
     groups = analysed(name)
     assert len(groups.by_kind("mlp_channel")) == mlp
     assert len(groups.by_kind("heads")) == heads
