@@ -366,8 +366,8 @@ def export_(
     if format_ == "hf":
         size = sum(f.stat().st_size for f in path.iterdir())
         if written.remote_code is None:
-            integers = ("; quantized linears as compressed-tensors integers (pip install compressed-tensors to load)"
-                        if (path / "config.json").read_text(encoding="utf-8").count('"quantization_config"') else "")
+            integers = (f"; {written.integer_linears} linears as compressed-tensors integers (loading needs pip "
+                        "install compressed-tensors)" if written.integer_linears else "")
             out.print(f"wrote {path}/ ({size / 2**20:.1f} MiB): a stock Llama checkpoint, "
                       f"AutoModelForCausalLM.from_pretrained(path) with no remote code{integers}",
                       highlight=False, markup=False)

@@ -156,7 +156,7 @@ def test_symmetric_integers_reach_transformers_as_compressed_tensors(tmp_path, b
     PassManager([QuantizeWeights(bits, group_size=32, grid="symmetric", embeddings=8)]).run(program)
     written = export_hf(program, tmp_path / "hf")
     assert written.remote_code is None
-    assert list(written.dequantized) == ["model.embed_tokens.weight"]
+    assert list(written.dequantized) == ["model.embed_tokens.weight"] and written.integer_linears == 14
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     [group] = config["quantization_config"]["config_groups"].values()
     assert group["weights"] == {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
@@ -172,6 +172,13 @@ def test_symmetric_integers_reach_transformers_as_compressed_tensors(tmp_path, b
     got = _in_transformers(STOCK, tmp_path, ids)
     assert got["class"] == "LlamaForCausalLM"
     torch.testing.assert_close(got["logits"], program(ids), rtol=1e-5, atol=1e-5)
+    if bits == 4:  # the CLI says what it kept as integers and what it wrote in float, and why
+        save(program, tmp_path / "model")
+        done = subprocess.run([sys.executable, "-m", "fxslice.cli", "export", str(tmp_path / "model"), "--format", "hf",
+                               "--out", str(tmp_path / "cli-hf")], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "14 linears as compressed-tensors integers" in done.stdout
+        assert "1 quantized weight(s) written in float: a token table" in done.stderr
 
 
 def test_our_packing_is_compressed_tensors_own_for_every_width_and_shape():

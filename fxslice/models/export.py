@@ -114,12 +114,14 @@ def weights_as_inputs(program: Program) -> tuple[fx.GraphModule, dict[str, torch
 
 @dataclass(frozen=True)
 class HfExport:
-    """Where the hf export went, why it needs remote code (None: a stock architecture's own checkpoint), and which
-    quantized weights a stock checkpoint holds in float, with the reason (the others are compressed-tensors integers)."""
+    """Where the hf export went, why it needs remote code (None: a stock architecture's own checkpoint), how many
+    linears a stock checkpoint holds as compressed-tensors integers, and which quantized weights it holds in float,
+    with the reason."""
 
     path: Path
     remote_code: str | None
     dequantized: dict[str, str] = field(default_factory=dict)
+    integer_linears: int = 0
 
 
 def export_hf(program: Program, out_dir: str | os.PathLike, *, stock: bool = True) -> HfExport:
@@ -144,7 +146,8 @@ def export_hf(program: Program, out_dir: str | os.PathLike, *, stock: bool = Tru
             dequantized = {**compressed.skipped, **{hf: "a token table (an embedding, which compressed-tensors does "
                                                     "not pack)" for hf, source in sources.items()
                                                     if source in program.quantized and hf not in linears}}
-            return HfExport(_write_hf(program, out, config, compressed.tensors), None, dequantized)
+            return HfExport(_write_hf(program, out, config, compressed.tensors), None, dequantized,
+                            len(linears) - len(compressed.skipped))
     else:
         reason = "asked for (stock=False)"
     return HfExport(_export_remote(program, out), reason)
