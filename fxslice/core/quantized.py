@@ -114,6 +114,15 @@ class QuantizedWeight:
     dtype: torch.dtype = torch.float32
     grid: str = "zero_point"  # or "offset", "symmetric": see GRIDS
 
+    def __post_init__(self) -> None:
+        if self.grid != "offset":  # zero points are integers, however the grid fitting computed them
+            self.zero = self.zero.to(torch.int64)
+
+    def level_value(self, level: int) -> torch.Tensor:
+        """[out, groups]: the weight each group's integer `level` stands for (0: Q4_1's `m`; 8: what the int4
+        kernel adds after `(q − 8)·scale`)."""
+        return from_levels(torch.full_like(self.scale, level), self.scale, self.zero.to(self.scale.dtype), self.grid)
+
     @property
     def groups(self) -> int:
         return math.ceil(self.shape[1] / self.group_size)
@@ -144,8 +153,7 @@ class QuantizedWeight:
         pad = (-cols) % group_size
         padded = torch.cat([work, work[:, -1:].expand(out, pad)], 1) if pad else work  # repeats keep min/max
         scale, anchor = group_grid(padded.view(out, -1, group_size), bits, grid)
-        weight = cls(bits, group_size, (out, cols), torch.zeros(0), scale,
-                     anchor if grid == "offset" else anchor.to(torch.int64), transposed, dtype or m.dtype, grid)
+        weight = cls(bits, group_size, (out, cols), torch.zeros(0), scale, anchor, transposed, dtype or m.dtype, grid)
         weight.q = weight.round(work)
         return weight
 

@@ -102,8 +102,9 @@ def compress(
 ) -> Report:
     """Compress `model` (a hub name, a directory, a .gguf file, "smollm2", or an nn.Module with its own tokenizer
     given as `model.tokenizer`) with `recipe`; measure perplexity on `evaluation` (None: skip) before and after,
-    on its first `eval_windows` windows (all when None) of `eval_length` tokens (2048, or the model's context); save to `out` when given (checked before any work). `options` are recorded as given (the CLI's flags).
-    `status` and `note` show progress and remarks (a line on stderr by default)."""
+    on its first `eval_windows` windows (all when None) of `eval_length` tokens (2048, or the model's context); save
+    to `out` when given (checked before any work). `options` are recorded as given, beside the recipe (which holds
+    every stage's options). `status` and `note` show progress and remarks (a line on stderr by default)."""
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         check_output_dir(out_dir)  # before the long work: a typo in `out` should not cost a calibration

@@ -75,15 +75,15 @@ def _pack_exact(q: QuantizedWeight, heads: int | None, gguf: Any) -> tuple[np.nd
     """The integers, scales and anchors of `q` as GGUF blocks of 32 (one row of blocks per output row): Q4_1 / Q5_1
     (`d`, `m`, the integers), or for a symmetric grid Q4_0 / Q5_0 / Q8_0 (`d`, the integers about the middle)."""
     ints = q.q
-    scale, zero = q.expand(q.scale)[:, ::_BLOCK], q.expand(q.zero)[:, ::_BLOCK]  # a group of 64 is two blocks
+    # `m` is the weight of level 0: the offset itself, or −zero·d; a group of 64 is two blocks
+    scale, m = (q.expand(t)[:, ::_BLOCK] for t in (q.scale, q.level_value(0)))
     if heads:
-        ints, scale, zero = (_rope_order(t, heads) for t in (ints, scale, zero))
+        ints, scale, m = (_rope_order(t, heads) for t in (ints, scale, m))
     out, cols = q.shape
     blocks = ints.reshape(out * cols // _BLOCK, _BLOCK).numpy()
     parts = [scale.reshape(-1, 1).numpy().astype(np.float16).view(np.uint8)]
     if q.grid != "symmetric":
-        offset = zero if q.grid == "offset" else -(zero.double() * scale.double())  # an offset grid is Q4_1's own
-        parts.append(offset.reshape(-1, 1).numpy().astype(np.float16).view(np.uint8))
+        parts.append(m.reshape(-1, 1).numpy().astype(np.float16).view(np.uint8))
     if q.bits == 8:  # Q8_0: signed bytes, x = q·d
         parts.append((blocks - 128).astype(np.int8).view(np.uint8))
     else:

@@ -71,5 +71,4 @@ def gptq(m: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, damp: 
             chunk[i:].addr_(inv[i, i:], error, alpha=-1)
             errors[i] = error
         wt[end:] -= inverse[start:end, end:].T @ errors
-    anchor = zero if grid == "offset" else zero.to(torch.int64)
-    return QuantizedWeight(bits, group_size, (out, cols), q, scale, anchor, transposed, dtype or m.dtype, grid)
+    return QuantizedWeight(bits, group_size, (out, cols), q, scale, zero, transposed, dtype or m.dtype, grid)

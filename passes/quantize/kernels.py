@@ -57,8 +57,7 @@ def _pack(q: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> tuple
     scale = torch.zeros(rows, q.groups)
     scale[:out] = q.scale
     offsets = torch.zeros(rows, q.groups)
-    # the kernel computes (q − 8)·scale + offset
-    offsets[:out] = q.zero + 8 * q.scale if q.grid == "offset" else (8 - q.zero).to(torch.float32) * q.scale
+    offsets[:out] = q.level_value(8)  # the kernel computes (q − 8)·scale + offset
     if device.type == "cuda":
         nibbles = (ints[:, ::2] << 4 | ints[:, 1::2]).to(torch.uint8).to(device)  # two per byte, high one first
         tiles = next(t for t in (8, 4, 2) if padded % (16 * t) == 0)

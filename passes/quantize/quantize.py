@@ -34,8 +34,9 @@ class QuantizeWeights(Pass):
     compound over depth (SmolLM2 sliced by 25 %: perplexity 123 in float, 1,485 with only its 60 shortcuts at 4
     bits; the rest at 4 bits: 163 with the shortcuts in float, 168 with them at 8). `method`: "rtn" (round to
     nearest) or "gptq" (needs calibration `windows`; tables are always rounded: no Hessian covers both their uses).
-    `grid`: an integer zero point per group (GPTQ checkpoints) or a float16 offset (llama.cpp's Q4_1 / Q5_1: exported
-    to those blocks exactly, and a tighter fit for groups whose weights all have one sign).
+    `grid`: an integer zero point per group (GPTQ checkpoints), a float16 offset (llama.cpp's Q4_1 / Q5_1: exported
+    to those blocks exactly, and a tighter fit for groups whose weights all have one sign), or symmetric (no anchor:
+    Q4_0 / Q5_0 / Q8_0, and compressed-tensors integers in a stock transformers export).
     Weights already quantized are left as they are."""
 
     name = "quantize_weights"

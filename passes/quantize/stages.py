@@ -37,7 +37,7 @@ class Quantize(Stage):
     shortcuts: int | None = 8  # a slicing's basis changes between segments: errors there compound over depth
     damp: float = 0.01
     act_order: bool = True  # GPTQ in order of input energy: 3-bit SmolLM2 is worse than RTN without it
-    grid: str = "zero_point"  # or "offset": a float16 offset per group, llama.cpp's Q4_1 / Q5_1 (see GRIDS)
+    grid: str = "zero_point"  # or "offset" (llama.cpp's Q4_1 / Q5_1), "symmetric" (Q4_0 / Q8_0): see GRIDS
     batch_size: int = 1
     # mixed precision: search="mtgp" (or the baselines "gp", "random") chooses per-linear widths instead of `bits`
     search: str = "none"
