@@ -1,6 +1,8 @@
 """Calibration service: observers on graph values, gradient mode, per-linear A and G statistics checked
 against hooks on the eager HF model (an independent computation), in float64."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxslice import InvalidOption, PassManager, capture_module
-from fxslice.calibration.gradients import run_with_gradients
+from fxslice.calibration import gradients as gradients_module
+from fxslice.calibration.gradients import run_with_gradients, stretches
 from fxslice.calibration.moments import dense_linears, linear_statistics
 from fxslice.calibration.observers import Recorder, SecondMoment
 from fxslice.calibration.runner import StagedRunner
@@ -71,7 +74,11 @@ def _eager_statistics(model, windows, names, *, gradients):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "phi3"])
-def test_linear_statistics_equal_hooks_on_the_eager_model(name):
+@pytest.mark.parametrize("pieces", ["default", "small"])
+def test_linear_statistics_equal_hooks_on_the_eager_model(name, pieces, monkeypatch):
+    if pieces == "small":  # many checkpointed stretches and loss slices of a few tokens, one ragged
+        monkeypatch.setattr(gradients_module, "STRETCH_OPS", 5)
+        monkeypatch.setattr(gradients_module, "LOSS_TOKENS", 3)
     model = tiny_causal_lm(name, dtype=torch.float64)
     program = capture_module(model)
     PassManager([CleanupIR()]).run(program)
@@ -87,6 +94,22 @@ def test_linear_statistics_equal_hooks_on_the_eager_model(name):
         torch.testing.assert_close(stats.A(weight), a[module], rtol=1e-9, atol=1e-9, msg=f"A of {module}")
         torch.testing.assert_close(stats.G(weight), g[module], rtol=1e-8, atol=1e-10, msg=f"G of {module}")
     assert stats.loss is not None and 0 < stats.loss < 10
+
+
+@settings(max_examples=30, deadline=None)
+@given(size=st.integers(1, 200))
+def test_stretches_cover_the_graph_in_order_in_pieces_of_about_the_size(size):
+    nodes = _tiny_llama_ops()
+    parts = stretches(nodes, size)
+    assert [n for part in parts for n in part] == nodes
+    assert all(size - size // 4 <= len(part) <= size + size // 4 for part in parts[:-1])
+    assert 1 <= len(parts[-1]) <= size + size // 4
+
+
+@functools.cache
+def _tiny_llama_ops() -> list:
+    program = capture_module(tiny_causal_lm("llama"))
+    return [n for n in program.graph.nodes if n.op == "call_function"]
 
 
 def test_linears_reading_one_value_share_one_input_statistic(tiny):

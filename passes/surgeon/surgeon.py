@@ -16,8 +16,10 @@ costs, no update), "activations" (`G = I`: L-OBD), "identity" (magnitude: no upd
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,12 +100,11 @@ class SurgeonPrune(SurgeonPass):
         if needs_activations(self.curvature):
             stats = linear_statistics(program, self.windows, batch_size=self.batch_size, linears=readers,
                                       gradients=needs_gradients(self.curvature), labels=self.labels)
-        weights = sorted({u.weight for g in candidates for u in g.units})
-        matrices = {w: matrix_of(program, groups.linears[w]) for w in weights}
-        curv = {w: factors(stats, w, tuple(matrices[w].shape), self.curvature, damp_a=self.damp_a, damp_g=0.01)  # G⁻¹: unused here
-                for w in readers}
-        obd = {w: _obd_columns(matrices[w], curv[w]) for w in readers} if not updates(self.curvature) and stats else {}
-        costs = [self._cost(g, matrices, curv, obd) for g in candidates]
+
+        def curvature(w: str, m: torch.Tensor) -> Factors:  # one reader's at a time, built again for its update
+            return factors(stats, w, tuple(m.shape), self.curvature, damp_a=self.damp_a, damp_g=0.01)
+
+        costs = self._costs(program, groups, candidates, curvature)
         sizes = [self._size(g, groups.linears, program) for g in candidates]
         chosen = self._select(candidates, costs, sizes, program.num_parameters() - goal)
         if self.multiple > 1:
@@ -117,10 +118,10 @@ class SurgeonPrune(SurgeonPass):
                 cols[u.weight].append(u.index)
         written: dict[str, torch.Tensor] = {}
         for w in sorted(set(rows) | set(cols)):
-            m = matrices[w]
+            m = matrix_of(program, groups.linears[w])
             if w in cols:  # the readers' columns carry the whole cost; the others compensate through A⁻¹
-                update = updates(self.curvature) and curv[w].a_inv is not None
-                m = remove_columns(m, curv[w].a_inv, cols[w]) if update else _zero(m, cols=cols[w])
+                a_inv = curvature(w, m).a_inv if updates(self.curvature) else None
+                m = remove_columns(m, a_inv, cols[w]) if a_inv is not None else _zero(m, cols=cols[w])
             if w in rows:  # a producer row whose channel nobody reads any more: zero, nothing to compensate
                 m = _zero(m, rows=rows[w])
             written[w] = store_matrix(program, groups.linears[w], m)
@@ -145,24 +146,35 @@ class SurgeonPrune(SurgeonPass):
                           sum(candidates[i].kind == "mlp_channel" for i in chosen),
                           predicted, loss_before, self._last_loss, dict(per_module))
 
-    def _cost(self, group: DimensionGroup, matrices: dict[str, torch.Tensor], curv: dict[str, Factors],
-              obd: dict[str, torch.Tensor]) -> float:
-        """The loss increase of removing the group through its readers' columns (OBS: correlated within each
-        reader; OBD: each column alone, ½ (WᵀGW)_cc A_cc); magnitude: half the squared norm of all its rows
-        and columns."""
-        if self.curvature == "identity":
-            total = 0.0
-            for u in group.units:
-                m = matrices[u.weight]
-                total += 0.5 * float((m[u.index] if u.axis == "row" else m[:, u.index]).pow(2).sum())
-            return total
-        by_reader: dict[str, list[int]] = defaultdict(list)
-        for u in group.cols:
-            by_reader[u.weight].append(u.index)
-        if not updates(self.curvature):
-            return sum(float(obd[w][idx].sum()) for w, idx in by_reader.items())
-        return sum(column_cost(matrices[w], _or_eye(curv[w].g, matrices[w].shape[0]), curv[w].a_inv, idx)
-                   for w, idx in by_reader.items())
+    def _costs(self, program: Program, groups: Groups, candidates: list[DimensionGroup],
+               curvature: Callable[[str, torch.Tensor], Factors]) -> list[float]:
+        """Each group's loss increase when removed through its readers' columns (OBS: correlated within each reader;
+        OBD: each column alone, ½ (WᵀGW)_cc A_cc); magnitude: half the squared norm of all its rows and columns.
+        One matrix and one reader's factors are held at a time: for every layer at once they would be several
+        times the model (float64 inverses of every `A` and `G`)."""
+        costs = [0.0] * len(candidates)
+        touched: dict[str, list[tuple[int, str, list[int]]]] = defaultdict(list)  # weight -> (group, axis, indices)
+        for i, group in enumerate(candidates):
+            units = group.units if self.curvature == "identity" else group.cols
+            for (weight, axis), members in itertools.groupby(sorted(units, key=lambda u: (u.weight, u.axis)),
+                                                             key=lambda u: (u.weight, u.axis)):
+                touched[weight].append((i, axis, [u.index for u in members]))
+        for weight, uses in touched.items():
+            m = matrix_of(program, groups.linears[weight])
+            if self.curvature == "identity":
+                for i, axis, idx in uses:
+                    costs[i] += 0.5 * float((m[idx] if axis == "row" else m[:, idx]).pow(2).sum())
+                continue
+            f = curvature(weight, m)
+            if not updates(self.curvature):
+                per_column = _obd_columns(m, f)
+                for i, _, idx in uses:
+                    costs[i] += float(per_column[idx].sum())
+            else:
+                g = _or_eye(f.g, m.shape[0])
+                for i, _, idx in uses:
+                    costs[i] += column_cost(m, g, f.a_inv, idx)
+        return costs
 
     @staticmethod
     def _size(group: DimensionGroup, linears, program: Program) -> int:
