@@ -26,6 +26,7 @@ from fxslice.core import graph as G
 from fxslice.core.diff import GraphSnapshot, PassRecord
 from fxslice.core.errors import FxsliceError, InvalidOption, PassCheckFailed
 from fxslice.core.health import check_finite
+from fxslice.core.memory import release_freed
 from fxslice.core.numerics import TOLERANCE, relative_error
 from fxslice.core.program import Program
 from fxslice.core.progress import progress_bar
@@ -252,6 +253,9 @@ class PassManager:
             no_proof = ""
             if reference is not None and p.exact and copy64 is None:
                 copy64, no_proof = _float64_copy(program)
+            elif not p.exact and copy64 is not None:
+                copy64 = None  # the copy cannot follow a lossy pass: free it before the pass needs the memory
+                release_freed()
             before = GraphSnapshot.take(program.gm)
             start = time.perf_counter()
             try:
@@ -276,12 +280,11 @@ class PassManager:
             record = PassRecord.between(name, p.exact, before, after, result, elapsed)
             record.stamp(program.gm)
             records.append(record)
+            release_freed()
             if reference is None or not result.modified:
                 continue
             if p.exact:
                 copy64 = self._prove(p, name, program, copy64, record, no_proof)
-            else:
-                copy64 = None  # the copy no longer follows the program
             logits = self._logits(program, probe)
             err = relative_error(logits, reference)
             record.max_relative_error = err

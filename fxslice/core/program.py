@@ -153,9 +153,16 @@ class Program:
         self.version += 1
         self._analyses.clear()
 
-    def clone(self) -> Program:
-        """An independent copy (graph and weights)."""
-        return Program(copy.deepcopy(self.gm), self.model_class, self.config, self.tokenizer, self.source,
+    def clone(self, dtype: torch.dtype | None = None) -> Program:
+        """An independent copy (graph and weights); with `dtype`, its float weights converted as they are copied (a
+        float64 copy of a float32 model never holds a second float32 copy)."""
+        memo: dict[int, Any] = {}
+        if dtype is not None:
+            for t in [*self.gm.parameters(), *self.gm.buffers()]:
+                if t.is_floating_point() and id(t) not in memo:
+                    converted = t.detach().to(dtype, copy=True)
+                    memo[id(t)] = nn.Parameter(converted, requires_grad=False) if isinstance(t, nn.Parameter) else converted
+        return Program(copy.deepcopy(self.gm, memo), self.model_class, self.config, self.tokenizer, self.source,
                        dict(self.record), cache=self.cache, quantized=dict(self.quantized),
                        static_shape=self.static_shape, execution_device=self.execution_device)
 
@@ -177,7 +184,7 @@ class Program:
                 device = item
         if device is not None:
             self._check_movable(torch.device(device))
-        out = self.clone()
+        out = self.clone(dtype)
         if dtype is not None:
             G.retarget_float_casts(out.gm, dtype)
         if device is not None:

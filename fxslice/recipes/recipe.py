@@ -29,6 +29,7 @@ import torch
 
 from fxslice.core.errors import InvalidOption
 from fxslice.core.imports import import_object, names_code, rebase
+from fxslice.core.memory import release_freed
 from fxslice.core.pass_manager import Pass
 from fxslice.core.program import Program
 from fxslice.recipes.stage import CAPTURED, Stage, StageContext, StageResult
@@ -154,6 +155,7 @@ class Recipe:
             result = stage.run(program, context)
             result.seconds = time.perf_counter() - start
             done.append((stage, result))
+            release_freed()
         program.record["facts"] = sorted(self.validate())
         return RecipeResult(program, done, dense, program.num_parameters())
 
