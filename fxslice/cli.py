@@ -62,6 +62,13 @@ def _status(message: str):
     return contextlib.nullcontext()
 
 
+def _silent(message: str):
+    """The status of a rank other than the first under torchrun: one line per job, not one per process."""
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False,
          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or status lines on stderr (results "
@@ -315,12 +322,17 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
               batch_size: int, device: str = "cpu", dtype: str = "float32", offload: bool = False) -> None:
     """`fxslice.compress` with the command's flags, its progress on stderr and its report on stdout. Every option of
     the method is in the recipe, which the record holds: nothing is written twice."""
+    from fxslice.calibration.distributed import launched_group, rank_and_size
     from fxslice.jobs import compress
 
-    report = compress(model, recipe, out=out_dir, evaluation=evaluation, eval_windows=eval_windows,
-                      eval_length=eval_length, batch_size=batch_size, device=device, dtype=dtype, offload=offload,
-                      progress=not _quiet, status=_status, note=_note)
-    out.print(str(report), highlight=False, markup=False)
+    with launched_group(device):  # under torchrun: each rank calibrates on a share of the windows
+        first = rank_and_size()[0] == 0
+        report = compress(model, recipe, out=out_dir, evaluation=evaluation, eval_windows=eval_windows,
+                          eval_length=eval_length, batch_size=batch_size, device=device, dtype=dtype, offload=offload,
+                          progress=first and not _quiet, status=_status if first else _silent,
+                          note=_note if first else lambda message: None)
+    if first:
+        out.print(str(report), highlight=False, markup=False)
 
 
 def _note(message: str) -> None:

@@ -82,3 +82,30 @@ def test_two_gloo_ranks_compute_the_bases_and_curvature_of_one_process(tmp_path)
 def test_ranks_given_different_windows_all_refuse_without_hanging(tmp_path):
     ranks = _spawn(tmp_path, [WINDOWS, WINDOWS[:4]])
     assert all(isinstance(r, str) and "different calibration data" in r for r in ranks), ranks
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo over TCP")
+def test_the_cli_under_torchrun_saves_what_one_process_saves(tiny_model_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m fxslice.cli prune ...`: two gloo ranks, one saved model, one report, and the
+    model one process makes (the same groups pruned; weights equal up to the order the ranks' sums were added in)."""
+    import subprocess
+
+    from fxslice.models.io import load
+
+    model = tiny_model_dir("llama")
+    flags = ["prune", str(model), "--target", "0.2", "--shots", "2", "--calib-windows", "4", "--calib-length", "32",
+             "--eval", "none"]
+    one = subprocess.run([sys.executable, "-m", "fxslice.cli", *flags, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "fxslice.cli", *flags, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("saved ") == 1 and two.stderr.count("saving to") == 1  # rank 0 alone reports and saves
+    a, b = load(tmp_path / "one"), load(tmp_path / "two")
+    assert a.num_parameters() == b.num_parameters() < load(tmp_path / "one").record["dense_parameters"]
+    probe = a.probe_input()
+    torch.testing.assert_close(b(probe), a(probe), rtol=1e-4, atol=1e-5)
+    wa, wb = dict(a.gm.named_parameters()), dict(b.gm.named_parameters())
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)

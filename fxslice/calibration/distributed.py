@@ -9,16 +9,39 @@ Outside a process group (the usual case) every function here is the identity. Ru
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
 
 from fxslice.core.errors import BadInput
 
-__all__ = ["rank_and_size", "shard", "all_reduce_observers", "all_reduce_sum"]
+__all__ = ["rank_and_size", "shard", "all_reduce_observers", "all_reduce_sum", "launched_group"]
 
 T = TypeVar("T")
+
+
+@contextmanager
+def launched_group(device: str = "cpu") -> Iterator[None]:
+    """The process group `torchrun` launched this process into (`WORLD_SIZE` > 1 in its environment), joined for the
+    duration: NCCL with each rank on its `LOCAL_RANK`'s GPU when computing on CUDA, gloo otherwise. Outside torchrun,
+    or where the caller has joined a group already, it does nothing."""
+    import torch.distributed as dist
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1 or not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    cuda = device != "cpu" and device != "mps" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def rank_and_size() -> tuple[int, int]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxslice.calibration.distributed import rank_and_size
 from fxslice.core.devices import resolve_device, resolve_dtype
 from fxslice.core.errors import CaptureError, InvalidOption, PassCheckFailed
 from fxslice.core.health import check_finite, check_tokens
@@ -104,7 +105,10 @@ def compress(
     given as `model.tokenizer`) with `recipe`; measure perplexity on `evaluation` (None: skip) before and after,
     on its first `eval_windows` windows (all when None) of `eval_length` tokens (2048, or the model's context); save
     to `out` when given (checked before any work). `options` are recorded as given, beside the recipe (which holds
-    every stage's options). `status` and `note` show progress and remarks (a line on stderr by default)."""
+    every stage's options). `status` and `note` show progress and remarks (a line on stderr by default).
+
+    Under a `torch.distributed` process group (`torchrun`) every rank calibrates on its share of the windows, all
+    ranks end with the same model, and rank 0 alone saves it."""
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         check_output_dir(out_dir)  # before the long work: a typo in `out` should not cost a calibration
@@ -157,7 +161,7 @@ def compress(
             notes.append(f"the KV-cache capture cannot follow ({exc}); the saved model generates without a KV cache")
             note(notes[-1])
             cached = None
-    if out_dir is not None:
+    if out_dir is not None and rank_and_size()[0] == 0:  # every rank holds the same model: the first one saves it
         with _timed(seconds, "save"), status(f"saving to {out_dir} ..."):
             save(cached or program, out_dir, record)
     return Report(program, result, record, ppl, seconds, out_dir, notes, cached)
