@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fxslice import InvalidOption, PassManager, Program, capture, load
 from fxslice.analysis.linears import weight_kinds
+from fxslice.core import quantized
 from fxslice.core.quantized import BITS, GRIDS, QuantizedWeight, pack_bits, unpack_bits
 from fxslice.models.io import save
 from fxslice.passes.quantize import QuantizeWeights, gptq
@@ -29,6 +30,19 @@ def test_packing_round_trips_exactly_in_the_promised_bytes(bits, count, seed):
     packed = pack_bits(values, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == (count * bits + 7) // 8
     assert torch.equal(unpack_bits(packed, bits, count), values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(BITS), st.integers(0, 200), st.sampled_from([8, 16, 24]), st.integers(0, 2**31))
+def test_packing_in_steps_writes_the_stream_of_one_step(bits, count, chunk, seed):
+    """A large table is packed a step of values at a time; the bytes are those of packing it at once."""
+    values = torch.randint(0, 1 << bits, (count,), generator=torch.Generator().manual_seed(seed))
+    whole = pack_bits(values, bits)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantized, "_PACK_CHUNK", chunk)
+        stepped = pack_bits(values, bits)
+        assert torch.equal(unpack_bits(whole, bits, count), values)
+    assert torch.equal(stepped, whole)
 
 
 def test_packing_refuses_values_that_do_not_fit():

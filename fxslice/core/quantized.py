@@ -35,24 +35,39 @@ BITS = (2, 3, 4, 5, 6, 8)
 GRIDS = ("zero_point", "offset", "symmetric")
 
 
+#: values packed or unpacked per step: a multiple of 8 (each step ends on a byte boundary), small enough that the
+#: bit planes (8 bytes per bit per value) stay tens of MB for a token table of 50 M values, not gigabytes
+_PACK_CHUNK = 1 << 20
+
+
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Integers in [0, 2^bits) as a little-endian bit stream in uint8 (ceil(n·bits / 8) bytes)."""
-    flat = values.reshape(-1).to(torch.int64)
+    flat = values.reshape(-1)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise InvalidOption(f"values do not fit in {bits} bits")
-    positions = torch.arange(bits, dtype=torch.int64)
-    stream = ((flat[:, None] >> positions) & 1).reshape(-1)  # value i's bit j at i·bits + j
-    stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8))
-    return (stream.view(-1, 8) << torch.arange(8, dtype=torch.int64)).sum(1).to(torch.uint8)
+    positions, byte = torch.arange(bits, dtype=torch.int64), torch.arange(8, dtype=torch.int64)
+    parts = []
+    for start in range(0, flat.numel(), _PACK_CHUNK):
+        chunk = flat[start:start + _PACK_CHUNK].to(torch.int64)
+        stream = ((chunk[:, None] >> positions) & 1).reshape(-1)  # value i's bit j at i·bits + j
+        stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8))
+        parts.append((stream.view(-1, 8) << byte).sum(1).to(torch.uint8))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The first `count` integers of a stream written by `pack_bits`, as int64."""
     if packed.numel() * 8 < count * bits:
         raise InvalidOption(f"{packed.numel()} bytes cannot hold {count} values of {bits} bits")
-    stream = (packed.to(torch.int64)[:, None] >> torch.arange(8, dtype=torch.int64)) & 1
-    stream = stream.reshape(-1)[: count * bits].view(count, bits)
-    return (stream << torch.arange(bits, dtype=torch.int64)).sum(1)
+    positions, byte = torch.arange(bits, dtype=torch.int64), torch.arange(8, dtype=torch.int64)
+    out = torch.empty(count, dtype=torch.int64)
+    for start in range(0, count, _PACK_CHUNK):
+        n = min(_PACK_CHUNK, count - start)
+        first = start * bits // 8  # a whole number: `start` is a multiple of 8
+        chunk = packed[first:first + (n * bits + 7) // 8].to(torch.int64)
+        stream = ((chunk[:, None] >> byte) & 1).reshape(-1)[: n * bits].view(n, bits)
+        out[start:start + n] = (stream << positions).sum(1)
+    return out
 
 
 def _half(x: torch.Tensor, *, up: bool) -> torch.Tensor:
