@@ -4,7 +4,7 @@ quantized on this machine, one process per run; one JSON object (and a log-log p
     python benchmarks/scale.py [--shapes 135M 360M 1.7B] [--methods slice prune quantize]
                                [--calib-windows 2] [--calib-length 256] [--work DIR] [--picture PATH]
 
-Each shape is written once by this script as bf16 sharded safetensors (2 GB shards, as the hub's) with a
+Each shape is written once by this script as bf16 safetensors in shards of 2 GB (as hub checkpoints are) with a
 `config.json` and SmolLM2's tokenizer (so every shape reads the same text; the vocabulary is SmolLM2's 49,152
 tokens). Each (shape, method) runs `fxslice.compress` in a fresh process (float32, no evaluation, the calibration
 given above: quality is not the point) and reports its capture, per-stage and save seconds and its peak resident

@@ -111,8 +111,9 @@ class _Stretch:
     def __init__(self, gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node],
                  weights: WeightSource, values: Observers, gradients: Observers):
         self.gm, self.nodes, self.inputs, self.outputs, self.weights = gm, nodes, inputs, outputs, weights
-        self.values = {n: o for n, o in values.items() if n in set(nodes)}
-        self.gradients = {n: o for n, o in gradients.items() if n in set(nodes)}
+        mine = set(nodes)
+        self.values = {n: o for n, o in values.items() if n in mine}
+        self.gradients = {n: o for n, o in gradients.items() if n in mine}
         self.first_run = True
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
