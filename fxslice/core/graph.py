@@ -21,6 +21,7 @@ __all__ = [
     "add_buffer",
     "module_path",
     "retarget_float_casts",
+    "converted",
     "erase_unused",
     "CHECK_OPS",
     "is_param",
@@ -176,6 +177,12 @@ def float32_islands(gm: fx.GraphModule, hops: int = 3) -> set[fx.Node]:
             and (torch.float32 in n.args or n.kwargs.get("dtype") is torch.float32) and protects(n)}
 
 
+def converted(t: torch.Tensor, dtype: torch.dtype, *, copy: bool = False) -> torch.Tensor:
+    """`t` in `dtype` (a copy when `copy`, or when the dtype differs); a parameter stays a frozen parameter."""
+    value = t.detach().to(dtype, copy=copy)
+    return nn.Parameter(value, requires_grad=False) if isinstance(t, nn.Parameter) else value
+
+
 def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
     """Convert floating weights to `dtype` and make every float cast, float factory and op told to compute in a float
     dtype produce `dtype` — except, below float32, the model's own float32 islands (`float32_islands`), which stay, as
@@ -185,8 +192,7 @@ def retarget_float_casts(gm: fx.GraphModule, dtype: torch.dtype) -> None:
         for store in (module._parameters, module._buffers):
             for name, t in list(store.items()):
                 if t is not None and t.is_floating_point():
-                    converted = t.detach().to(dtype)
-                    store[name] = nn.Parameter(converted, requires_grad=False) if isinstance(t, nn.Parameter) else converted
+                    store[name] = converted(t, dtype)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node in islands:
             continue

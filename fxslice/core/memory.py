@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 __all__ = ["release_freed", "resident_bytes"]
 
@@ -36,8 +37,6 @@ def resident_bytes() -> int | None:
     """This process's resident memory now (Linux), or None where /proc is absent."""
     try:
         with open("/proc/self/statm") as f:
-            import os
-
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return None

@@ -160,8 +160,7 @@ class Program:
         if dtype is not None:
             for t in [*self.gm.parameters(), *self.gm.buffers()]:
                 if t.is_floating_point() and id(t) not in memo:
-                    converted = t.detach().to(dtype, copy=True)
-                    memo[id(t)] = nn.Parameter(converted, requires_grad=False) if isinstance(t, nn.Parameter) else converted
+                    memo[id(t)] = G.converted(t, dtype, copy=True)
         return Program(copy.deepcopy(self.gm, memo), self.model_class, self.config, self.tokenizer, self.source,
                        dict(self.record), cache=self.cache, quantized=dict(self.quantized),
                        static_shape=self.static_shape, execution_device=self.execution_device)
