@@ -4,7 +4,8 @@
                                  [--calib-windows 8] [--calib-length 512] [--eval-windows 8] [--slicegpt 0.25]
                                  [--slicegpt-allocation loss_aware] [--slicegpt-head-rank 16]
                                  [--masked rows_columns:0.2,2:4:0.5] [--plot pruning.png]
-                                 [--recover STEPS [--recover-lr 5e-4 --recover-rank 8 --recover-batch 2]]
+                                 [--recover STEPS [--recover-lr 5e-4 --recover-rank 8 --recover-batch 2]
+                                  [--recover-objective lm|distill --recover-temperature 1.0]]
                                  [--tasks wikitext_cloze [--task-limit N]]
 
 Every model is built from a recipe preset (`prune_recipe`, `slicegpt_recipe`) on a fresh copy of the same
@@ -15,7 +16,9 @@ estimator, costs, update and linear schedule. `--masked STRUCTURES:TARGET` adds 
 Surgeon (the target is then the fraction of decoder-linear weights zeroed); those models keep most of their
 size, so they are reported with their nonzero count too and drawn hollow at it. `--recover STEPS` then
 fine-tunes every model (dense included, as the control: part of any gain is adaptation to WikiText itself) with
-merged low-rank adapters on WikiText-2 validation windows of 512 tokens, and reports perplexity before and after.
+merged low-rank adapters on WikiText-2 validation windows of 512 tokens, and reports perplexity before and after;
+`--recover-objective distill` learns the dense model's distributions instead of the text (no dense control then: the
+dense model is the teacher), and `--no-unrecovered` skips the perplexity before recovery (measured in another run).
 `--tasks` adds zero-shot accuracy through lm-eval for every model (before and after recovery): `wikitext_cloze`
 is carried and runs offline; the harness's own tasks (piqa, arc_easy, ...) need their datasets online.
 """
@@ -64,6 +67,10 @@ def main() -> None:
     parser.add_argument("--recover-lr", type=float, default=5e-4)
     parser.add_argument("--recover-rank", type=int, default=8)
     parser.add_argument("--recover-batch", type=int, default=2)
+    parser.add_argument("--recover-objective", default="lm", help="lm (the text) or distill (the dense model)")
+    parser.add_argument("--recover-temperature", type=float, default=1.0)
+    parser.add_argument("--no-unrecovered", action="store_true",
+                        help="with --recover: no perplexity before recovery (measured in another run)")
     parser.add_argument("--no-dense-control", action="store_true",
                         help="do not fine-tune the dense model as the recovery control (measured in another run)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense perplexity (measured in another run)")
@@ -82,10 +89,10 @@ def main() -> None:
              "perplexity": None if args.no_dense else perplexity(dense, test),
              "seconds": round(time.perf_counter() - start, 1), "zero_shot": zero_shot(dense)}]
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    recover = Recover(steps=args.recover, lr=args.recover_lr, rank=args.recover_rank,
-                      batch_size=args.recover_batch) if args.recover else None
-    if recover is not None and not args.no_dense_control:
-        _recover(recover, dense.clone(), rows[0], test, zero_shot)
+    recover = Recover(steps=args.recover, lr=args.recover_lr, rank=args.recover_rank, batch_size=args.recover_batch,
+                      objective=args.recover_objective, temperature=args.recover_temperature) if args.recover else None
+    if recover is not None and not args.no_dense_control and not recover.learns_from_teacher:
+        _recover(recover, dense.clone(), rows[0], test, zero_shot, dense)
     plans: list[tuple[str, Recipe]] = []
     for target in (float(t) for t in args.targets.split(",") if t):
         for method in (m for m in args.methods.split(",") if m):
@@ -110,7 +117,8 @@ def main() -> None:
         row = {"method": method, "recipe": recipe.to_dict()["stages"], "parameters": result.parameters,
                "fraction_of_dense": round(result.parameters / rows[0]["parameters"], 4),
                "nonzero_parameters": sum(int(p.count_nonzero()) for p in program.gm.parameters()),
-               "perplexity": perplexity(program, test), "compress_seconds": round(compress_seconds, 1),
+               "perplexity": None if recover is not None and args.no_unrecovered else perplexity(program, test),
+               "compress_seconds": round(compress_seconds, 1),
                "peak_rss_gib": _peak_gib(), "zero_shot": zero_shot(program)}
         shots = [r.report["shots"] for _, r in result.stages if "shots" in r.report]
         if shots and "fraction" in shots[0][-1]:  # masked: the last shot says what is zeroed where
@@ -124,7 +132,7 @@ def main() -> None:
                     total[module] = total.get(module, 0) + count
             row["removed_per_module"] = dict(sorted(total.items(), key=lambda kv: -kv[1]))
         if recover is not None:
-            _recover(recover, program, row, test, zero_shot)
+            _recover(recover, program, row, test, zero_shot, dense)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("recipe", "shots")}), file=sys.stderr, flush=True)
     if args.plot:
@@ -139,11 +147,11 @@ def main() -> None:
     }, indent=1))
 
 
-def _recover(stage: Recover, program, row: dict, test: torch.Tensor, zero_shot) -> None:
-    """Fine-tune `program` in place and add the recovered perplexity (and zero-shot figures) and the training
-    figures to `row`."""
+def _recover(stage: Recover, program, row: dict, test: torch.Tensor, zero_shot, dense) -> None:
+    """Fine-tune `program` in place (a distilling stage learns from `dense`) and add the recovered perplexity (and
+    zero-shot figures) and the training figures to `row`."""
     start = time.perf_counter()
-    result = Recipe((stage,)).run(program, progress=sys.stderr.isatty())
+    result = Recipe((stage,)).run(program, progress=sys.stderr.isatty(), teacher=dense)
     report = result.stages[0][1].report
     row["perplexity_recovered"] = perplexity(program, test)
     row["recovered_parameters"] = program.num_parameters()
@@ -170,9 +178,11 @@ def _plot(rows: list[dict], path: str) -> None:
     for method in dict.fromkeys(r["method"] for r in rows[1:]):
         masked = " " in method
         size = "nonzero_parameters" if masked else "parameters"
-        points = sorted((r[size] / 1e6, r["perplexity"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*points, strict=True), marker="o", label=method + (" (zeros: nonzero count)" if masked else ""),
-                markerfacecolor="none" if masked else None, linestyle=":" if masked else "-")
+        points = sorted((r[size] / 1e6, r["perplexity"]) for r in rows
+                        if r["method"] == method and r["perplexity"] is not None)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", markerfacecolor="none" if masked else None,
+                    label=method + (" (zeros: nonzero count)" if masked else ""), linestyle=":" if masked else "-")
         healed = sorted((r[size] / 1e6, r["perplexity_recovered"]) for r in rows
                         if r["method"] == method and "perplexity_recovered" in r)
         if healed:

@@ -40,6 +40,8 @@ CalibSeed = Annotated[int, typer.Option(min=0, help="seed for sampling calibrati
 RecoverSteps = Annotated[int, typer.Option(min=0, help="then fine-tune low-rank adapters this many steps on --recover-text and merge them (0: no recovery)")]
 RecoverText = Annotated[str, typer.Option(help="recovery training text (never the evaluation split)")]
 RecoverLr = Annotated[float, typer.Option(help="recovery learning rate (AdamW, warm-up then cosine), > 0")]
+RecoverObjective = Annotated[str, typer.Option(help="what recovery learns: lm (the text's next tokens) or distill (the "
+                                               "uncompressed model's output distributions; one more copy of the weights in memory)")]
 Device = Annotated[str, typer.Option(help="where to compute: auto (a GPU when there is one), cpu, cuda, cuda:N, mps")]
 Offload = Annotated[bool, typer.Option("--offload", help="keep the weights in host memory and copy each calibration "
                                        "stage's to --device only while it runs: models larger than the device")]
@@ -156,6 +158,7 @@ def slice_(
     recover_steps: RecoverSteps = 0,
     recover_text: RecoverText = "wikitext2:validation",
     recover_lr: RecoverLr = 5e-4,
+    recover_objective: RecoverObjective = "lm",
     save_recipe: Annotated[Path | None, typer.Option(help="also write the recipe this runs (YAML or JSON) here")] = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
@@ -170,7 +173,7 @@ def slice_(
     recipe = slicegpt_recipe(sparsity=sparsity, multiple=multiple, keep_ties=not untie, shared_basis=shared_basis,
                              batch_size=batch_size, allocation=allocation, head_rank=head_rank, calibration=Calibration(
                                  source=calibration, windows=calib_windows, length=calib_length, seed=seed))
-    recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
+    recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr, recover_objective)
     if save_recipe is not None:
         recipe.save(save_recipe)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload)
@@ -195,6 +198,7 @@ def prune(
     recover_steps: RecoverSteps = 0,
     recover_text: RecoverText = "wikitext2:validation",
     recover_lr: RecoverLr = 5e-4,
+    recover_objective: RecoverObjective = "lm",
     strict: Annotated[bool, typer.Option("--strict", help="stop with an error when the target cannot be met (by "
                                          "default a warning with the share removed)")] = False,
     multiple: Annotated[int, typer.Option(min=1, help="groups: every MLP keeps a multiple of this many channels (32 "
@@ -213,7 +217,7 @@ def prune(
     data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed)
     recipe = prune_recipe(method=method, target=target, shots=shots, structures=structures, batch_size=batch_size,
                           calibration=data, strict=strict, multiple=multiple)
-    recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr)
+    recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr, recover_objective)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload)
 
 
@@ -308,13 +312,14 @@ def compress(
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload)
 
 
-def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float) -> Recipe:
+def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float, objective: str) -> Recipe:
     """`recipe` followed by a `recover` stage (more of its options through a recipe file), or `recipe` itself."""
     if not steps:
         return recipe
     from fxslice.passes.recovery.stages import Recover
 
-    return Recipe((*recipe.stages, Recover(steps=steps, text=text, lr=lr)), recipe.calibration,
+    return Recipe((*recipe.stages, Recover(steps=steps, text=text, lr=lr, objective=objective)),
+                  recipe.calibration,
                   name=f"{recipe.name}+recover")
 
 

@@ -124,15 +124,16 @@ def test_bad_recover_options_are_refused(options, message):
         Recover(**options)
 
 
+class Lookup(torch.nn.Module):
+    def __init__(self, vocab: int = 16):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, 8)
+
+    def forward(self, input_ids, use_cache=False):
+        return self.table(input_ids) @ self.table.weight.T  # a tied head and nothing else
+
+
 def test_a_program_without_linears_to_adapt_is_refused():
-    class Lookup(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table = torch.nn.Embedding(16, 8)
-
-        def forward(self, input_ids, use_cache=False):
-            return self.table(input_ids) @ self.table.weight.T  # a tied head and nothing else
-
     program = capture(Lookup())
     with pytest.raises(InvalidOption, match="no linear"):
         PassManager([InsertAdapters()]).run(program)
@@ -172,3 +173,74 @@ def test_recovery_on_its_own_text_needs_no_calibration_section(tiny, tmp_path):
     assert not stage.calibrates and Recover(text="").calibrates
     result = Recipe((stage,)).run(program)  # no calibration windows given
     assert result.stages[0][1].report["training_windows"] == 4000 // 32 - 2
+
+
+def _held_out_kl(student, teacher, windows) -> float:
+    from fxslice.passes.recovery.train import distillation_loss
+
+    with torch.no_grad():
+        return float(distillation_loss(student, teacher, windows))
+
+
+def test_distillation_from_the_model_itself_is_zero_and_moves_nothing(damaged):
+    from fxslice.passes.recovery.train import distillation_loss
+
+    program = damaged.clone()
+    PassManager([InsertAdapters(rank=4, seed=3)]).run(program)  # B = 0: the same function as the teacher
+    ids = arithmetic_sequences(4, seed=5)
+    with torch.enable_grad():
+        for p in program.gm.parameters():
+            p.requires_grad_(True)
+        loss = distillation_loss(program, damaged, ids, temperature=2.0)
+        loss.backward()
+    assert abs(float(loss.detach())) < 1e-6
+    assert all(p.grad is None or float(p.grad.abs().max()) < 1e-6 for p in program.gm.parameters())
+
+
+def test_distillation_brings_the_model_toward_its_teacher_more_than_the_text_does(damaged):
+    from fxslice.testing import trained_tiny_causal_lm
+
+    teacher = capture(trained_tiny_causal_lm("llama"))  # what `damaged` was before its MLPs were scaled
+    train, held = arithmetic_sequences(64, seed=1), arithmetic_sequences(16, seed=2)
+    kl_before = _held_out_kl(damaged, teacher, held)
+    after = {}
+    for objective in ("lm", "distill"):
+        program = damaged.clone()
+        recover = RecoverLoRA(train, rank=4, steps=30, lr=1e-2, batch_size=8, held_out=held,
+                              teacher=teacher if objective == "distill" else None, temperature=2.0)
+        result = PassManager([recover]).run(program)
+        assert recover.report.objective == objective and result.records
+        assert program.num_parameters() == damaged.num_parameters()
+        after[objective] = _held_out_kl(program, teacher, held)
+    assert after["distill"] < 0.5 * kl_before, (kl_before, after)
+    assert after["distill"] < after["lm"], after
+
+
+def test_the_recover_stage_distills_from_the_program_the_recipe_received(damaged):
+    from fxslice.passes import prune_recipe
+    from fxslice.testing import trained_tiny_causal_lm
+
+    teacher = capture(trained_tiny_causal_lm("llama"))
+    stage = Recover(rank=4, steps=20, lr=1e-2, batch_size=8, text="", held_out=8, objective="distill", temperature=2.0)
+    assert Recover.from_dict(stage.to_dict()) == stage and stage.learns_from_teacher
+    calibration = arithmetic_sequences(64, seed=4)
+    program = teacher.clone()
+    recipe = Recipe((*prune_recipe(target=0.2, shots=1).stages, stage))
+    result = recipe.run(program, calibration=calibration)  # the teacher: the recipe's own copy of `teacher`
+    report = result.stages[-1][1].report
+    assert report["objective"] == "distill" and len(report["losses"]) == 20
+    assert report["losses"][-1] < report["losses"][0]
+    assert "distilled" in "\n".join(stage.summary(result.stages[-1][1]))
+    with pytest.raises(InvalidOption, match="nothing to learn"):  # a recipe that compresses nothing before it
+        Recipe((stage,)).run(teacher.clone(), calibration=calibration)
+    with pytest.raises(InvalidOption, match="vocabulary"):
+        other = capture(Lookup(teacher.vocab_size + 4))
+        Recipe((stage,)).run(damaged.clone(), calibration=calibration, teacher=other)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(objective="kd"), "objective"), (dict(temperature=0), "temperature"), (dict(temperature=True), "temperature"),
+])
+def test_bad_distillation_options_are_refused(options, message):
+    with pytest.raises(InvalidOption, match=message):
+        Recover(**options)

@@ -138,23 +138,31 @@ class Recipe:
         for stage in self.stages:
             stage.check(program)
 
-    def run(self, program: Program, *, calibration: torch.Tensor | None = None, progress: bool = False) -> RecipeResult:
+    def run(self, program: Program, *, calibration: torch.Tensor | None = None, progress: bool = False,
+            teacher: Program | None = None) -> RecipeResult:
         """Run every stage on `program` in place. `calibration` (token ids [n, length]) overrides the
-        recipe's calibration section."""
+        recipe's calibration section. `teacher` is what a distilling stage learns from: by default a copy of
+        `program` as given, kept (one more copy of the weights) only until the last stage that reads it."""
         self.check(program)
         if calibration is None and any(s.calibrates for s in self.stages):
             if self.calibration is None:
                 first = next(s for s in self.stages if s.calibrates)
                 raise InvalidOption(f"stage '{first.kind}' calibrates but the recipe has no calibration section")
             calibration = self.calibration.load(program)
+        learners = [i for i, s in enumerate(self.stages) if s.learns_from_teacher]
         context = StageContext(calibration, progress=progress)
+        if learners:
+            context.teacher = teacher if teacher is not None else program.clone()
+        del teacher  # the context alone holds it, so that dropping it there frees it
         dense = program.num_parameters()
         done: list[tuple[Stage, StageResult]] = []
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             start = time.perf_counter()
             result = stage.run(program, context)
             result.seconds = time.perf_counter() - start
             done.append((stage, result))
+            if learners and i == learners[-1]:
+                context.teacher = None  # no later stage reads it: give its memory back
             release_freed()
         program.record["facts"] = sorted(self.validate())
         return RecipeResult(program, done, dense, program.num_parameters())

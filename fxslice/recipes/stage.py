@@ -30,17 +30,25 @@ CAPTURED = "captured"
 @dataclass
 class StageContext:
     """What a stage may use besides the program: calibration windows (token ids [n, length]), whether to
-    show progress, and a seed. Calibration is built once per recipe run and shared by every stage."""
+    show progress, a seed, and the teacher (the program as it was before compression, for a stage that learns
+    from it). Calibration is built once per recipe run and shared by every stage."""
 
     calibration: torch.Tensor | None = None
     progress: bool = False
     seed: int = 0
+    teacher: Program | None = None
 
     def windows(self, stage: str) -> torch.Tensor:
         if self.calibration is None:
             raise InvalidOption(f"stage '{stage}' calibrates: give the recipe a calibration section "
                                 "(or pass calibration windows to Recipe.run)")
         return self.calibration
+
+    def teacher_for(self, stage: str) -> Program:
+        if self.teacher is None:
+            raise InvalidOption(f"stage '{stage}' learns from the program before compression: run it in a recipe "
+                                "(which keeps that program) or give the context a teacher")
+        return self.teacher
 
 
 @dataclass
@@ -64,6 +72,8 @@ class Stage:
     refuses: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     calibrates: ClassVar[bool] = False
+    #: whether `run` reads `context.teacher`: the recipe then keeps a copy of the program it was given
+    learns_from_teacher: ClassVar[bool] = False
     #: fields that name user code (`module:Name`, `file.py:Name`), which a recipe file may name only with trust_code
     code_fields: ClassVar[tuple[str, ...]] = ()
 

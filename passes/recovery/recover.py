@@ -14,19 +14,22 @@ __all__ = ["RecoverLoRA", "ReplayLowRank"]
 
 
 class RecoverLoRA(Pass):
-    """Low-rank recovery fine-tuning on `windows` (never the evaluation text); `report` holds the losses."""
+    """Low-rank recovery fine-tuning on `windows` (never the evaluation text); `report` holds the losses. With a
+    `teacher` (the program before compression) the adapters learn its output distributions at `temperature`
+    rather than the text's next tokens: the student cannot learn the domain beyond what its teacher knows."""
 
     name = "recover_lora"
     exact = False
 
     def __init__(self, windows: torch.Tensor, *, rank: int = 8, alpha: float = 16.0, steps: int = 100,
                  lr: float = 5e-4, batch_size: int = 1, held_out: torch.Tensor | None = None, head: bool = False,
-                 seed: int = 0, progress: bool = False):
+                 seed: int = 0, progress: bool = False, teacher: Program | None = None, temperature: float = 1.0):
         if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
             raise InvalidOption("recovery: training windows must be a non-empty [n, length] tensor of token ids")
         self.windows, self.held_out = windows, held_out
         self.insert = InsertAdapters(rank, alpha, head=head, seed=seed)
         self.steps, self.lr, self.batch_size, self.progress = steps, lr, batch_size, progress
+        self.teacher, self.temperature = teacher, temperature
         self.report: TrainReport | None = None
         self.updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # weight -> (L, R): training added L @ R
 
@@ -39,10 +42,11 @@ class RecoverLoRA(Pass):
     def call(self, program: Program) -> PassResult:
         PassManager([self.insert], check_numerics=False).run(program)
         self.report = train_adapters(program, self.windows, steps=self.steps, lr=self.lr,
-                                     batch_size=self.batch_size, held_out=self.held_out, progress=self.progress)
+                                     batch_size=self.batch_size, held_out=self.held_out, progress=self.progress,
+                                     teacher=self.teacher, temperature=self.temperature)
         self.updates = low_rank_updates(program)
         PassManager([MergeAdapters()], check_numerics=False).run(program)
-        return PassResult(True, {"adapters": len(self.updates), "steps": self.steps,
+        return PassResult(True, {"adapters": len(self.updates), "steps": self.steps, "objective": self.report.objective,
                                  "held_out_before": self.report.held_out_before,
                                  "held_out_after": self.report.held_out_after})
 

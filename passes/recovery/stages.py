@@ -11,7 +11,10 @@ from fxslice.passes.facts import CAPTURED, QUANTIZED, RECOVERED
 from fxslice.passes.recovery.recover import RecoverLoRA
 from fxslice.recipes import Stage, StageContext, StageResult
 
-__all__ = ["Recover"]
+__all__ = ["Recover", "OBJECTIVES"]
+
+#: what recovery trains on: the text's next tokens, or the distributions of the program before compression
+OBJECTIVES = ("lm", "distill")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,7 +22,8 @@ class Recover(Stage):
     """Train low-rank adapters on `text` for `steps` steps of `batch_size` windows of `length` tokens, then merge
     them: the model keeps its size and structure. `text` is a `fxslice.data.load_text` source (never the
     evaluation split; "" trains on the recipe's calibration windows); `held_out` of its windows are kept
-    aside and scored before and after."""
+    aside and scored before and after. `objective`: "lm" learns the text's next tokens; "distill" learns the
+    output distributions (at `temperature`) of the program as the recipe received it, before compression."""
 
     kind = "recover"
     needs = frozenset({CAPTURED})
@@ -36,18 +40,26 @@ class Recover(Stage):
     held_out: int = 8
     head: bool = False
     seed: int = 0
+    objective: str = "lm"
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self.require_positive_ints("rank", "steps", "batch_size", *(("length",) if self.length is not None else ()))
         if isinstance(self.held_out, bool) or not isinstance(self.held_out, int) or self.held_out < 0:
             raise InvalidOption(f"recover: held_out must be a non-negative integer, got {self.held_out!r}")
-        for name in ("lr", "alpha"):
+        if self.objective not in OBJECTIVES:
+            raise InvalidOption(f"recover: objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for name in ("lr", "alpha", "temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise InvalidOption(f"recover: {name} must be positive, got {value!r}")
         if self.text in ("wikitext2:test",):
             raise InvalidOption("recover: training on the test split would make every test figure meaningless; "
                                 "use wikitext2:validation or your own text")
+
+    @property
+    def learns_from_teacher(self) -> bool:  # type: ignore[override]
+        return self.objective == "distill"
 
     @property
     def calibrates(self) -> bool:  # type: ignore[override]
@@ -58,7 +70,8 @@ class Recover(Stage):
         report = result.report
         if report.get("held_out_before") is None:
             return []
-        return [f"recovery     {report['steps']} steps, {report['tokens']:,} tokens: held-out loss "
+        how = " distilled from the model before compression" if report.get("objective") == "distill" else ""
+        return [f"recovery     {report['steps']} steps, {report['tokens']:,} tokens{how}: held-out loss "
                 f"{report['held_out_before']:.4f} -> {report['held_out_after']:.4f}"]
 
     def windows(self, program: Program, context: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,10 +91,14 @@ class Recover(Stage):
         return windows[order[held:]], windows[order[:held]]
 
     def run(self, program: Program, context: StageContext) -> StageResult:
+        teacher = context.teacher_for(self.kind) if self.learns_from_teacher else None
+        if teacher is not None and teacher.digest() == program.digest():
+            raise InvalidOption("recover: distillation has nothing to learn, the model is its teacher unchanged; put "
+                                "the stage after a compression stage, or give Recipe.run the dense program as teacher")
         train, held_out = self.windows(program, context)
         recover = RecoverLoRA(train, rank=self.rank, alpha=self.alpha, steps=self.steps, lr=self.lr,
                               batch_size=self.batch_size, held_out=held_out, head=self.head, seed=self.seed,
-                              progress=context.progress)
+                              progress=context.progress, teacher=teacher, temperature=self.temperature)
         result = self.run_passes(program, [recover], context)
         report = asdict(recover.report) if recover.report is not None else {}
         report["training_windows"], report["held_out_windows"] = len(train), len(held_out)

@@ -1,5 +1,6 @@
-"""Train a program's adapters (and nothing else) on the next-token loss: AdamW, linear warm-up then cosine decay,
-gradient clipping — the usual recipe for a short LoRA run — with a held-out loss before and after."""
+"""Train a program's adapters (and nothing else) on the next-token loss or by distillation from a teacher program:
+AdamW, linear warm-up then cosine decay, gradient clipping — the usual recipe for a short LoRA run — with a held-out
+next-token loss before and after (the same measure for both objectives, so that they compare)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from fxslice.core.graph import tensor_of
 from fxslice.core.progress import StepProgress
 from fxslice.passes.recovery.adapters import adapters
 
-__all__ = ["TrainReport", "train_adapters", "next_token_loss"]
+__all__ = ["TrainReport", "train_adapters", "next_token_loss", "distillation_loss"]
 
 
 @dataclass
@@ -28,6 +29,7 @@ class TrainReport:
     held_out_after: float | None
     losses: list[float] = field(default_factory=list)  # the training loss of every step
     seconds: float = 0.0
+    objective: str = "lm"  # "lm": next-token cross entropy; "distill": KL divergence from the teacher
 
 
 def next_token_loss(program: Program, ids: torch.Tensor) -> torch.Tensor:
@@ -35,6 +37,18 @@ def next_token_loss(program: Program, ids: torch.Tensor) -> torch.Tensor:
     ids = ids.to(program.device)
     logits = program(ids)[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def distillation_loss(program: Program, teacher: Program, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ program) of the distributions softened by `temperature`, times its square (so
+    that gradients keep their scale whatever the temperature). Every position counts, the last one too: the teacher
+    gives a target for it where the text gives none."""
+    ids = ids.to(program.device)
+    with torch.no_grad():
+        target = F.log_softmax(teacher(ids.to(teacher.device)).to(program.device).float() / temperature, dim=-1)
+    log_probs = F.log_softmax(program(ids).float() / temperature, dim=-1)
+    kl = F.kl_div(log_probs.flatten(0, -2), target.flatten(0, -2), log_target=True, reduction="batchmean")
+    return kl * temperature**2
 
 
 @torch.no_grad()
@@ -65,9 +79,10 @@ def _only_adapters_train(program: Program) -> Iterator[list[torch.nn.Parameter]]
 
 def train_adapters(program: Program, windows: torch.Tensor, *, steps: int, lr: float, batch_size: int = 1,
                    held_out: torch.Tensor | None = None, warmup: float = 0.05, clip: float = 1.0,
-                   progress: bool = False) -> TrainReport:
+                   progress: bool = False, teacher: Program | None = None, temperature: float = 1.0) -> TrainReport:
     """`steps` optimizer steps over `windows` [n, length] in order, wrapping around; `held_out` windows
-    (never trained on) are scored before and after."""
+    (never trained on) are scored before and after. With a `teacher`, the adapters learn its distributions
+    (`distillation_loss`) instead of the text's next tokens."""
     if windows.dim() != 2 or len(windows) == 0:
         raise InvalidOption("training windows must be a non-empty [n, length] tensor of token ids")
     if steps < 1 or lr <= 0 or batch_size < 1:
@@ -75,7 +90,13 @@ def train_adapters(program: Program, windows: torch.Tensor, *, steps: int, lr: f
                             f"{batch_size}, {lr})")
     start = time.perf_counter()
     before = _mean_loss(program, held_out, batch_size) if held_out is not None and len(held_out) else None
-    report = TrainReport(steps, steps * batch_size * windows.shape[1], before, None)
+    if teacher is not None and teacher.vocab_size != program.vocab_size:
+        raise InvalidOption(f"distillation: the teacher scores {teacher.vocab_size} tokens, the model "
+                            f"{program.vocab_size}; the teacher must share the model's vocabulary")
+    if not temperature > 0:
+        raise InvalidOption(f"distillation: temperature must be positive, got {temperature!r}")
+    report = TrainReport(steps, steps * batch_size * windows.shape[1], before, None,
+                         objective="lm" if teacher is None else "distill")
     warm = max(1, round(warmup * steps))
 
     def rate(step: int) -> float:
@@ -89,7 +110,8 @@ def train_adapters(program: Program, windows: torch.Tensor, *, steps: int, lr: f
         with StepProgress(steps, "recovery fine-tuning", enabled=progress) as bar:
             for step in range(steps):
                 rows = torch.arange(step * batch_size, (step + 1) * batch_size) % len(windows)
-                loss = next_token_loss(program, windows[rows])
+                loss = (next_token_loss(program, windows[rows]) if teacher is None
+                        else distillation_loss(program, teacher, windows[rows], temperature))
                 if not torch.isfinite(loss.detach()):
                     raise FloatingPointError(f"recovery: the training loss is {float(loss.detach())} at step {step}; "
                                              "lower lr")
