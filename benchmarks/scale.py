@@ -1,7 +1,7 @@
 """How time and host memory grow with the model: random-weight Llama models of real shapes, sliced, pruned and
 quantized on this machine, one process per run; one JSON object (and a log-log picture).
 
-    python benchmarks/scale.py [--shapes 135M 360M 1.7B] [--methods slice prune quantize]
+    python benchmarks/scale.py [--shapes 135M 360M 1.7B] [--methods slice prune quantize capture]
                                [--calib-windows 2] [--calib-length 256] [--work DIR] [--picture PATH]
 
 Each shape is written once by this script as bf16 safetensors in shards of 2 GB (as hub checkpoints are) with a
@@ -10,6 +10,7 @@ tokens). Each (shape, method) runs `fxslice.compress` in a fresh process (float3
 given above: quality is not the point) and reports its capture, per-stage and save seconds and its peak resident
 memory (`ru_maxrss`). The summary fits log(time) and log(peak) against log(parameters) per method and extrapolates
 to 7 B and 70 B; shapes whose float32 weights would not fit in this machine's memory are skipped and said so.
+`capture` times `fxslice.capture` alone (the model loaded by transformers, then traced), the floor of every run.
 """
 
 from __future__ import annotations
@@ -87,13 +88,20 @@ def write_model(name: str, folder: Path, tokenizer) -> Path:
 
 
 def run_one(model: str, method: str, windows: int, length: int) -> dict:
-    """One compression in this process: seconds per step and peak resident memory."""
-    from fxslice import compress
+    """One compression (or capture) in this process: seconds per step and peak resident memory."""
+    from fxslice import capture, compress
     from fxslice.passes import prune_recipe, slicegpt_recipe
     from fxslice.passes.quantize.stages import Quantize
     from fxslice.passes.rewrite.stages import Cleanup
     from fxslice.recipes import Calibration, Recipe
 
+    if method == "capture":
+        start = time.perf_counter()
+        program = capture(model)
+        total = time.perf_counter() - start
+        return {"seconds": {"capture": round(total, 2)}, "total_seconds": round(total, 1),
+                "parameters": program.num_parameters(), "parameters_after": program.num_parameters(),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     calibration = Calibration(windows=windows, length=length)
     recipe = {
         "slice": lambda: slicegpt_recipe(calibration=calibration, sparsity=0.25),
@@ -158,7 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["135M", "360M", "1.7B"], choices=list(SHAPES))
     parser.add_argument("--methods", nargs="+", default=["slice", "prune", "quantize"],
-                        choices=["slice", "prune", "quantize"])
+                        choices=["slice", "prune", "quantize", "capture"])
     parser.add_argument("--calib-windows", type=int, default=2)
     parser.add_argument("--calib-length", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "fxslice-scale")
