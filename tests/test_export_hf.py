@@ -197,6 +197,6 @@ def test_our_packing_is_compressed_tensors_own_for_every_width_and_shape():
     def check(bits, rows, cols, seed):
         m = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
         q = QuantizedWeight.from_matrix(m, bits, cols, grid="symmetric")
-        assert torch.equal(packed_rows(q), pack_to_int32((q.q - (1 << (bits - 1))).to(torch.int8), bits))
+        assert torch.equal(packed_rows(q), pack_to_int32((q.q.to(torch.int64) - (1 << (bits - 1))).to(torch.int8), bits))
 
     check()

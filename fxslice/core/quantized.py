@@ -56,11 +56,13 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """The first `count` integers of a stream written by `pack_bits`, as int64."""
+    """The first `count` integers of a stream written by `pack_bits`, as uint8 (every width in `BITS` fits)."""
+    if bits > 8:
+        raise InvalidOption(f"unpack_bits holds widths up to 8 bits, got {bits}")
     if packed.numel() * 8 < count * bits:
         raise InvalidOption(f"{packed.numel()} bytes cannot hold {count} values of {bits} bits")
     positions, byte = torch.arange(bits, dtype=torch.int64), torch.arange(8, dtype=torch.int64)
-    out = torch.empty(count, dtype=torch.int64)
+    out = torch.empty(count, dtype=torch.uint8)
     for start in range(0, count, _PACK_CHUNK):
         n = min(_PACK_CHUNK, count - start)
         first = start * bits // 8  # a whole number: `start` is a multiple of 8
@@ -122,7 +124,7 @@ class QuantizedWeight:
     bits: int
     group_size: int
     shape: tuple[int, int]  # the matrix's [out, in]
-    q: torch.Tensor  # int64 [out, in]
+    q: torch.Tensor  # uint8 [out, in]: every width fits a byte, an eighth of int64's memory for a large model
     scale: torch.Tensor  # float32 holding float16 values [out, groups]
     zero: torch.Tensor  # the anchor [out, groups]: int64 zero points (symmetric: all 2^(bits−1)), or float32 offsets
     transposed: bool = False
@@ -130,6 +132,7 @@ class QuantizedWeight:
     grid: str = "zero_point"  # or "offset", "symmetric": see GRIDS
 
     def __post_init__(self) -> None:
+        self.q = self.q.to(torch.uint8)
         if self.grid != "offset":  # zero points are integers, however the grid fitting computed them
             self.zero = self.zero.to(torch.int64)
 
@@ -176,7 +179,7 @@ class QuantizedWeight:
         """`m`'s columns (`columns` of the matrix) to integers on this weight's grid."""
         scale = self.expand(self.scale)[:, columns]
         anchor = self.expand(self.zero)[:, columns].to(torch.float32)
-        return to_levels(m.to(torch.float32), scale, anchor, self.bits, self.grid).to(torch.int64)
+        return to_levels(m.to(torch.float32), scale, anchor, self.bits, self.grid).to(torch.uint8)
 
     # storage --------------------------------------------------------------------------------------------
 

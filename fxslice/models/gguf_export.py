@@ -74,7 +74,7 @@ def _rope_order(rows: torch.Tensor, heads: int) -> torch.Tensor:
 def _pack_exact(q: QuantizedWeight, heads: int | None, gguf: Any) -> tuple[np.ndarray, Any]:
     """The integers, scales and anchors of `q` as GGUF blocks of 32 (one row of blocks per output row): Q4_1 / Q5_1
     (`d`, `m`, the integers), or for a symmetric grid Q4_0 / Q5_0 / Q8_0 (`d`, the integers about the middle)."""
-    ints = q.q
+    ints = q.q.to(torch.int64)  # arithmetic below (Q8_0's q − 128) must not wrap around as uint8
     # `m` is the weight of level 0: the offset itself, or −zero·d; a group of 64 is two blocks
     scale, m = (q.expand(t)[:, ::_BLOCK] for t in (q.scale, q.level_value(0)))
     if heads:

@@ -50,7 +50,7 @@ def gptq(m: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, damp: 
             scale[:, g], zero[:, g] = group_grid(w[:, g * group_size: (g + 1) * group_size], bits, grid)
         w, h = w[:, order], h[order][:, order]
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.zeros(out, cols, dtype=torch.int64)
+    q = torch.zeros(out, cols, dtype=torch.uint8)
     block = max(group_size, block // group_size * group_size)
     wt = w.T.contiguous()  # [in, out]: a column of W is a contiguous row here, and updates are rank-1 BLAS calls
     for start in range(0, cols, block):
@@ -66,7 +66,7 @@ def gptq(m: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, damp: 
                 scale[:, g], zero[:, g] = group_grid(span, bits, grid)
             s, z = scale[:, g], zero[:, g]
             ints = to_levels(chunk[i], s, z, bits, grid)
-            q[:, column] = ints.to(torch.int64)
+            q[:, column] = ints.to(torch.uint8)
             error = (chunk[i] - from_levels(ints, s, z, grid)) / inv[i, i]
             chunk[i:].addr_(inv[i, i:], error, alpha=-1)
             errors[i] = error
