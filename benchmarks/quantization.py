@@ -4,6 +4,7 @@ JSON object.
     python benchmarks/quantization.py [--bits 8,4,3] [--methods rtn,gptq] [--group-size 64] [--embeddings 8]
                                       [--calib-windows 16] [--calib-length 512] [--eval-windows 8]
                                       [--prune 0.166 --shots 4] [--slice 0.25 [--combined-only]] [--rotate]
+                                      [--learned-rotation 100]
                                       [--no-dense]
                                       [--search mtgp,gp,random --budget-bits 4.0 --evaluations 6 --seeds 0]
                                       [--fixed-tables] [--no-float]
@@ -13,7 +14,8 @@ tied table once), from `Program.num_bytes()`, the figure a saved model's record 
 validation (seed 0); evaluation: the first N windows of 2048 tokens of WikiText-2 test. Every model comes from
 one capture; `--prune` quantizes the Surgeon's pruned model as well, `--slice` SliceGPT's, and both together the
 Surgeon's pruning of the sliced model (slice -> prune -> quantize on one plane);
-`--rotate` quantizes each model once more after an exact randomized-Hadamard rotation of its stream (QuaRot-style).
+`--rotate` quantizes each model once more after an exact randomized-Hadamard rotation of its stream (QuaRot-style),
+`--learned-rotation STEPS` once more after the Hadamard and a rotation learned against the rounding (SpinQuant-style).
 `--search` runs the mixed-precision searches on every model (the dense one unless `--no-dense`) at `--budget-bits`
 (default: the bits per parameter of dense uniform 4-bit GPTQ, so the comparison is at its bytes) with the same number
 of expensive evaluations each, and draws them;
@@ -56,6 +58,8 @@ def main() -> None:
                         "pruning of it: slice -> prune -> quantize")
     parser.add_argument("--rotate", action="store_true",
                         help="also quantize each model after an exact randomized-Hadamard rotation of its stream")
+    parser.add_argument("--learned-rotation", type=int, default=0, metavar="STEPS", help="also quantize each model "
+                        "after the Hadamard and a rotation learned against the rounding in STEPS steps (SpinQuant)")
     parser.add_argument("--combined-only", action="store_true", help="with --slice and --prune, quantize only the "
                         "slice -> prune model, not the sliced and the pruned ones on their own")
     parser.add_argument("--no-dense", action="store_true", help="quantize only the sliced / pruned models (the dense "
@@ -108,19 +112,27 @@ def main() -> None:
             Recipe((Cleanup(), Rotate(rotation="hadamard"))).run(rotated)
             bases.append((f"{base_name} + hadamard", rotated, time.perf_counter() - start))
     rows = []
+    rotations = ["none", "learned"] if args.learned_rotation else ["none"]
     for base_name, base, seconds in bases:
         if not args.no_float:
             rows.append(_row(base_name, "float32", base, test, seconds, dense))
         if args.no_dense and base is dense:
             continue
         for bits in (int(b) for b in args.bits.split(",") if b):
-            for method in (m for m in args.methods.split(",") if m):
+            for method, rotation in itertools.product((m for m in args.methods.split(",") if m), rotations):
+                if rotation != "none" and base_name.endswith("hadamard"):
+                    continue  # a learned rotation starts from its own Hadamard
                 program = base.clone()
                 stage = Quantize(bits=bits, group_size=args.group_size, method=method,
-                                 embeddings=args.embeddings or None, head=args.embeddings or None)
+                                 embeddings=args.embeddings or None, head=args.embeddings or None, rotation=rotation,
+                                 rotation_steps=args.learned_rotation or 100)
                 start = time.perf_counter()
-                Recipe((stage,)).run(program, calibration=calib)
-                rows.append(_row(base_name, f"{method} {bits}-bit", program, test, time.perf_counter() - start, dense))
+                stages = (Cleanup(), stage) if rotation != "none" else (stage,)  # the Hadamard needs a clean graph
+                result = Recipe(stages).run(program, calibration=calib, progress=sys.stderr.isatty())
+                weights = f"{method} {bits}-bit" + (" + learned rotation" if rotation != "none" else "")
+                rows.append(_row(base_name, weights, program, test, time.perf_counter() - start, dense))
+                if rotation != "none":
+                    rows[-1]["rotation"] = result.stages[-1][1].report["rotation"]
     searches = []
     budget = 0.0
     if args.search:

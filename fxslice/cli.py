@@ -247,8 +247,11 @@ def quantize(
                                                 "between the linears' and --embeddings")] = True,
     log: Annotated[str, typer.Option(help="with --budget-bits: JSON-lines file of every evaluation (resumed when it "
                                           "holds the same search on the same model)")] = "",
-    rotate: Annotated[bool, typer.Option(help="first an exact randomized-Hadamard rotation of the stream (QuaRot); "
-                                         "helps GPTQ, and a sliced model needs it")] = False,
+    rotation: Annotated[str, typer.Option(help="first an exact rotation of the stream: hadamard (QuaRot's randomized "
+                                          "Hadamard: helps GPTQ, and a sliced model needs it), learned (the Hadamard, "
+                                          "then a rotation learned against the rounding: SpinQuant) or none")] = "none",
+    rotation_steps: Annotated[int | None, typer.Option(min=1, help="with --rotation learned: optimizer steps, one "
+                                                       "calibration window each (default 40)")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the quantized model")] = Path("quantized"),
     calibration: CalibrationText = "wikitext2:validation",
     calib_windows: CalibWindows = 16,
@@ -280,9 +283,16 @@ def quantize(
     searched = (dict(search=search or "mtgp", budget_bits=budget_bits, evaluations=evaluations or 6,
                      spread=spread or 1, log=log, search_tables=search_tables)
                 if budget_bits else {})
+    if rotation not in ("none", "hadamard", "learned"):
+        raise InvalidOption(f"--rotation must be none, hadamard or learned, got {rotation!r}")
+    if rotation_steps is not None and rotation != "learned":
+        raise InvalidOption("--rotation-steps sets up a learned rotation; add --rotation learned, or drop it")
+    learned: dict = {"rotation": "learned"} if rotation == "learned" else {}
+    if rotation_steps is not None:
+        learned["rotation_steps"] = rotation_steps
     stage = Quantize(bits=bits, group_size=group_size, method=method, grid=grid, embeddings=embeddings or None,
-                     head=head or None, shortcuts=shortcuts or None, batch_size=batch_size, **searched)
-    stages = (Cleanup(), *([Rotate(rotation="hadamard")] if rotate else []), stage)
+                     head=head or None, shortcuts=shortcuts or None, batch_size=batch_size, **searched, **learned)
+    stages = (Cleanup(), *([Rotate(rotation="hadamard")] if rotation == "hadamard" else []), stage)
     recipe = Recipe(stages, data if stage.calibrates else None, name=f"quantize-{method}")
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload)
 

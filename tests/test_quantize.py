@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fxslice import InvalidOption, PassManager, Program, capture, load
 from fxslice.analysis.linears import weight_kinds
 from fxslice.core import quantized
-from fxslice.core.quantized import BITS, GRIDS, QuantizedWeight, pack_bits, unpack_bits
+from fxslice.core.quantized import BITS, GRIDS, QuantizedWeight, pack_bits, round_trip, unpack_bits
 from fxslice.models.io import save
 from fxslice.passes.quantize import QuantizeWeights, gptq
 from fxslice.passes.quantize.stages import Quantize
@@ -59,6 +59,7 @@ def test_round_to_nearest_is_within_half_a_step_of_every_weight(bits, rows, cols
     assert q.q.dtype == torch.uint8 and int(q.q.max()) < 1 << bits
     error = (q.dequantize() - m).abs()
     assert (error <= q.expand(q.scale).abs() * 0.5 * (1 + 1e-3) + 1e-6).all()
+    assert torch.equal(round_trip(m, bits, group, grid), q.dequantize())  # the fast path a learned rotation uses
     back = QuantizedWeight.from_tensors("w", q.tensors("w"), q.meta())
     assert torch.equal(back.dequantize(), q.dequantize())
     assert sum(t.numel() * t.element_size() for t in q.tensors("w").values()) == q.nbytes
@@ -213,7 +214,7 @@ def test_cli_quantize_rotates_and_searches_widths_under_a_byte_budget(tmp_path, 
     out, log = tmp_path / "mixed", tmp_path / "search.jsonl"
     cmd = [sys.executable, "-m", "fxslice.cli", "quantize", str(tiny_model_dir("llama")), "--budget-bits", "5.5",
            "--evaluations", "2", "--group-size", "16", "--calib-windows", "4", "--calib-length", "32",
-           "--eval-windows", "2", "--eval-length", "32", "--log", str(log), "--rotate", "--search-tables",
+           "--eval-windows", "2", "--eval-length", "32", "--log", str(log), "--rotation", "hadamard", "--search-tables",
            "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -27,7 +27,7 @@ import torch
 from fxslice.core.errors import InvalidOption
 
 __all__ = ["QuantizedWeight", "pack_bits", "unpack_bits", "group_grid", "packed_nbytes", "check_format", "BITS",
-           "GRIDS", "to_levels", "from_levels", "stored_shapes"]
+           "GRIDS", "to_levels", "from_levels", "stored_shapes", "round_trip"]
 
 #: bit widths a weight can take
 BITS = (2, 3, 4, 5, 6, 8)
@@ -115,6 +115,20 @@ def to_levels(w: torch.Tensor, scale: torch.Tensor, anchor: torch.Tensor, bits: 
 def from_levels(q: torch.Tensor, scale: torch.Tensor, anchor: torch.Tensor, grid: str) -> torch.Tensor:
     """The weights integer levels `q` stand for."""
     return q * scale + anchor if grid == "offset" else (q - anchor) * scale
+
+
+def round_trip(m: torch.Tensor, bits: int, group_size: int, grid: str = "zero_point") -> torch.Tensor:
+    """`m` [out, in] as round to nearest stores it, dequantized: `QuantizedWeight.from_matrix(m, ...).dequantize()`
+    without building the integers, for a loop that rounds every weight at every step (a learned rotation)."""
+    out, cols = m.shape
+    work = m.detach().to(torch.float32)
+    pad = (-cols) % group_size
+    padded = torch.cat([work, work[:, -1:].expand(out, pad)], 1) if pad else work
+    groups = padded.view(out, -1, group_size)
+    scale, anchor = group_grid(groups, bits, grid)
+    scale, anchor = scale[..., None], anchor.to(torch.float32)[..., None]
+    value = from_levels(to_levels(groups, scale, anchor, bits, grid), scale, anchor, grid)
+    return value.reshape(out, -1)[:, :cols].to(m.dtype)
 
 
 @dataclass

@@ -3,6 +3,7 @@ size in bytes."""
 
 from fxslice.passes.quantize.gptq import gptq
 from fxslice.passes.quantize.kernels import Int4Kernels
+from fxslice.passes.quantize.learned_rotation import LearnRotation
 from fxslice.passes.quantize.quantize import QUANTIZERS, QuantizeWeights
 
-__all__ = ["QUANTIZERS", "Int4Kernels", "QuantizeWeights", "gptq"]
+__all__ = ["QUANTIZERS", "Int4Kernels", "LearnRotation", "QuantizeWeights", "gptq"]

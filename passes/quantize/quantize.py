@@ -4,16 +4,17 @@ parameter, so the graph is unchanged and every later analysis still reads a floa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from fxslice import InvalidOption, Pass, PassResult, Program
 from fxslice.analysis.linears import weight_kinds
+from fxslice.analysis.matchers import LinearUse
 from fxslice.calibration.moments import LinearStatistics, linear_statistics
 from fxslice.core.graph import owner_of, set_tensor, tensor_of
 from fxslice.core.progress import progress_bar
-from fxslice.core.quantized import QuantizedWeight, check_format
+from fxslice.core.quantized import QuantizedWeight, check_format, round_trip
 from fxslice.passes.quantize.gptq import check_damp, gptq
 
 __all__ = ["QuantizeWeights", "ReplayQuantized", "QUANTIZERS"]
@@ -83,8 +84,7 @@ class QuantizeWeights(Pass):
         plan = self.plan(program)
         if not plan:
             return PassResult(False)
-        kinds = program.analysis(weight_kinds)
-        uses = {**{n: u[0] for n, u in kinds.linears.items()}, **({kinds.head: kinds.head_uses[0]} if kinds.head_uses else {})}
+        uses = _first_uses(program)
         stats = None
         if self.method == "gptq":
             targets = [n for n, (_, hessian) in plan.items() if hessian and n in uses]
@@ -106,8 +106,30 @@ class QuantizeWeights(Pass):
             self.done[name] = q
         return PassResult(True, {"weights": len(plan), "bytes": program.num_bytes()})
 
+    def rounding(self, program: Program) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Weight name -> the function that gives a value of that weight as round-to-nearest would store it
+        (dequantized, same layout), for what this pass will quantize: for a pass that must see the rounding before it
+        happens (a rotation learned against it)."""
+        uses = _first_uses(program)
+
+        def rounder(width: int, transposed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+            def rounded(weight: torch.Tensor) -> torch.Tensor:
+                if transposed:
+                    return round_trip(weight.T, width, self.group_size, self.grid).T
+                return round_trip(weight, width, self.group_size, self.grid)
+            return rounded
+
+        return {name: rounder(width, name in uses and uses[name].out_axis % 2 != 0)
+                for name, (width, _) in self.plan(program).items()}
+
     def replay(self) -> Pass:
         return ReplayQuantized(self.done)
+
+
+def _first_uses(program: Program) -> dict[str, LinearUse]:
+    """Each quantizable linear weight (and the head's) by name -> its first use, which tells its layout."""
+    kinds = program.analysis(weight_kinds)
+    return {**{n: u[0] for n, u in kinds.linears.items()}, **({kinds.head: kinds.head_uses[0]} if kinds.head_uses else {})}
 
 
 class ReplayQuantized(Pass):

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fxslice import InvalidOption, Program
+import torch
+
+from fxslice import InvalidOption, Pass, Program
 from fxslice.core.quantized import check_format
-from fxslice.passes.facts import CAPTURED, QUANTIZED
+from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED, QUANTIZED, ROTATED
 from fxslice.passes.quantize.gptq import check_damp
+from fxslice.passes.quantize.learned_rotation import LearnRotation
 from fxslice.passes.quantize.mixed import SEARCHES, search_allocation
 from fxslice.passes.quantize.quantize import QUANTIZERS, QuantizeWeights
+from fxslice.passes.slicegpt.fuse_norms import FuseNorms
+from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
+from fxslice.passes.slicegpt.rotate_stream import RotateStream
+from fxslice.passes.slicegpt.rotations import randomized_hadamard
 from fxslice.recipes import Stage, StageContext, StageResult
 
-__all__ = ["Quantize"]
+__all__ = ["Quantize", "ROTATIONS"]
+
+#: what `Quantize.rotation` may be
+ROTATIONS = ("none", "learned")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,12 +32,11 @@ class Quantize(Stage):
     matrices to `shortcuts` bits (None: left in float). The saved model stores packed integers; its record gives
     the bytes, scales included. With `search`, the widths come from a search under `budget_bits` (NUQ's
     multi-task GP, or a baseline) — the token tables' width too, unless `search_tables=False` — see
-    `passes/quantize/mixed.py`."""
+    `passes/quantize/mixed.py`. With `rotation="learned"` the stream is first rotated exactly, by the randomized
+    Hadamard and then by a rotation learned against this stage's rounding (`learned_rotation.py`, SpinQuant):
+    `rotation_steps` Adam steps at `rotation_lr` on the calibration windows."""
 
     kind = "quantize"
-    needs = frozenset({CAPTURED})
-    refuses = frozenset({QUANTIZED})
-    provides = frozenset({QUANTIZED})
 
     bits: int = 4
     group_size: int = 64
@@ -49,8 +58,18 @@ class Quantize(Stage):
     search_tables: bool = True  # the token tables' width (up to `embeddings`) is searched too
     seed: int = 0
     log: str = ""  # JSON-lines file of every evaluation; an existing one is resumed (mtgp)
+    rotation: str = "none"  # "learned": the Hadamard, then a rotation learned against the rounding (see ROTATIONS)
+    rotation_steps: int = 40  # SmolLM2 4-bit: 40 and 100 steps gave the same perplexity (benchmarks/README.md)
+    rotation_lr: float = 2e-3
 
     def __post_init__(self) -> None:
+        if self.rotation not in ROTATIONS:
+            raise InvalidOption(f"quantize: rotation must be one of {ROTATIONS}, got {self.rotation!r} (the Hadamard "
+                                "alone is the rotate stage: rotation='hadamard')")
+        if self.rotation != "none":
+            self.require_positive_ints("rotation_steps")
+            if not self.rotation_lr > 0:
+                raise InvalidOption(f"quantize: rotation_lr must be positive, got {self.rotation_lr!r}")
         if self.method not in QUANTIZERS:
             raise InvalidOption(f"quantize: method must be one of {QUANTIZERS}, got {self.method!r}")
         for width in (self.bits, *(b for b in (self.embeddings, self.head, self.shortcuts) if b is not None)):
@@ -76,16 +95,35 @@ class Quantize(Stage):
                                 f"(the widest has {widest} columns); choose at most {widest}")
 
     @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({CAPTURED, CLEAN}) if self.rotation != "none" else frozenset({CAPTURED})
+
+    @property
+    def refuses(self) -> frozenset[str]:  # type: ignore[override]
+        """A learned rotation starts from the Hadamard it applies itself: not after another rotation."""
+        return frozenset({QUANTIZED, ROTATED, GQA_FUSED}) if self.rotation != "none" else frozenset({QUANTIZED})
+
+    @property
+    def provides(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({QUANTIZED, ROTATED}) if self.rotation != "none" else frozenset({QUANTIZED})
+
+    @property
     def calibrates(self) -> bool:  # type: ignore[override]
-        return self.method == "gptq" or self.search != "none"
+        return self.method == "gptq" or self.search != "none" or self.rotation != "none"
 
     def summary(self, result: StageResult) -> list[str]:
         report = result.report
-        return [f"bytes        {report['bytes']:,} ({report['bits_per_parameter']:.2f} bits per parameter, "
-                "scales and float tensors included)"]
+        lines = [f"bytes        {report['bytes']:,} ({report['bits_per_parameter']:.2f} bits per parameter, "
+                 "scales and float tensors included)"]
+        if "rotation" in report:
+            first, last = report["rotation"]["kl_first_last_10"]
+            lines.append(f"rotation     learned in {report['rotation']['steps']} steps: KL from float {first:.4f} -> "
+                         f"{last:.4f} (round to nearest, first and last 10 steps)")
+        return lines
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         windows = context.windows(self.kind) if self.calibrates else None
+        rotated = self.run_passes(program, self._rotation(windows, context), context)
         bits: int | dict[str, int] = self.bits
         search = None
         if self.search != "none":
@@ -99,13 +137,30 @@ class Quantize(Stage):
                                    embeddings=self.embeddings, head=self.head, shortcuts=self.shortcuts,
                                    damp=self.damp, act_order=self.act_order, grid=self.grid,
                                    batch_size=self.batch_size, progress=context.progress)
-        result = self.run_passes(program, [quantize], context)
+        quantized = self.run_passes(program, [quantize], context)
+        result = StageResult(rotated.passes + quantized.passes, rotated.records + quantized.records,
+                             seconds=rotated.seconds + quantized.seconds)
         params = program.num_parameters()
         result.report = {"bytes": program.num_bytes(), "parameters": params,
                          "bits_per_parameter": round(8 * program.num_bytes() / params, 4),
                          "weights": {name: q.bits for name, q in program.quantized.items()}}
+        learned = next((p for p in rotated.passes if isinstance(p, LearnRotation)), None)
+        if learned is not None:
+            result.report["rotation"] = {"steps": self.rotation_steps, "lr": self.rotation_lr,
+                                         "kl_first_last_10": learned.loss_summary()}
         if search is not None:
             result.report["search"] = {**search.to_dict(), "budget_bits": self.budget_bits, "widths": list(allocation.choices),
                                        "table_widths": list(allocation.table_choices),
                                        "depth_roles": list(zip(allocation.depth, allocation.roles, strict=True))}
         return result
+
+    def _rotation(self, windows: torch.Tensor | None, context: StageContext) -> list[Pass]:
+        """The exact passes before rounding: none, or the Hadamard and the rotation learned against `self`'s rounding
+        (round to nearest at `bits`; the integers themselves come after, by `method`)."""
+        if self.rotation == "none":
+            return []
+        rounding = QuantizeWeights(self.bits, group_size=self.group_size, embeddings=self.embeddings, head=self.head,
+                                   shortcuts=self.shortcuts, grid=self.grid).rounding
+        return [ProjectNormWriters(), FuseNorms(), RotateStream(randomized_hadamard(self.seed)),
+                LearnRotation(rounding, windows, steps=self.rotation_steps, lr=self.rotation_lr,
+                              batch_size=self.batch_size, seed=self.seed, progress=context.progress)]
