@@ -123,7 +123,8 @@ class Quantize(Stage):
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         windows = context.windows(self.kind) if self.calibrates else None
-        rotated = self.run_passes(program, self._rotation(windows, context), context)
+        rotation = self._rotation(windows, context)
+        rotated = self.run_passes(program, rotation, context) if rotation else StageResult()
         bits: int | dict[str, int] = self.bits
         search = None
         if self.search != "none":
