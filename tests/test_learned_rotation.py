@@ -173,3 +173,13 @@ def test_cli_refuses_rotation_options_that_do_not_fit(args, message, tiny_model_
     result = CliRunner().invoke(app, ["quantize", str(tiny_model_dir("llama")), *args, "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and message in result.output + str(result.exception)
     assert not (tmp_path / "x").exists()
+
+
+def test_learn_rotation_refuses_a_kv_cache_capture():
+    from fxslice import UnsupportedStructure
+    from fxslice.models.kvcache import capture_cached
+    from fxslice.testing import tiny_causal_lm
+
+    cached = capture_cached(tiny_causal_lm("llama"))
+    with pytest.raises(UnsupportedStructure, match="replay"):
+        LearnRotation(_rounding().rounding, torch.ones(2, 4, dtype=torch.long))(cached)

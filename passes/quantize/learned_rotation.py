@@ -149,6 +149,9 @@ class LearnRotation(Pass):
         self.losses: list[float] = []
 
     def requires(self, program: Program) -> None:
+        if program.cache is not None:
+            raise UnsupportedStructure("learned rotation: learn it on the plain capture (whole sequences) and `replay` "
+                                       "its fixed matrices onto the KV-cache one, as a recipe does")
         RotateStream([]).requires(program)
 
     def replay(self) -> Pass:
@@ -188,7 +191,9 @@ class LearnRotation(Pass):
                 with torch.no_grad():
                     target = F.log_softmax(program(ids).float(), dim=-1)
                 weights = rotated_weights(state, axes, [cayley(b) for b in skews])
-                for name, fn in rounding.items():  # straight through: the rounded value forward, the identity back
+                # straight through: the rounded value forward, the identity back (weights R leaves alone keep their
+                # float value here: their rounding error does not depend on R)
+                for name, fn in rounding.items():
                     if name in weights:
                         weights[name] = weights[name] + (fn(weights[name].detach()) - weights[name]).detach()
                 logits = functional_call(program.gm, weights, (ids,), tie_weights=True, strict=False)
