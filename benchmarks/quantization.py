@@ -123,9 +123,9 @@ def main() -> None:
                 if rotation != "none" and base_name.endswith("hadamard"):
                     continue  # a learned rotation starts from its own Hadamard
                 program = base.clone()
+                learned = dict(rotation=rotation, rotation_steps=args.learned_rotation) if rotation != "none" else {}
                 stage = Quantize(bits=bits, group_size=args.group_size, method=method,
-                                 embeddings=args.embeddings or None, head=args.embeddings or None, rotation=rotation,
-                                 rotation_steps=args.learned_rotation or 100)
+                                 embeddings=args.embeddings or None, head=args.embeddings or None, **learned)
                 start = time.perf_counter()
                 stages = (Cleanup(), stage) if rotation != "none" else (stage,)  # the Hadamard needs a clean graph
                 result = Recipe(stages).run(program, calibration=calib, progress=sys.stderr.isatty())

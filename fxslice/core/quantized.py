@@ -117,14 +117,21 @@ def from_levels(q: torch.Tensor, scale: torch.Tensor, anchor: torch.Tensor, grid
     return q * scale + anchor if grid == "offset" else (q - anchor) * scale
 
 
-def round_trip(m: torch.Tensor, bits: int, group_size: int, grid: str = "zero_point") -> torch.Tensor:
-    """`m` [out, in] as round to nearest stores it, dequantized: `QuantizedWeight.from_matrix(m, ...).dequantize()`
-    without building the integers, for a loop that rounds every weight at every step (a learned rotation)."""
+def _groups(m: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`m` [out, in] in float32 as [out, groups, group_size], the last group padded by repeating the last column
+    (repeats keep each group's min and max)."""
     out, cols = m.shape
     work = m.detach().to(torch.float32)
     pad = (-cols) % group_size
     padded = torch.cat([work, work[:, -1:].expand(out, pad)], 1) if pad else work
-    groups = padded.view(out, -1, group_size)
+    return padded.view(out, -1, group_size)
+
+
+def round_trip(m: torch.Tensor, bits: int, group_size: int, grid: str = "zero_point") -> torch.Tensor:
+    """`m` [out, in] as round to nearest stores it, dequantized: `QuantizedWeight.from_matrix(m, ...).dequantize()`
+    without building the integers, for a loop that rounds every weight at every step (a learned rotation)."""
+    out, cols = m.shape
+    groups = _groups(m, group_size)
     scale, anchor = group_grid(groups, bits, grid)
     scale, anchor = scale[..., None], anchor.to(torch.float32)[..., None]
     value = from_levels(to_levels(groups, scale, anchor, bits, grid), scale, anchor, grid)
@@ -180,13 +187,9 @@ class QuantizedWeight:
                     dtype: torch.dtype | None = None, grid: str = "zero_point") -> QuantizedWeight:
         """Round-to-nearest on a min-max grid per group of `m` [out, in]."""
         check_format(bits, group_size, grid)
-        out, cols = m.shape
-        work = m.detach().to(torch.float32)
-        pad = (-cols) % group_size
-        padded = torch.cat([work, work[:, -1:].expand(out, pad)], 1) if pad else work  # repeats keep min/max
-        scale, anchor = group_grid(padded.view(out, -1, group_size), bits, grid)
-        weight = cls(bits, group_size, (out, cols), torch.zeros(0), scale, anchor, transposed, dtype or m.dtype, grid)
-        weight.q = weight.round(work)
+        scale, anchor = group_grid(_groups(m, group_size), bits, grid)
+        weight = cls(bits, group_size, tuple(m.shape), torch.zeros(0), scale, anchor, transposed, dtype or m.dtype, grid)
+        weight.q = weight.round(m.detach())
         return weight
 
     def round(self, m: torch.Tensor, columns: slice = slice(None)) -> torch.Tensor:

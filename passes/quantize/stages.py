@@ -13,10 +13,8 @@ from fxslice.passes.quantize.gptq import check_damp
 from fxslice.passes.quantize.learned_rotation import LearnRotation
 from fxslice.passes.quantize.mixed import SEARCHES, search_allocation
 from fxslice.passes.quantize.quantize import QUANTIZERS, QuantizeWeights
-from fxslice.passes.slicegpt.fuse_norms import FuseNorms
-from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
-from fxslice.passes.slicegpt.rotate_stream import RotateStream
 from fxslice.passes.slicegpt.rotations import randomized_hadamard
+from fxslice.passes.slicegpt.stages import fused_rotation
 from fxslice.recipes import Stage, StageContext, StageResult
 
 __all__ = ["Quantize", "ROTATIONS"]
@@ -162,6 +160,6 @@ class Quantize(Stage):
             return []
         rounding = QuantizeWeights(self.bits, group_size=self.group_size, embeddings=self.embeddings, head=self.head,
                                    shortcuts=self.shortcuts, grid=self.grid).rounding
-        return [ProjectNormWriters(), FuseNorms(), RotateStream(randomized_hadamard(self.seed)),
+        return [*fused_rotation(randomized_hadamard(self.seed)),
                 LearnRotation(rounding, windows, steps=self.rotation_steps, lr=self.rotation_lr,
                               batch_size=self.batch_size, seed=self.seed, progress=context.progress)]

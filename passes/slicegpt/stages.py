@@ -6,19 +6,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fxslice.analysis.stream import Segment
-from fxslice.core import InvalidOption, Program
+from fxslice.core import InvalidOption, Pass, Program
 from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED, QUANTIZED, ROTATED, SLICED
 from fxslice.passes.recovery.refit import RefitLinears, reconstruction_errors
 from fxslice.passes.slicegpt.fuse_norms import FuseNorms
 from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
-from fxslice.passes.slicegpt.rotations import random_orthogonal, randomized_hadamard
+from fxslice.passes.slicegpt.rotations import RotationSource, random_orthogonal, randomized_hadamard
 from fxslice.passes.slicegpt.slice_stream import ConstantWidths, SliceStream, per_block
 from fxslice.passes.slicegpt.tied_head import CorrectTiedHead
 from fxslice.passes.slicegpt.widths import SlicedSize, loss_aware_widths, stream_sensitivity
 from fxslice.recipes import Stage, StageContext, StageResult
 
-__all__ = ["SliceGPT", "Rotate", "REFITS"]
+__all__ = ["SliceGPT", "Rotate", "REFITS", "fused_rotation"]
 
 REFITS = ("off", "readers", "writers", "both")
 
@@ -173,5 +173,9 @@ class Rotate(Stage):
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         source = random_orthogonal(self.seed) if self.rotation == "random" else randomized_hadamard(self.seed)
-        passes = [ProjectNormWriters(), FuseNorms(), RotateStream(source)]
-        return self.run_passes(program, passes, context)
+        return self.run_passes(program, fused_rotation(source), context)
+
+
+def fused_rotation(source: RotationSource) -> list[Pass]:
+    """The exact passes that rotate a stream by `source`: norm writers projected, norms fused, then the rotation."""
+    return [ProjectNormWriters(), FuseNorms(), RotateStream(source)]
