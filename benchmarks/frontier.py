@@ -1,13 +1,15 @@
-"""The quality frontier: perplexity against real parameter count for every recipe measured, as one PNG and one JSON.
+"""The quality frontier: perplexity against stored bytes and against real parameter count for every recipe
+measured — quantized, pruned, sliced, their combinations, with and without recovery — as one PNG and one JSON.
 
     python benchmarks/frontier.py [--windows 148] [--out docs/images/frontier.png] [FILES...]
 
-Reads the raw outputs of `quality.py` and `pruning.py` (and hand-kept figures with their commands, for runs whose raw
-output was not saved) and draws every row evaluated on the same number of test windows (148: the whole WikiText-2
-test split) — so no point is compared with one measured on other text. The dense model, and on the whole split the
-official SliceGPT figures for SmolLM2 (untied head, 61.5 at 140.7 M and 80.6 at 131.6 M parameters), are drawn for
-reference.
-Prints the points drawn and, per parameter count, which recipe is best.
+Reads the raw outputs of `quality.py`, `pruning.py` and `quantization.py` (and hand-kept figures with their
+commands, for runs whose raw output was not saved) and draws every row evaluated on the same number of test windows
+(148: the whole WikiText-2 test split) — so no point is compared with one measured on other text. Bytes are as
+stored: a quantized model's packed integers, scales and float tensors (its row's `bytes`); a float model as fxslice
+saves it, 4 bytes per parameter. The dense model, and on the whole split the official SliceGPT figures for SmolLM2
+(untied head, 61.5 at 140.7 M and 80.6 at 131.6 M parameters), are drawn for reference.
+Prints the points drawn and, per size (bytes, and parameters), which recipe is best.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ OFFICIAL = [(140_700_000, 61.5), (131_600_000, 80.6)]
 #: rows above this perplexity (magnitude pruning's collapse) stay in the JSON but off the picture
 CEILING = 1000.0
 WHOLE_SPLIT = 148  # windows of 2048 tokens in WikiText-2 test
+FLOAT32_BYTES = 4  # per parameter of a float model as fxslice saves it
 
 
 def quality_points(data: dict) -> list[dict]:
@@ -40,26 +43,59 @@ def quality_points(data: dict) -> list[dict]:
 
 def pruning_points(data: dict) -> list[dict]:
     points = []
+    distilled = (data.get("recover") or {}).get("objective") == "distill"
     for row in data["results"]:
         masked = row.get("nonzero_parameters", row["parameters"]) < 0.99 * row["parameters"]  # zeros, not smaller
-        if row["method"] == "dense" or row.get("perplexity") is None or masked:
+        if row["method"] == "dense" or masked:
             continue
         name = {"surgeon": "LLM Surgeon", "lobd": "L-OBD", "kobd": "K-OBD", "slicegpt": "SliceGPT constant, tie kept, "
                 "calibrated like the Surgeon", "slicegpt+surgeon": "SliceGPT then Surgeon"}.get(row["method"], row["method"])
         if any(stage.get("head_rank") for stage in row.get("recipe") or ()):
             name = "SliceGPT constant, tie kept, head corrected"
-        points.append({"recipe": name, "parameters": row["parameters"], "perplexity": row["perplexity"]})
+        if row.get("perplexity") is not None:  # a recovery run may evaluate only its result
+            points.append({"recipe": name, "parameters": row["parameters"], "perplexity": row["perplexity"]})
         if row.get("perplexity_recovered") is not None:
-            points.append({"recipe": f"{name} + recovery", "parameters": row["recovered_parameters"],
+            recovery = "distilled from dense" if distilled else "recovery"
+            points.append({"recipe": f"{name} + {recovery}", "parameters": row["recovered_parameters"],
                            "perplexity": row["perplexity_recovered"]})
+    return points
+
+
+def quantization_recipe(model: str, weights: str) -> str:
+    """`quantization.py`'s base model ("surgeon 0.166 + hadamard") and weights ("gptq 4-bit + learned rotation") as
+    the steps of a recipe, the sizes left out so that one recipe at several widths is one line:
+    "Surgeon → Hadamard → GPTQ"."""
+    names = {"surgeon": "Surgeon", "slicegpt": "SliceGPT", "hadamard": "Hadamard"}
+    steps = [names.get(part.split()[0], part.split()[0]) for part in model.split(" + ") if part.split()[0] != "dense"]
+    method = weights.split()[0]
+    if " search" in weights:
+        steps.append(f"searched widths ({method})")
+    else:
+        if "learned rotation" in weights:
+            steps.append("learned rotation")
+        steps.append(method.upper())
+    return " → ".join(steps)
+
+
+def quantization_points(data: dict) -> list[dict]:
+    """The quantized rows of `quantization.py` (its float rows repeat what the pruning and quality benchmarks
+    measure), searches included."""
+    points = []
+    for row in [*data.get("results", []), *data.get("searches", [])]:
+        if row.get("weights") == "float32" or row.get("perplexity") is None or row.get("bytes") is None:
+            continue
+        points.append({"recipe": quantization_recipe(row["model"], row["weights"]), "parameters": row["parameters"],
+                       "bytes": row["bytes"], "perplexity": row["perplexity"]})
     return points
 
 
 def dense_point(data: dict) -> dict | None:
     for row in data.get("results", []):
-        if row.get("sparsity") == "dense" or row.get("method") == "dense":
+        if row.get("sparsity") == "dense" or row.get("method") == "dense" or (
+                row.get("model") == "dense" and row.get("weights") == "float32"):
             if row.get("perplexity") is not None:
-                return {"parameters": row["parameters"], "perplexity": row["perplexity"]}
+                return {"parameters": row["parameters"], "bytes": FLOAT32_BYTES * row["parameters"],
+                        "perplexity": row["perplexity"]}
     return None
 
 
@@ -72,14 +108,17 @@ def collect(files: list[str], windows: int) -> tuple[list[dict], dict | None]:
         rows = [r for r in data.get("results", []) if isinstance(r, dict)]
         if rows and all("recipe" in r and "perplexity" in r for r in rows):  # hand-kept figures
             found = [{k: r[k] for k in ("recipe", "parameters", "perplexity")} for r in rows]
+        elif rows and all("weights" in r and "model" in r for r in rows) or data.get("searches"):
+            found = quantization_points(data)
         elif rows and all("method" in r for r in rows):
             found = pruning_points(data)
         elif rows and all("sparsity" in r for r in rows):
             found = quality_points(data)
-        else:  # another benchmark's output (quantization, speed): not a parameter count frontier
+        else:  # another benchmark's output (speed, runtimes): no perplexity per size
             continue
         for point in found:
             point["source"] = Path(file).name
+            point.setdefault("bytes", FLOAT32_BYTES * point["parameters"])
         seen = {(p["recipe"], p["parameters"], round(p["perplexity"], 2)) for p in points}
         points += [p for p in found if (p["recipe"], p["parameters"], round(p["perplexity"], 2)) not in seen]
         dense = dense or dense_point(data)
@@ -98,32 +137,46 @@ def best_by_size(points: list[dict], size: str = "parameters") -> list[dict]:
 
 
 def draw(points: list[dict], dense: dict | None, out: str, windows: int) -> None:
+    """Left: perplexity against stored MB; right: against parameters. One colour and marker per recipe in both."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 5.2))
+    fig, (by_bytes, by_parameters) = plt.subplots(1, 2, figsize=(15, 5.6), sharey=True)
     points = [p for p in points if p["perplexity"] <= CEILING]
     colours = plt.get_cmap("tab20").colors
     for i, recipe in enumerate(sorted({p["recipe"] for p in points})):
-        mine = sorted((p for p in points if p["recipe"] == recipe), key=lambda p: p["parameters"])
-        ax.plot([p["parameters"] / 1e6 for p in mine], [p["perplexity"] for p in mine], "-", marker="os^Dv<>p"[i % 8],
-                color=colours[(2 * i) % 20 + (i // 10) % 2], label=recipe)
-    if windows == WHOLE_SPLIT:  # the official figures are whole-split ones
-        ax.plot([p / 1e6 for p, _ in OFFICIAL], [q for _, q in OFFICIAL], "s--", color="grey",
-                label="official SliceGPT (untied head)")
+        style = dict(marker="os^Dv<>p"[i % 8], color=colours[(2 * i) % 20 + (i // 10) % 2])
+        for ax, size, scale in ((by_bytes, "bytes", 1e6), (by_parameters, "parameters", 1e6)):
+            mine = sorted((p for p in points if p["recipe"] == recipe), key=lambda p: p[size])
+            ax.plot([p[size] / scale for p in mine], [p["perplexity"] for p in mine], "-",
+                    label=recipe if ax is by_bytes else None, **style)
+    if windows == WHOLE_SPLIT:  # the official figures are whole-split ones (float32, untied head)
+        by_parameters.plot([p / 1e6 for p, _ in OFFICIAL], [q for _, q in OFFICIAL], "s--", color="grey")
+        by_bytes.plot([FLOAT32_BYTES * p / 1e6 for p, _ in OFFICIAL], [q for _, q in OFFICIAL], "s--", color="grey",
+                      label="official SliceGPT (untied head)")
     if dense is not None:
-        ax.axhline(dense["perplexity"], color="black", lw=0.8, ls=":")
-        ax.plot([dense["parameters"] / 1e6], [dense["perplexity"]], "k*", ms=12, label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters (millions; shortcuts and untied heads counted)")
-    ax.set_ylabel("perplexity, WikiText-2 test (log)")
-    ax.set_title(f"SmolLM2-135M: quality per parameter ({windows} windows of 2048 tokens)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        for ax, size in ((by_bytes, "bytes"), (by_parameters, "parameters")):
+            ax.axhline(dense["perplexity"], color="black", lw=0.8, ls=":")
+            ax.plot([dense[size] / 1e6], [dense["perplexity"]], "k*", ms=12, label="dense" if ax is by_bytes else None)
+    by_bytes.set_xscale("log")
+    by_bytes.set_xlabel("MB as stored (log; integers, scales and float tensors; float models 4 B per parameter)")
+    by_parameters.set_xlabel("parameters (millions; shortcuts and untied heads counted)")
+    by_bytes.set_ylabel("perplexity, WikiText-2 test (log)")
+    by_bytes.set_yscale("log")
+    by_bytes.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    by_bytes.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    by_bytes.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([25, 50, 75, 100, 150, 200, 300, 400, 600]))
+    by_bytes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    by_bytes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for ax in (by_bytes, by_parameters):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"SmolLM2-135M: quality per byte and per parameter ({windows} windows of 2048 tokens)")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.savefig(out, dpi=110, bbox_inches="tight")
 
 
 def main() -> None:
@@ -139,7 +192,8 @@ def main() -> None:
     if args.out:
         draw(points, dense, args.out, args.windows)
     print(json.dumps({"windows": args.windows, "dense": dense, "official_slicegpt": OFFICIAL, "points": points,
-                      "frontier": best_by_size(points), "plot": args.out or None}, indent=1))
+                      "frontier": best_by_size(points),
+                      "frontier_by_bytes": best_by_size(points, "bytes"), "plot": args.out or None}, indent=1))
 
 
 if __name__ == "__main__":

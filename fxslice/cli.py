@@ -232,6 +232,8 @@ def quantize(
                                       "compressed-tensors for --format hf); each exports exactly")] = "zero_point",
     embeddings: Annotated[int, typer.Option(min=0, help="bits of token tables, a tied head with them (0: keep float)")] = 8,
     head: Annotated[int, typer.Option(min=0, help="bits of an untied head (0: keep float)")] = 8,
+    untie: Annotated[bool, typer.Option("--untie", help="give a tied head its own copy of the table (a V x d table "
+                                        "more): the lookup at --embeddings bits, the head at --head")] = False,
     shortcuts: Annotated[int, typer.Option(min=0, help="bits of a sliced model's shortcut matrices (0: keep float); "
                                            "below 8 their errors compound over depth")] = 8,
     budget_bits: Annotated[float, typer.Option(min=0, help="search a width per linear so that the whole model "
@@ -291,7 +293,8 @@ def quantize(
     if rotation_steps is not None:
         learned["rotation_steps"] = rotation_steps
     stage = Quantize(bits=bits, group_size=group_size, method=method, grid=grid, embeddings=embeddings or None,
-                     head=head or None, shortcuts=shortcuts or None, batch_size=batch_size, **searched, **learned)
+                     head=head or None, shortcuts=shortcuts or None, untie_head=untie, batch_size=batch_size,
+                     **searched, **learned)
     stages = (Cleanup(), *([Rotate(rotation="hadamard")] if rotation == "hadamard" else []), stage)
     recipe = Recipe(stages, data if stage.calibrates else None, name=f"quantize-{method}")
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload)

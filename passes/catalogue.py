@@ -18,7 +18,7 @@ from fxslice.passes.quantize import Int4Kernels
 from fxslice.passes.quantize.stages import Quantize
 from fxslice.passes.recovery import MergeAdapters
 from fxslice.passes.recovery.stages import Recover
-from fxslice.passes.rewrite import CausalAttention, CleanupIR, FuseRepeatKV, RemoveDeadGroups, UnstackWeights
+from fxslice.passes.rewrite import CausalAttention, CleanupIR, FuseRepeatKV, RemoveDeadGroups, UnstackWeights, UntieHead
 from fxslice.passes.rewrite.stages import Cleanup, FuseGQA
 from fxslice.passes.slicegpt import FuseNorms, ProjectNormWriters, RotateStream, random_orthogonal
 from fxslice.passes.slicegpt.stages import Rotate, SliceGPT
@@ -37,6 +37,7 @@ PASSES: dict[str, Callable[[], Pass]] = {
     "fuse_norms": FuseNorms,
     "fuse_repeat_kv": FuseRepeatKV,
     "remove_dead_groups": RemoveDeadGroups,
+    "untie_head": UntieHead,
     "merge_adapters": MergeAdapters,
     "rotate_random": lambda: RotateStream(random_orthogonal(0)),
     "int4_kernels": Int4Kernels,

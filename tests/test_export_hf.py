@@ -117,17 +117,21 @@ torch.save({"class": type(model).__name__, "logits": model(ids).logits,
 """
 
 
-@pytest.mark.parametrize("kind", ["cached", "quantized", "tied"])
+@pytest.mark.parametrize("kind", ["cached", "quantized", "tied", "untied"])
 def test_a_stock_shaped_model_exports_as_a_stock_llama_without_remote_code(tmp_path, exportable, kind):
-    from fxslice import capture
+    from fxslice import PassManager, capture
+    from fxslice.passes.rewrite import UntieHead
     from fxslice.testing import tiny_causal_lm
 
-    program = capture(tiny_causal_lm("llama-tied")) if kind == "tied" else exportable(kind)
+    program = capture(tiny_causal_lm("llama-tied")) if kind in ("tied", "untied") else exportable(kind)
+    if kind == "untied":  # a tied model given its own head (Quantize(untie_head=True) does this)
+        PassManager([UntieHead()]).run(program)
     written = export_hf(program, tmp_path / "hf")
     assert written.remote_code is None
     assert not list((tmp_path / "hf").glob("*.py"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "llama" and "auto_map" not in config
+    assert config["tie_word_embeddings"] == (kind == "tied")
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
     got = _in_transformers(STOCK, tmp_path, ids)
     assert got["class"] == "LlamaForCausalLM"

@@ -166,3 +166,20 @@ def test_a_sliced_model_is_refused_not_a_traceback(tmp_path):
     slicegpt_recipe(sparsity=0.25, batch_size=4).run(program, calibration=CALIBRATION)
     with pytest.raises(UnsupportedStructure, match="not a Llama-style decoder"):
         export_gguf(program, tmp_path / "m.gguf")
+
+
+def test_a_head_untied_at_quantization_reaches_llama_cpp_as_its_own_tensor(tmp_path):
+    """`Quantize(untie_head=True)`: the lookup at 4 bits, the head at 8 — two GGUF tensors of their own types."""
+    import gguf
+
+    from fxslice.passes.quantize.stages import Quantize
+    from fxslice.recipes import Recipe
+
+    program = _program("tied")
+    Recipe((Quantize(bits=4, method="rtn", group_size=32, embeddings=4, head=8, untie_head=True),)).run(program)
+    export_gguf(program, tmp_path / "m.gguf", weight_type="f32")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["token_embd.weight"] == "Q4_1" and types["output.weight"] == "Q8_0"
+    expected = program(torch.tensor([IDS]))[0].detach().numpy()
+    got = _llama_cpp_logits(tmp_path / "m.gguf", IDS)
+    assert _relative(got, expected) < 0.02

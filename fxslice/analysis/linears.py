@@ -12,7 +12,7 @@ from fxslice.analysis.roles import SHORTCUT
 from fxslice.core.graph import role_of
 from fxslice.core.program import Program
 
-__all__ = ["WeightKinds", "weight_kinds"]
+__all__ = ["WeightKinds", "logits_linear", "weight_kinds"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class WeightKinds:
     shortcuts: frozenset[str] = frozenset()
 
 
-def _logits_linear(program: Program) -> LinearUse | None:
+def logits_linear(program: Program) -> LinearUse | None:
     """The first linear met walking back from the graph's output through single-input ops (casts, views, a
     soft-capping tanh)."""
     output = next(iter(program.graph.find_nodes(op="output")))
@@ -51,7 +51,7 @@ def weight_kinds(program: Program, *, skip_role: str | None = None) -> WeightKin
     pass inserted itself) are left out."""
     gm = program.gm
     tables = frozenset(str(t.target) for n in program.graph.nodes if (t := match_embedding(gm, n)) is not None)
-    logits = _logits_linear(program)
+    logits = logits_linear(program)
     head = None if logits is None else str(logits.weight.target)
     linears: dict[str, list[LinearUse]] = {}
     head_uses: list[LinearUse] = []

@@ -13,6 +13,7 @@ from fxslice.passes.quantize.gptq import check_damp
 from fxslice.passes.quantize.learned_rotation import LearnRotation
 from fxslice.passes.quantize.mixed import SEARCHES, search_allocation
 from fxslice.passes.quantize.quantize import QUANTIZERS, QuantizeWeights
+from fxslice.passes.rewrite import UntieHead
 from fxslice.passes.slicegpt.rotations import randomized_hadamard
 from fxslice.passes.slicegpt.stages import fused_rotation
 from fxslice.recipes import Stage, StageContext, StageResult
@@ -32,7 +33,8 @@ class Quantize(Stage):
     multi-task GP, or a baseline) — the token tables' width too, unless `search_tables=False` — see
     `passes/quantize/mixed.py`. With `rotation="learned"` the stream is first rotated exactly, by the randomized
     Hadamard and then by a rotation learned against this stage's rounding (`learned_rotation.py`, SpinQuant):
-    `rotation_steps` Adam steps at `rotation_lr` on the calibration windows."""
+    `rotation_steps` Adam steps at `rotation_lr` on the calibration windows. `untie_head` gives a tied head its own
+    copy of the table first (exact), so the lookup takes `embeddings` bits and the head `head` bits."""
 
     kind = "quantize"
 
@@ -59,6 +61,7 @@ class Quantize(Stage):
     rotation: str = "none"  # "learned": the Hadamard, then a rotation learned against the rounding (see ROTATIONS)
     rotation_steps: int = 40  # SmolLM2 4-bit: 40 and 100 steps gave the same perplexity (benchmarks/README.md)
     rotation_lr: float = 2e-3
+    untie_head: bool = False  # a second V x d table: the head at `head` bits, the lookup at `embeddings`
 
     def __post_init__(self) -> None:
         if self.rotation not in ROTATIONS:
@@ -121,8 +124,9 @@ class Quantize(Stage):
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         windows = context.windows(self.kind) if self.calibrates else None
-        rotation = self._rotation(windows, context)
-        rotated = self.run_passes(program, rotation, context) if rotation else StageResult()
+        exact = [UntieHead()] if self.untie_head else []
+        exact += self._rotation(windows, context)
+        rotated = self.run_passes(program, exact, context) if exact else StageResult()
         bits: int | dict[str, int] = self.bits
         search = None
         if self.search != "none":
