@@ -84,7 +84,10 @@ def quantization_points(data: dict) -> list[dict]:
     for row in [*data.get("results", []), *data.get("searches", [])]:
         if row.get("weights") == "float32" or row.get("perplexity") is None or row.get("bytes") is None:
             continue
-        points.append({"recipe": quantization_recipe(row["model"], row["weights"]), "parameters": row["parameters"],
+        recipe = quantization_recipe(row["model"], row["weights"])
+        if row.get("table", "8-bit, tied") != "8-bit, tied":  # the default table goes unnamed
+            recipe += f", table {row['table']}"
+        points.append({"recipe": recipe, "parameters": row["parameters"],
                        "bytes": row["bytes"], "perplexity": row["perplexity"]})
     return points
 

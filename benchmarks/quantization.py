@@ -2,6 +2,7 @@
 JSON object.
 
     python benchmarks/quantization.py [--bits 8,4,3] [--methods rtn,gptq] [--group-size 64] [--embeddings 8]
+                                      [--untie --head 8]
                                       [--calib-windows 16] [--calib-length 512] [--eval-windows 8]
                                       [--prune 0.166 --shots 4] [--slice 0.25 [--combined-only]] [--rotate]
                                       [--learned-rotation 100]
@@ -48,6 +49,9 @@ def main() -> None:
     parser.add_argument("--methods", default="rtn,gptq")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--embeddings", type=int, default=8, help="bits of the (tied) token table; 0 keeps it float")
+    parser.add_argument("--untie", action="store_true", help="give the tied head its own table, at --head bits")
+    parser.add_argument("--head", type=int, default=None, help="bits of an untied head (default: --embeddings; 0 "
+                        "keeps it float)")
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--calib-length", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8)
@@ -85,6 +89,7 @@ def main() -> None:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib: pip install -e '.[bench]' (or --plot '')")
+    head = args.embeddings if args.head is None else args.head
     dense, calib, test = smollm2_and_windows(args.calib_windows, args.calib_length, args.eval_windows)
     bases = [("dense", dense, 0.0)]
     if args.prune and not args.combined_only:
@@ -125,7 +130,8 @@ def main() -> None:
                 program = base.clone()
                 learned = dict(rotation=rotation, rotation_steps=args.learned_rotation) if rotation != "none" else {}
                 stage = Quantize(bits=bits, group_size=args.group_size, method=method,
-                                 embeddings=args.embeddings or None, head=args.embeddings or None, **learned)
+                                 embeddings=args.embeddings or None, head=head or None, untie_head=args.untie,
+                                 **learned)
                 start = time.perf_counter()
                 stages = (Cleanup(), stage) if rotation != "none" else (stage,)  # the Hadamard needs a clean graph
                 result = Recipe(stages).run(program, calibration=calib, progress=sys.stderr.isatty())
@@ -133,6 +139,8 @@ def main() -> None:
                 rows.append(_row(base_name, weights, program, test, time.perf_counter() - start, dense))
                 if rotation != "none":
                     rows[-1]["rotation"] = result.stages[-1][1].report["rotation"]
+    for row in rows:  # the uniform rows' token table (a search chooses its own width up to --embeddings)
+        row["table"] = _width(args.embeddings) + (f", untied head {_width(head)}" if args.untie else ", tied")
     searches = []
     budget = 0.0
     if args.search:
@@ -143,7 +151,7 @@ def main() -> None:
         for (base_name, base), search in itertools.product(searched, (s for s in args.search.split(",") if s)):
             program = base.clone()
             stage = Quantize(search=search, budget_bits=budget, group_size=args.group_size, method="gptq",
-                             embeddings=args.embeddings or None, head=args.embeddings or None,
+                             embeddings=args.embeddings or None, head=head or None, untie_head=args.untie,
                              evaluations=args.evaluations, seed=seed, search_tables=not args.fixed_tables)
             start = time.perf_counter()
             result = Recipe((stage,)).run(program, calibration=calib, progress=sys.stderr.isatty())
@@ -160,11 +168,16 @@ def main() -> None:
         _plot(searches, rows, args.plot)
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
-        "group_size": args.group_size, "embedding_bits": args.embeddings or None,
+        "group_size": args.group_size, "embedding_bits": args.embeddings or None, "head_bits": head or None,
+        "untied": args.untie,
         "calibration": {"text": "wikitext2:validation", "windows": args.calib_windows, "length": args.calib_length},
         "evaluation": {"text": "wikitext2:test", "windows": len(test), "length": 2048},
         "threads": torch.get_num_threads(), "results": rows, "searches": searches,
     }, indent=1))
+
+
+def _width(bits: int | None) -> str:
+    return f"{bits}-bit" if bits else "float"
 
 
 def best_loss_after(evaluations: list[dict]) -> list[float]:
