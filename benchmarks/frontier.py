@@ -68,12 +68,9 @@ def quantization_recipe(model: str, weights: str) -> str:
     names = {"surgeon": "Surgeon", "slicegpt": "SliceGPT", "hadamard": "Hadamard"}
     steps = [names.get(part.split()[0], part.split()[0]) for part in model.split(" + ") if part.split()[0] != "dense"]
     method = weights.split()[0]
-    if " search" in weights:
-        steps.append(f"searched widths ({method})")
-    else:
-        if "learned rotation" in weights:
-            steps.append("learned rotation")
-        steps.append(method.upper())
+    if "learned rotation" in weights:
+        steps.append("learned rotation")
+    steps.append(f"searched widths ({method})" if " search" in weights else method.upper())
     return " → ".join(steps)
 
 

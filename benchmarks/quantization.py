@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--rotate", action="store_true",
                         help="also quantize each model after an exact randomized-Hadamard rotation of its stream")
     parser.add_argument("--learned-rotation", type=int, default=0, metavar="STEPS", help="also quantize each model "
-                        "after the Hadamard and a rotation learned against the rounding in STEPS steps (SpinQuant)")
+                        "after the Hadamard and a rotation learned against the rounding in STEPS steps (SpinQuant); each --search "
+                        "runs with and without it")
     parser.add_argument("--combined-only", action="store_true", help="with --slice and --prune, quantize only the "
                         "slice -> prune model, not the sliced and the pruned ones on their own")
     parser.add_argument("--no-dense", action="store_true", help="quantize only the sliced / pruned models (the dense "
@@ -148,16 +149,21 @@ def main() -> None:
                                           if r["model"] == "dense" and r["weights"] == "gptq 4-bit")
     searched = [(name, base) for name, base, _ in bases if not (args.no_dense and base is dense)]
     for seed in (int(s) for s in args.seeds.split(",")):  # seed by seed: a stopped run keeps whole comparisons
-        for (base_name, base), search in itertools.product(searched, (s for s in args.search.split(",") if s)):
+        for (base_name, base), search, rotation in itertools.product(
+                searched, (s for s in args.search.split(",") if s), rotations):
+            if rotation != "none" and base_name.endswith("hadamard"):
+                continue
             program = base.clone()
+            learned = dict(rotation=rotation, rotation_steps=args.learned_rotation) if rotation != "none" else {}
             stage = Quantize(search=search, budget_bits=budget, group_size=args.group_size, method="gptq",
                              embeddings=args.embeddings or None, head=head or None, untie_head=args.untie,
-                             evaluations=args.evaluations, seed=seed, search_tables=not args.fixed_tables)
+                             evaluations=args.evaluations, seed=seed, search_tables=not args.fixed_tables, **learned)
             start = time.perf_counter()
-            result = Recipe((stage,)).run(program, calibration=calib, progress=sys.stderr.isatty())
-            row = _row(base_name, f"{search} search at {budget:.3f} bits", program, test, time.perf_counter() - start,
-                       dense)
-            report = result.stages[0][1].report
+            stages = (Cleanup(), stage) if rotation != "none" else (stage,)
+            result = Recipe(stages).run(program, calibration=calib, progress=sys.stderr.isatty())
+            weights = f"{search} search at {budget:.3f} bits" + (" + learned rotation" if rotation != "none" else "")
+            row = _row(base_name, weights, program, test, time.perf_counter() - start, dense)
+            report = result.stages[-1][1].report
             row.update({"search": search, "seed": seed, "budget_bits": budget, "search_tables": not args.fixed_tables,
                         "best": report["search"]["best"],
                         "widths": width_counts(report["weights"]), "evaluations": report["search"]["evaluations"],
