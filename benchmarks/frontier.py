@@ -82,7 +82,10 @@ def quantization_points(data: dict) -> list[dict]:
         if row.get("weights") == "float32" or row.get("perplexity") is None or row.get("bytes") is None:
             continue
         recipe = quantization_recipe(row["model"], row["weights"])
-        if row.get("table", "8-bit, tied") != "8-bit, tied":  # the default table goes unnamed
+        grid, group = row.get("grid", "zero_point"), row.get("group_size", 64)
+        if (grid, group) != ("zero_point", 64):  # the defaults go unnamed
+            recipe += f", {grid} grid in groups of {group}"
+        if row.get("table", "8-bit, tied") != "8-bit, tied":
             recipe += f", table {row['table']}"
         points.append({"recipe": recipe, "parameters": row["parameters"],
                        "bytes": row["bytes"], "perplexity": row["perplexity"]})

@@ -1,7 +1,8 @@
 """Perplexity against bytes for weight quantization of SmolLM2-135M (dense, and optionally after pruning); one
 JSON object.
 
-    python benchmarks/quantization.py [--bits 8,4,3] [--methods rtn,gptq] [--group-size 64] [--embeddings 8]
+    python benchmarks/quantization.py [--bits 8,4,3] [--methods rtn,gptq] [--group-size 64] [--grid zero_point]
+                                      [--embeddings 8]
                                       [--untie --head 8]
                                       [--calib-windows 16] [--calib-length 512] [--eval-windows 8]
                                       [--prune 0.166 --shots 4] [--slice 0.25 [--combined-only]] [--rotate]
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--bits", default="8,4,3")
     parser.add_argument("--methods", default="rtn,gptq")
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--grid", default="zero_point", help="zero_point, offset (llama.cpp's Q4_1) or symmetric")
     parser.add_argument("--embeddings", type=int, default=8, help="bits of the (tied) token table; 0 keeps it float")
     parser.add_argument("--untie", action="store_true", help="give the tied head its own table, at --head bits")
     parser.add_argument("--head", type=int, default=None, help="bits of an untied head (default: --embeddings; 0 "
@@ -130,7 +132,7 @@ def main() -> None:
                     continue  # a learned rotation starts from its own Hadamard
                 program = base.clone()
                 learned = dict(rotation=rotation, rotation_steps=args.learned_rotation) if rotation != "none" else {}
-                stage = Quantize(bits=bits, group_size=args.group_size, method=method,
+                stage = Quantize(bits=bits, group_size=args.group_size, grid=args.grid, method=method,
                                  embeddings=args.embeddings or None, head=head or None, untie_head=args.untie,
                                  **learned)
                 start = time.perf_counter()
@@ -142,6 +144,7 @@ def main() -> None:
                     rows[-1]["rotation"] = result.stages[-1][1].report["rotation"]
     for row in rows:  # the uniform rows' token table (a search chooses its own width up to --embeddings)
         row["table"] = _width(args.embeddings) + (f", untied head {_width(head)}" if args.untie else ", tied")
+        row["grid"], row["group_size"] = args.grid, args.group_size
     searches = []
     budget = 0.0
     if args.search:
@@ -155,7 +158,7 @@ def main() -> None:
                 continue
             program = base.clone()
             learned = dict(rotation=rotation, rotation_steps=args.learned_rotation) if rotation != "none" else {}
-            stage = Quantize(search=search, budget_bits=budget, group_size=args.group_size, method="gptq",
+            stage = Quantize(search=search, budget_bits=budget, group_size=args.group_size, grid=args.grid, method="gptq",
                              embeddings=args.embeddings or None, head=head or None, untie_head=args.untie,
                              evaluations=args.evaluations, seed=seed, search_tables=not args.fixed_tables, **learned)
             start = time.perf_counter()
@@ -174,7 +177,7 @@ def main() -> None:
         _plot(searches, rows, args.plot)
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
-        "group_size": args.group_size, "embedding_bits": args.embeddings or None, "head_bits": head or None,
+        "group_size": args.group_size, "grid": args.grid, "embedding_bits": args.embeddings or None, "head_bits": head or None,
         "untied": args.untie,
         "calibration": {"text": "wikitext2:validation", "windows": args.calib_windows, "length": args.calib_length},
         "evaluation": {"text": "wikitext2:test", "windows": len(test), "length": 2048},

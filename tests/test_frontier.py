@@ -53,7 +53,9 @@ def test_quantized_rows_count_their_stored_bytes_and_float_rows_four_per_paramet
             {"model": "dense", "weights": "rtn 3-bit + learned rotation", "parameters": 100, "bytes": 45,
              "perplexity": 30.0},
             {"model": "dense", "weights": "gptq 4-bit", "parameters": 110, "bytes": 70, "perplexity": 11.9,
-             "table": "4-bit, untied head 8-bit"}]),
+             "table": "4-bit, untied head 8-bit"},
+            {"model": "dense", "weights": "rtn 4-bit", "parameters": 100, "bytes": 62, "perplexity": 10.1,
+             "grid": "offset", "group_size": 32, "table": "8-bit, tied"}]),
         write(tmp_path, "s.json", 8, [], searches=[
             {"model": "dense", "weights": "mtgp search at 5.1 bits", "parameters": 100, "bytes": 58,
              "perplexity": 11.8}]),
@@ -65,10 +67,11 @@ def test_quantized_rows_count_their_stored_bytes_and_float_rows_four_per_paramet
     assert dense == {"parameters": 100, "bytes": 400, "perplexity": 10.0}
     assert sorted((p["recipe"], p["bytes"], p["perplexity"]) for p in points) == [
         ("GPTQ", 60, 12.0), ("GPTQ, table 4-bit, untied head 8-bit", 70, 11.9), ("Hadamard → GPTQ", 60, 11.5), ("LLM Surgeon + distilled from dense", 320, 12.5),
-        ("Surgeon → Hadamard → GPTQ", 50, 14.0), ("learned rotation → RTN", 45, 30.0),
-        ("searched widths (mtgp)", 58, 11.8)]
+        ("RTN, offset grid in groups of 32", 62, 10.1), ("Surgeon → Hadamard → GPTQ", 50, 14.0),
+        ("learned rotation → RTN", 45, 30.0), ("searched widths (mtgp)", 58, 11.8)]
     best = frontier.best_by_size(points, "bytes")
-    assert [(p["bytes"], p["perplexity"]) for p in best] == [(45, 30.0), (50, 14.0), (58, 11.8), (60, 11.5)]
+    assert [(p["bytes"], p["perplexity"]) for p in best] == [(45, 30.0), (50, 14.0), (58, 11.8), (60, 11.5),
+                                                              (62, 10.1)]
 
 
 def test_the_picture_is_drawn_with_both_panels(tmp_path):
