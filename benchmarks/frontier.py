@@ -74,6 +74,22 @@ def quantization_recipe(model: str, weights: str) -> str:
     return " → ".join(steps)
 
 
+def quantization_setting(row: dict, data: dict) -> str:
+    """What a `quantization.py` row changed from the defaults (zero-point grid in groups of 64, the table tied at 8
+    bits), as ", offset grid in groups of 32, table 4-bit"; "" for the defaults. Older raw files give the table's
+    width once for the run (`embedding_bits`)."""
+    text = ""
+    grid, group = row.get("grid", "zero_point"), row.get("group_size", 64)
+    if (grid, group) != ("zero_point", 64):
+        text += f", {grid} grid in groups of {group}"
+    if " search" not in row["weights"]:  # a search chooses the table's width itself
+        bits = data.get("embedding_bits", 8)
+        table = row.get("table", (f"{bits}-bit" if bits else "float") + ", tied")
+        if table != "8-bit, tied":
+            text += f", table {table.removesuffix(', tied')}"
+    return text
+
+
 def quantization_points(data: dict) -> list[dict]:
     """The quantized rows of `quantization.py` (its float rows repeat what the pruning and quality benchmarks
     measure), searches included."""
@@ -81,12 +97,7 @@ def quantization_points(data: dict) -> list[dict]:
     for row in [*data.get("results", []), *data.get("searches", [])]:
         if row.get("weights") == "float32" or row.get("perplexity") is None or row.get("bytes") is None:
             continue
-        recipe = quantization_recipe(row["model"], row["weights"])
-        grid, group = row.get("grid", "zero_point"), row.get("group_size", 64)
-        if (grid, group) != ("zero_point", 64):  # the defaults go unnamed
-            recipe += f", {grid} grid in groups of {group}"
-        if row.get("table", "8-bit, tied") != "8-bit, tied":
-            recipe += f", table {row['table']}"
+        recipe = quantization_recipe(row["model"], row["weights"]) + quantization_setting(row, data)
         points.append({"recipe": recipe, "parameters": row["parameters"],
                        "bytes": row["bytes"], "perplexity": row["perplexity"]})
     return points
@@ -156,6 +167,10 @@ def draw(points: list[dict], dense: dict | None, out: str, windows: int) -> None
             mine = sorted((p for p in points if p["recipe"] == recipe), key=lambda p: p[size])
             ax.plot([p[size] / scale for p in mine], [p["perplexity"] for p in mine], "-",
                     label=recipe if ax is by_bytes else None, **style)
+    for ax, size in ((by_bytes, "bytes"), (by_parameters, "parameters")):  # the front: what no smaller point beats
+        front = best_by_size(points, size)
+        ax.step([p[size] / 1e6 for p in front], [p["perplexity"] for p in front], where="post", color="black", lw=6,
+                alpha=0.15, zorder=0, label="the front (no smaller point is better)" if ax is by_bytes else None)
     if windows == WHOLE_SPLIT:  # the official figures are whole-split ones (float32, untied head)
         by_parameters.plot([p / 1e6 for p, _ in OFFICIAL], [q for _, q in OFFICIAL], "s--", color="grey")
         by_bytes.plot([FLOAT32_BYTES * p / 1e6 for p, _ in OFFICIAL], [q for _, q in OFFICIAL], "s--", color="grey",

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from frontier import best_by_size
+from frontier import best_by_size, quantization_setting
 
 RESULTS = Path(__file__).parent / "results"
 #: runs on the current quantizer (GPTQ in activation order; SliceGPT's shortcut matrices fixed), 16 x 512 calibration
@@ -34,6 +34,8 @@ RUNS = [
     "quantization-2026-11-29-search-pruned-hadamard.json",
     "quantization-2026-11-29-slice-prune.json",
     "quantization-2026-11-29-search-pruned-seed1.json",
+    "quantization-2026-12-06-learned-rotation.json",
+    "quantization-2026-12-06-token-table.json",
 ]
 #: the calibration every run drawn here used (WikiText-2 validation, seed 0)
 CALIBRATION = {"text": "wikitext2:validation", "windows": 16, "length": 512}
@@ -52,7 +54,8 @@ def points(paths: list[Path], windows: int) -> list[dict]:
         for row in data["results"] + data.get("searches", []):
             if row["weights"] == "float32":
                 continue
-            point = {"model": row["model"], "weights": row["weights"], "searched": "search" in row["weights"],
+            point = {"model": row["model"], "weights": row["weights"] + quantization_setting(row, data),
+                     "searched": "search" in row["weights"],
                      "bytes": row["bytes"], "perplexity": round(row["perplexity"], 2), "run": path.name}
             seen.setdefault((row["model"], row["weights"], row["bytes"], point["perplexity"]), point)
     return sorted(seen.values(), key=lambda p: p["bytes"])

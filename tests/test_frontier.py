@@ -56,6 +56,8 @@ def test_quantized_rows_count_their_stored_bytes_and_float_rows_four_per_paramet
              "table": "4-bit, untied head 8-bit"},
             {"model": "dense", "weights": "rtn 4-bit", "parameters": 100, "bytes": 62, "perplexity": 10.1,
              "grid": "offset", "group_size": 32, "table": "8-bit, tied"}]),
+        write(tmp_path, "old.json", 8, [{"model": "dense", "weights": "gptq 3-bit", "parameters": 100, "bytes": 40,
+                                         "perplexity": 48.0}], embedding_bits=4),
         write(tmp_path, "s.json", 8, [], searches=[
             {"model": "dense", "weights": "mtgp search at 5.1 bits", "parameters": 100, "bytes": 58,
              "perplexity": 11.8}]),
@@ -66,11 +68,11 @@ def test_quantized_rows_count_their_stored_bytes_and_float_rows_four_per_paramet
     points, dense = frontier.collect(files, 8)
     assert dense == {"parameters": 100, "bytes": 400, "perplexity": 10.0}
     assert sorted((p["recipe"], p["bytes"], p["perplexity"]) for p in points) == [
-        ("GPTQ", 60, 12.0), ("GPTQ, table 4-bit, untied head 8-bit", 70, 11.9), ("Hadamard → GPTQ", 60, 11.5), ("LLM Surgeon + distilled from dense", 320, 12.5),
+        ("GPTQ", 60, 12.0), ("GPTQ, table 4-bit", 40, 48.0), ("GPTQ, table 4-bit, untied head 8-bit", 70, 11.9), ("Hadamard → GPTQ", 60, 11.5), ("LLM Surgeon + distilled from dense", 320, 12.5),
         ("RTN, offset grid in groups of 32", 62, 10.1), ("Surgeon → Hadamard → GPTQ", 50, 14.0),
         ("learned rotation → RTN", 45, 30.0), ("searched widths (mtgp)", 58, 11.8)]
     best = frontier.best_by_size(points, "bytes")
-    assert [(p["bytes"], p["perplexity"]) for p in best] == [(45, 30.0), (50, 14.0), (58, 11.8), (60, 11.5),
+    assert [(p["bytes"], p["perplexity"]) for p in best] == [(40, 48.0), (45, 30.0), (50, 14.0), (58, 11.8), (60, 11.5),
                                                               (62, 10.1)]
 
 
