@@ -126,7 +126,7 @@ class Quantize(Stage):
         windows = context.windows(self.kind) if self.calibrates else None
         exact = [UntieHead()] if self.untie_head else []
         exact += self._rotation(windows, context)
-        rotated = self.run_passes(program, exact, context) if exact else StageResult()
+        prepared = self.run_passes(program, exact, context) if exact else StageResult()
         bits: int | dict[str, int] = self.bits
         search = None
         if self.search != "none":
@@ -141,13 +141,13 @@ class Quantize(Stage):
                                    damp=self.damp, act_order=self.act_order, grid=self.grid,
                                    batch_size=self.batch_size, progress=context.progress)
         quantized = self.run_passes(program, [quantize], context)
-        result = StageResult(rotated.passes + quantized.passes, rotated.records + quantized.records,
-                             seconds=rotated.seconds + quantized.seconds)
+        result = StageResult(prepared.passes + quantized.passes, prepared.records + quantized.records,
+                             seconds=prepared.seconds + quantized.seconds)
         params = program.num_parameters()
         result.report = {"bytes": program.num_bytes(), "parameters": params,
                          "bits_per_parameter": round(8 * program.num_bytes() / params, 4),
                          "weights": {name: q.bits for name, q in program.quantized.items()}}
-        learned = next((p for p in rotated.passes if isinstance(p, LearnRotation)), None)
+        learned = next((p for p in prepared.passes if isinstance(p, LearnRotation)), None)
         if learned is not None:
             result.report["rotation"] = {"steps": self.rotation_steps, "lr": self.rotation_lr,
                                          "kl_first_last_10": learned.loss_summary()}
