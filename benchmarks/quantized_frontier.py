@@ -36,6 +36,7 @@ RUNS = [
     "quantization-2026-11-29-search-pruned-seed1.json",
     "quantization-2026-12-06-learned-rotation.json",
     "quantization-2026-12-06-token-table.json",
+    "quantization-2026-12-06-search-learned-rotation.json",
 ]
 #: the calibration every run drawn here used (WikiText-2 validation, seed 0)
 CALIBRATION = {"text": "wikitext2:validation", "windows": 16, "length": 512}
