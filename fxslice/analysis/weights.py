@@ -15,7 +15,7 @@ from torch import fx
 from fxslice.analysis.matchers import LinearUse, match_linear
 from fxslice.core.graph import add_parameter, aten, insert_op, module_path, owner_of, set_role, set_tensor, tensor_of
 
-__all__ = ["contract", "transform_input", "transform_output", "transform_table", "transform_vector", "add_input_shift", "private_weight",
+__all__ = ["contract", "transform_input", "transform_output", "transform_table", "transform_vector", "add_input_shift", "own_weight", "private_weight",
            "insert_linear", "insert_low_rank", "remove_linear", "replace_weight", "weight_matrix"]
 
 
@@ -57,6 +57,12 @@ def weight_matrix(gm: fx.GraphModule, use: LinearUse) -> torch.Tensor:
     """A plain 2-D weight as an out x in float64 matrix (`y = x Wᵀ`), whatever its layout (nn.Linear or Conv1D)."""
     w = tensor_of(gm, use.weight).detach().to(torch.float64)
     return w if use.out_axis % 2 == 0 else w.T
+
+
+def own_weight(gm: fx.GraphModule, use: LinearUse) -> str:
+    """Make `use` read a weight nothing else reads (a copy, if the parameter is shared: a tied head, say); returns
+    its name."""
+    return str(private_weight(gm, use.weight, _weight_consumer(use)).target)
 
 
 def replace_weight(gm: fx.GraphModule, use: LinearUse, value: torch.Tensor) -> str:

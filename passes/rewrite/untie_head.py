@@ -11,7 +11,7 @@ from torch import fx
 
 from fxslice import Pass, PassResult, Program
 from fxslice.analysis.linears import logits_linear, weight_kinds
-from fxslice.analysis.weights import replace_weight
+from fxslice.analysis.weights import own_weight
 from fxslice.core.graph import tensor_of
 
 __all__ = ["UntieHead"]
@@ -28,9 +28,8 @@ class UntieHead(Pass):
         use = logits_linear(program)
         if use is None or not _reads_a_table(program, use.weight):
             return PassResult(False)
-        table = tensor_of(program.gm, use.weight)
-        name = replace_weight(program.gm, use, table.detach().clone())
-        return PassResult(True, {"head": name, "parameters": table.numel()})
+        name = own_weight(program.gm, use)
+        return PassResult(True, {"head": name, "parameters": tensor_of(program.gm, name).numel()})
 
     def ensures(self, program: Program) -> None:
         use = logits_linear(program)
