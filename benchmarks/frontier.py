@@ -122,7 +122,7 @@ def collect(files: list[str], windows: int) -> tuple[list[dict], dict | None]:
         rows = [r for r in data.get("results", []) if isinstance(r, dict)]
         if rows and all("recipe" in r and "perplexity" in r for r in rows):  # hand-kept figures
             found = [{k: r[k] for k in ("recipe", "parameters", "perplexity")} for r in rows]
-        elif rows and all("weights" in r and "model" in r for r in rows) or data.get("searches"):
+        elif data.get("searches") or (rows and all("weights" in r and "model" in r for r in rows)):
             found = quantization_points(data)
         elif rows and all("method" in r for r in rows):
             found = pruning_points(data)
@@ -163,9 +163,9 @@ def draw(points: list[dict], dense: dict | None, out: str, windows: int) -> None
     colours = plt.get_cmap("tab20").colors
     for i, recipe in enumerate(sorted({p["recipe"] for p in points})):
         style = dict(marker="os^Dv<>p"[i % 8], color=colours[(2 * i) % 20 + (i // 10) % 2])
-        for ax, size, scale in ((by_bytes, "bytes", 1e6), (by_parameters, "parameters", 1e6)):
+        for ax, size in ((by_bytes, "bytes"), (by_parameters, "parameters")):
             mine = sorted((p for p in points if p["recipe"] == recipe), key=lambda p: p[size])
-            ax.plot([p[size] / scale for p in mine], [p["perplexity"] for p in mine], "-",
+            ax.plot([p[size] / 1e6 for p in mine], [p["perplexity"] for p in mine], "-",
                     label=recipe if ax is by_bytes else None, **style)
     for ax, size in ((by_bytes, "bytes"), (by_parameters, "parameters")):  # the front: what no smaller point beats
         front = best_by_size(points, size)

@@ -121,6 +121,19 @@ def main() -> None:
             bases.append((f"{base_name} + hadamard", rotated, time.perf_counter() - start))
     rows = []
     rotations = ["none", "learned"] if args.learned_rotation else ["none"]
+
+    def quantized(base, rotation: str, **options) -> tuple:
+        """A copy of `base` through `Quantize(**options)` with the run's grid and tables, after the learned rotation
+        when `rotation` asks for it: (the program, the stage's report, seconds)."""
+        learned = dict(rotation=rotation, rotation_steps=args.learned_rotation) if rotation != "none" else {}
+        stage = Quantize(group_size=args.group_size, grid=args.grid, embeddings=args.embeddings or None,
+                         head=head or None, untie_head=args.untie, **options, **learned)
+        program = base.clone()
+        start = time.perf_counter()
+        stages = (Cleanup(), stage) if rotation != "none" else (stage,)  # the Hadamard needs a clean graph
+        result = Recipe(stages).run(program, calibration=calib, progress=sys.stderr.isatty())
+        return program, result.stages[-1][1].report, time.perf_counter() - start
+
     for base_name, base, seconds in bases:
         if not args.no_float:
             rows.append(_row(base_name, "float32", base, test, seconds, dense))
@@ -130,18 +143,11 @@ def main() -> None:
             for method, rotation in itertools.product((m for m in args.methods.split(",") if m), rotations):
                 if rotation != "none" and base_name.endswith("hadamard"):
                     continue  # a learned rotation starts from its own Hadamard
-                program = base.clone()
-                learned = dict(rotation=rotation, rotation_steps=args.learned_rotation) if rotation != "none" else {}
-                stage = Quantize(bits=bits, group_size=args.group_size, grid=args.grid, method=method,
-                                 embeddings=args.embeddings or None, head=head or None, untie_head=args.untie,
-                                 **learned)
-                start = time.perf_counter()
-                stages = (Cleanup(), stage) if rotation != "none" else (stage,)  # the Hadamard needs a clean graph
-                result = Recipe(stages).run(program, calibration=calib, progress=sys.stderr.isatty())
+                program, report, seconds = quantized(base, rotation, bits=bits, method=method)
                 weights = f"{method} {bits}-bit" + (" + learned rotation" if rotation != "none" else "")
-                rows.append(_row(base_name, weights, program, test, time.perf_counter() - start, dense))
+                rows.append(_row(base_name, weights, program, test, seconds, dense))
                 if rotation != "none":
-                    rows[-1]["rotation"] = result.stages[-1][1].report["rotation"]
+                    rows[-1]["rotation"] = report["rotation"]
     for row in rows:  # the uniform rows' token table (a search chooses its own width up to --embeddings)
         row["table"] = _width(args.embeddings) + (f", untied head {_width(head)}" if args.untie else ", tied")
         row["grid"], row["group_size"] = args.grid, args.group_size
@@ -156,17 +162,11 @@ def main() -> None:
                 searched, (s for s in args.search.split(",") if s), rotations):
             if rotation != "none" and base_name.endswith("hadamard"):
                 continue
-            program = base.clone()
-            learned = dict(rotation=rotation, rotation_steps=args.learned_rotation) if rotation != "none" else {}
-            stage = Quantize(search=search, budget_bits=budget, group_size=args.group_size, grid=args.grid, method="gptq",
-                             embeddings=args.embeddings or None, head=head or None, untie_head=args.untie,
-                             evaluations=args.evaluations, seed=seed, search_tables=not args.fixed_tables, **learned)
-            start = time.perf_counter()
-            stages = (Cleanup(), stage) if rotation != "none" else (stage,)
-            result = Recipe(stages).run(program, calibration=calib, progress=sys.stderr.isatty())
+            program, report, seconds = quantized(base, rotation, search=search, budget_bits=budget, method="gptq",
+                                                 evaluations=args.evaluations, seed=seed,
+                                                 search_tables=not args.fixed_tables)
             weights = f"{search} search at {budget:.3f} bits" + (" + learned rotation" if rotation != "none" else "")
-            row = _row(base_name, weights, program, test, time.perf_counter() - start, dense)
-            report = result.stages[-1][1].report
+            row = _row(base_name, weights, program, test, seconds, dense)
             row.update({"search": search, "seed": seed, "budget_bits": budget, "search_tables": not args.fixed_tables,
                         "best": report["search"]["best"],
                         "widths": width_counts(report["weights"]), "evaluations": report["search"]["evaluations"],
