@@ -187,3 +187,66 @@ def test_cli_generates_the_same_text_with_the_compiled_step(tiny_model_dir):
     assert all(run.returncode == 0 for run in runs), runs[1].stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("abc")
     assert "compiled, cpu" in runs[1].stderr
+
+
+def _recipe(kind: str):
+    from fxslice.passes import prune_recipe, slicegpt_recipe
+    from fxslice.passes.quantize.stages import Quantize
+    from fxslice.passes.rewrite.stages import Cleanup
+    from fxslice.recipes import Recipe
+
+    return {"slice": lambda: slicegpt_recipe(sparsity=0.25, batch_size=4),
+            "prune": lambda: prune_recipe(target=0.3, shots=2, batch_size=4),
+            "quantize": lambda: Recipe((Cleanup(), Quantize(bits=4, group_size=16, method="gptq")))}[kind]()
+
+
+@pytest.mark.parametrize(("name", "kind"), [("llama-tied", "slice"), ("gemma2", "slice"), ("llama", "prune"),
+                                            ("phi3", "prune"), ("gpt2", "quantize")])
+def test_a_skeleton_follows_a_recipe_without_weights_and_decodes_like_a_capture_that_had_them(name, kind):
+    """The KV-cache capture as `compress` keeps it: shapes only until the replay hands it the compressed weights;
+    it ends as the capture replayed with weights ends: the same tensors, the same decoded logits."""
+    model = tiny_causal_lm(name)
+    program, skeleton, full = capture_module(model), capture_cached(model).skeleton(), capture_cached(model)
+    assert skeleton.is_skeleton and not full.is_skeleton
+    assert all(t.device.type == "meta" for t in skeleton.gm.parameters())
+    result = _recipe(kind).run(program, calibration=CALIBRATION)
+    replay(result.passes, full, program)
+    replay(result.passes, skeleton, program)
+    assert not skeleton.is_skeleton and skeleton.cache == full.cache
+    assert {id(p) for p in skeleton.gm.parameters()} == {id(p) for p in full.gm.parameters()}
+    assert skeleton.quantized.keys() == full.quantized.keys()
+    ids = program.probe_input(batch=2, length=8)
+    with torch.no_grad():
+        for cached in (skeleton, full):
+            kv = cached.cache.allocate(2, 8, torch.float32)
+            steps = torch.cat([cached.step(ids[:, :4], 0, kv), *(cached.step(ids[:, t:t + 1], t, kv) for t in range(4, 8))], 1)
+            torch.testing.assert_close(steps, program(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_a_skeleton_refuses_a_replay_that_builds_another_graph():
+    """A pass whose replay edits elsewhere than it did (it does not fix its choice): shapes alone cannot show it,
+    the logits with the reference's weights do."""
+    from fxslice import Pass, PassResult
+    from fxslice.core.graph import aten
+
+    class DoubleNextResidual(Pass):
+        name, exact = "double_next_residual", False
+
+        def __init__(self):
+            self.calls = 0
+
+        def call(self, program):
+            adds = list(program.graph.find_nodes(op="call_function", target=aten.add.Tensor))
+            node = adds[self.calls]
+            self.calls += 1
+            with program.graph.inserting_after(node):
+                doubled = program.graph.call_function(aten.mul.Tensor, (node, 2.0))
+            node.replace_all_uses_with(doubled, delete_user_cb=lambda user: user is not doubled)
+            program.gm.recompile()
+            return PassResult(True)
+
+    model = tiny_causal_lm("llama")
+    program = capture_module(model)
+    result = PassManager([CleanupIR(), DoubleNextResidual()]).run(program)
+    with pytest.raises(PassCheckFailed, match="logits differ"):
+        replay(result.passes, capture_cached(model).skeleton(), program)

@@ -160,7 +160,8 @@ def test_dropping_a_layer_computes_the_shorter_model_and_takes_its_weights():
     assert torch.allclose(program(ids), expected, rtol=0, atol=1e-10)
 
 
-def test_a_recipe_passes_arguments_to_a_pass_and_the_kv_cache_capture_follows_it(tmp_path):
+@pytest.mark.parametrize("skeleton", [False, True], ids=["weights", "skeleton"])
+def test_a_recipe_passes_arguments_to_a_pass_and_the_kv_cache_capture_follows_it(tmp_path, skeleton):
     """`{pass: drop_layers.py:DropLastLayers, n: 1}` runs; replayed on the KV-cache capture, the cache updates of the
     dropped layer go too, and step-by-step decoding gives the same logits as the whole sequence."""
     import shutil
@@ -178,6 +179,7 @@ def test_a_recipe_passes_arguments_to_a_pass_and_the_kv_cache_capture_follows_it
     recipe = load_recipe(tmp_path / "recipe.yaml", trust_code=True)
     model = tiny_causal_lm("llama")
     program, cached = capture(model), capture_cached(model)
+    cached = cached.skeleton() if skeleton else cached
     result = recipe.run(program)
     assert [p.name for p in result.passes] == ["drop_last_layers"]
     replay(result.passes, cached, program)

@@ -231,7 +231,7 @@ class _Tagger:
                 env[node] = inputs[str(node.target)]
                 continue
             if node.op == "get_attr":
-                env[node] = tensor_of(gm, node)
+                env[node] = _runnable(tensor_of(gm, node))
                 constant.add(node)
                 continue
             if node.op == "output":
@@ -399,6 +399,14 @@ class _Tagger:
             self.heads.add(first)
             out[:, h] = first
         return out
+
+
+def _runnable(value: Any) -> Any:
+    """A weight to run the probe with: a weight of shape only (`Program.skeleton`) as zeros that take no memory
+    (channels are tracked through shapes and indices, not through the weights' values)."""
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        return torch.zeros((), dtype=value.dtype).expand(value.shape)
+    return value
 
 
 def group_analysis(program: Program) -> Groups:

@@ -257,7 +257,7 @@ def _refresh_vals(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
             old = node.meta.get("val")
             if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor):
                 mode = getattr(old, "fake_mode", None)
-                node.meta["val"] = mode.from_tensor(value, static_shapes=True) if mode is not None else value
+                node.meta["val"] = _fake(mode, value, old.device) if mode is not None else value
         elif node.op == "call_function" and (_has_tensor(node.meta.get("val")) or "val" not in node.meta):
             try:
                 infer_val(node)
@@ -409,6 +409,14 @@ def erase_unused(gm: fx.GraphModule) -> int:
     return before - len(graph.nodes)
 
 
+def _fake(mode: Any, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`value` as a fake tensor of `mode`; a weight of shape only (`Program.skeleton`) stands for one on `device`."""
+    if value.device.type != "meta":
+        return mode.from_tensor(value, static_shapes=True)
+    with mode:
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
+
+
 def infer_val(node: fx.Node) -> None:
     """Fill `node.meta["val"]` by running its op on the fake values of its inputs (symbolic shapes kept)."""
     from torch._guards import detect_fake_mode
@@ -421,10 +429,13 @@ def infer_val(node: fx.Node) -> None:
     if mode is None:
         return
 
+    fakes = [*vals, *(n.meta.get("val") for n in node.graph.find_nodes(op="placeholder"))]
+    device = next((v.device for v in fakes if isinstance(v, torch._subclasses.FakeTensor)), torch.device("cpu"))
+
     def fake(n: fx.Node) -> Any:
         v = n.meta.get("val")
         if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor):
-            v = mode.from_tensor(v, static_shapes=True)
+            v = _fake(mode, v, device)
         return v
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)

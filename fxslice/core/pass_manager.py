@@ -329,7 +329,12 @@ class PassManager:
 def replay(passes: Sequence[Pass], target: Program, reference: Program) -> PipelineResult:
     """Repeat `passes`, already run on `reference`, on `target`: another capture of the same model
     (with a KV cache, say). Both must end with the same weights under the same names; `target` then
-    shares `reference`'s tensors. Raises PassCheckFailed naming the first weight that differs."""
+    shares `reference`'s tensors. Raises PassCheckFailed naming the first weight that differs.
+
+    A `target` that is a `Program.skeleton()` (weights of shape only) follows without computing any weight:
+    the weights must come out of the same shapes, and once `target` holds `reference`'s, both must compute the
+    same logits on a probe."""
+    skeleton = target.is_skeleton
     result = PassManager([p.replay() for p in passes], check_numerics=False).run(target)  # checked on `reference`
     names = ", ".join(dict.fromkeys(p.name or type(p).__name__ for p in passes))
     for node in target.graph.find_nodes(op="get_attr"):
@@ -341,7 +346,7 @@ def replay(passes: Sequence[Pass], target: Program, reference: Program) -> Pipel
             raise PassCheckFailed(f"replay: weight '{name}' is still read by the replayed graph but not by the "
                                   f"program it follows: one of the passes ({names}) removed it there and not here "
                                   "(a pass that finds what it removes from the graph follows both)") from None
-        if mine.shape != theirs.shape or not torch.equal(mine, theirs):
+        if mine.shape != theirs.shape or not (skeleton or torch.equal(mine, theirs)):
             raise PassCheckFailed(f"replay: weight '{name}' came out {'different' if mine.shape == theirs.shape else 'of another shape'} "
                                   f"({tuple(mine.shape)} vs {tuple(theirs.shape)}) after {names}: a pass chose "
                                   "differently on the two graphs; its replay() must fix every data-dependent choice")
@@ -349,4 +354,18 @@ def replay(passes: Sequence[Pass], target: Program, reference: Program) -> Pipel
         (owner._parameters if attr in owner._parameters else owner._buffers if attr in owner._buffers
          else owner.__dict__)[attr] = theirs  # the very same object: a tie stays one tensor
     target.mark_changed()
+    if skeleton:
+        _check_same_logits(target, reference, names)
     return result
+
+
+def _check_same_logits(target: Program, reference: Program, names: str) -> None:
+    """What a replay onto a skeleton cannot check weight by weight: that the graphs now compute the same."""
+    probe = reference.probe_input(batch=1, length=7)
+    with torch.no_grad():
+        err = relative_error(target(probe).to(torch.float64), reference(probe).to(torch.float64))
+    tol = TOLERANCE.get(reference.dtype, 1e-4)
+    if not err <= tol:
+        raise PassCheckFailed(f"replay: with the same weights the replayed graph's logits differ from the program it "
+                              f"follows by {err:.3g} (relative; allowed {tol:g}) after {names}: a pass chose "
+                              "differently on the two graphs; its replay() must fix every data-dependent choice")

@@ -161,9 +161,30 @@ class Program:
             for t in [*self.gm.parameters(), *self.gm.buffers()]:
                 if t.is_floating_point() and id(t) not in memo:
                     memo[id(t)] = G.converted(t, dtype, copy=True)
+        return self._copy(memo)
+
+    def skeleton(self) -> Program:
+        """A copy whose weights are shapes only (`meta` tensors, no memory): a graph to `fxslice.replay` passes onto
+        that takes its weights from the program it follows. A compression keeps its KV-cache capture this way, so the
+        original weights are not held for it while the passes replace them, nor computed twice when it follows."""
+        memo: dict[int, Any] = {}
+        for t in [*self.gm.parameters(), *self.gm.buffers()]:
+            if id(t) not in memo:
+                empty = torch.empty_like(t, device="meta")
+                memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
+        return self._copy(memo)
+
+    def _copy(self, memo: dict[int, Any]) -> Program:
+        """A copy of this program whose tensors are `memo`'s replacements where it has one (deepcopy's memo)."""
         return Program(copy.deepcopy(self.gm, memo), self.model_class, self.config, self.tokenizer, self.source,
                        dict(self.record), cache=self.cache, quantized=dict(self.quantized),
                        static_shape=self.static_shape, execution_device=self.execution_device)
+
+    @property
+    def is_skeleton(self) -> bool:
+        """Whether any weight the graph reads is shape only (see `skeleton`)."""
+        return any(isinstance(t := G.tensor_of(self.gm, n), torch.Tensor) and t.device.type == "meta"
+                   for n in self.graph.find_nodes(op="get_attr"))
 
     def to(self, *target: torch.device | torch.dtype | str, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> Program:

@@ -123,6 +123,8 @@ def compress(
     seconds: dict[str, float] = {}
     with _timed(seconds, "capture"):
         program, cached = capture_with_cache(model, target, precision, offload, status, note)
+        # the cache graph takes the compressed weights at the end: it need not hold the original ones meanwhile
+        cached = cached.skeleton() if cached is not None else None
     if program.tokenizer is None:
         raise InvalidOption(f"{program.model_class} comes without a tokenizer; compression needs one to read text")
     check_tokens(program, torch.zeros(0, dtype=torch.long), program.tokenizer)

@@ -24,13 +24,18 @@ __all__ = ["RemoveDeadGroups", "dead_groups", "removable_groups"]
 
 
 def dead_groups(program: Program, groups: Groups) -> list[int]:
-    """Indices of groups whose reader columns are all zero."""
+    """Indices of groups whose reader columns are all zero (a column of shape only, in a `Program.skeleton`,
+    is not known to be)."""
     gm = program.gm
     dead = []
     for i, group in enumerate(groups.groups):
-        if all(_column(gm, groups, u.weight, u.index).eq(0).all() for u in group.cols):
+        if all(_is_zero(_column(gm, groups, u.weight, u.index)) for u in group.cols):
             dead.append(i)
     return dead
+
+
+def _is_zero(column: torch.Tensor) -> bool:
+    return column.device.type != "meta" and bool(column.eq(0).all())
 
 
 def _column(gm: fx.GraphModule, groups: Groups, weight: str, index: int) -> torch.Tensor:
@@ -117,11 +122,12 @@ class RemoveDeadGroups(Pass):
             value = tensor_of(gm, use.weight)
             for axis, drop in ((use.out_axis, rows.get(weight, ())), (use.in_axis, cols.get(weight, ()))):
                 if drop:
-                    keep = torch.tensor([i for i in range(value.shape[axis]) if i not in drop], dtype=torch.long)
-                    value = value.index_select(axis, keep)
+                    keep = [i for i in range(value.shape[axis]) if i not in drop]
+                    value = value.index_select(axis, torch.tensor(keep, dtype=torch.long, device=value.device))
                     if axis == use.out_axis and use.bias is not None and use.bias.op == "get_attr":
                         bias = tensor_of(gm, use.bias)
-                        set_tensor(gm, str(use.bias.target), bias.index_select(bias.dim() - 1, keep))
+                        set_tensor(gm, str(use.bias.target),
+                                   bias.index_select(bias.dim() - 1, torch.tensor(keep, dtype=torch.long, device=bias.device)))
             set_tensor(gm, weight, value)
         for node, args in edits.items():
             if node.op == "placeholder":
