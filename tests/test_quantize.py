@@ -365,3 +365,26 @@ def test_gptq_on_a_kv_cache_capture_chooses_the_plain_captures_integers():
         PassManager([QuantizeWeights(4, group_size=32, method="gptq", windows=windows)]).run(program)
     assert plain.quantized.keys() == cached.quantized.keys()
     assert all(torch.equal(plain.quantized[k].q, cached.quantized[k].q) for k in plain.quantized)
+
+
+def test_gptq_drops_the_statistics_it_collected_and_keeps_the_ones_it_was_given(tiny, monkeypatch):
+    """Each input's Σxxᵀ goes once its last reader is quantized (memory: one layer's, not the model's, at the end);
+    statistics handed in (a width search reuses them) stay whole, and both give the same integers."""
+    from fxslice.analysis.linears import weight_kinds
+    from fxslice.calibration.moments import linear_statistics
+
+    _, program = tiny("llama")
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    kinds = program.analysis(weight_kinds)
+    given = linear_statistics(program, windows, batch_size=1, linears=[*kinds.linears, kinds.head])
+    collected, reused = program.clone(), program.clone()
+    from fxslice.passes.quantize import quantize as module
+
+    seen = []
+    monkeypatch.setattr(module, "linear_statistics", lambda *a, **k: seen.append(linear_statistics(*a, **k)) or seen[-1])
+    PassManager([QuantizeWeights(4, group_size=32, method="gptq", windows=windows)]).run(collected)
+    assert len(seen) == 1 and seen[0].inputs and all(m.sum is None for m in seen[0].inputs.values())
+    PassManager([QuantizeWeights(4, group_size=32, method="gptq", statistics=given)]).run(reused)
+    assert all(m.sum is not None for m in given.inputs.values())
+    assert collected.quantized.keys() == reused.quantized.keys() and len(collected.quantized) > 4
+    assert all(torch.equal(collected.quantized[k].q, reused.quantized[k].q) for k in collected.quantized)

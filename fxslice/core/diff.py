@@ -52,9 +52,13 @@ class ParamInfo:
 
 
 def _norm(t: torch.Tensor) -> float | None:
+    """The norm in float64, a million values at a time (a float64 copy of a whole token table would be the
+    largest allocation of a snapshot)."""
     if not t.is_floating_point() or t.device.type == "meta" or not t.numel():
         return None
-    return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64))
+    flat = t.detach().reshape(-1)
+    squares = sum(float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2 for part in flat.split(2**20))
+    return squares ** 0.5
 
 
 @dataclass

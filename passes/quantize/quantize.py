@@ -4,6 +4,7 @@ parameter, so the graph is unchanged and every later analysis still reads a floa
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 import torch
@@ -13,6 +14,7 @@ from fxslice.analysis.linears import weight_kinds
 from fxslice.analysis.matchers import LinearUse
 from fxslice.calibration.moments import LinearStatistics, linear_statistics
 from fxslice.core.graph import owner_of, set_tensor, tensor_of
+from fxslice.core.memory import release_freed
 from fxslice.core.progress import progress_bar
 from fxslice.core.quantized import QuantizedWeight, check_format, round_trip
 from fxslice.passes.quantize.gptq import check_damp, gptq
@@ -91,6 +93,9 @@ class QuantizeWeights(Pass):
             stats = self.statistics or linear_statistics(program, self.windows, batch_size=self.batch_size,
                                                          linears=targets, progress=self.progress)
         self.done = {}
+        # statistics this pass collected are dropped once the last weight reading them is quantized (given ones are
+        # the caller's: a search reuses them)
+        readers = Counter(id(stats.inputs[n]) for n in plan if n in stats.inputs) if stats and not self.statistics else None
         for name in progress_bar(list(plan), f"quantizing ({self.method})", enabled=self.progress):
             width, hessian = plan[name]
             weight = tensor_of(program.gm, name)
@@ -104,6 +109,12 @@ class QuantizeWeights(Pass):
                                                 grid=self.grid)
             _store(program, name, q)
             self.done[name] = q
+            if readers is not None and name in stats.inputs:
+                moment = stats.inputs[name]
+                readers[id(moment)] -= 1
+                if not readers[id(moment)]:
+                    moment.sum = None
+            release_freed()  # the replaced weight and GPTQ's work: returned now, not after the last weight
         return PassResult(True, {"weights": len(plan), "bytes": program.num_bytes()})
 
     def rounding(self, program: Program) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
