@@ -2,7 +2,8 @@
 quantized on this machine, one process per run; one JSON object (and a log-log picture).
 
     python benchmarks/scale.py [--shapes 135M 360M 1.7B] [--methods slice prune quantize capture]
-                               [--calib-windows 2] [--calib-length 256] [--work DIR] [--picture PATH]
+                               [--calib-windows 2] [--calib-length 256] [--proofs float64|dtype]
+                               [--work DIR] [--picture PATH]
 
 Each shape is written once by this script as bf16 safetensors in shards of 2 GB (as hub checkpoints are) with a
 `config.json` and SmolLM2's tokenizer (so every shape reads the same text; the vocabulary is SmolLM2's 49,152
@@ -87,7 +88,7 @@ def write_model(name: str, folder: Path, tokenizer) -> Path:
     return out
 
 
-def run_one(model: str, method: str, windows: int, length: int) -> dict:
+def run_one(model: str, method: str, windows: int, length: int, proofs: str = "float64") -> dict:
     """One compression (or capture) in this process: seconds per step and peak resident memory."""
     from fxslice import capture, compress
     from fxslice.passes import prune_recipe, slicegpt_recipe
@@ -109,7 +110,7 @@ def run_one(model: str, method: str, windows: int, length: int) -> dict:
         "quantize": lambda: Recipe((Cleanup(), Quantize(bits=4, method="gptq")), calibration, name="gptq4"),
     }[method]()
     start = time.perf_counter()
-    report = compress(model, recipe, out=None, evaluation=None, progress=False,
+    report = compress(model, recipe, out=None, evaluation=None, progress=False, proofs=proofs,
                       status=lambda message: _quiet(), note=lambda message: None)
     total = time.perf_counter() - start
     return {"seconds": {k: round(v, 2) for k, v in report.seconds.items()}, "total_seconds": round(total, 1),
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["135M", "360M", "1.7B"], choices=list(SHAPES))
     parser.add_argument("--methods", nargs="+", default=["slice", "prune", "quantize"],
                         choices=["slice", "prune", "quantize", "capture"])
+    parser.add_argument("--proofs", default="float64", choices=["float64", "dtype"],
+                        help="how exact passes are checked (compress's option): dtype skips the float64 copy")
     parser.add_argument("--calib-windows", type=int, default=2)
     parser.add_argument("--calib-length", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "fxslice-scale")
@@ -174,7 +177,7 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.calib_windows, args.calib_length)))
+        print(json.dumps(run_one(args.one[0], args.one[1], args.calib_windows, args.calib_length, args.proofs)))
         return
     from fxslice.models.capture import load_model
 
@@ -194,7 +197,7 @@ def main() -> None:
                 continue
             print(f"[scale] {shape} {method} ...", file=sys.stderr, flush=True)
             child = subprocess.run([sys.executable, __file__, "--one", str(folder), method, "--calib-windows",
-                                    str(args.calib_windows), "--calib-length", str(args.calib_length)],
+                                    str(args.calib_windows), "--calib-length", str(args.calib_length), "--proofs", args.proofs],
                                    capture_output=True, text=True)
             if child.returncode != 0:
                 runs.append({**entry, "error": child.stderr.strip().splitlines()[-1:]})
@@ -219,7 +222,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "scale", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
         "cores": os.cpu_count(), "memory_bytes": memory, "torch": torch.__version__,
-        "calibration": {"windows": args.calib_windows, "length": args.calib_length},
+        "calibration": {"windows": args.calib_windows, "length": args.calib_length}, "proofs": args.proofs,
         "runs": runs, "fits": fits, "picture": str(args.picture),
     }, indent=1))
 

@@ -65,3 +65,19 @@ def test_compress_checks_the_output_before_any_work(tmp_path, tiny_model_dir):
     recipe = slicegpt_recipe(sparsity=0.25, calibration=Calibration(source=_text(tmp_path), windows=4, length=32))
     with pytest.raises(fxslice.FxsliceError, match="taken"):
         fxslice.compress("does-not-exist-anywhere", recipe, out=tmp_path / "taken", progress=False)
+
+
+def test_proofs_in_the_runs_dtype_skip_the_float64_copy_and_the_record_says_so(tmp_path, tiny_model_dir):
+    recipe = slicegpt_recipe(sparsity=0.25, calibration=Calibration(source=_text(tmp_path), windows=4, length=32))
+    model = str(tiny_model_dir("llama"))
+    checked = {}
+    for proofs in ("float64", "dtype"):
+        report = fxslice.compress(model, recipe, evaluation=None, proofs=proofs, progress=False)
+        exact = [r for _, stage in report.result.stages for r in stage.records if r.exact and r.modified]
+        checked[proofs] = {r.checked for r in exact}
+        assert report.record["proofs"] == proofs and exact
+        if proofs == "dtype":
+            assert all("--proofs dtype" in r.unproved for r in exact)
+    assert checked == {"float64": {"float64"}, "dtype": {"float32"}}
+    with pytest.raises(InvalidOption, match="proofs must be one of"):
+        fxslice.compress(model, recipe, evaluation=None, proofs="none", progress=False)

@@ -15,7 +15,9 @@ model's function) or lossy; it must say which. After every pass the manager
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,13 +34,28 @@ from fxslice.core.program import Program
 from fxslice.core.progress import progress_bar
 
 __all__ = ["Pass", "PassResult", "PassManager", "PipelineResult", "as_pass", "checked_pass", "check_program", "replay", "TOLERANCE",
-           "PROBE_SHAPES", "FLOAT64_PROOF_BYTES"]
+           "PROBE_SHAPES", "FLOAT64_PROOF_BYTES", "float64_proofs"]
 
 #: (batch, length) of the probes an exact pass is proved on: two shapes, so a pass that bakes a size in fails
 PROBE_SHAPES = ((2, 12), (1, 7))
 #: the largest float64 copy (bytes of weights) the manager makes to prove exact passes; above it, the program's own
 #: dtype is the only check, and the record says so
 FLOAT64_PROOF_BYTES = 4 * 2**30
+_FLOAT64_PROOFS: ContextVar[bool] = ContextVar("fxslice_float64_proofs", default=True)
+
+
+@contextmanager
+def float64_proofs(enabled: bool) -> Iterator[None]:
+    """Within, exact passes are proved on a float64 copy (True, the default, up to `FLOAT64_PROOF_BYTES`) or checked
+    in the program's own dtype only (False). The copy and a pass replayed on it take about three times the weights'
+    float64 size while exact passes run: most of a float32 job's peak memory (slicing SmolLM2: 4.3 GB with them,
+    1.6 GB without)."""
+    token = _FLOAT64_PROOFS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FLOAT64_PROOFS.reset(token)
+
 
 @dataclass(frozen=True)
 class PassResult:
@@ -190,6 +207,8 @@ def _float64_copy(program: Program) -> tuple[_Float64Copy | None, str]:
     """A float64 copy to prove exact passes on, or None and why there is none."""
     if program.dtype == torch.float64:
         return None, ""  # the program itself is the float64 check
+    if not _FLOAT64_PROOFS.get():
+        return None, "float64 proofs were turned off for this run (float64_proofs(False); CLI --proofs dtype)"
     size = 8 * sum(t.numel() for t in program.gm.parameters()) + 8 * sum(t.numel() for t in program.gm.buffers())
     if size > FLOAT64_PROOF_BYTES:
         return None, f"a float64 copy would take {size / 2**30:.1f} GiB (more than FLOAT64_PROOF_BYTES)"

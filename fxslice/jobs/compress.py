@@ -25,7 +25,7 @@ from fxslice.calibration.distributed import rank_and_size
 from fxslice.core.devices import resolve_device, resolve_dtype
 from fxslice.core.errors import CaptureError, InvalidOption, PassCheckFailed
 from fxslice.core.health import check_finite, check_tokens
-from fxslice.core.pass_manager import replay
+from fxslice.core.pass_manager import float64_proofs, replay
 from fxslice.core.program import Program
 from fxslice.data import load_text, token_windows
 from fxslice.evaluation.perplexity import perplexity
@@ -35,6 +35,9 @@ from fxslice.models.kvcache import capture_cached
 from fxslice.recipes import Recipe, RecipeResult
 
 __all__ = ["Report", "capture_with_cache", "compress"]
+
+#: how exact passes are checked during a job (see `compress`)
+PROOFS = ("float64", "dtype")
 
 #: tokens per evaluation window unless given: the papers' 2048, or the model's context where it is shorter
 DEFAULT_EVAL_LENGTH = 2048
@@ -96,6 +99,7 @@ def compress(
     device: str = "cpu",
     dtype: str = "float32",
     offload: bool = False,
+    proofs: str = "float64",
     options: dict[str, Any] | None = None,
     progress: bool = True,
     status: Callable[[str], contextlib.AbstractContextManager[Any]] = _say,
@@ -104,7 +108,9 @@ def compress(
     """Compress `model` (a hub name, a directory, a .gguf file, "smollm2", or an nn.Module with its own tokenizer
     given as `model.tokenizer`) with `recipe`; measure perplexity on `evaluation` (None: skip) before and after,
     on its first `eval_windows` windows (all when None) of `eval_length` tokens (2048, or the model's context); save
-    to `out` when given (checked before any work). `options` are recorded as given, beside the recipe (which holds
+    to `out` when given (checked before any work). `proofs`: "float64" proves every exact pass on a float64 copy
+    (up to `FLOAT64_PROOF_BYTES`), "dtype" checks it in the run's dtype only, for about three times less peak memory
+    (`fxslice.core.pass_manager.float64_proofs`). `options` are recorded as given, beside the recipe (which holds
     every stage's options). `status` and `note` show progress and remarks (a line on stderr by default).
 
     Under a `torch.distributed` process group (`torchrun`) every rank calibrates on its share of the windows, all
@@ -114,6 +120,9 @@ def compress(
         check_output_dir(out_dir)  # before the long work: a typo in `out` should not cost a calibration
     if eval_length is not None and (not isinstance(eval_length, int) or eval_length < 2):
         raise InvalidOption(f"eval_length must be an integer ≥ 2, got {eval_length!r}")
+    if proofs not in PROOFS:
+        raise InvalidOption(f"proofs must be one of {PROOFS} (float64: exact passes proved on a float64 copy; dtype: "
+                            f"checked in the run's dtype only, less memory), got {proofs!r}")
     target = resolve_device(device)
     precision = resolve_dtype(dtype, target)
     calibrating = [s.kind for s in recipe.stages if s.calibrates]
@@ -140,14 +149,15 @@ def compress(
     if test is not None:
         with _timed(seconds, "evaluate_dense"):
             ppl["dense"] = perplexity(program, test, batch_size=batch_size, progress=progress)
-    result = recipe.run(program, calibration=calibration, progress=progress)
+    with float64_proofs(proofs == "float64"):
+        result = recipe.run(program, calibration=calibration, progress=progress)
     seconds.update({stage.kind: r.seconds for stage, r in result.stages})
     if test is not None:
         with _timed(seconds, "evaluate_compressed"):
             ppl["compressed"] = perplexity(program, test, batch_size=batch_size, progress=progress)
     record = {
         "passes": [p.name for p in result.passes],
-        "device": str(target), "dtype": dtype, "offload": offload,
+        "device": str(target), "dtype": dtype, "offload": offload, "proofs": proofs,
         **(options or {}),
         "calibration": None if recipe.calibration is None else dataclasses.asdict(recipe.calibration),
         "evaluation": {"source": evaluation or "none", "windows": 0 if test is None else len(test), "length": eval_length},
