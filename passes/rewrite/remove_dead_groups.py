@@ -122,12 +122,11 @@ class RemoveDeadGroups(Pass):
             value = tensor_of(gm, use.weight)
             for axis, drop in ((use.out_axis, rows.get(weight, ())), (use.in_axis, cols.get(weight, ()))):
                 if drop:
-                    keep = [i for i in range(value.shape[axis]) if i not in drop]
-                    value = value.index_select(axis, torch.tensor(keep, dtype=torch.long, device=value.device))
+                    keep = torch.tensor([i for i in range(value.shape[axis]) if i not in drop], dtype=torch.long)
+                    value = value.index_select(axis, keep.to(value.device))
                     if axis == use.out_axis and use.bias is not None and use.bias.op == "get_attr":
                         bias = tensor_of(gm, use.bias)
-                        set_tensor(gm, str(use.bias.target),
-                                   bias.index_select(bias.dim() - 1, torch.tensor(keep, dtype=torch.long, device=bias.device)))
+                        set_tensor(gm, str(use.bias.target), bias.index_select(bias.dim() - 1, keep.to(bias.device)))
             set_tensor(gm, weight, value)
         for node, args in edits.items():
             if node.op == "placeholder":
