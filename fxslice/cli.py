@@ -45,6 +45,9 @@ RecoverObjective = Annotated[str, typer.Option(help="what recovery learns: lm (t
 Device = Annotated[str, typer.Option(help="where to compute: auto (a GPU when there is one), cpu, cuda, cuda:N, mps")]
 Offload = Annotated[bool, typer.Option("--offload", help="keep the weights in host memory and copy each calibration "
                                        "stage's to --device only while it runs: models larger than the device")]
+Lazy = Annotated[bool, typer.Option("--lazy", help="leave the weights in the checkpoint's safetensors files, each read "
+                                    "by the op that uses it, edited ones written to a scratch folder: models larger "
+                                    "than memory")]
 Kernels = Annotated[str, typer.Option(help="how a quantized model's 4-bit weights run: float (dequantized once) or int4 "
                                           "(PyTorch's int4 weight-only kernels from the packed integers: in bfloat16 a "
                                           "fifth of the float32 model's memory; CUDA needs a bfloat16 model)")]
@@ -166,6 +169,7 @@ def slice_(
     dtype: Dtype = "float32",
     offload: Offload = False,
     proofs: Proofs = "float64",
+    lazy: Lazy = False,
 ) -> None:
     """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out.
 
@@ -179,7 +183,8 @@ def slice_(
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr, recover_objective)
     if save_recipe is not None:
         recipe.save(save_recipe)
-    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs)
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs,
+              lazy)
 
 
 @app.command()
@@ -210,6 +215,7 @@ def prune(
     dtype: Dtype = "float32",
     offload: Offload = False,
     proofs: Proofs = "float64",
+    lazy: Lazy = False,
 ) -> None:
     """Prune MODEL's MLP channels and key/value head groups (The LLM Surgeon), so that its matrices shrink;
     or, with --structures, zero the paper's rows and columns, single weights or 2:4 blocks.
@@ -222,7 +228,8 @@ def prune(
     recipe = prune_recipe(method=method, target=target, shots=shots, structures=structures, batch_size=batch_size,
                           calibration=data, strict=strict, multiple=multiple)
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr, recover_objective)
-    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs)
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs,
+              lazy)
 
 
 @app.command()
@@ -271,6 +278,7 @@ def quantize(
     dtype: Dtype = "float32",
     offload: Offload = False,
     proofs: Proofs = "float64",
+    lazy: Lazy = False,
 ) -> None:
     """Quantize MODEL's weights group-wise (GPTQ or round to nearest), every linear at --bits or, with
     --budget-bits, at widths searched under that budget; the saved model stores packed integers and its record
@@ -302,7 +310,8 @@ def quantize(
                      **searched, **learned)
     stages = (Cleanup(), *([Rotate(rotation="hadamard")] if rotation == "hadamard" else []), stage)
     recipe = Recipe(stages, data if stage.calibrates else None, name=f"quantize-{method}")
-    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs)
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs,
+              lazy)
 
 
 @app.command()
@@ -320,6 +329,7 @@ def compress(
     dtype: Dtype = "float32",
     offload: Offload = False,
     proofs: Proofs = "float64",
+    lazy: Lazy = False,
 ) -> None:
     """Run a recipe on MODEL, measure perplexity before and after, and save the result to --out.
 
@@ -328,7 +338,8 @@ def compress(
     from fxslice.passes import load_recipe
 
     recipe = load_recipe(recipe_file, trust_code=trust_code)  # validated before anything is loaded
-    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs)
+    _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs,
+              lazy)
 
 
 def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float, objective: str) -> Recipe:
@@ -344,7 +355,7 @@ def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float, objective: 
 
 def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_windows: int | None, eval_length: int,
               batch_size: int, device: str = "cpu", dtype: str = "float32", offload: bool = False,
-              proofs: str = "float64") -> None:
+              proofs: str = "float64", lazy: bool = False) -> None:
     """`fxslice.compress` with the command's flags, its progress on stderr and its report on stdout. Every option of
     the method is in the recipe, which the record holds: nothing is written twice."""
     from fxslice.calibration.distributed import launched_group, rank_and_size
@@ -354,7 +365,7 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
         first = rank_and_size()[0] == 0
         report = compress(model, recipe, out=out_dir, evaluation=evaluation, eval_windows=eval_windows,
                           eval_length=eval_length, batch_size=batch_size, device=device, dtype=dtype, offload=offload,
-                          proofs=proofs, progress=first and not _quiet, status=_status if first else _silent,
+                          lazy=lazy, proofs=proofs, progress=first and not _quiet, status=_status if first else _silent,
                           note=_note if first else lambda message: None)
     if first:
         out.print(str(report), highlight=False, markup=False)

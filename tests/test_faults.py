@@ -89,7 +89,7 @@ def test_another_writer_to_the_same_output_wins_cleanly(tmp_path, monkeypatch):
 POINTS = {  # where the signal arrives: (command, module, attribute wrapped to send it after running)
     "slice: calibration": ("slice", "fxslice.calibration.runner", "StagedRunner.run_through"),
     "prune: curvature": ("prune", "fxslice.calibration.moments", "run_with_gradients"),
-    "slice: weights written": ("slice", "safetensors.torch", "save_file"),
+    "slice: weights written": ("slice", "fxslice.models.io", "write_tensors"),
     "slice: tokenizer written": ("slice", "transformers", "PreTrainedTokenizerBase.save_pretrained"),
 }
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from fxslice.core.disk import DiskTensor
+
 __all__ = [
     "aten",
     "CAST_OPS",
@@ -38,11 +40,15 @@ __all__ = [
     "retarget_device",
     "DEVICE_BOUND",
     "device_bound",
+    "SCRATCH",
 ]
 
 aten = torch.ops.aten
 
 CAST_OPS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
+
+#: `gm.meta` key of the `fxslice.core.disk.Scratch` folder a program whose weights stay on disk writes edits to
+SCRATCH = "fxslice_scratch"
 
 #: node meta key of an op whose operands are laid out for one device type (a packed low-bit weight): the graph
 #: cannot move to another device or be saved device-free
@@ -99,11 +105,13 @@ def float32_literal(value: float) -> float:
 
 def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     """Replace the parameter or buffer at `target`, keeping its kind (parameter vs buffer) and its device (a pass
-    may compute the new value on the device an offloaded program computes on)."""
+    may compute the new value on the device an offloaded program computes on). A program whose weights are kept on
+    disk (`SCRATCH` in `gm.meta`) gets the new value written to its scratch folder, not held in memory."""
     owner, name = owner_of(gm, target)
     old = getattr(owner, name, None)
     if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old.device.type != "meta":
         value = value.to(old.device)
+    value = _kept(gm, value)
     if name in owner._parameters:
         owner._parameters[name] = nn.Parameter(value.detach(), requires_grad=False)
     elif name in owner._buffers:
@@ -112,13 +120,22 @@ def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
         setattr(owner, name, value.detach())
 
 
+def _kept(gm: fx.GraphModule, value: Any) -> Any:
+    """`value` as `gm` keeps its weights: written to its scratch folder when it has one (see `set_tensor`)."""
+    scratch = gm.meta.get(SCRATCH)
+    if (scratch is None or not isinstance(value, torch.Tensor) or isinstance(value, DiskTensor)
+            or value.device.type != "cpu" or value.nbytes < scratch.MIN_BYTES):
+        return value
+    return scratch.write(value)
+
+
 def add_parameter(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> str:
     """Register a new parameter under `fxslice.<stem>_<n>`, where the other weights are kept, and return its target."""
     home = next((p.device for p in gm.parameters()), None)
     if home is not None:
         value = value.to(home)
     holder, name = _new_slot(gm, stem)
-    holder.register_parameter(name, nn.Parameter(value.detach(), requires_grad=False))
+    holder.register_parameter(name, nn.Parameter(_kept(gm, value).detach(), requires_grad=False))
     return f"fxslice.{name}"
 
 

@@ -32,6 +32,7 @@ from fxslice.evaluation.perplexity import perplexity
 from fxslice.models.capture import capture_module, check_module_dtype, load_model
 from fxslice.models.io import check_output_dir, save
 from fxslice.models.kvcache import capture_cached
+from fxslice.models.lazy import capture_lazily
 from fxslice.recipes import Recipe, RecipeResult
 
 __all__ = ["Report", "capture_with_cache", "compress"]
@@ -99,6 +100,7 @@ def compress(
     device: str = "cpu",
     dtype: str = "float32",
     offload: bool = False,
+    lazy: bool = False,
     proofs: str = "float64",
     options: dict[str, Any] | None = None,
     progress: bool = True,
@@ -108,7 +110,8 @@ def compress(
     """Compress `model` (a hub name, a directory, a .gguf file, "smollm2", or an nn.Module with its own tokenizer
     given as `model.tokenizer`) with `recipe`; measure perplexity on `evaluation` (None: skip) before and after,
     on its first `eval_windows` windows (all when None) of `eval_length` tokens (2048, or the model's context); save
-    to `out` when given (checked before any work). `proofs`: "float64" proves every exact pass on a float64 copy
+    to `out` when given (checked before any work). `lazy`: weights stay in the checkpoint's files and are read
+when used; edited ones go to a scratch folder (`fxslice.models.lazy`: for a model larger than memory). `proofs`: "float64" proves every exact pass on a float64 copy
     (up to `FLOAT64_PROOF_BYTES`), "dtype" checks it in the run's dtype only, for less peak memory (the copy is most of what
     slicing and quantizing hold; `fxslice.core.pass_manager.float64_proofs`). `options` are recorded as given, beside the recipe (which holds
     every stage's options). `status` and `note` show progress and remarks (a line on stderr by default).
@@ -123,6 +126,7 @@ def compress(
     if proofs not in PROOFS:
         raise InvalidOption(f"proofs must be one of {PROOFS} (float64: exact passes proved on a float64 copy; dtype: "
                             f"checked in the run's dtype only, less memory), got {proofs!r}")
+    _check_lazy(model, lazy)
     target = resolve_device(device)
     precision = resolve_dtype(dtype, target)
     calibrating = [s.kind for s in recipe.stages if s.calibrates]
@@ -131,7 +135,7 @@ def compress(
                             "e.g. `calibration: {source: wikitext2:validation, windows: 32, length: 2048}`")
     seconds: dict[str, float] = {}
     with _timed(seconds, "capture"):
-        program, cached = capture_with_cache(model, target, precision, offload, status, note)
+        program, cached = capture_with_cache(model, target, precision, offload, status, note, lazy=lazy)
         # the cache graph takes the compressed weights at the end: it need not hold the original ones meanwhile
         cached = cached.skeleton() if cached is not None else None
     if program.tokenizer is None:
@@ -157,7 +161,7 @@ def compress(
             ppl["compressed"] = perplexity(program, test, batch_size=batch_size, progress=progress)
     record = {
         "passes": [p.name for p in result.passes],
-        "device": str(target), "dtype": dtype, "offload": offload, "proofs": proofs,
+        "device": str(target), "dtype": dtype, "offload": offload, "lazy": lazy, "proofs": proofs,
         **(options or {}),
         "calibration": None if recipe.calibration is None else dataclasses.asdict(recipe.calibration),
         "evaluation": {"source": evaluation or "none", "windows": 0 if test is None else len(test), "length": eval_length},
@@ -191,26 +195,21 @@ def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
 def capture_with_cache(model: str | os.PathLike | nn.Module, device: torch.device = torch.device("cpu"),
                        dtype: torch.dtype = torch.float32, offload: bool = False,
                        status: Callable[[str], contextlib.AbstractContextManager[Any]] = _say,
-                       note: Callable[[str], None] = _note) -> tuple[Program, Program | None]:
+                       note: Callable[[str], None] = _note, *, lazy: bool = False) -> tuple[Program, Program | None]:
     """The plain capture (for calibration) and, where the model allows it, one with a KV cache (for generation);
     the model converted to `dtype` before capture (so its own casts around norms stay), both moved to `device`, or
-    with `offload` computing there while their weights stay in host memory."""
+    with `offload` computing there while their weights stay in host memory; with `lazy`, in their files."""
     name = type(model).__name__ if isinstance(model, nn.Module) else str(model)
-    with status(f"loading and capturing {name} ..."):
-        if isinstance(model, nn.Module):
-            check_module_dtype(model, dtype)
-            module, tokenizer = model, getattr(model, "tokenizer", None)
+    _check_lazy(model, lazy)
+    with status(f"loading and capturing {name}{' (weights left on disk)' if lazy else ''} ..."):
+        if lazy:
+            program, cached = capture_lazily(model, dtype=dtype, with_cache=True)  # type: ignore[arg-type]
+            tokenizer = program.tokenizer
+            check_finite(program)
+            if cached is None:
+                note("the model cannot be captured with a KV cache; the saved model will generate without one")
         else:
-            module, tokenizer = load_model(model)
-            if dtype != torch.float32:
-                module = module.to(dtype)
-        program = capture_module(module)
-        check_finite(program)  # a broken model is refused as such, not as a cache that decodes wrongly
-        try:
-            cached = capture_cached(module)
-        except CaptureError as exc:
-            note(f"{exc}; the saved model will generate without a KV cache")
-            cached = None
+            program, cached, tokenizer = _capture_in_memory(model, dtype, note)
     if offload:
         program, cached = program.offload(device), (cached.offload(device) if cached is not None else None)
     elif device.type != "cpu":
@@ -220,3 +219,28 @@ def capture_with_cache(model: str | os.PathLike | nn.Module, device: torch.devic
         if p is not None:
             p.tokenizer, p.source = tokenizer, name
     return program, cached
+
+
+def _check_lazy(model: str | os.PathLike | nn.Module, lazy: bool) -> None:
+    if lazy and isinstance(model, nn.Module):
+        raise InvalidOption("lazy loading reads a checkpoint (a directory, .gguf file or hub name), not a module that "
+                            "is already in memory")
+
+
+def _capture_in_memory(model: str | os.PathLike | nn.Module, dtype: torch.dtype,
+                       note: Callable[[str], None]) -> tuple[Program, Program | None, Any]:
+    if isinstance(model, nn.Module):
+        check_module_dtype(model, dtype)
+        module, tokenizer = model, getattr(model, "tokenizer", None)
+    else:
+        module, tokenizer = load_model(model)
+        if dtype != torch.float32:
+            module = module.to(dtype)
+    program = capture_module(module)
+    check_finite(program)  # a broken model is refused as such, not as a cache that decodes wrongly
+    try:
+        cached = capture_cached(module)
+    except CaptureError as exc:
+        note(f"{exc}; the saved model will generate without a KV cache")
+        cached = None
+    return program, cached, tokenizer

@@ -14,7 +14,7 @@ import inspect
 import os
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +119,11 @@ def check_module_dtype(model: nn.Module, dtype: torch.dtype) -> None:
                             "it, or ask for its own dtype")
 
 
-def capture_module(model: nn.Module, *, example_length: int = 16, logits: str | int | None = None) -> Program:
-    """Export `model` called on token ids and reduce it to `gm(input_ids) -> logits`.
+def capture_module(model: nn.Module, *, example_length: int = 16, logits: str | int | None = None,
+                   bind: Callable[[nn.Module], Any] | None = None) -> Program:
+    """Export `model` called on token ids and reduce it to `gm(input_ids) -> logits`. `bind`, called on the exported
+    module before it is first run, gives it its weights where `model` was traced without them (fake tensors: a lazy
+    capture, `fxslice.models.lazy`).
 
     The contract: `forward` takes the token ids as `input_ids` or as its first positional argument (any name), and
     nothing else it requires; `use_cache=False` is passed where it is accepted. The output is the logits tensor, or
@@ -152,6 +155,8 @@ def capture_module(model: nn.Module, *, example_length: int = 16, logits: str | 
             with torch.no_grad():
                 exported = torch.export.export(traced, (), kwargs=kwargs, dynamic_shapes=attempt, strict=False)
                 unlifted = exported.module()
+                if bind is not None:
+                    bind(unlifted)
                 if attempt is not None:
                     _check_other_shape(traced, unlifted, vocab, example_length)
             break

@@ -37,6 +37,7 @@ from fxslice.core.quantized import QuantizedWeight, stored_shapes
 from fxslice.models.kvcache import CacheLayout
 from fxslice.models.record import check_record
 from fxslice.models.remote.graph_data import GraphDataError, graph_from_data, graph_to_data
+from fxslice.models.tensor_file import write_tensors
 
 __all__ = ["save", "load", "check_output_dir", "example_inputs", "write_directory", "write_file", "save_tokenizer",
            "RECORD", "WEIGHTS", "GRAPH", "LEGACY_GRAPH"]
@@ -47,14 +48,11 @@ _QUANTIZED_KEY = "fxslice_quantized"  # the quantized formats, also in the weigh
 
 
 def _used_weights(program: Program) -> dict[str, torch.Tensor]:
-    """The tensors the graph reads, each stored once under its own name (tied tensors are copied)."""
+    """The tensors the graph reads, each under its own name (a tied tensor is written under each of its names)."""
     out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
     for node in program.graph.nodes:
         if node.op == "get_attr" and node.users and str(node.target) not in out:
-            t = tensor_of(program.gm, node).detach()
-            out[str(node.target)] = t.clone() if id(t) in seen else t.contiguous()
-            seen.add(id(t))
+            out[str(node.target)] = tensor_of(program.gm, node).detach()
     return out
 
 
@@ -128,9 +126,6 @@ def check_output_dir(out: Path) -> None:
 def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | None = None) -> Path:
     """Write `program` to the new directory `out_dir`, atomically; returns its path. Whatever stops the write
     (a full disk, another process creating `out_dir`, Ctrl-C) leaves nothing behind and raises one error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     bound = device_bound(program.gm)
     if bound:
@@ -150,10 +145,7 @@ def save(program: Program, out_dir: str | os.PathLike, record: dict[str, Any] | 
                          f"{free / 2**20:.0f} MiB are free; free some space or choose another --out")
 
     def write(tmp: Path) -> None:
-        try:
-            save_file(weights, str(tmp / WEIGHTS), metadata={_QUANTIZED_KEY: json.dumps(quantized, sort_keys=True)})
-        except SafetensorError as exc:
-            raise OSError(f"the weights could not be written ({exc})") from exc
+        write_tensors(tmp / WEIGHTS, weights, {_QUANTIZED_KEY: json.dumps(quantized, sort_keys=True)})
         (tmp / GRAPH).write_bytes(graph)
         if program.tokenizer is not None:
             save_tokenizer(program.tokenizer, tmp / TOKENIZER)

@@ -10,7 +10,9 @@ apply to this graph; `fxslice.replay` repeats a compiled pipeline on it (see `Pr
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,8 +92,10 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     return CacheLayout(tuple((int(t.shape[1]), int(t.shape[-1])) for layer in layers for t in (layer.keys, layer.values)))
 
 
-def capture_cached(model: nn.Module, *, example_length: int = 5, cache_length: int = 16):
-    """Export `model` with a KV cache as a Program whose `cache` is set; raises CaptureError if it cannot."""
+def capture_cached(model: nn.Module, *, example_length: int = 5, cache_length: int = 16,
+                   bind: Callable[[nn.Module], Any] | None = None):
+    """Export `model` with a KV cache as a Program whose `cache` is set; raises CaptureError if it cannot. `bind`: as
+    in `fxslice.models.capture.capture_module`."""
     from torch.export import Dim
 
     from fxslice.core.program import Program, program_inputs
@@ -108,8 +112,10 @@ def capture_cached(model: nn.Module, *, example_length: int = 5, cache_length: i
         with torch.no_grad():
             exported = torch.export.export(_CachedStep(model), (example, torch.tensor(0), kv),
                                            dynamic_shapes=shapes, strict=False)
-        gm = plain_graph_module(exported.module(), inputs=program_inputs(len(kv)),
-                                 root="model")
+        unlifted = exported.module()
+        if bind is not None:
+            bind(unlifted)
+        gm = plain_graph_module(unlifted, inputs=program_inputs(len(kv)), root="model")
         program = Program(gm, model_class=type(model).__name__, config=config.to_dict(), cache=layout)
         _check_decoding(model, program)
     except CaptureError:

@@ -1,0 +1,62 @@
+"""A safetensors file written one tensor at a time.
+
+`safetensors.torch.save_file` takes every tensor at once, in memory. A program whose weights are kept on disk
+(`fxslice.core.disk`) would then be read whole to be saved. The format needs only each tensor's dtype and shape up
+front (the header: names, dtypes, shapes, byte ranges), which a `DiskTensor` knows without reading, so here the
+header is written first and each tensor's bytes follow, read and released in turn. The result is an ordinary
+safetensors file (`safe_open` and `load_file` read it; tests compare it with `save_file`'s).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from fxslice.core.disk import DiskTensor
+
+__all__ = ["write_tensors", "DTYPE_CODES"]
+
+#: bytes: where the data starts, and the line tensors are ordered by
+ALIGN = 64
+
+#: the format's names of the dtypes fxslice writes
+DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write `tensors` to the safetensors file `path`, holding one tensor's values at a time.
+
+    The data starts on a 64-byte boundary, wider dtypes first and, among them, tensors of whole 64-byte lines first:
+    most tensors read back start where the allocator would have put them, so the kernels that compute with them
+    (which choose their paths by alignment) round as they did before the save."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    order = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), _nbytes(item[1]) % ALIGN != 0))
+    offset = 0
+    for name, t in order:
+        if t.dtype not in DTYPE_CODES:
+            raise TypeError(f"{name}: safetensors cannot store {t.dtype}")
+        size = _nbytes(t)
+        header[name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for _, t in order:
+            values = (t.load() if isinstance(t, DiskTensor) else t.detach()).cpu().contiguous()  # read here only
+            if values.numel():
+                f.write(values.reshape(-1).view(torch.uint8).numpy().data)
+            del values
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
