@@ -3,7 +3,7 @@ quantized on this machine, one process per run; one JSON object (and a log-log p
 
     python benchmarks/scale.py [--shapes 135M 360M 1.7B] [--methods slice prune quantize capture]
                                [--calib-windows 2] [--calib-length 256] [--proofs float64|dtype]
-                               [--work DIR] [--picture PATH]
+                               [--lazy] [--save] [--work DIR] [--picture PATH]
 
 Each shape is written once by this script as bf16 safetensors in shards of 2 GB (as hub checkpoints are) with a
 `config.json` and SmolLM2's tokenizer (so every shape reads the same text; the vocabulary is SmolLM2's 49,152
@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -88,9 +89,12 @@ def write_model(name: str, folder: Path, tokenizer) -> Path:
     return out
 
 
-def run_one(model: str, method: str, windows: int, length: int, proofs: str = "float64") -> dict:
-    """One compression (or capture) in this process: seconds per step and peak resident memory."""
+def run_one(model: str, method: str, windows: int, length: int, proofs: str = "float64", lazy: bool = False,
+            save_to: Path | None = None) -> dict:
+    """One compression (or capture) in this process, saved to `save_to` when given: seconds per step and peak
+    resident memory."""
     from fxslice import capture, compress
+    from fxslice.models.lazy import capture_lazily
     from fxslice.passes import prune_recipe, slicegpt_recipe
     from fxslice.passes.quantize.stages import Quantize
     from fxslice.passes.rewrite.stages import Cleanup
@@ -98,7 +102,7 @@ def run_one(model: str, method: str, windows: int, length: int, proofs: str = "f
 
     if method == "capture":
         start = time.perf_counter()
-        program = capture(model)
+        program = capture_lazily(model)[0] if lazy else capture(model)
         total = time.perf_counter() - start
         return {"seconds": {"capture": round(total, 2)}, "total_seconds": round(total, 1),
                 "parameters": program.num_parameters(), "parameters_after": program.num_parameters(),
@@ -110,7 +114,7 @@ def run_one(model: str, method: str, windows: int, length: int, proofs: str = "f
         "quantize": lambda: Recipe((Cleanup(), Quantize(bits=4, method="gptq")), calibration, name="gptq4"),
     }[method]()
     start = time.perf_counter()
-    report = compress(model, recipe, out=None, evaluation=None, progress=False, proofs=proofs,
+    report = compress(model, recipe, out=save_to, evaluation=None, progress=False, proofs=proofs, lazy=lazy,
                       status=lambda message: _quiet(), note=lambda message: None)
     total = time.perf_counter() - start
     return {"seconds": {k: round(v, 2) for k, v in report.seconds.items()}, "total_seconds": round(total, 1),
@@ -170,6 +174,9 @@ def main() -> None:
                         choices=["slice", "prune", "quantize", "capture"])
     parser.add_argument("--proofs", default="float64", choices=["float64", "dtype"],
                         help="how exact passes are checked (compress's option): dtype skips the float64 copy")
+    parser.add_argument("--lazy", action="store_true", help="weights left in the checkpoint's files (compress's lazy)")
+    parser.add_argument("--save", action="store_true", help="save each compressed model (a scratch folder under "
+                        "--work, removed after the run): its seconds are `save`")
     parser.add_argument("--calib-windows", type=int, default=2)
     parser.add_argument("--calib-length", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "fxslice-scale")
@@ -177,7 +184,17 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.calib_windows, args.calib_length, args.proofs)))
+        save_to = None
+        if args.save:
+            import tempfile
+
+            save_to = Path(tempfile.mkdtemp(dir=args.work)) / "out"
+        try:
+            print(json.dumps(run_one(args.one[0], args.one[1], args.calib_windows, args.calib_length, args.proofs,
+                                     args.lazy, save_to)))
+        finally:
+            if save_to is not None:
+                shutil.rmtree(save_to.parent, ignore_errors=True)
         return
     from fxslice.models.capture import load_model
 
@@ -191,13 +208,15 @@ def main() -> None:
         for method in args.methods:
             entry = {"shape": shape, "method": method}
             files = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-            if 2 * files > 0.8 * memory:  # float32 is twice the bf16 files
+            if 2 * files > 0.8 * memory and not args.lazy:  # float32 is twice the bf16 files
                 runs.append({**entry, "skipped": f"float32 weights {2 * files / 2**30:.1f} GiB exceed 80 % of "
                                                  f"this machine's {memory / 2**30:.0f} GiB"})
                 continue
             print(f"[scale] {shape} {method} ...", file=sys.stderr, flush=True)
             child = subprocess.run([sys.executable, __file__, "--one", str(folder), method, "--calib-windows",
-                                    str(args.calib_windows), "--calib-length", str(args.calib_length), "--proofs", args.proofs],
+                                    str(args.calib_windows), "--calib-length", str(args.calib_length), "--proofs", args.proofs,
+                                    "--work", str(args.work), *(["--lazy"] if args.lazy else []),
+                                    *(["--save"] if args.save else [])],
                                    capture_output=True, text=True)
             if child.returncode != 0:
                 runs.append({**entry, "error": child.stderr.strip().splitlines()[-1:]})
@@ -223,7 +242,7 @@ def main() -> None:
         "benchmark": "scale", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
         "cores": os.cpu_count(), "memory_bytes": memory, "torch": torch.__version__,
         "calibration": {"windows": args.calib_windows, "length": args.calib_length}, "proofs": args.proofs,
-        "runs": runs, "fits": fits, "picture": str(args.picture),
+        "lazy": args.lazy, "save": args.save, "runs": runs, "fits": fits, "picture": str(args.picture),
     }, indent=1))
 
 

@@ -21,16 +21,14 @@ from fxslice.models.capture import capture_module
 from fxslice.models.lazy import capture_lazily
 from fxslice.models.tensor_file import DTYPE_CODES, write_tensors
 from fxslice.recipes import Calibration
-from fxslice.testing import tiny_causal_lm
+from fxslice.testing import char_tokenizer, tiny_causal_lm
 
 
 def _checkpoint(tmp_path, family: str, dtype: torch.dtype = torch.bfloat16):
     """The tiny model as a sharded checkpoint in `dtype` (as the hub's are), with a character tokenizer."""
-    from conftest import _char_tokenizer
-
     path = tmp_path / family
     tiny_causal_lm(family).to(dtype).save_pretrained(path, max_shard_size="40KB")
-    _char_tokenizer(path)
+    char_tokenizer().save_pretrained(path)
     return path
 
 
