@@ -49,6 +49,19 @@ def test_a_lazy_capture_computes_the_eager_captures_logits_without_holding_a_wei
     torch.testing.assert_close(steps, eager(ids), rtol=1e-4, atol=1e-4)
 
 
+def test_a_float64_copy_of_a_lazy_program_is_written_to_disk_too(tmp_path, monkeypatch):
+    """The copy exact passes are proved on: converted weight by weight into the scratch folder, not into memory."""
+    monkeypatch.setattr(Scratch, "MIN_BYTES", 0)
+    path = _checkpoint(tmp_path, "llama", torch.float32)
+    eager = capture_module(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    lazy, _ = capture_lazily(path)
+    wide = lazy.to(torch.float64)
+    weights = [p for p in wide.gm.parameters()]
+    assert weights and all(isinstance(w, DiskTensor) and w.dtype == torch.float64 for w in weights)
+    ids = eager.probe_input()
+    assert torch.equal(wide(ids), eager.to(torch.float64)(ids))
+
+
 @pytest.mark.parametrize("family", ["mixtral", "gpt_neox"])
 def test_a_family_whose_loader_renames_its_weights_is_refused_with_the_names(tmp_path, family):
     path = tmp_path / family

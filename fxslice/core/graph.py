@@ -41,6 +41,7 @@ __all__ = [
     "DEVICE_BOUND",
     "device_bound",
     "SCRATCH",
+    "kept",
 ]
 
 aten = torch.ops.aten
@@ -111,7 +112,7 @@ def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     old = getattr(owner, name, None)
     if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old.device.type != "meta":
         value = value.to(old.device)
-    value = _kept(gm, value)
+    value = kept(gm, value)
     if name in owner._parameters:
         owner._parameters[name] = nn.Parameter(value.detach(), requires_grad=False)
     elif name in owner._buffers:
@@ -120,8 +121,9 @@ def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
         setattr(owner, name, value.detach())
 
 
-def _kept(gm: fx.GraphModule, value: Any) -> Any:
-    """`value` as `gm` keeps its weights: written to its scratch folder when it has one (see `set_tensor`)."""
+def kept(gm: fx.GraphModule, value: Any) -> Any:
+    """`value` as `gm` keeps its weights: written to its scratch folder when it has one (see `set_tensor`), else
+    itself."""
     scratch = gm.meta.get(SCRATCH)
     if (scratch is None or not isinstance(value, torch.Tensor) or isinstance(value, DiskTensor)
             or value.device.type != "cpu" or value.nbytes < scratch.MIN_BYTES):
@@ -135,7 +137,7 @@ def add_parameter(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> str:
     if home is not None:
         value = value.to(home)
     holder, name = _new_slot(gm, stem)
-    holder.register_parameter(name, nn.Parameter(_kept(gm, value).detach(), requires_grad=False))
+    holder.register_parameter(name, nn.Parameter(kept(gm, value).detach(), requires_grad=False))
     return f"fxslice.{name}"
 
 

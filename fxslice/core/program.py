@@ -155,12 +155,14 @@ class Program:
 
     def clone(self, dtype: torch.dtype | None = None) -> Program:
         """An independent copy (graph and weights); with `dtype`, its float weights converted as they are copied (a
-        float64 copy of a float32 model never holds a second float32 copy)."""
+        float64 copy of a float32 model never holds a second float32 copy; a program whose weights are on disk gets
+        its copy on disk too)."""
         memo: dict[int, Any] = {}
         if dtype is not None:
             for t in [*self.gm.parameters(), *self.gm.buffers()]:
                 if t.is_floating_point() and id(t) not in memo:
-                    memo[id(t)] = G.converted(t, dtype, copy=True)
+                    value = G.kept(self.gm, G.converted(t, dtype, copy=True).detach())  # on disk if kept there
+                    memo[id(t)] = nn.Parameter(value, requires_grad=False) if isinstance(t, nn.Parameter) else value
         return self._copy(memo)
 
     def skeleton(self) -> Program:
