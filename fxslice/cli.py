@@ -45,9 +45,8 @@ RecoverObjective = Annotated[str, typer.Option(help="what recovery learns: lm (t
 Device = Annotated[str, typer.Option(help="where to compute: auto (a GPU when there is one), cpu, cuda, cuda:N, mps")]
 Offload = Annotated[bool, typer.Option("--offload", help="keep the weights in host memory and copy each calibration "
                                        "stage's to --device only while it runs: models larger than the device")]
-Lazy = Annotated[bool, typer.Option("--lazy", help="leave the weights in the checkpoint's safetensors files, each read "
-                                    "by the op that uses it, edited ones written to a scratch folder: models larger "
-                                    "than memory")]
+Lazy = Annotated[bool, typer.Option("--lazy", help="leave the weights in their safetensors files, each read by the op "
+                                    "that uses it, edited ones written to a scratch folder: models larger than memory")]
 Kernels = Annotated[str, typer.Option(help="how a quantized model's 4-bit weights run: float (dequantized once) or int4 "
                                           "(PyTorch's int4 weight-only kernels from the packed integers: in bfloat16 a "
                                           "fifth of the float32 model's memory; CUDA needs a bfloat16 model)")]
@@ -485,6 +484,7 @@ def eval_(
     output: Annotated[Path | None, typer.Option(help="also write the figures here as JSON")] = None,
     device: Device = "auto",
     kernels: Kernels = "float",
+    lazy: Lazy = False,
 ) -> None:
     """Measure a saved model: perplexity on a text, and/or zero-shot accuracy on lm-eval tasks."""
     import json
@@ -511,7 +511,7 @@ def eval_(
         require_lm_eval()  # a missing lm-eval is said before the model loads
     target = resolve_device(device)
     with _status(f"loading {model_dir} ..."):
-        program = load(model_dir)
+        program = load(model_dir, lazy=lazy)
         parameters = program.num_parameters()
         if target != program.device:
             program = program.to(target)

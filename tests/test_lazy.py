@@ -165,3 +165,19 @@ def test_the_cli_leaves_the_weights_on_disk_when_asked(tiny_model_dir, tmp_path)
     record = json.loads((tmp_path / "out" / "fxslice.json").read_text())
     assert record["lazy"] is True and record["parameters"] < record["dense_parameters"]
     assert fxslice.load(tmp_path / "out").num_parameters() == record["parameters"]
+
+
+@pytest.mark.parametrize("kind", ["sliced+cache", "quantized"])
+def test_a_saved_model_loads_lazily_and_computes_what_it_computes_loaded_whole(tmp_path, monkeypatch, exportable, kind):
+    monkeypatch.setattr(Scratch, "MIN_BYTES", 0)
+    program = exportable(kind)
+    fxslice.save(program, tmp_path / "m")
+    whole, lazy = fxslice.load(tmp_path / "m"), fxslice.load(tmp_path / "m", lazy=True)
+    parameters = list(lazy.gm.parameters())
+    assert parameters and all(isinstance(p, DiskTensor) for p in parameters)
+    assert lazy.quantized.keys() == whole.quantized.keys() and lazy.num_parameters() == whole.num_parameters()
+    ids = program.probe_input()
+    assert torch.equal(lazy(ids), whole(ids))
+    fxslice.save(lazy, tmp_path / "again")  # written tensor by tensor from the files it reads
+    a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -317,7 +317,7 @@ def propagate_fake_values(gm: fx.GraphModule, inputs: dict[str, dict[str, Any]])
         elif node.op == "get_attr":
             value = tensor_of(gm, node)
             if isinstance(value, torch.Tensor):
-                node.meta["val"] = mode.from_tensor(value, static_shapes=True)
+                node.meta["val"] = _fake(mode, value, value.device)
         elif node.op == "call_function":
             try:
                 infer_val(node)
@@ -429,8 +429,9 @@ def erase_unused(gm: fx.GraphModule) -> int:
 
 
 def _fake(mode: Any, value: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`value` as a fake tensor of `mode`; a weight of shape only (`Program.skeleton`) stands for one on `device`."""
-    if value.device.type != "meta":
+    """`value` as a fake tensor of `mode`; a weight of shape only (`Program.skeleton`) stands for one on `device`, and
+    one kept on disk is not read for it."""
+    if value.device.type != "meta" and not isinstance(value, DiskTensor):
         return mode.from_tensor(value, static_shapes=True)
     with mode:
         return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)

@@ -30,14 +30,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxslice.core.disk import DiskTensor, Scratch
 from fxslice.core.errors import CorruptModel, InvalidOption, SaveFailed, UnsupportedStructure
-from fxslice.core.graph import DEVICE_BOUND, device_bound, propagate_fake_values, set_tensor, tensor_of
+from fxslice.core.graph import DEVICE_BOUND, SCRATCH, device_bound, propagate_fake_values, set_tensor, tensor_of
 from fxslice.core.program import Program, program_inputs
 from fxslice.core.quantized import QuantizedWeight, stored_shapes
 from fxslice.models.kvcache import CacheLayout
 from fxslice.models.record import check_record
 from fxslice.models.remote.graph_data import GraphDataError, graph_from_data, graph_to_data
-from fxslice.models.tensor_file import write_tensors
+from fxslice.models.tensor_file import DTYPE_CODES, write_tensors
 
 __all__ = ["save", "load", "check_output_dir", "example_inputs", "write_directory", "write_file", "save_tokenizer",
            "RECORD", "WEIGHTS", "GRAPH", "LEGACY_GRAPH"]
@@ -236,11 +237,13 @@ def write_directory(out: Path, write: Callable[[Path], None]) -> Path:
     return out
 
 
-def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> Program:
+def load(path: str | os.PathLike, *, trust_pickle: bool = False, lazy: bool = False) -> Program:
     """Load a directory written by `save`. Nothing in it is executed: the record is checked field by field, the
     files against its checksums and against each other, the graph may call PyTorch operators only, and any
     disagreement is one `CorruptModel` naming the file and field. `trust_pickle=True` also reads a directory saved
-    before graph.json, whose pickled `graph.pt2` can run code: only for directories you wrote or trust."""
+    before graph.json, whose pickled `graph.pt2` can run code: only for directories you wrote or trust. `lazy`: the
+    weights stay in the file, read by each op that uses them (`fxslice.core.disk`); quantized ones are dequantized
+    into a scratch folder."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -267,8 +270,9 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> Program:
         if found != record.get(key):
             raise CorruptModel(f"{root / name} does not match the checksum in {RECORD}: it was changed, swapped or "
                                "truncated; save the model again")
+    scratch = Scratch() if lazy else None
     try:
-        weights = load_file(str(root / WEIGHTS))
+        weights = _on_disk(root / WEIGHTS) if lazy else load_file(str(root / WEIGHTS))
         with safe_open(str(root / WEIGHTS), "pt") as f:
             header = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
@@ -289,9 +293,13 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> Program:
         for tensor in stored_shapes(name, meta["bits"], meta["group_size"], meta["shape"], quantized[name].grid):
             del weights[tensor]
         weights[name] = quantized[name].dequantize()
+        if scratch is not None and weights[name].nbytes >= scratch.MIN_BYTES:
+            weights[name] = scratch.write(weights[name])
     layout = CacheLayout.from_json(record["kv_cache"]) if record.get("kv_cache") else None
     inputs = program_inputs(None if layout is None else len(layout.shapes))
     gm = _legacy_graph(root, weights, inputs) if legacy else _read_graph(root / GRAPH, weights, inputs)
+    if scratch is not None:
+        gm.meta[SCRATCH] = scratch
     static = record.get("static_shape")
     program = Program(gm, record["model_class"], record.get("config"), None, str(root), cache=layout,
                       quantized=quantized, static_shape=tuple(static) if static else None)
@@ -306,6 +314,22 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> Program:
             raise CorruptModel(f"cannot read the tokenizer {root / TOKENIZER}: {type(exc).__name__}: {exc}") from None
     program.record = record
     return program
+
+
+def _on_disk(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file `path` as a `DiskTensor` (nothing read but the header)."""
+    from safetensors import safe_open
+
+    dtypes = {code: dtype for dtype, code in DTYPE_CODES.items()}
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            part = f.get_slice(key)
+            if part.get_dtype() not in dtypes:
+                raise CorruptModel(f"{path}: tensor {key!r} has the dtype {part.get_dtype()}, which fxslice does not "
+                                   "write")
+            out[key] = DiskTensor(path, key, tuple(part.get_shape()), dtypes[part.get_dtype()])
+    return out
 
 
 def _read_graph(path: Path, weights: dict[str, torch.Tensor], inputs: list[str]) -> fx.GraphModule:
