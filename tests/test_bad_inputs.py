@@ -71,15 +71,15 @@ def test_unwritable_output_paths_are_refused(tiny, tmp_path, where):
 @pytest.mark.parametrize("interruption", [KeyboardInterrupt, MemoryError])
 def test_a_save_interrupted_half_way_leaves_nothing_load_accepts(tiny, tmp_path, monkeypatch, interruption):
     _, program = tiny("llama")
-    import safetensors.torch
+    import fxslice.models.io
 
-    real = safetensors.torch.save_file
+    real = fxslice.models.io.write_tensors
 
-    def half_then_die(tensors, path, *args, **kwargs):
-        real(dict(list(tensors.items())[:3]), path)  # a partial weights file is on disk ...
+    def half_then_die(path, tensors, *args, **kwargs):
+        real(path, dict(list(tensors.items())[:3]))  # a partial weights file is on disk ...
         raise interruption()  # ... when the process is interrupted
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_then_die)
+    monkeypatch.setattr(fxslice.models.io, "write_tensors", half_then_die)
     with pytest.raises(interruption):
         save(program, tmp_path / "model")
     assert list(tmp_path.iterdir()) == []
