@@ -236,13 +236,18 @@ def main() -> None:
                             **{f"extrapolated_{n}": {"seconds": round(_at(time_fit, p)),
                                                      "peak_rss_gib": round(_at(rss_fit, p) / 2**30, 1)}
                                for n, p in (("7B", 6.7e9), ("70B", 70e9))}}
+    drawn = None
     if any("peak_rss_bytes" in r for r in runs):
-        picture(runs, args.picture)
+        try:
+            picture(runs, args.picture)
+            drawn = str(args.picture)
+        except ImportError as exc:  # the figures matter more than the picture: print them anyway
+            print(f"[scale] no picture ({exc}; pip install matplotlib)", file=sys.stderr, flush=True)
     print(json.dumps({
         "benchmark": "scale", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
         "cores": os.cpu_count(), "memory_bytes": memory, "torch": torch.__version__,
         "calibration": {"windows": args.calib_windows, "length": args.calib_length}, "proofs": args.proofs,
-        "lazy": args.lazy, "save": args.save, "runs": runs, "fits": fits, "picture": str(args.picture),
+        "lazy": args.lazy, "save": args.save, "runs": runs, "fits": fits, "picture": drawn,
     }, indent=1))
 
 
