@@ -45,8 +45,12 @@ RecoverObjective = Annotated[str, typer.Option(help="what recovery learns: lm (t
 Device = Annotated[str, typer.Option(help="where to compute: auto (a GPU when there is one), cpu, cuda, cuda:N, mps")]
 Offload = Annotated[bool, typer.Option("--offload", help="keep the weights in host memory and copy each calibration "
                                        "stage's to --device only while it runs: models larger than the device")]
-Lazy = Annotated[bool, typer.Option("--lazy", help="leave the weights in their safetensors files, each read by the op "
-                                    "that uses it, edited ones written to a scratch folder: models larger than memory")]
+Lazy = Annotated[bool | None, typer.Option("--lazy/--in-memory", help="leave the weights in the checkpoint's safetensors "
+                                           "files, each read by the op that uses it, edited ones written to a scratch "
+                                           "folder: models larger than memory (default: when the weights would take "
+                                           "more than half the available memory)")]
+LoadLazy = Annotated[bool, typer.Option("--lazy", help="leave the weights in the saved model's file, each read by the op "
+                                        "that uses it: models larger than memory")]
 Kernels = Annotated[str, typer.Option(help="how a quantized model's 4-bit weights run: float (dequantized once) or int4 "
                                           "(PyTorch's int4 weight-only kernels from the packed integers: in bfloat16 a "
                                           "fifth of the float32 model's memory; CUDA needs a bfloat16 model)")]
@@ -168,7 +172,7 @@ def slice_(
     dtype: Dtype = "float32",
     offload: Offload = False,
     proofs: Proofs = "float64",
-    lazy: Lazy = False,
+    lazy: Lazy = None,
 ) -> None:
     """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out.
 
@@ -214,7 +218,7 @@ def prune(
     dtype: Dtype = "float32",
     offload: Offload = False,
     proofs: Proofs = "float64",
-    lazy: Lazy = False,
+    lazy: Lazy = None,
 ) -> None:
     """Prune MODEL's MLP channels and key/value head groups (The LLM Surgeon), so that its matrices shrink;
     or, with --structures, zero the paper's rows and columns, single weights or 2:4 blocks.
@@ -277,7 +281,7 @@ def quantize(
     dtype: Dtype = "float32",
     offload: Offload = False,
     proofs: Proofs = "float64",
-    lazy: Lazy = False,
+    lazy: Lazy = None,
 ) -> None:
     """Quantize MODEL's weights group-wise (GPTQ or round to nearest), every linear at --bits or, with
     --budget-bits, at widths searched under that budget; the saved model stores packed integers and its record
@@ -328,7 +332,7 @@ def compress(
     dtype: Dtype = "float32",
     offload: Offload = False,
     proofs: Proofs = "float64",
-    lazy: Lazy = False,
+    lazy: Lazy = None,
 ) -> None:
     """Run a recipe on MODEL, measure perplexity before and after, and save the result to --out.
 
@@ -354,7 +358,7 @@ def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float, objective: 
 
 def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_windows: int | None, eval_length: int,
               batch_size: int, device: str = "cpu", dtype: str = "float32", offload: bool = False,
-              proofs: str = "float64", lazy: bool = False) -> None:
+              proofs: str = "float64", lazy: bool | None = None) -> None:
     """`fxslice.compress` with the command's flags, its progress on stderr and its report on stdout. Every option of
     the method is in the recipe, which the record holds: nothing is written twice."""
     from fxslice.calibration.distributed import launched_group, rank_and_size
@@ -484,7 +488,7 @@ def eval_(
     output: Annotated[Path | None, typer.Option(help="also write the figures here as JSON")] = None,
     device: Device = "auto",
     kernels: Kernels = "float",
-    lazy: Lazy = False,
+    lazy: LoadLazy = False,
 ) -> None:
     """Measure a saved model: perplexity on a text, and/or zero-shot accuracy on lm-eval tasks."""
     import json

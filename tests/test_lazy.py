@@ -181,3 +181,25 @@ def test_a_saved_model_loads_lazily_and_computes_what_it_computes_loaded_whole(t
     fxslice.save(lazy, tmp_path / "again")  # written tensor by tensor from the files it reads
     a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_larger_than_half_the_available_memory_is_left_on_disk_unasked(tmp_path, monkeypatch):
+    import importlib
+
+    from fxslice.passes import slicegpt_recipe
+
+    job = importlib.import_module("fxslice.jobs.compress")  # the module (the package exports the function by its name)
+
+    path = _checkpoint(tmp_path, "llama")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    recipe = slicegpt_recipe(sparsity=0.25, calibration=Calibration(source=str(text), windows=2, length=16))
+    weights = sum(p.numel() for p in tiny_causal_lm("llama").parameters()) * 4  # float32 bytes
+    for free, expected in ((2 * weights + 1, False), (2 * weights - 1, True)):
+        monkeypatch.setattr(job, "available_bytes", lambda free=free: free)
+        notes = []
+        report = fxslice.compress(str(path), recipe, evaluation=None, progress=False, note=notes.append)
+        assert report.record["lazy"] is expected
+        assert any("stay on disk (lazy)" in n for n in notes) is expected
+    explicit = fxslice.compress(str(path), recipe, evaluation=None, progress=False, lazy=False, note=notes.append)
+    assert explicit.record["lazy"] is False  # asked for: kept in memory whatever is free

@@ -14,7 +14,7 @@ import ctypes.util
 import functools
 import os
 
-__all__ = ["release_freed", "resident_bytes"]
+__all__ = ["release_freed", "resident_bytes", "available_bytes"]
 
 
 @functools.cache
@@ -40,3 +40,15 @@ def resident_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return None
+
+
+def available_bytes() -> int | None:
+    """Memory the system can give this process now without swapping (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -25,6 +25,7 @@ from fxslice.calibration.distributed import rank_and_size
 from fxslice.core.devices import resolve_device, resolve_dtype
 from fxslice.core.errors import CaptureError, InvalidOption, PassCheckFailed
 from fxslice.core.health import check_finite, check_tokens
+from fxslice.core.memory import available_bytes
 from fxslice.core.pass_manager import float64_proofs, replay
 from fxslice.core.program import Program
 from fxslice.data import load_text, token_windows
@@ -32,7 +33,7 @@ from fxslice.evaluation.perplexity import perplexity
 from fxslice.models.capture import capture_module, check_module_dtype, load_model
 from fxslice.models.io import check_output_dir, save
 from fxslice.models.kvcache import capture_cached
-from fxslice.models.lazy import capture_lazily
+from fxslice.models.lazy import capture_lazily, local_checkpoint_numel
 from fxslice.recipes import Recipe, RecipeResult
 
 __all__ = ["Report", "capture_with_cache", "compress"]
@@ -100,7 +101,7 @@ def compress(
     device: str = "cpu",
     dtype: str = "float32",
     offload: bool = False,
-    lazy: bool = False,
+    lazy: bool | None = None,
     proofs: str = "float64",
     options: dict[str, Any] | None = None,
     progress: bool = True,
@@ -111,7 +112,8 @@ def compress(
     given as `model.tokenizer`) with `recipe`; measure perplexity on `evaluation` (None: skip) before and after,
     on its first `eval_windows` windows (all when None) of `eval_length` tokens (2048, or the model's context); save
     to `out` when given (checked before any work). `lazy`: weights stay in the checkpoint's files and are read
-when used; edited ones go to a scratch folder (`fxslice.models.lazy`: for a model larger than memory). `proofs`: "float64" proves every exact pass on a float64 copy
+when used; edited ones go to a scratch folder (`fxslice.models.lazy`: for a model larger than memory); None (the
+default) does so when a local checkpoint's weights in `dtype` would take more than half the available memory. `proofs`: "float64" proves every exact pass on a float64 copy
     (up to `FLOAT64_PROOF_BYTES`), "dtype" checks it in the run's dtype only, for less peak memory (the copy is most of what
     slicing and quantizing hold; `fxslice.core.pass_manager.float64_proofs`). `options` are recorded as given, beside the recipe (which holds
     every stage's options). `status` and `note` show progress and remarks (a line on stderr by default).
@@ -129,6 +131,8 @@ when used; edited ones go to a scratch folder (`fxslice.models.lazy`: for a mode
     _check_lazy(model, lazy)
     target = resolve_device(device)
     precision = resolve_dtype(dtype, target)
+    if lazy is None:
+        lazy = _too_large_for_memory(model, precision, note)
     calibrating = [s.kind for s in recipe.stages if s.calibrates]
     if calibrating and recipe.calibration is None:
         raise InvalidOption(f"stage '{calibrating[0]}' calibrates but the recipe has no calibration section; add "
@@ -221,7 +225,19 @@ def capture_with_cache(model: str | os.PathLike | nn.Module, device: torch.devic
     return program, cached
 
 
-def _check_lazy(model: str | os.PathLike | nn.Module, lazy: bool) -> None:
+def _too_large_for_memory(model: str | os.PathLike | nn.Module, dtype: torch.dtype, note: Callable[[str], None]) -> bool:
+    """Whether `model` is a local checkpoint whose weights in `dtype` would take more than half the available memory
+    (the rest is for what the job computes); says so when it is."""
+    numel = None if isinstance(model, nn.Module) else local_checkpoint_numel(model)
+    free = available_bytes()
+    if numel is None or free is None or numel * dtype.itemsize <= free / 2:
+        return False
+    note(f"the weights take {numel * dtype.itemsize / 2**30:.1f} GiB in {str(dtype).replace('torch.', '')}, more "
+         f"than half of the {free / 2**30:.1f} GiB available: they stay on disk (lazy), read when used")
+    return True
+
+
+def _check_lazy(model: str | os.PathLike | nn.Module, lazy: bool | None) -> None:
     if lazy and isinstance(model, nn.Module):
         raise InvalidOption("lazy loading reads a checkpoint (a directory, .gguf file or hub name), not a module that "
                             "is already in memory")

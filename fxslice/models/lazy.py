@@ -11,6 +11,7 @@ as usual without `lazy`. A GGUF file is read through its converted copy (`fxslic
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from fxslice.core.graph import SCRATCH
 from fxslice.core.program import Program
 from fxslice.models import gguf_cache
 
-__all__ = ["capture_lazily", "checkpoint_folder", "checkpoint_tensors"]
+__all__ = ["capture_lazily", "checkpoint_folder", "checkpoint_tensors", "local_checkpoint_numel"]
 
 #: checkpoint files transformers writes (one file, or shards with an index)
 _SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -72,6 +73,20 @@ def checkpoint_tensors(folder: Path) -> dict[str, Path]:
             return dict.fromkeys(f.keys(), folder / _SINGLE)
     raise CaptureError(f"{folder} holds no safetensors checkpoint ({_SINGLE} or {_INDEX}); a lazy load reads only "
                        "safetensors (no pickled .bin: loading one can run code)")
+
+
+def local_checkpoint_numel(name: str | os.PathLike) -> int | None:
+    """The number of values in the safetensors checkpoint of the local directory `name` (headers only), or None
+    where `name` is not one (a hub name, a GGUF file, an fxslice save, a pickled checkpoint)."""
+    path = Path(name)
+    if not path.is_dir() or not ((path / _INDEX).is_file() or (path / _SINGLE).is_file()):
+        return None
+    total = 0
+    for file in sorted(set(checkpoint_tensors(path).values())):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
 
 
 def _shape_of(path: Path, key: str) -> tuple[int, ...]:
