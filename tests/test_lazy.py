@@ -203,3 +203,16 @@ def test_a_checkpoint_larger_than_half_the_available_memory_is_left_on_disk_unas
         assert any("stay on disk (lazy)" in n for n in notes) is expected
     explicit = fxslice.compress(str(path), recipe, evaluation=None, progress=False, lazy=False, note=notes.append)
     assert explicit.record["lazy"] is False  # asked for: kept in memory whatever is free
+
+
+def test_a_lazily_loaded_model_exports_the_files_the_whole_one_exports(tmp_path, exportable):
+    from fxslice.models.export import export_hf
+    from fxslice.models.gguf_export import export_gguf
+
+    fxslice.save(exportable("pruned"), tmp_path / "m")
+    for how, program in (("whole", fxslice.load(tmp_path / "m")), ("lazy", fxslice.load(tmp_path / "m", lazy=True))):
+        export_gguf(program, tmp_path / f"{how}.gguf", weight_type="f32")
+        export_hf(program, tmp_path / f"{how}-hf")
+    assert (tmp_path / "lazy.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+    a, b = (load_file(tmp_path / f"{how}-hf" / "model.safetensors") for how in ("whole", "lazy"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

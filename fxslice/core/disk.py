@@ -72,6 +72,12 @@ class DiskTensor(torch.Tensor):
     def __deepcopy__(self, memo: dict) -> DiskTensor:
         return self.same_place()
 
+    def numpy(self, *, force: bool = False) -> Any:  # not an op: NumPy readers (exports) get the values
+        return self.load().numpy(force=force)
+
+    def tolist(self) -> Any:
+        return self.load().tolist()
+
     def __setitem__(self, index: Any, value: Any) -> None:  # would write into a copy read for the occasion
         raise RuntimeError(_READ_ONLY.format(f"assigning to {self!r}[...]"))
 

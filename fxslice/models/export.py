@@ -156,16 +156,11 @@ def export_hf(program: Program, out_dir: str | os.PathLike, *, stock: bool = Tru
 def _write_hf(program: Program, out: Path, config: dict, tensors: dict[str, torch.Tensor],
               extra_files: tuple[Path, ...] = ()) -> Path:
     """config.json, model.safetensors, generation_config.json, the tokenizer and `extra_files`, all or nothing."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     from fxslice.models.io import save_tokenizer, write_directory
+    from fxslice.models.tensor_file import write_tensors
 
     def write(tmp: Path) -> None:
-        try:
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        except SafetensorError as exc:
-            raise OSError(f"the weights could not be written ({exc})") from exc
+        write_tensors(tmp / "model.safetensors", tensors, {"format": "pt"})  # tensor by tensor: weights on disk too
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str), encoding="utf-8")
         for file in extra_files:
             shutil.copyfile(file, tmp / file.name)
