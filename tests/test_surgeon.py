@@ -219,3 +219,31 @@ def test_a_target_beyond_the_removable_groups_is_refused_with_the_reachable_maxi
 
     layers = decoder_layout(program).layers
     assert all(layer.mlp.width >= 1 and layer.attention.kv_heads >= 1 for layer in layers)
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "activations"])
+def test_factors_collected_a_few_readers_at_a_time_give_the_same_weights(tiny, monkeypatch, curvature):
+    """A budget smaller than the factors: one sweep per couple of readers, the factors kept on disk between; the
+    same sums, so the same costs, groups and updates, bit for bit."""
+    from fxslice.calibration import moments
+
+    sweeps = []
+    real = moments.linear_statistics
+    monkeypatch.setattr("fxslice.passes.surgeon.surgeon.linear_statistics",
+                        lambda *a, **k: sweeps.append(k["linears"]) or real(*a, **k))
+    weights = []
+    for budget in (None, 8 * 2 * 64 * 64):  # two readers' worth of 64 x 64 factors
+        _, program = tiny("llama")
+        PassManager([CleanupIR()]).run(program)
+        sweeps.clear()
+        PassManager([SurgeonPrune(CALIBRATION, target=0.25, shots=2, curvature=curvature, batch_size=4,
+                                  factor_bytes=budget)]).run(program)
+        weights.append(dict(program.gm.named_parameters()))
+        assert (len(sweeps) > 2) == (budget is not None)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_factor_budget_that_is_not_a_positive_integer_is_refused():
+    with pytest.raises(InvalidOption, match="factor_bytes must be a positive number of bytes"):
+        SurgeonPrune(CALIBRATION, target=0.2, factor_bytes=0)

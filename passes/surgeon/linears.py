@@ -21,7 +21,7 @@ def store_matrix(program: Program, use: LinearUse, m: torch.Tensor) -> torch.Ten
     old = tensor_of(program.gm, use.weight)
     value = (m if use.out_axis % 2 == 0 else m.T).to(old.dtype).contiguous()
     set_tensor(program.gm, str(use.weight.target), value)
-    return value
+    return tensor_of(program.gm, use.weight)  # what is stored (on disk for a lazy program: not held here)
 
 
 def decoder_linears(groups: Groups) -> list[str]:

@@ -43,6 +43,7 @@ class Surgeon(Stage):
     labels: str = "data"
     batch_size: int = 1
     multiple: int = 1  # groups: every MLP keeps a multiple of this many channels (32: GGUF blocks; 64: GPU tiles)
+    factor_bytes: int | None = None  # groups: most bytes of Kronecker factors per sweep (None: a quarter of free memory)
 
     def __post_init__(self) -> None:
         curvature_of(self.method)
@@ -70,7 +71,8 @@ class Surgeon(Stage):
         if self.structures == "groups":
             surgeon = SurgeonPrune(context.windows(self.kind), target=self.target, shots=self.shots,
                                    curvature=curvature_of(self.method), damp_a=self.damp_a, batch_size=self.batch_size,
-                                   labels=self.labels, multiple=self.multiple, progress=context.progress)
+                                   labels=self.labels, multiple=self.multiple, factor_bytes=self.factor_bytes,
+                                   progress=context.progress)
         else:
             surgeon = SurgeonMask(context.windows(self.kind), target=self.target, shots=self.shots,
                                   structures=self.structures, curvature=curvature_of(self.method), damp_a=self.damp_a,

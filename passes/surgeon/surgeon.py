@@ -27,8 +27,10 @@ import torch
 from fxslice import InvalidOption, PassManager, PassResult, Program, UnsupportedStructure
 from fxslice.analysis.groups import DimensionGroup, Groups, group_analysis
 from fxslice.calibration.gradients import mean_loss
-from fxslice.calibration.moments import linear_statistics
+from fxslice.calibration.moments import LinearStatistics, dense_linears, linear_statistics
+from fxslice.core.disk import DiskTensor, Scratch
 from fxslice.core.graph import set_tensor, tensor_of
+from fxslice.core.memory import available_bytes, release_freed
 from fxslice.core.progress import progress_bar
 from fxslice.passes.rewrite.remove_dead_groups import RemoveDeadGroups, removable_groups
 from fxslice.passes.surgeon.base import SurgeonPass
@@ -58,14 +60,18 @@ class SurgeonPrune(SurgeonPass):
 
     def __init__(self, windows: torch.Tensor, *, target: float, shots: int = 4, curvature: str = "kfac",
                  damp_a: float = 0.01, batch_size: int = 1, labels: str = "data", multiple: int = 1,
-                 progress: bool = False):
+                 factor_bytes: int | None = None, progress: bool = False):
         super().__init__(windows, shots=shots, curvature=curvature, batch_size=batch_size, labels=labels,
                          progress=progress)
         if not damp_a > 0:
             raise InvalidOption(f"surgeon: damping must be positive, got damp_a={damp_a}")
         if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
             raise InvalidOption(f"surgeon: multiple must be a positive integer, got {multiple!r}")
+        if factor_bytes is not None and (isinstance(factor_bytes, bool) or not isinstance(factor_bytes, int)
+                                         or factor_bytes < 1):
+            raise InvalidOption(f"surgeon: factor_bytes must be a positive number of bytes, got {factor_bytes!r}")
         self.target, self.damp_a, self.multiple = check_target(target, "groups"), damp_a, multiple
+        self.factor_bytes = factor_bytes
         self._last_loss: float | None = None
         self.reports: list[ShotReport] = []
 
@@ -96,10 +102,7 @@ class SurgeonPrune(SurgeonPass):
         readers = sorted({u.weight for g in candidates for u in g.cols})
         batches = list(self.windows.split(self.batch_size))
         loss_before = self._last_loss if self._last_loss is not None else mean_loss(program, batches)
-        stats = None
-        if needs_activations(self.curvature):
-            stats = linear_statistics(program, self.windows, batch_size=self.batch_size, linears=readers,
-                                      gradients=needs_gradients(self.curvature), labels=self.labels)
+        stats = self._statistics(program, readers) if needs_activations(self.curvature) else None
 
         def curvature(w: str, m: torch.Tensor) -> Factors:  # one reader's at a time, built again for its update
             return factors(stats, w, tuple(m.shape), self.curvature, damp_a=self.damp_a, damp_g=0.01)
@@ -145,6 +148,26 @@ class SurgeonPrune(SurgeonPass):
                           sum(candidates[i].kind == "heads" for i in chosen),
                           sum(candidates[i].kind == "mlp_channel" for i in chosen),
                           predicted, loss_before, self._last_loss, dict(per_module))
+
+    def _statistics(self, program: Program, readers: list[str]) -> LinearStatistics | _FactorsOnDisk:
+        """The readers' Kronecker factors: from one sweep, or — when they would take more than `factor_bytes` (by
+        default a quarter of the memory available) — from several sweeps, each over the readers whose factors fit,
+        kept on disk between (a 7 B Llama's `A` and `G` of o_proj and down_proj are 44 GB in float64)."""
+        gradients = needs_gradients(self.curvature)
+        budget = self.factor_bytes or max(1, (available_bytes() or 2**62) // 4)
+        chunks = _chunks(program, readers, budget, gradients)
+
+        def sweep(linears: list[str]) -> LinearStatistics:
+            return linear_statistics(program, self.windows, batch_size=self.batch_size, linears=linears,
+                                     gradients=gradients, labels=self.labels)
+
+        if len(chunks) == 1:
+            return sweep(readers)
+        kept = _FactorsOnDisk(Scratch())
+        for chunk in progress_bar(chunks, "curvature, the readers that fit at a time", enabled=self.progress):
+            kept.keep(sweep(chunk), chunk)
+            release_freed()
+        return kept
 
     def _costs(self, program: Program, groups: Groups, candidates: list[DimensionGroup],
                curvature: Callable[[str, torch.Tensor], Factors]) -> list[float]:
@@ -226,6 +249,46 @@ class SurgeonPrune(SurgeonPass):
             chosen.append(i)
             covered += sizes[i]
         return chosen
+
+
+class _FactorsOnDisk:
+    """Kronecker factors of several sweeps, written to a scratch folder and read back one reader at a time (what
+    `factors` asks of `LinearStatistics`)."""
+
+    def __init__(self, scratch: Scratch):
+        self.scratch = scratch
+        self.a: dict[str, DiskTensor] = {}
+        self.g: dict[str, DiskTensor] = {}
+
+    def keep(self, stats: LinearStatistics, linears: list[str]) -> None:
+        for w in linears:
+            self.a[w] = self.scratch.write(stats.A(w))
+            if stats.output_gradients:
+                self.g[w] = self.scratch.write(stats.G(w))
+
+    def A(self, weight: str) -> torch.Tensor:  # noqa: N802 - the paper's name
+        return self.a[weight].load()
+
+    def G(self, weight: str) -> torch.Tensor:  # noqa: N802 - the paper's name
+        return self.g[weight].load()
+
+
+def _chunks(program: Program, readers: list[str], budget: int, gradients: bool) -> list[list[str]]:
+    """`readers` in graph order, cut into runs whose float64 factors (`A`: in², `G`: out²) fit in `budget` bytes
+    (a reader larger than the budget alone)."""
+    linears = dense_linears(program)
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for w in readers:
+        shape = tensor_of(program.gm, linears[w].weight).shape
+        out, inp = shape[linears[w].out_axis], shape[linears[w].in_axis]
+        size = 8 * (inp * inp + (out * out if gradients else 0))
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(w)
+        used += size
+    return chunks
 
 
 def _refuse_without_groups(groups: Groups) -> None:
