@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils._pytree import tree_map
 
-__all__ = ["DiskTensor", "Scratch", "on_disk"]
+__all__ = ["DiskTensor", "Scratch"]
 
 aten = torch.ops.aten
 
@@ -94,10 +94,6 @@ class DiskTensor(torch.Tensor):
                 raise RuntimeError(_READ_ONLY.format(f"{func.__name__} on {value!r}"))
         read = lambda t: t.load() if isinstance(t, DiskTensor) else t  # noqa: E731
         return func(*tree_map(read, args), **tree_map(read, kwargs))
-
-
-def on_disk(value: Any) -> bool:
-    return isinstance(value, DiskTensor)
 
 
 class Scratch:

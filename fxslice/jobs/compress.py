@@ -112,8 +112,9 @@ def compress(
     given as `model.tokenizer`) with `recipe`; measure perplexity on `evaluation` (None: skip) before and after,
     on its first `eval_windows` windows (all when None) of `eval_length` tokens (2048, or the model's context); save
     to `out` when given (checked before any work). `lazy`: weights stay in the checkpoint's files and are read
-when used; edited ones go to a scratch folder (`fxslice.models.lazy`: for a model larger than memory); None (the
-default) does so when a local checkpoint's weights in `dtype` would take more than half the available memory. `proofs`: "float64" proves every exact pass on a float64 copy
+    when used, edited ones go to a scratch folder (`fxslice.models.lazy`: for a model larger than memory); None (the
+    default) does so when a local checkpoint's weights in `dtype` would take more than half the available memory.
+    `proofs`: "float64" proves every exact pass on a float64 copy
     (up to `FLOAT64_PROOF_BYTES`), "dtype" checks it in the run's dtype only, for less peak memory (the copy is most of what
     slicing and quantizing hold; `fxslice.core.pass_manager.float64_proofs`). `options` are recorded as given, beside the recipe (which holds
     every stage's options). `status` and `note` show progress and remarks (a line on stderr by default).

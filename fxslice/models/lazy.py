@@ -79,7 +79,7 @@ def local_checkpoint_numel(name: str | os.PathLike) -> int | None:
     """The number of values in the safetensors checkpoint of the local directory `name` (headers only), or None
     where `name` is not one (a hub name, a GGUF file, an fxslice save, a pickled checkpoint)."""
     path = Path(name)
-    if not path.is_dir() or not ((path / _INDEX).is_file() or (path / _SINGLE).is_file()):
+    if not (path / "config.json").is_file() or not ((path / _INDEX).is_file() or (path / _SINGLE).is_file()):
         return None
     total = 0
     for file in sorted(set(checkpoint_tensors(path).values())):
@@ -128,9 +128,13 @@ class _LazyModel:
 
         folder = checkpoint_folder(name)
         files = checkpoint_tensors(folder)
-        config = transformers.AutoConfig.from_pretrained(folder)
-        with init_empty_weights(include_buffers=False):  # parameters on `meta`; buffers (rotary tables) computed
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            config = transformers.AutoConfig.from_pretrained(folder)
+            with init_empty_weights(include_buffers=False):  # parameters on `meta`; buffers (rotary tables) computed
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except Exception as exc:  # noqa: BLE001 - a foreign or damaged config fails in transformers' own way
+            raise CaptureError(f"could not build the model of {folder} from its config.json: {type(exc).__name__}: "
+                               f"{exc}\n  what to try: check that it is a transformers checkpoint") from None
         model.tie_weights()  # as loading does: a tied head is the table itself, stored once
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.disk: dict[int, DiskTensor] = {}
