@@ -26,6 +26,7 @@ import torch
 
 from fxslice import InvalidOption, PassManager, PassResult, Program, UnsupportedStructure
 from fxslice.analysis.groups import DimensionGroup, Groups, group_analysis
+from fxslice.calibration.distributed import rank_and_size
 from fxslice.calibration.gradients import mean_loss
 from fxslice.calibration.moments import LinearStatistics, dense_linears, linear_statistics
 from fxslice.core.disk import DiskTensor, Scratch
@@ -151,10 +152,13 @@ class SurgeonPrune(SurgeonPass):
 
     def _statistics(self, program: Program, readers: list[str]) -> LinearStatistics | _FactorsOnDisk:
         """The readers' Kronecker factors: from one sweep, or — when they would take more than `factor_bytes` (by
-        default a quarter of the memory available) — from several sweeps, each over the readers whose factors fit,
-        kept on disk between (a 7 B Llama's `A` and `G` of o_proj and down_proj are 44 GB in float64)."""
+        default a quarter of the memory available; under torchrun, only when given) — from several sweeps, each over
+        the readers whose factors fit, kept on disk between (a 7 B Llama's `A` and `G` of o_proj and down_proj are
+        44 GB in float64)."""
         gradients = needs_gradients(self.curvature)
-        budget = self.factor_bytes or max(1, (available_bytes() or 2**62) // 4)
+        # ranks must sweep alike, and each sees its own free memory: under torchrun only a given budget splits
+        free = available_bytes() if rank_and_size()[1] == 1 else None
+        budget = self.factor_bytes or max(1, (free or 2**62) // 4)
         chunks = _chunks(program, readers, budget, gradients)
 
         def sweep(linears: list[str]) -> LinearStatistics:
