@@ -111,6 +111,14 @@ class Scratch:
     #: smaller tensors (norm weights, biases) stay in memory: a file per vector would cost more than it saves
     MIN_BYTES = 1 << 20
 
+    def keep(self, value: Any) -> Any:
+        """`value` as a program on disk keeps it: a host tensor of `MIN_BYTES` or more written here, anything else
+        (small, on a device, on disk already, not a tensor) as it is."""
+        if (not isinstance(value, torch.Tensor) or isinstance(value, DiskTensor) or value.device.type != "cpu"
+                or value.nbytes < self.MIN_BYTES):
+            return value
+        return self.write(value)
+
     def write(self, value: torch.Tensor) -> DiskTensor:
         """`value` written to a new file of this folder, bound from there (its dtype kept: edited weights are not
         rounded back to the checkpoint's dtype)."""

@@ -125,10 +125,7 @@ def kept(gm: fx.GraphModule, value: Any) -> Any:
     """`value` as `gm` keeps its weights: written to its scratch folder when it has one (see `set_tensor`), else
     itself."""
     scratch = gm.meta.get(SCRATCH)
-    if (scratch is None or not isinstance(value, torch.Tensor) or isinstance(value, DiskTensor)
-            or value.device.type != "cpu" or value.nbytes < scratch.MIN_BYTES):
-        return value
-    return scratch.write(value)
+    return value if scratch is None else scratch.keep(value)
 
 
 def add_parameter(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> str:

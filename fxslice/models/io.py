@@ -293,8 +293,8 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, lazy: bool = Fa
         for tensor in stored_shapes(name, meta["bits"], meta["group_size"], meta["shape"], quantized[name].grid):
             del weights[tensor]
         weights[name] = quantized[name].dequantize()
-        if scratch is not None and weights[name].nbytes >= scratch.MIN_BYTES:
-            weights[name] = scratch.write(weights[name])
+        if scratch is not None:
+            weights[name] = scratch.keep(weights[name])
     layout = CacheLayout.from_json(record["kv_cache"]) if record.get("kv_cache") else None
     inputs = program_inputs(None if layout is None else len(layout.shapes))
     gm = _legacy_graph(root, weights, inputs) if legacy else _read_graph(root / GRAPH, weights, inputs)

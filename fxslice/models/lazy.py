@@ -62,17 +62,22 @@ def checkpoint_folder(name: str | os.PathLike) -> Path:
                            "  what to try: a hub name needs network access (or a local copy)") from None
 
 
-def checkpoint_tensors(folder: Path) -> dict[str, Path]:
-    """Every tensor name of the checkpoint in `folder` and the file that holds it."""
+def checkpoint_tensors(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every tensor of the checkpoint in `folder`: the file that holds it and its shape (each header read once)."""
     index = folder / _INDEX
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return {key: folder / file for key, file in weight_map.items()}
-    if (folder / _SINGLE).is_file():
-        with safe_open(str(folder / _SINGLE), framework="pt") as f:
-            return dict.fromkeys(f.keys(), folder / _SINGLE)
-    raise CaptureError(f"{folder} holds no safetensors checkpoint ({_SINGLE} or {_INDEX}); a lazy load reads only "
-                       "safetensors (no pickled .bin: loading one can run code)")
+        files = sorted({folder / file for file in weight_map.values()})
+    elif (folder / _SINGLE).is_file():
+        files = [folder / _SINGLE]
+    else:
+        raise CaptureError(f"{folder} holds no safetensors checkpoint ({_SINGLE} or {_INDEX}); a lazy load reads only "
+                           "safetensors (no pickled .bin: loading one can run code)")
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            found.update((key, (file, tuple(f.get_slice(key).get_shape()))) for key in f.keys())
+    return found
 
 
 def local_checkpoint_numel(name: str | os.PathLike) -> int | None:
@@ -81,17 +86,7 @@ def local_checkpoint_numel(name: str | os.PathLike) -> int | None:
     path = Path(name)
     if not (path / "config.json").is_file() or not ((path / _INDEX).is_file() or (path / _SINGLE).is_file()):
         return None
-    total = 0
-    for file in sorted(set(checkpoint_tensors(path).values())):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                total += math.prod(f.get_slice(key).get_shape())
-    return total
-
-
-def _shape_of(path: Path, key: str) -> tuple[int, ...]:
-    with safe_open(str(path), framework="pt") as f:
-        return tuple(f.get_slice(key).get_shape())
+    return sum(math.prod(shape) for _, shape in checkpoint_tensors(path).values())
 
 
 def capture_lazily(name: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
@@ -146,13 +141,13 @@ class _LazyModel:
             if key is None:
                 missing.append(group[0])
                 continue
-            shape = _shape_of(files[key], key)
+            file, shape = files[key]
             if shape != tuple(param.shape):
                 raise CaptureError(f"{folder}: {key} has shape {shape} in the checkpoint, but {type(model).__name__} "
                                    f"expects {tuple(param.shape)}: the config and the weights disagree")
             with mode:
                 fake = nn.Parameter(torch.empty(param.shape, dtype=dtype), requires_grad=False)
-            self.disk[id(fake)] = DiskTensor(files[key], key, param.shape, dtype)
+            self.disk[id(fake)] = DiskTensor(file, key, param.shape, dtype)
             for n in group:
                 _replace(model, n, fake)
                 self.fakes[n] = fake
