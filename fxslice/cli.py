@@ -49,6 +49,9 @@ Lazy = Annotated[bool | None, typer.Option("--lazy/--in-memory", help="leave the
                                            "files, each read by the op that uses it, edited ones written to a scratch "
                                            "folder: models larger than memory (default: when the weights would take "
                                            "more than half the available memory)")]
+Restart = Annotated[bool, typer.Option("--restart", help="start over even where an interrupted run of this command "
+                                       "left a checkpoint (OUT.resume/, which is then removed); by default the run "
+                                       "continues after its last finished stage")]
 LoadLazy = Annotated[bool, typer.Option("--lazy", help="leave the weights in the saved model's file, each read by the op "
                                         "that uses it: models larger than memory")]
 Kernels = Annotated[str, typer.Option(help="how a quantized model's 4-bit weights run: float (dequantized once) or int4 "
@@ -173,6 +176,7 @@ def slice_(
     offload: Offload = False,
     proofs: Proofs = "float64",
     lazy: Lazy = None,
+    restart: Restart = False,
 ) -> None:
     """Slice MODEL with SliceGPT (sequential PCA), measure perplexity before and after, and save it to --out.
 
@@ -187,7 +191,7 @@ def slice_(
     if save_recipe is not None:
         recipe.save(save_recipe)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs,
-              lazy)
+              lazy, restart)
 
 
 @app.command()
@@ -219,6 +223,7 @@ def prune(
     offload: Offload = False,
     proofs: Proofs = "float64",
     lazy: Lazy = None,
+    restart: Restart = False,
 ) -> None:
     """Prune MODEL's MLP channels and key/value head groups (The LLM Surgeon), so that its matrices shrink;
     or, with --structures, zero the paper's rows and columns, single weights or 2:4 blocks.
@@ -232,7 +237,7 @@ def prune(
                           calibration=data, strict=strict, multiple=multiple)
     recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr, recover_objective)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs,
-              lazy)
+              lazy, restart)
 
 
 @app.command()
@@ -282,6 +287,7 @@ def quantize(
     offload: Offload = False,
     proofs: Proofs = "float64",
     lazy: Lazy = None,
+    restart: Restart = False,
 ) -> None:
     """Quantize MODEL's weights group-wise (GPTQ or round to nearest), every linear at --bits or, with
     --budget-bits, at widths searched under that budget; the saved model stores packed integers and its record
@@ -314,7 +320,7 @@ def quantize(
     stages = (Cleanup(), *([Rotate(rotation="hadamard")] if rotation == "hadamard" else []), stage)
     recipe = Recipe(stages, data if stage.calibrates else None, name=f"quantize-{method}")
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs,
-              lazy)
+              lazy, restart)
 
 
 @app.command()
@@ -333,6 +339,7 @@ def compress(
     offload: Offload = False,
     proofs: Proofs = "float64",
     lazy: Lazy = None,
+    restart: Restart = False,
 ) -> None:
     """Run a recipe on MODEL, measure perplexity before and after, and save the result to --out.
 
@@ -342,7 +349,7 @@ def compress(
 
     recipe = load_recipe(recipe_file, trust_code=trust_code)  # validated before anything is loaded
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs,
-              lazy)
+              lazy, restart)
 
 
 def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float, objective: str) -> Recipe:
@@ -358,7 +365,7 @@ def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float, objective: 
 
 def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_windows: int | None, eval_length: int,
               batch_size: int, device: str = "cpu", dtype: str = "float32", offload: bool = False,
-              proofs: str = "float64", lazy: bool | None = None) -> None:
+              proofs: str = "float64", lazy: bool | None = None, restart: bool = False) -> None:
     """`fxslice.compress` with the command's flags, its progress on stderr and its report on stdout. Every option of
     the method is in the recipe, which the record holds: nothing is written twice."""
     from fxslice.calibration.distributed import launched_group, rank_and_size
@@ -368,7 +375,7 @@ def _compress(model: str, recipe: Recipe, out_dir: Path, evaluation: str, eval_w
         first = rank_and_size()[0] == 0
         report = compress(model, recipe, out=out_dir, evaluation=evaluation, eval_windows=eval_windows,
                           eval_length=eval_length, batch_size=batch_size, device=device, dtype=dtype, offload=offload,
-                          lazy=lazy, proofs=proofs, progress=first and not _quiet, status=_status if first else _silent,
+                          lazy=lazy, resume=not restart, proofs=proofs, progress=first and not _quiet, status=_status if first else _silent,
                           note=_note if first else lambda message: None)
     if first:
         out.print(str(report), highlight=False, markup=False)

@@ -18,7 +18,7 @@ import torch
 
 from fxslice.core.errors import BadInput
 
-__all__ = ["rank_and_size", "shard", "all_reduce_observers", "all_reduce_sum", "launched_group"]
+__all__ = ["rank_and_size", "barrier", "shard", "all_reduce_observers", "all_reduce_sum", "launched_group"]
 
 T = TypeVar("T")
 
@@ -51,6 +51,14 @@ def rank_and_size() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing to wait for without a process group)."""
+    import torch.distributed as dist
+
+    if rank_and_size()[1] > 1:
+        dist.barrier()
 
 
 def _fingerprint(batches: Sequence[torch.Tensor]) -> int:

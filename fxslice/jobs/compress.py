@@ -21,20 +21,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxslice.calibration.distributed import rank_and_size
+from fxslice.calibration.distributed import barrier, rank_and_size
 from fxslice.core.devices import resolve_device, resolve_dtype
 from fxslice.core.errors import CaptureError, InvalidOption, PassCheckFailed
 from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.memory import available_bytes
 from fxslice.core.pass_manager import float64_proofs, replay
 from fxslice.core.program import Program
+from fxslice.core.version import __version__
 from fxslice.data import load_text, token_windows
 from fxslice.evaluation.perplexity import perplexity
+from fxslice.jobs.checkpoint import JobCheckpoint, model_identity
 from fxslice.models.capture import capture_module, check_module_dtype, load_model
 from fxslice.models.io import check_output_dir, save
 from fxslice.models.kvcache import capture_cached
 from fxslice.models.lazy import capture_lazily, local_checkpoint_numel
-from fxslice.recipes import Recipe, RecipeResult
+from fxslice.recipes import Recipe, RecipeResult, StageResult
 
 __all__ = ["Report", "capture_with_cache", "compress"]
 
@@ -103,6 +105,7 @@ def compress(
     offload: bool = False,
     lazy: bool | None = None,
     proofs: str = "float64",
+    resume: bool = True,
     options: dict[str, Any] | None = None,
     progress: bool = True,
     status: Callable[[str], contextlib.AbstractContextManager[Any]] = _say,
@@ -118,6 +121,10 @@ def compress(
     (up to `FLOAT64_PROOF_BYTES`), "dtype" checks it in the run's dtype only, for less peak memory (the copy is most of what
     slicing and quantizing hold; `fxslice.core.pass_manager.float64_proofs`). `options` are recorded as given, beside the recipe (which holds
     every stage's options). `status` and `note` show progress and remarks (a line on stderr by default).
+
+    With `out`, the job keeps a checkpoint in `OUT.resume/` as each calibrating stage ends (`fxslice.jobs.checkpoint`):
+    interrupted, the same call continues after the last stage done and saves what an uninterrupted run saves;
+    `resume=False` removes such a checkpoint and starts over. The folder is removed once the model is saved.
 
     Under a `torch.distributed` process group (`torchrun`) every rank calibrates on its share of the windows, all
     ranks end with the same model, and rank 0 alone saves it."""
@@ -138,15 +145,36 @@ def compress(
     if calibrating and recipe.calibration is None:
         raise InvalidOption(f"stage '{calibrating[0]}' calibrates but the recipe has no calibration section; add "
                             "e.g. `calibration: {source: wikitext2:validation, windows: 32, length: 2048}`")
+    checkpoint = None
+    if out_dir is not None and not isinstance(model, nn.Module):
+        run = {"model": model_identity(model), "recipe": recipe.to_dict(), "device": str(target), "dtype": dtype,
+               "offload": offload, "proofs": proofs, "evaluation": evaluation, "eval_windows": eval_windows,
+               "eval_length": eval_length, "batch_size": batch_size, "fxslice": __version__,
+               "processes": rank_and_size()[1]}
+        checkpoint = JobCheckpoint(out_dir, run)
+        if not resume:
+            checkpoint.discard()
     seconds: dict[str, float] = {}
+    notes: list[str] = []
     with _timed(seconds, "capture"):
-        program, cached = capture_with_cache(model, target, precision, offload, status, note, lazy=lazy)
-        # the cache graph takes the compressed weights at the end: it need not hold the original ones meanwhile
-        cached = cached.skeleton() if cached is not None else None
+        restored = checkpoint.restore(lazy=lazy) if checkpoint is not None else None
+        if restored is not None:
+            note(f"continuing the interrupted run from {restored.folder}: {len(restored.stages)} of "
+                 f"{len(recipe.stages)} stages done (resume=False / --restart starts over)")
+            program, cached = _placed(restored.program, restored.cached, target, offload, status)
+            for p in (program, cached):
+                if p is not None:
+                    p.source = str(model)
+            notes += restored.notes
+        else:
+            program, cached = capture_with_cache(model, target, precision, offload, status, note, lazy=lazy)
+            # the cache graph takes the compressed weights at the end: it need not hold the original ones meanwhile
+            cached = cached.skeleton() if cached is not None else None
+    done = restored.stages if restored is not None else []
     if program.tokenizer is None:
         raise InvalidOption(f"{program.model_class} comes without a tokenizer; compression needs one to read text")
     check_tokens(program, torch.zeros(0, dtype=torch.long), program.tokenizer)
-    recipe.check(program)  # options that do not fit this model, before calibration and evaluation
+    recipe.check(program, len(done))  # options that do not fit this model, before calibration and evaluation
     calibration = recipe.calibration.load(program) if recipe.calibration is not None else None
     test = None
     if evaluation not in (None, "none"):
@@ -154,38 +182,83 @@ def compress(
         eval_length = eval_length or min(DEFAULT_EVAL_LENGTH, context or DEFAULT_EVAL_LENGTH)
         test = token_windows(program.tokenizer, load_text(evaluation), eval_length, max_length=context)
         test = test[:eval_windows] if eval_windows else test
-    ppl: dict[str, float] = {}
-    if test is not None:
+    ppl: dict[str, float] = dict(restored.perplexity) if restored is not None else {}
+    if restored is not None:
+        seconds |= {k: v for k, v in restored.seconds.items() if k == "evaluate_dense"}
+    if test is not None and "dense" not in ppl:
         with _timed(seconds, "evaluate_dense"):
             ppl["dense"] = perplexity(program, test, batch_size=batch_size, progress=progress)
-    with float64_proofs(proofs == "float64"):
-        result = recipe.run(program, calibration=calibration, progress=progress)
-    seconds.update({stage.kind: r.seconds for stage, r in result.stages})
-    if test is not None:
-        with _timed(seconds, "evaluate_compressed"):
-            ppl["compressed"] = perplexity(program, test, batch_size=batch_size, progress=progress)
-    record = {
-        "passes": [p.name for p in result.passes],
-        "device": str(target), "dtype": dtype, "offload": offload, "lazy": lazy, "proofs": proofs,
-        **(options or {}),
-        "calibration": None if recipe.calibration is None else dataclasses.asdict(recipe.calibration),
-        "evaluation": {"source": evaluation or "none", "windows": 0 if test is None else len(test), "length": eval_length},
-        "perplexity": ppl,
-        "recipe": recipe.to_dict(),
-        **result.record(),
-    }
-    notes: list[str] = []
-    if cached is not None:  # the same passes, the same bases: generation gets the new weights and a cache
-        try:
-            replay(result.passes, cached, program)
-        except PassCheckFailed as exc:
-            notes.append(f"the KV-cache capture cannot follow ({exc}); the saved model generates without a KV cache")
-            note(notes[-1])
-            cached = None
-    if out_dir is not None and rank_and_size()[0] == 0:  # every rank holds the same model: the first one saves it
-        with _timed(seconds, "save"), status(f"saving to {out_dir} ..."):
-            save(cached or program, out_dir, record)
+    teacher = None
+    if restored is not None and any(s.learns_from_teacher for s in recipe.stages[len(done):]):
+        teacher = capture_with_cache(model, target, precision, offload, status, note, lazy=lazy)[0]
+    dense_parameters = restored.dense_parameters if restored is not None else program.num_parameters()
+    entries = [r.pass_entries() for r in done]
+
+    def after_stage(i: int, stage_result: StageResult) -> None:
+        """Let the KV-cache capture follow the stage, and keep a checkpoint after a stage that calibrated."""
+        nonlocal cached
+        stage = recipe.stages[i]
+        entries.append(stage_result.pass_entries())
+        if cached is not None:  # the same passes, the same bases: generation gets the new weights and a cache
+            try:
+                replay(stage_result.passes, cached, program)
+            except PassCheckFailed as exc:
+                notes.append(f"the KV-cache capture cannot follow ({exc}); the saved model generates without a KV cache")
+                note(notes[-1])
+                cached = None
+        if checkpoint is not None and stage.calibrates and rank_and_size()[0] == 0:
+            with status(f"checkpoint after stage {i + 1} of {len(recipe.stages)} ({stage.kind}) in {checkpoint.folder} ..."):
+                stages = [{"stage": s.kind, "seconds": round(r.seconds, 2), "report": r.report, "passes": e}
+                          for s, r, e in zip(recipe.stages, [*done, *results_so_far, stage_result], entries, strict=False)]
+                checkpoint.write(program, cached, stages, {
+                    "dense_parameters": dense_parameters, "perplexity": ppl, "notes": notes,
+                    "seconds": {k: v for k, v in seconds.items() if k == "evaluate_dense"}})
+        results_so_far.append(stage_result)
+        if cached is not None:
+            cached = cached.skeleton()  # shapes only again while the next stage replaces the weights
+
+    results_so_far: list[StageResult] = []
+    with _say_how_to_resume(checkpoint, note):
+        with float64_proofs(proofs == "float64"):
+            result = recipe.run(program, calibration=calibration, progress=progress, teacher=teacher, done=done,
+                                dense_parameters=dense_parameters, after_stage=after_stage)
+        del teacher
+        if cached is not None:
+            replay([], cached, program)  # the cache graph takes the compressed weights
+        seconds.update({stage.kind: r.seconds for stage, r in result.stages})
+        if test is not None:
+            with _timed(seconds, "evaluate_compressed"):
+                ppl["compressed"] = perplexity(program, test, batch_size=batch_size, progress=progress)
+        record = {
+            "passes": [entry["name"] for _, r in result.stages for entry in r.pass_entries()],
+            "device": str(target), "dtype": dtype, "offload": offload, "lazy": lazy, "proofs": proofs,
+            **(options or {}),
+            "calibration": None if recipe.calibration is None else dataclasses.asdict(recipe.calibration),
+            "evaluation": {"source": evaluation or "none", "windows": 0 if test is None else len(test), "length": eval_length},
+            "perplexity": ppl,
+            "recipe": recipe.to_dict(),
+            **result.record(),
+        }
+        if out_dir is not None and rank_and_size()[0] == 0:  # every rank holds the same model: the first one saves it
+            with _timed(seconds, "save"), status(f"saving to {out_dir} ..."):
+                save(cached or program, out_dir, record)
+    if checkpoint is not None:
+        barrier()  # no rank reads a weight from the checkpoint any more
+        if rank_and_size()[0] == 0:
+            checkpoint.discard()
     return Report(program, result, record, ppl, seconds, out_dir, notes, cached)
+
+
+@contextlib.contextmanager
+def _say_how_to_resume(checkpoint: JobCheckpoint | None, note: Callable[[str], None]) -> Iterator[None]:
+    """Whatever stops the job once a checkpoint is written (Ctrl-C, a crash, a full disk) is followed by where it is."""
+    try:
+        yield
+    except BaseException:
+        if checkpoint is not None and checkpoint.stages_done:
+            note(f"the run stopped; {checkpoint.folder} holds it after {checkpoint.stages_done} stages: the same "
+                 "command continues from there (--restart starts over)")
+        raise
 
 
 @contextlib.contextmanager
@@ -215,14 +288,21 @@ def capture_with_cache(model: str | os.PathLike | nn.Module, device: torch.devic
                 note("the model cannot be captured with a KV cache; the saved model will generate without one")
         else:
             program, cached, tokenizer = _capture_in_memory(model, dtype, note)
-    if offload:
-        program, cached = program.offload(device), (cached.offload(device) if cached is not None else None)
-    elif device.type != "cpu":
-        with status(f"moving to {device} ..."):
-            program, cached = program.to(device), (cached.to(device) if cached is not None else None)
+    program, cached = _placed(program, cached, device, offload, status)
     for p in (program, cached):
         if p is not None:
             p.tokenizer, p.source = tokenizer, name
+    return program, cached
+
+
+def _placed(program: Program, cached: Program | None, device: torch.device, offload: bool,
+            status: Callable[[str], contextlib.AbstractContextManager[Any]]) -> tuple[Program, Program | None]:
+    """Both programs computing on `device`: moved there, or with `offload` their weights left in host memory."""
+    if offload:
+        return program.offload(device), (cached.offload(device) if cached is not None else None)
+    if device.type != "cpu":
+        with status(f"moving to {device} ..."):
+            return program.to(device), (cached.to(device) if cached is not None else None)
     return program, cached
 
 

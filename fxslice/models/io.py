@@ -41,7 +41,7 @@ from fxslice.models.remote.graph_data import GraphDataError, graph_from_data, gr
 from fxslice.models.tensor_file import DTYPE_CODES, write_tensors
 
 __all__ = ["save", "load", "check_output_dir", "example_inputs", "write_directory", "write_file", "save_tokenizer",
-           "RECORD", "WEIGHTS", "GRAPH", "LEGACY_GRAPH"]
+           "write_graph", "graph_over", "RECORD", "WEIGHTS", "GRAPH", "LEGACY_GRAPH"]
 
 RECORD, WEIGHTS, GRAPH, TOKENIZER = "fxslice.json", "model.safetensors", "graph.json", "tokenizer"
 LEGACY_GRAPH = "graph.pt2"  # a torch.export archive: reading it unpickles (fxslice before graph.json)
@@ -111,6 +111,20 @@ def _graph_json(program: Program) -> bytes:
         raise UnsupportedStructure(f"this program cannot be saved: {exc}") from None
     data["parameters"] = sorted({name for name, _ in program.gm.named_parameters(remove_duplicate=False)})
     return json.dumps(data, separators=(",", ":")).encode()
+
+
+def write_graph(program: Program, path: Path) -> None:
+    """The graph of `program` alone, as in graph.json: a second graph over another program's weights (the KV-cache
+    capture a job keeps beside the program it compresses), read back by `graph_over`."""
+    path.write_bytes(_graph_json(program))
+
+
+def graph_over(path: Path, program: Program, cache: CacheLayout | None) -> Program:
+    """The graph `write_graph` wrote to `path`, computing with `program`'s weights (by name), with `cache`'s layout."""
+    weights = {str(n.target): tensor_of(program.gm, n) for n in program.graph.find_nodes(op="get_attr")}
+    gm = _read_graph(path, weights, program_inputs(None if cache is None else len(cache.shapes)))
+    return Program(gm, program.model_class, program.config, program.tokenizer, program.source, cache=cache,
+                   quantized=dict(program.quantized), static_shape=program.static_shape)
 
 
 def check_output_dir(out: Path) -> None:
@@ -356,7 +370,7 @@ def _read_graph(path: Path, weights: dict[str, torch.Tensor], inputs: list[str])
     root = {name: nn.Parameter(weights[name], requires_grad=False) if name in chosen else weights[name] for name in read}
     gm = fx.GraphModule(root, graph, class_name="CapturedLM")
     try:
-        propagate_fake_values(gm, {n.name: n.meta.pop("value", None) for n in graph.find_nodes(op="placeholder")})
+        propagate_fake_values(gm, {n.name: n.meta.get("value") for n in graph.find_nodes(op="placeholder")})
     except ValueError as exc:
         raise CorruptModel(f"the graph {path} does not compute with the stored weights: {exc}") from None
     return gm

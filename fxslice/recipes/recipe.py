@@ -20,7 +20,7 @@ import dataclasses
 import json
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,19 +84,8 @@ class RecipeResult:
         return {
             "dense_parameters": self.dense_parameters,
             "parameters": self.parameters,
-            "stages": [{
-                "stage": stage.kind,
-                "seconds": round(result.seconds, 2),
-                "report": result.report,
-                "passes": [{
-                    "name": r.name, "exact": r.exact, "modified": r.modified, "seconds": round(r.seconds, 3),
-                    "nodes_added": len(r.added), "nodes_removed": len(r.removed), "nodes_rewired": len(r.rewired),
-                    "parameters_changed": len(r.params), "summary": r.summary(),
-                    **({"logits_moved": r.max_relative_error} if r.max_relative_error is not None else {}),
-                    **({"checked": r.checked} if r.checked else {}),
-                    **({"float64_error": r.float64_error} if r.float64_error is not None else {}),
-                } for r in result.records],
-            } for stage, result in self.stages],
+            "stages": [{"stage": stage.kind, "seconds": round(result.seconds, 2), "report": result.report,
+                        "passes": result.pass_entries()} for stage, result in self.stages],
         }
 
 
@@ -133,39 +122,50 @@ class Recipe:
             held |= stage.provides
         return frozenset(held)
 
-    def check(self, program: Program) -> None:
-        """Each stage's options against `program` (`Stage.check`), before any long work."""
-        for stage in self.stages:
+    def check(self, program: Program, first: int = 0) -> None:
+        """The options of each stage from `first` on against `program` (`Stage.check`), before any long work."""
+        for stage in self.stages[first:]:
             stage.check(program)
 
     def run(self, program: Program, *, calibration: torch.Tensor | None = None, progress: bool = False,
-            teacher: Program | None = None) -> RecipeResult:
+            teacher: Program | None = None, done: Sequence[StageResult] = (), dense_parameters: int | None = None,
+            after_stage: Callable[[int, StageResult], None] | None = None) -> RecipeResult:
         """Run every stage on `program` in place. `calibration` (token ids [n, length]) overrides the
         recipe's calibration section. `teacher` is what a distilling stage learns from: by default a copy of
-        `program` as given, kept (one more copy of the weights) only until the last stage that reads it."""
-        self.check(program)
-        if calibration is None and any(s.calibrates for s in self.stages):
+        `program` as given, kept (one more copy of the weights) only until the last stage that reads it.
+
+        A run that continues an interrupted one gives the results of the stages `done` (the first ones, already
+        applied to `program`) and the parameters before them; `after_stage(i, result)` is called as each stage
+        ends (where a job writes its checkpoint)."""
+        first = len(done)
+        if first > len(self.stages):
+            raise InvalidOption(f"{first} stages are done, but the recipe has {len(self.stages)}")
+        todo = self.stages[first:]
+        self.check(program, first)
+        if calibration is None and any(s.calibrates for s in todo):
             if self.calibration is None:
-                first = next(s for s in self.stages if s.calibrates)
-                raise InvalidOption(f"stage '{first.kind}' calibrates but the recipe has no calibration section")
+                calibrating = next(s for s in todo if s.calibrates)
+                raise InvalidOption(f"stage '{calibrating.kind}' calibrates but the recipe has no calibration section")
             calibration = self.calibration.load(program)
-        learners = [i for i, s in enumerate(self.stages) if s.learns_from_teacher]
+        learners = [i for i, s in enumerate(self.stages) if s.learns_from_teacher and i >= first]
         context = StageContext(calibration, progress=progress)
         if learners:
             context.teacher = teacher if teacher is not None else program.clone()
         del teacher  # the context alone holds it, so that dropping it there frees it
-        dense = program.num_parameters()
-        done: list[tuple[Stage, StageResult]] = []
-        for i, stage in enumerate(self.stages):
+        dense = program.num_parameters() if dense_parameters is None else dense_parameters
+        results = list(zip(self.stages, done, strict=False))
+        for i, stage in enumerate(todo, start=first):
             start = time.perf_counter()
             result = stage.run(program, context)
             result.seconds = time.perf_counter() - start
-            done.append((stage, result))
+            results.append((stage, result))
             if learners and i == learners[-1]:
                 context.teacher = None  # no later stage reads it: give its memory back
             release_freed()
+            if after_stage is not None:
+                after_stage(i, result)
         program.record["facts"] = sorted(self.validate())
-        return RecipeResult(program, done, dense, program.num_parameters())
+        return RecipeResult(program, results, dense, program.num_parameters())
 
     # files ------------------------------------------------------------------------------------------
 

@@ -60,6 +60,21 @@ class StageResult:
     records: list[PassRecord] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    #: the pass entries of a stage that ran in an earlier process (a resumed job), whose passes are gone
+    entries: list[dict[str, Any]] | None = None
+
+    def pass_entries(self) -> list[dict[str, Any]]:
+        """Each pass's record as it goes into `fxslice.json`: name, exactness, time, what it changed."""
+        if self.entries is not None:
+            return self.entries
+        return [{
+            "name": r.name, "exact": r.exact, "modified": r.modified, "seconds": round(r.seconds, 3),
+            "nodes_added": len(r.added), "nodes_removed": len(r.removed), "nodes_rewired": len(r.rewired),
+            "parameters_changed": len(r.params), "summary": r.summary(),
+            **({"logits_moved": r.max_relative_error} if r.max_relative_error is not None else {}),
+            **({"checked": r.checked} if r.checked else {}),
+            **({"float64_error": r.float64_error} if r.float64_error is not None else {}),
+        } for r in self.records]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -104,7 +104,9 @@ def _shape(node: fx.Node) -> dict[str, Any] | None:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return node.meta.get("value")  # as read, before fake values were given
-    hints = [getattr(getattr(s, "node", None), "hint", None) for s in val.shape]
+    stored = node.meta.get("value")  # as read from a file: its example sizes stay those of the first capture
+    hints = stored["hints"] if isinstance(stored, dict) and len(stored.get("hints") or ()) == val.dim() else \
+        [getattr(getattr(s, "node", None), "hint", None) for s in val.shape]
     return {"shape": [int(s) if isinstance(s, int) else str(s) for s in val.shape],
             "dtype": str(val.dtype).removeprefix("torch."),
             "hints": [h if isinstance(h, int) and not isinstance(s, int) else None for h, s in zip(hints, val.shape,
@@ -137,7 +139,23 @@ def graph_to_data(graph: fx.Graph) -> dict[str, Any]:
         if node.op == "placeholder" and _shape(node) is not None:
             entry["value"] = _shape(node)
         nodes.append(entry)
+    _number_symbols(nodes)
     return {"format": FORMAT, "nodes": nodes}
+
+
+def _number_symbols(nodes: list[dict[str, Any]]) -> None:
+    """Name the inputs' symbolic sizes s0, s1, ... in order of appearance: the tracer's own numbering depends on
+    what it traced before, and the same graph should be written as the same bytes."""
+    names: dict[str, str] = {}
+
+    def rename(match: re.Match[str]) -> str:
+        return names.setdefault(match.group(0), f"s{len(names)}")
+
+    for entry in nodes:
+        value = entry.get("value")
+        if isinstance(value, dict) and isinstance(value.get("shape"), list):
+            shape = [re.sub(r"\b[su]\d+\b", rename, s) if isinstance(s, str) else s for s in value["shape"]]
+            entry["value"] = {**value, "shape": shape}
 
 
 # ---------------------------------------------------------------------------------------------------------- reading

@@ -1,0 +1,132 @@
+"""An interrupted compression continues from its checkpoint (`fxslice.jobs.checkpoint`) and saves the very files an
+uninterrupted run saves; a checkpoint of another run is refused, not overwritten."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+import fxslice
+from fxslice import InvalidOption
+from fxslice.core.disk import Scratch
+from fxslice.passes.quantize.stages import Quantize
+from fxslice.passes.rewrite.stages import Cleanup
+from fxslice.passes.slicegpt.stages import SliceGPT
+from fxslice.passes.surgeon.stages import Surgeon
+from fxslice.recipes import Calibration, Recipe
+from fxslice.testing import char_tokenizer, tiny_causal_lm
+
+
+def _model(tmp_path, family: str = "llama"):
+    path = tmp_path / family
+    tiny_causal_lm(family).save_pretrained(path, max_shard_size="40KB")
+    char_tokenizer().save_pretrained(path)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    return str(path), str(text)
+
+
+def _recipe(text: str, *, sparsity: float = 0.25) -> Recipe:
+    calibration = Calibration(source=text, windows=4, length=32)
+    return Recipe((Cleanup(), SliceGPT(sparsity=sparsity, multiple=4), Surgeon(target=0.1, shots=1),
+                   Quantize(bits=4, group_size=16)), calibration)
+
+
+def _compress(model: str, text: str, out, notes: list[str] | None = None, **options):
+    notes = [] if notes is None else notes
+    report = fxslice.compress(model, _recipe(text, **options.pop("recipe", {})), out=out, evaluation=text,
+                              eval_windows=2, eval_length=32, progress=False, note=notes.append, **options)
+    return report, notes
+
+
+class Interrupted(KeyboardInterrupt):
+    pass
+
+
+def _interrupt(monkeypatch, stage_cls) -> None:
+    """Ctrl-C as `stage_cls` starts: the stages before it are done and checkpointed."""
+    def stop(self, program, context):
+        raise Interrupted
+
+    monkeypatch.setattr(stage_cls, "run", stop)
+
+
+def _saved(out) -> dict:
+    record = json.loads((out / "fxslice.json").read_text())
+    for stage in record["stages"]:  # times differ from run to run
+        stage.pop("seconds")
+        for entry in stage["passes"]:
+            entry.pop("seconds")
+            entry["summary"] = re.sub(r"\d+\.\d+s", "", entry["summary"])
+    return {k: v for k, v in record.items() if k not in ("seconds",)}
+
+
+@pytest.mark.parametrize(("lazy", "cut"), [(False, Surgeon), (False, Quantize), (True, Quantize)])
+def test_a_run_interrupted_after_a_stage_resumes_and_saves_the_uninterrupted_files(tmp_path, monkeypatch, lazy, cut):
+    monkeypatch.setattr(Scratch, "MIN_BYTES", 0)  # lazily: every edited weight in a scratch file
+    model, text = _model(tmp_path)
+    whole, _ = _compress(model, text, tmp_path / "whole", lazy=lazy)
+    assert not (tmp_path / "whole.resume").exists()  # a finished run leaves no checkpoint
+
+    said: list[str] = []
+    with monkeypatch.context() as patch:
+        _interrupt(patch, cut)
+        with pytest.raises(Interrupted):
+            _compress(model, text, tmp_path / "cut", said, lazy=lazy)
+    assert not (tmp_path / "cut").exists()
+    generations = sorted(p.name for p in (tmp_path / "cut.resume").iterdir())
+    done = 2 if cut is Surgeon else 3
+    assert said == [f"the run stopped; {tmp_path / 'cut.resume'} holds it after {done} stages: the same command "
+                    "continues from there (--restart starts over)"]
+    assert generations == [f"stage-{done}"]  # the older checkpoint was replaced
+
+    resumed, notes = _compress(model, text, tmp_path / "cut", lazy=lazy)
+    assert any(f"{done} of 4 stages done" in n for n in notes)
+    assert not (tmp_path / "cut.resume").exists()
+    first, second = _saved(tmp_path / "whole"), _saved(tmp_path / "cut")
+    assert second["weights_sha256"] == first["weights_sha256"] and second["graph_sha256"] == first["graph_sha256"]
+    assert second == first  # the record too: stages, reports, perplexities, the KV cache's layout
+    assert resumed.perplexity == whole.perplexity
+    ids = whole.program.probe_input(batch=1, length=5)
+    loaded = fxslice.load(tmp_path / "cut")
+    assert loaded.cache is not None
+    torch.testing.assert_close(loaded(ids), whole.program(ids), rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_another_run_is_refused_until_the_run_starts_over(tmp_path, monkeypatch):
+    model, text = _model(tmp_path)
+    with monkeypatch.context() as patch:
+        _interrupt(patch, Quantize)
+        with pytest.raises(Interrupted):
+            _compress(model, text, tmp_path / "out")
+    with pytest.raises(InvalidOption, match=r"another run \(it differs in: recipe\).*--restart"):
+        _compress(model, text, tmp_path / "out", recipe={"sparsity": 0.5})
+    with pytest.raises(InvalidOption, match=r"differs in: dtype"):
+        _compress(model, text, tmp_path / "out", dtype="bfloat16")
+    assert (tmp_path / "out.resume" / "stage-3").is_dir()  # refusing it kept it
+    report, notes = _compress(model, text, tmp_path / "out", recipe={"sparsity": 0.5}, resume=False)
+    assert not any("stages done" in n for n in notes) and not (tmp_path / "out.resume").exists()
+    assert report.record["recipe"]["stages"][1]["sparsity"] == 0.5
+
+
+def test_the_cli_refuses_another_runs_checkpoint_and_starts_over_with_restart(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    model, text = _model(tmp_path)
+    with monkeypatch.context() as patch:
+        _interrupt(patch, Quantize)
+        with pytest.raises(Interrupted):
+            _compress(model, text, tmp_path / "out")
+    command = [sys.executable, "-m", "fxslice.cli", "prune", model, "--target", "0.2", "--shots", "1", "--calibration",
+               text, "--calib-windows", "4", "--calib-length", "32", "--eval", "none", "--out", str(tmp_path / "out")]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "holds the checkpoint of another run" in refused.stderr
+    assert "--restart" in refused.stderr and (tmp_path / "out.resume").is_dir()
+    done = subprocess.run([*command, "--restart"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "out.resume").exists()
+    assert json.loads((tmp_path / "out" / "fxslice.json").read_text())["recipe"]["stages"][1]["stage"] == "surgeon"
