@@ -5,6 +5,7 @@ cannot be edited in place, and the safetensors file written tensor by tensor rea
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import fxslice
-from fxslice import CaptureError, InvalidOption
-from fxslice.core.disk import DiskTensor, Scratch
+from fxslice import CaptureError, CorruptModel, InvalidOption
+from fxslice.core.disk import DiskTensor, Scratch, read_tensor, tensors_in
 from fxslice.core.graph import tensor_of
 from fxslice.models.capture import capture_module
 from fxslice.models.lazy import capture_lazily
@@ -149,6 +150,44 @@ def test_a_file_written_tensor_by_tensor_reads_back_as_save_file_writes_it(tmp_p
     assert ours.keys() == theirs.keys() == tensors.keys()
     assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in tensors)
     assert set(DTYPE_CODES) >= set(_DTYPES)
+    for path in (folder / "ours.safetensors", folder / "theirs.safetensors"):  # fxslice's own reader, either file
+        entries = tensors_in(path)
+        assert {k: (e.dtype, e.shape) for k, e in entries.items()} == {
+            k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+        assert all(torch.equal(read_tensor(path, k), tensors[k]) for k in tensors)
+
+
+def test_a_broken_safetensors_file_is_refused_naming_it(tmp_path):
+    import json
+    import struct
+
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.ones(4, 4)}, str(good))
+    data = good.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+
+    def variant(name: str, **entry) -> Path:
+        path = tmp_path / f"{name}.safetensors"
+        text = json.dumps({"w": {**header["w"], **entry}}).encode()
+        path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+        return path
+
+    with pytest.raises(CorruptModel, match="dtype F4, which fxslice does not read"):
+        tensors_in(variant("dtype", dtype="F4"))
+    with pytest.raises(CorruptModel, match="do not fit its shape"):
+        tensors_in(variant("shape", shape=[4, 5]))
+    with pytest.raises(CorruptModel, match="do not fit"):
+        tensors_in(variant("offsets", data_offsets=[0, 10**6]))
+    (tmp_path / "short.safetensors").write_bytes(data[:6])
+    with pytest.raises(CorruptModel, match="not a safetensors file"):
+        tensors_in(tmp_path / "short.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data)
+    assert tensors_in(truncated)  # the header read, then the file cut short under its reader
+    truncated.write_bytes(data[:-8])
+    with pytest.raises(CorruptModel):
+        read_tensor(truncated, "w")
 
 
 def test_the_cli_leaves_the_weights_on_disk_when_asked(tiny_model_dir, tmp_path):

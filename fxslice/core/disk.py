@@ -2,30 +2,124 @@
 
 A model larger than host memory cannot be held whole. A `DiskTensor` has a shape and a dtype like any weight (graph
 analyses, shape checks and passes see an ordinary tensor), but no storage: every op it enters reads it from its file
-(memory-mapped by safetensors), converts it to the dtype the program computes in (a bf16 checkpoint read as float32)
+(its bytes alone, read into new memory: no mapping of the file), converts it to the dtype the program computes in (a bf16 checkpoint read as float32)
 and drops it when the op is done, so a forward pass holds one weight at a time. Aliases (`detach`, `alias`) stay on
 disk: the graph runner detaches every weight it reads.
 
 `Scratch` is where edited weights go: a pass that writes a weight of a program whose weights are on disk
 (`fxslice.core.graph.set_tensor`) has it written to the program's scratch folder and bound from there, so memory
 does not grow with the number of weights a pass has edited. The folder is removed when nothing refers to it.
+
+`tensors_in` reads a safetensors header (names, dtypes, shapes, byte ranges) and nothing else: how a lazy load binds
+weights, and how a `DiskTensor` finds its bytes. The file is read with plain reads, not mapped: safetensors' own
+reader maps the whole file privately for every tensor it hands out, which the kernel counts as the process's data
+(a limit on it, `RLIMIT_DATA`, would see a 5 GB shard for each weight read).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
+import math
 import shutil
+import struct
 import tempfile
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils._pytree import tree_map
 
-__all__ = ["DiskTensor", "Scratch"]
+from fxslice.core.errors import CorruptModel
+from fxslice.core.memory import return_large_blocks
+
+__all__ = ["DiskTensor", "Scratch", "TensorEntry", "tensors_in", "read_tensor", "DTYPE_CODES"]
+
+#: the safetensors names of the dtypes fxslice reads and writes
+DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_MAX_HEADER = 100 << 20  # the format's own limit on the header's JSON
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: its dtype, shape, and the file's bytes [start, end) that hold it."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def tensors_in(path: str | Path) -> dict[str, TensorEntry]:
+    """Every tensor of the safetensors file `path`, from its header alone; `CorruptModel` naming the file where the
+    header is not one (or names a dtype fxslice does not read)."""
+    path = Path(path)
+    stat = path.stat()
+    return _header(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _header(path: Path, size: int, mtime_ns: int) -> dict[str, TensorEntry]:  # a file changed is read again
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= min(_MAX_HEADER, size - 8):
+            raise CorruptModel(f"{path} is not a safetensors file (its header length is {length}, the file {size} bytes)")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptModel(f"{path}: the safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CorruptModel(f"{path}: the safetensors header is not a mapping")
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(n) for n in info["shape"])
+            start, end = (8 + length + int(o) for o in info["data_offsets"])
+        except KeyError as exc:
+            if exc.args and exc.args[0] == info.get("dtype"):
+                raise CorruptModel(f"{path}: tensor {name!r} has the dtype {info['dtype']}, which fxslice does not read "
+                                   f"(it reads {', '.join(_DTYPES)})") from None
+            raise CorruptModel(f"{path}: tensor {name!r} lacks {exc}") from None
+        except (TypeError, ValueError, AttributeError):
+            raise CorruptModel(f"{path}: tensor {name!r} has a malformed entry {info!r:.100}") from None
+        if end - start != math.prod(shape) * dtype.itemsize or not 8 + length <= start <= end <= size:
+            raise CorruptModel(f"{path}: tensor {name!r} claims bytes {start}..{end}, which do not fit its shape "
+                               f"{shape} in {info['dtype']} or the file's {size} bytes")
+        entries[name] = TensorEntry(dtype, shape, start, end)
+    return entries
+
+
+def read_tensor(path: str | Path, key: str) -> torch.Tensor:
+    """Tensor `key` of the safetensors file `path`, read into a new tensor (no mapping of the file)."""
+    entry = tensors_in(path).get(key)
+    if entry is None:
+        raise CorruptModel(f"{path} holds no tensor {key!r} (the file changed since it was bound)")
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    if not out.numel():
+        return out
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    with open(path, "rb") as f:
+        f.seek(entry.start)
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise CorruptModel(f"{path} ends inside tensor {key!r}: it was truncated")
+            done += got
+    return out
 
 aten = torch.ops.aten
 
@@ -53,11 +147,11 @@ class DiskTensor(torch.Tensor):
     def __init__(self, path: str | Path, key: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype,
                  scratch: Scratch | None = None) -> None:
         self.path, self.key, self.scratch = Path(path), key, scratch
+        return_large_blocks()  # every op that reads this allocates and drops a weight-sized block
 
     def load(self) -> torch.Tensor:
         """The values, as an ordinary tensor in this tensor's dtype (a new one on every call)."""
-        with safe_open(str(self.path), framework="pt") as f:
-            value = f.get_tensor(self.key)
+        value = read_tensor(self.path, self.key)
         if tuple(value.shape) != tuple(self.shape):
             raise RuntimeError(f"{self.path}: tensor {self.key!r} has shape {tuple(value.shape)}, expected "
                                f"{tuple(self.shape)} (the file changed since it was bound)")

@@ -14,7 +14,9 @@ import ctypes.util
 import functools
 import os
 
-__all__ = ["release_freed", "resident_bytes", "available_bytes"]
+__all__ = ["release_freed", "return_large_blocks", "resident_bytes", "available_bytes"]
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 @functools.cache
@@ -31,6 +33,22 @@ def release_freed() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def return_large_blocks(size: int = 1 << 20) -> None:
+    """Have every block of `size` bytes or more mapped on its own and given back to the system when freed (glibc's
+    `M_MMAP_THRESHOLD`, which otherwise rises to the largest block freed so far and then keeps such blocks in the
+    heap). A run whose weights are on disk reads, converts and drops a weight per op: with the default, the heap
+    kept a fragment of each (a 4-layer model of d = 2048 peaked at 1.6 GB resident; with it, under 0.95 GB). The
+    cost is fresh pages for each large block. Process-wide, once; nothing elsewhere than glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, size)
 
 
 def resident_bytes() -> int | None:

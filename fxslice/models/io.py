@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxslice.core.disk import DiskTensor, Scratch
+from fxslice.core.disk import DiskTensor, Scratch, tensors_in
 from fxslice.core.errors import CorruptModel, InvalidOption, SaveFailed, UnsupportedStructure
 from fxslice.core.graph import DEVICE_BOUND, SCRATCH, device_bound, propagate_fake_values, set_tensor, tensor_of
 from fxslice.core.program import Program, program_inputs
@@ -38,7 +38,7 @@ from fxslice.core.quantized import QuantizedWeight, stored_shapes
 from fxslice.models.kvcache import CacheLayout
 from fxslice.models.record import check_record
 from fxslice.models.remote.graph_data import GraphDataError, graph_from_data, graph_to_data
-from fxslice.models.tensor_file import DTYPE_CODES, write_tensors
+from fxslice.models.tensor_file import write_tensors
 
 __all__ = ["save", "load", "check_output_dir", "example_inputs", "write_directory", "write_file", "save_tokenizer",
            "write_graph", "graph_over", "RECORD", "WEIGHTS", "GRAPH", "LEGACY_GRAPH"]
@@ -332,18 +332,7 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, lazy: bool = Fa
 
 def _on_disk(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file `path` as a `DiskTensor` (nothing read but the header)."""
-    from safetensors import safe_open
-
-    dtypes = {code: dtype for dtype, code in DTYPE_CODES.items()}
-    out: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), "pt") as f:
-        for key in f.keys():
-            part = f.get_slice(key)
-            if part.get_dtype() not in dtypes:
-                raise CorruptModel(f"{path}: tensor {key!r} has the dtype {part.get_dtype()}, which fxslice does not "
-                                   "write")
-            out[key] = DiskTensor(path, key, tuple(part.get_shape()), dtypes[part.get_dtype()])
-    return out
+    return {key: DiskTensor(path, key, entry.shape, entry.dtype) for key, entry in tensors_in(path).items()}
 
 
 def _read_graph(path: Path, weights: dict[str, torch.Tensor], inputs: list[str]) -> fx.GraphModule:

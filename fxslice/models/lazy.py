@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from fxslice.core.disk import DiskTensor, Scratch
+from fxslice.core.disk import DiskTensor, Scratch, tensors_in
 from fxslice.core.errors import CaptureError
 from fxslice.core.graph import SCRATCH
 from fxslice.core.program import Program
@@ -73,11 +72,7 @@ def checkpoint_tensors(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     else:
         raise CaptureError(f"{folder} holds no safetensors checkpoint ({_SINGLE} or {_INDEX}); a lazy load reads only "
                            "safetensors (no pickled .bin: loading one can run code)")
-    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            found.update((key, (file, tuple(f.get_slice(key).get_shape()))) for key in f.keys())
-    return found
+    return {key: (file, entry.shape) for file in files for key, entry in tensors_in(file).items()}
 
 
 def local_checkpoint_numel(name: str | os.PathLike) -> int | None:

@@ -16,20 +16,12 @@ from pathlib import Path
 
 import torch
 
-from fxslice.core.disk import DiskTensor
+from fxslice.core.disk import DTYPE_CODES, DiskTensor
 
 __all__ = ["write_tensors", "DTYPE_CODES"]
 
 #: bytes: where the data starts, and the line tensors are ordered by
 ALIGN = 64
-
-#: the format's names of the dtypes fxslice writes
-DTYPE_CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-
 
 def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """Write `tensors` to the safetensors file `path`, holding one tensor's values at a time.
