@@ -46,12 +46,16 @@ class Interrupted(KeyboardInterrupt):
     pass
 
 
-def _interrupt(monkeypatch, stage_cls) -> None:
-    """Ctrl-C as `stage_cls` starts: the stages before it are done and checkpointed."""
+def _interrupted(monkeypatch, model: str, text: str, out, stage_cls=Quantize, notes: list[str] | None = None,
+                 **options) -> None:
+    """The job, with Ctrl-C as `stage_cls` starts: the stages before it are done and checkpointed."""
     def stop(self, program, context):
         raise Interrupted
 
-    monkeypatch.setattr(stage_cls, "run", stop)
+    with monkeypatch.context() as patch:
+        patch.setattr(stage_cls, "run", stop)
+        with pytest.raises(Interrupted):
+            _compress(model, text, out, notes, **options)
 
 
 def _saved(out) -> dict:
@@ -72,15 +76,12 @@ def test_a_run_interrupted_after_a_stage_resumes_and_saves_the_uninterrupted_fil
     assert not (tmp_path / "whole.resume").exists()  # a finished run leaves no checkpoint
 
     said: list[str] = []
-    with monkeypatch.context() as patch:
-        _interrupt(patch, cut)
-        with pytest.raises(Interrupted):
-            _compress(model, text, tmp_path / "cut", said, lazy=lazy)
+    _interrupted(monkeypatch, model, text, tmp_path / "cut", cut, said, lazy=lazy)
     assert not (tmp_path / "cut").exists()
     generations = sorted(p.name for p in (tmp_path / "cut.resume").iterdir())
     done = 2 if cut is Surgeon else 3
     assert said == [f"the run stopped; {tmp_path / 'cut.resume'} holds it after {done} stages: the same command "
-                    "continues from there (--restart starts over)"]
+                    "continues from there (--restart / resume=False starts over)"]
     assert generations == [f"stage-{done}"]  # the older checkpoint was replaced
 
     resumed, notes = _compress(model, text, tmp_path / "cut", lazy=lazy)
@@ -98,10 +99,7 @@ def test_a_run_interrupted_after_a_stage_resumes_and_saves_the_uninterrupted_fil
 
 def test_a_checkpoint_of_another_run_is_refused_until_the_run_starts_over(tmp_path, monkeypatch):
     model, text = _model(tmp_path)
-    with monkeypatch.context() as patch:
-        _interrupt(patch, Quantize)
-        with pytest.raises(Interrupted):
-            _compress(model, text, tmp_path / "out")
+    _interrupted(monkeypatch, model, text, tmp_path / "out")
     with pytest.raises(InvalidOption, match=r"another run \(it differs in: recipe\).*--restart"):
         _compress(model, text, tmp_path / "out", recipe={"sparsity": 0.5})
     with pytest.raises(InvalidOption, match=r"differs in: dtype"):
@@ -117,10 +115,7 @@ def test_the_cli_refuses_another_runs_checkpoint_and_starts_over_with_restart(tm
     import sys
 
     model, text = _model(tmp_path)
-    with monkeypatch.context() as patch:
-        _interrupt(patch, Quantize)
-        with pytest.raises(Interrupted):
-            _compress(model, text, tmp_path / "out")
+    _interrupted(monkeypatch, model, text, tmp_path / "out")
     command = [sys.executable, "-m", "fxslice.cli", "prune", model, "--target", "0.2", "--shots", "1", "--calibration",
                text, "--calib-windows", "4", "--calib-length", "32", "--eval", "none", "--out", str(tmp_path / "out")]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -130,3 +125,18 @@ def test_the_cli_refuses_another_runs_checkpoint_and_starts_over_with_restart(tm
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (tmp_path / "out.resume").exists()
     assert json.loads((tmp_path / "out" / "fxslice.json").read_text())["recipe"]["stages"][1]["stage"] == "surgeon"
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_stop_the_run(tmp_path, monkeypatch):
+    from fxslice import SaveFailed
+    from fxslice.jobs.checkpoint import JobCheckpoint
+
+    def full_disk(self, *args, **kwargs):
+        raise SaveFailed("no space left on device")
+
+    monkeypatch.setattr(JobCheckpoint, "write", full_disk)
+    model, text = _model(tmp_path)
+    report, notes = _compress(model, text, tmp_path / "out")
+    assert notes == [f"no checkpoint after stage {k} (no space left on device); the run goes on without it"
+                     for k in (2, 3, 4)]
+    assert report.out == tmp_path / "out" and (tmp_path / "out" / "fxslice.json").is_file()

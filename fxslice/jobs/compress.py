@@ -23,7 +23,7 @@ from torch import nn
 
 from fxslice.calibration.distributed import barrier, rank_and_size
 from fxslice.core.devices import resolve_device, resolve_dtype
-from fxslice.core.errors import CaptureError, InvalidOption, PassCheckFailed
+from fxslice.core.errors import CaptureError, InvalidOption, PassCheckFailed, SaveFailed
 from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.memory import available_bytes
 from fxslice.core.pass_manager import float64_proofs, replay
@@ -192,13 +192,12 @@ def compress(
     if restored is not None and any(s.learns_from_teacher for s in recipe.stages[len(done):]):
         teacher = capture_with_cache(model, target, precision, offload, status, note, lazy=lazy)[0]
     dense_parameters = restored.dense_parameters if restored is not None else program.num_parameters()
-    entries = [r.pass_entries() for r in done]
+    finished = list(done)
 
     def after_stage(i: int, stage_result: StageResult) -> None:
         """Let the KV-cache capture follow the stage, and keep a checkpoint after a stage that calibrated."""
         nonlocal cached
-        stage = recipe.stages[i]
-        entries.append(stage_result.pass_entries())
+        finished.append(stage_result)
         if cached is not None:  # the same passes, the same bases: generation gets the new weights and a cache
             try:
                 replay(stage_result.passes, cached, program)
@@ -206,18 +205,20 @@ def compress(
                 notes.append(f"the KV-cache capture cannot follow ({exc}); the saved model generates without a KV cache")
                 note(notes[-1])
                 cached = None
+        stage = recipe.stages[i]
         if checkpoint is not None and stage.calibrates and rank_and_size()[0] == 0:
-            with status(f"checkpoint after stage {i + 1} of {len(recipe.stages)} ({stage.kind}) in {checkpoint.folder} ..."):
-                stages = [{"stage": s.kind, "seconds": round(r.seconds, 2), "report": r.report, "passes": e}
-                          for s, r, e in zip(recipe.stages, [*done, *results_so_far, stage_result], entries, strict=False)]
-                checkpoint.write(program, cached, stages, {
-                    "dense_parameters": dense_parameters, "perplexity": ppl, "notes": notes,
-                    "seconds": {k: v for k, v in seconds.items() if k == "evaluate_dense"}})
-        results_so_far.append(stage_result)
+            so_far = RecipeResult(program, list(zip(recipe.stages, finished, strict=False)), dense_parameters, 0)
+            measured = {"dense_parameters": dense_parameters, "perplexity": ppl, "notes": notes,
+                        "seconds": {k: v for k, v in seconds.items() if k == "evaluate_dense"}}
+            try:
+                with status(f"checkpoint after stage {i + 1} of {len(recipe.stages)} ({stage.kind}) in "
+                            f"{checkpoint.folder} ..."):
+                    checkpoint.write(program, cached, so_far.record()["stages"], measured)
+            except (SaveFailed, OSError) as exc:  # the run matters more than its checkpoint
+                note(f"no checkpoint after stage {i + 1} ({exc}); the run goes on without it")
         if cached is not None:
             cached = cached.skeleton()  # shapes only again while the next stage replaces the weights
 
-    results_so_far: list[StageResult] = []
     with _say_how_to_resume(checkpoint, note):
         with float64_proofs(proofs == "float64"):
             result = recipe.run(program, calibration=calibration, progress=progress, teacher=teacher, done=done,
@@ -257,7 +258,7 @@ def _say_how_to_resume(checkpoint: JobCheckpoint | None, note: Callable[[str], N
     except BaseException:
         if checkpoint is not None and checkpoint.stages_done:
             note(f"the run stopped; {checkpoint.folder} holds it after {checkpoint.stages_done} stages: the same "
-                 "command continues from there (--restart starts over)")
+                 "command continues from there (--restart / resume=False starts over)")
         raise
 
 

@@ -24,7 +24,7 @@ from fxslice.analysis.stream import Segment, Stream, stream_analysis
 from fxslice.analysis.weights import insert_linear, remove_linear, transform_output
 from fxslice.calibration.observers import SecondMoment
 from fxslice.calibration.runner import StagedRunner
-from fxslice.core.graph import aten, refresh_vals
+from fxslice.core.graph import aten, kept, refresh_vals
 from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.progress import progress_bar
 from fxslice.passes.slicegpt.basis import change_basis, change_tied_tables
@@ -190,10 +190,10 @@ class SliceStream(Pass):
                     q = vectors[:, : self._width(seg, full, last=k == count - 1)].contiguous()
                 eigenvalues = torch.linalg.eigvalsh(cov).flip(0)
                 kept_variance = float(torch.einsum("ij,ik,kj->", q, cov, q))
-                self.bases.append(q)
+                self.bases.append(kept(gm, q))  # for replay: on disk where the weights are (7 B: 6.5 GB of bases)
                 total = float(eigenvalues.clamp_min(0).sum())
-                kept = kept_variance / total if total > 0 else 0.0
-                self.reports.append(SegmentReport(k, seg.module, full, int(q.shape[1]), kept, float(eigenvalues[-1]),
+                share = kept_variance / total if total > 0 else 0.0
+                self.reports.append(SegmentReport(k, seg.module, full, int(q.shape[1]), share, float(eigenvalues[-1]),
                                                   _health(eigenvalues, int(q.shape[1]), len(self.windows))))
             change_basis(gm, seg, q, done=change_tied_tables(gm, seg, q))
             if k in incoming:  # from an earlier, already sliced segment
