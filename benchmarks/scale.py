@@ -180,7 +180,8 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=2)
     parser.add_argument("--calib-length", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "fxslice-scale")
-    parser.add_argument("--picture", type=Path, default=Path(__file__).resolve().parents[1] / "docs/images/scale.png")
+    parser.add_argument("--picture", default=str(Path(__file__).resolve().parents[1] / "docs/images/scale.png"),
+                        help="where to draw the log-log picture ('' for none)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.one:
@@ -237,10 +238,10 @@ def main() -> None:
                                                      "peak_rss_gib": round(_at(rss_fit, p) / 2**30, 1)}
                                for n, p in (("7B", 6.7e9), ("70B", 70e9))}}
     drawn = None
-    if any("peak_rss_bytes" in r for r in runs):
+    if args.picture and any("peak_rss_bytes" in r for r in runs):
         try:
-            picture(runs, args.picture)
-            drawn = str(args.picture)
+            picture(runs, Path(args.picture))
+            drawn = args.picture
         except ImportError as exc:  # the figures matter more than the picture: print them anyway
             print(f"[scale] no picture ({exc}; pip install matplotlib)", file=sys.stderr, flush=True)
     print(json.dumps({
