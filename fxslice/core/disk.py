@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_map
 from fxslice.core.errors import CorruptModel
 from fxslice.core.memory import return_large_blocks
 
-__all__ = ["DiskTensor", "Scratch", "TensorEntry", "tensors_in", "read_tensor", "DTYPE_CODES"]
+__all__ = ["DiskTensor", "Scratch", "TensorEntry", "tensors_in", "file_metadata", "read_tensor", "DTYPE_CODES"]
 
 #: the safetensors names of the dtypes fxslice reads and writes
 DTYPE_CODES = {
@@ -62,13 +62,23 @@ class TensorEntry:
 def tensors_in(path: str | Path) -> dict[str, TensorEntry]:
     """Every tensor of the safetensors file `path`, from its header alone; `CorruptModel` naming the file where the
     header is not one (or names a dtype fxslice does not read)."""
+    return _read_header(path)[0]
+
+
+def file_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors file's own metadata (`__metadata__`: text keys and values), from the same header."""
+    return _read_header(path)[1]
+
+
+def _read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     path = Path(path)
     stat = path.stat()
     return _header(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=256)
-def _header(path: Path, size: int, mtime_ns: int) -> dict[str, TensorEntry]:  # a file changed is read again
+def _header(path: Path, size: int, mtime_ns: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """(tensors, metadata) of the file; cached by size and time, so that a file changed is read again."""
     with open(path, "rb") as f:
         head = f.read(8)
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
@@ -80,10 +90,11 @@ def _header(path: Path, size: int, mtime_ns: int) -> dict[str, TensorEntry]:  # 
             raise CorruptModel(f"{path}: the safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CorruptModel(f"{path}: the safetensors header is not a mapping")
+    metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CorruptModel(f"{path}: the safetensors metadata must map text to text, got {metadata!r:.100}")
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         try:
             dtype = _DTYPES[info["dtype"]]
             shape = tuple(int(n) for n in info["shape"])
@@ -99,7 +110,7 @@ def _header(path: Path, size: int, mtime_ns: int) -> dict[str, TensorEntry]:  # 
             raise CorruptModel(f"{path}: tensor {name!r} claims bytes {start}..{end}, which do not fit its shape "
                                f"{shape} in {info['dtype']} or the file's {size} bytes")
         entries[name] = TensorEntry(dtype, shape, start, end)
-    return entries
+    return entries, metadata
 
 
 def read_tensor(path: str | Path, key: str) -> torch.Tensor:

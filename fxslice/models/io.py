@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxslice.core.disk import DiskTensor, Scratch, tensors_in
+from fxslice.core.disk import DiskTensor, Scratch, file_metadata, tensors_in
 from fxslice.core.errors import CorruptModel, InvalidOption, SaveFailed, UnsupportedStructure
 from fxslice.core.graph import DEVICE_BOUND, SCRATCH, device_bound, propagate_fake_values, set_tensor, tensor_of
 from fxslice.core.program import Program, program_inputs
@@ -258,7 +258,7 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, lazy: bool = Fa
     before graph.json, whose pickled `graph.pt2` can run code: only for directories you wrote or trust. `lazy`: the
     weights stay in the file, read by each op that uses them (`fxslice.core.disk`); quantized ones are dequantized
     into a scratch folder."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     root = Path(path)
@@ -287,8 +287,7 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, lazy: bool = Fa
     scratch = Scratch() if lazy else None
     try:
         weights = _on_disk(root / WEIGHTS) if lazy else load_file(str(root / WEIGHTS))
-        with safe_open(str(root / WEIGHTS), "pt") as f:
-            header = f.metadata() or {}
+        header = file_metadata(root / WEIGHTS)
     except (SafetensorError, OSError) as exc:
         raise CorruptModel(f"cannot read {root / WEIGHTS}: {exc}") from None
     shapes = {k: list(v.shape) for k, v in weights.items()}

@@ -23,6 +23,7 @@ __all__ = ["write_tensors", "DTYPE_CODES"]
 #: bytes: where the data starts, and the line tensors are ordered by
 ALIGN = 64
 
+
 def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """Write `tensors` to the safetensors file `path`, holding one tensor's values at a time.
 
