@@ -1,7 +1,7 @@
 """Perplexity of SmolLM2-135M sliced at several sparsities; one JSON object.
 
     python benchmarks/quality.py [--calib-windows 32] [--calib-length 2048] [--eval-windows N] [--untie]
-                                 [--shared-basis] [--multiple 8] [--allocations constant,loss_aware]
+                                 [--shared-basis none|block|stream] [--multiple 8] [--allocations constant,loss_aware]
                                  [--refits off,readers,writers,both] [--head-ranks 0,32]
 
 Calibration: WikiText-2 *validation* windows (the train split used by the SliceGPT paper is not
@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=None)
     parser.add_argument("--eval-length", type=int, default=2048)
     parser.add_argument("--untie", action="store_true", help="untie the head instead of keeping the tie")
-    parser.add_argument("--shared-basis", action="store_true", help="one basis per block (half the shortcuts)")
+    parser.add_argument("--shared-basis", default="none", choices=["none", "block", "stream"],
+                        help="block: one basis per block (half the shortcuts); stream: one for the whole stream (none)")
     parser.add_argument("--multiple", type=int, default=8, help="round widths down to a multiple of this")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--allocations", default="constant", help="constant,loss_aware: segment widths at equal "

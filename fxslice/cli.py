@@ -160,8 +160,10 @@ def slice_(
     batch_size: BatchSize = 1,
     seed: CalibSeed = 0,
     untie: Annotated[bool, typer.Option("--untie", help="untie a tied head: better perplexity, V x d more parameters")] = False,
-    shared_basis: Annotated[bool, typer.Option("--shared-basis", help="one basis per block (attention and MLP halves): "
-                                               "half the shortcut matrices, faster decoding, slightly worse perplexity (docs/methods/slicegpt.md)")] = False,
+    shared_basis: Annotated[str, typer.Option(help="'none' (a basis per segment), 'block' (attention and MLP halves "
+                                              "share one: half the shortcut matrices) or 'stream' (one for the whole "
+                                              "stream: no shortcuts, a narrower stock decoder that llama.cpp and "
+                                              "transformers load); docs/methods/slicegpt.md")] = "none",
     allocation: Annotated[str, typer.Option(help="segment widths: 'constant', or 'loss_aware' (the same parameter count "
                                             "spent where the loss's curvature says; benchmarks/README.md)")] = "constant",
     head_rank: Annotated[int, typer.Option(min=0, help="a tied head kept tied gets a rank-r correction of what the "

@@ -119,7 +119,8 @@ def tiny_model_dir(tmp_path):
 
 @pytest.fixture
 def exportable():
-    """`exportable(kind)` -> a tiny Llama program, fresh: "sliced" (SliceGPT 25%), "pruned" (the Surgeon, 20%),
+    """`exportable(kind)` -> a tiny Llama program, fresh: "sliced" (SliceGPT 25%), "stream" (SliceGPT 25% with one
+    basis for the stream and the head untied: a stock shape), "stream-tied" (the same on a tied model, tie kept), "pruned" (the Surgeon, 20%),
     "quantized" (4-bit RTN), "cached" (a KV-cache capture) or "sliced+cache" (the slice replayed onto one):
     what the export formats are tested on."""
     from fxslice.core.pass_manager import replay
@@ -130,7 +131,7 @@ def exportable():
     calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
 
     def make(kind: str) -> Program:
-        model = tiny_causal_lm("llama")
+        model = tiny_causal_lm("llama-tied" if kind == "stream-tied" else "llama")
         if kind == "cached":
             return capture_cached(model)
         program = capture(model)
@@ -140,6 +141,9 @@ def exportable():
                 cached = capture_cached(model)
                 replay(result.passes, cached, program)
                 return cached
+        elif kind in ("stream", "stream-tied"):  # the tied one keeps its tie behind a projection
+            slicegpt_recipe(sparsity=0.25, shared_basis="stream", keep_ties=kind == "stream-tied",
+                            batch_size=4).run(program, calibration=calibration)
         elif kind == "pruned":
             prune_recipe(target=0.2, shots=1, batch_size=4).run(program, calibration=calibration)
         elif kind == "quantized":

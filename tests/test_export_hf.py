@@ -117,7 +117,7 @@ torch.save({"class": type(model).__name__, "logits": model(ids).logits,
 """
 
 
-@pytest.mark.parametrize("kind", ["cached", "quantized", "tied", "untied"])
+@pytest.mark.parametrize("kind", ["cached", "quantized", "tied", "untied", "stream", "stream-tied"])
 def test_a_stock_shaped_model_exports_as_a_stock_llama_without_remote_code(tmp_path, exportable, kind):
     from fxslice import PassManager, capture
     from fxslice.passes.rewrite import UntieHead
@@ -132,6 +132,7 @@ def test_a_stock_shaped_model_exports_as_a_stock_llama_without_remote_code(tmp_p
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "llama" and "auto_map" not in config
     assert config["tie_word_embeddings"] == (kind == "tied")
+    assert config["hidden_size"] == (48 if kind.startswith("stream") else 64)  # one basis for the stream: a narrower Llama
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
     got = _in_transformers(STOCK, tmp_path, ids)
     assert got["class"] == "LlamaForCausalLM"

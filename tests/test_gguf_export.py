@@ -15,7 +15,7 @@ from fxslice import PassManager, UnsupportedStructure, capture
 from fxslice.models.decoder_layout import decoder_layout
 from fxslice.models.gguf_export import export_gguf
 from fxslice.models.io import load, save
-from fxslice.passes import CleanupIR, prune_recipe
+from fxslice.passes import CleanupIR, prune_recipe, slicegpt_recipe
 from fxslice.passes.quantize import QuantizeWeights
 from fxslice.testing import tiny_causal_lm
 
@@ -41,11 +41,14 @@ np.save(sys.argv[2], np.array(model.scores[:{len(ids)}], dtype=np.float32))
 
 
 def _program(kind: str, group_size: int = 32, grid: str = "zero_point"):
-    model = tiny_causal_lm("llama-tied" if kind == "tied" else "llama")
+    model = tiny_causal_lm("llama-tied" if kind in ("tied", "stream-tied") else "llama")
     program = capture(model)
     PassManager([CleanupIR()]).run(program)
     if kind == "pruned":
         prune_recipe(target=0.3, shots=2, batch_size=4).run(program, calibration=CALIBRATION)
+    elif kind in ("stream", "stream-tied"):  # SliceGPT with one basis for the stream: a narrower stock Llama
+        slicegpt_recipe(sparsity=0.25, shared_basis="stream", keep_ties=kind == "stream-tied",
+                        batch_size=4).run(program, calibration=CALIBRATION)
     elif kind.startswith("q"):
         bits = {"q4": 4, "q5": 5, "q8": 8}[kind]
         PassManager([QuantizeWeights(bits, group_size=group_size, embeddings=8, head=8, grid=grid)]).run(program)
@@ -64,7 +67,7 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("kind", ["dense", "tied", "pruned"])
+@pytest.mark.parametrize("kind", ["dense", "tied", "pruned", "stream", "stream-tied"])
 def test_llama_cpp_computes_fxslices_logits_from_a_float_export(tmp_path, kind):
     program = _program(kind)
     report = export_gguf(program, tmp_path / "m.gguf", weight_type="f32")
@@ -141,6 +144,23 @@ def test_a_saved_model_with_a_kv_cache_exports_through_the_cli(tmp_path):
     assert _relative(_llama_cpp_logits(tmp_path / "m.gguf", IDS), expected) < 1e-4
 
 
+def test_a_model_sliced_with_one_basis_through_the_cli_runs_in_llama_cpp(tmp_path, tiny_model_dir):
+    """`fxslice slice --shared-basis stream` keeps a tied head tied (behind SliceGPT's projection); the export writes
+    a narrower stock Llama with a head of its own, and llama.cpp computes the saved model's logits."""
+    sliced = tmp_path / "sliced"
+    done = subprocess.run([sys.executable, "-m", "fxslice.cli", "slice", str(tiny_model_dir("llama-tied")),
+                           "--sparsity", "0.25", "--shared-basis", "stream", "--calib-windows", "4", "--calib-length",
+                           "32", "--eval-windows", "1", "--eval-length", "32", "--out", str(sliced)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "fxslice.cli", "export", str(sliced), "--format", "gguf",
+                           "--type", "f32", "--out", str(tmp_path / "m.gguf")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "architecture 'llama'" in done.stdout and "a head of its own" in done.stdout
+    expected = load(sliced)(torch.tensor([IDS]))[0].detach().numpy()
+    assert _relative(_llama_cpp_logits(tmp_path / "m.gguf", IDS), expected) < 1e-4
+
+
 @pytest.mark.parametrize("family,reason", [("qwen2", "bias"), ("gemma", r"\(1 \+ w\)"), ("stablelm", "LayerNorm"),
                                            ("gpt2", "token tables"), ("qwen3", "norm read by 0 linears")])
 def test_structures_llama_cpp_lacks_are_refused_naming_them(tmp_path, family, reason):
@@ -160,11 +180,9 @@ def test_a_width_without_a_block_type_is_refused_naming_the_tensor(tmp_path):
 
 
 def test_a_sliced_model_is_refused_not_a_traceback(tmp_path):
-    from fxslice.passes import slicegpt_recipe
-
     program = capture(tiny_causal_lm("llama"))
     slicegpt_recipe(sparsity=0.25, batch_size=4).run(program, calibration=CALIBRATION)
-    with pytest.raises(UnsupportedStructure, match="not a Llama-style decoder"):
+    with pytest.raises(UnsupportedStructure, match="not a Llama-style decoder(.|\n)*shared-basis stream"):
         export_gguf(program, tmp_path / "m.gguf")
 
 

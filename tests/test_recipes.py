@@ -67,7 +67,8 @@ def test_stages_are_frozen_and_keyword_only():
 
 
 @settings(max_examples=30, deadline=None)
-@given(sparsity=st.floats(0.0, 0.95, exclude_min=True), multiple=st.integers(1, 64), keep_ties=st.booleans(), shared=st.booleans(),
+@given(sparsity=st.floats(0.0, 0.95, exclude_min=True), multiple=st.integers(1, 64), keep_ties=st.booleans(),
+       shared=st.sampled_from([False, True, "none", "block", "stream"]),
        batch=st.integers(1, 16), windows=st.integers(1, 512), seed=st.integers(0, 2**31), causal=st.booleans(),
        suffix=st.sampled_from([".yaml", ".yml", ".json"]))
 def test_recipes_round_trip_through_yaml_and_json(tmp_path_factory, sparsity, multiple, keep_ties, shared, batch,

@@ -157,10 +157,10 @@ def test_corrupt_saved_models_are_refused(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2", "phi"])
-def test_shared_basis_per_block_halves_the_shortcuts_and_stays_exact_unsliced(tiny, name):
+def test_shared_bases_leave_fewer_shortcuts_and_stay_exact_unsliced(tiny, name):
     from fxslice.analysis.roles import SHORTCUT
     from fxslice.core.graph import role_of
-    from fxslice.passes.slicegpt.slice_stream import per_block
+    from fxslice.passes.slicegpt.slice_stream import per_block, per_stream
 
     def shortcuts(program):
         return sum(role_of(n) == SHORTCUT for n in program.graph.nodes)
@@ -177,6 +177,10 @@ def test_shared_basis_per_block_halves_the_shortcuts_and_stays_exact_unsliced(ti
     sequential = name != "phi"  # phi's attention and MLP already read one norm: one segment per block
     assert shortcuts(separate) == (2 * layers if sequential else layers)
     assert shortcuts(shared) == layers
+    stream = program.clone()  # one basis for the whole stream: no shortcut left, still exact unsliced
+    PassManager([SliceStream(CALIBRATION, constant_widths(0.0, multiple=1), batch_size=6, share=per_stream)]).run(stream)
+    assert relative_error(stream(ids), before) < 1e-9
+    assert shortcuts(stream) == 0
     sliced = program.clone()
     PassManager([SliceStream(CALIBRATION, constant_widths(0.25), batch_size=6, share=per_block)]).run(sliced)
     unshared = program.clone()
@@ -214,17 +218,28 @@ def test_a_shared_basis_keeps_both_halves_of_the_block():
     assert float((q @ q.T - attention_only @ attention_only.T).abs().max()) > 1e-2  # the test can tell them apart
 
 
-def test_looking_ahead_leaves_the_staged_runner_where_it_was(tiny):
-    from fxslice.calibration.observers import Recorder
-    from fxslice.calibration.runner import StagedRunner
+def test_one_basis_for_the_stream_spans_every_norms_input():
+    """`per_stream`: one basis from ΣXᵀX over the inputs of every norm of the (dense) eager model — each layer's
+    two and the final one — so that all segments share it and no shortcut is left."""
+    from fxslice import capture
+    from fxslice.passes.slicegpt.slice_stream import per_stream
+    from fxslice.testing import tiny_causal_lm
 
-    _, program = tiny("llama")
-    nodes = [n for n in program.graph.nodes if n.op == "call_function"]
-    middle, late = nodes[len(nodes) // 3], nodes[2 * len(nodes) // 3]
-    ahead, after = Recorder(), Recorder()
-    runner = StagedRunner(program, list(CALIBRATION.split(4)))
-    runner.run_through(middle)
-    runner.peek(late, {late: ahead})
-    runner.run_through(late, {late: after})
-    assert len(ahead.values) == len(after.values) == 3
-    assert all(torch.equal(a, b) for a, b in zip(ahead.values, after.values, strict=True))
+    model = tiny_causal_lm("llama")
+    program = fused(capture(model).to(torch.float64))
+    model = model.double()
+    norms = [m for name, m in model.named_modules() if name.endswith("norm")]
+    seen: list[torch.Tensor] = []
+    hooks = [norm.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for norm in norms]
+    with torch.no_grad():
+        model(CALIBRATION, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    assert len(norms) == 5 and len(seen) == 5
+    covariance = sum(x.reshape(-1, 64).T @ x.reshape(-1, 64) for x in seen)
+    expected = torch.linalg.eigh(covariance)[1][:, -40:]
+    slicer = SliceStream(CALIBRATION, [40] * 5, batch_size=12, share=per_stream)
+    PassManager([slicer]).run(program)
+    assert all(q is slicer.bases[0] for q in slicer.bases)
+    q = slicer.bases[0]
+    torch.testing.assert_close(q @ q.T, expected @ expected.T, rtol=0, atol=1e-4)

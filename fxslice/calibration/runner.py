@@ -20,7 +20,6 @@ from torch import fx
 from fxslice.calibration.distributed import all_reduce_observers, shard
 from fxslice.calibration.observers import Observer
 from fxslice.core.errors import UnsupportedStructure
-from fxslice.core.graph import mutates
 from fxslice.core.offload import WeightSource, run_nodes, stage_weights
 from fxslice.core.program import Program
 
@@ -92,22 +91,6 @@ class StagedRunner:
                     del env[node]
         if observers:
             all_reduce_observers(observers.values())
-
-    @torch.no_grad()
-    def peek(self, stop: fx.Node, observers: Observers) -> None:
-        """Run ahead to `stop` and feed the observers for every batch, keeping nothing: a look at a later cut
-        (a basis shared with a later segment) that leaves the runner where it was."""
-        todo = self._todo(stop)
-        writers = [n for n in todo if mutates(n)]
-        if writers:
-            raise UnsupportedStructure(f"cannot look ahead past {writers[0].name} ({writers[0].target}): it writes in "
-                                       "place into values the runner keeps")
-        weights = self._weights(todo)
-        for env in self.envs:
-            ahead = dict(env)
-            run_nodes(self.program.gm, ahead, todo, weights, keep=set(observers))
-            notify(ahead, observers)
-        all_reduce_observers(observers.values())
 
     def transform(self, nodes: Sequence[fx.Node], fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace the cached values of `nodes` (where cached) by fn(value)."""

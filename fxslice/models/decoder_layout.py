@@ -71,10 +71,27 @@ class DecoderLayout:
     head_dim: int
     eps: float
     rope_base: float
+    norm_gain: float = 1.0  # every norm's scale is multiplied by it (see `_norm_constants`)
+    head_projection: str | None = None  # a square linear between the final norm and the head (a tie SliceGPT kept)
+
+    def norm_scale(self, gm: fx.GraphModule, weight: str | None) -> torch.Tensor:
+        """A norm's scale as the runtime multiplies by it: its weight (ones where fusion took it) times the gain."""
+        value = tensor_of(gm, weight).detach() if weight else torch.ones(self.width, dtype=torch.float64)
+        return value * self.norm_gain if self.norm_gain != 1.0 else value
 
     @property
     def tied(self) -> bool:
-        return self.head == self.table
+        """One tensor for the table and the head, as the runtime reads it (a projected head is written untied)."""
+        return self.head == self.table and self.head_projection is None
+
+    def head_weight(self, gm: fx.GraphModule) -> torch.Tensor:
+        """The head as one [vocab, width] matrix: the program's, or the tied table times the projection before it
+        (exact: logits = x Pᵀ Eᵀ = x (E P)ᵀ)."""
+        head = tensor_of(gm, self.head).detach()
+        if self.head_projection is None:
+            return head
+        projection = tensor_of(gm, self.head_projection).detach()
+        return (head.to(torch.float64) @ projection.to(torch.float64)).to(head.dtype)
 
     @property
     def uniform(self) -> bool:
@@ -219,6 +236,18 @@ def _rope_base(gm: fx.GraphModule, head_dim: int) -> float:
     raise _refuse("no rotary inverse frequencies of the form base^(-2i/d) (scaled or partial rotary)")
 
 
+def _norm_constants(norm: NormMatch) -> tuple[float, float]:
+    """(epsilon, gain) of the norm as a runtime's RMSNorm over the width it reads.
+
+    A sliced stream keeps dividing the sum of squares by the original width D (what keeps slicing exact), where a
+    runtime divides by the current width d: rsqrt(S/D + eps) = sqrt(D/d) · rsqrt(S/d + eps·D/d), so the runtime's
+    epsilon is eps·D/d and the scale is multiplied by sqrt(D/d) — the same function, stock arithmetic."""
+    width = int(norm.input.meta["val"].shape[-1])
+    if width == norm.width:
+        return float(norm.eps), 1.0
+    return float(norm.eps) * norm.width / width, math.sqrt(norm.width / width)
+
+
 def decoder_layout(program: Program) -> DecoderLayout:
     """The layout of `program` as a Llama-style decoder, proven on the logits; else UnsupportedStructure why."""
     gm = program.gm
@@ -231,14 +260,22 @@ def decoder_layout(program: Program) -> DecoderLayout:
     if not norms:
         raise _refuse("no norms")
     scaled = {id(norm): _scaled(gm, norm) for norm in norms}
-    readers = {id(norm): [u for u in uses if _source(u.input) is scaled[id(norm)][1]] for norm in norms}
-    eps = {norm.eps for norm in norms}
-    if len(eps) != 1:
-        raise _refuse(f"norms with different epsilons {sorted(eps)}")
+    readers = {id(norm): [u for u in uses if _source(u.input) is _source(scaled[id(norm)][1])] for norm in norms}
+    constants = {_norm_constants(norm) for norm in norms}
+    if len(constants) != 1:
+        raise _refuse(f"norms with different epsilons or widths {sorted(constants)}")
+    (eps, gain), = constants
     *body, final = norms
     if len(readers[id(final)]) != 1:
         raise _refuse("the last norm is not read by the head alone", final.output)
-    head = readers[id(final)][0]
+    head, projection = readers[id(final)][0], None
+    vocab = int(tensor_of(gm, table).shape[0])
+    if _weight(gm, head).shape[0] != vocab:  # a projection in front of the head, which the runtime's head absorbs
+        after = [u for u in uses if _source(u.input) is _source(head.output)]
+        if len(after) != 1 or _weight(gm, after[0]).shape[0] != vocab:
+            raise _refuse("the last norm is read by a linear that is neither the head nor one projection before it",
+                          head.node)
+        projection, head = _linear_name(gm, head), after[0]
     layers: list[Layer] = []
     head_dim = None
     for norm in body:
@@ -261,13 +298,20 @@ def decoder_layout(program: Program) -> DecoderLayout:
         raise _refuse("a layer with attention but no MLP, whose attention output llama.cpp's deci drops")
     if layers[0].attention is None:
         raise _refuse("a first layer without attention (llama.cpp reads the head size from the first layer)")
+    placed = {projection, _linear_name(gm, head)}
+    for layer in layers:
+        placed |= {layer.attention.q, layer.attention.k, layer.attention.v, layer.attention.o} if layer.attention else set()
+        placed |= {layer.mlp.gate, layer.mlp.up, layer.mlp.down} if layer.mlp else set()
+    stray = next((u for u in uses if str(u.weight.target) not in placed), None)
+    if stray is not None:
+        raise _refuse(f"the linear '{stray.weight.target}' is no part of a decoder layer (a sliced model's shortcut "
+                      "matrix, say: one basis for the whole stream, --shared-basis stream, leaves none)", stray.node)
     table_value = tensor_of(gm, table)
     layout = DecoderLayout(
         table=str(table.target), layers=tuple(layers), output_norm=scaled[id(final)][0],
         head=str(head.weight.target) if head.weight is not table else str(table.target),
-        width=int(table_value.shape[1]), vocab=int(table_value.shape[0]), head_dim=head_dim, eps=float(eps.pop()),
-        rope_base=_rope_base(gm, head_dim))
-    _linear_name(gm, head)
+        width=int(table_value.shape[1]), vocab=int(table_value.shape[0]), head_dim=head_dim, eps=eps,
+        rope_base=_rope_base(gm, head_dim), norm_gain=gain, head_projection=projection)
     _prove(program, layout)
     return layout
 
@@ -275,7 +319,7 @@ def decoder_layout(program: Program) -> DecoderLayout:
 def reference_logits(layout: DecoderLayout, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     """The logits a Llama-style runtime computes from `weights` (by the program's names) for token ids `ids`."""
     def rms(x: torch.Tensor, name: str | None) -> torch.Tensor:
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layout.eps)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layout.eps) * layout.norm_gain
         return x * weights[name] if name else x
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
@@ -302,7 +346,10 @@ def reference_logits(layout: DecoderLayout, weights: dict[str, torch.Tensor], id
             m = layer.mlp
             x = rms(h, layer.mlp_norm)
             h = h + (torch.nn.functional.silu(x @ weights[m.gate].T) * (x @ weights[m.up].T)) @ weights[m.down].T
-    return rms(h, layout.output_norm) @ weights[layout.head].T
+    x = rms(h, layout.output_norm)
+    if layout.head_projection is not None:
+        x = x @ weights[layout.head_projection].T
+    return x @ weights[layout.head].T
 
 
 def _prove(program: Program, layout: DecoderLayout) -> None:
@@ -317,10 +364,10 @@ def _prove(program: Program, layout: DecoderLayout) -> None:
             got = reference_logits(layout, weights, ids)
         except RuntimeError as exc:  # shapes that do not compose: the weights found are not such a decoder's
             raise _refuse(f"the weights found do not compose as a Llama-style decoder ({str(exc).splitlines()[0]}); "
-                          "a sliced model's shortcut matrices, say") from None
+                          "a sliced model's shortcut matrices, say (one basis for the whole stream, --shared-basis stream, leaves none)") from None
     if got.shape != expected.shape:
         raise _refuse(f"the weights found give logits of shape {tuple(got.shape)}, the program "
-                      f"{tuple(expected.shape)}: a sliced model's shortcut matrices, say")
+                      f"{tuple(expected.shape)}: a sliced model's shortcut matrices, say (one basis for the whole stream, --shared-basis stream, leaves none)")
     error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
     if not math.isfinite(error) or error > 1e-6:
         raise _refuse(f"the weights found as a Llama-style decoder compute other logits (relative error {error:.2e}): "

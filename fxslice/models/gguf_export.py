@@ -132,14 +132,18 @@ def _tensors(program: Program, layout: DecoderLayout, weight_type: str, gguf: An
     gm = program.gm
 
     def norm(weight: str | None) -> tuple[np.ndarray, Any]:
-        value = tensor_of(gm, weight).detach() if weight else torch.ones(layout.width)
+        value = layout.norm_scale(gm, weight)
         return value.to(torch.float32).contiguous().numpy(), gguf.GGMLQuantizationType.F32
 
     def matrix(weight: str, heads: int | None = None) -> tuple[np.ndarray, Any]:
         return _matrix(weight, tensor_of(gm, weight), program.quantized.get(weight), heads, weight_type, gguf, report)
 
     out = {"token_embd.weight": matrix(layout.table), "output_norm.weight": norm(layout.output_norm)}
-    if not layout.tied:
+    if layout.head_projection is not None:  # the tied table times the projection in front of it: a head of its own
+        out["output.weight"] = _matrix("output.weight", layout.head_weight(gm), None, None, weight_type, gguf, report)
+        report.notes.append("output.weight: the tied table times the projection in front of the head (the tie SliceGPT "
+                            "kept), written as a head of its own: vocab x width more in the file")
+    elif not layout.tied:
         out["output.weight"] = matrix(layout.head)
     for i, layer in enumerate(layout.layers):
         if layer.attention is not None:

@@ -23,7 +23,8 @@ __all__ = ["stock_llama"]
 
 def stock_llama(program: Program) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
     """(config.json's content, weights by transformers' Llama names, each of those names -> the program's weight it
-    holds) for `program`, or UnsupportedStructure saying why a stock Llama cannot compute it."""
+    holds, norms aside: their scales may be rescaled) for `program`, or UnsupportedStructure saying why a stock Llama
+    cannot compute it."""
     import transformers
 
     layout = decoder_layout(program)
@@ -44,20 +45,25 @@ def stock_llama(program: Program) -> tuple[dict[str, Any], dict[str, torch.Tenso
     data["dtype"] = str(program.dtype).removeprefix("torch.")
     gm = program.gm
 
-    def tensor(name: str | None) -> torch.Tensor:
-        value = tensor_of(gm, name) if name else torch.ones(layout.width, dtype=program.dtype)
-        return value.detach().contiguous().clone()
+    def tensor(name: str) -> torch.Tensor:
+        return tensor_of(gm, name).detach().contiguous().clone()
 
-    names = {"model.embed_tokens.weight": layout.table, "model.norm.weight": layout.output_norm}
-    if not layout.tied:
+    def norm(name: str | None) -> torch.Tensor:
+        return layout.norm_scale(gm, name).to(program.dtype).contiguous()
+
+    names = {"model.embed_tokens.weight": layout.table}
+    norms = {"model.norm.weight": layout.output_norm}
+    if not layout.tied and layout.head_projection is None:
         names["lm_head.weight"] = layout.head
     for i, layer in enumerate(layout.layers):
         a, m, prefix = layer.attention, layer.mlp, f"model.layers.{i}"
-        names |= {f"{prefix}.input_layernorm.weight": layer.attention_norm,
-                  f"{prefix}.self_attn.q_proj.weight": a.q, f"{prefix}.self_attn.k_proj.weight": a.k,
+        norms |= {f"{prefix}.input_layernorm.weight": layer.attention_norm,
+                  f"{prefix}.post_attention_layernorm.weight": layer.mlp_norm}
+        names |= {f"{prefix}.self_attn.q_proj.weight": a.q, f"{prefix}.self_attn.k_proj.weight": a.k,
                   f"{prefix}.self_attn.v_proj.weight": a.v, f"{prefix}.self_attn.o_proj.weight": a.o,
-                  f"{prefix}.post_attention_layernorm.weight": layer.mlp_norm,
                   f"{prefix}.mlp.gate_proj.weight": m.gate, f"{prefix}.mlp.up_proj.weight": m.up,
                   f"{prefix}.mlp.down_proj.weight": m.down}
-    sources = {hf: source for hf, source in names.items() if source}
-    return data, {hf: tensor(source) for hf, source in names.items()}, sources
+    weights = {hf: tensor(source) for hf, source in names.items()} | {hf: norm(source) for hf, source in norms.items()}
+    if layout.head_projection is not None:  # the tied table times the projection in front of it
+        weights["lm_head.weight"] = layout.head_weight(gm).contiguous()
+    return data, weights, names

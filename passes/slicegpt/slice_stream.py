@@ -29,7 +29,8 @@ from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.progress import progress_bar
 from fxslice.passes.slicegpt.basis import change_basis, change_tied_tables
 
-__all__ = ["SliceStream", "SegmentReport", "ConstantWidths", "constant_widths", "per_block", "segment_probe"]
+__all__ = ["SliceStream", "SegmentReport", "ConstantWidths", "constant_widths", "per_block", "per_stream",
+           "segment_probe"]
 
 _SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 
@@ -64,6 +65,13 @@ def per_block(segment: Segment) -> str:
     """`share` key: the module holding the segment's norm (a decoder layer), so that the attention and MLP
     halves of a block use one basis and one shortcut per block is left instead of two."""
     return segment.module.rpartition(".")[0]
+
+
+def per_stream(segment: Segment) -> str:
+    """`share` key: one basis for the whole stream. Every shortcut is then the identity and goes, and every norm
+    reads the same narrower stream: a stock decoder with a smaller hidden size (what runtimes load), at some
+    quality."""
+    return ""
 
 
 @dataclass(frozen=True)
@@ -170,6 +178,7 @@ class SliceStream(Pass):
         count = len(stream.segments)
         if self._given is not None and len(self._given) != count:
             raise UnsupportedStructure(f"slice_stream: replaying {len(self._given)} bases on a stream of {count} segments")
+        pending: dict[int, torch.Tensor] = {}  # covariances of a group's later members, taken with its first
         for k in progress_bar(range(count), "calibrating segments", enabled=self.progress):
             seg = stream.segments[k]
             probe = segment_probe(stream, seg)
@@ -178,16 +187,19 @@ class SliceStream(Pass):
             if runner is None:
                 q = self._given[k]
             else:
-                cov = _covariance(runner, seg, probe, order, k)
-                if shared:  # the previous segment's basis: the shortcut between them is the identity
-                    q = self.bases[-1]
+                if shared:  # the group's basis: the shortcut between them is the identity
+                    cov, q = pending.pop(k), self.bases[-1]
                 else:
+                    cov = _covariance(runner, seg, probe, order, k)
                     joint = cov
-                    if k + 1 < count and self._shares_previous(stream, k + 1):  # the next half takes this basis too
-                        after = stream.segments[k + 1]
-                        joint = cov + _covariance(runner, after, segment_probe(stream, after), order, k + 1, ahead=True)
+                    after = k + 1
+                    while after < count and self._shares_previous(stream, after):  # later members take this basis
+                        member = stream.segments[after]
+                        pending[after] = _covariance(runner, member, segment_probe(stream, member), order, after)
+                        joint = joint + pending[after]
+                        after += 1
                     vectors = torch.linalg.eigh(joint)[1].flip(1)
-                    q = vectors[:, : self._width(seg, full, last=k == count - 1)].contiguous()
+                    q = vectors[:, : self._width(seg, full, last=after == count)].contiguous()
                 eigenvalues = torch.linalg.eigvalsh(cov).flip(0)
                 kept_variance = float(torch.einsum("ij,ik,kj->", q, cov, q))
                 self.bases.append(kept(gm, q))  # for replay: on disk where the weights are (7 B: 6.5 GB of bases)
@@ -218,11 +230,10 @@ class SliceStream(Pass):
         return PassResult(True, {"widths": [int(q.shape[1]) for q in (self._given or self.bases)]})
 
 
-def _covariance(runner: StagedRunner, seg: Segment, probe: fx.Node, order: dict[fx.Node, int], k: int,
-                *, ahead: bool = False) -> torch.Tensor:
-    """ΣXᵀX (float64) of the stream at `probe` over all calibration batches; `ahead`: without moving the runner."""
+def _covariance(runner: StagedRunner, seg: Segment, probe: fx.Node, order: dict[fx.Node, int], k: int) -> torch.Tensor:
+    """ΣXᵀX (float64) of the stream at `probe` over all calibration batches, running through the segment."""
     moment = SecondMoment()
-    (runner.peek if ahead else runner.run_through)(max(seg.nodes, key=order.__getitem__), {probe: moment})
+    runner.run_through(max(seg.nodes, key=order.__getitem__), {probe: moment})
     cov = moment.sum
     if cov is None:
         raise BadInput(f"segment {k} ({seg.module}): no calibration batch reached it")

@@ -13,7 +13,7 @@ from fxslice.passes.slicegpt.fuse_norms import FuseNorms
 from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
 from fxslice.passes.slicegpt.rotations import RotationSource, random_orthogonal, randomized_hadamard
-from fxslice.passes.slicegpt.slice_stream import ConstantWidths, SliceStream, per_block
+from fxslice.passes.slicegpt.slice_stream import ConstantWidths, SliceStream, per_block, per_stream
 from fxslice.passes.slicegpt.tied_head import CorrectTiedHead
 from fxslice.passes.slicegpt.widths import SlicedSize, loss_aware_widths, stream_sensitivity
 from fxslice.recipes import Stage, StageContext, StageResult
@@ -21,6 +21,7 @@ from fxslice.recipes import Stage, StageContext, StageResult
 __all__ = ["SliceGPT", "Rotate", "REFITS", "fused_rotation"]
 
 REFITS = ("off", "readers", "writers", "both")
+SHARES = {"none": None, "block": per_block, "stream": per_stream}  # shared_basis -> SliceStream's `share`
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,7 +30,9 @@ class SliceGPT(Stage):
 
     `sparsity` (every segment keeps 1 - sparsity of its width, rounded down to a multiple of `multiple`)
     or `widths` (one per segment); `keep_ties=False` unties a tied head (better perplexity, V x d more
-    parameters); `shared_basis` gives both halves of a block one basis (half the shortcuts).
+    parameters); `shared_basis` gives both halves of a block one basis (True or "block": half the shortcuts), or
+    the whole stream one ("stream": no shortcuts, so a stock decoder with a smaller hidden size that other runtimes
+    load; the basis then spans every segment's inputs at once, at some quality).
     `allocation="loss_aware"` keeps the parameter count of `sparsity`'s constant widths but gives each segment
     its width from the loss's curvature along the directions slicing removes (`widths.py`), measured by a
     forward and backward pass over the first `sensitivity_windows` calibration windows. `refit` then fits
@@ -47,7 +50,7 @@ class SliceGPT(Stage):
     widths: tuple[int, ...] | Callable[[Segment, int], int] | None = None
     multiple: int = 8
     keep_ties: bool = True
-    shared_basis: bool = False
+    shared_basis: str = "none"  # or "block", "stream"; False and True (older recipes) read as "none" and "block"
     slice_head: bool = True
     batch_size: int = 1
     allocation: str = "constant"  # or "loss_aware"
@@ -57,12 +60,22 @@ class SliceGPT(Stage):
     head_rank: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.shared_basis, bool):  # one spelling, so that equal recipes compare equal
+            object.__setattr__(self, "shared_basis", "block" if self.shared_basis else "none")
+        if not isinstance(self.shared_basis, str) or self.shared_basis not in SHARES:
+            raise InvalidOption(f"slicegpt: shared_basis must be 'none', 'block' or 'stream', got {self.shared_basis!r}")
         if self.allocation not in ("constant", "loss_aware"):
             raise InvalidOption(f"slicegpt: allocation must be 'constant' or 'loss_aware', got {self.allocation!r}")
-        if self.allocation == "loss_aware" and (self.sparsity is None or self.shared_basis):
+        if self.allocation == "loss_aware" and (self.sparsity is None or self.shared_basis != "none"):
             raise InvalidOption("slicegpt: allocation='loss_aware' takes a sparsity (its parameter budget is that of "
                                 "constant widths) and no shared basis")
         self.require_positive_ints("sensitivity_windows")
+        if self.shared_basis == "stream" and not self.slice_head:
+            raise InvalidOption("slicegpt: shared_basis='stream' slices the head's segment with the rest (one basis); "
+                                "slice_head=False would keep the whole stream at full width")
+        if self.shared_basis == "stream" and self.widths is not None and not callable(self.widths) and \
+                len(set(self.widths)) > 1:
+            raise InvalidOption(f"slicegpt: one basis for the stream has one width, got widths {sorted(set(self.widths))}")
         if (self.sparsity is None) == (self.widths is None):
             raise InvalidOption(f"slicegpt: give either sparsity or widths, not "
                                 f"{'both' if self.sparsity is not None else 'neither'}")
@@ -96,7 +109,7 @@ class SliceGPT(Stage):
         # the fused model, nothing removed yet
         reference = program.clone() if self.refit != "off" or self.head_rank else None
         slicer = SliceStream(windows, rule, batch_size=self.batch_size, slice_head=self.slice_head,
-                             share=per_block if self.shared_basis else None, progress=context.progress)
+                             share=SHARES[self.shared_basis], progress=context.progress)
         parts = [fused, self.run_passes(program, [slicer], context)]
         if self.refit != "off":
             refit = RefitLinears(reference, windows, readers=self.refit in ("readers", "both"),
