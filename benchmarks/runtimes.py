@@ -2,18 +2,19 @@
 in one run; one JSON object.
 
     python benchmarks/runtimes.py [--type q8_0] [--prune 0.166] [--multiple 32] [--shots 4] [--calib-windows 16]
-                                  [--calib-length 512]
+                                  [--calib-length 512] [--slice 0.25]
                                   [--pruned DIR] [--bits 4] [--grids zero_point,offset] [--eval-windows 8]
                                   [--eval-length 2048] [--prefill 512]
                                   [--new 128] [--threads 2] [--repeats 3] [--out DIR]
 
 Models: the shipped Q4_1 file as llama.cpp's own dense baseline; the dense model and the Surgeon's model (`--prune`, or
-a saved one with `--pruned DIR`) exported at `--type` (the same type, so that the ratio is the pruning's); each of them
+a saved one with `--pruned DIR`) and SliceGPT with one basis for the whole stream (`--slice`: a narrower stock Llama)
+exported at `--type` (the same type, so that the ratio is the compression's); each of them
 quantized by fxslice (GPTQ, `--bits` in groups of 32 on each of `--grids`, tables 8-bit: exported as the Q4_1 / Q5_1
 blocks of the same integers, Q4_0 / Q5_0 for a symmetric grid, tables Q8_0) and, for comparison at the same types, by
 llama.cpp's own quantizer (`llama_model_quantize`
 from the float32 export, no importance matrix, its own choice for the token table). Per GGUF file: its bytes, perplexity from llama.cpp's logits on the first `--eval-windows`
-test windows (fxslice's windows: the same tokens), prefill of `--prefill` tokens and batch-1 greedy decoding of `--new`
+test windows (fxslice's windows: the same tokens; `all`: the whole split), prefill of `--prefill` tokens and batch-1 greedy decoding of `--new`
 tokens (tokens/s, medians over `--repeats` after a warm-up); and fxslice's own runtime (the captured program with its
 KV cache, float32) on the same cases. Ratios are against the dense export at `--type`.
 """
@@ -42,7 +43,7 @@ from fxslice.models.capture import default_model_path, load_model  # noqa: E402
 from fxslice.models.gguf_export import export_gguf  # noqa: E402
 from fxslice.models.io import load  # noqa: E402
 from fxslice.models.kvcache import capture_cached  # noqa: E402
-from fxslice.passes import CleanupIR, prune_recipe  # noqa: E402
+from fxslice.passes import CleanupIR, prune_recipe, slicegpt_recipe  # noqa: E402
 from fxslice.passes.quantize import QuantizeWeights  # noqa: E402
 from fxslice.recipes import Calibration  # noqa: E402
 
@@ -99,6 +100,12 @@ def _programs(args: argparse.Namespace, tokenizer, module) -> dict[str, object]:
         if report.cached is None:
             raise SystemExit("the pruned model has no KV-cache capture to decode with: " + "; ".join(report.notes))
         programs["pruned"] = report.cached
+    if args.slice:
+        calibration = Calibration(windows=args.calib_windows, length=args.calib_length)
+        recipe = slicegpt_recipe(sparsity=args.slice, multiple=args.multiple, shared_basis="stream",
+                                 calibration=calibration)
+        report = compress("smollm2", recipe, out=None, evaluation=None)
+        programs["sliced"] = report.cached
     if args.bits:
         calibration = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length,
                                     count=args.calib_windows, seed=0)
@@ -120,11 +127,13 @@ def main() -> None:
     parser.add_argument("--calib-length", type=int, default=512)
     parser.add_argument("--multiple", type=int, default=32, help="MLP widths kept at multiples of this (GGUF blocks)")
     parser.add_argument("--pruned", default="", help="a saved pruned model instead of pruning here")
+    parser.add_argument("--slice", type=float, default=0.0, help="also SliceGPT at this sparsity, one basis for the "
+                        "stream (widths at --multiple)")
     parser.add_argument("--bits", type=int, default=4, help="fxslice's GPTQ width (4 or 5; 0: none)")
     parser.add_argument("--grids", default="zero_point,offset",
                         help="fxslice's GPTQ grids, comma-separated: zero_point (integer), offset (Q4_1's own), "
                         "symmetric (Q4_0's)")
-    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--eval-windows", default="8", help="first N test windows, or 'all' (0: no perplexity)")
     parser.add_argument("--eval-length", type=int, default=2048)
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
@@ -166,7 +175,8 @@ def main() -> None:
                 exports[target.stem] = {"parameters": programs[name].num_parameters()}
             source.unlink()
 
-    windows = token_windows(tokenizer, load_text("wikitext2:test"), args.eval_length)[: args.eval_windows]
+    windows = token_windows(tokenizer, load_text("wikitext2:test"), args.eval_length)
+    windows = windows if args.eval_windows == "all" else windows[: int(args.eval_windows)]
     prompt = windows[0].tolist()
     rows: dict[str, dict] = {}
     for name, path in files.items():
@@ -174,7 +184,7 @@ def main() -> None:
         _llama_cpp_speeds(model, prompt, args.prefill, 8)  # warm-up
         speeds = [_llama_cpp_speeds(model, prompt, args.prefill, args.new) for _ in range(args.repeats)]
         rows[name] = {"runtime": "llama.cpp", "file_mb": round(path.stat().st_size / 1e6, 2),
-                      "perplexity": round(_llama_cpp_perplexity(model, windows), 3) if args.eval_windows else None,
+                      "perplexity": round(_llama_cpp_perplexity(model, windows), 3) if len(windows) else None,
                       "prefill_tokens_per_s": round(statistics.median(s[0] for s in speeds), 1),
                       "decode_tokens_per_s": round(statistics.median(s[1] for s in speeds), 1),
                       **exports.get(name, {})}
@@ -189,7 +199,7 @@ def main() -> None:
             samples = [(args.prefill / _seconds(prefill), _tokens_per_s(decode)) for _ in range(args.repeats)]
             rows[f"fxslice_{name}"] = {
                 "runtime": "fxslice (captured, float32, KV cache)",
-                "perplexity": round(perplexity(program, windows), 3) if args.eval_windows else None,
+                "perplexity": round(perplexity(program, windows), 3) if len(windows) else None,
                 "prefill_tokens_per_s": round(statistics.median(s[0] for s in samples), 1),
                 "decode_tokens_per_s": round(statistics.median(s[1] for s in samples), 1)}
     reference = rows["dense"]
@@ -203,7 +213,7 @@ def main() -> None:
         "prune": None if args.pruned else args.prune, "pruned_dir": args.pruned or None, "bits": args.bits,
         "grids": args.grids.split(","),
         "calibration": {"windows": args.calib_windows, "length": args.calib_length, "shots": args.shots},
-        "eval": {"windows": args.eval_windows, "length": args.eval_length}, "prefill": args.prefill, "new": args.new,
+        "slice": args.slice or None, "eval": {"windows": len(windows), "length": args.eval_length}, "prefill": args.prefill, "new": args.new,
         "repeats": args.repeats, "reference": "dense", "results": rows}, indent=1))
 
 

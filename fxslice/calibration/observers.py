@@ -24,15 +24,19 @@ class SecondMoment:
 
     SliceGPT's PCA reads it at a stream cut; GPTQ and the LLM Surgeon's `A` factor read it at a linear's
     input, and the Surgeon's `G` factor at a linear's output gradient. `rows` counts what was summed,
-    so `mean()` is the second moment E[xxᵀ].
+    so `mean()` is the second moment E[xxᵀ]. `directions=True` sums x̂x̂ᵀ of the rows scaled to unit length:
+    every token's direction counts once, whatever its norm (what an RMSNorm after the cut reads).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, directions: bool = False) -> None:
         self.sum: torch.Tensor | None = None
         self.rows = 0
+        self.directions = directions
 
     def update(self, value: torch.Tensor) -> None:
         x = value.detach().reshape(-1, value.shape[-1]).to(torch.float64)
+        if self.directions:
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
         if self.sum is None:
             self.sum = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
         self.sum.addmm_(x.T, x)

@@ -69,8 +69,10 @@ def per_block(segment: Segment) -> str:
 
 def per_stream(segment: Segment) -> str:
     """`share` key: one basis for the whole stream. Every shortcut is then the identity and goes, and every norm
-    reads the same narrower stream: a stock decoder with a smaller hidden size (what runtimes load), at some
-    quality."""
+    reads the same narrower stream: a stock decoder with a smaller hidden size (what runtimes load). The basis is
+    the PCA of every segment's token *directions* (tokens scaled to unit length): the norms read directions, and
+    the stream's scale grows along the layers, so plain ΣXᵀX would serve the last layers' few large tokens
+    (measured on SmolLM2 at 25 %, 8 test windows: 105 with ΣXᵀX, 74 with directions)."""
     return ""
 
 
@@ -190,14 +192,16 @@ class SliceStream(Pass):
                 if shared:  # the group's basis: the shortcut between them is the identity
                     cov, q = pending.pop(k), self.bases[-1]
                 else:
-                    cov = _covariance(runner, seg, probe, order, k)
-                    joint = cov
                     after = k + 1
                     while after < count and self._shares_previous(stream, after):  # later members take this basis
-                        member = stream.segments[after]
-                        pending[after] = _covariance(runner, member, segment_probe(stream, member), order, after)
-                        joint = joint + pending[after]
                         after += 1
+                    whole = after - k == count  # one basis for the stream: every token's direction counts once
+                    cov = _covariance(runner, seg, probe, order, k, whole)
+                    joint = cov
+                    for member in stream.segments[k + 1: after]:
+                        pending[member.index] = _covariance(runner, member, segment_probe(stream, member), order,
+                                                            member.index, whole)
+                        joint = joint + pending[member.index]
                     vectors = torch.linalg.eigh(joint)[1].flip(1)
                     q = vectors[:, : self._width(seg, full, last=after == count)].contiguous()
                 eigenvalues = torch.linalg.eigvalsh(cov).flip(0)
@@ -230,9 +234,11 @@ class SliceStream(Pass):
         return PassResult(True, {"widths": [int(q.shape[1]) for q in (self._given or self.bases)]})
 
 
-def _covariance(runner: StagedRunner, seg: Segment, probe: fx.Node, order: dict[fx.Node, int], k: int) -> torch.Tensor:
-    """ΣXᵀX (float64) of the stream at `probe` over all calibration batches, running through the segment."""
-    moment = SecondMoment()
+def _covariance(runner: StagedRunner, seg: Segment, probe: fx.Node, order: dict[fx.Node, int], k: int,
+                directions: bool = False) -> torch.Tensor:
+    """ΣXᵀX (float64) of the stream at `probe` over all calibration batches, running through the segment;
+    `directions`: of the tokens scaled to unit length."""
+    moment = SecondMoment(directions=directions)
     runner.run_through(max(seg.nodes, key=order.__getitem__), {probe: moment})
     cov = moment.sum
     if cov is None:
