@@ -2,13 +2,13 @@
 in one run; one JSON object.
 
     python benchmarks/runtimes.py [--type q8_0] [--prune 0.166] [--multiple 32] [--shots 4] [--calib-windows 16]
-                                  [--calib-length 512] [--slice 0.25]
+                                  [--calib-length 512] [--slice 0.25 | --sliced DIR]
                                   [--pruned DIR] [--bits 4] [--grids zero_point,offset] [--eval-windows 8]
                                   [--eval-length 2048] [--prefill 512]
-                                  [--new 128] [--threads 2] [--repeats 3] [--out DIR]
+                                  [--new 128] [--threads 2] [--repeats 3] [--out DIR] [--only sliced,dense]
 
 Models: the shipped Q4_1 file as llama.cpp's own dense baseline; the dense model and the Surgeon's model (`--prune`, or
-a saved one with `--pruned DIR`) and SliceGPT with one basis for the whole stream (`--slice`: a narrower stock Llama)
+a saved one with `--pruned DIR`) and SliceGPT with one basis for the whole stream (`--slice`, or a saved one with `--sliced DIR`: a narrower stock Llama)
 exported at `--type` (the same type, so that the ratio is the compression's); each of them
 quantized by fxslice (GPTQ, `--bits` in groups of 32 on each of `--grids`, tables 8-bit: exported as the Q4_1 / Q5_1
 blocks of the same integers, Q4_0 / Q5_0 for a symmetric grid, tables Q8_0) and, for comparison at the same types, by
@@ -16,7 +16,8 @@ llama.cpp's own quantizer (`llama_model_quantize`
 from the float32 export, no importance matrix, its own choice for the token table). Per GGUF file: its bytes, perplexity from llama.cpp's logits on the first `--eval-windows`
 test windows (fxslice's windows: the same tokens; `all`: the whole split), prefill of `--prefill` tokens and batch-1 greedy decoding of `--new`
 tokens (tokens/s, medians over `--repeats` after a warm-up); and fxslice's own runtime (the captured program with its
-KV cache, float32) on the same cases. Ratios are against the dense export at `--type`.
+KV cache, float32) on the same cases. Ratios are against the dense export at `--type`. `--only` measures the named
+models alone (and no ratios without `dense`), e.g. one model's whole split through both runtimes.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def _programs(args: argparse.Namespace, tokenizer, module) -> dict[str, object]:
         if report.cached is None:
             raise SystemExit("the pruned model has no KV-cache capture to decode with: " + "; ".join(report.notes))
         programs["pruned"] = report.cached
-    if args.slice:
+    if args.sliced:
+        programs["sliced"] = load(args.sliced)
+    elif args.slice:
         calibration = Calibration(windows=args.calib_windows, length=args.calib_length)
         recipe = slicegpt_recipe(sparsity=args.slice, multiple=args.multiple, shared_basis="stream",
                                  calibration=calibration)
@@ -129,6 +132,7 @@ def main() -> None:
     parser.add_argument("--pruned", default="", help="a saved pruned model instead of pruning here")
     parser.add_argument("--slice", type=float, default=0.0, help="also SliceGPT at this sparsity, one basis for the "
                         "stream (widths at --multiple)")
+    parser.add_argument("--sliced", default="", help="a saved model sliced with one basis for the stream, instead")
     parser.add_argument("--bits", type=int, default=4, help="fxslice's GPTQ width (4 or 5; 0: none)")
     parser.add_argument("--grids", default="zero_point,offset",
                         help="fxslice's GPTQ grids, comma-separated: zero_point (integer), offset (Q4_1's own), "
@@ -140,6 +144,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="", help="keep the GGUF files here (default: a temporary folder)")
+    parser.add_argument("--only", default="", help="measure only these models (comma-separated names of the results)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -179,6 +184,8 @@ def main() -> None:
     windows = windows if args.eval_windows == "all" else windows[: int(args.eval_windows)]
     prompt = windows[0].tolist()
     rows: dict[str, dict] = {}
+    only = set(args.only.split(",")) if args.only else None
+    files = {name: path for name, path in files.items() if only is None or name in only}
     for name, path in files.items():
         model = _llama(path, args.threads, max(args.eval_length, args.prefill + 16, 16 + args.new + 1))
         _llama_cpp_speeds(model, prompt, args.prefill, 8)  # warm-up
@@ -191,7 +198,7 @@ def main() -> None:
         model.close()
     with torch.no_grad():
         for name, program in programs.items():
-            if "+" in name:
+            if "+" in name or (only is not None and name not in only):
                 continue  # fxslice computes quantized programs dequantized: their speed is the float model's
             prefill = prefill_run(program, 1, args.prefill, "cpu")
             decode = decode_run(program, 1, "cpu", new=args.new)
@@ -202,7 +209,7 @@ def main() -> None:
                 "perplexity": round(perplexity(program, windows), 3) if len(windows) else None,
                 "prefill_tokens_per_s": round(statistics.median(s[0] for s in samples), 1),
                 "decode_tokens_per_s": round(statistics.median(s[1] for s in samples), 1)}
-    reference = rows["dense"]
+    reference = rows.get("dense", {})
     for row in rows.values():
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "file_mb", "perplexity"):
             if row.get(key) and reference.get(key):
@@ -213,7 +220,7 @@ def main() -> None:
         "prune": None if args.pruned else args.prune, "pruned_dir": args.pruned or None, "bits": args.bits,
         "grids": args.grids.split(","),
         "calibration": {"windows": args.calib_windows, "length": args.calib_length, "shots": args.shots},
-        "slice": args.slice or None, "eval": {"windows": len(windows), "length": args.eval_length}, "prefill": args.prefill, "new": args.new,
+        "slice": None if args.sliced else args.slice or None, "sliced_dir": args.sliced or None, "eval": {"windows": len(windows), "length": args.eval_length}, "prefill": args.prefill, "new": args.new,
         "repeats": args.repeats, "reference": "dense", "results": rows}, indent=1))
 
 
