@@ -17,7 +17,8 @@ from the float32 export, no importance matrix, its own choice for the token tabl
 test windows (fxslice's windows: the same tokens; `all`: the whole split), prefill of `--prefill` tokens and batch-1 greedy decoding of `--new`
 tokens (tokens/s, medians over `--repeats` after a warm-up); and fxslice's own runtime (the captured program with its
 KV cache, float32) on the same cases. Ratios are against the dense export at `--type`. `--only` measures the named
-models alone (and no ratios without `dense`), e.g. one model's whole split through both runtimes.
+results alone (`sliced` in llama.cpp, `fxslice_sliced` in fxslice; no ratios without `dense`), e.g. one model's whole
+split.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def main() -> None:
         model.close()
     with torch.no_grad():
         for name, program in programs.items():
-            if "+" in name or (only is not None and name not in only):
+            if "+" in name or (only is not None and f"fxslice_{name}" not in only):
                 continue  # fxslice computes quantized programs dequantized: their speed is the float model's
             prefill = prefill_run(program, 1, args.prefill, "cpu")
             decode = decode_run(program, 1, "cpu", new=args.new)

@@ -218,7 +218,7 @@ def test_a_shared_basis_keeps_both_halves_of_the_block():
     assert float((q @ q.T - attention_only @ attention_only.T).abs().max()) > 1e-2  # the test can tell them apart
 
 
-def test_one_basis_for_the_stream_spans_every_norms_input():
+def test_one_basis_for_the_stream_spans_every_norms_input(capsys):
     """`per_stream`: one basis from Σ x̂x̂ᵀ over the token directions at every norm's input of the (dense) eager
     model — each layer's two and the final one — so that all segments share it and no shortcut is left."""
     from fxslice import capture
@@ -239,8 +239,9 @@ def test_one_basis_for_the_stream_spans_every_norms_input():
     rows = [x.reshape(-1, 64) for x in seen]
     directions = [x / x.norm(dim=1, keepdim=True).clamp_min(1e-300) for x in rows]  # each direction once (pad: 0)
     expected = torch.linalg.eigh(sum(x.T @ x for x in directions))[1][:, -40:]
-    slicer = SliceStream(CALIBRATION, [40] * 5, batch_size=12, share=per_stream)
+    slicer = SliceStream(CALIBRATION, [40] * 5, batch_size=12, share=per_stream, progress=True)
     PassManager([slicer]).run(program)
+    assert "covariances for one basis: 4/4" in capsys.readouterr().err  # the calibration is at the first segment
     assert all(q is slicer.bases[0] for q in slicer.bases)
     q = slicer.bases[0]
     torch.testing.assert_close(q @ q.T, expected @ expected.T, rtol=0, atol=1e-4)

@@ -198,7 +198,9 @@ class SliceStream(Pass):
                     whole = after - k == count  # one basis for the stream: every token's direction counts once
                     cov = _covariance(runner, seg, probe, order, k, whole)
                     joint = cov
-                    for member in stream.segments[k + 1: after]:
+                    members = stream.segments[k + 1: after]  # the group's calibration happens here: show it
+                    for member in progress_bar(members, "covariances for one basis",
+                                               enabled=self.progress and len(members) > 1):
                         pending[member.index] = _covariance(runner, member, segment_probe(stream, member), order,
                                                             member.index, whole)
                         joint = joint + pending[member.index]
