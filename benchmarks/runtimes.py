@@ -149,10 +149,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    folder = Path(args.out or tempfile.mkdtemp(prefix="fxslice-runtimes-"))
+    folder.mkdir(parents=True, exist_ok=True)  # before the models: the pruned one is saved into it
     module, tokenizer = load_model("smollm2")
     programs = _programs(args, tokenizer, module)
-    folder = Path(args.out or tempfile.mkdtemp(prefix="fxslice-runtimes-"))
-    folder.mkdir(parents=True, exist_ok=True)
     files = {"shipped_q4_1": default_model_path()}
     exports = {}
     for name, program in programs.items():
