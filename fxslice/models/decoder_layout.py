@@ -77,7 +77,7 @@ class DecoderLayout:
     def norm_scale(self, gm: fx.GraphModule, weight: str | None) -> torch.Tensor:
         """A norm's scale as the runtime multiplies by it: its weight (ones where fusion took it) times the gain."""
         value = tensor_of(gm, weight).detach() if weight else torch.ones(self.width, dtype=torch.float64)
-        return value * self.norm_gain if self.norm_gain != 1.0 else value
+        return value.to(torch.float64) * self.norm_gain if self.norm_gain != 1.0 else value  # one rounding, at the end
 
     @property
     def tied(self) -> bool:

@@ -32,7 +32,8 @@ class SliceGPT(Stage):
     or `widths` (one per segment); `keep_ties=False` unties a tied head (better perplexity, V x d more
     parameters); `shared_basis` gives both halves of a block one basis (True or "block": half the shortcuts), or
     the whole stream one ("stream": no shortcuts, so a stock decoder with a smaller hidden size that other runtimes
-    load; the basis then spans every segment's inputs at once, at some quality).
+    load; its basis is the PCA of the token directions at every norm's input, on SmolLM2 better than per-segment
+    bases: benchmarks/README.md).
     `allocation="loss_aware"` keeps the parameter count of `sparsity`'s constant widths but gives each segment
     its width from the loss's curvature along the directions slicing removes (`widths.py`), measured by a
     forward and backward pass over the first `sensitivity_windows` calibration windows. `refit` then fits
