@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from speed import decode_run, prefill_run  # noqa: E402 - fxslice's own timing loops
 
 from fxslice import PassManager, compress  # noqa: E402
+from fxslice.core.progress import progress_bar  # noqa: E402
 from fxslice.data import load_text, token_windows  # noqa: E402
 from fxslice.evaluation.perplexity import perplexity  # noqa: E402
 from fxslice.models.capture import default_model_path, load_model  # noqa: E402
@@ -57,10 +58,10 @@ def _llama(path: Path, threads: int, context: int):
                            verbose=False, n_threads=threads, n_threads_batch=threads)
 
 
-def _llama_cpp_perplexity(model, windows: torch.Tensor) -> float:
+def _llama_cpp_perplexity(model, windows: torch.Tensor, name: str) -> float:
     """exp(mean next-token loss) from llama.cpp's logits, window by window (a fresh context for each)."""
     total, count = 0.0, 0
-    for window in windows.tolist():
+    for window in progress_bar(windows.tolist(), f"perplexity of {name} in llama.cpp"):
         model.reset()
         model.eval(window)
         logits = np.asarray(model.scores[: len(window) - 1], dtype=np.float64)
@@ -192,7 +193,7 @@ def main() -> None:
         _llama_cpp_speeds(model, prompt, args.prefill, 8)  # warm-up
         speeds = [_llama_cpp_speeds(model, prompt, args.prefill, args.new) for _ in range(args.repeats)]
         rows[name] = {"runtime": "llama.cpp", "file_mb": round(path.stat().st_size / 1e6, 2),
-                      "perplexity": round(_llama_cpp_perplexity(model, windows), 3) if len(windows) else None,
+                      "perplexity": round(_llama_cpp_perplexity(model, windows, name), 3) if len(windows) else None,
                       "prefill_tokens_per_s": round(statistics.median(s[0] for s in speeds), 1),
                       "decode_tokens_per_s": round(statistics.median(s[1] for s in speeds), 1),
                       **exports.get(name, {})}
