@@ -273,3 +273,20 @@ def test_a_recipe_written_with_the_old_calibration_batch_size_reads_with_a_warni
     with pytest.warns(UserWarning, match="batch_size is ignored"):
         recipe = load_recipe(path)
     assert recipe.calibration.windows == 4 and "batch_size" not in recipe.to_dict()["calibration"]
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"shared_basis": "foo"}, "'none', 'block' or 'stream'"),
+    ({"shared_basis": ["block"]}, "'none', 'block' or 'stream'"),
+    ({"shared_basis": "stream", "slice_head": False}, "full width"),
+    ({"shared_basis": "stream", "sparsity": None, "widths": (40, 48)}, "one width"),
+    ({"shared_basis": "stream", "allocation": "loss_aware"}, "no shared basis"),
+])
+def test_a_shared_basis_that_cannot_be_is_refused_when_the_stage_is_made(options, message):
+    with pytest.raises(InvalidOption, match=message):
+        SliceGPT(**{"sparsity": 0.25, **options})
+
+
+def test_old_boolean_shared_basis_reads_as_its_name():
+    assert SliceGPT(sparsity=0.25, shared_basis=True) == SliceGPT(sparsity=0.25, shared_basis="block")
+    assert SliceGPT(sparsity=0.25, shared_basis=False).shared_basis == "none"
