@@ -182,9 +182,9 @@ def main() -> None:
                 exports[target.stem] = {"parameters": programs[name].num_parameters()}
             source.unlink()
 
-    windows = token_windows(tokenizer, load_text("wikitext2:test"), args.eval_length)
-    windows = windows if args.eval_windows == "all" else windows[: int(args.eval_windows)]
-    prompt = windows[0].tolist()
+    test = token_windows(tokenizer, load_text("wikitext2:test"), args.eval_length)
+    windows = test if args.eval_windows == "all" else test[: int(args.eval_windows)]
+    prompt = test[0].tolist()  # the speed runs' text, also without a perplexity
     rows: dict[str, dict] = {}
     only = set(args.only.split(",")) if args.only else None
     files = {name: path for name, path in files.items() if only is None or name in only}
