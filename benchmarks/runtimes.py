@@ -87,6 +87,13 @@ def _llama_cpp_speeds(model, prompt: list[int], prefill: int, new: int) -> tuple
     return prefill_speed, new / (time.perf_counter() - start)
 
 
+def _decodable(report, what: str):
+    """The KV-cache program of a compress() report, which fxslice's own decoding needs."""
+    if report.cached is None:
+        raise SystemExit(f"the {what} model has no KV-cache capture to decode with: " + "; ".join(report.notes))
+    return report.cached
+
+
 def _programs(args: argparse.Namespace, tokenizer, module) -> dict[str, object]:
     """The fxslice programs to export, by name (KV-cache captures, so that fxslice's own decoding uses the cache)."""
     dense = capture_cached(module)
@@ -99,18 +106,15 @@ def _programs(args: argparse.Namespace, tokenizer, module) -> dict[str, object]:
         out = Path(args.out) / "pruned-model" if args.out else None  # to reuse with --pruned
         calibration = Calibration(windows=args.calib_windows, length=args.calib_length)
         recipe = prune_recipe(target=args.prune, shots=args.shots, multiple=args.multiple, calibration=calibration)
-        report = compress("smollm2", recipe, out=None if out is None or out.exists() else out, evaluation=None)
-        if report.cached is None:
-            raise SystemExit("the pruned model has no KV-cache capture to decode with: " + "; ".join(report.notes))
-        programs["pruned"] = report.cached
+        programs["pruned"] = _decodable(compress("smollm2", recipe, out=None if out is None or out.exists() else out,
+                                                 evaluation=None), "pruned")
     if args.sliced:
         programs["sliced"] = load(args.sliced)
     elif args.slice:
         calibration = Calibration(windows=args.calib_windows, length=args.calib_length)
         recipe = slicegpt_recipe(sparsity=args.slice, multiple=args.multiple, shared_basis="stream",
                                  calibration=calibration)
-        report = compress("smollm2", recipe, out=None, evaluation=None)
-        programs["sliced"] = report.cached
+        programs["sliced"] = _decodable(compress("smollm2", recipe, out=None, evaluation=None), "sliced")
     if args.bits:
         calibration = token_windows(tokenizer, load_text("wikitext2:validation"), args.calib_length,
                                     count=args.calib_windows, seed=0)
@@ -154,9 +158,16 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)  # before the models: the pruned one is saved into it
     module, tokenizer = load_model("smollm2")
     programs = _programs(args, tokenizer, module)
+    only = set(args.only.split(",")) if args.only else None
+
+    def measured(name: str) -> bool:
+        return only is None or name in only
+
     files = {"shipped_q4_1": default_model_path()}
     exports = {}
     for name, program in programs.items():
+        if not measured(name):
+            continue
         path = folder / f"{name}.gguf"
         path.unlink(missing_ok=True)
         report = export_gguf(program, path, weight_type=args.type)
@@ -168,12 +179,15 @@ def main() -> None:
         import llama_cpp
 
         kinds = {f"q{args.bits}_0" if g == "symmetric" else f"q{args.bits}_1" for g in args.grids.split(",")}
-        for name in [n for n in programs if "+" not in n]:
+        for name in [n for n in programs if "+" not in n
+                     and any(measured(f"{n}+llama.cpp-{kind}") for kind in kinds)]:
             source = folder / f"{name}.f32.gguf"
             source.unlink(missing_ok=True)
             export_gguf(programs[name], source, weight_type="f32")
             for kind in sorted(kinds):
                 target = folder / f"{name}+llama.cpp-{kind}.gguf"
+                if not measured(target.stem):
+                    continue
                 params = llama_cpp.llama_model_quantize_default_params()
                 params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}"), args.threads
                 if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
@@ -186,8 +200,7 @@ def main() -> None:
     windows = test if args.eval_windows == "all" else test[: int(args.eval_windows)]
     prompt = test[0].tolist()  # the speed runs' text, also without a perplexity
     rows: dict[str, dict] = {}
-    only = set(args.only.split(",")) if args.only else None
-    files = {name: path for name, path in files.items() if only is None or name in only}
+    files = {name: path for name, path in files.items() if measured(name)}
     for name, path in files.items():
         model = _llama(path, args.threads, max(args.eval_length, args.prefill + 16, 16 + args.new + 1))
         _llama_cpp_speeds(model, prompt, args.prefill, 8)  # warm-up
@@ -200,7 +213,7 @@ def main() -> None:
         model.close()
     with torch.no_grad():
         for name, program in programs.items():
-            if "+" in name or (only is not None and f"fxslice_{name}" not in only):
+            if "+" in name or not measured(f"fxslice_{name}"):
                 continue  # fxslice computes quantized programs dequantized: their speed is the float model's
             prefill = prefill_run(program, 1, args.prefill, "cpu")
             decode = decode_run(program, 1, "cpu", new=args.new)
