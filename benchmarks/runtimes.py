@@ -94,8 +94,9 @@ def _decodable(report, what: str):
     return report.cached
 
 
-def _programs(args: argparse.Namespace, tokenizer, module) -> dict[str, object]:
-    """The fxslice programs to export, by name (KV-cache captures, so that fxslice's own decoding uses the cache)."""
+def _programs(args: argparse.Namespace, tokenizer, module, measured) -> dict[str, object]:
+    """The fxslice programs to export, by name (KV-cache captures, so that fxslice's own decoding uses the cache);
+    a quantized one only where `measured(name)` asks for it (GPTQ takes minutes)."""
     dense = capture_cached(module)
     dense.tokenizer, dense.source = tokenizer, "smollm2"
     PassManager([CleanupIR()]).run(dense)
@@ -120,6 +121,8 @@ def _programs(args: argparse.Namespace, tokenizer, module) -> dict[str, object]:
                                     count=args.calib_windows, seed=0)
         for name in list(programs):
             for grid in args.grids.split(","):
+                if not measured(f"{name}+gptq{args.bits}-{grid}"):
+                    continue
                 quantized = programs[name].clone()
                 PassManager([QuantizeWeights(args.bits, group_size=32, method="gptq", windows=calibration, embeddings=8,
                                              head=8, grid=grid)]).run(quantized)
@@ -157,11 +160,12 @@ def main() -> None:
     folder = Path(args.out or tempfile.mkdtemp(prefix="fxslice-runtimes-"))
     folder.mkdir(parents=True, exist_ok=True)  # before the models: the pruned one is saved into it
     module, tokenizer = load_model("smollm2")
-    programs = _programs(args, tokenizer, module)
     only = set(args.only.split(",")) if args.only else None
 
     def measured(name: str) -> bool:
         return only is None or name in only
+
+    programs = _programs(args, tokenizer, module, measured)
 
     files = {"shipped_q4_1": default_model_path()}
     exports = {}
