@@ -4,18 +4,17 @@ parameter, so the graph is unchanged and every later analysis still reads a floa
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 from fxslice import InvalidOption, Pass, PassResult, Program
 from fxslice.analysis.linears import weight_kinds
 from fxslice.analysis.matchers import LinearUse
-from fxslice.calibration.moments import LinearStatistics, linear_statistics
+from fxslice.calibration.moments import LinearStatistics, streamed_input_moments
 from fxslice.core.graph import owner_of, set_tensor, tensor_of
 from fxslice.core.memory import release_freed
-from fxslice.core.progress import progress_bar
+from fxslice.core.progress import StepProgress
 from fxslice.core.quantized import QuantizedWeight, check_format, round_trip
 from fxslice.passes.quantize.gptq import check_damp, gptq
 
@@ -87,35 +86,43 @@ class QuantizeWeights(Pass):
         if not plan:
             return PassResult(False)
         uses = _first_uses(program)
-        stats = None
-        if self.method == "gptq":
-            targets = [n for n, (_, hessian) in plan.items() if hessian and n in uses]
-            stats = self.statistics or linear_statistics(program, self.windows, batch_size=self.batch_size,
-                                                         linears=targets, progress=self.progress)
         self.done = {}
-        # statistics this pass collected are dropped once the last weight reading them is quantized (given ones are
-        # the caller's: a search reuses them)
-        readers = Counter(id(stats.inputs[n]) for n in plan if n in stats.inputs) if stats and not self.statistics else None
-        for name in progress_bar(list(plan), f"quantizing ({self.method})", enabled=self.progress):
-            width, hessian = plan[name]
-            weight = tensor_of(program.gm, name)
-            transposed = name in uses and uses[name].out_axis % 2 != 0
-            m = weight.T if transposed else weight
-            if stats is not None and hessian and name in stats.inputs:
-                q = gptq(m, stats.A(name), width, self.group_size, damp=self.damp, act_order=self.act_order,
-                         transposed=transposed, dtype=weight.dtype, grid=self.grid)
-            else:
-                q = QuantizedWeight.from_matrix(m, width, self.group_size, transposed=transposed, dtype=weight.dtype,
-                                                grid=self.grid)
-            _store(program, name, q)
-            self.done[name] = q
-            if readers is not None and name in stats.inputs:
-                moment = stats.inputs[name]
-                readers[id(moment)] -= 1
-                if not readers[id(moment)]:
-                    moment.sum = None
-            release_freed()  # the replaced weight and GPTQ's work: returned now, not after the last weight
+        with StepProgress(len(plan), f"quantizing ({self.method})", enabled=self.progress) as bar:
+            for name, hessian in self._hessians(program, plan, uses):
+                self._quantize(program, name, plan[name][0], uses, hessian)
+                bar.advance(name)
+            for name in [n for n in plan if n not in self.done]:  # rounded to nearest
+                self._quantize(program, name, plan[name][0], uses, None)
+                bar.advance(name)
         return PassResult(True, {"weights": len(plan), "bytes": program.num_bytes()})
+
+    def _hessians(self, program: Program, plan: dict[str, tuple[int, bool]],
+                  uses: dict[str, LinearUse]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(weight, Σxxᵀ of its input) for GPTQ's weights: the given statistics', or streamed from one calibration
+        sweep as each weight's readers have run (about one layer's statistics held at a time, not all of them)."""
+        if self.method != "gptq":
+            return
+        targets = [name for name, (_, hessian) in plan.items() if hessian and name in uses]
+        if self.statistics is not None:
+            yield from ((n, self.statistics.A(n)) for n in targets if n in self.statistics.inputs)
+        else:
+            yield from streamed_input_moments(program, self.windows, targets, batch_size=self.batch_size)
+
+    def _quantize(self, program: Program, name: str, width: int, uses: dict[str, LinearUse],
+                  hessian: torch.Tensor | None) -> None:
+        """One weight quantized (GPTQ against `hessian`, else to nearest) and put in place of its float value."""
+        weight = tensor_of(program.gm, name)
+        transposed = name in uses and uses[name].out_axis % 2 != 0
+        m = weight.T if transposed else weight
+        if hessian is not None:
+            q = gptq(m, hessian, width, self.group_size, damp=self.damp, act_order=self.act_order,
+                     transposed=transposed, dtype=weight.dtype, grid=self.grid)
+        else:
+            q = QuantizedWeight.from_matrix(m, width, self.group_size, transposed=transposed, dtype=weight.dtype,
+                                            grid=self.grid)
+        _store(program, name, q)
+        self.done[name] = q
+        release_freed()  # the replaced weight and GPTQ's work: returned now, not after the last weight
 
     def rounding(self, program: Program) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Weight name -> the function that gives a value of that weight as round-to-nearest would store it
