@@ -65,6 +65,21 @@ def test_round_to_nearest_is_within_half_a_step_of_every_weight(bits, rows, cols
     assert sum(t.numel() * t.element_size() for t in q.tensors("w").values()) == q.nbytes
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 70), st.sampled_from([1, 7, 32]), st.integers(1, 300), st.sampled_from(GRIDS),
+       st.booleans(), st.integers(0, 2**31))
+def test_dequantizing_a_few_rows_at_a_time_gives_every_weight_its_groups_value(rows, cols, group, numbers, grid,
+                                                                               transposed, seed):
+    """Each weight is its integer on its own group's grid, however many rows one step takes (`numbers`)."""
+    m = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    q = QuantizedWeight.from_matrix(m, 4, group, grid=grid, transposed=transposed)
+    expected = quantized.from_levels(q.q.float(), q.expand(q.scale).float(), q.expand(q.zero).float(), grid)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantized, "DEQUANTIZE_NUMBERS", numbers)
+        value = q.dequantize()
+    assert torch.equal(value, expected.T if transposed else expected)
+
+
 def test_a_symmetric_grid_stores_no_anchor_and_mirrors_its_levels_toward_the_larger_side():
     """Levels −8..7 times the scale: a group whose largest magnitude is positive takes a negative scale, so that
     its largest weight lands on the extra level, and nothing is clamped either way."""

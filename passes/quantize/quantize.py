@@ -12,7 +12,7 @@ from fxslice import InvalidOption, Pass, PassResult, Program
 from fxslice.analysis.linears import weight_kinds
 from fxslice.analysis.matchers import LinearUse
 from fxslice.calibration.moments import LinearStatistics, streamed_input_moments
-from fxslice.core.graph import owner_of, set_tensor, tensor_of
+from fxslice.core.graph import kept, owner_of, set_tensor, tensor_of
 from fxslice.core.memory import release_freed
 from fxslice.core.progress import StepProgress
 from fxslice.core.quantized import QuantizedWeight, check_format, round_trip
@@ -167,7 +167,9 @@ class ReplayQuantized(Pass):
 
 def _store(program: Program, name: str, q: QuantizedWeight) -> None:
     """`q` dequantized into the parameter `name` (and every name that reads the same tensor: a tie stays one
-    tensor), and `q` itself into `program.quantized`."""
+    tensor), and `q` itself into `program.quantized` (its integers on disk too where the program keeps its weights
+    there: a byte per weight, 7 GB at 7 B)."""
+    q.q = kept(program.gm, q.q)
     aliases = _aliases(program, tensor_of(program.gm, name))
     set_tensor(program.gm, name, q.dequantize())
     shared = tensor_of(program.gm, name)
