@@ -20,7 +20,7 @@ from fxslice.core.disk import DiskTensor, Scratch, read_tensor, tensors_in
 from fxslice.core.graph import tensor_of
 from fxslice.models.capture import capture_module
 from fxslice.models.lazy import capture_lazily
-from fxslice.models.tensor_file import DTYPE_CODES, write_tensors
+from fxslice.models.tensor_file import DTYPE_CODES, Deferred, write_tensors
 from fxslice.recipes import Calibration
 from fxslice.testing import char_tokenizer, tiny_causal_lm
 
@@ -155,6 +155,18 @@ def test_a_file_written_tensor_by_tensor_reads_back_as_save_file_writes_it(tmp_p
         assert {k: (e.dtype, e.shape) for k, e in entries.items()} == {
             k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
         assert all(torch.equal(read_tensor(path, k), tensors[k]) for k in tensors)
+
+
+def test_a_deferred_tensor_is_made_when_written_and_must_keep_its_promise(tmp_path):
+    """A quantized weight's packed integers are made only as the writer reaches them; a maker that gives another
+    shape or dtype than promised stops the write instead of corrupting the header's byte ranges."""
+    made = []
+    value = torch.arange(12, dtype=torch.uint8)
+    deferred = Deferred((12,), torch.uint8, lambda: made.append(1) or value)
+    write_tensors(tmp_path / "ok.safetensors", {"a": torch.ones(3), "b": deferred})
+    assert made == [1] and torch.equal(load_file(tmp_path / "ok.safetensors")["b"], value)
+    with pytest.raises(RuntimeError, match="promised"):
+        write_tensors(tmp_path / "bad.safetensors", {"b": Deferred((13,), torch.uint8, lambda: value)})
 
 
 def test_a_broken_safetensors_file_is_refused_naming_it(tmp_path):

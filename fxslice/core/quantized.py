@@ -20,6 +20,7 @@ numbers, to the last bit, after a save and a load).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -219,9 +220,17 @@ class QuantizedWeight:
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """What goes into the safetensors file for the parameter `name`."""
-        anchor = ({f"{name}.offsets": self.zero.to(torch.float16)} if self.grid == "offset"
-                  else {} if self.grid == "symmetric" else {f"{name}.qzeros": pack_bits(self.zero, self.bits)})
-        return {f"{name}.qweight": pack_bits(self.q, self.bits), **anchor, f"{name}.scales": self.scale.to(torch.float16)}
+        return {key: make() for key, (_, _, make) in self.stored(name).items()}
+
+    def stored(self, name: str) -> dict[str, tuple[list[int], torch.dtype, Callable[[], torch.Tensor]]]:
+        """`tensors(name)` as (shape, dtype, how to make it) per key: a writer makes each one as its turn comes."""
+        shapes = stored_shapes(name, self.bits, self.group_size, self.shape, self.grid)
+        makers: dict[str, tuple[torch.dtype, Callable[[], torch.Tensor]]] = {
+            f"{name}.qweight": (torch.uint8, lambda: pack_bits(self.q, self.bits)),
+            f"{name}.qzeros": (torch.uint8, lambda: pack_bits(self.zero, self.bits)),
+            f"{name}.offsets": (torch.float16, lambda: self.zero.to(torch.float16)),
+            f"{name}.scales": (torch.float16, lambda: self.scale.to(torch.float16))}
+        return {key: (shape, *makers[key]) for key, shape in shapes.items()}
 
     def meta(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "shape": list(self.shape),

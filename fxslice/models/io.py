@@ -38,7 +38,7 @@ from fxslice.core.quantized import QuantizedWeight, stored_shapes
 from fxslice.models.kvcache import CacheLayout
 from fxslice.models.record import check_record
 from fxslice.models.remote.graph_data import GraphDataError, graph_from_data, graph_to_data
-from fxslice.models.tensor_file import write_tensors
+from fxslice.models.tensor_file import Deferred, write_tensors
 
 __all__ = ["save", "load", "check_output_dir", "example_inputs", "write_directory", "write_file", "save_tokenizer",
            "write_graph", "graph_over", "RECORD", "WEIGHTS", "GRAPH", "LEGACY_GRAPH"]
@@ -57,11 +57,11 @@ def _used_weights(program: Program) -> dict[str, torch.Tensor]:
     return out
 
 
-def _packed(program: Program, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Quantized weights as their packed integers, zero points and scales (`QuantizedWeight.tensors`), the rest
-    as they are; and the quantized weights' formats, for the record."""
+def _packed(program: Program, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor | Deferred], dict[str, dict]]:
+    """Quantized weights as their packed integers, zero points and scales (`QuantizedWeight.stored`: packed when
+    written), the rest as they are; and the quantized weights' formats, for the record."""
     by_id = {id(tensor_of(program.gm, name)): q for name, q in program.quantized.items()}
-    stored: dict[str, torch.Tensor] = {}
+    stored: dict[str, torch.Tensor | Deferred] = {}
     formats: dict[str, dict] = {}
     for name, tensor in weights.items():
         q = by_id.get(id(tensor_of(program.gm, name)))
@@ -71,7 +71,7 @@ def _packed(program: Program, weights: dict[str, torch.Tensor]) -> tuple[dict[st
             raise InvalidOption(f"'{name}' was changed after it was quantized, so its integers no longer describe it; "
                                 "quantize last (the built-in lossy stages refuse a quantized model)")
         else:
-            stored.update(q.tensors(name))
+            stored.update({key: Deferred(tuple(shape), dtype, make) for key, (shape, dtype, make) in q.stored(name).items()})
             formats[name] = q.meta()
     return stored, formats
 

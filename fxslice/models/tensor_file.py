@@ -10,22 +10,49 @@ safetensors file (`safe_open` and `load_file` read it; tests compare it with `sa
 from __future__ import annotations
 
 import json
+import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fxslice.core.disk import DTYPE_CODES, DiskTensor
 
-__all__ = ["write_tensors", "DTYPE_CODES"]
+__all__ = ["write_tensors", "Deferred", "DTYPE_CODES"]
 
 #: bytes: where the data starts, and the line tensors are ordered by
 ALIGN = 64
 
 
-def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Write `tensors` to the safetensors file `path`, holding one tensor's values at a time.
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor computed only when its bytes are written, of a shape and dtype known before (a quantized weight's
+    packed integers: holding every weight's until the file is written would be 3.5 GB at 7 B and 4 bits)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    def load(self) -> torch.Tensor:
+        value = self.produce()
+        if tuple(value.shape) != tuple(self.shape) or value.dtype != self.dtype:
+            raise RuntimeError(f"a deferred tensor promised {self.dtype} {self.shape}, made {value.dtype} "
+                               f"{tuple(value.shape)}")
+        return value
+
+
+def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor | Deferred],
+                  metadata: Mapping[str, str] | None = None) -> None:
+    """Write `tensors` to the safetensors file `path`, holding one tensor's values at a time (a `DiskTensor` read, a
+    `Deferred` computed, as its turn comes).
 
     The data starts on a 64-byte boundary, wider dtypes first and, among them, tensors of whole 64-byte lines first:
     most tensors read back start where the allocator would have put them, so the kernels that compute with them
@@ -45,11 +72,11 @@ def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadat
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for _, t in order:
-            values = (t.load() if isinstance(t, DiskTensor) else t.detach()).cpu().contiguous()  # read here only
+            values = (t.load() if isinstance(t, DiskTensor | Deferred) else t.detach()).cpu().contiguous()  # here only
             if values.numel():
                 f.write(values.reshape(-1).view(torch.uint8).numpy().data)
             del values
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def _nbytes(t: torch.Tensor | Deferred) -> int:
     return t.numel() * t.element_size()
