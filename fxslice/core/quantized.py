@@ -178,8 +178,8 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The parameter as the program computes with it (its own layout and dtype). Group by group against each
-        group's scale and anchor, whole rows of at most `DEQUANTIZE_NUMBERS` weights at a time: expanding them to the matrix's shape
-        cost 28 bytes per weight (1.3 GB for a 7 B model's down-projection)."""
+        group's scale and anchor, whole rows of at most `DEQUANTIZE_NUMBERS` weights at a time: expanding them to
+        the matrix's shape cost 28 bytes per weight (1.3 GB for a 7 B model's down-projection)."""
         out, cols = self.shape
         pad = (-cols) % self.group_size
         scale, anchor = self.scale.to(torch.float32)[..., None], self.zero.to(torch.float32)[..., None]
