@@ -12,8 +12,6 @@ import textwrap
 
 import pytest
 
-resource = pytest.importorskip("resource")
-
 SCRIPT = textwrap.dedent('''
     import gc, json, resource, sys
     from pathlib import Path

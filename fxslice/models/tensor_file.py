@@ -39,7 +39,7 @@ class Deferred:
         return math.prod(self.shape)
 
     def element_size(self) -> int:
-        return torch.empty(0, dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def load(self) -> torch.Tensor:
         value = self.produce()
