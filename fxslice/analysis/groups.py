@@ -28,7 +28,7 @@ from torch import fx
 
 from fxslice.analysis.matchers import LinearUse, match_linear
 from fxslice.analysis.stream import stream_analysis
-from fxslice.core.graph import aten, module_path, role_of, tensor_of
+from fxslice.core.graph import aten, module_path, readers_of, role_of, tensor_of
 from fxslice.core.program import Program
 
 __all__ = ["Unit", "DimensionGroup", "Groups", "group_analysis", "MOVES", "SIZED"]
@@ -205,14 +205,11 @@ class _Tagger:
         stream_values = {v for s in stream.segments for v in s.values}
         producers: dict[fx.Node, LinearUse] = {}
         consumers: dict[fx.Node, LinearUse] = {}
-        readers: dict[int, int] = defaultdict(int)  # tensor id -> how many ops read it (a tied table: several)
-        for node in program.graph.find_nodes(op="get_attr"):
-            readers[id(tensor_of(gm, node))] += len(node.users)
         for node in program.graph.nodes:
             use = match_linear(gm, node)
             if use is None or use.weight.op != "get_attr" or tensor_of(gm, use.weight).dim() != 2:
                 continue
-            if readers[id(tensor_of(gm, use.weight))] > 1:
+            if sum(len(n.users) for n in readers_of(gm, tensor_of(gm, use.weight))) > 1:  # a tied table
                 self.shared.add(str(use.weight.target))
             consumers[use.node] = use
             if use.output not in stream_values and role_of(use.node) is None and use.output.users:

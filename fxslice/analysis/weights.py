@@ -14,7 +14,17 @@ from torch import fx
 
 from fxslice.analysis.matchers import LinearUse, match_linear
 from fxslice.core.disk import DiskTensor
-from fxslice.core.graph import add_parameter, aten, insert_op, module_path, owner_of, set_role, set_tensor, tensor_of
+from fxslice.core.graph import (
+    add_parameter,
+    aten,
+    insert_op,
+    module_path,
+    owner_of,
+    readers_of,
+    set_role,
+    set_tensor,
+    tensor_of,
+)
 
 __all__ = ["contract", "transform_input", "transform_output", "transform_table", "transform_vector", "add_input_shift", "own_weight", "private_weight",
            "insert_linear", "insert_low_rank", "remove_linear", "replace_weight", "weight_matrix"]
@@ -53,8 +63,7 @@ def _set_param(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
 def private_weight(gm: fx.GraphModule, weight: fx.Node, consumer: fx.Node) -> fx.Node:
     """The get_attr node `consumer` reads its weight through, copied first if anything else shares it."""
     tensor = tensor_of(gm, weight)
-    sharing = [n for n in gm.graph.find_nodes(op="get_attr") if n.users and tensor_of(gm, n) is tensor]
-    if sum(len(n.users) for n in sharing) <= 1:
+    if sum(len(n.users) for n in readers_of(gm, tensor)) <= 1:
         return weight
     stem = module_path(consumer).replace(".", "_") + "_" + str(weight.target).rpartition(".")[2]
     target = add_parameter(gm, stem, tensor.detach().clone())

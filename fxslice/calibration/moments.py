@@ -20,7 +20,7 @@ from fxslice.calibration.gradients import run_with_gradients
 from fxslice.calibration.observers import SecondMoment
 from fxslice.calibration.runner import StagedRunner
 from fxslice.core.errors import InvalidOption
-from fxslice.core.graph import tensor_of
+from fxslice.core.graph import readers_of, tensor_of
 from fxslice.core.program import Program
 
 __all__ = ["LinearStatistics", "linear_statistics", "dense_linears", "streamed_input_moments"]
@@ -132,7 +132,5 @@ def streamed_input_moments(program: Program, windows: torch.Tensor, linears: Seq
 
 def _readers(program: Program, found: dict[str, LinearUse]) -> dict[str, set[fx.Node]]:
     """Every node that reads each weight, under any name (a tied table is read under two)."""
-    by_tensor: dict[int, set[fx.Node]] = {}
-    for node in program.graph.find_nodes(op="get_attr"):
-        by_tensor.setdefault(id(tensor_of(program.gm, node)), set()).update(node.users)
-    return {w: by_tensor[id(tensor_of(program.gm, use.weight))] for w, use in found.items()}
+    return {w: {u for n in readers_of(program.gm, tensor_of(program.gm, use.weight)) for u in n.users}
+            for w, use in found.items()}

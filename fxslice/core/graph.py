@@ -42,6 +42,7 @@ __all__ = [
     "device_bound",
     "SCRATCH",
     "kept",
+    "readers_of",
 ]
 
 aten = torch.ops.aten
@@ -68,6 +69,12 @@ def tensor_of(gm: fx.GraphModule, node: Any) -> Any:
     for part in str(target).split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def readers_of(gm: fx.GraphModule, tensor: torch.Tensor) -> list[fx.Node]:
+    """Every get_attr node that reads `tensor` itself, under any name: a tied table is read under two, and whatever
+    edits or replaces it must see them all."""
+    return [n for n in gm.graph.find_nodes(op="get_attr") if tensor_of(gm, n) is tensor]
 
 
 def is_param(gm: fx.GraphModule, node: Any) -> bool:

@@ -18,7 +18,15 @@ from torch import fx
 from fxslice import InvalidOption, Pass, PassResult, Program
 from fxslice.analysis.linears import weight_kinds
 from fxslice.analysis.matchers import WEIGHT_VIEWS, LinearUse
-from fxslice.core.graph import DEVICE_BOUND, add_buffer, drop_unused_weights, insert_op, refresh_vals, tensor_of
+from fxslice.core.graph import (
+    DEVICE_BOUND,
+    add_buffer,
+    drop_unused_weights,
+    insert_op,
+    readers_of,
+    refresh_vals,
+    tensor_of,
+)
 from fxslice.core.quantized import QuantizedWeight
 
 __all__ = ["Int4Kernels", "int4_eligibility", "packed_shape"]
@@ -128,8 +136,7 @@ class Int4Kernels(Pass):
             return "a token table (the embedding lookup reads its rows)"
         if not uses:
             return "not read as a linear's weight"
-        tensor = tensor_of(program.gm, name)
-        readers = [n for n in program.graph.find_nodes(op="get_attr") if tensor_of(program.gm, n) is tensor]
+        readers = readers_of(program.gm, tensor_of(program.gm, name))
         linears = {u.node for u in uses}
         for reader in readers:
             for user in reader.users:

@@ -12,7 +12,7 @@ from fxslice import InvalidOption, Pass, PassResult, Program
 from fxslice.analysis.linears import weight_kinds
 from fxslice.analysis.matchers import LinearUse
 from fxslice.calibration.moments import LinearStatistics, streamed_input_moments
-from fxslice.core.graph import kept, owner_of, set_tensor, tensor_of
+from fxslice.core.graph import kept, owner_of, readers_of, set_tensor, tensor_of
 from fxslice.core.memory import release_freed
 from fxslice.core.progress import StepProgress
 from fxslice.core.quantized import QuantizedWeight, check_format, round_trip
@@ -21,11 +21,6 @@ from fxslice.passes.quantize.gptq import check_damp, gptq
 __all__ = ["QuantizeWeights", "ReplayQuantized", "QUANTIZERS"]
 
 QUANTIZERS = ("rtn", "gptq")
-
-
-def _aliases(program: Program, tensor: torch.Tensor) -> list[str]:
-    """Every get_attr target that reads `tensor` (a tied table may be read under two names)."""
-    return sorted({str(n.target) for n in program.graph.find_nodes(op="get_attr") if tensor_of(program.gm, n) is tensor})
 
 
 class QuantizeWeights(Pass):
@@ -170,7 +165,7 @@ def _store(program: Program, name: str, q: QuantizedWeight) -> None:
     tensor), and `q` itself into `program.quantized` (its integers on disk too where the program keeps its weights
     there: a byte per weight, 7 GB at 7 B)."""
     q.q = kept(program.gm, q.q)
-    aliases = _aliases(program, tensor_of(program.gm, name))
+    aliases = sorted({str(n.target) for n in readers_of(program.gm, tensor_of(program.gm, name))})
     set_tensor(program.gm, name, q.dequantize())
     shared = tensor_of(program.gm, name)
     for alias in aliases:
