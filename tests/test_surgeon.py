@@ -247,3 +247,19 @@ def test_factors_collected_a_few_readers_at_a_time_give_the_same_weights(tiny, m
 def test_a_factor_budget_that_is_not_a_positive_integer_is_refused():
     with pytest.raises(InvalidOption, match="factor_bytes must be a positive number of bytes"):
         SurgeonPrune(CALIBRATION, target=0.2, factor_bytes=0)
+
+
+def test_a_shot_reports_its_sweeps_as_they_go_off_a_terminal(tiny, capsys, monkeypatch):
+    """A shot on a real model runs for minutes: its loss and curvature sweeps print their own lines before the
+    shot's, so a log shows progress within the first shot."""
+    from fxslice.core import progress
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY", 0.0)
+    _, program = tiny("llama")
+    PassManager([CleanupIR()]).run(program)
+    PassManager([SurgeonPrune(CALIBRATION, target=0.1, shots=1, batch_size=4, progress=True)]).run(program)
+    lines = capsys.readouterr().err.splitlines()
+    shot = next(i for i, line in enumerate(lines) if line.startswith("surgeon shots: 1/1"))
+    before = [line.split(":")[0] for line in lines[:shot]]
+    assert {"calibration loss", "forward and backward"} <= set(before)
+    assert sum(line.startswith("forward and backward: ") for line in lines[:shot]) == 2  # 8 windows, batches of 4

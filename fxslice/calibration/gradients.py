@@ -71,10 +71,10 @@ def _causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor, labels: str, genera
 
 
 @torch.no_grad()
-def mean_loss(program: Program, batches: Sequence[torch.Tensor]) -> float:
+def mean_loss(program: Program, batches: Sequence[torch.Tensor], *, progress: bool = False) -> float:
     """Mean next-token loss over the batches (the figure `run_with_gradients` returns, without gradients)."""
     total, count = 0.0, 0
-    for batch in batches:
+    for batch in progress_bar(batches, "calibration loss", enabled=progress):
         batch = batch.to(program.device)
         total += float(_causal_lm_loss(program(batch), batch, "data", None))
         count += batch[:, 1:].numel()

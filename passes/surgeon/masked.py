@@ -85,7 +85,7 @@ class SurgeonMask(SurgeonPass):
         loss = None
         batches = list(self.windows.split(self.batch_size))
         for shot in progress_bar(range(1, self.shots + 1), "surgeon shots", enabled=self.progress):
-            loss = mean_loss(program, batches) if loss is None else loss
+            loss = mean_loss(program, batches, progress=self.progress) if loss is None else loss
             report = self._shot(program, shot, scope, dense, round(total * self.target * shot / self.shots), loss)
             loss = report.loss_after
             self.reports.append(report)
@@ -102,7 +102,8 @@ class SurgeonMask(SurgeonPass):
         stats = None
         if needs_activations(self.curvature):
             stats = linear_statistics(program, self.windows, batch_size=self.batch_size, linears=scope,
-                                      gradients=needs_gradients(self.curvature), labels=self.labels)
+                                      gradients=needs_gradients(self.curvature), labels=self.labels,
+                                      progress=self.progress)
         elements = self.structures != "rows_columns"
 
         def curvature(w: str) -> Factors:  # built twice (costs, then updates) rather than all kept at once
@@ -145,7 +146,7 @@ class SurgeonMask(SurgeonPass):
             per_module[module][0] += z
             per_module[module][1] += dense[w]
         tokens = self.windows[:, 1:].numel()
-        loss_after = mean_loss(program, list(self.windows.split(self.batch_size)))
+        loss_after = mean_loss(program, list(self.windows.split(self.batch_size)), progress=self.progress)
         return MaskReport(shot, zeroed, zeroed / sum(dense.values()), program.num_parameters(),
                           predicted / tokens**2 if self.curvature == "kfac" else None, loss_before, loss_after,
                           {k: round(z / n, 4) for k, (z, n) in per_module.items()})

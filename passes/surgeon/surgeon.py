@@ -102,7 +102,7 @@ class SurgeonPrune(SurgeonPass):
             _refuse_without_groups(groups)
         readers = sorted({u.weight for g in candidates for u in g.cols})
         batches = list(self.windows.split(self.batch_size))
-        loss_before = self._last_loss if self._last_loss is not None else mean_loss(program, batches)
+        loss_before = self._last_loss if self._last_loss is not None else mean_loss(program, batches, progress=self.progress)
         stats = self._statistics(program, readers) if needs_activations(self.curvature) else None
 
         def curvature(w: str, m: torch.Tensor) -> Factors:  # one reader's at a time, built again for its update
@@ -143,7 +143,7 @@ class SurgeonPrune(SurgeonPass):
         for i in chosen:
             per_module[candidates[i].module.rpartition(".")[0]] += 1
         tokens = self.windows[:, 1:].numel()
-        self._last_loss = mean_loss(program, batches)
+        self._last_loss = mean_loss(program, batches, progress=self.progress)
         predicted = sum(costs[i] for i in chosen) / tokens**2 if self.curvature == "kfac" else None
         return ShotReport(shot, program.num_parameters(), len(chosen),
                           sum(candidates[i].kind == "heads" for i in chosen),
@@ -161,9 +161,9 @@ class SurgeonPrune(SurgeonPass):
         budget = self.factor_bytes or max(1, (free or 2**62) // 4)
         chunks = _chunks(program, readers, budget, gradients)
 
-        def sweep(linears: list[str]) -> LinearStatistics:
+        def sweep(linears: list[str]) -> LinearStatistics:  # one bar: the sweep's, or the chunks'
             return linear_statistics(program, self.windows, batch_size=self.batch_size, linears=linears,
-                                     gradients=gradients, labels=self.labels)
+                                     gradients=gradients, labels=self.labels, progress=self.progress and len(chunks) == 1)
 
         if len(chunks) == 1:
             return sweep(readers)
