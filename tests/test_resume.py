@@ -29,9 +29,9 @@ def _model(tmp_path, family: str = "llama"):
     return str(path), str(text)
 
 
-def _recipe(text: str, *, sparsity: float = 0.25) -> Recipe:
+def _recipe(text: str, *, sparsity: float = 0.25, shots: int = 1) -> Recipe:
     calibration = Calibration(source=text, windows=4, length=32)
-    return Recipe((Cleanup(), SliceGPT(sparsity=sparsity, multiple=4), Surgeon(target=0.1, shots=1),
+    return Recipe((Cleanup(), SliceGPT(sparsity=sparsity, multiple=4), Surgeon(target=0.1, shots=shots),
                    Quantize(bits=4, group_size=16)), calibration)
 
 
@@ -95,6 +95,77 @@ def test_a_run_interrupted_after_a_stage_resumes_and_saves_the_uninterrupted_fil
     loaded = fxslice.load(tmp_path / "cut")
     assert loaded.cache is not None
     torch.testing.assert_close(loaded(ids), whole.program(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_run_interrupted_between_two_surgeon_shots_resumes_from_the_first(tmp_path, monkeypatch, lazy):
+    """Killed in the second of three shots, the run keeps the checkpoint written after the first (and the second
+    stage before it); run again, it continues from there — the first shot is not repeated — and saves the weights,
+    graph, shot reports and perplexities of an uninterrupted run."""
+    from fxslice.jobs import checkpoint
+    from fxslice.passes.surgeon.surgeon import SurgeonPrune
+
+    monkeypatch.setattr(Scratch, "MIN_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "STEP_EVERY", 0.0)
+    model, text = _model(tmp_path)
+    whole, _ = _compress(model, text, tmp_path / "whole", lazy=lazy, recipe={"shots": 3})
+
+    real, shots = SurgeonPrune._shot, []
+
+    def counted(self, program, shot, goal):
+        shots.append(shot)
+        if shot == 2 and len(shots) == 2:  # the first run: Ctrl-C in its second shot
+            raise Interrupted
+        return real(self, program, shot, goal)
+
+    monkeypatch.setattr(SurgeonPrune, "_shot", counted)
+    said: list[str] = []
+    with pytest.raises(Interrupted):
+        _compress(model, text, tmp_path / "cut", said, lazy=lazy, recipe={"shots": 3})
+    assert sorted(p.name for p in (tmp_path / "cut.resume").iterdir()) == ["stage-2.1"]
+    assert said[-1].startswith(f"the run stopped; {tmp_path / 'cut.resume'} holds it after 2 stages and 1 step of the "
+                               "next")
+    resumed, notes = _compress(model, text, tmp_path / "cut", lazy=lazy, recipe={"shots": 3})
+    assert shots == [1, 2, 2, 3]  # shot 1 ran once
+    assert any("2 of 4 stages done, and 1 step of the next" in n for n in notes)
+    assert not (tmp_path / "cut.resume").exists()
+    first, second = _saved(tmp_path / "whole"), _saved(tmp_path / "cut")
+    assert second["weights_sha256"] == first["weights_sha256"] and second["graph_sha256"] == first["graph_sha256"]
+    assert second["stages"][2]["report"] == first["stages"][2]["report"]  # every shot's figures
+    for record in (first, second):  # the interrupted pass measured how far the logits moved since it resumed
+        for entry in record["stages"][2]["passes"]:
+            entry.pop("logits_moved"), entry.pop("summary")
+    assert second == first  # the rest of the record too: the other stages' entries, perplexities, the cache layout
+    assert resumed.perplexity == whole.perplexity
+    ids = whole.program.probe_input(batch=1, length=5)
+    loaded = fxslice.load(tmp_path / "cut")
+    assert loaded.cache is not None
+    torch.testing.assert_close(loaded(ids), whole.program(ids), rtol=0, atol=0)
+
+
+def test_checkpoints_within_a_stage_wait_step_every_and_ten_times_the_last_write(tmp_path, monkeypatch):
+    from fxslice.jobs import checkpoint
+
+    clock = [1000.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+
+    def slow_save(program, folder):  # a checkpoint that takes 100 s to write
+        folder.mkdir()
+        clock[0] += 100.0
+
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    job = checkpoint.JobCheckpoint(tmp_path / "out", {"model": "m"})
+    assert not job.step_due()
+    clock[0] += checkpoint.STEP_EVERY
+    assert job.step_due()
+    job.write(None, None, [], {"dense_parameters": 1}, {"stage": 0, "state": {}}, 1)
+    assert job.where() == "0 stages and 1 step of the next"
+    clock[0] += checkpoint.STEP_EVERY
+    assert not job.step_due()  # ten times the 100 s the last one took have not passed
+    clock[0] += 1000.0 - checkpoint.STEP_EVERY
+    assert job.step_due()
+    with pytest.raises(InvalidOption, match="both the stage's state and its steps"):
+        job.write(None, None, [], {"dense_parameters": 1}, None, 2)
 
 
 def test_a_checkpoint_of_another_run_is_refused_until_the_run_starts_over(tmp_path, monkeypatch):

@@ -6,6 +6,10 @@ again, the same job finds the newest one, checks that it belongs to the same run
 settings that change a result) and goes on with stage K+1. The stages compute deterministically from what the
 checkpoint holds, so a resumed run saves the bytes an uninterrupted one saves. The folder goes once the model is
 saved; a run of other settings is refused beside it rather than allowed to remove it.
+
+A stage that works in long steps (the Surgeon's shots) is checkpointed between them too, as `stage-K.S` (K stages
+and S steps of the next done) with the state the stage continues from; not after every step, but once at least
+`STEP_EVERY` seconds, and ten times as long as the last checkpoint took to write, have passed since the last one.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +33,16 @@ __all__ = ["JobCheckpoint", "Restored", "model_identity"]
 FORMAT = 1
 STATE, PROGRAM, CACHE_GRAPH = "state.json", "program", "cache-graph.json"
 PREFIX = "stage-"
+#: least seconds between two checkpoints when the second falls within a stage
+STEP_EVERY = 300.0
 
 
 @dataclass
 class Restored:
     """What a checkpoint gives back: the program after the first `len(stages)` stages, its KV-cache capture's graph
     (shapes only, `Program.skeleton`; None where the capture has none or could not follow), those stages' results
-    and what the job measured before them."""
+    and what the job measured before them; `partial`: the state stage `len(stages)` left after `steps` steps (see
+    `fxslice.recipes.StageContext.step_done`), None where the checkpoint fell between stages."""
 
     program: Program
     cached: Program | None
@@ -44,6 +52,8 @@ class Restored:
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     folder: Path | None = None
+    partial: dict[str, Any] | None = None
+    steps: int = 0
 
 
 def model_identity(model: str | os.PathLike) -> dict[str, Any]:
@@ -57,6 +67,10 @@ def model_identity(model: str | os.PathLike) -> dict[str, Any]:
             "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
 
 
+def _steps(n: int) -> str:
+    return f"{n} step{'' if n == 1 else 's'}"
+
+
 class JobCheckpoint:
     """The checkpoints of the run `run` (a JSON-able description of everything that changes its result) that saves
     to `out`: kept in `OUT.resume/`."""
@@ -65,15 +79,29 @@ class JobCheckpoint:
         self.folder = out.with_name(out.name + ".resume")
         self.run = json.loads(json.dumps(run, sort_keys=True, default=str))
         self._reading: Path | None = None  # the generation a resumed program may still read weights from
-        #: stages the newest checkpoint holds (0: none written or restored)
-        self.stages_done = 0
+        #: stages, and steps of the next, the newest checkpoint holds (0: none written or restored)
+        self.stages_done = self.steps_done = 0
+        self._written_at, self._write_seconds = time.monotonic(), 0.0
 
-    def _generations(self) -> list[tuple[int, Path]]:
+    def _generations(self) -> list[tuple[tuple[int, int], Path]]:
         if not self.folder.is_dir():
             return []
-        found = [(int(p.name[len(PREFIX):]), p) for p in self.folder.iterdir()
-                 if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / STATE).is_file()]
+        found = []
+        for p in self.folder.iterdir():
+            stages, _, steps = p.name[len(PREFIX):].partition(".")
+            if (p.name.startswith(PREFIX) and stages.isdigit() and (steps.isdigit() or not steps)
+                    and (p / STATE).is_file()):
+                found.append(((int(stages), int(steps or 0)), p))
         return sorted(found)
+
+    def step_due(self) -> bool:
+        """Whether a checkpoint within a stage is worth writing now (see `STEP_EVERY`)."""
+        return time.monotonic() - self._written_at >= max(STEP_EVERY, 10 * self._write_seconds)
+
+    def where(self) -> str:
+        """What the newest checkpoint holds, in words."""
+        steps = f" and {_steps(self.steps_done)} of the next" if self.steps_done else ""
+        return f"{self.stages_done} stages{steps}"
 
     def restore(self, *, lazy: bool) -> Restored | None:
         """The newest checkpoint of this run, its weights left in its files when `lazy`; None when there is none.
@@ -81,7 +109,7 @@ class JobCheckpoint:
         generations = self._generations()
         if not generations:
             return None
-        done, path = generations[-1]
+        (done, steps), path = generations[-1]
         try:
             state = json.loads((path / STATE).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -99,25 +127,31 @@ class JobCheckpoint:
         cached = None
         if state.get("cache") is not None:
             cached = graph_over(path / CACHE_GRAPH, program, CacheLayout.from_json(state["cache"])).skeleton()
-        self._reading, self.stages_done = path, done
+        self._reading, self.stages_done, self.steps_done = path, done, steps
         stages = [StageResult(report=s["report"], seconds=s["seconds"], entries=s["passes"]) for s in state["stages"]]
-        if len(stages) != done:
-            raise CorruptModel(f"the checkpoint {path} records {len(stages)} stages, its name says {done}")
+        partial = state.get("partial")
+        if len(stages) != done or (partial is None) != (steps == 0):
+            raise CorruptModel(f"the checkpoint {path} records {len(stages)} stages"
+                               f"{' and a stage in progress' if partial is not None else ''}, its name says {path.name}")
         return Restored(program, cached, stages, state["dense_parameters"], state.get("perplexity", {}),
-                        state.get("seconds", {}), state.get("notes", []), path)
+                        state.get("seconds", {}), state.get("notes", []), path, partial, steps)
 
     def write(self, program: Program, cached: Program | None, stages: list[dict[str, Any]],
-              measured: dict[str, Any]) -> Path:
-        """Write the checkpoint after `len(stages)` stages (their entries as in the record), atomically, and remove the
-        older ones (except one the program still reads from)."""
+              measured: dict[str, Any], partial: dict[str, Any] | None = None, steps: int = 0) -> Path:
+        """Write the checkpoint after `len(stages)` stages (their entries as in the record) and, with `partial` (the
+        state the next stage continues from), `steps` steps of the next, atomically; remove the older ones (except
+        one the program still reads from)."""
+        if (partial is None) != (steps == 0):
+            raise InvalidOption("a checkpoint within a stage needs both the stage's state and its steps")
+        start = time.monotonic()
         done = len(stages)
         self.folder.mkdir(exist_ok=True)
-        target = self.folder / f"{PREFIX}{done}"
+        target = self.folder / (f"{PREFIX}{done}.{steps}" if steps else f"{PREFIX}{done}")
         if target.exists():
             shutil.rmtree(target)
         state = {"format": FORMAT, "run": self.run, "stages": stages,
                  "cache": cached.cache.to_json() if cached is not None and cached.cache is not None else None,
-                 **measured}
+                 "partial": partial, **measured}
 
         def write(tmp: Path) -> None:
             save(program, tmp / PROGRAM)
@@ -131,7 +165,9 @@ class JobCheckpoint:
             if not any(self.folder.iterdir()):
                 self.folder.rmdir()  # no empty folder left behind either
             raise
-        self.stages_done = done
+        self.stages_done, self.steps_done = done, steps
+        self._written_at = time.monotonic()
+        self._write_seconds = self._written_at - start
         for _, older in self._generations():
             if older not in (target, self._reading):
                 shutil.rmtree(older, ignore_errors=True)

@@ -23,15 +23,15 @@ from torch import nn
 
 from fxslice.calibration.distributed import barrier, rank_and_size
 from fxslice.core.devices import resolve_device, resolve_dtype
-from fxslice.core.errors import CaptureError, InvalidOption, PassCheckFailed, SaveFailed
+from fxslice.core.errors import CaptureError, CorruptModel, InvalidOption, PassCheckFailed, SaveFailed
 from fxslice.core.health import check_finite, check_tokens
 from fxslice.core.memory import available_bytes
-from fxslice.core.pass_manager import float64_proofs, replay
+from fxslice.core.pass_manager import Pass, float64_proofs, replay
 from fxslice.core.program import Program
 from fxslice.core.version import __version__
 from fxslice.data import load_text, token_windows
 from fxslice.evaluation.perplexity import perplexity
-from fxslice.jobs.checkpoint import JobCheckpoint, model_identity
+from fxslice.jobs.checkpoint import JobCheckpoint, Restored, model_identity
 from fxslice.models.capture import capture_module, check_module_dtype, load_model
 from fxslice.models.io import check_output_dir, save
 from fxslice.models.kvcache import capture_cached
@@ -159,8 +159,9 @@ def compress(
     with _timed(seconds, "capture"):
         restored = checkpoint.restore(lazy=lazy) if checkpoint is not None else None
         if restored is not None:
+            within = f", and {restored.steps} step{'' if restored.steps == 1 else 's'} of the next" if restored.steps else ""
             note(f"continuing the interrupted run from {restored.folder}: {len(restored.stages)} of "
-                 f"{len(recipe.stages)} stages done (resume=False / --restart starts over)")
+                 f"{len(recipe.stages)} stages done{within} (resume=False / --restart starts over)")
             program, cached = _placed(restored.program, restored.cached, target, offload, status)
             for p in (program, cached):
                 if p is not None:
@@ -193,11 +194,20 @@ def compress(
         teacher = capture_with_cache(model, target, precision, offload, status, note, lazy=lazy)[0]
     dense_parameters = restored.dense_parameters if restored is not None else program.num_parameters()
     finished = list(done)
+    steps = restored.steps if restored is not None else 0  # of the stage in progress
+
+    def measured() -> dict[str, Any]:
+        return {"dense_parameters": dense_parameters, "perplexity": ppl, "notes": notes,
+                "seconds": {k: v for k, v in seconds.items() if k == "evaluate_dense"}}
+
+    def records() -> list[dict[str, Any]]:
+        return RecipeResult(program, list(zip(recipe.stages, finished, strict=False)), dense_parameters, 0).record()["stages"]
 
     def after_stage(i: int, stage_result: StageResult) -> None:
         """Let the KV-cache capture follow the stage, and keep a checkpoint after a stage that calibrated."""
-        nonlocal cached
+        nonlocal cached, steps
         finished.append(stage_result)
+        steps = 0
         if cached is not None:  # the same passes, the same bases: generation gets the new weights and a cache
             try:
                 replay(stage_result.passes, cached, program)
@@ -207,22 +217,40 @@ def compress(
                 cached = None
         stage = recipe.stages[i]
         if checkpoint is not None and stage.calibrates and rank_and_size()[0] == 0:
-            so_far = RecipeResult(program, list(zip(recipe.stages, finished, strict=False)), dense_parameters, 0)
-            measured = {"dense_parameters": dense_parameters, "perplexity": ppl, "notes": notes,
-                        "seconds": {k: v for k, v in seconds.items() if k == "evaluate_dense"}}
             try:
                 with status(f"checkpoint after stage {i + 1} of {len(recipe.stages)} ({stage.kind}) in "
                             f"{checkpoint.folder} ..."):
-                    checkpoint.write(program, cached, so_far.record()["stages"], measured)
+                    checkpoint.write(program, cached, records(), measured())
             except (SaveFailed, OSError) as exc:  # the run matters more than its checkpoint
                 note(f"no checkpoint after stage {i + 1} ({exc}); the run goes on without it")
         if cached is not None:
             cached = cached.skeleton()  # shapes only again while the next stage replaces the weights
 
+    def after_step(i: int, state: dict[str, Any], passes: list[Pass]) -> None:
+        """Within a stage that works in steps: a checkpoint now and then, its KV-cache graph following the steps."""
+        nonlocal steps
+        steps += 1
+        if checkpoint is None or rank_and_size()[0] != 0 or not checkpoint.step_due():
+            return
+        following = None
+        if cached is not None:  # a copy follows the steps: `cached` follows the whole stage when it ends
+            following = cached.skeleton()
+            try:
+                replay(passes, following, program)
+            except PassCheckFailed:
+                following = None  # the stage's end will say why, and go on without a KV cache
+        try:
+            with status(f"checkpoint within stage {i + 1} of {len(recipe.stages)} ({recipe.stages[i].kind}), after "
+                        f"step {steps}, in {checkpoint.folder} ..."):
+                checkpoint.write(program, following, records(), measured(), {"stage": i, "state": state}, steps)
+        except (SaveFailed, OSError) as exc:
+            note(f"no checkpoint within stage {i + 1} ({exc}); the run goes on without it")
+
     with _say_how_to_resume(checkpoint, note):
         with float64_proofs(proofs == "float64"):
             result = recipe.run(program, calibration=calibration, progress=progress, teacher=teacher, done=done,
-                                dense_parameters=dense_parameters, after_stage=after_stage)
+                                dense_parameters=dense_parameters, after_stage=after_stage, after_step=after_step,
+                                partial=_partial_state(restored))
         del teacher
         if cached is not None:
             replay([], cached, program)  # the cache graph takes the compressed weights
@@ -256,10 +284,20 @@ def _say_how_to_resume(checkpoint: JobCheckpoint | None, note: Callable[[str], N
     try:
         yield
     except BaseException:
-        if checkpoint is not None and checkpoint.stages_done:
-            note(f"the run stopped; {checkpoint.folder} holds it after {checkpoint.stages_done} stages: the same "
+        if checkpoint is not None and (checkpoint.stages_done or checkpoint.steps_done):
+            note(f"the run stopped; {checkpoint.folder} holds it after {checkpoint.where()}: the same "
                  "command continues from there (--restart / resume=False starts over)")
         raise
+
+
+def _partial_state(restored: Restored | None) -> dict[str, Any] | None:
+    """The state of the stage a restored checkpoint fell within, checked to be the stage after those it holds."""
+    if restored is None or restored.partial is None:
+        return None
+    if restored.partial.get("stage") != len(restored.stages):
+        raise CorruptModel(f"the checkpoint {restored.folder} holds {len(restored.stages)} stages and the state of stage "
+                           f"{restored.partial.get('stage')}; remove {restored.folder.parent} to start over")
+    return restored.partial["state"]
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ and checked while the recipe is read, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import warnings
@@ -129,14 +130,18 @@ class Recipe:
 
     def run(self, program: Program, *, calibration: torch.Tensor | None = None, progress: bool = False,
             teacher: Program | None = None, done: Sequence[StageResult] = (), dense_parameters: int | None = None,
-            after_stage: Callable[[int, StageResult], None] | None = None) -> RecipeResult:
+            after_stage: Callable[[int, StageResult], None] | None = None,
+            partial: dict[str, Any] | None = None,
+            after_step: Callable[[int, dict[str, Any], list[Pass]], None] | None = None) -> RecipeResult:
         """Run every stage on `program` in place. `calibration` (token ids [n, length]) overrides the
         recipe's calibration section. `teacher` is what a distilling stage learns from: by default a copy of
         `program` as given, kept (one more copy of the weights) only until the last stage that reads it.
 
         A run that continues an interrupted one gives the results of the stages `done` (the first ones, already
         applied to `program`) and the parameters before them; `after_stage(i, result)` is called as each stage
-        ends (where a job writes its checkpoint)."""
+        ends (where a job writes its checkpoint). Within a stage that works in steps, `after_step(i, state, passes)`
+        is called after each (`StageContext.step_done`), and `partial` is the state stage `len(done)` left when it
+        was interrupted after some: it continues from there."""
         first = len(done)
         if first > len(self.stages):
             raise InvalidOption(f"{first} stages are done, but the recipe has {len(self.stages)}")
@@ -156,6 +161,8 @@ class Recipe:
         results = list(zip(self.stages, done, strict=False))
         for i, stage in enumerate(todo, start=first):
             start = time.perf_counter()
+            context.resume = partial if i == first else None
+            context.step_done = None if after_step is None else functools.partial(after_step, i)
             result = stage.run(program, context)
             result.seconds = time.perf_counter() - start
             results.append((stage, result))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,12 +31,18 @@ CAPTURED = "captured"
 class StageContext:
     """What a stage may use besides the program: calibration windows (token ids [n, length]), whether to
     show progress, a seed, and the teacher (the program as it was before compression, for a stage that learns
-    from it). Calibration is built once per recipe run and shared by every stage."""
+    from it). Calibration is built once per recipe run and shared by every stage.
+
+    A stage that works in long steps (the Surgeon's shots) may call `step_done(state, passes)` after each: `state`
+    is a JSON-able dict from which the stage can continue, `passes` repeat the steps since the stage (re)started on
+    another capture. A job keeps a checkpoint there; run again, the stage finds that state in `resume`."""
 
     calibration: torch.Tensor | None = None
     progress: bool = False
     seed: int = 0
     teacher: Program | None = None
+    step_done: Callable[[dict[str, Any], list[Pass]], None] | None = None
+    resume: dict[str, Any] | None = None
 
     def windows(self, stage: str) -> torch.Tensor:
         if self.calibration is None:

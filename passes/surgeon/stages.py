@@ -72,17 +72,16 @@ class Surgeon(Stage):
             surgeon = SurgeonPrune(context.windows(self.kind), target=self.target, shots=self.shots,
                                    curvature=curvature_of(self.method), damp_a=self.damp_a, batch_size=self.batch_size,
                                    labels=self.labels, multiple=self.multiple, factor_bytes=self.factor_bytes,
-                                   progress=context.progress)
+                                   progress=context.progress, after_shot=context.step_done, resume=context.resume)
         else:
             surgeon = SurgeonMask(context.windows(self.kind), target=self.target, shots=self.shots,
                                   structures=self.structures, curvature=curvature_of(self.method), damp_a=self.damp_a,
                                   damp_g=self.damp_g, batch_size=self.batch_size, labels=self.labels,
                                   progress=context.progress)
-        before = program.num_parameters()
         result = self.run_passes(program, [surgeon], context)
         result.report = {"shots": [asdict(r) for r in surgeon.reports]}
-        if self.structures == "groups":
-            achieved = 1 - program.num_parameters() / before
+        if isinstance(surgeon, SurgeonPrune):
+            achieved = 1 - program.num_parameters() / surgeon.dense
             result.report["achieved"] = round(achieved, 5)
             if achieved < self.target - UNMET:
                 message = (f"surgeon: removed {achieved:.1%} of the parameters, short of the target {self.target:.1%}: "

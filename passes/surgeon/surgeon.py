@@ -20,11 +20,12 @@ import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
-from fxslice import InvalidOption, PassManager, PassResult, Program, UnsupportedStructure
+from fxslice import InvalidOption, Pass, PassManager, PassResult, Program, UnsupportedStructure
 from fxslice.analysis.groups import DimensionGroup, Groups, group_analysis
 from fxslice.calibration.distributed import rank_and_size
 from fxslice.calibration.gradients import mean_loss
@@ -61,7 +62,9 @@ class SurgeonPrune(SurgeonPass):
 
     def __init__(self, windows: torch.Tensor, *, target: float, shots: int = 4, curvature: str = "kfac",
                  damp_a: float = 0.01, batch_size: int = 1, labels: str = "data", multiple: int = 1,
-                 factor_bytes: int | None = None, progress: bool = False):
+                 factor_bytes: int | None = None, progress: bool = False,
+                 after_shot: Callable[[dict[str, Any], list[Pass]], None] | None = None,
+                 resume: dict[str, Any] | None = None):
         super().__init__(windows, shots=shots, curvature=curvature, batch_size=batch_size, labels=labels,
                          progress=progress)
         if not damp_a > 0:
@@ -73,10 +76,14 @@ class SurgeonPrune(SurgeonPass):
             raise InvalidOption(f"surgeon: factor_bytes must be a positive number of bytes, got {factor_bytes!r}")
         self.target, self.damp_a, self.multiple = check_target(target, "groups"), damp_a, multiple
         self.factor_bytes = factor_bytes
+        self.after_shot, self.resume = after_shot, resume
         self._last_loss: float | None = None
         self.reports: list[ShotReport] = []
+        self.dense: int | None = None  # parameters before the first shot
 
     def call(self, program: Program) -> PassResult:
+        if self.resume is not None:
+            return self._shots(program, **self._resumed(self.resume))
         dense = program.num_parameters()
         reach = self.reachable(program)
         if reach == 0:
@@ -86,13 +93,33 @@ class SurgeonPrune(SurgeonPass):
                                 f"{reach:.1%} of its {dense:,} parameters can go (MLP channels and key/value head "
                                 "groups, each layer keeping one head group and one multiple of MLP channels; the token "
                                 f"table, norms and the residual width stay); give target ≤ {math.floor(reach * 1000) / 1000}")
-        self.reports, self.updated, self._last_loss = [], [], None
-        for shot in progress_bar(range(1, self.shots + 1), "surgeon shots", enabled=self.progress):
+        return self._shots(program, dense, [], None)
+
+    def _shots(self, program: Program, dense: int, reports: list[ShotReport], loss: float | None) -> PassResult:
+        """The shots after `reports` (those done: none, or the ones an interrupted run finished)."""
+        self.dense, self.reports, self.updated, self._last_loss = dense, list(reports), [], loss
+        shots = range(len(reports) + 1, self.shots + 1)
+        for shot in progress_bar(shots, "surgeon shots", enabled=self.progress):
             goal = round(dense * (1.0 - self.target * shot / self.shots))
             report = self._shot(program, shot, goal)
             self.reports.append(report)
+            if self.after_shot is not None and shot < self.shots:
+                self.after_shot(self._state(), [self.replay()])
         return PassResult(True, {"parameters": [dense, *(r.parameters for r in self.reports)],
                                  "groups_removed": sum(r.removed_groups for r in self.reports)})
+
+    def _state(self) -> dict[str, Any]:
+        """What the next shot needs besides the program (see `StageContext.step_done`)."""
+        return {"pass": self.name, "shots": self.shots, "target": self.target, "dense": self.dense,
+                "loss": self._last_loss, "reports": [asdict(r) for r in self.reports]}
+
+    def _resumed(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`_shots`'s arguments from an interrupted run's `_state`, refused when it was another pass's or target's."""
+        if (state.get("pass"), state.get("shots"), state.get("target")) != (self.name, self.shots, self.target):
+            raise InvalidOption(f"surgeon: the interrupted run's state is not this pass's ({state.get('pass')}, "
+                                f"{state.get('shots')} shots to {state.get('target')}); start the run over")
+        return {"dense": int(state["dense"]), "reports": [ShotReport(**r) for r in state["reports"]],
+                "loss": state["loss"]}
 
     def _shot(self, program: Program, shot: int, goal: int) -> ShotReport:
         groups = program.analysis(group_analysis)
