@@ -29,9 +29,10 @@ def _model(tmp_path, family: str = "llama"):
     return str(path), str(text)
 
 
-def _recipe(text: str, *, sparsity: float = 0.25, shots: int = 1) -> Recipe:
+def _recipe(text: str, *, sparsity: float = 0.25, shots: int = 1, structures: str = "groups") -> Recipe:
     calibration = Calibration(source=text, windows=4, length=32)
-    return Recipe((Cleanup(), SliceGPT(sparsity=sparsity, multiple=4), Surgeon(target=0.1, shots=shots),
+    return Recipe((Cleanup(), SliceGPT(sparsity=sparsity, multiple=4),
+                   Surgeon(target=0.1, shots=shots, structures=structures),
                    Quantize(bits=4, group_size=16)), calibration)
 
 
@@ -97,35 +98,36 @@ def test_a_run_interrupted_after_a_stage_resumes_and_saves_the_uninterrupted_fil
     torch.testing.assert_close(loaded(ids), whole.program(ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("lazy", [False, True])
-def test_a_run_interrupted_between_two_surgeon_shots_resumes_from_the_first(tmp_path, monkeypatch, lazy):
+@pytest.mark.parametrize(("lazy", "structures"), [(False, "groups"), (True, "groups"), (False, "rows_columns")])
+def test_a_run_interrupted_between_two_surgeon_shots_resumes_from_the_first(tmp_path, monkeypatch, lazy, structures):
     """Killed in the second of three shots, the run keeps the checkpoint written after the first (and the second
     stage before it); run again, it continues from there — the first shot is not repeated — and saves the weights,
     graph, shot reports and perplexities of an uninterrupted run."""
     from fxslice.jobs import checkpoint
-    from fxslice.passes.surgeon.surgeon import SurgeonPrune
+    from fxslice.passes.surgeon import SurgeonMask, SurgeonPrune
 
     monkeypatch.setattr(Scratch, "MIN_BYTES", 0)
     monkeypatch.setattr(checkpoint, "STEP_EVERY", 0.0)
     model, text = _model(tmp_path)
-    whole, _ = _compress(model, text, tmp_path / "whole", lazy=lazy, recipe={"shots": 3})
+    recipe = {"shots": 3, "structures": structures}
+    whole, _ = _compress(model, text, tmp_path / "whole", lazy=lazy, recipe=dict(recipe))
+    surgeon = SurgeonPrune if structures == "groups" else SurgeonMask
+    real, shots = surgeon._shot, []
 
-    real, shots = SurgeonPrune._shot, []
-
-    def counted(self, program, shot, goal):
+    def counted(self, program, shot, *rest):
         shots.append(shot)
         if shot == 2 and len(shots) == 2:  # the first run: Ctrl-C in its second shot
             raise Interrupted
-        return real(self, program, shot, goal)
+        return real(self, program, shot, *rest)
 
-    monkeypatch.setattr(SurgeonPrune, "_shot", counted)
+    monkeypatch.setattr(surgeon, "_shot", counted)
     said: list[str] = []
     with pytest.raises(Interrupted):
-        _compress(model, text, tmp_path / "cut", said, lazy=lazy, recipe={"shots": 3})
+        _compress(model, text, tmp_path / "cut", said, lazy=lazy, recipe=dict(recipe))
     assert sorted(p.name for p in (tmp_path / "cut.resume").iterdir()) == ["stage-2.1"]
     assert said[-1].startswith(f"the run stopped; {tmp_path / 'cut.resume'} holds it after 2 stages and 1 step of the "
                                "next")
-    resumed, notes = _compress(model, text, tmp_path / "cut", lazy=lazy, recipe={"shots": 3})
+    resumed, notes = _compress(model, text, tmp_path / "cut", lazy=lazy, recipe=dict(recipe))
     assert shots == [1, 2, 2, 3]  # shot 1 ran once
     assert any("2 of 4 stages done, and 1 step of the next" in n for n in notes)
     assert not (tmp_path / "cut.resume").exists()

@@ -14,11 +14,13 @@ memory and time like any weight, unless a sparse kernel runs them (2:4 on a GPU)
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
-from fxslice import InvalidOption, PassManager, PassResult, Program, UnsupportedStructure
+from fxslice import InvalidOption, Pass, PassManager, PassResult, Program, UnsupportedStructure
 from fxslice.analysis.groups import DimensionGroup, group_analysis
 from fxslice.calibration.gradients import mean_loss
 from fxslice.calibration.moments import linear_statistics
@@ -56,9 +58,11 @@ class SurgeonMask(SurgeonPass):
 
     def __init__(self, windows: torch.Tensor, *, target: float, shots: int = 4, structures: str = "rows_columns",
                  curvature: str = "kfac", damp_a: float = 0.01, damp_g: float = 0.01, batch_size: int = 1,
-                 labels: str = "data", progress: bool = False):
+                 labels: str = "data", progress: bool = False,
+                 after_shot: Callable[[dict[str, Any], list[Pass]], None] | None = None,
+                 resume: dict[str, Any] | None = None):
         super().__init__(windows, shots=shots, curvature=curvature, batch_size=batch_size, labels=labels,
-                         progress=progress)
+                         progress=progress, after_shot=after_shot, resume=resume)
         if structures not in MASKED_STRUCTURES:
             raise InvalidOption(f"surgeon: masked structures must be one of {MASKED_STRUCTURES}, got {structures!r}")
         target = check_target(target, structures)
@@ -68,6 +72,10 @@ class SurgeonMask(SurgeonPass):
         self.reports: list[MaskReport] = []
 
     def call(self, program: Program) -> PassResult:
+        state = self.resumed()
+        if state is not None:  # the scope and sizes the first shot saw; the shots done
+            return self._shots(program, state["scope"], state["dense"], [MaskReport(**r) for r in state["reports"]],
+                               state["loss"])
         groups = program.analysis(group_analysis)
         scope = decoder_linears(groups)
         if not scope:
@@ -80,15 +88,20 @@ class SurgeonMask(SurgeonPass):
                 raise UnsupportedStructure("surgeon: 2:4 needs rows whose length is a multiple of 4; none is")
             scope = [w for w in scope if w not in uneven]
         dense = {w: matrix_of(program, uses[w]).numel() for w in scope}
+        return self._shots(program, scope, dense, [], None)
+
+    def _shots(self, program: Program, scope: list[str], dense: dict[str, int], reports: list[MaskReport],
+               loss: float | None) -> PassResult:
+        """The shots after `reports` (none, or those an interrupted run finished)."""
         total = sum(dense.values())
-        self.reports, self.updated = [], []
-        loss = None
+        self.reports, self.updated = list(reports), []
         batches = list(self.windows.split(self.batch_size))
-        for shot in progress_bar(range(1, self.shots + 1), "surgeon shots", enabled=self.progress):
+        for shot in progress_bar(range(len(reports) + 1, self.shots + 1), "surgeon shots", enabled=self.progress):
             loss = mean_loss(program, batches, progress=self.progress) if loss is None else loss
             report = self._shot(program, shot, scope, dense, round(total * self.target * shot / self.shots), loss)
             loss = report.loss_after
             self.reports.append(report)
+            self.shot_done(shot, scope=scope, dense=dense, loss=loss, reports=[asdict(r) for r in self.reports])
         return PassResult(True, {"structures": self.structures,
                                  "fraction_zeroed": [r.fraction for r in self.reports],
                                  "parameters": [r.parameters for r in self.reports]})

@@ -77,7 +77,7 @@ class Surgeon(Stage):
             surgeon = SurgeonMask(context.windows(self.kind), target=self.target, shots=self.shots,
                                   structures=self.structures, curvature=curvature_of(self.method), damp_a=self.damp_a,
                                   damp_g=self.damp_g, batch_size=self.batch_size, labels=self.labels,
-                                  progress=context.progress)
+                                  progress=context.progress, after_shot=context.step_done, resume=context.resume)
         result = self.run_passes(program, [surgeon], context)
         result.report = {"shots": [asdict(r) for r in surgeon.reports]}
         if isinstance(surgeon, SurgeonPrune):

@@ -66,7 +66,7 @@ class SurgeonPrune(SurgeonPass):
                  after_shot: Callable[[dict[str, Any], list[Pass]], None] | None = None,
                  resume: dict[str, Any] | None = None):
         super().__init__(windows, shots=shots, curvature=curvature, batch_size=batch_size, labels=labels,
-                         progress=progress)
+                         progress=progress, after_shot=after_shot, resume=resume)
         if not damp_a > 0:
             raise InvalidOption(f"surgeon: damping must be positive, got damp_a={damp_a}")
         if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
@@ -76,14 +76,14 @@ class SurgeonPrune(SurgeonPass):
             raise InvalidOption(f"surgeon: factor_bytes must be a positive number of bytes, got {factor_bytes!r}")
         self.target, self.damp_a, self.multiple = check_target(target, "groups"), damp_a, multiple
         self.factor_bytes = factor_bytes
-        self.after_shot, self.resume = after_shot, resume
         self._last_loss: float | None = None
         self.reports: list[ShotReport] = []
         self.dense: int | None = None  # parameters before the first shot
 
     def call(self, program: Program) -> PassResult:
-        if self.resume is not None:
-            return self._shots(program, **self._resumed(self.resume))
+        state = self.resumed()
+        if state is not None:
+            return self._shots(program, int(state["dense"]), [ShotReport(**r) for r in state["reports"]], state["loss"])
         dense = program.num_parameters()
         reach = self.reachable(program)
         if reach == 0:
@@ -103,23 +103,9 @@ class SurgeonPrune(SurgeonPass):
             goal = round(dense * (1.0 - self.target * shot / self.shots))
             report = self._shot(program, shot, goal)
             self.reports.append(report)
-            if self.after_shot is not None and shot < self.shots:
-                self.after_shot(self._state(), [self.replay()])
+            self.shot_done(shot, dense=dense, loss=self._last_loss, reports=[asdict(r) for r in self.reports])
         return PassResult(True, {"parameters": [dense, *(r.parameters for r in self.reports)],
                                  "groups_removed": sum(r.removed_groups for r in self.reports)})
-
-    def _state(self) -> dict[str, Any]:
-        """What the next shot needs besides the program (see `StageContext.step_done`)."""
-        return {"pass": self.name, "shots": self.shots, "target": self.target, "dense": self.dense,
-                "loss": self._last_loss, "reports": [asdict(r) for r in self.reports]}
-
-    def _resumed(self, state: dict[str, Any]) -> dict[str, Any]:
-        """`_shots`'s arguments from an interrupted run's `_state`, refused when it was another pass's or target's."""
-        if (state.get("pass"), state.get("shots"), state.get("target")) != (self.name, self.shots, self.target):
-            raise InvalidOption(f"surgeon: the interrupted run's state is not this pass's ({state.get('pass')}, "
-                                f"{state.get('shots')} shots to {state.get('target')}); start the run over")
-        return {"dense": int(state["dense"]), "reports": [ShotReport(**r) for r in state["reports"]],
-                "loss": state["loss"]}
 
     def _shot(self, program: Program, shot: int, goal: int) -> ShotReport:
         groups = program.analysis(group_analysis)
