@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import signal
@@ -87,6 +88,7 @@ def main() -> None:
         print(json.dumps({
             "benchmark": "resume", "date": date.today().isoformat(), "machine": platform.machine(),
             "command": " ".join(["fxslice", *_command(args, Path("OUT"))[4:]]), "step_every": args.step_every,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "whole_seconds": round(whole_seconds, 1), "killed_after_seconds": round(killed_seconds, 1),
             "checkpoints_left": left, "resumed_from": said[0].strip() if said else None,
             "resumed_seconds": round(resumed_seconds, 1),
