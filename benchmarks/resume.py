@@ -7,8 +7,9 @@ time did the kill cost? One JSON object.
 Three runs of `fxslice prune MODEL ... --eval none --out DIR`, each a fresh process: uninterrupted (its time T);
 killed with SIGKILL (no handler runs: as an out-of-memory kill or a lost machine) at `kill-at` x T; and the same
 command again, which continues from what the killed run left. The saved files' weight and graph digests must match.
-`--step-every` sets how many seconds at least separate two checkpoints within a stage (the job's default is
-`fxslice.jobs.checkpoint.STEP_EVERY`, five minutes: on a short run none would fall before the kill).
+`--step-every` sets how many seconds at least separate two checkpoints within a stage, and the rule that they also
+wait ten times the last one's writing time is lifted (the job's defaults, `fxslice.jobs.checkpoint.STEP_EVERY` and
+`STEP_WRITE_RATIO`: five minutes at least, so on a short run none would fall before the kill).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 #: the CLI with the checkpoint interval set first (argv[1]), the command line after it
 LAUNCH = ("import sys; from fxslice.jobs import checkpoint; checkpoint.STEP_EVERY = float(sys.argv.pop(1)); "
+          "checkpoint.STEP_WRITE_RATIO = 0.0; "
           "from fxslice.cli import run; sys.argv[0] = 'fxslice'; run()")
 
 

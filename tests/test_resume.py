@@ -108,6 +108,7 @@ def test_a_run_interrupted_between_two_surgeon_shots_resumes_from_the_first(tmp_
 
     monkeypatch.setattr(Scratch, "MIN_BYTES", 0)
     monkeypatch.setattr(checkpoint, "STEP_EVERY", 0.0)
+    monkeypatch.setattr(checkpoint, "STEP_WRITE_RATIO", 0.0)  # a checkpoint after every shot, however slow the writes
     model, text = _model(tmp_path)
     recipe = {"shots": 3, "structures": structures}
     whole, _ = _compress(model, text, tmp_path / "whole", lazy=lazy, recipe=dict(recipe))

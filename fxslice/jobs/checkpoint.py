@@ -9,7 +9,8 @@ saved; a run of other settings is refused beside it rather than allowed to remov
 
 A stage that works in long steps (the Surgeon's shots) is checkpointed between them too, as `stage-K.S` (K stages
 and S steps of the next done) with the state the stage continues from; not after every step, but once at least
-`STEP_EVERY` seconds, and ten times as long as the last checkpoint took to write, have passed since the last one.
+`STEP_EVERY` seconds, and `STEP_WRITE_RATIO` times as long as the last checkpoint took to write, have passed since
+the last one (so that writing checkpoints takes at most a tenth of a long stage).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ STATE, PROGRAM, CACHE_GRAPH = "state.json", "program", "cache-graph.json"
 PREFIX = "stage-"
 #: least seconds between two checkpoints when the second falls within a stage
 STEP_EVERY = 300.0
+#: and at least this many times as long as the last checkpoint took to write
+STEP_WRITE_RATIO = 10.0
 
 
 @dataclass
@@ -96,7 +99,7 @@ class JobCheckpoint:
 
     def step_due(self) -> bool:
         """Whether a checkpoint within a stage is worth writing now (see `STEP_EVERY`)."""
-        return time.monotonic() - self._written_at >= max(STEP_EVERY, 10 * self._write_seconds)
+        return time.monotonic() - self._written_at >= max(STEP_EVERY, STEP_WRITE_RATIO * self._write_seconds)
 
     def where(self) -> str:
         """What the newest checkpoint holds, in words."""
