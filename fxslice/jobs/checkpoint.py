@@ -70,7 +70,8 @@ def model_identity(model: str | os.PathLike) -> dict[str, Any]:
             "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
 
 
-def _steps(n: int) -> str:
+def steps_in_words(n: int) -> str:
+    """'1 step', '2 steps': how messages about a stage in progress count its steps."""
     return f"{n} step{'' if n == 1 else 's'}"
 
 
@@ -103,7 +104,7 @@ class JobCheckpoint:
 
     def where(self) -> str:
         """What the newest checkpoint holds, in words."""
-        steps = f" and {_steps(self.steps_done)} of the next" if self.steps_done else ""
+        steps = f" and {steps_in_words(self.steps_done)} of the next" if self.steps_done else ""
         return f"{self.stages_done} stages{steps}"
 
     def restore(self, *, lazy: bool) -> Restored | None:

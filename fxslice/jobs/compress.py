@@ -31,7 +31,7 @@ from fxslice.core.program import Program
 from fxslice.core.version import __version__
 from fxslice.data import load_text, token_windows
 from fxslice.evaluation.perplexity import perplexity
-from fxslice.jobs.checkpoint import JobCheckpoint, Restored, model_identity
+from fxslice.jobs.checkpoint import JobCheckpoint, Restored, model_identity, steps_in_words
 from fxslice.models.capture import capture_module, check_module_dtype, load_model
 from fxslice.models.io import check_output_dir, save
 from fxslice.models.kvcache import capture_cached
@@ -159,7 +159,7 @@ def compress(
     with _timed(seconds, "capture"):
         restored = checkpoint.restore(lazy=lazy) if checkpoint is not None else None
         if restored is not None:
-            within = f", and {restored.steps} step{'' if restored.steps == 1 else 's'} of the next" if restored.steps else ""
+            within = f", and {steps_in_words(restored.steps)} of the next" if restored.steps else ""
             note(f"continuing the interrupted run from {restored.folder}: {len(restored.stages)} of "
                  f"{len(recipe.stages)} stages done{within} (resume=False / --restart starts over)")
             program, cached = _placed(restored.program, restored.cached, target, offload, status)
