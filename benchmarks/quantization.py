@@ -5,7 +5,8 @@ JSON object.
                                       [--embeddings 8]
                                       [--untie --head 8]
                                       [--calib-windows 16] [--calib-length 512] [--eval-windows 8]
-                                      [--prune 0.166 --shots 4] [--slice 0.25 [--combined-only]] [--rotate]
+                                      [--prune 0.166 --shots 4] [--pruned DIR] [--slice 0.25 [--combined-only]]
+                                      [--rotate]
                                       [--learned-rotation 100]
                                       [--no-dense]
                                       [--search mtgp,gp,random --budget-bits 4.0 --evaluations 6 --seeds 0]
@@ -14,7 +15,8 @@ JSON object.
 Bytes are the weights as stored (packed integers, float16 scales and zero points, float tensors in float32, the
 tied table once), from `Program.num_bytes()`, the figure a saved model's record gives. Calibration: WikiText-2
 validation (seed 0); evaluation: the first N windows of 2048 tokens of WikiText-2 test. Every model comes from
-one capture; `--prune` quantizes the Surgeon's pruned model as well, `--slice` SliceGPT's, and both together the
+one capture; `--prune` quantizes the Surgeon's pruned model as well (`--pruned DIR`: a saved one, e.g. pruned with
+more calibration or recovered), `--slice` SliceGPT's, and both together the
 Surgeon's pruning of the sliced model (slice -> prune -> quantize on one plane);
 `--rotate` quantizes each model once more after an exact randomized-Hadamard rotation of its stream (QuaRot-style),
 `--learned-rotation STEPS` once more after the Hadamard and a rotation learned against the rounding (SpinQuant-style).
@@ -35,6 +37,7 @@ import time
 import torch
 from smollm2 import smollm2_and_windows
 
+from fxslice import load
 from fxslice.evaluation.perplexity import perplexity
 from fxslice.passes.presets import prune_recipe, slicegpt_recipe
 from fxslice.passes.quantize.allocation import width_counts
@@ -59,6 +62,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--prune", type=float, default=0.0, help="also quantize the Surgeon's model at this target")
     parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--pruned", default="", help="also quantize this saved model (fxslice.save's directory)")
     parser.add_argument("--slice", type=float, default=0.0, help="also quantize SliceGPT's model at this sparsity "
                         "(constant widths, the tied head's rank-16 correction), and with --prune the Surgeon's "
                         "pruning of it: slice -> prune -> quantize")
@@ -100,6 +104,8 @@ def main() -> None:
         start = time.perf_counter()
         prune_recipe(target=args.prune, shots=args.shots, batch_size=1).run(pruned, calibration=calib)
         bases.append((f"surgeon {args.prune}", pruned, time.perf_counter() - start))
+    if args.pruned:
+        bases.append((f"saved {args.pruned}", load(args.pruned), 0.0))
     if args.slice:
         sliced = dense.clone()
         start = time.perf_counter()

@@ -106,6 +106,37 @@ def test_recovery_lowers_the_held_out_loss_and_replays_onto_another_capture(dama
     torch.testing.assert_close(bare(x), program(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_kv_cache_capture_trains_exactly_as_the_plain_one(tmp_path):
+    """A saved model is a KV-cache graph: recovering it (later, from `fxslice.load`) must learn what recovering the
+    plain capture learns, each window run from an empty cache."""
+    from fxslice import load, save
+    from fxslice.models.kvcache import capture_cached
+    from fxslice.testing import trained_tiny_causal_lm
+
+    model = trained_tiny_causal_lm("llama")
+    learned = {}
+    for kind, program in (("plain", capture(model)), ("cached", capture_cached(model))):
+        for name, p in list(program.gm.named_parameters()):
+            if "mlp" in name:
+                set_tensor(program.gm, name, p * 0.6)
+        if kind == "cached":
+            save(program, tmp_path / "saved")
+            program = load(tmp_path / "saved")
+            assert program.cache is not None
+        recover = RecoverLoRA(arithmetic_sequences(64, seed=1), rank=4, steps=10, lr=1e-2, batch_size=8,
+                              held_out=arithmetic_sequences(16, seed=2))
+        PassManager([recover]).run(program)
+        learned[kind] = (recover.updates, recover.report, program)
+    (plain, plain_report, plain_program), (cached, cached_report, cached_program) = learned["plain"], learned["cached"]
+    assert plain.keys() == cached.keys() and plain
+    for weight, (left, right) in plain.items():
+        torch.testing.assert_close(cached[weight][0] @ cached[weight][1], left @ right, rtol=1e-5, atol=1e-6)
+    assert cached_report.held_out_after == pytest.approx(plain_report.held_out_after, rel=1e-5)
+    assert cached_report.held_out_after < 0.95 * cached_report.held_out_before
+    x = arithmetic_sequences(2, seed=3)
+    torch.testing.assert_close(cached_program(x), plain_program(x), rtol=1e-5, atol=1e-5)
+
+
 def test_the_recover_stage_trains_on_calibration_windows_and_reports(damaged):
     stage = Recover(rank=4, steps=20, lr=1e-2, batch_size=8, text="", held_out=8)
     assert Recover.from_dict(stage.to_dict()) == stage

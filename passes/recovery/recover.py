@@ -16,7 +16,9 @@ __all__ = ["RecoverLoRA", "ReplayLowRank"]
 class RecoverLoRA(Pass):
     """Low-rank recovery fine-tuning on `windows` (never the evaluation text); `report` holds the losses. With a
     `teacher` (the program before compression) the adapters learn its output distributions at `temperature`
-    rather than the text's next tokens: the student cannot learn the domain beyond what its teacher knows."""
+    rather than the text's next tokens: the student cannot learn the domain beyond what its teacher knows.
+    A KV-cache program (a saved model, `fxslice.load`) trains as the plain capture does: each window runs from an
+    empty cache, whose writes are part of the graph autograd follows."""
 
     name = "recover_lora"
     exact = False
@@ -34,8 +36,6 @@ class RecoverLoRA(Pass):
         self.updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # weight -> (L, R): training added L @ R
 
     def requires(self, program: Program) -> None:
-        if program.cache is not None:
-            raise InvalidOption("recovery: train on the plain capture, then `fxslice.replay` onto the KV-cache capture")
         check_finite(program)
         check_tokens(program, self.windows)
 
