@@ -7,7 +7,7 @@ JSON object.
                                       [--calib-windows 16] [--calib-length 512] [--eval-windows 8]
                                       [--prune 0.166 --shots 4] [--pruned DIR] [--slice 0.25 [--combined-only]]
                                       [--rotate]
-                                      [--learned-rotation 100]
+                                      [--learned-rotation 100] [--rotate-heads]
                                       [--no-dense]
                                       [--search mtgp,gp,random --budget-bits 4.0 --evaluations 6 --seeds 0]
                                       [--fixed-tables] [--no-float]
@@ -19,7 +19,8 @@ one capture; `--prune` quantizes the Surgeon's pruned model as well (`--pruned D
 more calibration or recovered), `--slice` SliceGPT's, and both together the
 Surgeon's pruning of the sliced model (slice -> prune -> quantize on one plane);
 `--rotate` quantizes each model once more after an exact randomized-Hadamard rotation of its stream (QuaRot-style),
-`--learned-rotation STEPS` once more after the Hadamard and a rotation learned against the rounding (SpinQuant-style).
+`--learned-rotation STEPS` once more after the Hadamard and a rotation learned against the rounding (SpinQuant-style);
+`--rotate-heads` turns each attention value head with the stream in both (a Hadamard per head, learned with it).
 `--search` runs the mixed-precision searches on every model (the dense one unless `--no-dense`) at `--budget-bits`
 (default: the bits per parameter of dense uniform 4-bit GPTQ, so the comparison is at its bytes) with the same number
 of expensive evaluations each, and draws them;
@@ -68,6 +69,8 @@ def main() -> None:
                         "pruning of it: slice -> prune -> quantize")
     parser.add_argument("--rotate", action="store_true",
                         help="also quantize each model after an exact randomized-Hadamard rotation of its stream")
+    parser.add_argument("--rotate-heads", action="store_true", help="--rotate and --learned-rotation turn each "
+                        "attention value head too")
     parser.add_argument("--learned-rotation", type=int, default=0, metavar="STEPS", help="also quantize each model "
                         "after the Hadamard and a rotation learned against the rounding in STEPS steps (SpinQuant); each --search "
                         "runs with and without it")
@@ -123,7 +126,7 @@ def main() -> None:
                 continue
             rotated = base.clone()
             start = time.perf_counter()
-            Recipe((Cleanup(), Rotate(rotation="hadamard"))).run(rotated)
+            Recipe((Cleanup(), Rotate(rotation="hadamard", heads=args.rotate_heads))).run(rotated)
             bases.append((f"{base_name} + hadamard", rotated, time.perf_counter() - start))
     rows = []
     rotations = ["none", "learned"] if args.learned_rotation else ["none"]
@@ -131,7 +134,8 @@ def main() -> None:
     def quantized(base, rotation: str, **options) -> tuple:
         """A copy of `base` through `Quantize(**options)` with the run's grid and tables, after the learned rotation
         when `rotation` asks for it: (the program, the stage's report, seconds)."""
-        learned = dict(rotation=rotation, rotation_steps=args.learned_rotation) if rotation != "none" else {}
+        learned = (dict(rotation=rotation, rotation_steps=args.learned_rotation, rotate_heads=args.rotate_heads)
+                   if rotation != "none" else {})
         stage = Quantize(group_size=args.group_size, grid=args.grid, embeddings=args.embeddings or None,
                          head=head or None, untie_head=args.untie, **options, **learned)
         program = base.clone()
@@ -184,7 +188,7 @@ def main() -> None:
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
         "group_size": args.group_size, "grid": args.grid, "embedding_bits": args.embeddings or None, "head_bits": head or None,
-        "untied": args.untie,
+        "untied": args.untie, "rotate_heads": args.rotate_heads,
         "calibration": {"text": "wikitext2:validation", "windows": args.calib_windows, "length": args.calib_length},
         "evaluation": {"text": "wikitext2:test", "windows": len(test), "length": 2048},
         "threads": torch.get_num_threads(), "results": rows, "searches": searches,

@@ -275,6 +275,9 @@ def quantize(
                                           "then a rotation learned against the rounding: SpinQuant) or none")] = "none",
     rotation_steps: Annotated[int | None, typer.Option(min=1, help="with --rotation learned: optimizer steps, one "
                                                        "calibration window each (default 40)")] = None,
+    rotate_heads: Annotated[bool, typer.Option(help="with --rotation: each attention value head too, with the "
+                                               "columns that read it (a Hadamard per head; learned with the "
+                                               "stream's rotation under --rotation learned)")] = False,
     out_dir: Annotated[Path, typer.Option("--out", help="new directory for the quantized model")] = Path("quantized"),
     calibration: CalibrationText = "wikitext2:validation",
     calib_windows: CalibWindows = 16,
@@ -313,13 +316,17 @@ def quantize(
         raise InvalidOption(f"--rotation must be none, hadamard or learned, got {rotation!r}")
     if rotation_steps is not None and rotation != "learned":
         raise InvalidOption("--rotation-steps sets up a learned rotation; add --rotation learned, or drop it")
-    learned: dict = {"rotation": "learned"} if rotation == "learned" else {}
+    if rotate_heads and rotation == "none":
+        raise InvalidOption("--rotate-heads rotates the value heads with the stream; add --rotation hadamard or "
+                            "--rotation learned, or drop it")
+    learned: dict = {"rotation": "learned", "rotate_heads": rotate_heads} if rotation == "learned" else {}
     if rotation_steps is not None:
         learned["rotation_steps"] = rotation_steps
     stage = Quantize(bits=bits, group_size=group_size, method=method, grid=grid, embeddings=embeddings or None,
                      head=head or None, shortcuts=shortcuts or None, untie_head=untie, batch_size=batch_size,
                      **searched, **learned)
-    stages = (Cleanup(), *([Rotate(rotation="hadamard")] if rotation == "hadamard" else []), stage)
+    hadamard = [Rotate(rotation="hadamard", heads=rotate_heads)] if rotation == "hadamard" else []
+    stages = (Cleanup(), *hadamard, stage)
     recipe = Recipe(stages, data if stage.calibrates else None, name=f"quantize-{method}")
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs,
               lazy, restart)

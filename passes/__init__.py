@@ -8,7 +8,7 @@ stages for the CLI and recipe files; `presets` holds ready-made recipes.
 from fxslice.passes.catalogue import PASSES, STAGES, RunPasses, load_pass, load_recipe
 from fxslice.passes.presets import prune_recipe, slicegpt_recipe
 from fxslice.passes.rewrite import CausalAttention, CleanupIR, FuseRepeatKV, UnstackWeights
-from fxslice.passes.slicegpt import FuseNorms, ProjectNormWriters, RotateStream, exact_pipeline
+from fxslice.passes.slicegpt import FuseNorms, ProjectNormWriters, RotateHeads, RotateStream, exact_pipeline
 
 __all__ = ["PASSES", "STAGES", "CausalAttention", "CleanupIR", "FuseNorms", "FuseRepeatKV", "ProjectNormWriters",
-           "RotateStream", "RunPasses", "UnstackWeights", "exact_pipeline", "load_pass", "load_recipe", "prune_recipe", "slicegpt_recipe"]
+           "RotateHeads", "RotateStream", "RunPasses", "UnstackWeights", "exact_pipeline", "load_pass", "load_recipe", "prune_recipe", "slicegpt_recipe"]

@@ -20,14 +20,22 @@ from fxslice.passes.recovery import MergeAdapters
 from fxslice.passes.recovery.stages import Recover
 from fxslice.passes.rewrite import CausalAttention, CleanupIR, FuseRepeatKV, RemoveDeadGroups, UnstackWeights, UntieHead
 from fxslice.passes.rewrite.stages import Cleanup, FuseGQA
-from fxslice.passes.slicegpt import FuseNorms, ProjectNormWriters, RotateStream, random_orthogonal
+from fxslice.passes.slicegpt import (
+    FuseNorms,
+    ProjectNormWriters,
+    RotateHeads,
+    RotateStream,
+    head_hadamard,
+    random_orthogonal,
+)
 from fxslice.passes.slicegpt.stages import Rotate, SliceGPT
 from fxslice.passes.surgeon.stages import Surgeon
 from fxslice.recipes import Recipe, Stage, StageContext, StageResult
 
 __all__ = ["PASSES", "STAGES", "RunPasses", "load_pass", "load_recipe"]
 
-#: built-in passes by the name they report (`Pass.name`; `rotate_random` is rotate_stream with a random basis),
+#: built-in passes by the name they report (`Pass.name`; `rotate_random` is rotate_stream with a random basis,
+#: `rotate_heads` rotates the value heads by Hadamards),
 #: each a factory with default options
 PASSES: dict[str, Callable[[], Pass]] = {
     "cleanup_ir": CleanupIR,
@@ -40,6 +48,7 @@ PASSES: dict[str, Callable[[], Pass]] = {
     "untie_head": UntieHead,
     "merge_adapters": MergeAdapters,
     "rotate_random": lambda: RotateStream(random_orthogonal(0)),
+    "rotate_heads": lambda: RotateHeads(head_hadamard(0)),
     "int4_kernels": Int4Kernels,
 }
 #: names recipes written earlier use

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from fxslice import InvalidOption, PassManager, capture, replay
 from fxslice.analysis.stream import stream_analysis
+from fxslice.core.graph import set_tensor, tensor_of
 from fxslice.passes import CleanupIR, FuseNorms, ProjectNormWriters, RotateStream
 from fxslice.passes.quantize.learned_rotation import LearnRotation, rotated_weights, rotation_axes, rotation_groups
 from fxslice.passes.quantize.quantize import QuantizeWeights
@@ -100,10 +101,54 @@ def test_a_sliced_stream_learns_one_rotation_per_segment(tiny):
     torch.testing.assert_close(program(ids), before, rtol=1e-3, atol=1e-4)
 
 
-def test_quantize_stage_learns_and_replays_onto_another_capture(tiny):
+@pytest.mark.parametrize("name", ["llama", "qwen2", "phi3", "gpt2", "falcon"])
+def test_head_rotations_learned_through_their_sites_reproduce_rotate_heads(tiny, name):
+    """The value and output weights the head rotations are learned through equal what RotateHeads writes, for random
+    head rotations; the learned pass with heads is exact and moves them."""
+    from fxslice.analysis.groups import group_analysis
+    from fxslice.passes.quantize.learned_rotation import _canonical_names, _contract, _head_sites
+    from fxslice.passes.slicegpt.rotate_heads import RotateHeads, head_key, head_matrices
+
+    _, program = tiny(name)
+    PassManager(HADAMARD()).run(program)
+    groups = program.analysis(group_analysis)
+    heads = groups.value_heads
+    assert heads
+    for head in heads:  # a value bias (qwen2's starts at zero, which any rotation leaves alone)
+        bias = groups.linears[head.value].bias
+        if bias is not None:
+            set_tensor(program.gm, str(bias.target), torch.randn(tensor_of(program.gm, bias).shape))
+    program.mark_changed()
+    segment = program.analysis(stream_analysis).segments[0]
+    rotations = {head_key(h): random_orthogonal(i)(segment, len(h.rows)) for i, h in enumerate(heads)}
+    expected = program.clone()
+    RotateHeads(rotations)(expected)
+    sites, sizes = _head_sites(program, heads, _canonical_names(program))
+    full = head_matrices(heads, rotations, sizes)
+    state = {**dict(program.gm.named_parameters()), **dict(program.gm.named_buffers())}
+    after = {**dict(expected.gm.named_parameters()), **dict(expected.gm.named_buffers())}
+    for param, axis, key in sites:
+        value = _contract(state[param].detach().double(), axis, full[key])
+        torch.testing.assert_close(value.float(), after[param].detach(), rtol=1e-4, atol=1e-5, msg=param)
+    changed = {p for p, v in state.items() if not torch.equal(v, after[p])}
+    assert changed == {param for param, _, _ in sites}  # a value bias included
+
+    ids = program.probe_input()
+    before = program(ids)
+    learn = LearnRotation(_rounding().rounding, arithmetic_sequences(4, length=16), steps=3, lr=0.05, heads=True)
+    result = PassManager([learn]).run(program)
+    assert result.records[-1].float64_error < 1e-10 and result.records[-1].info["heads"] == len(heads)
+    torch.testing.assert_close(program(ids), before, rtol=1e-3, atol=1e-4)
+    eye = torch.eye(len(heads[0].rows), dtype=torch.float64)
+    assert max(float((r - eye).abs().max()) for r in learn.rotate_heads.matrices.values()) > 1e-3
+
+
+@pytest.mark.parametrize("rotate_heads", [False, True])
+def test_quantize_stage_learns_and_replays_onto_another_capture(tiny, rotate_heads):
     _, program = tiny("llama-tied")
     _, other = tiny("llama-tied")
-    stage = Quantize(bits=3, group_size=16, method="rtn", rotation="learned", rotation_steps=3, rotation_lr=0.05)
+    stage = Quantize(bits=3, group_size=16, method="rtn", rotation="learned", rotation_steps=3, rotation_lr=0.05,
+                     rotate_heads=rotate_heads)
     result = Recipe((Cleanup(), stage)).run(program, calibration=arithmetic_sequences(4, length=16))
     report = result.stages[-1][1].report
     assert report["rotation"]["steps"] == 3 and len(report["rotation"]["kl_first_last_10"]) == 2
@@ -122,6 +167,7 @@ def test_quantize_stage_learns_and_replays_onto_another_capture(tiny):
     (dict(rotation="hadamard"), "rotation must be one of"),
     (dict(rotation="learned", rotation_steps=0), "rotation_steps must be a positive integer"),
     (dict(rotation="learned", rotation_lr=0.0), "rotation_lr must be positive"),
+    (dict(rotate_heads=True), "needs rotation='learned'"),
 ])
 def test_quantize_refuses_bad_rotation_options(options, message):
     with pytest.raises(InvalidOption, match=message):
@@ -140,8 +186,10 @@ def test_learn_rotation_refuses_bad_windows_and_steps():
         LearnRotation(_rounding().rounding, torch.ones(2, 4, dtype=torch.long), steps=0)
 
 
-def test_cli_quantize_with_a_learned_rotation_saves_a_model_that_reloads_and_generates(tmp_path, tiny_model_dir):
-    """Through the CLI: the learned matrices are replayed onto the KV-cache capture that is saved."""
+@pytest.mark.parametrize("heads", [[], ["--rotate-heads"]])
+def test_cli_quantize_with_a_learned_rotation_saves_a_model_that_reloads_and_generates(tmp_path, tiny_model_dir, heads):
+    """Through the CLI: the learned matrices (the value heads' too) are replayed onto the KV-cache capture that is
+    saved."""
     import json
 
     from typer.testing import CliRunner
@@ -153,13 +201,15 @@ def test_cli_quantize_with_a_learned_rotation_saves_a_model_that_reloads_and_gen
     runner = CliRunner()
     made = runner.invoke(app, ["quantize", str(tiny_model_dir("llama")), "--bits", "4", "--group-size", "16",
                                "--method", "rtn", "--rotation", "learned", "--rotation-steps", "2", "--calib-windows",
-                               "2", "--calib-length", "32", "--eval", "none", "--out", str(out)])
+                               "2", "--calib-length", "32", "--eval", "none", "--out", str(out), *heads])
     assert made.exit_code == 0, made.output
     assert "rotation     learned in 2 steps" in made.output
     record = json.loads((out / "fxslice.json").read_text())
     assert [s["stage"] for s in record["recipe"]["stages"]] == ["cleanup", "quantize"]
     assert record["recipe"]["stages"][1]["rotation"] == "learned"
-    assert [p["name"] for p in record["stages"][1]["passes"]][-2:] == ["learn_rotation", "quantize_weights"]
+    assert record["recipe"]["stages"][1]["rotate_heads"] == bool(heads)
+    names = [p["name"] for p in record["stages"][1]["passes"]]
+    assert names[-2:] == ["learn_rotation", "quantize_weights"] and ("rotate_heads" in names) == bool(heads)
     assert load(out).cache is not None
     generated = runner.invoke(app, ["generate", str(out), "abc", "--max-new-tokens", "4", "--device", "cpu"])
     assert generated.exit_code == 0, generated.output
@@ -168,6 +218,7 @@ def test_cli_quantize_with_a_learned_rotation_saves_a_model_that_reloads_and_gen
 @pytest.mark.parametrize("args, message", [
     (["--rotation", "spin"], "--rotation must be none, hadamard or learned"),
     (["--rotation-steps", "5"], "add --rotation learned"),
+    (["--rotate-heads"], "add --rotation hadamard or --rotation learned"),
 ])
 def test_cli_refuses_rotation_options_that_do_not_fit(args, message, tiny_model_dir, tmp_path):
     from typer.testing import CliRunner

@@ -13,6 +13,10 @@ joined is one *group* (union-find). A group that reaches anything else (the logi
 does not know, a weight along the channel) is *blocked*: it cannot be removed without changing the model.
 
 Residual-stream dimensions are not groups here: they are the stream's (`fxslice.analysis.stream`).
+
+Followed position by position, the same tags also tell which value channel each column of the linear after
+attention reads (`ValueHead`): attention mixes tokens, never the head dimension, so a rotation of one key/value
+head's value rows undone on those columns leaves the model unchanged (`fxslice.passes.RotateHeads`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from fxslice.analysis.stream import stream_analysis
 from fxslice.core.graph import aten, module_path, readers_of, role_of, tensor_of
 from fxslice.core.program import Program
 
-__all__ = ["Unit", "DimensionGroup", "Groups", "group_analysis", "MOVES", "SIZED"]
+__all__ = ["Unit", "DimensionGroup", "Groups", "ValueHead", "group_analysis", "MOVES", "SIZED"]
 
 #: ops that only move data: applied to the tag tensor as they are to the value
 MOVES = {
@@ -85,6 +89,19 @@ class DimensionGroup:
         return tuple(sorted({u.weight for u in self.units}))
 
 
+@dataclass(frozen=True)
+class ValueHead:
+    """One key/value head's value channels, in head-dimension order (`rows` of the weight `value`), and for every
+    query head that attends with it the columns of the weight `output` that read its result, in the same order.
+    Only where nothing but data movement (and a KV cache) lies between the two linears and attention."""
+
+    attention: str  # the attention node
+    value: str
+    rows: tuple[int, ...]
+    output: str
+    cols: tuple[tuple[int, ...], ...]
+
+
 @dataclass
 class Groups:
     groups: list[DimensionGroup]
@@ -98,6 +115,7 @@ class Groups:
     #: cos and sin): (their shape, aligned to the combined value's; group index of every element of that value).
     #: Removing groups must not shrink a dimension along which such a value has more than one element.
     operands: list[tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=list)
+    value_heads: list[ValueHead] = field(default_factory=list)
 
     def by_kind(self, kind: str) -> list[DimensionGroup]:
         return [g for g in self.groups if g.kind == kind]
@@ -171,6 +189,9 @@ class _Tagger:
         self.uf = _UnionFind()
         self.units: dict[int, Unit] = {}  # first tag of each unit -> unit
         self.heads: set[int] = set()  # tags that went through attention
+        #: attention node -> (value tags [batch, kv heads, tokens, dim], its output's tags per query head and position)
+        self.attention_values: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reads: dict[fx.Node, torch.Tensor] = {}  # linear -> the tag of each input column (the first row's)
         self.linears: dict[str, LinearUse] = {}
         #: (weight, where, element index, tags) of weights combined elementwise with channels: an element only
         #: one group uses blocks it
@@ -267,6 +288,8 @@ class _Tagger:
             self._block(tag, node, "a linear reads it along another dimension")
             return
         cols = self._new_units(weight, "col", width)
+        if tag.numel():
+            self.reads[node] = tag.reshape(-1, width)[0]
         self.uf.union_tensors(tag, cols.expand(tag.shape))
         if weight in self.shared:
             self._block(cols, node, f"the weight '{weight}' is also read elsewhere (tied)")
@@ -388,13 +411,15 @@ class _Tagger:
                 self._block(t, node, "query heads not a multiple of key/value heads")
             return None
         out = torch.empty(value.shape, dtype=torch.long)
+        positions = self.uf.new(hq * value.shape[-1]).reshape(hq, value.shape[-1])  # each (head, dim) its own tag
         for h in range(hq):
-            members = [tq[:, h], tk[:, h // (hq // hk)], tv[:, h // (hq // hk)]]
+            members = [tq[:, h], tk[:, h // (hq // hk)], tv[:, h // (hq // hk)], positions[h]]
             flat = torch.cat([m.reshape(-1) for m in members])
             first = int(flat[0])
             self.uf.union_tensors(torch.full_like(flat, first), flat)
             self.heads.add(first)
-            out[:, h] = first
+            out[:, h] = positions[h]
+        self.attention_values[node] = (tv, positions)
         return out
 
 
@@ -443,4 +468,80 @@ def group_analysis(program: Program) -> Groups:
         lookup[tag] = index_of_root.get(uf.find(tag), -1)
     sites = {node: lookup[t] for node, t in tagger.sites.items()}
     operands = [(shape, lookup[t]) for shape, t in tagger.operand_sites]
-    return Groups(groups, blocked, tagger.linears, sites, operands)
+    return Groups(groups, blocked, tagger.linears, sites, operands, _value_heads(tagger))
+
+
+def _value_heads(tagger: _Tagger) -> list[ValueHead]:
+    """Where the values come straight from one linear and the attention output goes straight into another, which
+    value row each of that linear's columns reads (`ValueHead`)."""
+    found = []
+    for node, (tv, positions) in tagger.attention_values.items():
+        value, output = _value_source(tagger, node), _output_reader(tagger, node)
+        per_head = tv[:1, :, :1, :]  # a value channel is the same at every batch row and token
+        if value is None or output is None or output.node not in tagger.reads or not torch.equal(
+                tv, per_head.expand_as(tv)):
+            continue
+        units = [[tagger.units.get(t) for t in head] for head in per_head[0, :, 0].tolist()]
+        weight = str(value.weight.target)
+        if any(u is None or u.weight != weight or u.axis != "row" for head in units for u in head):
+            continue
+        where = {t: (h, d) for h, head in enumerate(positions.tolist()) for d, t in enumerate(head)}
+        cols: list[list[int | None]] = [[None] * positions.shape[1] for _ in range(positions.shape[0])]
+        for c, t in enumerate(tagger.reads[output.node].tolist()):
+            if t in where:
+                h, d = where[t]
+                cols[h][d] = c
+        if any(c is None for head in cols for c in head):
+            continue  # part of the output is read elsewhere
+        per_kv = positions.shape[0] // len(units)
+        found += [ValueHead(node.name, weight, tuple(u.index for u in head), str(output.weight.target),
+                            tuple(tuple(cols[h]) for h in range(g * per_kv, (g + 1) * per_kv)))  # type: ignore[misc]
+                  for g, head in enumerate(units)]
+    return _merged(found)
+
+
+def _merged(heads: list[ValueHead]) -> list[ValueHead]:
+    """One entry per value head: a head expanded before attention (multi-query) appears once per copy, its
+    readers joined; rows claimed in two orders, or with two output weights, cannot take one rotation and go."""
+    by_rows: dict[tuple[str, frozenset[int]], list[ValueHead]] = defaultdict(list)
+    for head in heads:
+        by_rows[(head.value, frozenset(head.rows))].append(head)
+    merged = []
+    for same in by_rows.values():
+        if len({(h.rows, h.output, h.attention) for h in same}) == 1:
+            merged.append(ValueHead(same[0].attention, same[0].value, same[0].rows, same[0].output,
+                                    tuple(c for h in same for c in h.cols)))
+    claimed = defaultdict(int)
+    for head in merged:
+        for r in head.rows:
+            claimed[(head.value, r)] += 1
+    return [h for h in merged if all(claimed[(h.value, r)] == 1 for r in h.rows)]
+
+
+def _value_source(tagger: _Tagger, attention: fx.Node) -> LinearUse | None:
+    """The linear whose output reaches `attention`'s values through data movement and cache writes alone."""
+    outputs = {use.output: use for use in tagger.linears.values()}
+    node = attention.args[2]
+    while isinstance(node, fx.Node) and node not in outputs:
+        if node.target in _CACHE_WRITES:
+            node = node.args[3]
+        elif node.target is operator.getitem:  # a part of a split
+            node = node.args[0]
+        elif node.target in MOVES and not any(isinstance(tagger.env.get(n), torch.Tensor)
+                                              for n in node.all_input_nodes if n is not node.args[0]):
+            node = node.args[0]
+        else:
+            return None
+    return outputs.get(node) if isinstance(node, fx.Node) else None
+
+
+def _output_reader(tagger: _Tagger, attention: fx.Node) -> LinearUse | None:
+    """The linear that alone reads `attention`'s output, through data movement alone."""
+    readers = {use.input: use for use in tagger.linears.values()}
+    node = attention
+    while node not in readers:
+        users = list(node.users)
+        if len(users) != 1 or not (users[0].target in MOVES or users[0].target is operator.getitem):
+            return None
+        node = users[0]
+    return readers[node] if len(node.users) == 1 else None

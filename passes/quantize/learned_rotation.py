@@ -14,6 +14,10 @@ exact as any rotation (the manager proves it in float64), and its replay is the 
 How each parameter depends on a group's matrix is not written down per architecture: it is read off
 `RotateStream` itself, by rotating a copy with a random matrix on one group and finding, for every parameter that
 changed, the axes whose contraction with that matrix reproduces the change.
+
+With `heads=True` it also learns one rotation per attention value head (SpinQuant's R2): the value rows of the head
+and the columns that read its output (`RotateHeads`, pairs found by `group_analysis`), from where the program's
+heads are (the per-head Hadamard, in `Quantize(heads=True)`).
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fxslice import InvalidOption, Pass, PassResult, Program, UnsupportedStructure
+from fxslice.analysis.groups import ValueHead, group_analysis
 from fxslice.analysis.stream import Stream, stream_analysis
+from fxslice.core.graph import tensor_of
 from fxslice.core.progress import StepProgress
+from fxslice.passes.slicegpt.rotate_heads import HeadKey, RotateHeads, head_key, head_matrices
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
 from fxslice.passes.slicegpt.rotations import random_orthogonal
 
-__all__ = ["LearnRotation", "rotation_groups", "rotation_axes", "rotated_weights", "cayley"]
+__all__ = ["LearnRotation", "FixedRotations", "rotation_groups", "rotation_axes", "rotated_weights", "cayley"]
 
 #: parameter name -> the (axis, group) pairs along which the parameter is contracted with the group's rotation
 Axes = dict[str, list[tuple[int, int]]]
@@ -137,7 +144,7 @@ class LearnRotation(Pass):
 
     def __init__(self, rounding: Callable[[Program], Mapping[str, Callable[[torch.Tensor], torch.Tensor]]],
                  windows: torch.Tensor, *, steps: int = 40, lr: float = 2e-3, batch_size: int = 1, seed: int = 0,
-                 progress: bool = False):
+                 heads: bool = False, progress: bool = False):
         if windows.dim() != 2 or len(windows) == 0:
             raise InvalidOption("learned rotation: calibration windows must be a non-empty [n, length] tensor of ids")
         if steps < 1 or batch_size < 1 or not lr > 0:
@@ -145,7 +152,9 @@ class LearnRotation(Pass):
                                 f"{batch_size}, {lr})")
         self.rounding, self.windows = rounding, windows
         self.steps, self.lr, self.batch_size, self.seed, self.progress = steps, lr, batch_size, seed, progress
+        self.heads = heads
         self.rotate: RotateStream | None = None
+        self.rotate_heads: RotateHeads | None = None
         self.losses: list[float] = []
 
     def requires(self, program: Program) -> None:
@@ -155,7 +164,11 @@ class LearnRotation(Pass):
         RotateStream([]).requires(program)
 
     def replay(self) -> Pass:
-        return self.rotate.replay() if self.rotate is not None else self
+        if self.rotate is None:
+            return self
+        if self.rotate_heads is None:
+            return self.rotate.replay()
+        return FixedRotations([self.rotate.replay(), self.rotate_heads.replay()])
 
     def call(self, program: Program) -> PassResult:
         stream = program.analysis(stream_analysis)
@@ -163,25 +176,35 @@ class LearnRotation(Pass):
             return PassResult(False)
         groups = rotation_groups(stream)
         axes = rotation_axes(program, groups, seed=self.seed)
-        matrices = self._learn(program, groups, axes)
+        heads = program.analysis(group_analysis).value_heads if self.heads else []
+        matrices, head_rotations = self._learn(program, groups, axes, heads)
         member = {s: g for g, members in enumerate(groups) for s in members}
         self.rotate = RotateStream([matrices[member[seg.index]] for seg in stream.segments])
         result = self.rotate.call(program)
-        return PassResult(result.modified, {"groups": len(groups), "steps": self.steps,
+        if heads:
+            program.mark_changed()  # the heads are found again on the rotated graph, under the same keys
+            self.rotate_heads = RotateHeads(head_rotations)
+            self.rotate_heads.call(program)
+        return PassResult(result.modified, {"groups": len(groups), "heads": len(heads), "steps": self.steps,
                                             "kl_first_last_10": self.loss_summary()})
 
     def loss_summary(self) -> list[float]:
         """The training KL averaged over the first and the last ten steps (one step is one noisy batch)."""
         return [round(sum(part) / len(part), 5) for part in (self.losses[:10], self.losses[-10:])]
 
-    def _learn(self, program: Program, groups: list[list[int]], axes: Axes) -> list[torch.Tensor]:
+    def _learn(self, program: Program, groups: list[list[int]], axes: Axes,
+               heads: list[ValueHead]) -> tuple[list[torch.Tensor], dict[HeadKey, torch.Tensor]]:
         stream = program.analysis(stream_analysis)
         state = {name: t.detach() for name, t in _state(program).items()}
         aliases = _canonical_names(program)
         rounding = {aliases[name]: fn for name, fn in self.rounding(program).items() if name in aliases}
+        device = program.weights_device
         skews = [torch.zeros(stream.segments[m[0]].width, stream.segments[m[0]].width, dtype=torch.float32,
-                             device=program.weights_device, requires_grad=True) for m in groups]
-        optimizer = torch.optim.Adam(skews, lr=self.lr)
+                             device=device, requires_grad=True) for m in groups]
+        head_skews = {head_key(h): torch.zeros(len(h.rows), len(h.rows), dtype=torch.float32, device=device,
+                                               requires_grad=True) for h in heads}
+        sites, sizes = _head_sites(program, heads, aliases)
+        optimizer = torch.optim.Adam([*skews, *head_skews.values()], lr=self.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.steps)))
         self.losses = []
         with torch.enable_grad(), StepProgress(self.steps, "learning a rotation", enabled=self.progress) as bar:
@@ -191,6 +214,11 @@ class LearnRotation(Pass):
                 with torch.no_grad():
                     target = F.log_softmax(program(ids).float(), dim=-1)
                 weights = rotated_weights(state, axes, [cayley(b) for b in skews])
+                if heads:
+                    full = head_matrices(heads, {k: cayley(b) for k, b in head_skews.items()}, sizes)
+                    for name, axis, key in sites:
+                        value = weights.get(name, state[name])
+                        weights[name] = _contract(value, axis, full[key].to(value.dtype))
                 # straight through: the rounded value forward, the identity back (weights R leaves alone keep their
                 # float value here: their rounding error does not depend on R)
                 for name, fn in rounding.items():
@@ -207,7 +235,43 @@ class LearnRotation(Pass):
                 schedule.step()
                 self.losses.append(round(float(loss.detach()), 5))
                 bar.advance(f"KL {self.losses[-1]:.4f}")
-        return [cayley(b.detach().to(torch.float64)).cpu() for b in skews]
+        return ([cayley(b.detach().to(torch.float64)).cpu() for b in skews],
+                {k: cayley(b.detach().to(torch.float64)).cpu() for k, b in head_skews.items()})
+
+
+def _head_sites(program: Program, heads: list[ValueHead],
+                aliases: Mapping[str, str]) -> tuple[list[tuple[str, int, tuple[str, str]]], dict[str, int]]:
+    """Where the value heads' rotations act: (parameter, axis, `head_matrices` key) for every value weight and bias
+    and every output weight, and the widths `head_matrices` needs."""
+    uses = program.analysis(group_analysis).linears
+    sites, sizes = [], {}
+    for weight in dict.fromkeys(h.value for h in heads):
+        use = uses[weight]
+        sizes[weight] = tensor_of(program.gm, use.weight).shape[use.out_axis]
+        sites.append((aliases[weight], use.out_axis, (weight, "value")))
+        if use.bias is not None:
+            sites.append((aliases[str(use.bias.target)], -1, (weight, "value")))
+    for weight in dict.fromkeys(h.output for h in heads):
+        use = uses[weight]
+        sizes[weight + ":in"] = tensor_of(program.gm, use.weight).shape[use.in_axis]
+        sites.append((aliases[weight], use.in_axis, (weight, "output")))
+    return sites, sizes
+
+
+class FixedRotations(Pass):
+    """What a learned rotation applied, fixed: the stream's and the heads' matrices, in order."""
+
+    name = "learn_rotation"
+    exact = True
+
+    def __init__(self, passes: Sequence[Pass]):
+        self.passes = list(passes)
+
+    def call(self, program: Program) -> PassResult:
+        modified = False
+        for p in self.passes:
+            modified |= p(program).modified
+        return PassResult(modified)
 
 
 def _canonical_names(program: Program) -> dict[str, str]:

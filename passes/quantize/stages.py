@@ -14,6 +14,7 @@ from fxslice.passes.quantize.learned_rotation import LearnRotation
 from fxslice.passes.quantize.mixed import SEARCHES, search_allocation
 from fxslice.passes.quantize.quantize import QUANTIZERS, QuantizeWeights
 from fxslice.passes.rewrite import UntieHead
+from fxslice.passes.slicegpt.rotate_heads import RotateHeads, head_hadamard
 from fxslice.passes.slicegpt.rotations import randomized_hadamard
 from fxslice.passes.slicegpt.stages import fused_rotation
 from fxslice.recipes import Stage, StageContext, StageResult
@@ -33,7 +34,9 @@ class Quantize(Stage):
     multi-task GP, or a baseline) — the token tables' width too, unless `search_tables=False` — see
     `passes/quantize/mixed.py`. With `rotation="learned"` the stream is first rotated exactly, by the randomized
     Hadamard and then by a rotation learned against this stage's rounding (`learned_rotation.py`, SpinQuant):
-    `rotation_steps` Adam steps at `rotation_lr` on the calibration windows. `untie_head` gives a tied head its own
+    `rotation_steps` Adam steps at `rotation_lr` on the calibration windows; with `rotate_heads` each attention
+    value head too (its value rows and the columns that read them: SpinQuant's R2), from a per-head Hadamard, where
+    the graph exposes the pairs (`RotateHeads`). `untie_head` gives a tied head its own
     copy of the table first (exact), so the lookup takes `embeddings` bits and the head `head` bits."""
 
     kind = "quantize"
@@ -61,12 +64,17 @@ class Quantize(Stage):
     rotation: str = "none"  # "learned": the Hadamard, then a rotation learned against the rounding (see ROTATIONS)
     rotation_steps: int = 40  # SmolLM2 4-bit: 40 and 100 steps gave the same perplexity (benchmarks/README.md)
     rotation_lr: float = 2e-3
+    rotate_heads: bool = False  # with rotation="learned": each value head as well as the stream
     untie_head: bool = False  # a second V x d table: the head at `head` bits, the lookup at `embeddings`
 
     def __post_init__(self) -> None:
         if self.rotation not in ROTATIONS:
             raise InvalidOption(f"quantize: rotation must be one of {ROTATIONS}, got {self.rotation!r} (the Hadamard "
                                 "alone is the rotate stage: rotation='hadamard')")
+        if self.rotate_heads and self.rotation == "none":
+            raise InvalidOption("quantize: rotate_heads learns a rotation per value head with the stream's; it needs "
+                                "rotation='learned' (the per-head Hadamard alone is Rotate(rotation='hadamard', "
+                                "heads=True))")
         if self.rotation != "none":
             self.require_positive_ints("rotation_steps")
             if not self.rotation_lr > 0:
@@ -164,6 +172,8 @@ class Quantize(Stage):
             return []
         rounding = QuantizeWeights(self.bits, group_size=self.group_size, embeddings=self.embeddings, head=self.head,
                                    shortcuts=self.shortcuts, grid=self.grid).rounding
-        return [*fused_rotation(randomized_hadamard(self.seed)),
+        heads = [RotateHeads(head_hadamard(self.seed))] if self.rotate_heads else []
+        return [*fused_rotation(randomized_hadamard(self.seed)), *heads,
                 LearnRotation(rounding, windows, steps=self.rotation_steps, lr=self.rotation_lr,
-                              batch_size=self.batch_size, seed=self.seed, progress=context.progress)]
+                              batch_size=self.batch_size, seed=self.seed, heads=self.rotate_heads,
+                              progress=context.progress)]

@@ -11,6 +11,7 @@ from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED, QUANTIZED, ROTATED,
 from fxslice.passes.recovery.refit import RefitLinears, reconstruction_errors
 from fxslice.passes.slicegpt.fuse_norms import FuseNorms
 from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
+from fxslice.passes.slicegpt.rotate_heads import RotateHeads, head_hadamard
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
 from fxslice.passes.slicegpt.rotations import RotationSource, random_orthogonal, randomized_hadamard
 from fxslice.passes.slicegpt.slice_stream import ConstantWidths, SliceStream, per_block, per_stream
@@ -164,7 +165,9 @@ class Rotate(Stage):
     that quantization after it meets no outlier channel and the model gains no parameter. The Hadamard also runs
     after slicing, and should before quantizing a sliced model: SliceGPT's principal bases pile the stream's
     energy into its first coordinates, which group-wise rounding handles badly (SmolLM2 sliced by 25 %, 4-bit
-    GPTQ: 128.5 without it, 77.3 with it, 71.0 in float; 8 test windows)."""
+    GPTQ: 128.5 without it, 77.3 with it, 71.0 in float; 8 test windows). `heads=True` (with the Hadamard) also
+    rotates each attention value head and the columns that read it by a Hadamard of the head's width (`RotateHeads`,
+    where the graph exposes the pairs)."""
 
     kind = "rotate"
     needs = frozenset({CAPTURED, CLEAN})
@@ -174,10 +177,14 @@ class Rotate(Stage):
     # "random": a Haar-random matrix per segment (a shortcut matmul on every residual edge);
     # "hadamard": one randomized Hadamard for the whole stream (no shortcut), what quantization wants
     rotation: str = "random"
+    heads: bool = False
 
     def __post_init__(self) -> None:
         if self.rotation not in ("random", "hadamard"):
             raise InvalidOption(f"rotate: rotation must be 'random' or 'hadamard', got {self.rotation!r}")
+        if self.heads and self.rotation != "hadamard":
+            raise InvalidOption("rotate: heads=True rotates the value heads by Hadamards, for quantization; it goes "
+                                "with rotation='hadamard'")
 
     @property
     def refuses(self) -> frozenset[str]:  # type: ignore[override]
@@ -187,7 +194,8 @@ class Rotate(Stage):
 
     def run(self, program: Program, context: StageContext) -> StageResult:
         source = random_orthogonal(self.seed) if self.rotation == "random" else randomized_hadamard(self.seed)
-        return self.run_passes(program, fused_rotation(source), context)
+        heads = [RotateHeads(head_hadamard(self.seed))] if self.heads else []
+        return self.run_passes(program, [*fused_rotation(source), *heads], context)
 
 
 def fused_rotation(source: RotationSource) -> list[Pass]:
