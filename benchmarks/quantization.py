@@ -20,7 +20,8 @@ more calibration or recovered), `--slice` SliceGPT's, and both together the
 Surgeon's pruning of the sliced model (slice -> prune -> quantize on one plane);
 `--rotate` quantizes each model once more after an exact randomized-Hadamard rotation of its stream (QuaRot-style),
 `--learned-rotation STEPS` once more after the Hadamard and a rotation learned against the rounding (SpinQuant-style);
-`--rotate-heads` turns each attention value head with the stream in both (a Hadamard per head, learned with it).
+`--rotate-heads` adds the same with each attention value head turned with the stream (a Hadamard per head, learned
+with it), beside the rows without.
 `--search` runs the mixed-precision searches on every model (the dense one unless `--no-dense`) at `--budget-bits`
 (default: the bits per parameter of dense uniform 4-bit GPTQ, so the comparison is at its bytes) with the same number
 of expensive evaluations each, and draws them;
@@ -69,8 +70,10 @@ def main() -> None:
                         "pruning of it: slice -> prune -> quantize")
     parser.add_argument("--rotate", action="store_true",
                         help="also quantize each model after an exact randomized-Hadamard rotation of its stream")
-    parser.add_argument("--rotate-heads", action="store_true", help="--rotate and --learned-rotation turn each "
-                        "attention value head too")
+    parser.add_argument("--rotated-only", action="store_true", help="with --rotate: quantize only the rotated "
+                        "copies of the models")
+    parser.add_argument("--rotate-heads", action="store_true", help="--rotate and --learned-rotation also once "
+                        "with each attention value head turned too")
     parser.add_argument("--learned-rotation", type=int, default=0, metavar="STEPS", help="also quantize each model "
                         "after the Hadamard and a rotation learned against the rounding in STEPS steps (SpinQuant); each --search "
                         "runs with and without it")
@@ -90,6 +93,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.combined_only and not (args.slice and args.prune):
         parser.error("--combined-only needs both --slice and --prune")
+    if args.rotated_only and not args.rotate:
+        parser.error("--rotated-only needs --rotate")
     uniform4 = "4" in args.bits.split(",") and "gptq" in args.methods.split(",") and not args.no_dense
     if args.search and not args.budget_bits and not uniform4:  # the default budget is that row's, found at the end
         parser.error("--search needs --budget-bits unless the run quantizes the dense model to 4-bit GPTQ "
@@ -124,18 +129,23 @@ def main() -> None:
         for base_name, base, _ in list(bases):
             if args.no_dense and base is dense:
                 continue
-            rotated = base.clone()
-            start = time.perf_counter()
-            Recipe((Cleanup(), Rotate(rotation="hadamard", heads=args.rotate_heads))).run(rotated)
-            bases.append((f"{base_name} + hadamard", rotated, time.perf_counter() - start))
+            for heads in (False, True) if args.rotate_heads else (False,):
+                rotated = base.clone()
+                start = time.perf_counter()
+                Recipe((Cleanup(), Rotate(rotation="hadamard", heads=heads))).run(rotated)
+                bases.append((f"{base_name} + hadamard{' with heads' if heads else ''}", rotated,
+                              time.perf_counter() - start))
+        if args.rotated_only:
+            bases = [b for b in bases if "hadamard" in b[0] or (b[1] is dense and args.no_dense)]
     rows = []
-    rotations = ["none", "learned"] if args.learned_rotation else ["none"]
+    rotations = ["none", *(["learned"] if args.learned_rotation else []),
+                 *(["learned with heads"] if args.learned_rotation and args.rotate_heads else [])]
 
     def quantized(base, rotation: str, **options) -> tuple:
         """A copy of `base` through `Quantize(**options)` with the run's grid and tables, after the learned rotation
         when `rotation` asks for it: (the program, the stage's report, seconds)."""
-        learned = (dict(rotation=rotation, rotation_steps=args.learned_rotation, rotate_heads=args.rotate_heads)
-                   if rotation != "none" else {})
+        learned = (dict(rotation="learned", rotation_steps=args.learned_rotation,
+                        rotate_heads=rotation == "learned with heads") if rotation != "none" else {})
         stage = Quantize(group_size=args.group_size, grid=args.grid, embeddings=args.embeddings or None,
                          head=head or None, untie_head=args.untie, **options, **learned)
         program = base.clone()
@@ -151,10 +161,10 @@ def main() -> None:
             continue
         for bits in (int(b) for b in args.bits.split(",") if b):
             for method, rotation in itertools.product((m for m in args.methods.split(",") if m), rotations):
-                if rotation != "none" and base_name.endswith("hadamard"):
+                if rotation != "none" and "hadamard" in base_name:
                     continue  # a learned rotation starts from its own Hadamard
                 program, report, seconds = quantized(base, rotation, bits=bits, method=method)
-                weights = f"{method} {bits}-bit" + (" + learned rotation" if rotation != "none" else "")
+                weights = f"{method} {bits}-bit" + _rotation_label(rotation)
                 rows.append(_row(base_name, weights, program, test, seconds, dense))
                 if rotation != "none":
                     rows[-1]["rotation"] = report["rotation"]
@@ -170,12 +180,12 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):  # seed by seed: a stopped run keeps whole comparisons
         for (base_name, base), search, rotation in itertools.product(
                 searched, (s for s in args.search.split(",") if s), rotations):
-            if rotation != "none" and base_name.endswith("hadamard"):
+            if rotation != "none" and "hadamard" in base_name:
                 continue
             program, report, seconds = quantized(base, rotation, search=search, budget_bits=budget, method="gptq",
                                                  evaluations=args.evaluations, seed=seed,
                                                  search_tables=not args.fixed_tables)
-            weights = f"{search} search at {budget:.3f} bits" + (" + learned rotation" if rotation != "none" else "")
+            weights = f"{search} search at {budget:.3f} bits" + _rotation_label(rotation)
             row = _row(base_name, weights, program, test, seconds, dense)
             row.update({"search": search, "seed": seed, "budget_bits": budget, "search_tables": not args.fixed_tables,
                         "best": report["search"]["best"],
@@ -188,11 +198,15 @@ def main() -> None:
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
         "group_size": args.group_size, "grid": args.grid, "embedding_bits": args.embeddings or None, "head_bits": head or None,
-        "untied": args.untie, "rotate_heads": args.rotate_heads,
+        "untied": args.untie,
         "calibration": {"text": "wikitext2:validation", "windows": args.calib_windows, "length": args.calib_length},
         "evaluation": {"text": "wikitext2:test", "windows": len(test), "length": 2048},
         "threads": torch.get_num_threads(), "results": rows, "searches": searches,
     }, indent=1))
+
+
+def _rotation_label(rotation: str) -> str:
+    return {"none": "", "learned": " + learned rotation", "learned with heads": " + learned rotation with heads"}[rotation]
 
 
 def _width(bits: int | None) -> str:
