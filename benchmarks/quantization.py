@@ -35,6 +35,7 @@ import itertools
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from smollm2 import smollm2_and_windows
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--prune", type=float, default=0.0, help="also quantize the Surgeon's model at this target")
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--pruned", default="", help="also quantize this saved model (fxslice.save's directory)")
+    parser.add_argument("--pruned-label", default="", help="the saved model's name in the rows, as its steps joined "
+                        "by ' + ' (e.g. 'surgeon 0.166 + distilled'; default: 'saved DIRNAME')")
     parser.add_argument("--slice", type=float, default=0.0, help="also quantize SliceGPT's model at this sparsity "
                         "(constant widths, the tied head's rank-16 correction), and with --prune the Surgeon's "
                         "pruning of it: slice -> prune -> quantize")
@@ -113,7 +116,7 @@ def main() -> None:
         prune_recipe(target=args.prune, shots=args.shots, batch_size=1).run(pruned, calibration=calib)
         bases.append((f"surgeon {args.prune}", pruned, time.perf_counter() - start))
     if args.pruned:
-        bases.append((f"saved {args.pruned}", load(args.pruned), 0.0))
+        bases.append((args.pruned_label or f"saved {Path(args.pruned).name}", load(args.pruned), 0.0))
     if args.slice:
         sliced = dense.clone()
         start = time.perf_counter()
