@@ -26,7 +26,8 @@ out = Console(soft_wrap=True)
 _debug = False
 _quiet = False
 
-ModelArg = Annotated[str, typer.Argument(help="hub name, HF directory, .gguf file, or 'smollm2' (the embedded default)")]
+ModelArg = Annotated[str, typer.Argument(help="hub name, HF directory, .gguf file, 'smollm2' (the embedded default), or "
+                                               "a directory fxslice saved (to quantize or recover it further)")]
 
 # options several commands take, spelled once
 CalibrationText = Annotated[str, typer.Option(help="calibration text: wikitext2:validation, a file, a dir, hf:NAME:SPLIT")]

@@ -81,3 +81,47 @@ def test_proofs_in_the_runs_dtype_skip_the_float64_copy_and_the_record_says_so(t
     assert checked == {"float64": {"float64"}, "dtype": {"float32"}}
     with pytest.raises(InvalidOption, match="proofs must be one of"):
         fxslice.compress(model, recipe, evaluation=None, proofs="none", progress=False)
+
+
+def test_a_saved_model_goes_on_to_be_quantized_and_only_that(tmp_path, tiny_model_dir):
+    """Prune, save; later quantize the saved model (its KV-cache graph, no plain capture): the second job starts from
+    what the first saved, records where it came from, and refuses what needs the original (pruning again) or what
+    was done already (quantizing twice), before any work and without writing anything."""
+    from typer.testing import CliRunner
+
+    from fxslice.cli import app
+    from fxslice.passes.quantize.stages import Quantize
+    from fxslice.passes.rewrite.stages import Cleanup
+    from fxslice.recipes import Recipe
+
+    text = _text(tmp_path)
+    calibration = Calibration(source=text, windows=4, length=32)
+    pruned = fxslice.compress(str(tiny_model_dir("llama")), prune_recipe(target=0.2, shots=1, calibration=calibration),
+                              out=tmp_path / "pruned", evaluation=text, eval_windows=3, eval_length=32, progress=False)
+    recipe = Recipe((Cleanup(), Quantize(bits=4, group_size=16)), calibration)
+    report = fxslice.compress(str(tmp_path / "pruned"), recipe, out=tmp_path / "q", evaluation=text, eval_windows=3,
+                              eval_length=32, progress=False)
+    assert report.perplexity["before"] == pytest.approx(pruned.perplexity["compressed"], rel=1e-4)
+    assert "perplexity   before" in str(report)
+    assert report.result.dense_parameters == pruned.result.dense_parameters  # the original's, from the record
+    assert report.result.parameters == pruned.result.parameters
+    record = json.loads((tmp_path / "q" / "fxslice.json").read_text())
+    assert record["continued_from"]["model"] == str(tmp_path / "pruned")
+    assert record["continued_from"]["recipe"]["stages"][1]["stage"] == "surgeon"
+    assert {"pruned", "quantized", "kv_cache"} <= set(record["facts"])
+    quantized = fxslice.load(tmp_path / "q")
+    assert quantized.cache is not None and quantized.quantized
+    ids = report.program.probe_input(batch=1, length=6)
+    torch.testing.assert_close(quantized(ids), report.program(ids), rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(InvalidOption, match="saved by fxslice.*surgeon calibrate"):
+        fxslice.compress(str(tmp_path / "pruned"), prune_recipe(target=0.2, shots=1, calibration=calibration),
+                         out=tmp_path / "again", progress=False)
+    with pytest.raises(InvalidOption, match="already.*quantized"):
+        fxslice.compress(str(tmp_path / "q"), recipe, out=tmp_path / "twice", progress=False)
+    assert not (tmp_path / "again").exists() and not (tmp_path / "twice").exists()
+
+    made = CliRunner().invoke(app, ["quantize", str(tmp_path / "pruned"), "--bits", "4", "--group-size", "16",
+                                    "--method", "rtn", "--eval", "none", "--out", str(tmp_path / "cli")])
+    assert made.exit_code == 0, made.output
+    assert fxslice.load(tmp_path / "cli").num_parameters() == pruned.result.parameters

@@ -106,7 +106,8 @@ def test_head_rotations_learned_through_their_sites_reproduce_rotate_heads(tiny,
     """The value and output weights the head rotations are learned through equal what RotateHeads writes, for random
     head rotations; the learned pass with heads is exact and moves them."""
     from fxslice.analysis.groups import group_analysis
-    from fxslice.passes.quantize.learned_rotation import _canonical_names, _contract, _head_sites
+    from fxslice.analysis.weights import contract
+    from fxslice.passes.quantize.learned_rotation import head_sites
     from fxslice.passes.slicegpt.rotate_heads import RotateHeads, head_key, head_matrices
 
     _, program = tiny(name)
@@ -123,12 +124,12 @@ def test_head_rotations_learned_through_their_sites_reproduce_rotate_heads(tiny,
     rotations = {head_key(h): random_orthogonal(i)(segment, len(h.rows)) for i, h in enumerate(heads)}
     expected = program.clone()
     RotateHeads(rotations)(expected)
-    sites, sizes = _head_sites(program, heads, _canonical_names(program))
+    sites, sizes = head_sites(program, heads)
     full = head_matrices(heads, rotations, sizes)
     state = {**dict(program.gm.named_parameters()), **dict(program.gm.named_buffers())}
     after = {**dict(expected.gm.named_parameters()), **dict(expected.gm.named_buffers())}
     for param, axis, key in sites:
-        value = _contract(state[param].detach().double(), axis, full[key])
+        value = contract(state[param].detach().double(), axis, full[key])
         torch.testing.assert_close(value.float(), after[param].detach(), rtol=1e-4, atol=1e-5, msg=param)
     changed = {p for p, v in state.items() if not torch.equal(v, after[p])}
     assert changed == {param for param, _, _ in sites}  # a value bias included
@@ -230,11 +231,21 @@ def test_cli_refuses_rotation_options_that_do_not_fit(args, message, tiny_model_
     assert not (tmp_path / "x").exists()
 
 
-def test_learn_rotation_refuses_a_kv_cache_capture():
-    from fxslice import UnsupportedStructure
+def test_a_kv_cache_capture_learns_the_rotation_the_plain_capture_learns():
+    """A saved model is a KV-cache graph: learning on it (each window from an empty cache) gives the plain capture's
+    matrices, heads included."""
     from fxslice.models.kvcache import capture_cached
     from fxslice.testing import tiny_causal_lm
 
-    cached = capture_cached(tiny_causal_lm("llama"))
-    with pytest.raises(UnsupportedStructure, match="replay"):
-        LearnRotation(_rounding().rounding, torch.ones(2, 4, dtype=torch.long))(cached)
+    model = tiny_causal_lm("llama")
+    learned = []
+    for program in (capture(model), capture_cached(model)):
+        learn = LearnRotation(_rounding().rounding, arithmetic_sequences(4, length=16), steps=3, lr=0.05, heads=True)
+        result = PassManager([*HADAMARD(), learn]).run(program)
+        assert result.records[-1].float64_error < 1e-10
+        learned.append(learn)
+    plain, cached = learned
+    torch.testing.assert_close(cached.rotate.matrices[0], plain.rotate.matrices[0], rtol=1e-5, atol=1e-6)
+    assert plain.rotate_heads.matrices.keys() == cached.rotate_heads.matrices.keys()
+    for key, r in plain.rotate_heads.matrices.items():
+        torch.testing.assert_close(cached.rotate_heads.matrices[key], r, rtol=1e-5, atol=1e-6)

@@ -55,10 +55,15 @@ class Program:
             raise ValueError(f"this {self.model_class} was captured with static shapes and takes input_ids of shape "
                              f"{self.static_shape} only, not {tuple(input_ids.shape)}; pad or cut the inputs to that "
                              "shape, or make the model's shape-dependent code traceable and capture it again")
+        return self._run(*self.whole_sequence_inputs(input_ids))
+
+    def whole_sequence_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the graph takes to compute whole sequences: `input_ids`, and for a KV-cache graph a past length of 0
+        and an empty cache (for `torch.func.functional_call(program.gm, weights, inputs)`, say)."""
         if self.cache is None:
-            return self._run(input_ids)
+            return (input_ids,)
         kv = self.cache.allocate(input_ids.shape[0], input_ids.shape[1], self.dtype, input_ids.device)
-        return self.step(input_ids, 0, kv)
+        return (input_ids, torch.tensor(0, device=input_ids.device), *kv)
 
     def step(self, input_ids: torch.Tensor, past_length: int, kv: list[torch.Tensor]) -> torch.Tensor:
         """Logits of `input_ids` following `past_length` tokens already in `kv`, which is updated in place."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -33,12 +34,12 @@ from fxslice.data import load_text, token_windows
 from fxslice.evaluation.perplexity import perplexity
 from fxslice.jobs.checkpoint import JobCheckpoint, Restored, model_identity, steps_in_words
 from fxslice.models.capture import capture_module, check_module_dtype, load_model
-from fxslice.models.io import check_output_dir, save
+from fxslice.models.io import RECORD, check_output_dir, is_saved_model, load, save
 from fxslice.models.kvcache import capture_cached
 from fxslice.models.lazy import capture_lazily, local_checkpoint_numel
-from fxslice.recipes import Recipe, RecipeResult, StageResult
+from fxslice.recipes import KV_CACHE, Recipe, RecipeResult, StageResult
 
-__all__ = ["Report", "capture_with_cache", "compress"]
+__all__ = ["Report", "capture_with_cache", "compress", "continuing"]
 
 #: how exact passes are checked during a job (see `compress`)
 PROOFS = ("float64", "dtype")
@@ -64,12 +65,13 @@ class Report:
         """The summary a person reads: parameters, each stage's own lines, perplexity, time, where it went."""
         r = self.result
         lines = [f"parameters   dense {r.dense_parameters:,}   compressed {r.parameters:,} "
-                 f"({r.parameters / r.dense_parameters:.1%}, shortcuts and any untied head included)"]
+                 f"({r.parameters / r.dense_parameters:.1%} of dense, shortcuts and any untied head included)"]
         for stage, stage_result in r.stages:
             lines += stage.summary(stage_result)
         if self.perplexity:
             evaluation = self.record["evaluation"]
-            lines.append(f"perplexity   dense {self.perplexity['dense']:.3f}   compressed "
+            before = "dense" if "dense" in self.perplexity else "before"  # a saved model's own, continued from
+            lines.append(f"perplexity   {before} {self.perplexity[before]:.3f}   compressed "
                          f"{self.perplexity.get('compressed', float('nan')):.3f}   ({evaluation['windows']} windows "
                          f"of {evaluation['length']} tokens, {evaluation['source']})")
         lines.append("seconds      " + "  ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
@@ -112,7 +114,7 @@ def compress(
     note: Callable[[str], None] = _note,
 ) -> Report:
     """Compress `model` (a hub name, a directory, a .gguf file, "smollm2", or an nn.Module with its own tokenizer
-    given as `model.tokenizer`) with `recipe`; measure perplexity on `evaluation` (None: skip) before and after,
+    given as `model.tokenizer`; or a directory `save` wrote, to go on compressing it: see `continuing`) with `recipe`; measure perplexity on `evaluation` (None: skip) before and after,
     on its first `eval_windows` windows (all when None) of `eval_length` tokens (2048, or the model's context); save
     to `out` when given (checked before any work). `lazy`: weights stay in the checkpoint's files and are read
     when used, edited ones go to a scratch folder (`fxslice.models.lazy`: for a model larger than memory); None (the
@@ -137,10 +139,13 @@ def compress(
         raise InvalidOption(f"proofs must be one of {PROOFS} (float64: exact passes proved on a float64 copy; dtype: "
                             f"checked in the run's dtype only, less memory), got {proofs!r}")
     _check_lazy(model, lazy)
+    saved = not isinstance(model, nn.Module) and is_saved_model(model)
+    if saved:
+        recipe = continuing(recipe, model)  # type: ignore[arg-type]
     target = resolve_device(device)
     precision = resolve_dtype(dtype, target)
     if lazy is None:
-        lazy = _too_large_for_memory(model, precision, note)
+        lazy = not saved and _too_large_for_memory(model, precision, note)
     calibrating = [s.kind for s in recipe.stages if s.calibrates]
     if calibrating and recipe.calibration is None:
         raise InvalidOption(f"stage '{calibrating[0]}' calibrates but the recipe has no calibration section; add "
@@ -186,13 +191,16 @@ def compress(
     ppl: dict[str, float] = dict(restored.perplexity) if restored is not None else {}
     if restored is not None:
         seconds |= {k: v for k, v in restored.seconds.items() if k == "evaluate_dense"}
-    if test is not None and "dense" not in ppl:
+    before = "before" if saved else "dense"  # a saved model is not dense: its figure is the one it continues from
+    if test is not None and before not in ppl:
         with _timed(seconds, "evaluate_dense"):
-            ppl["dense"] = perplexity(program, test, batch_size=batch_size, progress=progress)
+            ppl[before] = perplexity(program, test, batch_size=batch_size, progress=progress)
     teacher = None
     if restored is not None and any(s.learns_from_teacher for s in recipe.stages[len(done):]):
         teacher = capture_with_cache(model, target, precision, offload, status, note, lazy=lazy)[0]
-    dense_parameters = restored.dense_parameters if restored is not None else program.num_parameters()
+    dense_parameters = (restored.dense_parameters if restored is not None
+                        else program.record.get("dense_parameters") or program.num_parameters() if saved
+                        else program.num_parameters())
     finished = list(done)
     steps = restored.steps if restored is not None else 0  # of the stage in progress
 
@@ -266,6 +274,9 @@ def compress(
             "evaluation": {"source": evaluation or "none", "windows": 0 if test is None else len(test), "length": eval_length},
             "perplexity": ppl,
             "recipe": recipe.to_dict(),
+            "facts": program.record.get("facts", []),
+            **({"continued_from": {"model": program.source, **{k: program.record.get(k) for k in (
+                "recipe", "parameters", "perplexity", "evaluation")}}} if saved else {}),
             **result.record(),
         }
         if out_dir is not None and rank_and_size()[0] == 0:  # every rank holds the same model: the first one saves it
@@ -318,6 +329,13 @@ def capture_with_cache(model: str | os.PathLike | nn.Module, device: torch.devic
     with `offload` computing there while their weights stay in host memory; with `lazy`, in their files."""
     name = type(model).__name__ if isinstance(model, nn.Module) else str(model)
     _check_lazy(model, lazy)
+    if not isinstance(model, nn.Module) and is_saved_model(model):  # its graph is the KV-cache one: nothing to replay
+        with status(f"loading {name}, saved by fxslice{' (weights left on disk)' if lazy else ''} ..."):
+            program = load(model, lazy=lazy)
+        check_finite(program)
+        program, _ = _placed(program, None, device, offload, status)
+        program.source = name
+        return program, None
     with status(f"loading and capturing {name}{' (weights left on disk)' if lazy else ''} ..."):
         if lazy:
             program, cached = capture_lazily(model, dtype=dtype, with_cache=True)  # type: ignore[arg-type]
@@ -332,6 +350,29 @@ def capture_with_cache(model: str | os.PathLike | nn.Module, device: torch.devic
         if p is not None:
             p.tokenizer, p.source = tokenizer, name
     return program, cached
+
+
+def continuing(recipe: Recipe, saved: str | os.PathLike) -> Recipe:
+    """`recipe` to run on the model `save` wrote to `saved`: it starts from the facts that model's record states (it
+    was quantized, rotated, ...) and from a KV-cache graph, the one it keeps; a stage that calibrates on the
+    original's plain capture (slicing, pruning) is refused before any work, saying what to do instead."""
+    refusing = [s.kind for s in recipe.stages if KV_CACHE in s.refuses]
+    if refusing:
+        raise InvalidOption(f"{saved} is a model saved by fxslice, which keeps the graph that computes with a KV cache "
+                            f"and no plain capture; {', '.join(refusing)} calibrate(s) on the original model's plain "
+                            "capture: run it on the original model (every step in one recipe: fxslice compress "
+                            "--recipe), and quantize, rotate or recover a saved model")
+    try:
+        facts = json.loads((Path(saved) / RECORD).read_text(encoding="utf-8")).get("facts") or []
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        facts = []  # `load` names what is wrong with the record
+    if not isinstance(facts, list) or not all(isinstance(f, str) for f in facts):
+        facts = []
+    try:
+        return dataclasses.replace(recipe, start=tuple(sorted({*recipe.start, KV_CACHE, *facts})))
+    except InvalidOption as exc:
+        raise InvalidOption(f"{saved} is a model saved by fxslice that is already {', '.join(sorted(facts)) or 'compressed'}"
+                            f": {exc}") from None
 
 
 def _placed(program: Program, cached: Program | None, device: torch.device, offload: bool,

@@ -41,7 +41,7 @@ from fxslice.models.remote.graph_data import GraphDataError, graph_from_data, gr
 from fxslice.models.tensor_file import Deferred, write_tensors
 
 __all__ = ["save", "load", "check_output_dir", "example_inputs", "write_directory", "write_file", "save_tokenizer",
-           "write_graph", "graph_over", "RECORD", "WEIGHTS", "GRAPH", "LEGACY_GRAPH"]
+           "write_graph", "graph_over", "is_saved_model", "RECORD", "WEIGHTS", "GRAPH", "LEGACY_GRAPH"]
 
 RECORD, WEIGHTS, GRAPH, TOKENIZER = "fxslice.json", "model.safetensors", "graph.json", "tokenizer"
 LEGACY_GRAPH = "graph.pt2"  # a torch.export archive: reading it unpickles (fxslice before graph.json)
@@ -125,6 +125,12 @@ def graph_over(path: Path, program: Program, cache: CacheLayout | None) -> Progr
     gm = _read_graph(path, weights, program_inputs(None if cache is None else len(cache.shapes)))
     return Program(gm, program.model_class, program.config, program.tokenizer, program.source, cache=cache,
                    quantized=dict(program.quantized), static_shape=program.static_shape)
+
+
+def is_saved_model(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory `save` wrote (its record beside a graph), rather than a checkpoint to capture."""
+    root = Path(path)
+    return root.is_dir() and (root / RECORD).is_file() and ((root / GRAPH).is_file() or (root / LEGACY_GRAPH).is_file())
 
 
 def check_output_dir(out: Path) -> None:

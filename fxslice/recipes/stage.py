@@ -21,10 +21,14 @@ from fxslice.core.errors import InvalidOption
 from fxslice.core.pass_manager import Pass, PassManager
 from fxslice.core.program import Program
 
-__all__ = ["Stage", "StageContext", "StageResult", "CAPTURED"]
+__all__ = ["Stage", "StageContext", "StageResult", "CAPTURED", "KV_CACHE"]
 
 #: the one fact every program starts with
 CAPTURED = "captured"
+#: the program computes with a KV cache and has no plain capture beside it (a model loaded from `fxslice.save`'s
+#: directory): it calibrates and trains on whole sequences from an empty cache, but a stage whose passes calibrate
+#: on the plain capture refuses it
+KV_CACHE = "kv_cache"
 
 
 @dataclass

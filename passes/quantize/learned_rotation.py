@@ -39,7 +39,7 @@ from fxslice.passes.slicegpt.rotate_heads import HeadKey, RotateHeads, head_key,
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
 from fxslice.passes.slicegpt.rotations import random_orthogonal
 
-__all__ = ["LearnRotation", "FixedRotations", "rotation_groups", "rotation_axes", "rotated_weights", "cayley"]
+__all__ = ["LearnRotation", "FixedRotations", "rotation_groups", "rotation_axes", "rotated_weights", "head_sites", "cayley"]
 
 #: parameter name -> the (axis, group) pairs along which the parameter is contracted with the group's rotation
 Axes = dict[str, list[tuple[int, int]]]
@@ -158,9 +158,6 @@ class LearnRotation(Pass):
         self.losses: list[float] = []
 
     def requires(self, program: Program) -> None:
-        if program.cache is not None:
-            raise UnsupportedStructure("learned rotation: learn it on the plain capture (whole sequences) and `replay` "
-                                       "its fixed matrices onto the KV-cache one, as a recipe does")
         RotateStream([]).requires(program)
 
     def replay(self) -> Pass:
@@ -203,7 +200,7 @@ class LearnRotation(Pass):
                              device=device, requires_grad=True) for m in groups]
         head_skews = {head_key(h): torch.zeros(len(h.rows), len(h.rows), dtype=torch.float32, device=device,
                                                requires_grad=True) for h in heads}
-        sites, sizes = _head_sites(program, heads, aliases)
+        sites, sizes = head_sites(program, heads)
         optimizer = torch.optim.Adam([*skews, *head_skews.values()], lr=self.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.steps)))
         self.losses = []
@@ -224,7 +221,8 @@ class LearnRotation(Pass):
                 for name, fn in rounding.items():
                     if name in weights:
                         weights[name] = weights[name] + (fn(weights[name].detach()) - weights[name]).detach()
-                logits = functional_call(program.gm, weights, (ids,), tie_weights=True, strict=False)
+                logits = functional_call(program.gm, weights, program.whole_sequence_inputs(ids), tie_weights=True,
+                                         strict=False)
                 log_probs = F.log_softmax(logits.float(), dim=-1)
                 loss = F.kl_div(log_probs.flatten(0, -2), target.flatten(0, -2), log_target=True, reduction="batchmean")
                 if not torch.isfinite(loss.detach()):
@@ -239,10 +237,10 @@ class LearnRotation(Pass):
                 {k: cayley(b.detach().to(torch.float64)).cpu() for k, b in head_skews.items()})
 
 
-def _head_sites(program: Program, heads: list[ValueHead],
-                aliases: Mapping[str, str]) -> tuple[list[tuple[str, int, tuple[str, str]]], dict[str, int]]:
-    """Where the value heads' rotations act: (parameter, axis, `head_matrices` key) for every value weight and bias
-    and every output weight, and the widths `head_matrices` needs."""
+def head_sites(program: Program, heads: list[ValueHead]) -> tuple[list[tuple[str, int, tuple[str, str]]], dict[str, int]]:
+    """Where the value heads' rotations act: (parameter as `named_parameters` lists it, axis, `head_matrices` key) for
+    every value weight and bias and every output weight, and the widths `head_matrices` needs."""
+    aliases = _canonical_names(program)
     uses = program.analysis(group_analysis).linears
     sites, sizes = [], {}
     for weight in dict.fromkeys(h.value for h in heads):

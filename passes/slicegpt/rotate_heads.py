@@ -18,7 +18,7 @@ from fxslice.analysis.weights import transform_input, transform_output
 from fxslice.core.graph import tensor_of
 from fxslice.passes.slicegpt.rotations import hadamard, orthogonality_error
 
-__all__ = ["RotateHeads", "head_hadamard", "head_key", "head_matrices"]
+__all__ = ["HeadKey", "RotateHeads", "head_hadamard", "head_key", "head_matrices"]
 
 #: a value head as the pass knows it across captures of one model: (value weight, its rows in head order)
 HeadKey = tuple[str, tuple[int, ...]]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from fxslice.analysis.stream import Segment
 from fxslice.core import InvalidOption, Pass, Program
-from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED, QUANTIZED, ROTATED, SLICED
+from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED, KV_CACHE, QUANTIZED, ROTATED, SLICED
 from fxslice.passes.recovery.refit import RefitLinears, reconstruction_errors
 from fxslice.passes.slicegpt.fuse_norms import FuseNorms
 from fxslice.passes.slicegpt.project_norm_writers import ProjectNormWriters
@@ -44,7 +44,7 @@ class SliceGPT(Stage):
 
     kind = "slicegpt"
     needs = frozenset({CAPTURED, CLEAN})
-    refuses = frozenset({SLICED, ROTATED, GQA_FUSED, QUANTIZED})
+    refuses = frozenset({SLICED, ROTATED, GQA_FUSED, QUANTIZED, KV_CACHE})
     provides = frozenset({SLICED})
     calibrates = True
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fxslice.core import InvalidOption, Program
-from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED, PRUNED, QUANTIZED
+from fxslice.passes.facts import CAPTURED, CLEAN, GQA_FUSED, KV_CACHE, PRUNED, QUANTIZED
 from fxslice.passes.surgeon.masked import SurgeonMask
 from fxslice.passes.surgeon.options import METHODS, check_target, curvature_of
 from fxslice.passes.surgeon.surgeon import SurgeonPrune
@@ -29,7 +29,7 @@ class Surgeon(Stage):
 
     kind = "surgeon"
     needs = frozenset({CAPTURED, CLEAN})
-    refuses = frozenset({GQA_FUSED, QUANTIZED})
+    refuses = frozenset({GQA_FUSED, QUANTIZED, KV_CACHE})
     provides = frozenset({PRUNED})
     calibrates = True
 
