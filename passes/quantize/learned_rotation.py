@@ -237,7 +237,8 @@ class LearnRotation(Pass):
                 {k: cayley(b.detach().to(torch.float64)).cpu() for k, b in head_skews.items()})
 
 
-def head_sites(program: Program, heads: list[ValueHead]) -> tuple[list[tuple[str, int, tuple[str, str]]], dict[str, int]]:
+def head_sites(program: Program,
+               heads: list[ValueHead]) -> tuple[list[tuple[str, int, tuple[str, str]]], dict[tuple[str, str], int]]:
     """Where the value heads' rotations act: (parameter as `named_parameters` lists it, axis, `head_matrices` key) for
     every value weight and bias and every output weight, and the widths `head_matrices` needs."""
     aliases = _canonical_names(program)
@@ -245,13 +246,13 @@ def head_sites(program: Program, heads: list[ValueHead]) -> tuple[list[tuple[str
     sites, sizes = [], {}
     for weight in dict.fromkeys(h.value for h in heads):
         use = uses[weight]
-        sizes[weight] = tensor_of(program.gm, use.weight).shape[use.out_axis]
+        sizes[(weight, "value")] = tensor_of(program.gm, use.weight).shape[use.out_axis]
         sites.append((aliases[weight], use.out_axis, (weight, "value")))
         if use.bias is not None:
             sites.append((aliases[str(use.bias.target)], -1, (weight, "value")))
     for weight in dict.fromkeys(h.output for h in heads):
         use = uses[weight]
-        sizes[weight + ":in"] = tensor_of(program.gm, use.weight).shape[use.in_axis]
+        sizes[(weight, "output")] = tensor_of(program.gm, use.weight).shape[use.in_axis]
         sites.append((aliases[weight], use.in_axis, (weight, "output")))
     return sites, sizes
 

@@ -43,9 +43,10 @@ def head_hadamard(seed: int = 0) -> Callable[[int, int], torch.Tensor]:
 
 
 def head_matrices(heads: list[ValueHead], rotations: Mapping[HeadKey, torch.Tensor],
-                  sizes: Mapping[str, int]) -> dict[tuple[str, str], torch.Tensor]:
+                  sizes: Mapping[tuple[str, str], int]) -> dict[tuple[str, str], torch.Tensor]:
     """(weight, "value" or "output") -> the full matrix that rotates every head of that weight: identity except each
-    head's block (`sizes`: the width of the weight's rotated axis). Differentiable in the rotations."""
+    head's block (`sizes`: the width of the rotated axis, the value's outputs or the output's inputs, by the same
+    keys). Differentiable in the rotations."""
     blocks: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for head in heads:
         r = rotations[head_key(head)]
@@ -55,7 +56,7 @@ def head_matrices(heads: list[ValueHead], rotations: Mapping[HeadKey, torch.Tens
     full = {}
     for (weight, side), parts in blocks.items():
         dtype, device = parts[0][1].dtype, parts[0][1].device
-        m = torch.eye(sizes[weight if side == "value" else weight + ":in"], dtype=dtype, device=device)
+        m = torch.eye(sizes[(weight, side)], dtype=dtype, device=device)
         for index, r in parts:
             m = m.index_put((index[:, None].to(device), index[None, :].to(device)), r)
         full[(weight, side)] = m
@@ -108,8 +109,8 @@ class RotateHeads(Pass):
         sizes = {}
         for head in heads:
             value, output = uses[head.value], uses[head.output]
-            sizes[head.value] = tensor_of(program.gm, value.weight).shape[value.out_axis]
-            sizes[head.output + ":in"] = tensor_of(program.gm, output.weight).shape[output.in_axis]
+            sizes[(head.value, "value")] = tensor_of(program.gm, value.weight).shape[value.out_axis]
+            sizes[(head.output, "output")] = tensor_of(program.gm, output.weight).shape[output.in_axis]
         gm = program.gm
         for (weight, side), m in head_matrices(heads, self.matrices, sizes).items():
             if side == "value":
