@@ -114,9 +114,10 @@ def compress(
     note: Callable[[str], None] = _note,
 ) -> Report:
     """Compress `model` (a hub name, a directory, a .gguf file, "smollm2", or an nn.Module with its own tokenizer
-    given as `model.tokenizer`; or a directory `save` wrote, to go on compressing it: see `continuing`) with `recipe`; measure perplexity on `evaluation` (None: skip) before and after,
-    on its first `eval_windows` windows (all when None) of `eval_length` tokens (2048, or the model's context); save
-    to `out` when given (checked before any work). `lazy`: weights stay in the checkpoint's files and are read
+    given as `model.tokenizer`; or a directory `save` wrote, to go on compressing it: see `continuing`) with
+    `recipe`; measure perplexity on `evaluation` (None: skip) before and after, on its first `eval_windows` windows
+    (all when None) of `eval_length` tokens (2048, or the model's context); save to `out` when given (checked before
+    any work). `lazy`: weights stay in the checkpoint's files and are read
     when used, edited ones go to a scratch folder (`fxslice.models.lazy`: for a model larger than memory); None (the
     default) does so when a local checkpoint's weights in `dtype` would take more than half the available memory.
     `proofs`: "float64" proves every exact pass on a float64 copy
@@ -198,9 +199,12 @@ def compress(
     teacher = None
     if restored is not None and any(s.learns_from_teacher for s in recipe.stages[len(done):]):
         teacher = capture_with_cache(model, target, precision, offload, status, note, lazy=lazy)[0]
-    dense_parameters = (restored.dense_parameters if restored is not None
-                        else program.record.get("dense_parameters") or program.num_parameters() if saved
-                        else program.num_parameters())
+    if restored is not None:
+        dense_parameters = restored.dense_parameters
+    elif saved:  # the original's count, as the saved model's record has it
+        dense_parameters = program.record.get("dense_parameters") or program.num_parameters()
+    else:
+        dense_parameters = program.num_parameters()
     finished = list(done)
     steps = restored.steps if restored is not None else 0  # of the stage in progress
 

@@ -17,7 +17,7 @@ changed, the axes whose contraction with that matrix reproduces the change.
 
 With `heads=True` it also learns one rotation per attention value head (SpinQuant's R2): the value rows of the head
 and the columns that read its output (`RotateHeads`, pairs found by `group_analysis`), from where the program's
-heads are (the per-head Hadamard, in `Quantize(heads=True)`).
+heads are (the per-head Hadamard, in `Quantize(rotation="learned", rotate_heads=True)`).
 """
 
 from __future__ import annotations
