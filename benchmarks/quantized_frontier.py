@@ -37,6 +37,7 @@ RUNS = [
     "quantization-2026-12-06-learned-rotation.json",
     "quantization-2026-12-06-token-table.json",
     "quantization-2026-12-06-search-learned-rotation.json",
+    "quantization-2026-12-07-distilled-search.json",
 ]
 #: the calibration every run drawn here used (WikiText-2 validation, seed 0)
 CALIBRATION = {"text": "wikitext2:validation", "windows": 16, "length": 512}
