@@ -1,8 +1,8 @@
 """Recover a saved compressed model by distillation from the dense default model (SmolLM2-135M-Instruct), then
 measure it; one JSON object.
 
-    python benchmarks/distill.py MODEL_DIR [--steps 200] [--lr 2e-3] [--temperature 1.0] [--objective distill]
-                                 [--eval-windows all] [--out DIR]
+    python benchmarks/distill.py MODEL_DIR [--steps 200] [--lr 2e-3] [--rank 8] [--temperature 1.0]
+                                 [--objective distill] [--eval-windows all] [--out DIR]
 
 The teacher is the dense model captured afresh (the program before compression, as `fxslice prune
 --recover-objective distill` uses it inside one job); the student is `fxslice.load(MODEL_DIR)`, trained through its
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("model", help="a directory saved by fxslice (a compressed SmolLM2)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--rank", type=int, default=8, help="adapter rank (alpha is twice the rank)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--objective", default="distill", help="distill (from dense) or lm (next tokens)")
     parser.add_argument("--eval-windows", default="8", help="test windows of 2048 tokens: a number or 'all'")
@@ -40,7 +41,8 @@ def main() -> None:
     student = fxslice.load(args.model)
     dense = fxslice.capture(fxslice.DEFAULT_MODEL) if args.objective == "distill" else None
     start = time.perf_counter()
-    stage = Recover(steps=args.steps, lr=args.lr, objective=args.objective, temperature=args.temperature)
+    stage = Recover(steps=args.steps, lr=args.lr, rank=args.rank, alpha=2.0 * args.rank, objective=args.objective,
+                    temperature=args.temperature)
     result = Recipe([stage]).run(student, teacher=dense, progress=True)
     seconds = time.perf_counter() - start
     del dense
