@@ -475,8 +475,10 @@ def _value_heads(tagger: _Tagger) -> list[ValueHead]:
     """Where the values come straight from one linear and the attention output goes straight into another, which
     value row each of that linear's columns reads (`ValueHead`)."""
     found = []
+    writing = {use.output: use for use in tagger.linears.values()}  # a linear by the node that carries its result
+    reading = {use.input: use for use in tagger.linears.values()}  # and by the node it reads
     for node, (tv, positions) in tagger.attention_values.items():
-        value, output = _value_source(tagger, node), _output_reader(tagger, node)
+        value, output = _value_source(tagger, node, writing), _output_reader(node, reading)
         per_head = tv[:1, :, :1, :]  # a value channel is the same at every batch row and token
         if value is None or output is None or output.node not in tagger.reads or not torch.equal(
                 tv, per_head.expand_as(tv)):
@@ -518,9 +520,9 @@ def _merged(heads: list[ValueHead]) -> list[ValueHead]:
     return [h for h in merged if all(claimed[(h.value, r)] == 1 for r in h.rows)]
 
 
-def _value_source(tagger: _Tagger, attention: fx.Node) -> LinearUse | None:
-    """The linear whose output reaches `attention`'s values through data movement and cache writes alone."""
-    outputs = {use.output: use for use in tagger.linears.values()}
+def _value_source(tagger: _Tagger, attention: fx.Node, outputs: dict[fx.Node, LinearUse]) -> LinearUse | None:
+    """The linear (of `outputs`, by its result) whose output reaches `attention`'s values through data movement and
+    cache writes alone."""
     node = attention.args[2]
     while isinstance(node, fx.Node) and node not in outputs:
         if node.target in _CACHE_WRITES:
@@ -535,9 +537,8 @@ def _value_source(tagger: _Tagger, attention: fx.Node) -> LinearUse | None:
     return outputs.get(node) if isinstance(node, fx.Node) else None
 
 
-def _output_reader(tagger: _Tagger, attention: fx.Node) -> LinearUse | None:
-    """The linear that alone reads `attention`'s output, through data movement alone."""
-    readers = {use.input: use for use in tagger.linears.values()}
+def _output_reader(attention: fx.Node, readers: dict[fx.Node, LinearUse]) -> LinearUse | None:
+    """The linear (of `readers`, by its input) that alone reads `attention`'s output, through data movement alone."""
     node = attention
     while node not in readers:
         users = list(node.users)

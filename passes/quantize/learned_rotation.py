@@ -33,9 +33,8 @@ from torch.func import functional_call
 from fxslice import InvalidOption, Pass, PassResult, Program, UnsupportedStructure
 from fxslice.analysis.groups import ValueHead, group_analysis
 from fxslice.analysis.stream import Stream, stream_analysis
-from fxslice.core.graph import tensor_of
 from fxslice.core.progress import StepProgress
-from fxslice.passes.slicegpt.rotate_heads import HeadKey, RotateHeads, head_key, head_matrices
+from fxslice.passes.slicegpt.rotate_heads import HeadKey, RotateHeads, head_key, head_matrices, head_widths
 from fxslice.passes.slicegpt.rotate_stream import RotateStream
 from fxslice.passes.slicegpt.rotations import random_orthogonal
 
@@ -240,21 +239,18 @@ class LearnRotation(Pass):
 def head_sites(program: Program,
                heads: list[ValueHead]) -> tuple[list[tuple[str, int, tuple[str, str]]], dict[tuple[str, str], int]]:
     """Where the value heads' rotations act: (parameter as `named_parameters` lists it, axis, `head_matrices` key) for
-    every value weight and bias and every output weight, and the widths `head_matrices` needs."""
+    every value weight and bias and every output weight, and the widths `head_matrices` needs (`head_widths`)."""
     aliases = _canonical_names(program)
     uses = program.analysis(group_analysis).linears
-    sites, sizes = [], {}
+    sites = []
     for weight in dict.fromkeys(h.value for h in heads):
         use = uses[weight]
-        sizes[(weight, "value")] = tensor_of(program.gm, use.weight).shape[use.out_axis]
         sites.append((aliases[weight], use.out_axis, (weight, "value")))
         if use.bias is not None:
             sites.append((aliases[str(use.bias.target)], -1, (weight, "value")))
     for weight in dict.fromkeys(h.output for h in heads):
-        use = uses[weight]
-        sizes[(weight, "output")] = tensor_of(program.gm, use.weight).shape[use.in_axis]
-        sites.append((aliases[weight], use.in_axis, (weight, "output")))
-    return sites, sizes
+        sites.append((aliases[weight], uses[weight].in_axis, (weight, "output")))
+    return sites, head_widths(program, heads)
 
 
 class FixedRotations(Pass):

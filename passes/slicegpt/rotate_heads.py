@@ -18,7 +18,7 @@ from fxslice.analysis.weights import transform_input, transform_output
 from fxslice.core.graph import tensor_of
 from fxslice.passes.slicegpt.rotations import hadamard, orthogonality_error
 
-__all__ = ["HeadKey", "RotateHeads", "head_hadamard", "head_key", "head_matrices"]
+__all__ = ["HeadKey", "RotateHeads", "head_hadamard", "head_key", "head_matrices", "head_widths"]
 
 #: a value head as the pass knows it across captures of one model: (value weight, its rows in head order)
 HeadKey = tuple[str, tuple[int, ...]]
@@ -63,6 +63,17 @@ def head_matrices(heads: list[ValueHead], rotations: Mapping[HeadKey, torch.Tens
     return full
 
 
+def head_widths(program: Program, heads: list[ValueHead]) -> dict[tuple[str, str], int]:
+    """The widths `head_matrices` needs: each value weight's outputs, each output weight's inputs."""
+    uses = program.analysis(group_analysis).linears
+    widths = {}
+    for head in heads:
+        value, output = uses[head.value], uses[head.output]
+        widths[(head.value, "value")] = tensor_of(program.gm, value.weight).shape[value.out_axis]
+        widths[(head.output, "output")] = tensor_of(program.gm, output.weight).shape[output.in_axis]
+    return widths
+
+
 class RotateHeads(Pass):
     """Rotate every value head the graph exposes (`group_analysis(program).value_heads`) by `rotations`: a callable
     (head index, head width) -> orthogonal matrix, or a mapping `head_key(head)` -> matrix (what `replay` fixes,
@@ -105,14 +116,8 @@ class RotateHeads(Pass):
         if not heads:
             return PassResult(False, {"heads": 0})
         self.matrices = self._rotations(heads)
-        uses = groups.linears
-        sizes = {}
-        for head in heads:
-            value, output = uses[head.value], uses[head.output]
-            sizes[(head.value, "value")] = tensor_of(program.gm, value.weight).shape[value.out_axis]
-            sizes[(head.output, "output")] = tensor_of(program.gm, output.weight).shape[output.in_axis]
-        gm = program.gm
-        for (weight, side), m in head_matrices(heads, self.matrices, sizes).items():
+        uses, gm = groups.linears, program.gm
+        for (weight, side), m in head_matrices(heads, self.matrices, head_widths(program, heads)).items():
             if side == "value":
                 transform_output(gm, uses[weight], m)
             else:
