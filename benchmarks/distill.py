@@ -1,7 +1,7 @@
 """Recover a saved compressed model by distillation from the dense default model (SmolLM2-135M-Instruct), then
 measure it; one JSON object.
 
-    python benchmarks/distill.py MODEL_DIR [--steps 200] [--lr 2e-3] [--rank 8] [--temperature 1.0]
+    python benchmarks/distill.py MODEL_DIR [--steps 200] [--lr 2e-3] [--rank 8] [--method lora|full] [--temperature 1.0]
                                  [--objective distill] [--eval-windows all] [--out DIR]
 
 The teacher is the dense model captured afresh (the program before compression, as `fxslice prune
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=8, help="adapter rank (alpha is twice the rank)")
+    parser.add_argument("--method", default="lora", help="lora (adapters, merged) or full (the weights in place)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--objective", default="distill", help="distill (from dense) or lm (next tokens)")
     parser.add_argument("--eval-windows", default="8", help="test windows of 2048 tokens: a number or 'all'")
@@ -42,7 +43,7 @@ def main() -> None:
     dense = fxslice.capture(fxslice.DEFAULT_MODEL) if args.objective == "distill" else None
     start = time.perf_counter()
     stage = Recover(steps=args.steps, lr=args.lr, rank=args.rank, alpha=2.0 * args.rank, objective=args.objective,
-                    temperature=args.temperature)
+                    temperature=args.temperature, method=args.method)
     result = Recipe([stage]).run(student, teacher=dense, progress=True)
     seconds = time.perf_counter() - start
     del dense
@@ -56,7 +57,8 @@ def main() -> None:
     print(json.dumps({
         "model": args.model, "parameters": student.num_parameters(), "saved": args.out or None,
         "recover": {"steps": args.steps, "lr": args.lr, "temperature": args.temperature, "objective": args.objective,
-                    "text": stage.text, "batch_size": stage.batch_size, "rank": stage.rank},
+                    "text": stage.text, "batch_size": stage.batch_size, "method": stage.method,
+                    **({"rank": stage.rank} if stage.method == "lora" else {})},
         "held_out_loss": [report["held_out_before"], report["held_out_after"]],
         "loss_first_last_10_steps": [sum(part) / len(part) for part in (report["losses"][:10], report["losses"][-10:])],
         "train_seconds": round(seconds, 1),

@@ -38,11 +38,13 @@ EvalWindows = Annotated[int | None, typer.Option(min=1, help="evaluate on the fi
 EvalLength = Annotated[int, typer.Option(min=2, help="tokens per evaluation window")]
 BatchSize = Annotated[int, typer.Option(min=1, help="windows per forward pass (1 is fastest on a CPU)")]
 CalibSeed = Annotated[int, typer.Option(min=0, help="seed for sampling calibration windows")]
-RecoverSteps = Annotated[int, typer.Option(min=0, help="then fine-tune low-rank adapters this many steps on --recover-text and merge them (0: no recovery)")]
+RecoverSteps = Annotated[int, typer.Option(min=0, help="then fine-tune this many steps on --recover-text (0: no recovery)")]
 RecoverText = Annotated[str, typer.Option(help="recovery training text (never the evaluation split)")]
 RecoverLr = Annotated[float, typer.Option(help="recovery learning rate (AdamW, warm-up then cosine), > 0")]
 RecoverObjective = Annotated[str, typer.Option(help="what recovery learns: lm (the text's next tokens) or distill (the "
                                                "uncompressed model's output distributions; one more copy of the weights in memory)")]
+RecoverMethod = Annotated[str, typer.Option(help="what recovery trains: lora (low-rank adapters, merged) or full (the "
+                                            "same weights in place: more capacity, two more copies of them in memory)")]
 Device = Annotated[str, typer.Option(help="where to compute: auto (a GPU when there is one), cpu, cuda, cuda:N, mps")]
 Offload = Annotated[bool, typer.Option("--offload", help="keep the weights in host memory and copy each calibration "
                                        "stage's to --device only while it runs: models larger than the device")]
@@ -173,6 +175,7 @@ def slice_(
     recover_text: RecoverText = "wikitext2:validation",
     recover_lr: RecoverLr = 5e-4,
     recover_objective: RecoverObjective = "lm",
+    recover_method: RecoverMethod = "lora",
     save_recipe: Annotated[Path | None, typer.Option(help="also write the recipe this runs (YAML or JSON) here")] = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
@@ -190,7 +193,7 @@ def slice_(
     recipe = slicegpt_recipe(sparsity=sparsity, multiple=multiple, keep_ties=not untie, shared_basis=shared_basis,
                              batch_size=batch_size, allocation=allocation, head_rank=head_rank, calibration=Calibration(
                                  source=calibration, windows=calib_windows, length=calib_length, seed=seed))
-    recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr, recover_objective)
+    recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr, recover_objective, recover_method)
     if save_recipe is not None:
         recipe.save(save_recipe)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs,
@@ -217,6 +220,7 @@ def prune(
     recover_text: RecoverText = "wikitext2:validation",
     recover_lr: RecoverLr = 5e-4,
     recover_objective: RecoverObjective = "lm",
+    recover_method: RecoverMethod = "lora",
     strict: Annotated[bool, typer.Option("--strict", help="stop with an error when the target cannot be met (by "
                                          "default a warning with the share removed)")] = False,
     multiple: Annotated[int, typer.Option(min=1, help="groups: every MLP keeps a multiple of this many channels (32 "
@@ -238,7 +242,7 @@ def prune(
     data = Calibration(source=calibration, windows=calib_windows, length=calib_length, seed=seed)
     recipe = prune_recipe(method=method, target=target, shots=shots, structures=structures, batch_size=batch_size,
                           calibration=data, strict=strict, multiple=multiple)
-    recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr, recover_objective)
+    recipe = _with_recovery(recipe, recover_steps, recover_text, recover_lr, recover_objective, recover_method)
     _compress(model, recipe, out_dir, evaluation, eval_windows, eval_length, batch_size, device, dtype, offload, proofs,
               lazy, restart)
 
@@ -362,13 +366,13 @@ def compress(
               lazy, restart)
 
 
-def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float, objective: str) -> Recipe:
+def _with_recovery(recipe: Recipe, steps: int, text: str, lr: float, objective: str, method: str) -> Recipe:
     """`recipe` followed by a `recover` stage (more of its options through a recipe file), or `recipe` itself."""
     if not steps:
         return recipe
     from fxslice.passes.recovery.stages import Recover
 
-    return Recipe((*recipe.stages, Recover(steps=steps, text=text, lr=lr, objective=objective)),
+    return Recipe((*recipe.stages, Recover(steps=steps, text=text, lr=lr, objective=objective, method=method)),
                   recipe.calibration,
                   name=f"{recipe.name}+recover")
 

@@ -382,22 +382,24 @@ def test_gptq_on_a_kv_cache_capture_chooses_the_plain_captures_integers():
     assert all(torch.equal(plain.quantized[k].q, cached.quantized[k].q) for k in plain.quantized)
 
 
-def test_gptq_holds_about_one_layers_statistics_and_keeps_the_ones_it_was_given(tiny, monkeypatch):
-    """The sweep gives each input's Σxxᵀ as soon as its linears' readers have run and drops it once they are quantized
-    (at 7 B all of them would be 30 GB): at most two are alive while a weight is quantized, of one per input in all;
-    the integers are those of statistics collected whole and handed in (a width search does), which stay whole."""
+def test_gptq_is_sequential_and_holds_one_inputs_statistics(tiny, monkeypatch):
+    """GPTQ calibrates each linear on what the weights quantized before it compute (the sweep gives an input's Σxxᵀ
+    before any of its readers runs, and goes on with the quantized weights): the integers are those of a plain
+    reference that collects each weight's statistics afresh from the program as quantized so far. At most one
+    input's statistics is alive while a weight is quantized (at 7 B all of them would be 30 GB). Statistics handed
+    in (a width search's) are used as given and stay whole."""
     import weakref
 
     from fxslice.analysis.linears import weight_kinds
     from fxslice.calibration import moments
-    from fxslice.calibration.moments import linear_statistics
+    from fxslice.calibration.moments import dense_linears, linear_statistics
     from fxslice.passes.quantize import quantize as module
 
     _, program = tiny("llama")
     windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     kinds = program.analysis(weight_kinds)
-    given = linear_statistics(program, windows, batch_size=1, linears=[*kinds.linears, kinds.head])
-    collected, reused = program.clone(), program.clone()
+    targets = [*kinds.linears, kinds.head]
+    collected, reference, reused = program.clone(), program.clone(), program.clone()
 
     alive, made, most = weakref.WeakSet(), [], []
 
@@ -411,12 +413,55 @@ def test_gptq_holds_about_one_layers_statistics_and_keeps_the_ones_it_was_given(
     monkeypatch.setattr(moments, "SecondMoment", Counted)
     monkeypatch.setattr(module, "_store", lambda *a: most.append(len(alive)) or real_store(*a))
     PassManager([QuantizeWeights(4, group_size=32, method="gptq", windows=windows)]).run(collected)
-    inputs = len({id(m) for m in given.inputs.values()})
-    assert len(made) == inputs >= 9 and max(most) <= 2
+    monkeypatch.undo()
+    uses, order = dense_linears(program), {n.name: i for i, n in enumerate(program.graph.nodes)}
+    assert len(made) == len({uses[w].input for w in targets}) >= 9 and max(most) <= 1
+
+    PassManager([QuantizeWeights({}, group_size=32, head=None)]).run(reference)  # the table, rounded first
+    for weight in sorted(targets, key=lambda w: order[uses[w].input.name]):
+        statistics = linear_statistics(reference, windows, linears=[weight])
+        width = 8 if weight == kinds.head else 4  # the untied head at its own default width
+        PassManager([QuantizeWeights({weight: width}, group_size=32, method="gptq", statistics=statistics,
+                                     embeddings=None, head=None)]).run(reference)
+    assert collected.quantized.keys() == reference.quantized.keys() and len(collected.quantized) == len(targets) + 1
+    for k, q in collected.quantized.items():
+        assert torch.equal(q.q, reference.quantized[k].q) and torch.equal(q.scale, reference.quantized[k].scale), k
+    ids = program.probe_input()
+    assert torch.equal(collected(ids), reference(ids))
+
+    given = linear_statistics(program, windows, linears=targets)  # from the float program: not what the sweep saw
     PassManager([QuantizeWeights(4, group_size=32, method="gptq", statistics=given)]).run(reused)
     assert all(m.sum is not None for m in given.inputs.values())
-    assert collected.quantized.keys() == reused.quantized.keys() and len(collected.quantized) > 4
-    for k, q in collected.quantized.items():
-        assert torch.equal(q.q, reused.quantized[k].q) and torch.equal(q.scale, reused.quantized[k].scale)
-    ids = program.probe_input()
-    assert torch.equal(collected(ids), reused(ids))
+    assert reused.quantized.keys() == collected.quantized.keys()
+    assert not all(torch.equal(q.q, collected.quantized[k].q) for k, q in reused.quantized.items())
+
+
+def test_gptq_stopped_part_way_continues_to_the_integers_of_one_run(tiny):
+    """What makes a quantization resumable from a checkpoint of the program alone: the first weights quantized in
+    one pass, the rest in another, give the integers of a single pass."""
+    from fxslice.analysis.linears import weight_kinds
+
+    _, program = tiny("llama")
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    whole, parts = program.clone(), program.clone()
+    PassManager([QuantizeWeights(4, group_size=32, method="gptq", windows=windows)]).run(whole)
+    first = list(program.analysis(weight_kinds).linears)[:5]
+    PassManager([QuantizeWeights(dict.fromkeys(first, 4), group_size=32, method="gptq", windows=windows,
+                                 head=None)]).run(parts)
+    assert len(parts.quantized) == 6  # the five and the table
+    PassManager([QuantizeWeights(4, group_size=32, method="gptq", windows=windows)]).run(parts)
+    assert whole.quantized.keys() == parts.quantized.keys()
+    for k, q in whole.quantized.items():
+        assert torch.equal(q.q, parts.quantized[k].q) and torch.equal(q.scale, parts.quantized[k].scale), k
+
+
+def test_streamed_moments_without_a_replacement_are_linear_statistics(tiny):
+    from fxslice.calibration.moments import dense_linears, linear_statistics, streamed_input_moments
+
+    _, program = tiny("qwen2")
+    windows = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(1))
+    names = list(dense_linears(program))
+    whole = linear_statistics(program, windows, linears=names)
+    streamed = dict(streamed_input_moments(program, windows, names))
+    assert streamed.keys() == set(names)
+    assert all(torch.equal(streamed[n], whole.A(n)) for n in names)

@@ -11,6 +11,7 @@ from fxslice.core.graph import set_tensor, tensor_of
 from fxslice.passes.recovery import (
     InsertAdapters,
     MergeAdapters,
+    RecoverFull,
     RecoverLoRA,
     adaptable_linears,
     adapters,
@@ -149,8 +150,47 @@ def test_the_recover_stage_trains_on_calibration_windows_and_reports(damaged):
     assert result.parameters == damaged.num_parameters()
 
 
+def test_full_fine_tuning_moves_the_adaptable_weights_alone_and_replays(damaged):
+    """Full recovery trains the weights LoRA would adapt, in place: the held-out loss falls, every other parameter
+    (norms, the tied table) keeps its bits, the flags are restored, the size is unchanged, and another capture
+    given the trained weights computes the same."""
+    program = damaged.clone()
+    train, held = arithmetic_sequences(64, seed=1), arithmetic_sequences(16, seed=2)
+    trained = set(adaptable_linears(program))
+    before = {name: p.detach().clone() for name, p in program.gm.named_parameters()}
+    flags = {name: p.requires_grad for name, p in program.gm.named_parameters()}
+    recover = RecoverFull(train, steps=30, lr=3e-3, batch_size=8, held_out=held)
+    result = PassManager([recover]).run(program)
+    assert recover.report.held_out_after < 0.9 * recover.report.held_out_before, recover.report
+    assert program.num_parameters() == damaged.num_parameters() and program.gm.code == damaged.gm.code
+    for name, p in program.gm.named_parameters():
+        assert p.requires_grad == flags[name] and p.grad is None
+        assert torch.equal(p, before[name]) != (name in trained), name  # exactly the trained weights moved
+    again = damaged.clone()
+    replay(result.passes, again, program)  # raises unless every weight comes out bit-identical
+    x = arithmetic_sequences(4, seed=3)
+    torch.testing.assert_close(again(x), program(x), rtol=0, atol=0)
+
+
+def test_the_recover_stage_fine_tunes_in_full_by_distillation(damaged):
+    from fxslice.testing import trained_tiny_causal_lm
+
+    teacher = capture(trained_tiny_causal_lm("llama"))
+    stage = Recover(method="full", steps=20, lr=3e-3, batch_size=8, text="", held_out=8, objective="distill")
+    assert Recover.from_dict(stage.to_dict()) == stage
+    program = damaged.clone()
+    calibration, held = arithmetic_sequences(64, seed=4), arithmetic_sequences(16, seed=2)
+    kl_before = _held_out_kl(program, teacher, held)
+    result = Recipe((stage,)).run(program, calibration=calibration, teacher=teacher)
+    report = result.stages[0][1].report
+    assert report["objective"] == "distill" and len(report["losses"]) == 20
+    assert _held_out_kl(program, teacher, held) < 0.6 * kl_before
+    assert result.parameters == damaged.num_parameters()
+    assert [r.name for r in result.stages[0][1].records] == ["recover_full"]
+
+
 @pytest.mark.parametrize(("options", "message"), [
-    (dict(rank=0), "rank"), (dict(steps=-1), "steps"), (dict(lr=0), "lr"), (dict(held_out=-1), "held_out"),
+    (dict(method="qlora"), "method"), (dict(rank=0), "rank"), (dict(steps=-1), "steps"), (dict(lr=0), "lr"), (dict(held_out=-1), "held_out"),
     (dict(text="wikitext2:test"), "test split"), (dict(batch_size=True), "batch_size"),
 ])
 def test_bad_recover_options_are_refused(options, message):
@@ -194,6 +234,9 @@ def test_cli_prune_then_recover_saves_a_model_of_the_pruned_size(tmp_path, tiny_
     bad = subprocess.run([*cmd[:-2], "--recover-text", "wikitext2:test", "--out", str(tmp_path / "o2")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "test split" in bad.stderr
+    bad = subprocess.run([*cmd[:-2], "--recover-method", "qlora", "--out", str(tmp_path / "o3")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "lora, full" in bad.stderr and not (tmp_path / "o3").exists()
 
 
 def test_recovery_on_its_own_text_needs_no_calibration_section(tiny, tmp_path):

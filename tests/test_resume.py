@@ -38,7 +38,9 @@ def _recipe(text: str, *, sparsity: float = 0.25, shots: int = 1, structures: st
 
 def _compress(model: str, text: str, out, notes: list[str] | None = None, **options):
     notes = [] if notes is None else notes
-    report = fxslice.compress(model, _recipe(text, **options.pop("recipe", {})), out=out, evaluation=text,
+    recipe = options.pop("recipe", {})
+    recipe = recipe if isinstance(recipe, Recipe) else _recipe(text, **recipe)
+    report = fxslice.compress(model, recipe, out=out, evaluation=text,
                               eval_windows=2, eval_length=32, progress=False, note=notes.append, **options)
     return report, notes
 
@@ -139,6 +141,64 @@ def test_a_run_interrupted_between_two_surgeon_shots_resumes_from_the_first(tmp_
         for entry in record["stages"][2]["passes"]:
             entry.pop("logits_moved"), entry.pop("summary")
     assert second == first  # the rest of the record too: the other stages' entries, perplexities, the cache layout
+    assert resumed.perplexity == whole.perplexity
+    ids = whole.program.probe_input(batch=1, length=5)
+    loaded = fxslice.load(tmp_path / "cut")
+    assert loaded.cache is not None
+    torch.testing.assert_close(loaded(ids), whole.program(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("lazy", "rotation"), [(False, "none"), (True, "none"), (False, "learned")])
+def test_a_run_interrupted_between_two_gptq_weights_resumes_from_the_last_checkpoint(tmp_path, monkeypatch, lazy,
+                                                                                     rotation):
+    """Killed while GPTQ quantizes its seventh weight, the run keeps the checkpoint written after the sixth; run
+    again, it quantizes only the weights left (no rotation learned again, no weight twice) and saves the weights,
+    graph, reports and perplexities of an uninterrupted run."""
+    from fxslice.jobs import checkpoint
+    from fxslice.passes.quantize import quantize as module
+
+    monkeypatch.setattr(Scratch, "MIN_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "STEP_EVERY", 0.0)
+    monkeypatch.setattr(checkpoint, "STEP_WRITE_RATIO", 0.0)
+    model, text = _model(tmp_path)
+    recipe = Recipe((Cleanup(), Quantize(bits=4, group_size=16, rotation=rotation, rotation_steps=2)),
+                    Calibration(source=text, windows=4, length=32))
+    whole, _ = _compress(model, text, tmp_path / "whole", lazy=lazy, recipe=recipe)
+    real, quantized, learned = module.QuantizeWeights._quantize, [], []
+
+    def counted(self, program, name, width, uses, hessian):
+        quantized.append(name)
+        if hessian is not None and len([n for n in quantized if n != "model.embed_tokens.weight"]) == 7 \
+                and len(quantized) == len(set(quantized)):
+            raise Interrupted  # the first run: Ctrl-C in GPTQ's seventh weight
+        return real(self, program, name, width, uses, hessian)
+
+    from fxslice.passes.quantize.learned_rotation import LearnRotation
+
+    real_call = LearnRotation.call
+    monkeypatch.setattr(LearnRotation, "call", lambda self, program: learned.append(1) or real_call(self, program))
+    monkeypatch.setattr(module.QuantizeWeights, "_quantize", counted)
+    said: list[str] = []
+    with pytest.raises(Interrupted):
+        _compress(model, text, tmp_path / "cut", said, lazy=lazy, recipe=recipe)
+    assert sorted(p.name for p in (tmp_path / "cut.resume").iterdir()) == ["stage-1.6"]
+    assert said[-1].startswith(f"the run stopped; {tmp_path / 'cut.resume'} holds it after 1 stage")
+    first_run = list(quantized)
+    resumed, notes = _compress(model, text, tmp_path / "cut", lazy=lazy, recipe=recipe)
+    assert any("1 of 2 stages done, and 6 steps of the next" in n for n in notes)
+    again = quantized[len(first_run):]
+    assert not set(again) & set(first_run[:-1]) and again[0] == first_run[-1]  # nothing quantized twice
+    assert len(learned) == (1 if rotation == "learned" else 0)  # the rotation was not learned again
+    assert not (tmp_path / "cut.resume").exists()
+    first, second = _saved(tmp_path / "whole"), _saved(tmp_path / "cut")
+    assert second["weights_sha256"] == first["weights_sha256"] and second["graph_sha256"] == first["graph_sha256"]
+    assert second["stages"][1]["report"] == first["stages"][1]["report"]
+    for record in (first, second):  # the interrupted pass counted and measured only what it did since it resumed
+        for entry in record["stages"][1]["passes"]:
+            if entry["name"] == "quantize_weights":
+                for key in ("logits_moved", "summary", "parameters_changed"):
+                    entry.pop(key)
+    assert second == first
     assert resumed.perplexity == whole.perplexity
     ids = whole.program.probe_input(batch=1, length=5)
     loaded = fxslice.load(tmp_path / "cut")

@@ -20,7 +20,7 @@ from fxslice.calibration.gradients import run_with_gradients
 from fxslice.calibration.observers import SecondMoment
 from fxslice.calibration.runner import StagedRunner
 from fxslice.core.errors import InvalidOption
-from fxslice.core.graph import readers_of, tensor_of
+from fxslice.core.graph import tensor_of
 from fxslice.core.program import Program
 
 __all__ = ["LinearStatistics", "linear_statistics", "dense_linears", "streamed_input_moments"]
@@ -102,35 +102,20 @@ def linear_statistics(
 
 def streamed_input_moments(program: Program, windows: torch.Tensor, linears: Sequence[str], *,
                            batch_size: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
-    """`(weight, A)` for each of `linears`, in graph order, as the sweep over `windows` completes it and every node
-    that reads the weight has run: the caller may replace the weight then (the sweep goes on with the values the
-    original weights gave) and a statistic is dropped once all its linears were given. The same sums as
-    `linear_statistics`, bit for bit, but about one layer's at a time instead of all of them (GPTQ's at 7 B: 30 GB)."""
+    """`(weight, A)` for each of `linears`, in graph order, as soon as the sweep over `windows` has seen its input
+    and before any node that reads the weight runs: the caller may replace the weight then, and the sweep goes on
+    with the replaced value. So each linear is calibrated on the output of the ones before it as the caller left
+    them — GPTQ's sequential order, layer after quantized layer — and a run stopped after the k-th weight continues
+    from the program alone: a sweep over it yields the remaining ones the statistics the whole run would have.
+    Without a replacement, the same sums as `linear_statistics`, bit for bit; one input's at a time."""
     found = _observed(program, linears)
     by_input: dict[fx.Node, list[str]] = {}
     for weight, use in found.items():
         by_input.setdefault(use.input, []).append(weight)
-    readers = _readers(program, found)
     order = {n: i for i, n in enumerate(program.graph.nodes)}
     runner = StagedRunner(program, list(windows.split(batch_size)))
-    waiting: dict[str, SecondMoment] = {}
-
-    def free() -> Iterator[tuple[str, torch.Tensor]]:
-        for weight in [w for w in waiting if readers[w] <= runner.done]:
-            yield weight, waiting.pop(weight).sum
-
     for node in sorted(by_input, key=order.__getitem__):
-        yield from free()
         moment = SecondMoment()
         runner.run_through(node, {node: moment})
-        waiting |= dict.fromkeys(by_input[node], moment)
-    yield from free()
-    while waiting:  # readers after the last observed value: nothing more to compute
-        weight = next(iter(waiting))
-        yield weight, waiting.pop(weight).sum
-
-
-def _readers(program: Program, found: dict[str, LinearUse]) -> dict[str, set[fx.Node]]:
-    """Every node that reads each weight, under any name (a tied table is read under two)."""
-    return {w: {u for n in readers_of(program.gm, tensor_of(program.gm, use.weight)) for u in n.users}
-            for w, use in found.items()}
+        for weight in by_input[node]:
+            yield weight, moment.sum

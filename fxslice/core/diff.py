@@ -137,7 +137,9 @@ class PassRecord:
             if node.name in added:
                 node.meta["fxslice_created_by"] = self.name
             elif node.name in rewired:
-                node.meta.setdefault("fxslice_rewired_by", []).append(self.name)
+                # a new list: a copied graph's nodes share their meta's values with the original's (torch.fx copies
+                # meta shallowly), and an append would stamp the pass on every copy
+                node.meta["fxslice_rewired_by"] = [*node.meta.get("fxslice_rewired_by", ()), self.name]
 
     @property
     def changed_node_names(self) -> set[str]:

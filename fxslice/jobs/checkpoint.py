@@ -7,7 +7,7 @@ settings that change a result) and goes on with stage K+1. The stages compute de
 checkpoint holds, so a resumed run saves the bytes an uninterrupted one saves. The folder goes once the model is
 saved; a run of other settings is refused beside it rather than allowed to remove it.
 
-A stage that works in long steps (the Surgeon's shots) is checkpointed between them too, as `stage-K.S` (K stages
+A stage that works in long steps (the Surgeon's shots, GPTQ's weights) is checkpointed between them too, as `stage-K.S` (K stages
 and S steps of the next done) with the state the stage continues from; not after every step, but once at least
 `STEP_EVERY` seconds, and `STEP_WRITE_RATIO` times as long as the last checkpoint took to write, have passed since
 the last one (so that writing checkpoints takes at most a tenth of a long stage).

@@ -30,7 +30,9 @@ class QuantizeWeights(Pass):
     own width because every token's residual passes through all of them in turn: at 4 bits their errors
     compound over depth (SmolLM2 sliced by 25 %: perplexity 123 in float, 1,485 with only its 60 shortcuts at 4
     bits; the rest at 4 bits: 163 with the shortcuts in float, 168 with them at 8). `method`: "rtn" (round to
-    nearest) or "gptq" (needs calibration `windows`; tables are always rounded: no Hessian covers both their uses).
+    nearest) or "gptq" (needs calibration `windows`; each linear calibrated on what the weights quantized before it
+    compute, in the graph's order, as GPTQ does layer by layer; tables are always rounded, first: no Hessian covers
+    both their uses).
     `grid`: an integer zero point per group (GPTQ checkpoints), a float16 offset (llama.cpp's Q4_1 / Q5_1: exported
     to those blocks exactly, and a tighter fit for groups whose weights all have one sign), or symmetric (no anchor:
     Q4_0 / Q5_0 / Q8_0, and compressed-tensors integers in a stock transformers export).
@@ -42,7 +44,8 @@ class QuantizeWeights(Pass):
     def __init__(self, bits: int | Mapping[str, int] = 4, *, group_size: int = 64, method: str = "rtn",
                  windows: torch.Tensor | None = None, embeddings: int | None = 8, head: int | None = 8,
                  shortcuts: int | None = 8, damp: float = 0.01, act_order: bool = True, batch_size: int = 1,
-                 statistics: LinearStatistics | None = None, grid: str = "zero_point", progress: bool = False):
+                 statistics: LinearStatistics | None = None, grid: str = "zero_point", progress: bool = False,
+                 after_weight: Callable[[list[Pass]], None] | None = None):
         if method not in QUANTIZERS:
             raise InvalidOption(f"quantize: method must be one of {QUANTIZERS}, got {method!r}")
         if method == "gptq" and statistics is None and (windows is None or windows.dim() != 2 or windows.numel() == 0):
@@ -56,6 +59,9 @@ class QuantizeWeights(Pass):
         self.damp, self.act_order = damp, act_order
         self.batch_size, self.progress, self.statistics = batch_size, progress, statistics
         self.done: dict[str, QuantizedWeight] = {}  # what this pass quantized, for replay
+        #: called after each weight GPTQ quantizes with the replay of what this pass did so far (a job's checkpoint:
+        #: a run stopped there continues from the program alone, `streamed_input_moments`)
+        self.after_weight = after_weight
 
     def plan(self, program: Program) -> dict[str, tuple[int, bool]]:
         """Weight name -> (bits, whether GPTQ may be used), for what this pass will quantize."""
@@ -82,25 +88,35 @@ class QuantizeWeights(Pass):
             return PassResult(False)
         uses = _first_uses(program)
         self.done = {}
+        calibrated = self._calibrated(program, plan, uses)
         with StepProgress(len(plan), f"quantizing ({self.method})", enabled=self.progress) as bar:
-            for name, hessian in self._hessians(program, plan, uses):
-                self._quantize(program, name, plan[name][0], uses, hessian)
-                bar.advance(name)
-            for name in [n for n in plan if n not in self.done]:  # rounded to nearest
+            for name in [n for n in plan if n not in calibrated]:  # rounded to nearest, before the sweep sees them
                 self._quantize(program, name, plan[name][0], uses, None)
                 bar.advance(name)
+            for i, (name, hessian) in enumerate(self._hessians(program, calibrated), start=1):
+                self._quantize(program, name, plan[name][0], uses, hessian)
+                bar.advance(name)
+                if self.after_weight is not None and i < len(calibrated):
+                    self.after_weight([self.replay()])
         return PassResult(True, {"weights": len(plan), "bytes": program.num_bytes()})
 
-    def _hessians(self, program: Program, plan: dict[str, tuple[int, bool]],
-                  uses: dict[str, LinearUse]) -> Iterator[tuple[str, torch.Tensor]]:
-        """(weight, Σxxᵀ of its input) for GPTQ's weights: the given statistics', or streamed from one calibration
-        sweep as each weight's readers have run (about one layer's statistics held at a time, not all of them)."""
+    def _calibrated(self, program: Program, plan: dict[str, tuple[int, bool]],
+                    uses: dict[str, LinearUse]) -> list[str]:
+        """The weights GPTQ quantizes against their inputs' statistics; the rest are rounded to nearest."""
         if self.method != "gptq":
-            return
+            return []
         targets = [name for name, (_, hessian) in plan.items() if hessian and name in uses]
         if self.statistics is not None:
-            yield from ((n, self.statistics.A(n)) for n in targets if n in self.statistics.inputs)
-        else:
+            return [n for n in targets if n in self.statistics.inputs]
+        return targets
+
+    def _hessians(self, program: Program, targets: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(weight, Σxxᵀ of its input) for `targets`: the given statistics', or streamed from one calibration sweep
+        that reaches each input through the weights quantized before it (GPTQ's sequential order; one input's
+        statistics held at a time)."""
+        if self.statistics is not None:
+            yield from ((n, self.statistics.A(n)) for n in targets)
+        elif targets:
             yield from streamed_input_moments(program, self.windows, targets, batch_size=self.batch_size)
 
     def _quantize(self, program: Program, name: str, width: int, uses: dict[str, LinearUse],

@@ -131,39 +131,67 @@ class Quantize(Stage):
         return lines
 
     def run(self, program: Program, context: StageContext) -> StageResult:
+        """The exact passes (untie, rotations), the width search, then the quantization. A job checkpoints between
+        GPTQ's weights: the state holds the widths and what came before, so that a run continued from it skips
+        straight to the weights left (the program it continues holds the rest)."""
         windows = context.windows(self.kind) if self.calibrates else None
-        exact = [UntieHead()] if self.untie_head else []
-        exact += self._rotation(windows, context)
-        prepared = self.run_passes(program, exact, context) if exact else StageResult()
-        bits: int | dict[str, int] = self.bits
-        search = None
-        if self.search != "none":
-            bits, search, allocation = search_allocation(
-                program, windows, budget_bits=self.budget_bits, group_size=self.group_size,
-                embeddings=self.embeddings, head=self.head, shortcuts=self.shortcuts, search=self.search, evaluations=self.evaluations,
-                expensive_every=self.expensive_every, cheap_windows=self.cheap_windows, seed=self.seed,
-                spread=self.spread, search_tables=self.search_tables, grid=self.grid,
-                log=self.log or None, progress=context.progress)
+        state = self._resumed(context.resume)
+        if state is None:
+            prepared, bits, report = self._prepare(program, windows, context)
+            entries = prepared.pass_entries()
+            state = {"pass": QuantizeWeights.name, "bits": bits, "report": report, "entries": entries}
+        else:
+            prepared, bits, report, entries = StageResult(), state["bits"], state["report"], state["entries"]
+
+        def weight_done(passes: list[Pass]) -> None:
+            context.step_done(state, prepared.passes + passes)  # type: ignore[misc]
+
         quantize = QuantizeWeights(bits, group_size=self.group_size, method=self.method, windows=windows,
                                    embeddings=self.embeddings, head=self.head, shortcuts=self.shortcuts,
                                    damp=self.damp, act_order=self.act_order, grid=self.grid,
-                                   batch_size=self.batch_size, progress=context.progress)
+                                   batch_size=self.batch_size, progress=context.progress,
+                                   after_weight=weight_done if context.step_done is not None else None)
         quantized = self.run_passes(program, [quantize], context)
         result = StageResult(prepared.passes + quantized.passes, prepared.records + quantized.records,
-                             seconds=prepared.seconds + quantized.seconds)
+                             seconds=prepared.seconds + quantized.seconds,
+                             entries=entries + quantized.pass_entries() if context.resume is not None else None)
         params = program.num_parameters()
         result.report = {"bytes": program.num_bytes(), "parameters": params,
                          "bits_per_parameter": round(8 * program.num_bytes() / params, 4),
-                         "weights": {name: q.bits for name, q in program.quantized.items()}}
+                         "weights": {name: q.bits for name, q in program.quantized.items()}, **report}
+        return result
+
+    def _resumed(self, state: dict | None) -> dict | None:
+        """The state an interrupted run of this stage left between two weights, refused when it is another pass's."""
+        if state is not None and (state.get("pass") != QuantizeWeights.name
+                                  or not {"bits", "report", "entries"} <= set(state)):
+            raise InvalidOption(f"quantize: the interrupted run's state is not a quantization's ({state.get('pass')}); "
+                                "start the run over")
+        return state
+
+    def _prepare(self, program: Program, windows: torch.Tensor | None,
+                 context: StageContext) -> tuple[StageResult, int | dict[str, int], dict]:
+        """Untie and rotate (exact), then search the widths: (those passes' result, the widths, their report)."""
+        exact = [UntieHead()] if self.untie_head else []
+        exact += self._rotation(windows, context)
+        prepared = self.run_passes(program, exact, context) if exact else StageResult()
+        report: dict = {}
         learned = next((p for p in prepared.passes if isinstance(p, LearnRotation)), None)
         if learned is not None:
-            result.report["rotation"] = {"steps": self.rotation_steps, "lr": self.rotation_lr,
-                                         "kl_first_last_10": learned.loss_summary()}
-        if search is not None:
-            result.report["search"] = {**search.to_dict(), "budget_bits": self.budget_bits, "widths": list(allocation.choices),
-                                       "table_widths": list(allocation.table_choices),
-                                       "depth_roles": list(zip(allocation.depth, allocation.roles, strict=True))}
-        return result
+            report["rotation"] = {"steps": self.rotation_steps, "lr": self.rotation_lr,
+                                  "kl_first_last_10": learned.loss_summary()}
+        if self.search == "none":
+            return prepared, self.bits, report
+        bits, search, allocation = search_allocation(
+            program, windows, budget_bits=self.budget_bits, group_size=self.group_size,
+            embeddings=self.embeddings, head=self.head, shortcuts=self.shortcuts, search=self.search,
+            evaluations=self.evaluations, expensive_every=self.expensive_every, cheap_windows=self.cheap_windows,
+            seed=self.seed, spread=self.spread, search_tables=self.search_tables, grid=self.grid,
+            log=self.log or None, progress=context.progress)
+        report["search"] = {**search.to_dict(), "budget_bits": self.budget_bits, "widths": list(allocation.choices),
+                            "table_widths": list(allocation.table_choices),
+                            "depth_roles": list(zip(allocation.depth, allocation.roles, strict=True))}
+        return prepared, bits, report
 
     def _rotation(self, windows: torch.Tensor | None, context: StageContext) -> list[Pass]:
         """The exact passes before rounding: none, or the Hadamard and the rotation learned against `self`'s rounding

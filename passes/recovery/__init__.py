@@ -3,9 +3,9 @@ loss, and merged back exactly, so that a compressed model regains quality withou
 refit of the linears around a compressed stream (`refit`)."""
 
 from fxslice.passes.recovery.adapters import Adapter, InsertAdapters, MergeAdapters, adaptable_linears, adapters
-from fxslice.passes.recovery.recover import RecoverLoRA, ReplayLowRank
+from fxslice.passes.recovery.recover import RecoverFull, RecoverLoRA, ReplayLowRank
 from fxslice.passes.recovery.refit import LinearFit, RefitLinears, SetWeights
 from fxslice.passes.recovery.train import TrainReport, train_adapters
 
-__all__ = ["Adapter", "InsertAdapters", "MergeAdapters", "LinearFit", "RecoverLoRA", "RefitLinears", "ReplayLowRank", "SetWeights",
+__all__ = ["Adapter", "InsertAdapters", "MergeAdapters", "LinearFit", "RecoverFull", "RecoverLoRA", "RefitLinears", "ReplayLowRank", "SetWeights",
            "TrainReport", "adaptable_linears", "adapters", "train_adapters"]

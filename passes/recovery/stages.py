@@ -8,19 +8,22 @@ import torch
 
 from fxslice import InvalidOption, Program
 from fxslice.passes.facts import CAPTURED, QUANTIZED, RECOVERED
-from fxslice.passes.recovery.recover import RecoverLoRA
+from fxslice.passes.recovery.recover import RecoverFull, RecoverLoRA
 from fxslice.recipes import Stage, StageContext, StageResult
 
-__all__ = ["Recover", "OBJECTIVES"]
+__all__ = ["Recover", "METHODS", "OBJECTIVES"]
 
 #: what recovery trains on: the text's next tokens, or the distributions of the program before compression
 OBJECTIVES = ("lm", "distill")
+#: what recovery trains: low-rank adapters merged afterwards, or the weights themselves
+METHODS = ("lora", "full")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Recover(Stage):
     """Train low-rank adapters on `text` for `steps` steps of `batch_size` windows of `length` tokens, then merge
-    them: the model keeps its size and structure. `text` is a `fxslice.data.load_text` source (never the
+    them (`method="lora"`; `rank` and `alpha` are theirs), or train the same weights in place (`method="full"`):
+    the model keeps its size and structure either way. `text` is a `fxslice.data.load_text` source (never the
     evaluation split; "" trains on the recipe's calibration windows); `held_out` of its windows are kept
     aside and scored before and after. `objective`: "lm" learns the text's next tokens; "distill" learns the
     output distributions (at `temperature`) of the program as the recipe received it, before compression."""
@@ -42,11 +45,14 @@ class Recover(Stage):
     seed: int = 0
     objective: str = "lm"
     temperature: float = 1.0
+    method: str = "lora"
 
     def __post_init__(self) -> None:
         self.require_positive_ints("rank", "steps", "batch_size", *(("length",) if self.length is not None else ()))
         if isinstance(self.held_out, bool) or not isinstance(self.held_out, int) or self.held_out < 0:
             raise InvalidOption(f"recover: held_out must be a non-negative integer, got {self.held_out!r}")
+        if self.method not in METHODS:
+            raise InvalidOption(f"recover: method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.objective not in OBJECTIVES:
             raise InvalidOption(f"recover: objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         for name in ("lr", "alpha", "temperature"):
@@ -96,9 +102,11 @@ class Recover(Stage):
             raise InvalidOption("recover: distillation has nothing to learn, the model is its teacher unchanged; put "
                                 "the stage after a compression stage, or give Recipe.run the dense program as teacher")
         train, held_out = self.windows(program, context)
-        recover = RecoverLoRA(train, rank=self.rank, alpha=self.alpha, steps=self.steps, lr=self.lr,
-                              batch_size=self.batch_size, held_out=held_out, head=self.head, seed=self.seed,
-                              progress=context.progress, teacher=teacher, temperature=self.temperature)
+        common = dict(steps=self.steps, lr=self.lr, batch_size=self.batch_size, held_out=held_out, head=self.head,
+                      progress=context.progress, teacher=teacher, temperature=self.temperature)
+        recover: RecoverLoRA | RecoverFull = (
+            RecoverFull(train, **common) if self.method == "full"
+            else RecoverLoRA(train, rank=self.rank, alpha=self.alpha, seed=self.seed, **common))
         result = self.run_passes(program, [recover], context)
         report = asdict(recover.report) if recover.report is not None else {}
         report["training_windows"], report["held_out_windows"] = len(train), len(held_out)

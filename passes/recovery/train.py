@@ -1,4 +1,5 @@
-"""Train a program's adapters (and nothing else) on the next-token loss or by distillation from a teacher program:
+"""Train some of a program's parameters (its adapters, or every weight) on the next-token loss or by distillation
+from a teacher program:
 AdamW, linear warm-up then cosine decay, gradient clipping — the usual recipe for a short LoRA run — with a held-out
 next-token loss before and after (the same measure for both objectives, so that they compare)."""
 
@@ -18,7 +19,7 @@ from fxslice.core.graph import tensor_of
 from fxslice.core.progress import StepProgress
 from fxslice.passes.recovery.adapters import adapters
 
-__all__ = ["TrainReport", "train_adapters", "next_token_loss", "distillation_loss"]
+__all__ = ["TrainReport", "train_adapters", "train_parameters", "next_token_loss", "distillation_loss"]
 
 
 @dataclass
@@ -59,12 +60,9 @@ def _mean_loss(program: Program, windows: torch.Tensor, batch_size: int) -> floa
 
 
 @contextmanager
-def _only_adapters_train(program: Program) -> Iterator[list[torch.nn.Parameter]]:
-    """Every parameter frozen but the adapters', for the duration; the flags are put back afterwards."""
-    found = adapters(program)
-    if not found:
-        raise InvalidOption("the program has no adapters to train: run InsertAdapters first")
-    trainable = {id(tensor_of(program.gm, name)) for a in found for name in (a.a, a.b)}
+def _only_these_train(program: Program, targets: list[str]) -> Iterator[list[torch.nn.Parameter]]:
+    """Every parameter frozen but `targets`', for the duration; the flags are put back afterwards."""
+    trainable = {id(tensor_of(program.gm, name)) for name in targets}
     flags = {p: p.requires_grad for p in program.gm.parameters()}
     params = [p for p in program.gm.parameters() if id(p) in trainable]
     try:
@@ -77,12 +75,21 @@ def _only_adapters_train(program: Program) -> Iterator[list[torch.nn.Parameter]]
             p.grad = None
 
 
-def train_adapters(program: Program, windows: torch.Tensor, *, steps: int, lr: float, batch_size: int = 1,
-                   held_out: torch.Tensor | None = None, warmup: float = 0.05, clip: float = 1.0,
-                   progress: bool = False, teacher: Program | None = None, temperature: float = 1.0) -> TrainReport:
-    """`steps` optimizer steps over `windows` [n, length] in order, wrapping around; `held_out` windows
-    (never trained on) are scored before and after. With a `teacher`, the adapters learn its distributions
-    (`distillation_loss`) instead of the text's next tokens."""
+def train_adapters(program: Program, windows: torch.Tensor, **options) -> TrainReport:
+    """`train_parameters` on the program's adapters and nothing else."""
+    found = adapters(program)
+    if not found:
+        raise InvalidOption("the program has no adapters to train: run InsertAdapters first")
+    return train_parameters(program, [name for a in found for name in (a.a, a.b)], windows, **options)
+
+
+def train_parameters(program: Program, targets: list[str], windows: torch.Tensor, *, steps: int, lr: float,
+                     batch_size: int = 1, held_out: torch.Tensor | None = None, warmup: float = 0.05,
+                     clip: float = 1.0, progress: bool = False, teacher: Program | None = None,
+                     temperature: float = 1.0) -> TrainReport:
+    """`steps` optimizer steps on the parameters `targets` (every other one frozen) over `windows` [n, length] in
+    order, wrapping around; `held_out` windows (never trained on) are scored before and after. With a `teacher`,
+    the parameters learn its distributions (`distillation_loss`) instead of the text's next tokens."""
     if windows.dim() != 2 or len(windows) == 0:
         raise InvalidOption("training windows must be a non-empty [n, length] tensor of token ids")
     if steps < 1 or lr <= 0 or batch_size < 1:
@@ -104,7 +111,7 @@ def train_adapters(program: Program, windows: torch.Tensor, *, steps: int, lr: f
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
-    with _only_adapters_train(program) as params, torch.enable_grad():
+    with _only_these_train(program, targets) as params, torch.enable_grad():
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
         with StepProgress(steps, "recovery fine-tuning", enabled=progress) as bar:
