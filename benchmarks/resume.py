@@ -1,10 +1,12 @@
 """A job killed half-way continues from its checkpoint: are the weights those of an uninterrupted run, and how much
 time did the kill cost? One JSON object.
 
-    python benchmarks/resume.py [--model smollm2] [--target 0.166] [--shots 4] [--calib-windows 8]
-                                [--calib-length 512] [--kill-at 0.5] [--step-every 0] [--work DIR]
+    python benchmarks/resume.py [--job prune|quantize] [--model smollm2] [--target 0.166] [--shots 4]
+                                [--bits 4] [--calib-windows 8] [--calib-length 512] [--kill-at 0.5]
+                                [--step-every 0] [--work DIR]
 
-Three runs of `fxslice prune MODEL ... --eval none --out DIR`, each a fresh process: uninterrupted (its time T);
+Three runs of `fxslice prune MODEL ... --eval none --out DIR` (`--job quantize`: `fxslice quantize MODEL --bits B
+...`, GPTQ, checkpointed between its weights), each a fresh process: uninterrupted (its time T);
 killed with SIGKILL (no handler runs: as an out-of-memory kill or a lost machine) at `kill-at` x T; and the same
 command again, which continues from what the killed run left. The saved files' weight and graph digests must match.
 `--step-every` sets how many seconds at least separate two checkpoints within a stage, and the rule that they also
@@ -34,9 +36,10 @@ LAUNCH = ("import sys; from fxslice.jobs import checkpoint; checkpoint.STEP_EVER
 
 
 def _command(args: argparse.Namespace, out: Path) -> list[str]:
-    return [sys.executable, "-c", LAUNCH, str(args.step_every), "prune", args.model, "--target", str(args.target),
-            "--shots", str(args.shots), "--calib-windows", str(args.calib_windows), "--calib-length",
-            str(args.calib_length), "--eval", "none", "--out", str(out)]
+    job = (["prune", args.model, "--target", str(args.target), "--shots", str(args.shots)] if args.job == "prune"
+           else ["quantize", args.model, "--bits", str(args.bits)])
+    return [sys.executable, "-c", LAUNCH, str(args.step_every), *job, "--calib-windows", str(args.calib_windows),
+            "--calib-length", str(args.calib_length), "--eval", "none", "--out", str(out)]
 
 
 def _run(command: list[str], log: Path, kill_after: float | None = None) -> tuple[float, int]:
@@ -59,7 +62,9 @@ def _digests(out: Path) -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", choices=("prune", "quantize"), default="prune")
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--bits", type=int, default=4, help="with --job quantize")
     parser.add_argument("--target", type=float, default=0.166)
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--calib-windows", type=int, default=8)

@@ -88,7 +88,7 @@ class QuantizeWeights(Pass):
             return PassResult(False)
         uses = _first_uses(program)
         self.done = {}
-        calibrated = self._calibrated(program, plan, uses)
+        calibrated = self._calibrated(plan, uses)
         with StepProgress(len(plan), f"quantizing ({self.method})", enabled=self.progress) as bar:
             for name in [n for n in plan if n not in calibrated]:  # rounded to nearest, before the sweep sees them
                 self._quantize(program, name, plan[name][0], uses, None)
@@ -100,8 +100,7 @@ class QuantizeWeights(Pass):
                     self.after_weight([self.replay()])
         return PassResult(True, {"weights": len(plan), "bytes": program.num_bytes()})
 
-    def _calibrated(self, program: Program, plan: dict[str, tuple[int, bool]],
-                    uses: dict[str, LinearUse]) -> list[str]:
+    def _calibrated(self, plan: dict[str, tuple[int, bool]], uses: dict[str, LinearUse]) -> list[str]:
         """The weights GPTQ quantizes against their inputs' statistics; the rest are rounded to nearest."""
         if self.method != "gptq":
             return []

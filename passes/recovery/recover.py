@@ -78,10 +78,10 @@ class ReplayLowRank(Pass):
 
 
 class RecoverFull(Pass):
-    """Full fine-tuning: the weights `RecoverLoRA` would adapt (every 2-D linear weight; the logits' head only with
-    `head`, never a table an embedding reads unless it is that head) train in place, every other parameter frozen.
-    More capacity than adapters for the same steps, at the memory of the optimizer's two moments per weight. The
-    model keeps its structure; only those weights move. Options and `teacher` as `RecoverLoRA`'s."""
+    """Full fine-tuning: the weights `RecoverLoRA` would adapt (every 2-D linear weight; the head only with `head`;
+    never a table an embedding also reads) train in place, every other parameter frozen. The capacity of the weights
+    themselves where adapters have a rank, at the memory of a gradient and the optimizer's two moments per weight.
+    The model keeps its structure; only those weights move. Options and `teacher` as `RecoverLoRA`'s."""
 
     name = "recover_full"
     exact = False
