@@ -44,7 +44,7 @@ RecoverLr = Annotated[float, typer.Option(help="recovery learning rate (AdamW, w
 RecoverObjective = Annotated[str, typer.Option(help="what recovery learns: lm (the text's next tokens) or distill (the "
                                                "uncompressed model's output distributions; one more copy of the weights in memory)")]
 RecoverMethod = Annotated[str, typer.Option(help="what recovery trains: lora (low-rank adapters, merged) or full (the "
-                                            "same weights in place: more capacity, two more copies of them in memory)")]
+                                            "same weights in place: more capacity; a gradient and two optimizer moments per weight)")]
 Device = Annotated[str, typer.Option(help="where to compute: auto (a GPU when there is one), cpu, cuda, cuda:N, mps")]
 Offload = Annotated[bool, typer.Option("--offload", help="keep the weights in host memory and copy each calibration "
                                        "stage's to --device only while it runs: models larger than the device")]
