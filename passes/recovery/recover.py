@@ -3,6 +3,8 @@ out has the structure and size it came in with, and only its weights moved."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fxslice import InvalidOption, Pass, PassManager, PassResult, Program
@@ -21,7 +23,37 @@ from fxslice.passes.recovery.train import TrainReport, train_adapters, train_par
 __all__ = ["RecoverFull", "RecoverLoRA", "ReplayLowRank"]
 
 
-class RecoverLoRA(Pass):
+class _Recovery(Pass):
+    """What both recovery methods share: the training windows and options, checked once, and their report."""
+
+    exact = False
+
+    def __init__(self, windows: torch.Tensor, *, steps: int, lr: float, batch_size: int,
+                 held_out: torch.Tensor | None, progress: bool, teacher: Program | None, temperature: float):
+        if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
+            raise InvalidOption("recovery: training windows must be a non-empty [n, length] tensor of token ids")
+        self.windows, self.held_out = windows, held_out
+        self.steps, self.lr, self.batch_size, self.progress = steps, lr, batch_size, progress
+        self.teacher, self.temperature = teacher, temperature
+        self.report: TrainReport | None = None
+
+    def requires(self, program: Program) -> None:
+        check_finite(program)
+        check_tokens(program, self.windows)
+
+    def training(self) -> dict[str, Any]:
+        """The options of `train_parameters` (and `train_adapters`) but the parameters themselves."""
+        return dict(steps=self.steps, lr=self.lr, batch_size=self.batch_size, held_out=self.held_out,
+                    progress=self.progress, teacher=self.teacher, temperature=self.temperature)
+
+    def result(self, **counts: int) -> PassResult:
+        assert self.report is not None
+        return PassResult(True, {**counts, "steps": self.steps, "objective": self.report.objective,
+                                 "held_out_before": self.report.held_out_before,
+                                 "held_out_after": self.report.held_out_after})
+
+
+class RecoverLoRA(_Recovery):
     """Low-rank recovery fine-tuning on `windows` (never the evaluation text); `report` holds the losses. With a
     `teacher` (the program before compression) the adapters learn its output distributions at `temperature`
     rather than the text's next tokens: the student cannot learn the domain beyond what its teacher knows.
@@ -29,34 +61,21 @@ class RecoverLoRA(Pass):
     empty cache, whose writes are part of the graph autograd follows."""
 
     name = "recover_lora"
-    exact = False
 
     def __init__(self, windows: torch.Tensor, *, rank: int = 8, alpha: float = 16.0, steps: int = 100,
                  lr: float = 5e-4, batch_size: int = 1, held_out: torch.Tensor | None = None, head: bool = False,
                  seed: int = 0, progress: bool = False, teacher: Program | None = None, temperature: float = 1.0):
-        if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
-            raise InvalidOption("recovery: training windows must be a non-empty [n, length] tensor of token ids")
-        self.windows, self.held_out = windows, held_out
+        super().__init__(windows, steps=steps, lr=lr, batch_size=batch_size, held_out=held_out, progress=progress,
+                         teacher=teacher, temperature=temperature)
         self.insert = InsertAdapters(rank, alpha, head=head, seed=seed)
-        self.steps, self.lr, self.batch_size, self.progress = steps, lr, batch_size, progress
-        self.teacher, self.temperature = teacher, temperature
-        self.report: TrainReport | None = None
         self.updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # weight -> (L, R): training added L @ R
-
-    def requires(self, program: Program) -> None:
-        check_finite(program)
-        check_tokens(program, self.windows)
 
     def call(self, program: Program) -> PassResult:
         PassManager([self.insert], check_numerics=False).run(program)
-        self.report = train_adapters(program, self.windows, steps=self.steps, lr=self.lr,
-                                     batch_size=self.batch_size, held_out=self.held_out, progress=self.progress,
-                                     teacher=self.teacher, temperature=self.temperature)
+        self.report = train_adapters(program, self.windows, **self.training())
         self.updates = low_rank_updates(program)
         PassManager([MergeAdapters()], check_numerics=False).run(program)
-        return PassResult(True, {"adapters": len(self.updates), "steps": self.steps, "objective": self.report.objective,
-                                 "held_out_before": self.report.held_out_before,
-                                 "held_out_after": self.report.held_out_after})
+        return self.result(adapters=len(self.updates))
 
     def replay(self) -> Pass:
         return ReplayLowRank(self.updates, self.name)
@@ -77,42 +96,33 @@ class ReplayLowRank(Pass):
         return PassResult(bool(self.updates))
 
 
-class RecoverFull(Pass):
+class RecoverFull(_Recovery):
     """Full fine-tuning: the weights `RecoverLoRA` would adapt (every 2-D linear weight; the head only with `head`;
     never a table an embedding also reads) train in place, every other parameter frozen. The capacity of the weights
     themselves where adapters have a rank, at the memory of a gradient and the optimizer's two moments per weight.
     The model keeps its structure; only those weights move. Options and `teacher` as `RecoverLoRA`'s."""
 
     name = "recover_full"
-    exact = False
 
     def __init__(self, windows: torch.Tensor, *, steps: int = 100, lr: float = 5e-5, batch_size: int = 1,
                  held_out: torch.Tensor | None = None, head: bool = False, progress: bool = False,
                  teacher: Program | None = None, temperature: float = 1.0):
-        if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
-            raise InvalidOption("recovery: training windows must be a non-empty [n, length] tensor of token ids")
-        self.windows, self.held_out, self.head = windows, held_out, head
-        self.steps, self.lr, self.batch_size, self.progress = steps, lr, batch_size, progress
-        self.teacher, self.temperature = teacher, temperature
-        self.report: TrainReport | None = None
+        super().__init__(windows, steps=steps, lr=lr, batch_size=batch_size, held_out=held_out, progress=progress,
+                         teacher=teacher, temperature=temperature)
+        self.head = head
         self.trained: dict[str, torch.Tensor] = {}  # weight -> its value after training
 
     def requires(self, program: Program) -> None:
-        check_finite(program)
-        check_tokens(program, self.windows)
+        super().requires(program)
         if not adaptable_linears(program, head=self.head):
             raise InvalidOption("no linear with a 2-D weight to train was found in the graph (tied tables and the "
                                 "head are left out unless head=True)")
 
     def call(self, program: Program) -> PassResult:
         targets = list(adaptable_linears(program, head=self.head))
-        self.report = train_parameters(program, targets, self.windows, steps=self.steps, lr=self.lr,
-                                       batch_size=self.batch_size, held_out=self.held_out, progress=self.progress,
-                                       teacher=self.teacher, temperature=self.temperature)
+        self.report = train_parameters(program, targets, self.windows, **self.training())
         self.trained = {target: tensor_of(program.gm, target).detach().clone() for target in targets}
-        return PassResult(True, {"weights": len(targets), "steps": self.steps, "objective": self.report.objective,
-                                 "held_out_before": self.report.held_out_before,
-                                 "held_out_after": self.report.held_out_after})
+        return self.result(weights=len(targets))
 
     def replay(self) -> Pass:
         return SetWeights(self.trained, self.name)

@@ -1,4 +1,4 @@
-"""Train some of a program's parameters (its adapters, or every weight) on the next-token loss or by distillation
+"""Train some of a program's parameters (its adapters, or its linears' weights) on the next-token loss or by distillation
 from a teacher program:
 AdamW, linear warm-up then cosine decay, gradient clipping — the usual recipe for a short LoRA run — with a held-out
 next-token loss before and after (the same measure for both objectives, so that they compare)."""
